@@ -1,0 +1,179 @@
+"""Int8Dense (Linen), Int8Linear (NNX) and intercept() for unmodified Linen models.
+
+The layers are thin shells: a float kernel behaves exactly like nn.Dense / nnx.Linear; an
+Int8Weight kernel (from quantize_params) runs jint8.ops.int8_matmul.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jint8.errors import ShapeError
+from jint8.ops.int8_matmul import Int8MatmulStats, int8_matmul
+from jint8.quantize import Int8Weight
+
+STATS_COLLECTION = "int8_stats"
+
+
+def int8_weight_apply(
+    x: jax.Array,
+    weight: Int8Weight,
+    bias: Optional[jax.Array] = None,
+    *,
+    dtype=None,
+    backend: Optional[str] = None,
+) -> tuple[jax.Array, Int8MatmulStats]:
+    """x [..., *in_shape] contracted with an Int8Weight -> [..., *out_shape] in dtype (default x's)."""
+    in_shape, out_shape = weight.in_shape, weight.out_shape
+    if tuple(x.shape[x.ndim - len(in_shape) :]) != in_shape:
+        raise ShapeError(f"input shape {x.shape} does not end with the kernel's input shape {in_shape}")
+    dtype = dtype or x.dtype
+    batch_shape = x.shape[: x.ndim - len(in_shape)]
+    wq, col_scales = weight.as_matrix()
+    flat_bias = None if bias is None else jnp.reshape(bias, (-1,))
+    y, stats = int8_matmul(
+        x.reshape(*batch_shape, math.prod(in_shape)).astype(dtype),
+        wq,
+        col_scales,
+        flat_bias,
+        threshold=weight.threshold,
+        outlier_capacity=weight.outlier_capacity,
+        out_dtype=dtype,
+        backend=backend,
+        return_stats=True,
+    )
+    return y.reshape(*batch_shape, *out_shape), stats
+
+
+def _sow_stats(module: nn.Module, stats: Int8MatmulStats) -> None:
+    """Count capacity overflows and the largest outlier-column count, if int8_stats is mutable."""
+    module.sow(
+        STATS_COLLECTION,
+        "capacity_overflows",
+        stats.capacity_overflow.astype(jnp.int32),
+        init_fn=lambda: jnp.zeros((), jnp.int32),
+        reduce_fn=lambda total, new: total + new,
+    )
+    module.sow(
+        STATS_COLLECTION,
+        "max_outlier_columns",
+        stats.num_outlier_columns,
+        init_fn=lambda: jnp.zeros((), jnp.int32),
+        reduce_fn=jnp.maximum,
+    )
+
+
+class Int8Dense(nn.Module):
+    """nn.Dense with the same signature and param names; runs LLM.int8() on an Int8Weight kernel."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+    backend: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        if isinstance(kernel, Int8Weight):
+            y, stats = int8_weight_apply(inputs, kernel, bias, dtype=self.dtype, backend=self.backend)
+            _sow_stats(self, stats)
+            return y
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+
+class Int8Linear(nnx.Module):
+    """nnx.Linear with the same signature and attribute names; int8 path for an Int8Weight kernel."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype: Optional[Any] = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = nnx.initializers.lecun_normal(),
+        bias_init: Any = nnx.initializers.zeros_init(),
+        backend: Optional[str] = None,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        self.use_bias, self.dtype, self.precision, self.backend = use_bias, dtype, precision, backend
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.kernel.value
+        bias = None if self.bias is None else self.bias.value
+        if isinstance(kernel, Int8Weight):
+            y, _ = int8_weight_apply(inputs, kernel, bias, dtype=self.dtype, backend=self.backend)
+            return y
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        return y if bias is None else y + bias
+
+
+# ----------------------------------------------------------------------------- intercept
+
+
+def _quantized_kernel(module: nn.Module) -> Optional[Int8Weight]:
+    if not module.has_variable("params", "kernel"):
+        return None
+    kernel = module.get_variable("params", "kernel")
+    return kernel if isinstance(kernel, Int8Weight) else None
+
+
+def _dense_general_in_ndim(module: nn.DenseGeneral, x: jax.Array, weight: Int8Weight) -> None:
+    axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    if module.batch_dims:
+        raise ShapeError(f"{module.name}: int8 DenseGeneral does not support batch_dims={module.batch_dims}")
+    if axes != tuple(range(x.ndim - len(axes), x.ndim)) or len(axes) != weight.in_ndim:
+        raise ShapeError(
+            f"{module.name}: DenseGeneral contracts axes {module.axis} of input {x.shape}, but its "
+            f"Int8Weight was quantized with in_ndim={weight.in_ndim} (set Int8Config.in_ndim_overrides)"
+        )
+
+
+def _int8_interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or isinstance(module, Int8Dense):
+        return next_fun(*args, **kwargs)
+    if not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+        return next_fun(*args, **kwargs)
+    weight = _quantized_kernel(module)
+    if weight is None:
+        return next_fun(*args, **kwargs)
+    (x,) = args
+    if isinstance(module, nn.DenseGeneral):
+        _dense_general_in_ndim(module, x, weight)
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    y, stats = int8_weight_apply(x, weight, bias, dtype=module.dtype or jnp.result_type(x))
+    _sow_stats(module, stats)
+    return y
+
+
+@contextlib.contextmanager
+def intercept():
+    """Run any Linen model's nn.Dense / nn.DenseGeneral with Int8Weight params through int8_matmul.
+
+        with jint8.intercept():
+            logits = model.apply({"params": quantize_params(params)}, ids)
+    """
+    with nn.intercept_methods(_int8_interceptor):
+        yield

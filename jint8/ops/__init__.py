@@ -1,0 +1,5 @@
+"""jint8's ops: one folder per op family (tokamax layout). Nothing here imports Flax."""
+
+from jint8.ops.int8_matmul import Int8MatmulStats, int8_matmul
+
+__all__ = ["Int8MatmulStats", "int8_matmul"]

@@ -1,0 +1,149 @@
+"""The one public LLM.int8() matmul op and its backend dispatch.
+
+Backends are tried in order; the first that supports the call runs it. An explicit backend (the
+`backend=` argument, else the JINT8_BACKEND environment variable) must support the call or the op
+raises BackendUnavailableError saying why. Every backend computes the recipe in reference.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Callable, Optional, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from jint8.errors import BackendUnavailableError, InvalidConfigError, ShapeError
+from jint8.ops.int8_matmul.reference import Int8MatmulStats, int8_matmul_reference
+
+_logger = logging.getLogger("jint8")
+
+BACKEND_ENV_VAR = "JINT8_BACKEND"
+
+
+class Int8MatmulImpl(Protocol):
+    def __call__(
+        self,
+        x: jax.Array,  # [M, K]
+        wq: jax.Array,  # [K, N] int8
+        col_scales: jax.Array,  # [N] float32
+        bias: Optional[jax.Array],  # [N]
+        *,
+        threshold: float,
+        outlier_capacity: int,
+        out_dtype,
+    ) -> tuple[jax.Array, Int8MatmulStats]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A named implementation and a check that returns why it cannot run a call (None if it can)."""
+
+    name: str
+    impl: Int8MatmulImpl
+    unsupported_reason: Callable[[jax.Array, jax.Array], Optional[str]]
+
+
+def _always_supported(x, wq):
+    return None
+
+
+_BACKENDS: list[Backend] = [Backend("xla", int8_matmul_reference, _always_supported)]
+
+
+def register_backend(backend: Backend, *, first: bool = True) -> None:
+    """Add (or replace) a backend; GPU kernels register themselves ahead of the XLA reference."""
+    _BACKENDS[:] = [b for b in _BACKENDS if b.name != backend.name]
+    _BACKENDS.insert(0 if first else len(_BACKENDS), backend)
+
+
+def available_backends() -> tuple[str, ...]:
+    return tuple(b.name for b in _BACKENDS)
+
+
+def select_backend(x: jax.Array, wq: jax.Array, backend: Optional[str] = None) -> Backend:
+    """The backend that will run int8_matmul(x, wq): the requested one, or the first that can."""
+    requested = backend or os.environ.get(BACKEND_ENV_VAR) or None
+    if requested is not None:
+        match = [b for b in _BACKENDS if b.name == requested]
+        if not match:
+            raise BackendUnavailableError(
+                f"backend={requested!r} is unknown; available: {available_backends()}"
+            )
+        reason = match[0].unsupported_reason(x, wq)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend={requested!r} cannot run this call: {reason}")
+        return match[0]
+    for candidate in _BACKENDS:
+        reason = candidate.unsupported_reason(x, wq)
+        if reason is None:
+            return candidate
+        _logger.debug("int8_matmul: skipped backend %s: %s", candidate.name, reason)
+    raise BackendUnavailableError("no int8_matmul backend supports this call")  # xla always does
+
+
+def int8_matmul(
+    x: jax.Array,
+    wq: jax.Array,
+    col_scales: jax.Array,
+    bias: Optional[jax.Array] = None,
+    *,
+    threshold: float = 6.0,
+    outlier_capacity: int = 64,
+    out_dtype=None,
+    backend: Optional[str] = None,
+    return_stats: bool = False,
+):
+    """LLM.int8() matmul with outlier decomposition.
+
+    Args:
+      x: [..., K] float activations (f32, bf16 or f16).
+      wq: [K, N] int8 weight, quantized per output feature.
+      col_scales: [N] float32 absmax of each output feature of the weight.
+      bias: optional [N].
+      threshold: |x| >= threshold marks an outlier column (16-bit path); 0 disables it.
+      outlier_capacity: static bound on gathered outlier columns; more fall back exactly.
+      out_dtype: output dtype, default x.dtype.
+      backend: "xla", a registered kernel name, or None (env JINT8_BACKEND, else first that fits).
+      return_stats: also return Int8MatmulStats (outlier column count, overflow flag).
+    Returns:
+      [..., N] in out_dtype (and the stats when asked).
+    """
+    _validate(x, wq, col_scales, bias, threshold, outlier_capacity)
+    batch_shape = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    chosen = select_backend(x2d, wq, backend)
+    y, stats = chosen.impl(
+        x2d,
+        wq,
+        col_scales,
+        bias,
+        threshold=float(threshold),
+        outlier_capacity=min(int(outlier_capacity), x.shape[-1]),
+        out_dtype=out_dtype or x.dtype,
+    )
+    y = y.reshape(*batch_shape, wq.shape[1])
+    return (y, stats) if return_stats else y
+
+
+def _validate(x, wq, col_scales, bias, threshold, outlier_capacity):
+    if wq.ndim != 2:
+        raise ShapeError(f"int8_matmul: wq must be 2-D [K, N], got shape {wq.shape}")
+    if wq.dtype != jnp.int8:
+        raise ShapeError(f"int8_matmul: wq must be int8, got {wq.dtype}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ShapeError(f"int8_matmul: x must be floating point, got {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] != wq.shape[0]:
+        raise ShapeError(f"int8_matmul: x.shape={x.shape} does not contract with wq.shape={wq.shape}")
+    if col_scales.shape != (wq.shape[1],):
+        raise ShapeError(
+            f"int8_matmul: col_scales.shape={col_scales.shape} must be ({wq.shape[1]},)"
+        )
+    if bias is not None and bias.shape != (wq.shape[1],):
+        raise ShapeError(f"int8_matmul: bias.shape={bias.shape} must be ({wq.shape[1]},)")
+    if threshold < 0:
+        raise InvalidConfigError(f"int8_matmul: threshold={threshold} must be >= 0")
+    if outlier_capacity < 0:
+        raise InvalidConfigError(f"int8_matmul: outlier_capacity={outlier_capacity} must be >= 0")

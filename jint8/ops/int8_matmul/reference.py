@@ -1,0 +1,165 @@
+"""Plain jnp/XLA LLM.int8() matmul: the CPU path and the truth every kernel is held to.
+
+The recipe (bitsandbytes 0.45+, functional.py / backends/default/ops.py / csrc/kernels.cu),
+in Flax layout x[M, K] @ w[K, N]:
+
+1. outlier columns O = {k : any m has |x[m, k]| >= threshold}             (threshold > 0)
+2. row scale s_x[m] = max_k |x[m, k]| over elements below the threshold   (kInt8VectorQuant:
+   outlier *elements* are excluded, the rest of an outlier column is included)
+3. xq = round(x * (127 / s_x)) as int8, half to even, then xq[:, O] = 0
+4. acc = xq @ wq in int32
+5. y = acc * (s_x[m] * s_w[n]) * (1/127^2) + bias, in float32          (int8_mm_dequant order)
+6. y += x[:, O] @ (wq[O, :] * s_w * (1/127)).astype(x.dtype)             (int8_mixed_scaled_mm)
+
+Deliberate differences from bitsandbytes, all towards accuracy:
+- bitsandbytes casts x to float16 before step 2; we compute scales and rounding in float32 from
+  x as given (bf16 inputs keep their range; fp16 inputs give identical int8 values).
+- bitsandbytes casts the int8 result to x.dtype and then adds the outlier stream in x.dtype
+  (two roundings); we accumulate the outlier stream in float32 and add it before the one cast.
+- An all-zero row (or a row made only of outliers) has s_x = 0; bitsandbytes' default backend
+  computes 0 * (127 / 0) = NaN there. We quantize such rows to 0, so they contribute exactly 0.
+- Under jit the number of outlier columns must be static: the outlier stream gathers at most
+  `outlier_capacity` columns. When a batch has more, a lax.cond switches to an exact dense
+  fallback (x masked to the outlier columns @ dequantized w) and the event is reported in the
+  returned stats and logged as a warning: never silent truncation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# bitsandbytes' literal constants, kept bit-for-bit: 1/127^2 and 1/127 as float32.
+INV_127_SQ = 6.200124e-05
+INV_127 = 7.874015718698502e-3
+
+_logger = logging.getLogger("jint8")
+
+
+class Int8MatmulStats(NamedTuple):
+    """What one int8 matmul saw: how many outlier columns, and whether capacity overflowed."""
+
+    num_outlier_columns: jax.Array  # int32 scalar
+    capacity_overflow: jax.Array  # bool scalar
+
+
+def outlier_column_mask(x: jax.Array, threshold: float) -> jax.Array:
+    """[M, K] -> [K] bool: columns holding at least one |x| >= threshold."""
+    if threshold <= 0:
+        return jnp.zeros(x.shape[-1], dtype=bool)
+    return jnp.any(jnp.abs(x) >= threshold, axis=0)
+
+
+def quantize_rows(x: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Vector-wise (per row) absmax int8 quantization of activations with outlier columns zeroed.
+
+    Args:
+      x: [M, K] activations, any float dtype.
+      threshold: outlier threshold; 0 disables the decomposition.
+    Returns:
+      xq: [M, K] int8; row_scales: [M] float32 (bnb's `row_stats`); col_mask: [K] bool.
+    """
+    xf = x.astype(jnp.float32)
+    magnitude = jnp.abs(xf)
+    if threshold > 0:
+        is_outlier = magnitude >= threshold
+        magnitude = jnp.where(is_outlier, 0.0, magnitude)
+        col_mask = jnp.any(is_outlier, axis=0)
+    else:
+        col_mask = jnp.zeros(x.shape[-1], dtype=bool)
+    row_scales = jnp.max(magnitude, axis=-1)
+    # bitsandbytes multiplies by the reciprocal 127 / s (not x * 127 / s): same rounding here.
+    inv = jnp.where(row_scales > 0, 127.0 / jnp.where(row_scales > 0, row_scales, 1.0), 0.0)
+    xq = jnp.round(xf * inv[:, None])
+    xq = jnp.where(col_mask[None, :], 0.0, xq).astype(jnp.int8)
+    return xq, row_scales, col_mask
+
+
+def int8_dot(xq: jax.Array, wq: jax.Array) -> jax.Array:
+    """[M, K] int8 @ [K, N] int8 -> [M, N] int32, exact."""
+    return jax.lax.dot_general(
+        xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+    )
+
+
+def dequantize_accumulator(
+    acc: jax.Array, row_scales: jax.Array, col_scales: jax.Array, bias: jax.Array | None
+) -> jax.Array:
+    """int32 [M, N] -> float32 [M, N] in bitsandbytes' int8_mm_dequant order."""
+    y = acc.astype(jnp.float32) * (row_scales[:, None] * col_scales[None, :]) * INV_127_SQ
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y
+
+
+def dequantize_weight_rows(wq: jax.Array, col_scales: jax.Array, dtype) -> jax.Array:
+    """int8 rows [C, N] of the weight -> dtype, as bnb's int8_vectorwise_dequant then .to(dtype)."""
+    return (wq.astype(jnp.float32) * col_scales[None, :] * INV_127).astype(dtype)
+
+
+def outlier_columns(col_mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Static-size list of outlier column indices: ([C] int32 indices, [C] bool valid)."""
+    (indices,) = jnp.nonzero(col_mask, size=capacity, fill_value=0)
+    valid = jnp.arange(capacity) < jnp.sum(col_mask)
+    return indices.astype(jnp.int32), valid
+
+
+def outlier_stream(
+    x: jax.Array, wq: jax.Array, col_scales: jax.Array, col_mask: jax.Array, capacity: int
+) -> tuple[jax.Array, jax.Array]:
+    """x[:, O] @ dequant(wq[O, :]) accumulated in float32; exact whatever the size of O.
+
+    Returns ([M, N] float32 contribution, overflow flag).
+    """
+    num_outliers = jnp.sum(col_mask, dtype=jnp.int32)
+    overflow = num_outliers > capacity
+
+    def gathered(_):
+        indices, valid = outlier_columns(col_mask, capacity)
+        x_out = jnp.where(valid[None, :], jnp.take(x, indices, axis=1), 0).astype(x.dtype)
+        w_out = dequantize_weight_rows(jnp.take(wq, indices, axis=0), col_scales, x.dtype)
+        return jnp.dot(x_out, w_out, preferred_element_type=jnp.float32)
+
+    def dense(_):
+        jax.debug.callback(_warn_overflow, num_outliers, capacity)
+        x_out = jnp.where(col_mask[None, :], x, 0).astype(x.dtype)
+        w_out = dequantize_weight_rows(wq, col_scales, x.dtype)
+        return jnp.dot(x_out, w_out, preferred_element_type=jnp.float32)
+
+    if capacity >= x.shape[-1]:  # every column fits: no fallback needed
+        return gathered(None), jnp.zeros((), bool)
+    return jax.lax.cond(overflow, dense, gathered, None), overflow
+
+
+def _warn_overflow(num_outliers, capacity):
+    _logger.warning(
+        "int8_matmul: %d outlier columns exceed outlier_capacity=%d; used the exact dense "
+        "fallback (slower). Raise Int8Config.outlier_capacity for this layer.",
+        int(num_outliers),
+        capacity,
+    )
+
+
+def int8_matmul_reference(
+    x: jax.Array,
+    wq: jax.Array,
+    col_scales: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    threshold: float,
+    outlier_capacity: int,
+    out_dtype=None,
+) -> tuple[jax.Array, Int8MatmulStats]:
+    """LLM.int8() matmul, x: [M, K] float, wq: [K, N] int8, col_scales: [N] float32 -> [M, N]."""
+    out_dtype = out_dtype or x.dtype
+    xq, row_scales, col_mask = quantize_rows(x, threshold)
+    y = dequantize_accumulator(int8_dot(xq, wq), row_scales, col_scales, bias)
+    num_outliers = jnp.sum(col_mask, dtype=jnp.int32)
+    overflow = jnp.zeros((), bool)
+    if threshold > 0:
+        contribution, overflow = outlier_stream(x, wq, col_scales, col_mask, outlier_capacity)
+        y = y + contribution
+    return y.astype(out_dtype), Int8MatmulStats(num_outliers, overflow)

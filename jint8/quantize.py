@@ -1,0 +1,302 @@
+"""Vector-wise int8 weight quantization and the pure transforms over Flax parameter trees.
+
+Weights (once): per output feature n, s_w[n] = max over the contracting axes of |W|;
+Wq = round(W * (127 / s_w)) as int8, half to even (bitsandbytes' int8_vectorwise_quant on W[N, K];
+Flax stores W[K, N], so the reduction runs over the leading, contracting axes). A zero column
+gets scale 0 and Wq 0 (bitsandbytes would produce NaN there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jint8.errors import InvalidConfigError, QuantizationError
+from jint8.ops.int8_matmul.reference import INV_127
+
+
+@struct.dataclass
+class Int8Weight:
+    """A Dense-like kernel quantized vector-wise to int8.
+
+    Shape rule: qvalue is the kernel's own shape [*in_shape, *out_shape] with
+    len(in_shape) == in_ndim (the contracting axes, Flax layout); scale has shape out_shape
+    (one float32 absmax per output feature). threshold and outlier_capacity are the layer's
+    LLM.int8() settings; they are static so they survive jit as part of the tree structure.
+    """
+
+    qvalue: jax.Array
+    scale: jax.Array
+    in_ndim: int = struct.field(pytree_node=False, default=1)
+    threshold: float = struct.field(pytree_node=False, default=6.0)
+    outlier_capacity: int = struct.field(pytree_node=False, default=64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.qvalue.shape)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return self.shape[: self.in_ndim]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape[self.in_ndim :]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.qvalue.size) + 4 * int(self.scale.size)
+
+    def as_matrix(self) -> tuple[jax.Array, jax.Array]:
+        """(wq [K, N] int8, col_scales [N] float32) with K, N the flattened in/out shapes."""
+        k, n = math.prod(self.in_shape), math.prod(self.out_shape)
+        return self.qvalue.reshape(k, n), self.scale.reshape(n)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """The float kernel this stands for: Wq * s_w / 127 (bnb's int8_vectorwise_dequant)."""
+        return (self.qvalue.astype(jnp.float32) * self.scale * INV_127).astype(dtype)
+
+
+def validate_int8_weight(w: Int8Weight, name: str = "weight") -> None:
+    """Check Int8Weight's shape rule; raise QuantizationError naming `name`."""
+    if w.qvalue.dtype != jnp.int8:
+        raise QuantizationError(f"{name}: qvalue must be int8, got {w.qvalue.dtype}")
+    if not 1 <= w.in_ndim < w.qvalue.ndim:
+        raise QuantizationError(f"{name}: in_ndim={w.in_ndim} invalid for shape {w.shape}")
+    if tuple(w.scale.shape) != w.out_shape:
+        raise QuantizationError(
+            f"{name}: scale.shape={tuple(w.scale.shape)} must equal out_shape={w.out_shape}"
+        )
+
+
+def quantize_vectorwise(
+    w: jax.Array, *, in_ndim: int = 1, threshold: float = 6.0, outlier_capacity: int = 64
+) -> Int8Weight:
+    """Quantize one kernel [*in_shape, *out_shape] to int8 with one scale per output feature."""
+    wf = jnp.asarray(w).astype(jnp.float32)
+    scale = jnp.max(jnp.abs(wf), axis=tuple(range(in_ndim)))
+    inv = jnp.where(scale > 0, 127.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
+    qvalue = jnp.round(wf * inv).astype(jnp.int8)
+    return Int8Weight(qvalue, scale, in_ndim, float(threshold), int(outlier_capacity))
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def _compile_pattern(pattern: str, field: str):
+    """A module-path matcher. Syntax: 're:<regex>' (searched), 'glob:<glob>' or a string with
+    * ? [ (fnmatch on the '/'-joined path), else a plain name matching one path component or a
+    '/'-separated run of components (bitsandbytes' skip_modules semantics)."""
+    if not isinstance(pattern, str) or not pattern:
+        raise InvalidConfigError(f"{field}: pattern {pattern!r} must be a non-empty string")
+    prefix, sep, body = pattern.partition(":")
+    if sep and prefix == "re":
+        try:
+            regex = re.compile(body)
+        except re.error as e:
+            raise InvalidConfigError(f"{field}: invalid regex in {pattern!r}: {e}") from None
+        return lambda path: regex.search("/".join(path)) is not None
+    if sep and prefix == "glob":
+        return lambda path: fnmatch.fnmatchcase("/".join(path), body)
+    if sep:
+        raise InvalidConfigError(
+            f"{field}: unknown pattern syntax {prefix + ':'!r} in {pattern!r}; "
+            "use 're:<regex>', 'glob:<glob>' or a plain module name"
+        )
+    if any(c in pattern for c in "*?["):
+        return lambda path: fnmatch.fnmatchcase("/".join(path), pattern)
+    parts = tuple(pattern.strip("/").split("/"))
+    n = len(parts)
+    return lambda path: any(tuple(path[i : i + n]) == parts for i in range(len(path) - n + 1))
+
+
+def _as_pairs(value, field: str) -> tuple[tuple[str, int], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    pairs = tuple((str(k), int(v)) for k, v in items)
+    for pattern, _ in pairs:
+        _compile_pattern(pattern, field)
+    return pairs
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Int8Config:
+    """How to quantize a parameter tree with LLM.int8().
+
+    threshold: |x| >= threshold marks an outlier input feature (16-bit path); 0 disables it.
+    outlier_capacity: static number of outlier columns gathered per call (more fall back exactly).
+    skip_modules: module-path patterns left in floating point (e.g. "lm_head", "re:.*gate").
+    min_size: kernels with fewer elements stay in floating point (tiny matrices gain nothing).
+    capacity_overrides: {pattern: capacity} per-layer outlier capacities, first match wins.
+    in_ndim_overrides: {pattern: n} contracting-axis count for >2-D kernels, first match wins
+      (default: 1 if shape[0] >= prod(shape[1:]) else ndim - 1, which fits attention's
+      [features, heads, head_dim] and [heads, head_dim, features] kernels).
+    kernel_names: parameter names treated as Dense-like kernels.
+    """
+
+    threshold: float = 6.0
+    outlier_capacity: int = 64
+    skip_modules: tuple[str, ...] = ()
+    min_size: int = 1024
+    capacity_overrides: Any = ()
+    in_ndim_overrides: Any = ()
+    kernel_names: tuple[str, ...] = ("kernel",)
+
+    def __post_init__(self):
+        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
+            raise InvalidConfigError(f"Int8Config.threshold={self.threshold!r} must be a finite number")
+        if self.threshold < 0:
+            raise InvalidConfigError(f"Int8Config.threshold={self.threshold} must be >= 0")
+        if int(self.outlier_capacity) != self.outlier_capacity or self.outlier_capacity < 0:
+            raise InvalidConfigError(
+                f"Int8Config.outlier_capacity={self.outlier_capacity!r} must be an int >= 0"
+            )
+        if self.min_size < 0:
+            raise InvalidConfigError(f"Int8Config.min_size={self.min_size} must be >= 0")
+        if isinstance(self.skip_modules, str):
+            object.__setattr__(self, "skip_modules", (self.skip_modules,))
+        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+        for pattern in self.skip_modules:
+            _compile_pattern(pattern, "Int8Config.skip_modules")
+        object.__setattr__(
+            self,
+            "capacity_overrides",
+            _as_pairs(self.capacity_overrides, "Int8Config.capacity_overrides"),
+        )
+        object.__setattr__(
+            self, "in_ndim_overrides", _as_pairs(self.in_ndim_overrides, "Int8Config.in_ndim_overrides")
+        )
+
+    def is_skipped(self, path: Sequence[str]) -> bool:
+        return any(_compile_pattern(p, "skip_modules")(path) for p in self.skip_modules)
+
+    def capacity_for(self, path: Sequence[str]) -> int:
+        for pattern, capacity in self.capacity_overrides:
+            if _compile_pattern(pattern, "capacity_overrides")(path):
+                return capacity
+        return int(self.outlier_capacity)
+
+    def in_ndim_for(self, path: Sequence[str], shape: Sequence[int]) -> int:
+        for pattern, n in self.in_ndim_overrides:
+            if _compile_pattern(pattern, "in_ndim_overrides")(path):
+                if not 1 <= n < len(shape):
+                    raise InvalidConfigError(
+                        f"in_ndim_overrides: {n} invalid for {'/'.join(path)} with shape {tuple(shape)}"
+                    )
+                return n
+        if len(shape) == 2 or shape[0] >= math.prod(shape[1:]):
+            return 1
+        return len(shape) - 1
+
+
+# ----------------------------------------------------------------------------- tree transforms
+
+
+def _path_names(key_path) -> tuple[str, ...]:
+    names = []
+    for key in key_path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+        else:
+            names.append(str(key))
+    return tuple(names)
+
+
+def _is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _check_kernel(path: str, leaf) -> None:
+    dtype = jnp.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise QuantizationError(f"{path}: kernel has dtype {dtype}; only floating kernels can be quantized")
+    if not _is_tracer(leaf):
+        finite = jnp.isfinite(leaf)
+        if not bool(jnp.all(finite)):
+            bad = int(jnp.size(finite) - jnp.sum(finite))
+            raise QuantizationError(f"{path}: kernel of shape {tuple(leaf.shape)} holds {bad} NaN/Inf values")
+
+
+def _keep_sharding(original, weight: Int8Weight) -> Int8Weight:
+    """Place qvalue like the float kernel and the scale on the kernel's output-axis sharding."""
+    sharding = getattr(original, "sharding", None)
+    if _is_tracer(original) or not isinstance(sharding, jax.sharding.NamedSharding):
+        return weight
+    spec = tuple(sharding.spec) + (None,) * (original.ndim - len(sharding.spec))
+    scale_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[weight.in_ndim :]))
+    return weight.replace(
+        qvalue=jax.device_put(weight.qvalue, sharding), scale=jax.device_put(weight.scale, scale_sharding)
+    )
+
+
+def _quantize_leaf(key_path, leaf, config: Int8Config):
+    if isinstance(leaf, Int8Weight):
+        return leaf  # idempotent: an already quantized kernel is kept as it is
+    names = _path_names(key_path)
+    if not names or names[-1] not in config.kernel_names:
+        return leaf
+    path = "/".join(names)
+    ndim = getattr(leaf, "ndim", 0)
+    if ndim not in (2, 3):
+        return leaf  # not Dense-like (conv kernels, vectors): left untouched
+    _check_kernel(path, leaf)
+    if leaf.size < config.min_size or config.is_skipped(names[:-1]):
+        return leaf
+    weight = quantize_vectorwise(
+        leaf,
+        in_ndim=config.in_ndim_for(names[:-1], leaf.shape),
+        threshold=config.threshold,
+        outlier_capacity=config.capacity_for(names[:-1]),
+    )
+    return _keep_sharding(leaf, weight)
+
+
+def _map_tree(params, fn):
+    """Apply fn(key_path, leaf) over Linen dicts (FrozenDict too) and flax.nnx.State."""
+    from flax import nnx
+    from flax.core import FrozenDict, freeze, unfreeze
+
+    if isinstance(params, nnx.State):
+        pure = _map_tree(params.to_pure_dict(), fn)
+        result = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        result.replace_by_pure_dict(pure)
+        return result
+    if isinstance(params, FrozenDict):
+        return freeze(_map_tree(unfreeze(params), fn))
+    is_weight = lambda x: isinstance(x, Int8Weight)  # noqa: E731
+    return jax.tree_util.tree_map_with_path(fn, params, is_leaf=is_weight)
+
+
+def quantize_params(params, config: Optional[Int8Config] = None):
+    """Replace every Dense-like kernel in a Linen param dict or nnx.State by an Int8Weight.
+
+    Pure: returns a new tree; the input is unchanged. Embeddings, norms, biases, skipped modules
+    and kernels smaller than config.min_size stay as they are. Idempotent: Int8Weight leaves of
+    an already quantized tree are kept unchanged. Works under jax.jit (the NaN/Inf check then
+    cannot run) and keeps a NamedSharding of the input kernels.
+    """
+    config = config or Int8Config()
+    if not isinstance(config, Int8Config):
+        raise InvalidConfigError(f"config must be an Int8Config, got {type(config).__name__}")
+    return _map_tree(params, lambda kp, leaf: _quantize_leaf(kp, leaf, config))
+
+
+def dequantize_params(params, dtype=jnp.float32):
+    """Replace every Int8Weight by the float kernel it stands for (Wq * s_w / 127), in dtype."""
+    return _map_tree(
+        params, lambda kp, leaf: leaf.dequantize(dtype) if isinstance(leaf, Int8Weight) else leaf
+    )
+
+
+def param_bytes(params) -> int:
+    """Total bytes of a parameter tree (int8 values + scales for quantized kernels)."""
+    leaves = jax.tree.leaves(params)
+    return int(sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in leaves))
