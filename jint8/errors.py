@@ -22,3 +22,67 @@ class ShapeError(Jint8Error, ValueError):
 
 class BackendUnavailableError(Jint8Error, RuntimeError):
     """The requested matmul backend cannot run here (platform, shape or missing package)."""
+
+
+class UnsupportedArchitectureError(Jint8Error, ValueError):
+    """A checkpoint's architecture (model_type) or one of its options has no jint8 model."""
+
+
+class CheckpointError(Jint8Error, ValueError):
+    """A checkpoint file is missing, truncated or corrupt; the message names the file and tensor."""
+
+
+class WeightsMismatchError(CheckpointError):
+    """Checkpoint tensors do not match the model built from its config (names or shapes)."""
+
+
+class UnsupportedQuantTypeError(CheckpointError):
+    """A GGUF tensor is stored in a quantization type jint8 cannot dequantize."""
+
+
+class InsufficientMemoryError(Jint8Error, MemoryError):
+    """The model does not fit the max_memory given per device; the message says how much it needs."""
+
+
+class CheckpointError(Jint8Error):
+    """A quantized checkpoint cannot be written or read; the message names the directory."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """save_quantized would replace an existing path without overwrite=True (or one that is not a jint8 checkpoint)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The directory, or one of a checkpoint's items (arrays, metadata), does not exist or was never finalized."""
+
+
+class CheckpointFormatError(CheckpointError, ValueError):
+    """A checkpoint's metadata is unreadable, incomplete, of an unknown format or disagrees with its arrays."""
+
+
+class CheckpointVersionError(CheckpointFormatError):
+    """A checkpoint was written with a newer format version than this jint8 reads."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """The target shardings or abstract arrays do not match the checkpoint's tree or shapes."""
+
+
+class PromptError(Jint8Error, ValueError):
+    """generate's input_ids / attention_mask cannot be used as prompts."""
+
+
+class EmptyPromptError(PromptError):
+    """A prompt has no tokens (empty input_ids or an all-zero attention_mask row) or ids outside the vocabulary."""
+
+
+class PromptPaddingError(PromptError):
+    """attention_mask does not match input_ids or is not left padding."""
+
+
+class ContextLengthError(PromptError):
+    """The prompt (plus max_new_tokens) is longer than the model's max_position_embeddings."""
+
+
+class AssistantMismatchError(Jint8Error, ValueError):
+    """The assistant model of speculative decoding does not share the target model's vocabulary."""

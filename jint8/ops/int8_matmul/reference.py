@@ -121,17 +121,23 @@ def outlier_stream(
         indices, valid = outlier_columns(col_mask, capacity)
         x_out = jnp.where(valid[None, :], jnp.take(x, indices, axis=1), 0).astype(x.dtype)
         w_out = dequantize_weight_rows(jnp.take(wq, indices, axis=0), col_scales, x.dtype)
-        return jnp.dot(x_out, w_out, preferred_element_type=jnp.float32)
+        return _dot_f32(x_out, w_out)
 
     def dense(_):
         jax.debug.callback(_warn_overflow, num_outliers, capacity)
         x_out = jnp.where(col_mask[None, :], x, 0).astype(x.dtype)
         w_out = dequantize_weight_rows(wq, col_scales, x.dtype)
-        return jnp.dot(x_out, w_out, preferred_element_type=jnp.float32)
+        return _dot_f32(x_out, w_out)
 
     if capacity >= x.shape[-1]:  # every column fits: no fallback needed
         return gathered(None), jnp.zeros((), bool)
     return jax.lax.cond(overflow, dense, gathered, None), overflow
+
+
+def _dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
+    # Products of 16-bit floats are exact in float32, so upcasting the (already rounded) 16-bit
+    # operands equals a 16-bit dot with float32 accumulation; XLA:CPU has no bf16 x bf16 -> f32 dot.
+    return jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32), preferred_element_type=jnp.float32)
 
 
 def _warn_overflow(num_outliers, capacity):

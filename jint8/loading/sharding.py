@@ -1,0 +1,126 @@
+"""Device meshes, per-parameter sharding rules (Megatron-style tensor parallelism) and max_memory.
+
+Column-parallel projections (q/k/v/gate/up, GPT-2 c_attn/c_fc, OPT fc1) split their output
+features over "model": kernel P(None, "model"), bias and int8 column scales P("model").
+Row-parallel ones (o/down, c_proj, fc2, out_proj) split the contracting features: kernel
+P("model", None), bias and scales replicated (XLA all-reduces the partial sums).
+Embeddings are vocab-parallel P("model", None), lm_head P(None, "model"); everything else is
+replicated. An axis that does not divide evenly is left replicated. "data" replicates params.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jint8.errors import InsufficientMemoryError, InvalidConfigError
+
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc", "fc1", "lm_head")
+ROW_PARALLEL = ("o_proj", "down_proj", "c_proj", "fc2", "out_proj")
+VOCAB_PARALLEL = ("embed_tokens", "wte")
+MODEL_AXIS, DATA_AXIS = "model", "data"
+
+
+def make_mesh(data: int = 1, model: Optional[int] = None, devices=None) -> Mesh:
+    """A ("data", "model") mesh over `devices` (default all); model defaults to the devices left."""
+    devices = list(devices if devices is not None else jax.devices())
+    if model is None:
+        model = len(devices) // data
+    if data < 1 or model < 1:
+        raise InvalidConfigError(f"make_mesh: data={data} and model={model} must be >= 1")
+    if data * model > len(devices):
+        raise InvalidConfigError(
+            f"make_mesh: data={data} x model={model} needs {data * model} devices, {len(devices)} available"
+        )
+    grid = np.array(devices[: data * model], dtype=object).reshape(data, model)
+    return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
+
+
+def _model_axis_size(mesh: Mesh) -> int:
+    return int(mesh.shape.get(MODEL_AXIS, 1))
+
+
+def kernel_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The PartitionSpec of a float parameter (or an int8 kernel's qvalue) at `path`."""
+    size = _model_axis_size(mesh)
+    module, leaf = (path[-2] if len(path) > 1 else ""), path[-1]
+    spec: tuple = (None,) * len(shape)
+    if leaf == "kernel" and len(shape) == 2:
+        if module in COLUMN_PARALLEL:
+            spec = (None, MODEL_AXIS)
+        elif module in ROW_PARALLEL:
+            spec = (MODEL_AXIS, None)
+    elif leaf == "bias" and module in COLUMN_PARALLEL:
+        spec = (MODEL_AXIS,)
+    elif leaf == "embedding" and module in VOCAB_PARALLEL:
+        spec = (MODEL_AXIS, None)
+    spec = tuple(axis if axis is None or shape[i] % size == 0 else None for i, axis in enumerate(spec))
+    return P(*spec)
+
+
+def scale_spec(qvalue_spec: P, in_ndim: int, ndim: int) -> P:
+    """An Int8Weight scale follows its kernel's output axes: column-parallel P("model"), row-parallel P()."""
+    spec = tuple(qvalue_spec) + (None,) * (ndim - len(qvalue_spec))
+    return P(*spec[in_ndim:])
+
+
+def sharding_for(path, shape, mesh: Optional[Mesh]):
+    """NamedSharding for a parameter (None without a mesh: the default device)."""
+    if mesh is None:
+        return None
+    return NamedSharding(mesh, kernel_spec(tuple(path), tuple(shape), mesh))
+
+
+# ----------------------------------------------------------------------------- max_memory
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value) -> int:
+    """20 * 2**30, "20GiB", "1.5GB" -> bytes."""
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise InvalidConfigError(f"max_memory: cannot parse {value!r} as a size (e.g. '20GiB', 2**30)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def bytes_per_device(leaf_specs, mesh: Optional[Mesh]) -> int:
+    """Bytes one device holds for [(shape, dtype, PartitionSpec)], shards rounded up."""
+    total = 0
+    for shape, dtype, spec in leaf_specs:
+        shard = list(shape)
+        for i, axis in enumerate(tuple(spec)):
+            if axis is not None and mesh is not None:
+                shard[i] = math.ceil(shard[i] / int(mesh.shape[axis]))
+        total += math.prod(shard) * np.dtype(dtype).itemsize
+    return total
+
+
+def check_max_memory(max_memory: Optional[Mapping], needed_per_device: int, mesh: Optional[Mesh]) -> None:
+    """Raise InsufficientMemoryError if any used device has less than it needs.
+
+    max_memory keys are device ids (ints) or "cpu"/jax.Device objects; missing devices are unbounded.
+    """
+    if not max_memory:
+        return
+    devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+    limits = {}
+    for key, value in max_memory.items():
+        limits[key.id if hasattr(key, "id") else key] = parse_bytes(value)
+    short = [(d, limits[d.id]) for d in devices if d.id in limits and limits[d.id] < needed_per_device]
+    if short:
+        gib = 2**30
+        listing = ", ".join(f"device {d.id}: {limit / gib:.3f} GiB" for d, limit in short)
+        raise InsufficientMemoryError(
+            f"the model needs {needed_per_device / gib:.3f} GiB ({needed_per_device} bytes) of parameters per "
+            f"device on {len(devices)} device(s), more than max_memory allows ({listing}); use more devices "
+            "in the mesh's 'model' axis, int8 quantization, or a larger max_memory"
+        )

@@ -1,0 +1,214 @@
+"""Pieces every causal-LM family shares: norms, RoPE, masked attention, the static KV cache.
+
+Shapes: B batch, T new tokens, S cache slots, N query heads, K key/value heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jint8.errors import UnsupportedArchitectureError
+
+# ----------------------------------------------------------------------------- activations
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def activation(name: str):
+    """The jax function for a transformers `hidden_act` name."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"hidden_act={name!r} is not supported (known: {sorted(ACTIVATIONS)})"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in float32 like transformers (Gemma: * (1 + w), `unit_offset`)."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    unit_offset: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros_init() if self.unit_offset else nn.initializers.ones_init()
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:  # Gemma multiplies in float32, then casts
+            return (xf * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+        # Llama casts the normalised activations back first, then multiplies by the weight
+        return scale.astype(self.dtype) * xf.astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+    """Rotary embedding: theta, rotated dims, and transformers' rope_type scaling parameters."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> "RopeConfig":
+        params = dict(getattr(hf_config, "rope_parameters", None) or {})
+        legacy = getattr(hf_config, "rope_scaling", None)
+        if isinstance(legacy, dict):
+            params = {**legacy, **params}
+        theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise UnsupportedArchitectureError(
+                f"rope_type={rope_type!r} is not supported (known: default, linear, llama3)"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: v for k, v in params.items() if k in fields and v is not None}
+        extra.pop("rope_type", None)
+        return cls(theta=float(theta), rope_type=rope_type, **extra)
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """inv_freq [head_dim // 2] float32, scaled as transformers' ROPE_INIT_FUNCTIONS[rope_type]."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+    inv_freq = (1.0 / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+    if rope.rope_type == "linear":
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+    if rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate x [B, T, heads, H] by positions [B, T] (transformers' rotate_half convention)."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, H/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], axis=-1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], axis=-1))[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    # transformers casts cos/sin to the activation dtype before the multiply
+    return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+@struct.dataclass
+class KVCache:
+    """Static, preallocated keys and values of every layer: k, v [L, B, S, K, H]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return int(self.k.shape[2])
+
+
+def init_cache(config, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """A zero KVCache for `config` (any family's config: num_layers, num_kv_heads, head_dim)."""
+    dtype = dtype or config.dtype
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def update_layer_cache(
+    cache: KVCache, layer: int, k: jax.Array, v: jax.Array, cache_index
+) -> tuple[KVCache, jax.Array, jax.Array]:
+    """Write k, v [B, T, K, H] at slots cache_index.. of `layer`; return the cache and that layer's
+    full keys/values [B, S, K, H]. dynamic_update_slice updates in place under jit (donated cache)."""
+    start = (layer, 0, cache_index, 0, 0)
+    new_k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype)[None], start)
+    new_v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype)[None], start)
+    return KVCache(new_k, new_v), new_k[layer], new_v[layer]
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_mask(
+    num_queries: int,
+    num_slots: int,
+    *,
+    cache_index=0,
+    kv_mask: Optional[jax.Array] = None,
+    sliding_window: Optional[int] = None,
+) -> jax.Array:
+    """Boolean [B or 1, 1, T, S]: query t (slot cache_index + t) sees slot s <= its own slot where
+    kv_mask[b, s], and (sliding window) s > its slot - window."""
+    query_slots = cache_index + jnp.arange(num_queries)[:, None]
+    key_slots = jnp.arange(num_slots)[None, :]
+    mask = key_slots <= query_slots
+    if sliding_window is not None:
+        mask = mask & (key_slots > query_slots - sliding_window)
+    mask = mask[None, None]
+    if kv_mask is not None:
+        mask = mask & kv_mask.astype(bool)[:, None, None, :]
+    return mask
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    logit_softcap: Optional[float] = None,
+) -> jax.Array:
+    """softmax(q k^T * scale) v with GQA: q [B, T, N, H], k/v [B, S, K, H], mask [B|1, 1, T, S].
+
+    jax.nn.dot_product_attention (cuDNN on GPU where it applies, XLA elsewhere); Gemma 2's logit
+    soft-capping is not one of its options, so that case is written out in jnp.
+    """
+    if logit_softcap is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=None)
+    b, t, n, h = q.shape
+    groups = n // k.shape[2]
+    qg = q.reshape(b, t, k.shape[2], groups, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) * scale
+    logits = jnp.tanh(logits / logit_softcap) * logit_softcap
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+
+
+def default_positions(batch: int, num_tokens: int, cache_index=None) -> jax.Array:
+    """[B, T] positions cache_index + t (0 + t without a cache)."""
+    start = 0 if cache_index is None else cache_index
+    return jnp.broadcast_to(start + jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))

@@ -1,0 +1,257 @@
+"""The Llama family as one Linen model: Llama 2/3, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norms),
+SmolLM2, TinyLlama — and, through config flags, Gemma 1/2 (see gemma.py).
+
+Pre-norm decoder: x += o_proj(attn(rope(q), rope(k), v)); x += down(act(gate(x)) * up(x)).
+Every projection is an Int8Dense, so quantize_params / the loader's Int8Config find its "kernel".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jint8.errors import InvalidConfigError
+from jint8.layers import Int8Dense
+from jint8.models.common import (
+    KVCache,
+    RMSNorm,
+    RopeConfig,
+    activation,
+    apply_rope,
+    attention_mask,
+    default_positions,
+    dot_product_attention,
+    rope_inverse_frequencies,
+    update_layer_cache,
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """Hyper-parameters of a Llama-family decoder; `dtype` is the compute (and float param) dtype.
+
+    sliding_layers[i] says whether layer i uses `sliding_window`. The Gemma flags default to
+    Llama's behaviour: norm_unit_offset (RMSNorm * (1 + w)), embed_scale (embeddings * sqrt(d)),
+    sandwich_norms (Gemma 2's extra post-attention / post-MLP norms), query_scale (1/sqrt of
+    Gemma 2's query_pre_attn_scalar), attn_logit_softcap / final_logit_softcap.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+    sliding_window: Optional[int] = None
+    sliding_layers: tuple[bool, ...] = ()
+    norm_unit_offset: bool = False
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    query_scale: Optional[float] = None
+    attn_logit_softcap: Optional[float] = None
+    final_logit_softcap: Optional[float] = None
+    model_type: str = "llama"
+    dtype: Any = jnp.bfloat16
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise InvalidConfigError(f"LlamaConfig.{name}={getattr(self, name)} must be > 0")
+        if self.num_heads % self.num_kv_heads:
+            raise InvalidConfigError(
+                f"LlamaConfig.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise InvalidConfigError(
+                f"LlamaConfig.sliding_layers has {len(self.sliding_layers)} entries, num_layers={self.num_layers}"
+            )
+        activation(self.hidden_act)
+
+    def window_for(self, layer: int) -> Optional[int]:
+        if self.sliding_window is None:
+            return None
+        if not self.sliding_layers:
+            return self.sliding_window
+        return self.sliding_window if self.sliding_layers[layer] else None
+
+    @classmethod
+    def from_hf_config(cls, hf_config, dtype=jnp.bfloat16, **overrides) -> "LlamaConfig":
+        """Build from a transformers Llama/Mistral/Qwen2/Qwen3 config (Gemma: gemma.py)."""
+        model_type = hf_config.model_type
+        num_heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        qkv_bias = True if model_type == "qwen2" else attention_bias
+        o_bias = False if model_type == "qwen2" else attention_bias
+        fields = dict(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(getattr(hf_config, "rms_norm_eps", 1e-6)),
+            rope=RopeConfig.from_hf_config(hf_config),
+            max_position_embeddings=getattr(hf_config, "max_position_embeddings", 2048),
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            hidden_act=getattr(hf_config, "hidden_act", "silu"),
+            model_type=model_type,
+            dtype=dtype,
+            **_sliding_window_fields(hf_config),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def _sliding_window_fields(hf_config) -> dict:
+    window = getattr(hf_config, "sliding_window", None)
+    if window is None or getattr(hf_config, "use_sliding_window", True) is False:
+        return {}
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types:
+        return dict(sliding_window=int(window),
+                    sliding_layers=tuple(t == "sliding_attention" for t in layer_types))
+    return dict(sliding_window=int(window))
+
+
+def _dense(config: LlamaConfig, features: int, use_bias: bool, name: Optional[str] = None) -> Int8Dense:
+    return Int8Dense(features, use_bias=use_bias, dtype=config.dtype, param_dtype=config.dtype, name=name)
+
+
+def _norm(config: LlamaConfig, name: Optional[str] = None) -> RMSNorm:
+    return RMSNorm(eps=config.rms_norm_eps, dtype=config.dtype, param_dtype=config.dtype,
+                   unit_offset=config.norm_unit_offset, name=name)
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, cache: Optional[KVCache], cache_index, kv_mask):
+        cfg = self.config
+        b, t, _ = x.shape
+        q = _dense(cfg, cfg.num_heads * cfg.head_dim, cfg.qkv_bias, "q_proj")(x)
+        k = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "k_proj")(x)
+        v = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "v_proj")(x)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim before the rotation
+            q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
+        inv_freq = rope_inverse_frequencies(cfg.rope, cfg.head_dim)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache is None:
+            keys, values, index = k, v, 0
+        else:
+            cache, keys, values = update_layer_cache(cache, self.layer, k, v, cache_index)
+            keys, values, index = keys.astype(q.dtype), values.astype(q.dtype), cache_index
+        mask = attention_mask(t, keys.shape[1], cache_index=index, kv_mask=kv_mask,
+                              sliding_window=cfg.window_for(self.layer))
+        scale = cfg.query_scale if cfg.query_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
+        out = dot_product_attention(q, keys, values, mask, scale=scale, logit_softcap=cfg.attn_logit_softcap)
+        out = _dense(cfg, cfg.hidden_size, cfg.o_bias, "o_proj")(out.reshape(b, t, -1))
+        return out, cache
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
+        up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
+        return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(activation(cfg.hidden_act)(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    config: LlamaConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, cache, cache_index, kv_mask):
+        cfg = self.config
+        attn, cache = LlamaAttention(cfg, self.layer, name="self_attn")(
+            _norm(cfg, "input_layernorm")(x), positions, cache, cache_index, kv_mask
+        )
+        if cfg.sandwich_norms:  # Gemma 2
+            x = x + _norm(cfg, "post_attention_layernorm")(attn)
+            mlp = LlamaMLP(cfg, name="mlp")(_norm(cfg, "pre_feedforward_layernorm")(x))
+            return x + _norm(cfg, "post_feedforward_layernorm")(mlp), cache
+        x = x + attn
+        return x + LlamaMLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x)), cache
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers and final norm: input_ids [B, T] -> hidden [B, T, D]."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.dtype)
+        self.layers = [LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers)]
+        self.norm = _norm(cfg)
+
+    def __call__(self, input_ids, positions, cache, cache_index, kv_mask):
+        x = self.embed_tokens(input_ids)
+        if self.config.embed_scale:  # Gemma: the normaliser is rounded to the compute dtype
+            x = x * jnp.asarray(math.sqrt(self.config.hidden_size), self.config.dtype)
+        for layer in self.layers:
+            x, cache = layer(x, positions, cache, cache_index, kv_mask)
+        return self.norm(x), cache
+
+    def attend(self, hidden):
+        return self.embed_tokens.attend(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """input_ids [B, T] -> (logits [B, T, vocab] float32, updated cache or None).
+
+    positions [B, T] are the RoPE positions (default cache_index + t); with a cache the new keys
+    and values go to slots cache_index.. and query t sees slots <= cache_index + t where kv_mask.
+    """
+
+    config: LlamaConfig
+
+    def setup(self):
+        self.model = LlamaModel(self.config)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = _dense(self.config, self.config.vocab_size, False)
+
+    def __call__(self, input_ids, positions=None, cache: Optional[KVCache] = None, cache_index=None,
+                 kv_mask=None):
+        b, t = input_ids.shape
+        if positions is None:
+            positions = default_positions(b, t, cache_index)
+        if cache is not None and cache_index is None:
+            cache_index = 0
+        hidden, cache = self.model(input_ids, positions, cache, cache_index, kv_mask)
+        logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        logits = logits.astype(jnp.float32)
+        if self.config.final_logit_softcap is not None:
+            cap = self.config.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        return logits, cache

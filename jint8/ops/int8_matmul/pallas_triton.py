@@ -1,0 +1,133 @@
+"""The "pallas_triton" backend of int8_matmul: activation-pass kernel + fused int8 GEMM kernel.
+
+Computes reference.int8_matmul_reference's function (see the kernels' module docstrings for how
+each recipe step maps onto them). Between the two kernels XLA does only [K]-sized work: the
+outlier column count and the static, zero-padded outlier index list (jnp.nonzero with a size).
+
+Per shape bucket the plan (configs.plan_for, tuned per GPU in data/*.json) picks the GEMM:
+"pallas" (the fused kernel) or "xla" (XLA's own int8 GEMM, our activation pass, the dequant
+epilogue fused by XLA, the outlier stream and its overflow cond from reference.py) where XLA's
+GEMM measured faster; benchmarks/NOTES_int8_matmul.md records which bucket uses which and why.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jint8.ops.int8_matmul import reference
+from jint8.ops.int8_matmul.api import Backend
+from jint8.ops.int8_matmul.configs import KernelPlan, plan_for
+from jint8.ops.int8_matmul.pallas_triton_gemm import OUTLIER_SLOT_MULTIPLE, int8_gemm
+from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows_unmasked
+
+BACKEND_NAME = "pallas_triton"
+
+
+def _padded_capacity(capacity: int) -> int:
+    return max(1, -(-capacity // OUTLIER_SLOT_MULTIPLE)) * OUTLIER_SLOT_MULTIPLE
+
+
+def int8_matmul_pallas(
+    x: jax.Array,
+    wq: jax.Array,
+    col_scales: jax.Array,
+    bias: Optional[jax.Array] = None,
+    *,
+    threshold: float,
+    outlier_capacity: int,
+    out_dtype=None,
+    plan: Optional[KernelPlan] = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, reference.Int8MatmulStats]:
+    """LLM.int8() matmul, x: [M, K] float, wq: [K, N] int8, col_scales: [N] f32 -> [M, N].
+
+    plan: tiles and GEMM path; default: the tuned plan of the current GPU and this shape.
+    interpret: run the Pallas kernels in interpret mode (CPU tests).
+    """
+    m, k = x.shape
+    n = wq.shape[1]
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if plan is None:
+        plan = plan_for(jax.devices()[0].device_kind, m, k, n)
+    return _int8_matmul_pallas(
+        x, wq, col_scales, bias, threshold=float(threshold),
+        outlier_capacity=int(outlier_capacity), out_dtype=out_dtype, plan=plan,
+        interpret=interpret,
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("threshold", "outlier_capacity", "out_dtype", "plan", "interpret")
+)
+def _int8_matmul_pallas(x, wq, col_scales, bias, *, threshold, outlier_capacity, out_dtype,
+                        plan, interpret):
+    k = x.shape[1]
+    xq, row_scales, col_flags = quantize_rows_unmasked(
+        x, threshold=threshold, config=plan.quantize, interpret=interpret
+    )
+    col_mask = col_flags > 0
+    num_outliers = jnp.sum(col_mask, dtype=jnp.int32)
+    has_outliers = threshold > 0 and outlier_capacity > 0
+    dense_fallback = outlier_capacity < k
+    overflow = (num_outliers > outlier_capacity) if threshold > 0 else jnp.zeros((), bool)
+    stats = reference.Int8MatmulStats(num_outliers, overflow)
+
+    if plan.gemm_path == "xla" or (threshold > 0 and outlier_capacity == 0):
+        # (capacity 0 leaves the kernel no outlier slot: every outlier batch takes the
+        # reference's dense cond branch, as in the reference.)
+        y = _xla_gemm(x, xq, wq, row_scales, col_scales, bias, col_mask, threshold,
+                      outlier_capacity)
+        return y.astype(out_dtype), stats
+
+    # Capacity overflow is handled inside the GEMM kernel (a flag it reads), so no lax.cond and
+    # no host round trip per call; unlike the reference it is reported through `stats` only,
+    # since a logging callback would cost a device-to-host sync on every call.
+    slots_n = _padded_capacity(outlier_capacity)
+    slots, valid = reference.outlier_columns(col_mask, slots_n)
+    valid = valid & (jnp.arange(slots_n) < outlier_capacity)
+    y = int8_gemm(
+        xq, wq, row_scales, col_scales,
+        jnp.zeros((wq.shape[1],), jnp.float32) if bias is None else bias, x,
+        slots, valid.astype(jnp.int32), col_flags, overflow.astype(jnp.int32).reshape(1),
+        config=plan.gemm, out_dtype=out_dtype, has_bias=bias is not None,
+        has_outliers=has_outliers, dense_fallback=dense_fallback, interpret=interpret,
+    )
+    return y, stats
+
+
+def _xla_gemm(x, xq, wq, row_scales, col_scales, bias, col_mask, threshold, outlier_capacity):
+    """XLA's int8 GEMM on our activation pass's output, then the reference's epilogue."""
+    xq = jnp.where(col_mask[None, :], jnp.int8(0), xq)
+    y = reference.dequantize_accumulator(reference.int8_dot(xq, wq), row_scales, col_scales, bias)
+    if threshold > 0:
+        contribution, _ = reference.outlier_stream(x, wq, col_scales, col_mask, outlier_capacity)
+        y = y + contribution
+    return y
+
+
+def unsupported_reason(x: jax.Array, wq: jax.Array) -> Optional[str]:
+    """None when the Triton kernels can run this call, else why not."""
+    try:
+        platform = jax.devices()[0].platform
+    except RuntimeError as error:  # no backend initialised at all
+        return f"not a GPU: {error}"
+    if platform != "gpu":
+        return f"not a GPU (default device platform is {platform!r})"
+    if "nvidia" not in jax.devices()[0].device_kind.lower() and not _is_cuda():
+        return f"not an NVIDIA GPU ({jax.devices()[0].device_kind}); Triton lowering needs CUDA"
+    try:
+        from jax.experimental.pallas import triton as _  # noqa: F401
+    except ImportError as error:
+        return f"needs jax with Pallas Triton GPU lowering: {error}"
+    return None
+
+
+def _is_cuda() -> bool:
+    return any(d.client.platform_version.lower().startswith("cuda") for d in jax.devices()[:1])
+
+
+BACKEND = Backend(BACKEND_NAME, int8_matmul_pallas, unsupported_reason)
