@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jint8.errors import InvalidConfigError, QuantizationError
-from jint8.ops.int8_matmul.reference import INV_127
+from jint8.ops.int8_matmul.reference import INV_127, quantization_multiplier
 
 
 @struct.dataclass
@@ -82,8 +82,7 @@ def quantize_vectorwise(
     """Quantize one kernel [*in_shape, *out_shape] to int8 with one scale per output feature."""
     wf = jnp.asarray(w).astype(jnp.float32)
     scale = jnp.max(jnp.abs(wf), axis=tuple(range(in_ndim)))
-    inv = jnp.where(scale > 0, 127.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
-    qvalue = jnp.round(wf * inv).astype(jnp.int8)
+    qvalue = jnp.round(wf * quantization_multiplier(scale)).astype(jnp.int8)
     return Int8Weight(qvalue, scale, in_ndim, float(threshold), int(outlier_capacity))
 
 

@@ -17,7 +17,9 @@ def numpy_quantize_rows(x: np.ndarray, threshold: float):
         col_mask = np.zeros(x.shape[1], bool)
     scales = magnitude.max(axis=1).astype(np.float32)
     with np.errstate(divide="ignore"):
-        inv = np.where(scales > 0, np.float32(127.0) / scales, np.float32(0)).astype(np.float32)
+        # torch's `127.0 / s` is `s.reciprocal() * 127` (bitsandbytes' rounding at ties)
+        inv = np.where(scales > 0, (np.float32(1) / scales).astype(np.float32) * np.float32(127), np.float32(0))
+        inv = inv.astype(np.float32)
     xq = np.round(xf * inv[:, None]).astype(np.float32)
     xq[:, col_mask] = 0
     return xq.astype(np.int8), scales, col_mask

@@ -6,7 +6,8 @@ in Flax layout x[M, K] @ w[K, N]:
 1. outlier columns O = {k : any m has |x[m, k]| >= threshold}             (threshold > 0)
 2. row scale s_x[m] = max_k |x[m, k]| over elements below the threshold   (kInt8VectorQuant:
    outlier *elements* are excluded, the rest of an outlier column is included)
-3. xq = round(x * (127 / s_x)) as int8, half to even, then xq[:, O] = 0
+3. xq = round(x * (127 / s_x)) as int8, half to even, then xq[:, O] = 0; 127 / s_x is
+   computed as torch does it (reciprocal, then * 127), see quantization_multiplier
 4. acc = xq @ wq in int32
 5. y = acc * (s_x[m] * s_w[n]) * (1/127^2) + bias, in float32          (int8_mm_dequant order)
 6. y += x[:, O] @ (wq[O, :] * s_w * (1/127)).astype(x.dtype)             (int8_mixed_scaled_mm)
@@ -53,6 +54,17 @@ def outlier_column_mask(x: jax.Array, threshold: float) -> jax.Array:
     return jnp.any(jnp.abs(x) >= threshold, axis=0)
 
 
+def quantization_multiplier(scales: jax.Array) -> jax.Array:
+    """127 / s as bitsandbytes computes it, bit for bit; 0 where s == 0 (no NaN).
+
+    bitsandbytes writes `A * (127.0 / row_stats)`, and torch evaluates `127.0 / t` as
+    `t.reciprocal() * 127`: two float32 roundings. At exact ties (x / s == k + 0.5, common for
+    16-bit inputs) the last bit decides the int8 value, so we round the same way.
+    """
+    safe = jnp.where(scales > 0, scales, 1.0)
+    return jnp.where(scales > 0, (1.0 / safe) * 127.0, 0.0)
+
+
 def quantize_rows(x: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Vector-wise (per row) absmax int8 quantization of activations with outlier columns zeroed.
 
@@ -71,9 +83,7 @@ def quantize_rows(x: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array,
     else:
         col_mask = jnp.zeros(x.shape[-1], dtype=bool)
     row_scales = jnp.max(magnitude, axis=-1)
-    # bitsandbytes multiplies by the reciprocal 127 / s (not x * 127 / s): same rounding here.
-    inv = jnp.where(row_scales > 0, 127.0 / jnp.where(row_scales > 0, row_scales, 1.0), 0.0)
-    xq = jnp.round(xf * inv[:, None])
+    xq = jnp.round(xf * quantization_multiplier(row_scales)[:, None])
     xq = jnp.where(col_mask[None, :], 0.0, xq).astype(jnp.int8)
     return xq, row_scales, col_mask
 
