@@ -172,6 +172,43 @@ class Int8Config:
             self, "in_ndim_overrides", _as_pairs(self.in_ndim_overrides, "Int8Config.in_ndim_overrides")
         )
 
+    @classmethod
+    def from_bitsandbytes(cls, bnb_config, **overrides) -> "Int8Config":
+        """The Int8Config equivalent to a transformers.BitsAndBytesConfig (or its dict) for 8-bit.
+
+        llm_int8_threshold -> threshold; llm_int8_skip_modules -> skip_modules (None means
+        transformers' default, the output head: ("lm_head",)); every Linear is quantized, as
+        bitsandbytes does (min_size=0). Options with no int8-inference meaning raise.
+        """
+        options = bnb_config if isinstance(bnb_config, Mapping) else bnb_config.to_dict()
+        method = options.get("quant_method", "bitsandbytes")
+        if str(method).lower().replace("_", "") not in ("bitsandbytes", "quantizationmethod.bitsandbytes"):
+            raise InvalidConfigError(f"quantization_config.quant_method={method!r} is not 'bitsandbytes'")
+        if options.get("load_in_4bit"):
+            raise InvalidConfigError(
+                "BitsAndBytesConfig(load_in_4bit=True): 4-bit (NF4/FP4) is not supported by jint8 yet; use load_in_8bit=True"
+            )
+        if not options.get("load_in_8bit"):
+            raise InvalidConfigError("BitsAndBytesConfig.load_in_8bit must be True for an Int8Config")
+        if options.get("llm_int8_enable_fp32_cpu_offload"):
+            raise InvalidConfigError(
+                "llm_int8_enable_fp32_cpu_offload=True has no jint8 equivalent: place the model on a "
+                "mesh with from_pretrained(mesh=..., max_memory=...) instead"
+            )
+        if options.get("llm_int8_has_fp16_weight"):
+            raise InvalidConfigError(
+                "llm_int8_has_fp16_weight=True keeps 16-bit master weights for training; jint8 is "
+                "for inference: apply the float params directly, or quantize them with this flag off"
+            )
+        skip = options.get("llm_int8_skip_modules")
+        fields = dict(
+            threshold=float(options.get("llm_int8_threshold", 6.0)),
+            skip_modules=("lm_head",) if skip is None else tuple(skip),
+            min_size=0,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
     def is_skipped(self, path: Sequence[str]) -> bool:
         return any(_compile_pattern(p, "skip_modules")(path) for p in self.skip_modules)
 

@@ -149,3 +149,27 @@ def test_outlier_capacity_overflow_is_an_error_eagerly():
     a = jnp.zeros((2, 16)).at[0, jnp.arange(5)].set(10.0)
     with pytest.raises(jint8.errors.InvalidConfigError, match="outlier_capacity=3"):
         F.int8_vectorwise_quant(a, 6.0, outlier_capacity=3)
+
+
+def test_int8_config_from_bitsandbytes_config():
+    transformers = require_module("transformers")
+    bnb_config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=5.0, llm_int8_skip_modules=["out_proj"])
+    cfg = jint8.Int8Config.from_bitsandbytes(bnb_config)
+    assert cfg.threshold == 5.0 and cfg.skip_modules == ("out_proj",) and cfg.min_size == 0
+    assert jint8.Int8Config.from_bitsandbytes(bnb_config.to_dict()) == cfg
+    assert jint8.Int8Config.from_bitsandbytes({"load_in_8bit": True}).skip_modules == ("lm_head",)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"load_in_4bit": True}, "4-bit"),
+        ({"load_in_8bit": True, "llm_int8_enable_fp32_cpu_offload": True}, "cpu_offload"),
+        ({"load_in_8bit": True, "llm_int8_has_fp16_weight": True}, "has_fp16_weight"),
+        ({"load_in_8bit": True, "quant_method": "gptq"}, "quant_method"),
+        ({"load_in_8bit": False}, "load_in_8bit"),
+    ],
+)
+def test_int8_config_from_bitsandbytes_rejects_unsupported_options(options, message):
+    with pytest.raises(jint8.errors.InvalidConfigError, match=message):
+        jint8.Int8Config.from_bitsandbytes(options)
