@@ -1,0 +1,283 @@
+"""Accuracy tools: sliding-window perplexity, outlier-feature inspection, outlier amplification.
+
+- perplexity(): HF-style strided sliding windows; every token after the first is scored exactly
+  once, with up to `max_length - 1` tokens of context; one jit-compiled scoring step.
+- inspect_outliers(): per Int8Dense/nn.Dense input, which input features reach the LLM.int8()
+  threshold on given prompts (the paper's emergent features), and how often capacity is exceeded.
+- amplify_outlier_features(): a function-preserving transform that creates large-model-like
+  outliers in a small model: RMSNorm weight entries x alpha, matching input rows of the following
+  projections / alpha. The float model computes the same function (exactly, for powers of two).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import unfreeze
+
+from jint8.errors import InvalidConfigError
+from jint8.layers import Int8Dense
+from jint8.quantize import Int8Weight
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    stderr: float  # standard error of the perplexity, from the spread of per-window mean NLLs
+    mean_nll: float
+    num_tokens: int
+    num_windows: int
+
+
+def _windows(num_tokens: int, max_length: int, stride: int):
+    """(begin, first_scored, end) per window; tokens [first_scored, end) are predicted."""
+    scored_until = 1
+    begin = 0
+    while scored_until < num_tokens:
+        end = min(begin + max_length, num_tokens)
+        yield begin, max(scored_until, begin + 1), end
+        scored_until = end
+        begin += stride
+        if end == num_tokens:
+            break
+
+
+def token_nll_fn(model: nn.Module) -> Callable:
+    """jit(params, ids [B, L], score_mask [B, L]) -> per-token NLL [B, L] (0 where not scored).
+
+    score_mask[b, j] says whether token j is predicted (from tokens < j) and counted.
+    """
+
+    @jax.jit
+    def token_nll(params, ids, score_mask):
+        logits, _ = model.apply({"params": params}, ids)
+        logprobs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        target = jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
+        nll = jnp.where(score_mask[:, 1:], -target, 0.0)
+        return jnp.pad(nll, ((0, 0), (1, 0)))
+
+    return token_nll
+
+
+def perplexity(
+    model: nn.Module,
+    params,
+    token_ids: Sequence[int],
+    *,
+    max_length: int = 512,
+    stride: int = 256,
+    progress: Optional[bool] = None,
+) -> PerplexityResult:
+    """Perplexity of token_ids under the model with strided sliding windows (HF's recipe)."""
+    tokens = np.asarray(token_ids, dtype=np.int32).reshape(-1)
+    if tokens.size < 2:
+        raise InvalidConfigError(f"perplexity needs at least 2 tokens, got {tokens.size}")
+    if not 0 < stride <= max_length or max_length < 2:
+        raise InvalidConfigError(f"need 0 < stride={stride} <= max_length={max_length} and max_length >= 2")
+    max_length = min(max_length, tokens.size)
+    token_nll = token_nll_fn(model)
+    windows = list(_windows(tokens.size, max_length, stride))
+    from tqdm.auto import tqdm
+
+    window_sums, window_counts = [], []
+    for begin, first, end in tqdm(windows, desc="perplexity", unit="window", disable=_quiet(progress)):
+        ids = np.zeros((1, max_length), np.int32)
+        ids[0, : end - begin] = tokens[begin:end]
+        mask = np.zeros((1, max_length), bool)
+        mask[0, first - begin : end - begin] = True
+        nll = np.asarray(token_nll(params, ids, mask), np.float64)
+        window_sums.append(nll.sum())
+        window_counts.append(int(mask.sum()))
+    sums, counts = np.asarray(window_sums), np.asarray(window_counts)
+    mean_nll = float(sums.sum() / counts.sum())
+    ppl = math.exp(mean_nll)
+    window_means = sums / counts
+    se_nll = float(window_means.std(ddof=1) / math.sqrt(len(windows))) if len(windows) > 1 else float("nan")
+    return PerplexityResult(ppl, ppl * se_nll, mean_nll, int(counts.sum()), len(windows))
+
+
+def _quiet(progress: Optional[bool]) -> bool:
+    if progress is None:
+        import sys
+
+        return not sys.stderr.isatty()
+    return not progress
+
+
+# ----------------------------------------------------------------------------- outlier inspection
+
+_INSPECT = "outlier_inspect"
+
+
+def _record_inputs(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and args and isinstance(context.module, (nn.Dense, Int8Dense)):
+        x = args[0]
+        column_absmax = jnp.max(jnp.abs(x.astype(jnp.float32)).reshape(-1, x.shape[-1]), axis=0)
+        context.module.sow(_INSPECT, "column_absmax", column_absmax)
+    return next_fun(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOutliers:
+    """Outlier statistics of one projection's input over the inspected prompts."""
+
+    path: str
+    num_features: int
+    column_absmax: np.ndarray  # [num_prompts, K]: max |x| per input feature, per prompt
+    threshold: float
+    capacity: Optional[int]
+
+    @property
+    def outlier_features(self) -> np.ndarray:
+        """Feature indices at or above the threshold in any prompt."""
+        return np.nonzero((self.column_absmax >= self.threshold).any(axis=0))[0]
+
+    @property
+    def max_outlier_columns(self) -> int:
+        return int((self.column_absmax >= self.threshold).sum(axis=1).max())
+
+    @property
+    def capacity_exceeded(self) -> int:
+        """Number of prompts whose outlier column count exceeded the layer's capacity."""
+        if self.capacity is None:
+            return 0
+        return int(((self.column_absmax >= self.threshold).sum(axis=1) > self.capacity).sum())
+
+    def largest(self, n: int = 3) -> list[tuple[int, float]]:
+        peak = self.column_absmax.max(axis=0)
+        order = np.argsort(-peak)[:n]
+        return [(int(i), float(peak[i])) for i in order]
+
+
+def _kernel_capacity(params, path: tuple[str, ...]) -> Optional[int]:
+    node = params
+    for name in path:
+        node = node.get(name) if hasattr(node, "get") else None
+        if node is None:
+            return None
+    kernel = node.get("kernel") if hasattr(node, "get") else None
+    return kernel.outlier_capacity if isinstance(kernel, Int8Weight) else None
+
+
+def inspect_outliers(
+    model: nn.Module, params, prompts: Sequence[Sequence[int]], *, threshold: float = 6.0
+) -> list[LayerOutliers]:
+    """Per projection (in call order), the input features that reach `threshold` on the prompts."""
+    if threshold <= 0:
+        raise InvalidConfigError(f"inspect_outliers: threshold={threshold} must be > 0")
+
+    @jax.jit
+    def column_maxima(params, ids):
+        with nn.intercept_methods(_record_inputs):
+            _, state = model.apply({"params": params}, ids, mutable=[_INSPECT])
+        return state[_INSPECT]
+
+    per_prompt = []
+    for prompt in prompts:
+        ids = np.asarray(prompt)
+        ids = ids.reshape(1, -1) if ids.ndim == 1 else ids  # [T] token ids -> a batch of one
+        ids = ids.astype(np.int32) if np.issubdtype(ids.dtype, np.integer) else ids
+        per_prompt.append(jax.device_get(column_maxima(params, ids)))
+    flat = [jax.tree_util.tree_flatten_with_path(p)[0] for p in per_prompt]
+    layers = []
+    for i, (key_path, _) in enumerate(flat[0]):
+        names = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
+        module_path = names[: names.index("column_absmax")]
+        maxima = np.stack([np.asarray(f[i][1]) for f in flat])
+        layers.append(
+            LayerOutliers("/".join(module_path), maxima.shape[-1], maxima, threshold,
+                          _kernel_capacity(unfreeze(params), module_path))
+        )
+    return layers
+
+
+def format_outlier_table(layers: Sequence[LayerOutliers], max_indices: int = 8) -> str:
+    rows = [f"{'layer':<42} {'K':>6} {'cols>=t':>7} {'cap':>5} {'over':>4}  features (largest |x|)"]
+    for layer in layers:
+        feats = layer.outlier_features
+        shown = ",".join(str(i) for i in feats[:max_indices]) + ("…" if len(feats) > max_indices else "")
+        largest = " ".join(f"{i}:{v:.1f}" for i, v in layer.largest(2))
+        cap = "-" if layer.capacity is None else str(layer.capacity)
+        rows.append(
+            f"{layer.path:<42} {layer.num_features:>6} {layer.max_outlier_columns:>7} {cap:>5} "
+            f"{layer.capacity_exceeded:>4}  [{shown}] ({largest})"
+        )
+    return "\n".join(rows)
+
+
+def plot_outlier_heatmap(layers: Sequence[LayerOutliers], path: str, *, title: str = "") -> None:
+    """PNG heat-map: rows = projections whose input is the residual stream width, columns =
+    features, colour = log10 max |x|; features at the threshold are the bright stripes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = max(layer.num_features for layer in layers)
+    hidden = min(layer.num_features for layer in layers)
+    chosen = [layer for layer in layers if layer.num_features == hidden] or list(layers)
+    grid = np.stack([np.log10(layer.column_absmax.max(axis=0) + 1e-6) for layer in chosen])
+    fig, ax = plt.subplots(figsize=(12, max(3, 0.18 * len(chosen))))
+    image = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xlabel(f"input feature (of {chosen[0].num_features})")
+    ax.set_ylabel("projection (call order)")
+    ax.set_yticks(range(len(chosen)))
+    ax.set_yticklabels([layer.path[-40:] for layer in chosen], fontsize=5)
+    ax.set_title(title or f"max |x| per input feature (threshold {chosen[0].threshold}); widest K={width}")
+    fig.colorbar(image, ax=ax, label="log10 max |x|")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- outlier amplification
+
+_NORM_TO_PROJECTIONS = {
+    "input_layernorm": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    "post_attention_layernorm": ("mlp", ("gate_proj", "up_proj")),
+}
+
+
+def amplify_outlier_features(
+    params, features: Sequence[int], alpha: float, *, layers: Optional[Sequence[int]] = None
+):
+    """Llama-family float params with chosen hidden features scaled up before each projection.
+
+    RMSNorm output feature f becomes alpha * that feature; the following projections' input
+    row f is divided by alpha, so every projection output, and the model, is unchanged (exactly
+    when alpha is a power of two), while the Int8Dense inputs now carry |x| ~ alpha x normal:
+    the large-model outlier situation LLM.int8() was built for.
+    """
+    if not alpha > 0:
+        raise InvalidConfigError(f"amplify_outlier_features: alpha={alpha} must be > 0")
+    params = jax.tree.map(lambda x: x, unfreeze(params))
+    model = params.get("model", {})
+    layer_names = sorted((k for k in model if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+    if not layer_names:
+        raise InvalidConfigError("amplify_outlier_features: params have no model/layers_* (Llama family)")
+    chosen = range(len(layer_names)) if layers is None else layers
+    idx = jnp.asarray(list(features), jnp.int32)
+    for i in chosen:
+        layer = model[layer_names[i]]
+        for norm, (block, projections) in _NORM_TO_PROJECTIONS.items():
+            if norm not in layer:
+                raise InvalidConfigError(f"amplify_outlier_features: {layer_names[i]} has no {norm}")
+            scale = layer[norm]["scale"]
+            layer[norm]["scale"] = scale.at[idx].multiply(jnp.asarray(alpha, scale.dtype))
+            for name in projections:
+                kernel = layer[block][name]["kernel"]
+                if isinstance(kernel, Int8Weight):
+                    raise InvalidConfigError(
+                        f"amplify_outlier_features: {layer_names[i]}/{block}/{name} is already quantized; "
+                        "apply the transform to float params, then quantize"
+                    )
+                layer[block][name]["kernel"] = kernel.at[idx, :].divide(jnp.asarray(alpha, kernel.dtype))
+    return params
