@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
-import inspect
 import json
 import logging
 import math
@@ -104,6 +103,13 @@ class _Leaf:
     def name(self) -> str:
         return "/".join(self.storage_path)
 
+    @property
+    def nbytes(self) -> int:
+        if self.kind == "empty":
+            return 0
+        size = math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+        return size + (4 * math.prod(self.shape[self.in_ndim :]) if self.kind == "int8_weight" else 0)
+
 
 # ----------------------------------------------------------------------------- tree <-> storage
 
@@ -133,13 +139,16 @@ def _variable_name(variable) -> Optional[str]:
         return None
 
 
+_EMPTY = object()  # stands for an empty sub-mapping, which Orbax stores and the tree must get back
+
+
 def _walk(node, path: tuple, out: list) -> None:
-    """Append (path, value, variable name) for every leaf of a nested mapping; (path, None, "empty") for {}."""
+    """Append (path, value, nnx variable name or None) for every leaf of a nested mapping."""
     from flax import nnx
 
     if isinstance(node, Mapping):
-        if not node:
-            out.append((path, None, "empty"))
+        if not node and path:
+            out.append((path, _EMPTY, None))
         for key, child in node.items():
             if not isinstance(key, (str, int)):
                 raise CheckpointError(f"{'/'.join(map(str, path))}: key {key!r} must be a str or an int")
@@ -155,10 +164,12 @@ def _to_storage(params) -> tuple[str, list[_Leaf], dict]:
     kind = _tree_kind(params)
     walked: list = []
     _walk(params, (), walked)
+    if not walked:
+        raise CheckpointError("params is empty: there is nothing to save")
     leaves, arrays = [], {}
     for path, value, variable in walked:
         name = "/".join(map(str, path))
-        if variable == "empty":
+        if value is _EMPTY:
             leaves.append(_Leaf(path, "empty"))
             _insert(arrays, tuple(map(str, path)), {}, name)
             continue
@@ -206,8 +217,7 @@ def _rebuild(kind: str, leaves: list[_Leaf], arrays: Mapping):
         for key in leaf.path[:-1]:
             node = node.setdefault(key, {})
         if leaf.kind == "empty":
-            if leaf.path:
-                node[leaf.path[-1]] = {}
+            node[leaf.path[-1]] = {}
             continue
         value = _lookup(arrays, leaf.storage_path)
         if leaf.kind == "int8_weight":
@@ -216,7 +226,7 @@ def _rebuild(kind: str, leaves: list[_Leaf], arrays: Mapping):
             try:
                 value = variablelib.variable_type_from_name(leaf.variable)(value)
             except ValueError:
-                logger.warning("%s: nnx Variable type %r is not registered; kept as a plain value", leaf.name, leaf.variable)
+                logger.warning("%s: nnx Variable type %r is unregistered; kept as a plain value", leaf.name, leaf.variable)
         node[leaf.path[-1]] = value
     if kind == "nnx_state":
         return nnx.State(nested)
@@ -227,7 +237,7 @@ def _rebuild(kind: str, leaves: list[_Leaf], arrays: Mapping):
 
 
 def _json_default(value):
-    if isinstance(value, (np.generic,)):
+    if isinstance(value, np.generic):
         return value.item()
     try:
         return jnp.dtype(value).name  # dtype fields of model configs (jnp.bfloat16, np.float32, ...)
@@ -272,6 +282,11 @@ def _metadata_json(kind, leaves, quant_config, model_config) -> dict:
     }
 
 
+def _tuples(value):
+    """JSON turned the config's tuples into lists; frozen configs want them back (hashable)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _parse_leaf(record: Mapping, index: int, directory: str) -> _Leaf:
     try:
         kind = record["kind"]
@@ -287,7 +302,7 @@ def _parse_leaf(record: Mapping, index: int, directory: str) -> _Leaf:
         return _Leaf(path, kind, in_ndim=int(record["in_ndim"]), threshold=float(record["threshold"]),
                      outlier_capacity=int(record["outlier_capacity"]), **common)  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointFormatError(f"{directory}: metadata leaf record #{index} is invalid ({e!r}): {record!r}") from None
+        raise CheckpointFormatError(f"{directory}: metadata leaf record #{index} is invalid ({e!r}): {record}") from None
 
 
 def _parse_metadata(raw, directory: str) -> tuple[CheckpointMetadata, list[_Leaf]]:
@@ -305,13 +320,15 @@ def _parse_metadata(raw, directory: str) -> tuple[CheckpointMetadata, list[_Leaf
         )
     missing = [k for k in ("tree_kind", "quant_config", "leaves") if k not in raw]
     if missing or raw["tree_kind"] not in ("dict", "frozen_dict", "nnx_state") or not isinstance(raw["leaves"], list):
-        raise CheckpointFormatError(f"{directory}: metadata is incomplete (missing {missing}) or has an unknown tree_kind")
+        raise CheckpointFormatError(f"{directory}: metadata is incomplete (missing {missing}) or of unknown tree_kind")
     known = {f.name for f in dataclasses.fields(Int8Config)}
     quant = raw["quant_config"] or {}
+    if not isinstance(quant, Mapping):
+        raise CheckpointFormatError(f"{directory}: stored quant_config {quant!r} is not a mapping")
     if unknown := sorted(set(quant) - known):
         logger.warning("%s: ignoring unknown Int8Config fields %s", directory, unknown)
     try:
-        quant_config = Int8Config(**{k: v for k, v in quant.items() if k in known})
+        quant_config = Int8Config(**{k: _tuples(v) for k, v in quant.items() if k in known})
     except (TypeError, ValueError) as e:
         raise CheckpointFormatError(f"{directory}: stored quant_config is invalid: {e}") from None
     leaves = [_parse_leaf(record, i, directory) for i, record in enumerate(raw["leaves"])]
@@ -326,7 +343,9 @@ def _parse_metadata(raw, directory: str) -> tuple[CheckpointMetadata, list[_Leaf
 def _derived_scale_sharding(sharding, in_ndim: int, name: str, directory: str):
     """The scale [*out_shape] follows the kernel's output axes, as quantize_params places it."""
     if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = tuple(sharding.spec)[in_ndim:]
+        spec = list(tuple(sharding.spec)[in_ndim:])
+        while spec and spec[-1] is None:  # P("model", None) -> P("model"): the same layout, one spelling
+            spec.pop()
         return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
     if sharding.is_fully_replicated:
         return sharding
@@ -346,10 +365,14 @@ def _check_fits(sharding, shape: tuple, name: str, directory: str) -> None:
             parts = math.prod(sharding.mesh.shape[a] for a in axes)
             if dim % parts:
                 raise CheckpointMismatchError(
-                    f"{directory}: {name}: saved {shape=} cannot be split by {spec=} on mesh {dict(sharding.mesh.shape)}"
+                    f"{directory}: {name}: saved {shape=} cannot be split by {spec=} "
+                    f"on mesh {dict(sharding.mesh.shape)}"
                 )
     elif hasattr(sharding, "check_compatible_aval"):
-        sharding.check_compatible_aval(shape)
+        try:
+            sharding.check_compatible_aval(shape)
+        except ValueError as e:
+            raise CheckpointMismatchError(f"{directory}: {name}: saved {shape=} does not fit {sharding}: {e}") from None
 
 
 def _as_sharding(spec, mesh, default, leaf: _Leaf, directory: str):
@@ -389,14 +412,14 @@ def _leaf_shardings(leaf: _Leaf, spec, mesh, default, directory: str) -> dict:
     return {"qvalue": qvalue, "scale": scale}
 
 
-def _flat_targets(shardings, directory: str) -> dict[tuple[str, ...], Any]:
+def _flat_targets(shardings) -> dict[tuple[str, ...], Any]:
     """{str path: entry} of a user's shardings tree; Int8Weight and nnx Variables count as one entry."""
     from flax import nnx
 
     flat: dict = {}
 
     def walk(node, path):
-        if isinstance(node, Mapping) and not isinstance(node, Int8Weight):
+        if isinstance(node, Mapping):
             for key, child in node.items():
                 walk(child, path + (str(key),))
         elif isinstance(node, nnx.Variable):
@@ -415,13 +438,12 @@ def _resolve_shardings(leaves: list[_Leaf], mesh, shardings, directory: str) -> 
         else jax.sharding.SingleDeviceSharding(jax.devices()[0])
     )
     stored = [leaf for leaf in leaves if leaf.kind != "empty"]
-    if shardings is None or callable(shardings) and not isinstance(shardings, Mapping):
-        specs = [
-            None if shardings is None else shardings(leaf.path, jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(leaf.dtype)))
-            for leaf in stored
-        ]
+    if shardings is None or isinstance(shardings, (jax.sharding.Sharding, jax.sharding.PartitionSpec)):
+        specs = [shardings] * len(stored)
+    elif callable(shardings) and not isinstance(shardings, Mapping):
+        specs = [shardings(leaf.path, jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(leaf.dtype))) for leaf in stored]
     else:
-        targets = _flat_targets(shardings, directory)
+        targets = _flat_targets(shardings)
         saved = {leaf.storage_path for leaf in stored}
         missing = sorted("/".join(p) for p in saved - set(targets))
         extra = sorted("/".join(p) for p in set(targets) - saved)
@@ -438,10 +460,14 @@ def _resolve_shardings(leaves: list[_Leaf], mesh, shardings, directory: str) -> 
 def _abstract_arrays(leaves: list[_Leaf], shardings: list[dict]) -> dict:
     """The Orbax restore target: ShapeDtypeStructs carrying each array's target sharding."""
     target: dict = {}
-    for leaf, sharding in zip([leaf for leaf in leaves if leaf.kind != "empty"], shardings):
-        if leaf.kind == "array":
-            value = jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(leaf.dtype), sharding=sharding[""])
+    placed = iter(shardings)
+    for leaf in leaves:
+        if leaf.kind == "empty":
+            value = {}  # Orbax records empty subtrees and wants them in the target too
+        elif leaf.kind == "array":
+            value = jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(leaf.dtype), sharding=next(placed)[""])
         else:
+            sharding = next(placed)
             value = {
                 "qvalue": jax.ShapeDtypeStruct(leaf.shape, jnp.int8, sharding=sharding["qvalue"]),
                 "scale": jax.ShapeDtypeStruct(leaf.shape[leaf.in_ndim :], jnp.float32, sharding=sharding["scale"]),
@@ -474,9 +500,11 @@ def _check_destination(target: pathlib.Path, overwrite: bool) -> None:
     if not (target.exists() or target.is_symlink()):
         return
     if not overwrite:
-        raise CheckpointExistsError(f"{target} already exists; pass overwrite=True to replace it")
-    if target.is_dir() and not target.is_symlink() and (is_jint8_checkpoint(target) or not any(target.iterdir())):
-        return
+        raise CheckpointExistsError(f"{target} already exists; overwrite=True (CLI: --overwrite) replaces it")
+    if target.is_dir() and not target.is_symlink():
+        ours = (target / _METADATA_ITEM).is_dir() and (target / _ARRAYS_ITEM).is_dir()  # even if corrupt
+        if ours or not any(target.iterdir()):
+            return
     # Never delete a path that is not ours: a typo must not wipe a model directory.
     raise CheckpointExistsError(f"{target} exists and is not a jint8 checkpoint; remove it yourself to write here")
 
@@ -490,9 +518,24 @@ def _publish(staged: pathlib.Path, target: pathlib.Path, overwrite: bool) -> Non
         # Two renames: a crash between them leaves the old checkpoint at the "previous" sibling.
         previous = target.with_name(f".{target.name}{_PREVIOUS_MARK}{uuid.uuid4().hex[:8]}")
         os.rename(target, previous)
-        os.rename(staged, target)
+        try:
+            os.rename(staged, target)
+        except OSError:
+            os.rename(previous, target)  # put the old checkpoint back before reporting the failure
+            raise
         shutil.rmtree(previous)
     # After an exchange the old checkpoint sits at `staged`; the caller removes the staging dir.
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    """A synchronous Orbax checkpointer that knows both items' handlers (needed to read their metadata)."""
+    registry = ocp.DefaultCheckpointHandlerRegistry()
+    arrays_handler, json_handler = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
+    registry.add(_ARRAYS_ITEM, ocp.args.StandardSave, arrays_handler)
+    registry.add(_ARRAYS_ITEM, ocp.args.StandardRestore, arrays_handler)
+    registry.add(_METADATA_ITEM, ocp.args.JsonSave, json_handler)
+    registry.add(_METADATA_ITEM, ocp.args.JsonRestore, json_handler)
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -525,7 +568,7 @@ def save_quantized(
     staging = target.with_name(f".{target.name}{_STAGING_MARK}{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        with _checkpointer() as checkpointer:
             checkpointer.save(
                 staging / "checkpoint",
                 args=ocp.args.Composite(
@@ -537,10 +580,8 @@ def save_quantized(
         # Partial data of a failed save, or the replaced checkpoint after a swap. Best effort: a
         # failure to clean up must not hide the exception that is propagating.
         shutil.rmtree(staging, ignore_errors=True)
-    nbytes = sum(int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves if leaf.kind == "array")
-    nbytes += sum(int(np.prod(leaf.shape)) + 4 * int(np.prod(leaf.shape[leaf.in_ndim :]))
-                  for leaf in leaves if leaf.kind == "int8_weight")  # fmt: skip
-    logger.info("saved %d leaves (%.1f MiB) to %s", len(leaves), nbytes / 2**20, target)
+    nbytes = sum(leaf.nbytes for leaf in leaves)
+    logger.info("saved %d leaves (%.1f MiB before compression) to %s", len(leaves), nbytes / 2**20, target)
     return target
 
 
@@ -559,7 +600,7 @@ def _check_directory(directory: PathLike) -> pathlib.Path:
 
 
 def _read_raw_metadata(path: pathlib.Path):
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    with _checkpointer() as checkpointer:
         try:
             restored = checkpointer.restore(path, args=ocp.args.Composite(**{_METADATA_ITEM: ocp.args.JsonRestore()}))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -608,17 +649,18 @@ def _check_stored_arrays(path: pathlib.Path, checkpointer, leaves: list[_Leaf]) 
             expected[leaf.storage_path + ("scale",)] = leaf.shape[leaf.in_ndim :]
     missing = sorted("/".join(p) for p in set(expected) - set(stored))
     wrong = sorted(f"{'/'.join(p)}: {stored[p]} != {s}" for p, s in expected.items() if p in stored and stored[p] != s)
-    if missing or wrong:
-        raise CheckpointFormatError(
-            f"{path}: arrays item disagrees with the metadata: missing arrays {missing[:5]}"
-            f"{f' (+{len(missing) - 5})' if len(missing) > 5 else ''}, shapes (stored != recorded) {wrong[:5]}"
-        )
+    problems = ([f"{len(missing)} arrays missing {missing[:5]}"] if missing else []) + (
+        [f"{len(wrong)} shapes differ (stored != recorded) {wrong[:5]}"] if wrong else []
+    )
+    if problems:
+        raise CheckpointFormatError(f"{path}: arrays item disagrees with the metadata: {'; '.join(problems)}")
 
 
 def load_quantized(directory: PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, shardings: ShardingsArg = None):
     """Restore (params, CheckpointMetadata) written by save_quantized, bit-identical, onto a sharding.
 
     shardings: where each array goes, one of
+      - one Sharding or PartitionSpec (with mesh=) for every parameter;
       - a tree matching the saved params whose leaves are Shardings, PartitionSpecs (with mesh=),
         abstract or concrete arrays with .sharding (their shapes are checked), or None (default);
         at an Int8Weight, one entry places qvalue and derives the scale's sharding from its output
@@ -630,7 +672,7 @@ def load_quantized(directory: PathLike, *, mesh: Optional[jax.sharding.Mesh] = N
     path = _check_directory(directory)
     info, leaves = _parse_metadata(_read_raw_metadata(path), str(path))
     target = _abstract_arrays(leaves, _resolve_shardings(leaves, mesh, shardings, str(path)))
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    with _checkpointer() as checkpointer:
         _check_stored_arrays(path, checkpointer, leaves)
         restored = checkpointer.restore(
             path, args=ocp.args.Composite(**{_ARRAYS_ITEM: ocp.args.StandardRestore(target)})
@@ -638,34 +680,24 @@ def load_quantized(directory: PathLike, *, mesh: Optional[jax.sharding.Mesh] = N
     return _rebuild(info.tree_kind, leaves, restored), info
 
 
-def _model_params(model):
-    """The parameter tree of what from_pretrained returned: (model, params), .params, or nnx state."""
-    from flax import nnx
-
-    if isinstance(model, tuple) and len(model) == 2:
-        return model[1]
-    if getattr(model, "params", None) is not None:
-        return model.params
-    if isinstance(model, nnx.Module):
-        return nnx.state(model)
-    raise CheckpointError(f"cannot find the params of the {type(model).__name__} returned by from_pretrained")
-
-
 def quantize_checkpoint(
-    src: PathLike, out: PathLike, *, quant_config: Optional[Int8Config] = None, progress: bool = True, overwrite: bool = False
+    src: PathLike,
+    out: PathLike,
+    *,
+    quant_config: Optional[Int8Config] = None,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> pathlib.Path:
-    """Load any source from_pretrained reads, quantized with quant_config, and save it to out."""
+    """Load any source jint8.from_pretrained reads (safetensors, msgpack, GGUF), quantized while loading
+    with quant_config (default Int8Config()), and save it to out with its model config.
+
+    progress: from_pretrained's progress bar over tensors. Returns the checkpoint path.
+    """
     import jint8
 
     if not hasattr(jint8, "from_pretrained"):
         raise CheckpointError("quantize_checkpoint needs jint8.from_pretrained, which this build lacks")
     quant_config = quant_config or Int8Config()
-    kwargs: dict = {"quantization": quant_config}
-    if "progress" in inspect.signature(jint8.from_pretrained).parameters:
-        kwargs["progress"] = progress
-    loaded = jint8.from_pretrained(src, **kwargs)
-    model = loaded[0] if isinstance(loaded, tuple) else loaded
-    return save_quantized(
-        out, _model_params(loaded), quant_config=quant_config, model_config=getattr(model, "config", None),
-        overwrite=overwrite,
-    )  # fmt: skip
+    _check_destination(pathlib.Path(out).absolute(), overwrite)  # before the expensive load
+    model, params = jint8.from_pretrained(src, quantization=quant_config, progress=progress)
+    return save_quantized(out, params, quant_config=quant_config, model_config=model.config, overwrite=overwrite)

@@ -28,15 +28,16 @@ class UnsupportedArchitectureError(Jint8Error, ValueError):
     """A checkpoint's architecture (model_type) or one of its options has no jint8 model."""
 
 
-class CheckpointError(Jint8Error, ValueError):
-    """A checkpoint file is missing, truncated or corrupt; the message names the file and tensor."""
+class CheckpointFileError(Jint8Error, ValueError):
+    """A checkpoint file given to from_pretrained is missing, truncated or corrupt; the message names
+    the file and tensor. (Not CheckpointError below, which is jint8.checkpoint's Orbax format.)"""
 
 
-class WeightsMismatchError(CheckpointError):
+class WeightsMismatchError(CheckpointFileError):
     """Checkpoint tensors do not match the model built from its config (names or shapes)."""
 
 
-class UnsupportedQuantTypeError(CheckpointError):
+class UnsupportedQuantTypeError(CheckpointFileError):
     """A GGUF tensor is stored in a quantization type jint8 cannot dequantize."""
 
 
