@@ -133,6 +133,8 @@ class Int8Config:
     skip_modules: module-path patterns left in floating point (e.g. "lm_head", "re:.*gate").
     min_size: kernels with fewer elements stay in floating point (tiny matrices gain nothing).
     capacity_overrides: {pattern: capacity} per-layer outlier capacities, first match wins.
+    threshold_overrides: {pattern: threshold} per-layer outlier thresholds, first match wins
+      (small models whose activations never reach 6.0 need a lower one; see docs/ACCURACY.md).
     in_ndim_overrides: {pattern: n} contracting-axis count for >2-D kernels, first match wins
       (default: 1 if shape[0] >= prod(shape[1:]) else ndim - 1, which fits attention's
       [features, heads, head_dim] and [heads, head_dim, features] kernels).
@@ -144,6 +146,7 @@ class Int8Config:
     skip_modules: tuple[str, ...] = ()
     min_size: int = 1024
     capacity_overrides: Any = ()
+    threshold_overrides: Any = ()
     in_ndim_overrides: Any = ()
     kernel_names: tuple[str, ...] = ("kernel",)
 
@@ -171,6 +174,13 @@ class Int8Config:
         object.__setattr__(
             self, "in_ndim_overrides", _as_pairs(self.in_ndim_overrides, "Int8Config.in_ndim_overrides")
         )
+        items = self.threshold_overrides.items() if isinstance(self.threshold_overrides, Mapping) else self.threshold_overrides
+        thresholds = tuple((str(k), float(v)) for k, v in items)
+        for pattern, value in thresholds:
+            _compile_pattern(pattern, "Int8Config.threshold_overrides")
+            if not math.isfinite(value) or value < 0:
+                raise InvalidConfigError(f"Int8Config.threshold_overrides[{pattern!r}]={value} must be finite and >= 0")
+        object.__setattr__(self, "threshold_overrides", thresholds)
 
     @classmethod
     def from_bitsandbytes(cls, bnb_config, **overrides) -> "Int8Config":
@@ -217,6 +227,12 @@ class Int8Config:
             if _compile_pattern(pattern, "capacity_overrides")(path):
                 return capacity
         return int(self.outlier_capacity)
+
+    def threshold_for(self, path: Sequence[str]) -> float:
+        for pattern, threshold in self.threshold_overrides:
+            if _compile_pattern(pattern, "threshold_overrides")(path):
+                return threshold
+        return float(self.threshold)
 
     def in_ndim_for(self, path: Sequence[str], shape: Sequence[int]) -> int:
         for pattern, n in self.in_ndim_overrides:
@@ -289,7 +305,7 @@ def _quantize_leaf(key_path, leaf, config: Int8Config):
     weight = quantize_vectorwise(
         leaf,
         in_ndim=config.in_ndim_for(names[:-1], leaf.shape),
-        threshold=config.threshold,
+        threshold=config.threshold_for(names[:-1]),
         outlier_capacity=config.capacity_for(names[:-1]),
     )
     return _keep_sharding(leaf, weight)

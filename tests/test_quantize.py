@@ -169,3 +169,12 @@ def test_non_dense_kernels_are_left_alone():
     params = conv.init(jax.random.key(0), jnp.ones((1, 8, 8, 4)))["params"]
     q = quantize_params(params, Int8Config(min_size=0))
     assert not isinstance(q["kernel"], Int8Weight)
+
+
+def test_per_layer_threshold_overrides():
+    cfg = Int8Config(min_size=100, threshold=1.5, threshold_overrides={"down": 6.0})
+    q = quantize_params(_linen_params(), cfg)
+    assert q["block_0"]["mlp"]["down"]["kernel"].threshold == 6.0
+    assert q["block_0"]["mlp"]["up"]["kernel"].threshold == 1.5
+    with pytest.raises(InvalidConfigError, match="threshold_overrides"):
+        Int8Config(threshold_overrides={"down": -1.0})
