@@ -7,7 +7,10 @@
 """
 
 from jint8 import errors, ops
+from jint8.checkpoint import load_quantized, save_quantized
+from jint8.generation import GenerationConfig, generate
 from jint8.layers import Int8Dense, Int8Linear, intercept
+from jint8.loading import from_pretrained, make_mesh
 from jint8.ops import int8_matmul
 from jint8.quantize import (
     Int8Config,
@@ -21,16 +24,22 @@ from jint8.quantize import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "GenerationConfig",
     "Int8Config",
     "Int8Dense",
     "Int8Linear",
     "Int8Weight",
     "dequantize_params",
     "errors",
+    "from_pretrained",
+    "generate",
     "int8_matmul",
     "intercept",
+    "load_quantized",
+    "make_mesh",
     "ops",
     "param_bytes",
     "quantize_params",
     "quantize_vectorwise",
+    "save_quantized",
 ]

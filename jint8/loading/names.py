@@ -79,10 +79,19 @@ def match_checkpoint_name(name: str, table: Mapping[str, TensorTarget], rules: N
     return name  # unknown: the caller reports it
 
 
-def to_flax_layout(array: np.ndarray, target: TensorTarget) -> np.ndarray:
-    return np.ascontiguousarray(array.T) if target.transpose else array
+def needs_transpose(target: TensorTarget, flax_layout: bool, rules: NameRules) -> bool:
+    """PyTorch files: Linear weights are [out, in]. v4 Flax files: kernels are already [in, out],
+    except v4's FlaxConv1D (GPT-2), which stored [out, in] and transposed at run time."""
+    if not flax_layout:
+        return target.transpose
+    module = target.path[-2] if len(target.path) > 1 else ""
+    return target.path[-1] == "kernel" and module in rules.conv1d_modules
 
 
-def checkpoint_shape(target: TensorTarget) -> tuple[int, ...]:
-    """The shape the checkpoint (PyTorch layout) must have for this target."""
-    return tuple(reversed(target.shape)) if target.transpose else target.shape
+def to_flax_layout(array: np.ndarray, target: TensorTarget, flax_layout: bool, rules: NameRules) -> np.ndarray:
+    return np.ascontiguousarray(array.T) if needs_transpose(target, flax_layout, rules) else array
+
+
+def stored_shape(target: TensorTarget, flax_layout: bool, rules: NameRules) -> tuple[int, ...]:
+    """The shape the checkpoint tensor must have for this target."""
+    return tuple(reversed(target.shape)) if needs_transpose(target, flax_layout, rules) else target.shape

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import logging
 from typing import Callable
 
+import jax
 import numpy as np
 
 
@@ -24,3 +28,19 @@ class TensorRecord:
     shape: tuple[int, ...]
     flax_layout: bool
     read: Callable[[], np.ndarray]
+
+
+@functools.cache
+def _host_cpu_device():
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS excludes the CPU backend
+        logging.getLogger("jint8").warning(
+            "no jax CPU backend (JAX_PLATFORMS?): tensors are converted on the default device, one at a time")
+        return None
+
+
+def on_host():
+    """Context in which jnp work runs on the host CPU, so full-precision tensors stay off accelerators."""
+    device = _host_cpu_device()
+    return jax.default_device(device) if device is not None else contextlib.nullcontext()

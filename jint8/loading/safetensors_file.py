@@ -6,12 +6,11 @@ import json
 import os
 from pathlib import Path
 
-import jax
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from jint8.errors import CheckpointError
-from jint8.loading.records import TensorRecord
+from jint8.errors import CheckpointFileError
+from jint8.loading.records import TensorRecord, on_host
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -26,11 +25,11 @@ def safetensors_files(directory: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            raise CheckpointFileError(f"{index}: not a valid safetensors index ({e})") from None
         files = list(dict.fromkeys(weight_map.values()))
         missing = [f for f in files if not (directory / f).exists()]
         if missing:
-            raise CheckpointError(f"{index}: names shard files that do not exist: {missing}")
+            raise CheckpointFileError(f"{index}: names shard files that do not exist: {missing}")
         return [directory / f for f in files]
     return [directory / SINGLE_FILE]
 
@@ -41,10 +40,10 @@ def _reader(file: Path, name: str, stored_dtype: str):
             if stored_dtype in _NUMPY_DTYPES:
                 with safe_open(file, framework="np") as handle:
                     return handle.get_tensor(name)
-            with jax.default_device(jax.devices("cpu")[0]), safe_open(file, framework="flax") as handle:
+            with on_host(), safe_open(file, framework="flax") as handle:
                 return np.asarray(handle.get_tensor(name))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: cannot read tensor {name!r}: {e}") from None
+            raise CheckpointFileError(f"{file}: cannot read tensor {name!r}: {e}") from None
 
     return read
 
@@ -60,5 +59,5 @@ def safetensors_records(directory: Path) -> list[TensorRecord]:
                     shape, dtype = tuple(int(d) for d in view.get_shape()), view.get_dtype()
                     records.append(TensorRecord(name, os.fspath(file), name, shape, False, _reader(file, name, dtype)))
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+            raise CheckpointFileError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     return records

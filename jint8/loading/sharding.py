@@ -76,6 +76,20 @@ def sharding_for(path, shape, mesh: Optional[Mesh]):
     return NamedSharding(mesh, kernel_spec(tuple(path), tuple(shape), mesh))
 
 
+def cache_spec(num_kv_heads: int, batch_size: int, mesh: Mesh) -> P:
+    """PartitionSpec of a KVCache's k/v [L, B, S, K, H]: batch over "data", KV heads over "model"
+    (where they divide evenly), matching the column-parallel k_proj/v_proj outputs."""
+    data = DATA_AXIS if batch_size % int(mesh.shape.get(DATA_AXIS, 1)) == 0 else None
+    model = MODEL_AXIS if num_kv_heads % _model_axis_size(mesh) == 0 else None
+    return P(None, data, None, model, None)
+
+
+def shard_cache(cache, mesh: Mesh):
+    """Place a KVCache (init_cache's) on `mesh` with cache_spec."""
+    sharding = NamedSharding(mesh, cache_spec(cache.k.shape[3], cache.k.shape[1], mesh))
+    return jax.device_put(cache, sharding)
+
+
 # ----------------------------------------------------------------------------- max_memory
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -117,10 +131,16 @@ def check_max_memory(max_memory: Optional[Mapping], needed_per_device: int, mesh
         limits[key.id if hasattr(key, "id") else key] = parse_bytes(value)
     short = [(d, limits[d.id]) for d in devices if d.id in limits and limits[d.id] < needed_per_device]
     if short:
-        gib = 2**30
-        listing = ", ".join(f"device {d.id}: {limit / gib:.3f} GiB" for d, limit in short)
+        listing = ", ".join(f"device {d.id}: {format_bytes(limit)}" for d, limit in short)
         raise InsufficientMemoryError(
-            f"the model needs {needed_per_device / gib:.3f} GiB ({needed_per_device} bytes) of parameters per "
+            f"the model needs {format_bytes(needed_per_device)} ({needed_per_device} bytes) of parameters per "
             f"device on {len(devices)} device(s), more than max_memory allows ({listing}); use more devices "
             "in the mesh's 'model' axis, int8 quantization, or a larger max_memory"
         )
+
+
+def format_bytes(size: int) -> str:
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor:
+            return f"{size / factor:.2f} {unit}"
+    return f"{size} B"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from jint8.errors import UnsupportedArchitectureError
 from jint8.models.common import KVCache, RopeConfig, init_cache
+from jint8.models.gemma import GemmaConfig, GemmaForCausalLM
+from jint8.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jint8.models.llama import LlamaConfig, LlamaForCausalLM
+from jint8.models.opt import OPTConfig, OPTForCausalLM
 
 # model_type -> (Flax module class, config class); every config class has from_hf_config.
 _REGISTRY: dict[str, tuple[type, type]] = {
@@ -12,6 +15,10 @@ _REGISTRY: dict[str, tuple[type, type]] = {
     "mistral": (LlamaForCausalLM, LlamaConfig),
     "qwen2": (LlamaForCausalLM, LlamaConfig),
     "qwen3": (LlamaForCausalLM, LlamaConfig),
+    "gemma": (GemmaForCausalLM, GemmaConfig),
+    "gemma2": (GemmaForCausalLM, GemmaConfig),
+    "gpt2": (GPT2LMHeadModel, GPT2Config),
+    "opt": (OPTForCausalLM, OPTConfig),
 }
 
 
@@ -45,9 +52,15 @@ def config_from_hf(hf_config, dtype):
 
 
 __all__ = [
+    "GemmaConfig",
+    "GemmaForCausalLM",
+    "GPT2Config",
+    "GPT2LMHeadModel",
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "OPTConfig",
+    "OPTForCausalLM",
     "RopeConfig",
     "config_class_for",
     "config_from_hf",

@@ -208,6 +208,31 @@ def dot_product_attention(
     return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
 
 
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    layer: int,
+    cache: Optional[KVCache],
+    cache_index,
+    kv_mask: Optional[jax.Array],
+    scale: float,
+    sliding_window: Optional[int] = None,
+    logit_softcap: Optional[float] = None,
+) -> tuple[jax.Array, Optional[KVCache]]:
+    """Attention of q [B, T, N, H] over this step's k/v [B, T, K, H] (no cache) or, with a cache,
+    over the layer's slots after writing k/v at cache_index. Returns ([B, T, N, H], cache)."""
+    if cache is None:
+        keys, values, index = k, v, 0
+    else:
+        cache, keys, values = update_layer_cache(cache, layer, k, v, cache_index)
+        keys, values, index = keys.astype(q.dtype), values.astype(q.dtype), cache_index
+    mask = attention_mask(q.shape[1], keys.shape[1], cache_index=index, kv_mask=kv_mask,
+                          sliding_window=sliding_window)
+    return dot_product_attention(q, keys, values, mask, scale=scale, logit_softcap=logit_softcap), cache
+
+
 def default_positions(batch: int, num_tokens: int, cache_index=None) -> jax.Array:
     """[B, T] positions cache_index + t (0 + t without a cache)."""
     start = 0 if cache_index is None else cache_index

@@ -12,7 +12,6 @@ import math
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jint8.errors import InvalidConfigError
@@ -23,11 +22,9 @@ from jint8.models.common import (
     RopeConfig,
     activation,
     apply_rope,
-    attention_mask,
+    cached_attention,
     default_positions,
-    dot_product_attention,
     rope_inverse_frequencies,
-    update_layer_cache,
 )
 
 
@@ -162,15 +159,10 @@ class LlamaAttention(nn.Module):
             q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
         inv_freq = rope_inverse_frequencies(cfg.rope, cfg.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if cache is None:
-            keys, values, index = k, v, 0
-        else:
-            cache, keys, values = update_layer_cache(cache, self.layer, k, v, cache_index)
-            keys, values, index = keys.astype(q.dtype), values.astype(q.dtype), cache_index
-        mask = attention_mask(t, keys.shape[1], cache_index=index, kv_mask=kv_mask,
-                              sliding_window=cfg.window_for(self.layer))
         scale = cfg.query_scale if cfg.query_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
-        out = dot_product_attention(q, keys, values, mask, scale=scale, logit_softcap=cfg.attn_logit_softcap)
+        out, cache = cached_attention(q, k, v, layer=self.layer, cache=cache, cache_index=cache_index,
+                                      kv_mask=kv_mask, scale=scale, sliding_window=cfg.window_for(self.layer),
+                                      logit_softcap=cfg.attn_logit_softcap)
         out = _dense(cfg, cfg.hidden_size, cfg.o_bias, "o_proj")(out.reshape(b, t, -1))
         return out, cache
 

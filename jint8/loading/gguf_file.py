@@ -1,0 +1,134 @@
+"""GGUF files (llama.cpp): config and tokenizer through transformers, tensors through `gguf`.
+
+llama.cpp's converter permutes the rows of attn_q / attn_k of "llama"-architecture models
+(interleaved rotary pairs instead of transformers' rotate_half halves); the reverse permutation
+here is transformers' LlamaTensorProcessor._reverse_permute_weights (modeling_gguf_pytorch_utils).
+Gemma GGUFs store norm weights + 1 (transformers' Gemma2TensorProcessor subtracts it again).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from jint8.errors import CheckpointFileError, UnsupportedArchitectureError, UnsupportedQuantTypeError
+from jint8.loading.records import TensorRecord
+
+
+def _supported_types():
+    from gguf import GGMLQuantizationType as Q
+
+    return {Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
+            Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+
+
+def open_gguf(file: Path):
+    """A gguf.GGUFReader, with parse failures of a truncated or corrupt file as CheckpointFileError."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(file)
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad bytes
+        raise CheckpointFileError(f"{file}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+
+
+def gguf_architecture(reader) -> str:
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise CheckpointFileError("GGUF file has no general.architecture field")
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def reverse_rotary_permutation(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's permute of attn_q / attn_k rows ([heads * H, in] PyTorch layout)."""
+    dim = weights.shape[0] // num_heads // 2
+    w = weights.reshape(num_heads, dim, 2, *weights.shape[1:])
+    return w.swapaxes(2, 1).reshape(weights.shape)
+
+
+def _gguf_to_hf_names(reader, architecture: str, hf_names: Iterable[str], num_layers: int) -> dict[str, str]:
+    import gguf
+
+    arch = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == architecture), None)
+    if arch is None:
+        raise UnsupportedArchitectureError(f"GGUF architecture {architecture!r} is unknown to the gguf package")
+    name_map = gguf.get_tensor_name_map(arch, num_layers)
+    table = {}
+    for hf_name in hf_names:
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_base = name_map.get_name(base)
+        if gguf_base is not None:
+            table[f"{gguf_base}.{suffix}"] = hf_name
+    return table
+
+
+def _reader(file: Path, tensor, hf_name: str, architecture: str, hf_config):
+    def read() -> np.ndarray:
+        from gguf.quants import dequantize
+
+        try:
+            weights = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        except (NotImplementedError, ValueError) as e:
+            raise UnsupportedQuantTypeError(
+                f"{file}: tensor {tensor.name!r} of type {tensor.tensor_type.name} cannot be dequantized: {e}"
+            ) from None
+        weights = weights.reshape(tuple(reversed([int(d) for d in tensor.shape])))
+        if architecture == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = hf_config.num_attention_heads
+            if "attn_k" in tensor.name:
+                heads = getattr(hf_config, "num_key_value_heads", None) or heads
+            weights = reverse_rotary_permutation(weights, heads)
+        if architecture.startswith("gemma") and hf_name.endswith("norm.weight"):
+            weights = weights - 1.0
+        return weights
+
+    return read
+
+
+def gguf_records(file: Path, hf_config, hf_names: Iterable[str]) -> list[TensorRecord]:
+    """Records for every tensor; names unknown to the name map keep their GGUF name (reported later).
+
+    hf_names: the transformers names the model expects (they give the GGUF names to look for).
+    """
+    reader = open_gguf(file)
+    architecture = gguf_architecture(reader)
+    names = _gguf_to_hf_names(reader, architecture, hf_names, hf_config.num_hidden_layers)
+    supported = _supported_types()
+    records = []
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in supported:
+            raise UnsupportedQuantTypeError(
+                f"{file}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}; jint8 reads "
+                f"{', '.join(sorted(t.name for t in supported))}"
+            )
+        hf_name = names.get(tensor.name, tensor.name)
+        shape = tuple(reversed([int(d) for d in tensor.shape]))
+        records.append(TensorRecord(hf_name, os.fspath(file), tensor.name, shape, False,
+                                    _reader(file, tensor, hf_name, architecture, hf_config)))
+    return records
+
+
+def gguf_hf_config(file: Path):
+    """The transformers config transformers builds from the GGUF metadata."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(os.fspath(file.parent), gguf_file=file.name)
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointFileError(f"{file}: cannot build a config from its GGUF metadata: {e}") from None
+
+
+def load_tokenizer(path):
+    """The tokenizer of a checkpoint directory, or of a GGUF file (built from its metadata)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(os.fspath(path.parent), gguf_file=path.name)
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if ggufs and not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(os.fspath(path), gguf_file=ggufs[0].name)
+    return AutoTokenizer.from_pretrained(os.fspath(path))

@@ -1,0 +1,272 @@
+"""from_pretrained: checkpoint -> (Flax model, params) quantized while loading, placed on a mesh.
+
+One tensor at a time: read on the host, convert to Flax layout, quantize on the host CPU with
+Int8Config's rules (quantize_params on a one-leaf tree, so the semantics are the library's),
+then jax.device_put with its final NamedSharding. The full-precision model never sits on an
+accelerator. Names and shapes are checked against the model before anything is placed; if a
+later step fails, what was placed is deleted before the error propagates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from jint8.errors import CheckpointFileError, InvalidConfigError, WeightsMismatchError
+from jint8.loading import gguf_file, msgpack_file, safetensors_file
+from jint8.loading.bnb_int8 import BnbInt8Settings, bnb_int8_settings, read_int8_kernel, split_bnb_records
+from jint8.loading.names import (
+    NameRules,
+    TensorTarget,
+    expected_tensors,
+    match_checkpoint_name,
+    stored_shape,
+    to_flax_layout,
+)
+from jint8.loading.records import TensorRecord, on_host
+from jint8.loading.sharding import bytes_per_device, check_max_memory, kernel_spec, scale_spec
+from jint8.models import config_from_hf, model_class_for
+from jint8.quantize import Int8Config, Int8Weight, quantize_params
+
+_logger = logging.getLogger("jint8")
+
+# model_type -> the family's name-map deviations (default: NameRules())
+NAME_RULES: dict[str, NameRules] = {
+    "gpt2": NameRules(
+        list_modules=("h",),
+        conv1d_modules=("c_attn", "c_proj", "c_fc"),
+        ignored=(r"\.attn\.bias$", r"\.attn\.masked_bias$"),  # causal-mask buffers of old checkpoints
+        optional_prefixes=("transformer.",),  # GPT2Model saves (the original "gpt2" files) lack it
+    ),
+}
+
+
+def _find_format(path: Path) -> tuple[str, Path]:
+    """("gguf" | "safetensors" | "msgpack", file or directory)."""
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise CheckpointFileError(f"{path}: a file path must be a .gguf file; pass a checkpoint directory otherwise")
+    if not path.is_dir():
+        raise CheckpointFileError(f"{path}: no such file or directory")
+    if (path / safetensors_file.INDEX_FILE).exists() or (path / safetensors_file.SINGLE_FILE).exists():
+        return "safetensors", path
+    if (path / msgpack_file.INDEX_FILE).exists() or (path / msgpack_file.SINGLE_FILE).exists():
+        return "msgpack", path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0]
+    if len(ggufs) > 1:
+        raise CheckpointFileError(f"{path}: holds several GGUF files {[g.name for g in ggufs]}; pass one file path")
+    pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
+    hint = f" (found pickle files {pickles}; jint8 does not unpickle: convert them to safetensors)" if pickles else ""
+    raise CheckpointFileError(f"{path}: no model.safetensors, index, flax_model.msgpack or .gguf file{hint}")
+
+
+def _hf_config(kind: str, location: Path):
+    if kind == "gguf":
+        return gguf_file.gguf_hf_config(location)
+    from transformers import AutoConfig
+
+    if not (location / "config.json").exists():
+        raise CheckpointFileError(f"{location}: no config.json")
+    try:
+        return AutoConfig.from_pretrained(os.fspath(location))
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointFileError(f"{location / 'config.json'}: {e}") from None
+
+
+def _records(kind: str, location: Path, hf_config, table) -> list[TensorRecord]:
+    if kind == "gguf":
+        return gguf_file.gguf_records(location, hf_config, table)
+    if kind == "msgpack":
+        return msgpack_file.msgpack_records(location)
+    return safetensors_file.safetensors_records(location)
+
+
+def _match(records, table: Mapping[str, TensorTarget], rules: NameRules, tied: bool):
+    """[(record, target)] for every expected tensor; WeightsMismatchError naming files and tensors."""
+    plan, seen, unknown, wrong_shape = [], {}, [], []
+    for record in records:
+        key = match_checkpoint_name(record.name, table, rules)
+        if key is None or (tied and record.name.endswith("lm_head.weight") and key not in table):
+            continue
+        if key not in table:
+            unknown.append(f"{record.stored_name!r} in {record.file}")
+            continue
+        target = table[key]
+        want = stored_shape(target, record.flax_layout, rules)
+        if record.shape is not None and tuple(record.shape) != want:
+            wrong_shape.append(f"{record.stored_name!r} in {record.file}: shape {record.shape}, model expects {want}")
+        seen[key] = record
+        plan.append((record, target))
+    missing = [name for name in table if name not in seen]
+    problems = []
+    if wrong_shape:
+        problems.append("shape mismatch: " + "; ".join(wrong_shape[:8]))
+    if missing:
+        problems.append(f"missing from the checkpoint: {missing[:8]}" + (" ..." if len(missing) > 8 else ""))
+    if unknown:
+        problems.append(f"unknown to the model: {unknown[:8]}" + (" ..." if len(unknown) > 8 else ""))
+    if problems:
+        raise WeightsMismatchError("checkpoint does not match the model built from its config: " + " | ".join(problems))
+    return plan
+
+
+def _quantized_shapes(shapes: dict, quantization: Optional[Int8Config]) -> dict:
+    """Flat {path: ShapeDtypeStruct | Int8Weight of ShapeDtypeStructs} after quantization."""
+    tree = unflatten_dict(shapes)
+    if quantization is not None:
+        tree = jax.eval_shape(lambda p: quantize_params(p, quantization), tree)
+    return flatten_dict(tree, is_leaf=lambda _, x: isinstance(x, Int8Weight))
+
+
+def _leaf_layout(path, leaf, mesh):
+    """[(shape, dtype, spec)] of the arrays one parameter becomes (qvalue + scale for int8)."""
+    if isinstance(leaf, Int8Weight):
+        spec = kernel_spec(path, leaf.qvalue.shape, mesh) if mesh else jax.sharding.PartitionSpec()
+        return [(leaf.qvalue.shape, leaf.qvalue.dtype, spec),
+                (leaf.scale.shape, leaf.scale.dtype, scale_spec(spec, leaf.in_ndim, leaf.qvalue.ndim))]
+    spec = kernel_spec(path, leaf.shape, mesh) if mesh else jax.sharding.PartitionSpec()
+    return [(leaf.shape, leaf.dtype, spec)]
+
+
+def _place(array, mesh, spec):
+    if mesh is None:
+        return jax.device_put(array)
+    return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadSettings:
+    rules: NameRules
+    dtype: Any
+    quantization: Optional[Int8Config]
+    mesh: Optional[jax.sharding.Mesh]
+    bnb: Optional[BnbInt8Settings]
+
+
+def _place_int8(weight: Int8Weight, layout, mesh) -> Int8Weight:
+    return weight.replace(qvalue=_place(weight.qvalue, mesh, layout[0][2]), scale=_place(weight.scale, mesh, layout[1][2]))
+
+
+def _bnb_weight(record: TensorRecord, scale: TensorRecord, target: TensorTarget, settings: _LoadSettings) -> Int8Weight:
+    """A bitsandbytes int8 kernel as it is; the LLM.int8() settings come from `quantization` if given."""
+    qvalue, col_scales = read_int8_kernel(record, scale)
+    if qvalue.shape != target.shape:
+        raise WeightsMismatchError(
+            f"{record.file}: tensor {record.stored_name!r} is {qvalue.shape} as a kernel, model expects {target.shape}")
+    config = settings.quantization or Int8Config(threshold=settings.bnb.threshold)
+    module_path = target.path[:-1]
+    return Int8Weight(qvalue, col_scales, 1, config.threshold_for(module_path), config.capacity_for(module_path))
+
+
+def _convert(record: TensorRecord, target: TensorTarget, planned, bnb_scale: Optional[TensorRecord],
+             settings: _LoadSettings):
+    """Read, lay out, quantize (host CPU) and place one tensor; returns the placed leaf."""
+    layout = _leaf_layout(target.path, planned, settings.mesh)
+    if bnb_scale is not None:
+        return _place_int8(_bnb_weight(record, bnb_scale, target, settings), layout, settings.mesh)
+    array = to_flax_layout(record.read(), target, record.flax_layout, settings.rules)
+    if tuple(array.shape) != target.shape:
+        raise WeightsMismatchError(
+            f"{record.file}: tensor {record.stored_name!r} has shape {tuple(array.shape)}, model expects {target.shape}"
+        )
+    if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
+        raise CheckpointFileError(f"{record.file}: tensor {record.stored_name!r} has non-float dtype {array.dtype}")
+    if isinstance(planned, Int8Weight):
+        with on_host():
+            one_leaf = unflatten_dict({target.path: jnp.asarray(array)})
+            weight = flatten_dict(quantize_params(one_leaf, settings.quantization),
+                                  is_leaf=lambda _, x: isinstance(x, Int8Weight))[target.path]
+        return _place_int8(weight, layout, settings.mesh)
+    return _place(np.asarray(array).astype(jnp.dtype(settings.dtype)), settings.mesh, layout[0][2])
+
+
+def _plan_bnb_kernels(planned: dict, bnb_scales: dict, table) -> None:
+    """Mark the kernels stored as bitsandbytes int8 as Int8Weight in the placement plan."""
+    for name in bnb_scales:
+        if name not in table:
+            record = bnb_scales[name]
+            raise WeightsMismatchError(f"{record.file}: {record.stored_name!r} belongs to no kernel of the model")
+        target = table[name]
+        planned[target.path] = Int8Weight(jax.ShapeDtypeStruct(target.shape, jnp.int8),
+                                          jax.ShapeDtypeStruct(target.shape[1:], jnp.float32))
+
+
+def _progress_bar(total: int, progress, description: str):
+    from tqdm.auto import tqdm
+
+    enabled = sys.stderr.isatty() if progress is None else bool(progress)
+    return tqdm(total=total, desc=description, unit="tensor", disable=not enabled)
+
+
+def _delete_placed(placed: dict) -> None:
+    for leaf in jax.tree.leaves(list(placed.values())):
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            leaf.delete()
+
+
+def from_pretrained(
+    path,
+    *,
+    quantization: Optional[Int8Config] = None,
+    dtype=jnp.bfloat16,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    max_memory: Optional[Mapping] = None,
+    progress: Optional[bool] = None,
+):
+    """Load a transformers checkpoint directory (safetensors, v4 Flax msgpack) or GGUF file.
+
+    bitsandbytes 8-bit checkpoints keep their int8 kernels as they are (threshold from the
+    checkpoint's llm_int8_threshold unless `quantization` is given).
+
+    Returns (model, params): model a jint8 Flax module (compute dtype `dtype`), params the
+    {"params": ...}-less parameter tree, int8 where `quantization` says so, placed on `mesh`
+    (column/row/vocab-parallel over its "model" axis) or on the default device.
+    max_memory: {device id: bytes or "20GiB"}, checked before anything is read.
+    progress: a tqdm bar over tensors (default: when stderr is a terminal).
+    """
+    if quantization is not None and not isinstance(quantization, Int8Config):
+        raise InvalidConfigError(f"quantization must be an Int8Config or None, got {type(quantization).__name__}")
+    kind, location = _find_format(Path(path))
+    hf_config = _hf_config(kind, location)
+    config = config_from_hf(hf_config, dtype)
+    model = model_class_for(hf_config)(config)
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    shapes = flatten_dict(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["params"])
+    rules = NAME_RULES.get(config.model_type, NameRules())
+    table = expected_tensors({p: tuple(s.shape) for p, s in shapes.items()}, rules)
+    records = _records(kind, location, hf_config, table)
+    bnb = bnb_int8_settings(hf_config) if kind == "safetensors" else None
+    records, bnb_scales = split_bnb_records(records) if bnb is not None else (records, {})
+    plan = _match(records, table, rules, config.tie_word_embeddings)
+
+    planned = _quantized_shapes(shapes, quantization)
+    _plan_bnb_kernels(planned, bnb_scales, table)
+    layout = [entry for p, leaf in planned.items() for entry in _leaf_layout(p, leaf, mesh)]
+    needed = bytes_per_device(layout, mesh)
+    check_max_memory(max_memory, needed, mesh)
+    _logger.info("loading %s (%s): %d tensors, %.3f GiB per device", location, kind, len(plan), needed / 2**30)
+
+    settings = _LoadSettings(rules, dtype, quantization, mesh, bnb)
+    placed: dict = {}
+    try:
+        with _progress_bar(len(plan), progress, f"loading {Path(path).name}") as bar:
+            for record, target in plan:
+                placed[target.path] = _convert(record, target, planned[target.path], bnb_scales.get(record.name),
+                                               settings)
+                bar.update(1)
+    except BaseException:
+        _delete_placed(placed)
+        raise
+    return model, unflatten_dict(placed)

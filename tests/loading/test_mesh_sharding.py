@@ -1,0 +1,85 @@
+"""Meshes: sharded loading on 8 fake CPU devices (in a subprocess: this process's jax already has
+one device) gives the unsharded logits; make_mesh and the sharding rules on their own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+from reference import require_module
+from tiny_checkpoints import save_checkpoint
+
+import jint8
+from jint8.errors import InvalidConfigError
+from jint8.loading import kernel_spec, parse_bytes, scale_spec
+
+SCRIPT = Path(__file__).with_name("sharded_loading_script.py")
+
+
+def test_sharded_logits_equal_unsharded_on_8_cpu_devices(tmp_path):
+    require_module("torch")
+    save_checkpoint("llama", tmp_path)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = Path(jint8.__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("OK")
+    assert "needs" in result.stdout
+
+
+class _FakeMesh:
+    shape = {"data": 1, "model": 4}
+
+
+@pytest.mark.parametrize(
+    "path, shape, expected",
+    [
+        (("model", "layers_0", "self_attn", "q_proj", "kernel"), (64, 64), P(None, "model")),
+        (("model", "layers_0", "self_attn", "q_proj", "bias"), (64,), P("model")),
+        (("model", "layers_0", "self_attn", "o_proj", "kernel"), (64, 64), P("model", None)),
+        (("model", "layers_0", "self_attn", "o_proj", "bias"), (64,), P(None)),
+        (("model", "layers_0", "mlp", "gate_proj", "kernel"), (64, 128), P(None, "model")),
+        (("model", "layers_0", "mlp", "down_proj", "kernel"), (128, 64), P("model", None)),
+        (("model", "embed_tokens", "embedding"), (256, 64), P("model", None)),
+        (("lm_head", "kernel"), (64, 256), P(None, "model")),
+        (("model", "norm", "scale"), (64,), P(None)),
+        (("model", "layers_0", "self_attn", "k_proj", "kernel"), (64, 6), P(None, None)),  # 6 % 4 != 0
+    ],
+)
+def test_sharding_rules(path, shape, expected):
+    assert kernel_spec(path, shape, _FakeMesh()) == expected
+
+
+def test_int8_scales_follow_the_output_axis():
+    assert scale_spec(P(None, "model"), 1, 2) == P("model")
+    assert scale_spec(P("model", None), 1, 2) == P(None)
+
+
+def test_make_mesh_names_axes_and_checks_device_count():
+    mesh = jint8.make_mesh()
+    assert mesh.axis_names == ("data", "model") and mesh.devices.size == len(jax.devices())
+    with pytest.raises(InvalidConfigError, match="needs 16 devices"):
+        jint8.make_mesh(data=2, model=8)
+
+
+def test_parse_bytes():
+    assert parse_bytes("20GiB") == 20 * 2**30 and parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes(7) == 7
+    with pytest.raises(InvalidConfigError, match="20 parsecs"):
+        parse_bytes("20 parsecs")
+
+
+def test_cache_spec_shards_batch_over_data_and_kv_heads_over_model():
+    from jint8.loading import cache_spec
+
+    class Mesh2x4:
+        shape = {"data": 2, "model": 4}
+
+    assert cache_spec(8, 4, Mesh2x4()) == P(None, "data", None, "model", None)
+    assert cache_spec(2, 3, Mesh2x4()) == P(None, None, None, None, None)
