@@ -6,8 +6,9 @@
         logits = model.apply({"params": qparams}, ids)
 """
 
-from jint8 import errors, ops
+from jint8 import errors, functional, ops
 from jint8.checkpoint import load_quantized, save_quantized
+from jint8.export import export_bitsandbytes
 from jint8.generation import GenerationConfig, generate
 from jint8.layers import Int8Dense, Int8Linear, intercept
 from jint8.loading import from_pretrained, make_mesh
@@ -31,6 +32,8 @@ __all__ = [
     "Int8Weight",
     "dequantize_params",
     "errors",
+    "export_bitsandbytes",
+    "functional",
     "from_pretrained",
     "generate",
     "int8_matmul",

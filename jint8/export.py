@@ -1,0 +1,157 @@
+"""Export jint8 int8 params as a transformers + bitsandbytes 8-bit checkpoint.
+
+The files are what transformers' save_pretrained writes for a `load_in_8bit` model, so
+`AutoModelForCausalLM.from_pretrained(out_dir)` loads them with bitsandbytes: per quantized
+Linear `<module>.weight` int8 [out, in] (Int8Weight.qvalue transposed; bitsandbytes' CB),
+`<module>.SCB` float32 [out] (the scale) and `<module>.weight_format` (uint8 0, row-major);
+every other tensor in the model's float dtype; config.json with a `quantization_config` block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+from jint8.errors import InvalidConfigError
+from jint8.loading.names import NameRules, expected_tensors, flax_path_to_hf
+from jint8.loading.pretrained import NAME_RULES
+from jint8.quantize import Int8Weight
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def hf_config_of(config):
+    """A transformers config for a jint8 Llama-family config (Llama, Mistral, Qwen2, Qwen3)."""
+    from transformers import AutoConfig
+
+    if config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+        raise InvalidConfigError(
+            f"export_bitsandbytes: pass hf_config= for model_type={config.model_type!r} "
+            "(only the Llama family's config is rebuilt automatically)"
+        )
+    rope = config.rope
+    fields = dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings, tie_word_embeddings=config.tie_word_embeddings,
+        hidden_act=config.hidden_act, rope_theta=rope.theta,
+    )
+    if config.model_type == "llama":
+        fields.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
+    if rope.rope_type == "llama3":
+        fields["rope_scaling"] = dict(rope_type="llama3", factor=rope.factor, low_freq_factor=rope.low_freq_factor,
+                                      high_freq_factor=rope.high_freq_factor,
+                                      original_max_position_embeddings=rope.original_max_position_embeddings)
+    if config.sliding_window is not None:
+        fields["sliding_window"] = config.sliding_window
+    return AutoConfig.for_model(config.model_type, **fields)
+
+
+def _tensors(params, rules: NameRules, float_dtype) -> dict[str, np.ndarray]:
+    """{transformers name: numpy array} in PyTorch layout."""
+    flat = flatten_dict(jax.device_get(params), is_leaf=lambda _, x: isinstance(x, Int8Weight))
+    table = expected_tensors({p: np.shape(x.qvalue if isinstance(x, Int8Weight) else x) for p, x in flat.items()}, rules)
+    transpose = {target.path: target.transpose for target in table.values()}
+    out = {}
+    for path, leaf in flat.items():
+        name = flax_path_to_hf(path, rules)
+        if isinstance(leaf, Int8Weight):
+            if leaf.qvalue.ndim != 2:
+                raise InvalidConfigError(f"export_bitsandbytes: {'/'.join(path)} is a {leaf.qvalue.ndim}-D int8 kernel; bitsandbytes stores 2-D Linear weights only")
+            prefix = name[: -len(".weight")]
+            out[name] = np.ascontiguousarray(np.asarray(leaf.qvalue).T)
+            out[prefix + ".SCB"] = np.asarray(leaf.scale, np.float32)
+            out[prefix + ".weight_format"] = np.zeros((), np.uint8)  # 0 = "row" in bitsandbytes
+        else:
+            array = np.asarray(leaf).astype(float_dtype)
+            out[name] = np.ascontiguousarray(array.T) if transpose[path] else array
+    return out
+
+
+def _save(tensors: dict[str, np.ndarray], path: Path) -> None:
+    # safetensors.flax handles bfloat16 (numpy's safetensors writer does not)
+    import jax.numpy as jnp
+    from safetensors.flax import save_file
+
+    save_file({k: jnp.asarray(v) for k, v in tensors.items()}, os.fspath(path), metadata={"format": "pt"})
+
+
+def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
+    shards, current, size = [], {}, 0
+    for name, array in tensors.items():
+        if current and size + array.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = array
+        size += array.nbytes
+    return shards + [current]
+
+
+def export_bitsandbytes(
+    model,
+    params,
+    out_dir,
+    *,
+    hf_config=None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path:
+    """Write params as a transformers+bitsandbytes 8-bit checkpoint directory; returns it.
+
+    Every int8 kernel must carry the same threshold (bitsandbytes has one llm_int8_threshold per
+    model); float kernels are listed in llm_int8_skip_modules. Shards above max_shard_bytes go
+    to model-0000i-of-0000n.safetensors with model.safetensors.index.json.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"export_bitsandbytes: {out} exists and is not empty (pass overwrite=True)")
+    config = model.config
+    hf_config = hf_config or hf_config_of(config)
+    rules = NAME_RULES.get(config.model_type, NameRules())
+    weights = [w for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight)) if isinstance(w, Int8Weight)]
+    if not weights:
+        raise InvalidConfigError("export_bitsandbytes: params hold no Int8Weight; quantize them first")
+    thresholds = {w.threshold for w in weights}
+    if len(thresholds) > 1:
+        raise InvalidConfigError(f"export_bitsandbytes: int8 kernels use several thresholds {sorted(thresholds)}; bitsandbytes has one")
+    float_dtype = np.dtype(jax.numpy.dtype(config.dtype))
+    tensors = _tensors(params, rules, float_dtype)
+    skipped = sorted({name.rsplit(".", 2)[-2] for name in tensors if name.endswith(".weight")
+                      and tensors[name].ndim == 2 and tensors[name].dtype != np.int8 and "embed" not in name})
+
+    out.mkdir(parents=True, exist_ok=True)
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        _save(shards[0], out / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _save(shard, out / filename)
+            weight_map.update({name: filename for name in shard})
+        total = int(sum(a.nbytes for a in tensors.values()))
+        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+    config_dict = hf_config.to_dict()
+    config_dict["torch_dtype"] = config_dict["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[float_dtype.name]
+    config_dict["quantization_config"] = {
+        "quant_method": "bitsandbytes",
+        "load_in_8bit": True,
+        "load_in_4bit": False,
+        "llm_int8_threshold": float(thresholds.pop()),
+        "llm_int8_skip_modules": skipped or None,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+    }
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
+    return out
+
+
+__all__ = ["export_bitsandbytes", "hf_config_of"]
