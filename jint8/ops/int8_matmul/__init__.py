@@ -16,6 +16,10 @@ from jint8.ops.int8_matmul.reference import (
     outlier_column_mask,
     quantize_rows,
 )
+from jint8.ops.int8_matmul import pallas_triton as _pallas_triton
+
+# GPU kernels ahead of the XLA reference; their unsupported_reason sends CPU calls on to "xla".
+register_backend(_pallas_triton.BACKEND, first=True)
 
 __all__ = [
     "BACKEND_ENV_VAR",

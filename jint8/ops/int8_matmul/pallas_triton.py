@@ -6,7 +6,7 @@ outlier column count and the static, zero-padded outlier index list (jnp.nonzero
 
 Per shape bucket the plan (configs.plan_for, tuned per GPU in data/*.json) picks the GEMM:
 "pallas" (the fused kernel) or "xla" (XLA's own int8 GEMM, our activation pass, the dequant
-epilogue fused by XLA, the outlier stream and its overflow cond from reference.py) where XLA's
+epilogue fused by XLA, the reference's outlier stream and its overflow lax.cond) where XLA's
 GEMM measured faster; benchmarks/NOTES_int8_matmul.md records which bucket uses which and why.
 """
 
@@ -27,10 +27,6 @@ from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows_unmasked
 BACKEND_NAME = "pallas_triton"
 
 
-def _padded_capacity(capacity: int) -> int:
-    return max(1, -(-capacity // OUTLIER_SLOT_MULTIPLE)) * OUTLIER_SLOT_MULTIPLE
-
-
 def int8_matmul_pallas(
     x: jax.Array,
     wq: jax.Array,
@@ -42,43 +38,43 @@ def int8_matmul_pallas(
     out_dtype=None,
     plan: Optional[KernelPlan] = None,
     interpret: bool = False,
+    poison_output: bool = False,
 ) -> tuple[jax.Array, reference.Int8MatmulStats]:
     """LLM.int8() matmul, x: [M, K] float, wq: [K, N] int8, col_scales: [N] f32 -> [M, N].
 
     plan: tiles and GEMM path; default: the tuned plan of the current GPU and this shape.
+      A plan whose gemm.weight_layout is "nk" takes wq transposed, [N, K] (K-major).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
+    poison_output: the GEMM writes into a NaN-filled buffer (GPU check: unwritten tiles show).
     """
     m, k = x.shape
-    n = wq.shape[1]
+    n = col_scales.shape[0]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if plan is None:
         plan = plan_for(jax.devices()[0].device_kind, m, k, n)
     return _int8_matmul_pallas(
         x, wq, col_scales, bias, threshold=float(threshold),
         outlier_capacity=int(outlier_capacity), out_dtype=out_dtype, plan=plan,
-        interpret=interpret,
+        interpret=interpret, poison_output=poison_output,
     )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("threshold", "outlier_capacity", "out_dtype", "plan", "interpret")
+    jax.jit,
+    static_argnames=("threshold", "outlier_capacity", "out_dtype", "plan", "interpret",
+                     "poison_output", "accumulator_only"),
 )
 def _int8_matmul_pallas(x, wq, col_scales, bias, *, threshold, outlier_capacity, out_dtype,
-                        plan, interpret):
-    k = x.shape[1]
+                        plan, interpret, poison_output=False, accumulator_only=False):
     xq, row_scales, col_flags = quantize_rows_unmasked(
         x, threshold=threshold, config=plan.quantize, interpret=interpret
     )
     col_mask = col_flags > 0
     num_outliers = jnp.sum(col_mask, dtype=jnp.int32)
-    has_outliers = threshold > 0 and outlier_capacity > 0
-    dense_fallback = outlier_capacity < k
     overflow = (num_outliers > outlier_capacity) if threshold > 0 else jnp.zeros((), bool)
     stats = reference.Int8MatmulStats(num_outliers, overflow)
 
-    if plan.gemm_path == "xla" or (threshold > 0 and outlier_capacity == 0):
-        # (capacity 0 leaves the kernel no outlier slot: every outlier batch takes the
-        # reference's dense cond branch, as in the reference.)
+    if plan.gemm_path == "xla" and not accumulator_only:
         y = _xla_gemm(x, xq, wq, row_scales, col_scales, bias, col_mask, threshold,
                       outlier_capacity)
         return y.astype(out_dtype), stats
@@ -91,12 +87,31 @@ def _int8_matmul_pallas(x, wq, col_scales, bias, *, threshold, outlier_capacity,
     valid = valid & (jnp.arange(slots_n) < outlier_capacity)
     y = int8_gemm(
         xq, wq, row_scales, col_scales,
-        jnp.zeros((wq.shape[1],), jnp.float32) if bias is None else bias, x,
+        jnp.zeros((col_scales.shape[0],), jnp.float32) if bias is None else bias, x,
         slots, valid.astype(jnp.int32), col_flags, overflow.astype(jnp.int32).reshape(1),
         config=plan.gemm, out_dtype=out_dtype, has_bias=bias is not None,
-        has_outliers=has_outliers, dense_fallback=dense_fallback, interpret=interpret,
+        has_outliers=threshold > 0, dense_fallback=outlier_capacity < x.shape[1],
+        accumulator_only=accumulator_only, poison_output=poison_output, interpret=interpret,
     )
     return y, stats
+
+
+def _padded_capacity(capacity: int) -> int:
+    """Outlier slots: the capacity rounded up to the int8 MMA's K step (at least one step)."""
+    return max(1, -(-capacity // OUTLIER_SLOT_MULTIPLE)) * OUTLIER_SLOT_MULTIPLE
+
+
+def int8_accumulator_pallas(x, wq, *, threshold: float, outlier_capacity: int,
+                            plan: KernelPlan, interpret: bool = False, poison_output=False):
+    """[M, N] int32 accumulator of the fused GEMM (checks): equals
+    reference.int8_dot(*reference.quantize_rows(x, threshold)[:1], wq) exactly."""
+    n = wq.shape[0] if plan.gemm.weight_layout == "nk" else wq.shape[1]
+    acc, _ = _int8_matmul_pallas(
+        x, wq, jnp.ones((n,), jnp.float32), None, threshold=float(threshold),
+        outlier_capacity=int(outlier_capacity), out_dtype=jnp.dtype(jnp.int32), plan=plan,
+        interpret=interpret, poison_output=poison_output, accumulator_only=True,
+    )
+    return acc
 
 
 def _xla_gemm(x, xq, wq, row_scales, col_scales, bias, col_mask, threshold, outlier_capacity):
@@ -104,9 +119,36 @@ def _xla_gemm(x, xq, wq, row_scales, col_scales, bias, col_mask, threshold, outl
     xq = jnp.where(col_mask[None, :], jnp.int8(0), xq)
     y = reference.dequantize_accumulator(reference.int8_dot(xq, wq), row_scales, col_scales, bias)
     if threshold > 0:
-        contribution, _ = reference.outlier_stream(x, wq, col_scales, col_mask, outlier_capacity)
-        y = y + contribution
+        y = y + _xla_outlier_stream(x, wq, col_scales, col_mask, outlier_capacity)
     return y
+
+
+def _xla_outlier_stream(x, wq, col_scales, col_mask, capacity):
+    """reference.outlier_stream, with its dense overflow dot accumulated exactly in float32.
+
+    On the H100, XLA's [M, K] x [K, N] bf16 dense fallback dot of the reference missed the
+    float64 bound by 180x (gpu_check, M=300 K=777 N=513, 40 outlier columns, capacity 16), so
+    that branch multiplies the same dtype-rounded operands as float32 at HIGHEST precision
+    (products of 16-bit values are exact in float32). The gathered branch, [M, C] x [C, N], is
+    the reference's and passed; float32 activations get HIGHEST precision everywhere (XLA's
+    default on an H100 is TF32).
+    """
+    if capacity >= x.shape[-1]:
+        with jax.default_matmul_precision("highest"):
+            return reference.outlier_stream(x, wq, col_scales, col_mask, capacity)[0]
+    num_outliers = jnp.sum(col_mask, dtype=jnp.int32)
+
+    def gathered(_):
+        with jax.default_matmul_precision("highest"):
+            return reference.outlier_stream(x, wq, col_scales, col_mask, capacity)[0]
+
+    def dense(_):
+        jax.debug.callback(reference._warn_overflow, num_outliers, capacity)
+        x_out = jnp.where(col_mask[None, :], x, 0).astype(x.dtype).astype(jnp.float32)
+        w_out = reference.dequantize_weight_rows(wq, col_scales, x.dtype).astype(jnp.float32)
+        return jnp.dot(x_out, w_out, precision=jax.lax.Precision.HIGHEST)
+
+    return jax.lax.cond(num_outliers > capacity, dense, gathered, None)
 
 
 def unsupported_reason(x: jax.Array, wq: jax.Array) -> Optional[str]:

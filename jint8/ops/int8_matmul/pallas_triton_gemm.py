@@ -10,9 +10,18 @@ One program computes out[block_m, block_n]:
   out   = y.astype(out_dtype)
 O is the static, zero-padded list of outlier columns (capacity C rounded up to 32, the int8 MMA's
 K step); the kernel gathers x[:, O], xq[:, O] and the C int8 weight rows itself, so no gathered
-copy and no int32 matrix touches HBM. If the batch has more outlier columns than the capacity,
-a flag read in the kernel switches the outlier terms to an exact dense sweep over all of K
-(columns selected by the [K] flags): the result stays exact to the recipe, no host sync needed.
+copy and no int32 matrix touches HBM, and the K loop stays a pure int8 dot that Triton
+pipelines. (Measured: doing the outlier work inside the K loop, in the steps that hold outlier
+columns, put a branch in the loop that stopped the pipelining: 1.4x slower at M = 1..16.)
+If the batch has more outlier columns than the capacity, a flag read in the kernel switches the
+outlier terms to an exact dense sweep over all of K (columns selected by the [K] flags): the
+result stays exact to the recipe with no lax.cond and no host sync per call.
+
+weight_layout="nk" takes the weight transposed, wt[N, K] (bitsandbytes' layout, K-major):
+Triton's int8 MMAs (wgmma) want both operands K-major, and with wq[K, N] they fall back to a
+slow path (measured 2-4x slower from M = 64 up; see benchmarks/NOTES_int8_matmul.md).
+swap_ab computes the transposed tile out.T = w_tile.T @ xq_tile.T (the weight becomes the A
+operand, which the MMA may take from registers in any layout); tried for the [K, N] layout.
 
 split_k > 1 (skinny M): program (tile, s) sums K steps [s*steps/S, (s+1)*steps/S); split 0 alone
 adds the correction, bias and outlier stream; the wrapper sums the float32 partials
@@ -50,7 +59,7 @@ def _tile_coordinates(m: int, n: int, config: Config):
 
 
 def _load(ref, rows, cols, row_ok, col_ok, other=0):
-    """Load ref[rows, cols] (rows, cols: 1-D index vectors), masked only where needed."""
+    """ref[rows, cols] for 1-D index vectors, masked only where a bound can be crossed."""
     mask = None
     if row_ok is not None and col_ok is not None:
         mask = row_ok[:, None] & col_ok[None, :]
@@ -69,25 +78,25 @@ def _load_vector(ref, index, ok):
     return plgpu.load(ref.at[index], mask=ok, other=0)
 
 
-def _dequantize_rows(w_int8, col_scales, dtype):
-    # reference.dequantize_weight_rows: float32 products, then one cast to the activation dtype.
-    return (w_int8.astype(jnp.float32) * col_scales[None, :] * INV_127).astype(dtype)
+def _dot(a, b, *, b_transposed: bool, out_dtype):
+    """a [m, k] @ b [k, n], or a @ b.T when b is given as [n, k]."""
+    dims = (((1,), (1,)), ((), ())) if b_transposed else (((1,), (0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
 
 
 def _gemm_kernel(
     xq_ref, w_ref, row_scales_ref, col_scales_ref, bias_ref, x_ref,
     slots_ref, slot_valid_ref, col_flags_ref, overflow_ref, o_ref,
     *, config: Config, has_bias: bool, has_outliers: bool, dense_fallback: bool,
+    accumulator_only: bool,
 ):
     m, k = xq_ref.shape
-    n = w_ref.shape[1]
+    nk_layout = config.weight_layout == "nk"
+    n = w_ref.shape[0] if nk_layout else w_ref.shape[1]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     pid_m, pid_n = _tile_coordinates(m, n, config)
     split = pl.program_id(1)
-    rows = pid_m * bm + jnp.arange(bm)
-    cols = pid_n * bn + jnp.arange(bn)
-    row_ok = rows < m if m % bm else None
-    col_ok = cols < n if n % bn else None
+    tile = _Tile(rows=pid_m * bm + jnp.arange(bm), cols=pid_n * bn + jnp.arange(bn), m=m, n=n)
 
     k_steps = pl.cdiv(k, bk)
     steps_per_split = pl.cdiv(k_steps, config.split_k)
@@ -97,18 +106,23 @@ def _gemm_kernel(
     def k_step(i, acc):
         ks = i * bk + jnp.arange(bk)
         k_ok = ks < k if k % bk else None
-        a = _load(xq_ref, rows, ks, row_ok, k_ok)
-        b = _load(w_ref, ks, cols, k_ok, col_ok)
-        return acc + jnp.dot(a, b, preferred_element_type=jnp.int32)
+        a = _load(xq_ref, tile.rows, ks, tile.row_ok, k_ok)
+        b = _load_weight(w_ref, ks, tile, k_ok, nk_layout)
+        if config.swap_ab:  # acc.T += w_tile.T @ xq_tile.T: the weight is the MMA's A operand
+            dims = (((1 if nk_layout else 0,), (1,)), ((), ()))
+            return acc + jax.lax.dot_general(b, a, dims, preferred_element_type=jnp.int32)
+        return acc + _dot(a, b, b_transposed=nk_layout, out_dtype=jnp.int32)
 
-    acc = jax.lax.fori_loop(first_step, last_step, k_step, jnp.zeros((bm, bn), jnp.int32))
+    acc_shape = (bn, bm) if config.swap_ab else (bm, bn)
+    acc = jax.lax.fori_loop(first_step, last_step, k_step, jnp.zeros(acc_shape, jnp.int32))
+    if config.swap_ab:
+        acc = acc.T
 
-    col_scales = _load_vector(col_scales_ref, cols, col_ok)
+    col_scales = _load_vector(col_scales_ref, tile.cols, tile.col_ok)
     if has_outliers:
         outlier_terms = functools.partial(
             _outlier_terms, xq_ref, w_ref, x_ref, slots_ref, slot_valid_ref, col_flags_ref,
-            overflow_ref, rows, cols, row_ok, col_ok, col_scales,
-            config=config, dense_fallback=dense_fallback,
+            overflow_ref, tile, col_scales, config=config, dense_fallback=dense_fallback,
         )
         zero_terms = lambda: (jnp.zeros((bm, bn), jnp.int32), jnp.zeros((bm, bn), jnp.float32))
         if config.split_k == 1:
@@ -117,41 +131,83 @@ def _gemm_kernel(
             correction, stream = jax.lax.cond(split == 0, outlier_terms, zero_terms)
         acc = acc - correction
 
-    row_scales = _load_vector(row_scales_ref, rows, row_ok)
+    mask = tile.store_mask()
+    if accumulator_only:  # checks only: this program's exact int32 xq[:, not O] @ wq
+        plgpu.store(o_ref.at[split, tile.rows[:, None], tile.cols[None, :]], acc, mask=mask)
+        return
+
+    row_scales = _load_vector(row_scales_ref, tile.rows, tile.row_ok)
     y = acc.astype(jnp.float32) * (row_scales[:, None] * col_scales[None, :]) * INV_127_SQ
     if has_bias:
-        bias = _load_vector(bias_ref, cols, col_ok).astype(jnp.float32)
+        bias = _load_vector(bias_ref, tile.cols, tile.col_ok).astype(jnp.float32)
         if config.split_k > 1:
             bias = jnp.where(split == 0, bias, 0.0)
         y = y + bias[None, :]
     if has_outliers:
         y = y + stream
-
-    mask = None
-    if row_ok is not None or col_ok is not None:
-        mask = (rows < m)[:, None] & (cols < n)[None, :]
     if config.split_k == 1:
-        plgpu.store(o_ref.at[rows[:, None], cols[None, :]], y.astype(o_ref.dtype), mask=mask)
+        plgpu.store(o_ref.at[tile.rows[:, None], tile.cols[None, :]], y.astype(o_ref.dtype),
+                    mask=mask)
     else:
-        plgpu.store(o_ref.at[split, rows[:, None], cols[None, :]], y, mask=mask)
+        plgpu.store(o_ref.at[split, tile.rows[:, None], tile.cols[None, :]], y, mask=mask)
+
+
+class _Tile:
+    """Output rows/cols of one program and their bound masks (None where no bound is crossed)."""
+
+    def __init__(self, *, rows, cols, m, n):
+        self.rows, self.cols, self.m, self.n = rows, cols, m, n
+        self.row_ok = rows < m if m % rows.shape[0] else None
+        self.col_ok = cols < n if n % cols.shape[0] else None
+
+    def store_mask(self):
+        if self.row_ok is None and self.col_ok is None:
+            return None
+        return (self.rows < self.m)[:, None] & (self.cols < self.n)[None, :]
+
+
+def _load_weight(w_ref, ks, tile, ks_ok, nk_layout):
+    """The [ks, cols] weight tile, as [bk, bn] ("kn") or [bn, bk] ("nk")."""
+    if nk_layout:
+        return _load(w_ref, tile.cols, ks, tile.col_ok, ks_ok)
+    return _load(w_ref, ks, tile.cols, ks_ok, tile.col_ok)
+
+
+def _dequantize(w_int8, col_scales, dtype, nk_layout):
+    # reference.dequantize_weight_rows: float32 products, then one cast to the activation dtype.
+    scales = col_scales[:, None] if nk_layout else col_scales[None, :]
+    return (w_int8.astype(jnp.float32) * scales * INV_127).astype(dtype)
+
+
+def _stream_dot(x_part, w_deq, nk_layout):
+    # float32 activations: full-precision FMA dot (jax 0.11's Triton lowering would use TF32).
+    # An explicit transpose of the small [bn, C] tile: XLA:CPU (interpret mode) rounded a
+    # bf16 dot contracting both minor dims to bf16 before the float32 output (seen in tests).
+    precision = jax.lax.Precision.HIGHEST if x_part.dtype == jnp.float32 else None
+    if nk_layout:
+        w_deq = w_deq.T
+    return jax.lax.dot_general(x_part, w_deq, (((1,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
 
 
 def _outlier_terms(
     xq_ref, w_ref, x_ref, slots_ref, slot_valid_ref, col_flags_ref, overflow_ref,
-    rows, cols, row_ok, col_ok, col_scales, *, config, dense_fallback,
+    tile, col_scales, *, config, dense_fallback,
 ):
     """(int32 correction, float32 outlier stream) of one output tile."""
+    nk_layout = config.weight_layout == "nk"
+    rows, row_ok = tile.rows, tile.row_ok
 
     def gathered():
-        slots = plgpu.load(slots_ref.at[jnp.arange(slots_ref.shape[0])])
-        valid = plgpu.load(slot_valid_ref.at[jnp.arange(slots_ref.shape[0])]) > 0
-        rows_valid = valid[None, :] if row_ok is None else row_ok[:, None] & valid[None, :]
-        xq_o = plgpu.load(xq_ref.at[rows[:, None], slots[None, :]], mask=rows_valid, other=0)
-        x_o = plgpu.load(x_ref.at[rows[:, None], slots[None, :]], mask=rows_valid, other=0)
-        w_o = _load(w_ref, slots, cols, valid, col_ok)
-        correction = jnp.dot(xq_o, w_o, preferred_element_type=jnp.int32)
-        w_deq = _dequantize_rows(w_o, col_scales, x_ref.dtype)
-        return correction, jnp.dot(x_o, w_deq, preferred_element_type=jnp.float32)
+        slot_index = jnp.arange(slots_ref.shape[0])
+        slots = plgpu.load(slots_ref.at[slot_index])
+        valid = plgpu.load(slot_valid_ref.at[slot_index]) > 0
+        xq_o = _load(xq_ref, rows, slots, row_ok, valid)
+        x_o = _load(x_ref, rows, slots, row_ok, valid)
+        w_o = _load_weight(w_ref, slots, tile, valid, nk_layout)
+        correction = _dot(xq_o, w_o, b_transposed=nk_layout, out_dtype=jnp.int32)
+        w_deq = _dequantize(w_o, col_scales, x_ref.dtype, nk_layout)
+        return correction, _stream_dot(x_o, w_deq, nk_layout)
 
     if not dense_fallback:
         return gathered()
@@ -167,10 +223,10 @@ def _outlier_terms(
             flagged = plgpu.load(col_flags_ref.at[ks], mask=ks < k, other=0) > 0
             xq = _load(xq_ref, rows, ks, row_ok, flagged)
             x = _load(x_ref, rows, ks, row_ok, flagged)
-            w = _load(w_ref, ks, cols, flagged, col_ok)
-            correction = correction + jnp.dot(xq, w, preferred_element_type=jnp.int32)
-            w_deq = _dequantize_rows(w, col_scales, x_ref.dtype)
-            return correction, stream + jnp.dot(x, w_deq, preferred_element_type=jnp.float32)
+            w = _load_weight(w_ref, ks, tile, flagged, nk_layout)
+            correction = correction + _dot(xq, w, b_transposed=nk_layout, out_dtype=jnp.int32)
+            w_deq = _dequantize(w, col_scales, x_ref.dtype, nk_layout)
+            return correction, stream + _stream_dot(x, w_deq, nk_layout)
 
         init = (jnp.zeros((bm, bn), jnp.int32), jnp.zeros((bm, bn), jnp.float32))
         return jax.lax.fori_loop(0, pl.cdiv(k, bk), k_step, init)
@@ -182,46 +238,71 @@ def _outlier_terms(
 @functools.partial(
     jax.jit,
     static_argnames=("config", "out_dtype", "has_bias", "has_outliers", "dense_fallback",
-                     "interpret"),
+                     "accumulator_only", "poison_output", "interpret"),
 )
 def int8_gemm(
-    xq, wq, row_scales, col_scales, bias, x, slots, slot_valid, col_flags, overflow,
+    xq, w, row_scales, col_scales, bias, x, slots, slot_valid, col_flags, overflow,
     *, config: Config, out_dtype, has_bias: bool, has_outliers: bool, dense_fallback: bool,
-    interpret: bool = False,
+    accumulator_only: bool = False, poison_output: bool = False, interpret: bool = False,
 ):
     """The fused GEMM.
 
     Args:
       xq: [M, K] int8 from the activation pass (outlier columns not yet zeroed).
-      wq: [K, N] int8; row_scales: [M] f32; col_scales: [N] f32; bias: [N] (read if has_bias).
+      w: [K, N] int8 (config.weight_layout "kn") or [N, K] ("nk").
+      row_scales: [M] f32; col_scales: [N] f32; bias: [N] (read only if has_bias).
       x: [M, K] the original activations (outlier stream and overflow sweep read them).
       slots: [Cp] int32 outlier column indices, Cp a multiple of 32; slot_valid: [Cp] int32.
       col_flags: [K] int32, nonzero on outlier columns; overflow: [1] int32, nonzero when the
         batch has more outlier columns than the capacity (then the dense sweep runs).
+      accumulator_only: return the int32 [M, N] accumulator xq[:, not O] @ wq instead (checks).
+      poison_output: start from a NaN-filled (int32: INT32_MIN) output buffer, aliased into the
+        kernel's output, so the GPU check sees any element the kernel did not write.
     Returns:
-      [M, N] out_dtype.
+      [M, N] out_dtype (int32 with accumulator_only).
     """
     m, k = xq.shape
-    n = wq.shape[1]
+    n = w.shape[0] if config.weight_layout == "nk" else w.shape[1]
     tiles = pl.cdiv(m, config.block_m) * pl.cdiv(n, config.block_n)
-    if config.split_k == 1:
+    if accumulator_only:
+        out_shape = jax.ShapeDtypeStruct((config.split_k, m, n), jnp.int32)
+    elif config.split_k == 1:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
     else:
         out_shape = jax.ShapeDtypeStruct((config.split_k, m, n), jnp.float32)
     kernel = functools.partial(
         _gemm_kernel, config=config, has_bias=has_bias, has_outliers=has_outliers,
-        dense_fallback=dense_fallback,
+        dense_fallback=dense_fallback, accumulator_only=accumulator_only,
     )
+    operands = [xq, w, row_scales, col_scales, bias, x, slots, slot_valid, col_flags, overflow]
+    aliases = {}
+    if poison_output:
+        poison = jnp.iinfo(jnp.int32).min if out_shape.dtype == jnp.int32 else jnp.nan
+        aliases = {len(operands): 0}
+        operands.append(jnp.full(out_shape.shape, poison, out_shape.dtype))
+        kernel = _ignoring_input(kernel, len(operands) - 1)
     out = pl.pallas_call(
         kernel,
         grid=(tiles, config.split_k),
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
         name="jint8_int8_gemm",
-    )(xq, wq, row_scales, col_scales, bias, x, slots, slot_valid, col_flags, overflow)
+    )(*operands)
+    if accumulator_only:
+        return out.sum(axis=0, dtype=jnp.int32)
     if config.split_k == 1:
         return out
     return out.sum(axis=0).astype(out_dtype)
+
+
+def _ignoring_input(kernel, index):
+    """The kernel with its aliased poison input dropped (the output ref is the same buffer)."""
+
+    def wrapped(*refs):
+        return kernel(*refs[:index], *refs[index + 1:])
+
+    return wrapped

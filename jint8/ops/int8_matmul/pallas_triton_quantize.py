@@ -1,6 +1,6 @@
 """Activation pass of LLM.int8() as one Pallas (Triton lowering) kernel: x[M, K] -> int8.
 
-Per row block, two sweeps over K:
+Per row block, two sweeps over K (one load when the row block fits one chunk):
   1. absmax of |x| over elements below the threshold (bitsandbytes' kInt8VectorQuant excludes
      outlier *elements*), and the outlier-column flags of this row block;
   2. xq = round_half_even(x * (127 / s_x)), outlier elements set to 0.
@@ -16,9 +16,11 @@ xq[:, O] @ wq[O, :] (the rows it gathers for the outlier stream anyway), which k
 inner loop a pure int8 dot. `quantize_rows` below applies the mask for callers that want
 reference.quantize_rows' exact outputs.
 
-Exact arithmetic on the GPU: Triton lowers f32 `/` to the approximate div.full.f32 and has no
-lowering for round-half-even, so the kernel uses `div.rn.f32` and `cvt.rni.f32.f32` through
-inline PTX; under interpret=True it uses jnp's (IEEE) division and round instead.
+Bit-equal to reference.quantize_rows on the same device: 127 / s is rounded as XLA rounds it
+there (_inverse_scale; neither XLA:GPU nor XLA:CPU gives the IEEE quotient, and bf16 inputs hit
+the exact ties x = s/2 where one ulp of 127/s flips the rounded value). Triton has
+no lowering for round-half-even, so the kernel uses PTX cvt.rni.f32.f32 (what XLA:GPU emits for
+jnp.round) through inline asm; under interpret=True, jnp.round.
 """
 
 from __future__ import annotations
@@ -34,19 +36,16 @@ from jax.experimental.pallas import triton as plgpu
 from jint8.ops.int8_matmul.configs import QuantizeConfig
 
 
-def exact_div(a: jax.Array, b: jax.Array, *, interpret: bool) -> jax.Array:
-    """IEEE round-to-nearest f32 a / b (what XLA computes), also on the Triton path."""
+def _inverse_scale(row_scale, *, interpret: bool):
+    """127 / s rounded exactly as XLA rounds reference.quantize_rows' `127.0 / s` there.
+
+    XLA:CPU's simplifier rewrites it as 127 * (1 / s) (two roundings), so interpret mode does
+    the same; on the GPU, Triton's f32 division (div.full.f32) gave XLA:GPU's values bit for bit
+    in every gpu_check case, while an IEEE div.rn.f32 did not.
+    """
     if interpret:
-        return a / b
-    a, b = jnp.broadcast_arrays(a.astype(jnp.float32), b.astype(jnp.float32))
-    (out,) = plgpu.elementwise_inline_asm(
-        "div.rn.f32 $0, $1, $2;",
-        args=[a, b],
-        constraints="=f,f,f",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-    )
-    return out
+        return 127.0 * (1.0 / row_scale)
+    return 127.0 / row_scale
 
 
 def round_half_even(a: jax.Array, *, interpret: bool) -> jax.Array:
@@ -102,33 +101,45 @@ def _quantize_kernel(
         )
         return cols, col_ok, mask, x.astype(jnp.float32)
 
-    def absmax_sweep(i, row_max):
-        cols, col_ok, _, x = load_chunk(i)
+    def absmax(x, cols, start):
+        """Row absmax of a chunk over its non-outlier elements; flags its outlier columns."""
         magnitude = jnp.abs(x)
         if threshold > 0:
             is_outlier = magnitude >= threshold
             magnitude = jnp.where(is_outlier, 0.0, magnitude)
             column_hit = jnp.max(is_outlier.astype(jnp.int32), axis=0)
-            _flag_columns(
-                flags_ref, i * config.block_cols, column_hit,
-                block_cols=config.block_cols, interpret=interpret,
-            )
-        return jnp.maximum(row_max, jnp.max(magnitude, axis=1))
+            _flag_columns(flags_ref, start, column_hit, block_cols=config.block_cols,
+                          interpret=interpret)
+        return jnp.max(magnitude, axis=1)
+
+    def quantize(x, cols, mask, row_max):
+        # reference.quantize_rows: inv = 127 / s, 0 for an all-zero (or all-outlier) row.
+        safe = jnp.where(row_max > 0, row_max, 1.0)
+        inv = jnp.where(row_max > 0, _inverse_scale(safe, interpret=interpret), 0.0)
+        q = round_half_even(x * inv[:, None], interpret=interpret)
+        if threshold > 0:
+            q = jnp.where(jnp.abs(x) >= threshold, 0.0, q)
+        plgpu.store(xq_ref.at[rows[:, None], cols[None, :]], q.astype(jnp.int8), mask=mask)
+
+    if num_chunks == 1:  # the whole row block fits one chunk: load it once
+        cols, _, mask, x = load_chunk(0)
+        row_max = absmax(x, cols, 0)
+        plgpu.store(scales_ref.at[rows], row_max, mask=row_ok)
+        quantize(x, cols, mask, row_max)
+        return
+
+    def absmax_sweep(i, row_max):
+        cols, _, _, x = load_chunk(i)
+        return jnp.maximum(row_max, absmax(x, cols, i * config.block_cols))
 
     row_max = jax.lax.fori_loop(
         0, num_chunks, absmax_sweep, jnp.zeros((config.block_rows,), jnp.float32)
     )
     plgpu.store(scales_ref.at[rows], row_max, mask=row_ok)
-    # reference.quantize_rows: inv = 127 / s, 0 for an all-zero (or all-outlier) row.
-    safe = jnp.where(row_max > 0, row_max, 1.0)
-    inv = jnp.where(row_max > 0, exact_div(jnp.full_like(safe, 127.0), safe, interpret=interpret), 0.0)
 
     def quantize_sweep(i, carry):
         cols, _, mask, x = load_chunk(i)
-        q = round_half_even(x * inv[:, None], interpret=interpret)
-        if threshold > 0:
-            q = jnp.where(jnp.abs(x) >= threshold, 0.0, q)
-        plgpu.store(xq_ref.at[rows[:, None], cols[None, :]], q.astype(jnp.int8), mask=mask)
+        quantize(x, cols, mask, row_max)
         return carry
 
     jax.lax.fori_loop(0, num_chunks, quantize_sweep, 0)

@@ -1,0 +1,173 @@
+"""Correctness of the Pallas int8 matmul kernels on a GPU: `python3 benchmarks/gpu_check.py`.
+
+Fresh random inputs every run (seed printed). For every shape (odd ones included):
+- the activation pass equals reference.quantize_rows (run by XLA on the same GPU) bit for bit;
+- the fused GEMM's int32 accumulator, written into an INT32_MIN-poisoned buffer, equals XLA's
+  int8 dot of the reference-quantized inputs bit for bit;
+- the whole op, its GEMM writing into a NaN-poisoned buffer, is finite everywhere and within
+  checks.output_error_bound of the recipe evaluated in float64 on the host;
+- the stats (outlier column count, overflow flag) equal the reference's.
+Exits 1 on any failure. `--quick` runs a subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jint8.ops.int8_matmul import checks, configs, reference  # noqa: E402
+from jint8.ops.int8_matmul.pallas_triton import (  # noqa: E402
+    _int8_matmul_pallas,
+    int8_accumulator_pallas,
+)
+from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows  # noqa: E402
+
+THRESHOLD = 6.0
+
+# (M, K, N): odd, tiny, tile-aligned, skinny and large.
+SHAPES_QUICK = [(1, 77, 45), (3, 200, 129), (16, 4096, 4096), (70, 512, 1000),
+                (256, 4096, 1024), (1024, 1024, 777)]
+SHAPES_FULL = SHAPES_QUICK + [(17, 1000, 333), (64, 4096, 14336), (1, 8192, 28672),
+                              (300, 1536, 2048), (4096, 4096, 4096), (33, 129, 4097)]
+
+
+def make_inputs(rng, m, k, n, dtype, num_outlier_cols, with_bias, extreme=False):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if extreme:  # |xq| = 127 everywhere and wq = 127: the largest exact sums the MMAs must hold
+        x = np.full((m, k), 1.5, np.float32)
+    cols = rng.choice(k, size=min(num_outlier_cols, k), replace=False)
+    rows = rng.integers(0, m, size=cols.size)
+    x[rows, cols] = rng.choice([-1.0, 1.0], cols.size) * rng.uniform(6.0, 40.0, cols.size)
+    wq = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
+    if extreme:
+        wq = np.full((k, n), 127, np.int8)
+    col_scales = rng.uniform(0.01, 2.0, size=n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    return (jnp.asarray(x, dtype), jnp.asarray(wq), jnp.asarray(col_scales),
+            None if bias is None else jnp.asarray(bias))
+
+
+def plans_to_check(m, k, n, table_only=False):
+    """The plan the GPU's table picks, plus the Pallas GEMM forced where the table says xla."""
+    plan = configs.plan_for(jax.devices()[0].device_kind, m, k, n)
+    plans = [plan]
+    if table_only:
+        return plans
+    if plan.gemm_path == "xla":
+        plans.append(configs.KernelPlan(quantize=plan.quantize, gemm=plan.gemm,
+                                        gemm_path="pallas"))
+    if plan.gemm.split_k == 1 and m <= 64:  # also exercise split-K on the skinny shapes
+        plans.append(configs.KernelPlan(
+            quantize=plan.quantize, gemm=dataclasses.replace(plan.gemm, split_k=2),
+            gemm_path="pallas"))
+    plans.append(configs.KernelPlan(quantize=plan.quantize, gemm_path="pallas",
+                                    gemm=dataclasses.replace(plan.gemm,
+                                                             swap_ab=not plan.gemm.swap_ab)))
+    # Both weight layouts, whatever the table picked.
+    other_layout = "nk" if plan.gemm.weight_layout == "kn" else "kn"
+    plans.append(configs.KernelPlan(quantize=plan.quantize, gemm_path="pallas",
+                                    gemm=dataclasses.replace(plan.gemm,
+                                                             weight_layout=other_layout)))
+    return plans
+
+
+def check_case(rng, m, k, n, dtype, num_outlier_cols, capacity, with_bias, failures,
+               interpret=False, extreme=False, table_only=False):
+    x, wq, col_scales, bias = make_inputs(rng, m, k, n, dtype, num_outlier_cols, with_bias,
+                                          extreme)
+    capacity = min(capacity, k)
+    label = (f"M={m} K={k} N={n} {jnp.dtype(dtype).name} outliers={num_outlier_cols} "
+             f"cap={capacity} bias={with_bias}")
+    ref_q = reference.quantize_rows(x, THRESHOLD)
+    y64, magnitude = checks.float64_recipe(x, wq, col_scales, bias, threshold=THRESHOLD)
+    ref_acc = np.asarray(reference.int8_dot(ref_q[0], wq))
+    _, ref_stats = reference.int8_matmul_reference(
+        x, wq, col_scales, bias, threshold=THRESHOLD, outlier_capacity=capacity)
+    num_outliers = int(ref_stats.num_outlier_columns)
+    for plan in plans_to_check(m, k, n, table_only):
+        tag = f"{label} {plan.gemm_path} {plan.gemm}"
+        got_q = quantize_rows(x, THRESHOLD, config=plan.quantize, interpret=interpret)
+        for name, got, want in zip(("xq", "row_scales", "col_mask"), got_q, ref_q):
+            if not np.array_equal(np.asarray(got), np.asarray(want)):
+                failures.append(f"{tag}: activation pass {name} differs from reference")
+        w = wq.T if plan.gemm.weight_layout == "nk" else wq
+        acc = int8_accumulator_pallas(x, w, threshold=THRESHOLD, outlier_capacity=capacity,
+                                      plan=plan, poison_output=True,
+                                      interpret=interpret)
+        if not np.array_equal(np.asarray(acc), ref_acc):
+            bad = int(np.sum(np.asarray(acc) != ref_acc))
+            failures.append(f"{tag}: int32 accumulator differs from XLA in {bad} elements")
+        y, stats = _int8_matmul_pallas(
+            x, w, col_scales, bias, threshold=THRESHOLD, outlier_capacity=capacity,
+            out_dtype=jnp.dtype(dtype), plan=plan, interpret=interpret, poison_output=True)
+        stream_terms = capacity + num_outliers + -(-k // plan.gemm.block_k)
+        ratio = checks.max_bound_violation(y, y64, magnitude, dtype, stream_terms=stream_terms,
+                                           split_k=plan.gemm.split_k)
+        if not ratio <= 1.0:
+            failures.append(f"{tag}: output error {ratio:.3g} x the bound (inf: non-finite)")
+        if (int(stats.num_outlier_columns), bool(stats.capacity_overflow)) != (
+                num_outliers, bool(ref_stats.capacity_overflow)):
+            failures.append(f"{tag}: stats {stats} != reference {ref_stats}")
+        rel = float(np.linalg.norm(np.asarray(y, np.float64) - y64) / np.linalg.norm(y64))
+        print(f"  ok? {ratio <= 1.0}  {tag}  err/bound={ratio:.3f}  rel_l2={rel:.2e}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tables", action="store_true",
+                        help="only the tuned table's plan per bucket, one shape per bucket")
+    parser.add_argument("--interpret", action="store_true",
+                        help="dry run of this script on CPU: tiny shapes, Pallas interpret mode")
+    args = parser.parse_args()
+    seed = int(time.time_ns() % 2**31)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; seed {seed}", flush=True)
+    rng = np.random.default_rng(seed)
+    failures: list[str] = []
+    scales = rng.uniform(1e-3, 100.0, 1 << 20).astype(np.float32)
+    on_device = np.asarray(jax.jit(lambda s: 127.0 / s)(jnp.asarray(scales)))
+    print(f"127/s: device f32 division differs from IEEE in "
+          f"{int(np.sum(on_device != np.float32(127.0) / scales))} of {scales.size}", flush=True)
+    shapes = SHAPES_QUICK if args.quick else SHAPES_FULL
+    case = functools.partial(check_case, rng, failures=failures, interpret=args.interpret)
+    start = time.time()
+    if args.tables:
+        table_case = functools.partial(case, table_only=True)
+        table_case(1, 4096, 1000, jnp.bfloat16, 8, 64, True)
+        table_case(16, 8192, 28672, jnp.bfloat16, 8, 64, False)
+        table_case(40, 1000, 333, jnp.float16, 8, 64, True)
+        table_case(256, 4096, 1024, jnp.bfloat16, 8, 64, False)
+        table_case(300, 777, 513, jnp.bfloat16, 40, 16, True)  # overflow
+        table_case(1024, 1024, 777, jnp.float32, 8, 64, False)
+    elif args.interpret:
+        case(3, 200, 129, jnp.bfloat16, 8, 64, True)
+        case(17, 100, 33, jnp.float32, 12, 4, False)
+    else:
+        for i, (m, k, n) in enumerate(shapes):
+            case(m, k, n, jnp.bfloat16, 8, 64, i % 2 == 0)  # outliers present
+        m, k, n = 70, 1000, 333
+        case(m, k, n, jnp.float16, 8, 64, True)
+        case(m, k, n, jnp.float32, 8, 64, False)
+        case(m, k, n, jnp.bfloat16, 0, 64, True)  # no outliers
+        case(16, 4096, 1000, jnp.bfloat16, 12, 4, False)  # capacity overflow
+        case(300, 777, 513, jnp.bfloat16, 40, 16, True)  # overflow, large M
+        case(64, 8192, 512, jnp.bfloat16, 0, 64, False, extreme=True)
+        case(64, 8192, 512, jnp.bfloat16, 3, 64, True, extreme=True)
+    print(f"{len(failures)} failures in {time.time() - start:.0f} s")
+    for failure in failures:
+        print("FAIL", failure)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

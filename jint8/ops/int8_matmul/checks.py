@@ -1,0 +1,66 @@
+"""Float64 evaluation of the LLM.int8() recipe and the error bound kernels are held to.
+
+Shared by tests/ops/test_int8_matmul_pallas.py (interpret mode, CPU) and benchmarks/gpu_check.py.
+
+The bound, per output element, against the recipe evaluated in float64 on the same quantized
+inputs (xq, s_x are exact: the tests check them bit for bit):
+  |y - y64| <= u_out * |y64| + (C + S + 8) * 2^-24 * T     (C: stream_terms, the float32 terms
+                                                            the outlier dot sums per element)
+where T = |acc * s_x * s_w / 127^2| + |bias| + sum_c |x[:, c] * w_deq[c, :]| is the sum of the
+magnitudes of every term, and
+- u_out is half an ulp of the output dtype relative to the value (2^-8 bf16, 2^-11 f16, 2^-24 f32):
+  the one final cast;
+- float32 work before it: acc -> f32 (acc < 127^2 K may exceed 2^24), two scale products,
+  the bias add, the stream add (5 roundings), split-K's S-term partial sum (S), and the
+  outlier stream's C-term float32 dot in some order ((C - 1) roundings); each rounding costs at
+  most 2^-24 of the magnitudes it touches, so (C + S + 8) * 2^-24 * T covers them with room.
+w_deq (the dequantized outlier weight rows in x.dtype) is formed identically in every
+implementation (float32 products, one cast), so it carries no error term.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+
+from jint8.ops.int8_matmul import reference
+
+_HALF_ULP = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}
+
+
+def float64_recipe(x, wq, col_scales, bias, *, threshold: float):
+    """(y64 [M, N] float64, T [M, N] magnitude sum) of the recipe on x's exact quantization."""
+    xq, row_scales, col_mask = (np.asarray(a) for a in reference.quantize_rows(x, threshold))
+    # int8 products summed in float64 are exact while |acc| < 2^53 (127^2 K is far below).
+    acc = xq.astype(np.float64) @ np.asarray(wq).astype(np.float64)
+    scale = np.asarray(row_scales, np.float64)[:, None] * np.asarray(col_scales, np.float64)[None]
+    main = acc * scale * float(np.float32(reference.INV_127_SQ))
+    y = main.copy()
+    magnitude = np.abs(main)
+    if bias is not None:
+        b = np.asarray(jnp.asarray(bias, jnp.float32), np.float64)[None, :]
+        y += b
+        magnitude += np.abs(b)
+    if threshold > 0 and col_mask.any():
+        cols = np.flatnonzero(col_mask)
+        w_deq = reference.dequantize_weight_rows(jnp.asarray(wq)[cols], col_scales, x.dtype)
+        w_deq = np.asarray(w_deq.astype(jnp.float32), np.float64)
+        x_o = np.asarray(jnp.asarray(x)[:, cols].astype(jnp.float32), np.float64)
+        y += x_o @ w_deq
+        magnitude += np.abs(x_o) @ np.abs(w_deq)
+    return y, magnitude
+
+
+def output_error_bound(y64, magnitude, out_dtype, *, stream_terms: int, split_k: int = 1):
+    """Elementwise bound on |y - y64| (module docstring)."""
+    u_out = _HALF_ULP[jnp.dtype(out_dtype).name]
+    return u_out * np.abs(y64) + (stream_terms + split_k + 8) * 2.0**-24 * magnitude
+
+
+def max_bound_violation(y, y64, magnitude, out_dtype, *, stream_terms: int, split_k: int = 1):
+    """max(|y - y64| / bound) over elements (<= 1 passes); inf if any element is not finite."""
+    y = np.asarray(jnp.asarray(y).astype(jnp.float32), np.float64)
+    if not np.all(np.isfinite(y)):
+        return float("inf")
+    bound = output_error_bound(y64, magnitude, out_dtype, stream_terms=stream_terms, split_k=split_k)
+    return float(np.max(np.abs(y - y64) / np.maximum(bound, 1e-30), initial=0.0))

@@ -1,0 +1,190 @@
+"""The Pallas (Triton lowering) int8 matmul kernels, run in Pallas interpret mode on the CPU.
+
+CI has no GPU: these tests exercise the kernels' logic (tiling, masking of odd shapes, split-K,
+the outlier correction and stream, the capacity-overflow sweep, both weight layouts) through
+`interpret=True`; benchmarks/gpu_check.py runs the same checks compiled on a GPU.
+Fresh random inputs per run; the seed is in every failure message.
+
+Held to (see jint8/ops/int8_matmul/checks.py for the derivation of the float bound):
+- the activation pass: equal to reference.quantize_rows bit for bit;
+- the GEMM's int32 accumulator: equal to reference.int8_dot on reference-quantized inputs;
+- the output: |y - y64| <= u_out |y64| + (C + S + 8) 2^-24 T against the recipe in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jint8.errors import BackendUnavailableError, InvalidConfigError
+from jint8.ops.int8_matmul import api, checks, configs, reference
+from jint8.ops.int8_matmul.pallas_triton import (
+    int8_accumulator_pallas,
+    int8_matmul_pallas,
+    unsupported_reason,
+)
+from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows
+
+THRESHOLD = 6.0
+SMALL_QUANT = configs.QuantizeConfig(block_rows=4, block_cols=64, num_warps=4)
+
+
+def _gemm(**overrides):
+    fields = dict(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
+    return configs.Config(**{**fields, **overrides})
+
+
+PLANS = {
+    "kn": configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm()),
+    "kn_split3": configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(split_k=3)),
+    "kn_swap_ab": configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(swap_ab=True)),
+    "nk": configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(weight_layout="nk", block_m=32)),
+}
+
+
+class _SeededRng:
+    """A numpy Generator that remembers its seed for failure messages."""
+
+    def __init__(self, seed):
+        self.seed_value = seed
+        self._generator = np.random.default_rng(seed)
+
+    def __getattr__(self, name):
+        return getattr(self._generator, name)
+
+
+@pytest.fixture
+def rng():
+    return _SeededRng(time.time_ns() % 2**31)
+
+
+def _inputs(rng, m, k, n, dtype, outlier_cols, bias=False):
+    """x [M, K] ~ N(0, 1) with `outlier_cols` columns holding one |x| in [6, 40] each."""
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    cols = rng.choice(k, size=outlier_cols, replace=False)
+    x[rng.integers(0, m, outlier_cols), cols] = rng.choice([-1, 1], outlier_cols) * rng.uniform(
+        6, 40, outlier_cols)
+    wq = rng.integers(-127, 128, (k, n), dtype=np.int8)
+    col_scales = rng.uniform(0.01, 2.0, n).astype(np.float32)
+    b = jnp.asarray(rng.standard_normal(n), jnp.float32) if bias else None
+    return jnp.asarray(x, dtype), jnp.asarray(wq), jnp.asarray(col_scales), b
+
+
+def _weight_for(plan, wq):
+    return wq.T if plan.gemm.weight_layout == "nk" else wq
+
+
+@pytest.mark.parametrize("m,k", [(1, 37), (3, 200), (70, 129)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("threshold", [THRESHOLD, 0.0])
+def test_activation_pass_equals_reference_quantize_rows(rng, m, k, dtype, threshold):
+    x, *_ = _inputs(rng, m, k, 1, dtype, outlier_cols=3)
+    config = configs.default_plan(m, k, 1).quantize  # whole rows (m <= 64) or 4-row chunks
+    got = quantize_rows(x, threshold, config=config, interpret=True)
+    want = reference.quantize_rows(x, threshold)
+    for name, g, w in zip(("xq", "row_scales", "col_mask"), got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w),
+                                      err_msg=f"{name}, seed {rng.seed_value}")
+
+
+def test_activation_pass_zero_and_all_outlier_rows_give_zero_not_nan(rng):
+    x = np.asarray(rng.standard_normal((4, 50)), np.float32)
+    x[1] = 0.0
+    x[2] = 10.0  # every element an outlier: s_x = 0
+    xq, row_scales, _ = quantize_rows(jnp.asarray(x), THRESHOLD, config=SMALL_QUANT,
+                                      interpret=True)
+    assert np.all(np.asarray(xq)[1:3] == 0) and np.all(np.asarray(row_scales)[1:3] == 0)
+
+
+@pytest.mark.parametrize("plan_name", sorted(PLANS))
+@pytest.mark.parametrize("m,k,n,outlier_cols,capacity", [
+    (1, 77, 45, 3, 8),       # odd K and N, M = 1
+    (3, 200, 129, 5, 64),
+    (70, 129, 33, 12, 4),    # capacity overflow: the in-kernel dense sweep
+])
+def test_int32_accumulator_equals_reference_int8_dot(rng, plan_name, m, k, n, outlier_cols,
+                                                      capacity):
+    plan = PLANS[plan_name]
+    x, wq, _, _ = _inputs(rng, m, k, n, jnp.bfloat16, outlier_cols)
+    acc = int8_accumulator_pallas(x, _weight_for(plan, wq), threshold=THRESHOLD,
+                                  outlier_capacity=capacity, plan=plan, interpret=True)
+    want = reference.int8_dot(reference.quantize_rows(x, THRESHOLD)[0], wq)
+    np.testing.assert_array_equal(np.asarray(acc), np.asarray(want),
+                                  err_msg=f"seed {rng.seed_value}")
+
+
+@pytest.mark.parametrize("m,k,n,dtype,outlier_cols,capacity,bias,plan_name", [
+    (1, 77, 45, jnp.bfloat16, 3, 64, True, "kn"),
+    (3, 200, 129, jnp.float16, 5, 64, False, "kn_split3"),
+    (70, 129, 33, jnp.float32, 4, 64, True, "kn"),
+    (16, 96, 64, jnp.bfloat16, 0, 64, False, "kn"),        # no outliers
+    (70, 129, 33, jnp.bfloat16, 12, 4, True, "kn"),         # capacity overflow
+    (3, 200, 129, jnp.bfloat16, 12, 4, False, "kn_split3"),  # overflow with split-K
+    (33, 100, 70, jnp.bfloat16, 5, 64, True, "nk"),
+    (5, 64, 40, jnp.float32, 5, 64, False, "kn_swap_ab"),
+])
+def test_output_within_derived_bound_of_float64_recipe(rng, m, k, n, dtype, outlier_cols,
+                                                       capacity, bias, plan_name):
+    plan = PLANS[plan_name]
+    x, wq, col_scales, b = _inputs(rng, m, k, n, dtype, outlier_cols, bias)
+    y, stats = int8_matmul_pallas(x, _weight_for(plan, wq), col_scales, b, threshold=THRESHOLD,
+                                  outlier_capacity=capacity, plan=plan, interpret=True)
+    _, want_stats = reference.int8_matmul_reference(x, wq, col_scales, b, threshold=THRESHOLD,
+                                                    outlier_capacity=capacity)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert int(stats.num_outlier_columns) == int(want_stats.num_outlier_columns)
+    assert bool(stats.capacity_overflow) == bool(want_stats.capacity_overflow)
+    y64, magnitude = checks.float64_recipe(x, wq, col_scales, b, threshold=THRESHOLD)
+    # Float terms the outlier dot sums per element: the slots, or on overflow every flagged
+    # column plus one partial per K step of the dense sweep.
+    stream_terms = capacity + outlier_cols + -(-k // plan.gemm.block_k)
+    ratio = checks.max_bound_violation(y, y64, magnitude, dtype, stream_terms=stream_terms,
+                                       split_k=plan.gemm.split_k)
+    assert ratio <= 1.0, f"error {ratio:.3g} x the bound, seed {rng.seed_value}"
+
+
+@pytest.mark.parametrize("dtype,outlier_cols,capacity", [
+    (jnp.float32, 4, 8), (jnp.bfloat16, 4, 8), (jnp.bfloat16, 12, 4)])  # last: overflow
+def test_xla_gemm_path_within_bound(rng, dtype, outlier_cols, capacity):
+    plan = dataclasses.replace(PLANS["kn"], gemm_path="xla")
+    x, wq, col_scales, b = _inputs(rng, 9, 100, 50, dtype, outlier_cols, bias=True)
+    y, stats = int8_matmul_pallas(x, wq, col_scales, b, threshold=THRESHOLD,
+                                  outlier_capacity=capacity, plan=plan, interpret=True)
+    assert bool(stats.capacity_overflow) == (outlier_cols > capacity)
+    y64, magnitude = checks.float64_recipe(x, wq, col_scales, b, threshold=THRESHOLD)
+    ratio = checks.max_bound_violation(y, y64, magnitude, dtype,
+                                       stream_terms=capacity + outlier_cols)
+    assert ratio <= 1.0, f"error {ratio:.3g} x the bound, seed {rng.seed_value}"
+
+
+def test_cpu_dispatch_falls_through_to_xla_and_refuses_forced_pallas():
+    x = jnp.ones((2, 8), jnp.float32)
+    wq = jnp.ones((8, 4), jnp.int8)
+    assert "not a GPU" in unsupported_reason(x, wq)
+    assert api.available_backends()[0] == "pallas_triton"
+    assert api.select_backend(x, wq).name == "xla"
+    with pytest.raises(BackendUnavailableError, match="not a GPU"):
+        api.int8_matmul(x, wq, jnp.ones((4,), jnp.float32), backend="pallas_triton")
+
+
+@pytest.mark.parametrize("field,value", [("block_m", 8), ("block_n", 48), ("block_k", 16),
+                                         ("num_warps", 3), ("num_stages", 0), ("split_k", 0),
+                                         ("weight_layout", "kk")])
+def test_config_rejects_bad_field_naming_it(field, value):
+    with pytest.raises(InvalidConfigError, match=field):
+        _gemm(**{field: value})
+
+
+def test_tuned_tables_load_and_unknown_gpus_get_the_default_plan():
+    for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        for layout in ("kn", "nk"):
+            for m in (1, 16, 64, 256, 4096):
+                plan = configs.plan_for(kind, m, 8192, 28672, weight_layout=layout)
+                assert plan.gemm.weight_layout == layout
+    assert configs.plan_for("Tesla T4", 3, 64, 64) == configs.default_plan(3, 64, 64)
+    # Too few output tiles: K is split (N=1024 gives 4 tiles of 256 columns at M=1).
+    assert configs.plan_for("NVIDIA H100 80GB HBM3", 1, 4096, 1024).gemm.split_k > 1
