@@ -16,15 +16,21 @@ from an assistant model (speculative decoding) or from n-gram matches in the seq
 every sequence shares one cache_index; that keeps greedy output identical to plain greedy and the
 sampled distribution unchanged (each emitted token is still the target's own choice given its
 prefix).
+
+With LLM.int8 weights the outlier columns are chosen per matmul over all its rows (as in
+bitsandbytes), so a sequence's int8 numerics depend on the rest of its batch and on the padding
+rows that batching and bucketing add; float models are batch-invariant up to rounding.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import itertools
 import math
 import threading
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -225,6 +231,7 @@ class _Controls:
     pad_id: jax.Array
     key: jax.Array
     sampling: SamplingParams
+    stream_id: jax.Array  # which registered stream callback receives this call's tokens
 
 
 @struct.dataclass
@@ -245,7 +252,10 @@ class _State:
 
 _trace_lock = threading.Lock()
 _trace_count = 0
-_stream_local = threading.local()
+# Stream callbacks of the calls in flight, by id. The compiled program names its callback by a
+# traced id because io_callback runs on a runtime thread (not the caller's) on accelerators.
+_streams: dict[int, tuple[StreamCallback, int]] = {}
+_stream_ids = itertools.count(1)
 
 
 def compile_count() -> int:
@@ -261,16 +271,27 @@ def clear_compiled_programs() -> None:
         _trace_count = 0
 
 
-def _stream_to_host(tokens, start, end) -> None:
-    callback = getattr(_stream_local, "callback", None)
-    start, end = int(start), min(int(end), _stream_local.max_new_tokens)
+def _stream_to_host(stream_id, tokens, start, end) -> None:
+    callback, max_new_tokens = _streams.get(int(stream_id), (None, 0))
+    start, end = int(start), min(int(end), max_new_tokens)
     if callback is not None and end > start:
         callback(np.asarray(tokens)[:, start:end])
 
 
-def _apply(model, params, ids, positions, cache, cache_index, kv_mask):
+def _apply(model, params, ids, positions, cache, cache_index, kv_mask, last_logits_only=False):
+    extra = {}
+    if last_logits_only and _accepts_logits_to_keep(type(model)):
+        # the prefill needs one position's logits, not [B, T, vocab] float32 (2 GiB at B=8,
+        # T=512, vocab 128256) nor the lm_head FLOPs of every prompt token
+        extra["logits_to_keep"] = 1
     return model.apply({"params": params}, ids, positions=positions, cache=cache,
-                       cache_index=cache_index, kv_mask=kv_mask)
+                       cache_index=cache_index, kv_mask=kv_mask, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_logits_to_keep(model_class) -> bool:
+    """Whether the model's __call__ takes transformers' `logits_to_keep` (last N positions)."""
+    return "logits_to_keep" in inspect.signature(model_class.__call__).parameters
 
 
 def _slot_range(length: int, start, stop) -> jax.Array:
@@ -314,7 +335,7 @@ def _lookup_drafts(tokens, valid, end, length: int, ngram_size: int):
 def _assistant_drafts(assistant_model, assistant_params, state, plen, slot, key, controls, plan):
     """K tokens from the assistant: one step over [previous, last] (re-writing the previous slot,
     which a fully accepted step never fed it), then K - 1 single-token steps.
-    Returns drafts [B, K], the assistant's filtered logits [B, K, V] and its cache."""
+    Returns drafts [B, K], the assistant's filtered logits [B, K, V] (V = 0 when greedy) and its cache."""
     k = plan.draft_length
     total = state.tokens.shape[1]
     pair = jax.lax.dynamic_slice_in_dim(state.tokens, slot - 1, 2, axis=1)
@@ -323,10 +344,13 @@ def _assistant_drafts(assistant_model, assistant_params, state, plen, slot, key,
     logits, cache = _apply(assistant_model, assistant_params, pair, positions, state.assistant_cache,
                            slot - 1, kv_mask)
     keys = jax.random.split(key, k)
+    # q, the assistant's filtered distributions, only matters to rejection sampling
+    vocab = logits.shape[-1] if plan.do_sample else 0
     first = choose_tokens(logits[:, 1], keys[0], controls.sampling, plan.do_sample)
     drafts = jnp.zeros((pair.shape[0], k), jnp.int32).at[:, 0].set(first)
-    draft_logits = jnp.zeros((pair.shape[0], k, logits.shape[-1]), jnp.float32)
-    draft_logits = draft_logits.at[:, 0].set(filter_logits(logits[:, 1], controls.sampling))
+    draft_logits = jnp.zeros((pair.shape[0], k, vocab), jnp.float32)
+    if plan.do_sample:
+        draft_logits = draft_logits.at[:, 0].set(filter_logits(logits[:, 1], controls.sampling))
 
     def step(i, carry):
         drafts, draft_logits, cache = carry
@@ -336,8 +360,9 @@ def _assistant_drafts(assistant_model, assistant_params, state, plen, slot, key,
                                     positions[:, 1:] + i, cache, slot + i, mask)
         new = choose_tokens(step_logits[:, 0], keys[i], controls.sampling, plan.do_sample)
         drafts = jax.lax.dynamic_update_index_in_dim(drafts, new, i, axis=1)
-        filtered = filter_logits(step_logits[:, 0], controls.sampling)
-        draft_logits = jax.lax.dynamic_update_index_in_dim(draft_logits, filtered, i, axis=1)
+        if plan.do_sample:
+            filtered = filter_logits(step_logits[:, 0], controls.sampling)
+            draft_logits = jax.lax.dynamic_update_index_in_dim(draft_logits, filtered, i, axis=1)
         return drafts, draft_logits, cache
 
     drafts, draft_logits, cache = jax.lax.fori_loop(1, k, step, (drafts, draft_logits, cache))
@@ -373,7 +398,7 @@ def _verify(target_logits, drafts, draft_count, draft_logits, key, controls, pla
     keep &= jnp.arange(k)[None, :] < draft_count[:, None]
     accepted = jnp.sum(jnp.cumprod(keep.astype(jnp.int32), axis=1), axis=1)
     offsets = jnp.arange(k + 1)[None, :]
-    padded_drafts = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
+    padded_drafts = jnp.concatenate([drafts, jnp.zeros_like(corrections[:, :1])], axis=1)
     emitted = jnp.where(offsets < accepted[:, None], padded_drafts, corrections)
     return emitted, accepted
 
@@ -424,12 +449,12 @@ def _decode_step(model, params, assistant_model, assistant_params, plen, control
     )
 
 
-def _maybe_stream(state: _State, prompt_slots: int, plan: _Plan, final: bool) -> _State:
+def _maybe_stream(state: _State, controls: _Controls, prompt_slots: int, plan: _Plan, final: bool) -> _State:
     if not plan.streaming:
         return state
 
     def flush(streamed):
-        io_callback(_stream_to_host, None, state.tokens[:, prompt_slots:], streamed,
+        io_callback(_stream_to_host, None, controls.stream_id, state.tokens[:, prompt_slots:], streamed,
                     state.num_written, ordered=True)
         return state.num_written
 
@@ -453,11 +478,13 @@ def _generation_program(model, params, assistant_model, assistant_params, input_
     plen = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
     kv_mask = jnp.zeros((b, total), bool).at[:, :prompt_slots].set(prompt_mask.astype(bool))
-    logits, cache = _apply(model, params, input_ids, positions, init_cache(model.config, b, total), 0, kv_mask)
+    logits, cache = _apply(model, params, input_ids, positions, init_cache(model.config, b, total), 0, kv_mask,
+                           last_logits_only=True)
     assistant_cache = None
     if plan.drafter == "assistant":
         _, assistant_cache = _apply(assistant_model, assistant_params, input_ids, positions,
-                                    init_cache(assistant_model.config, b, total), 0, kv_mask)
+                                    init_cache(assistant_model.config, b, total), 0, kv_mask,
+                                    last_logits_only=True)
     first = choose_tokens(logits[:, -1], jax.random.fold_in(controls.key, 0), controls.sampling, plan.do_sample)
     tokens = jnp.full((b, total), controls.pad_id, jnp.int32).at[:, :prompt_slots].set(input_ids)
     tokens = tokens.at[:, prompt_slots].set(first)
@@ -471,10 +498,10 @@ def _generation_program(model, params, assistant_model, assistant_params, input_
 
     def body(state):
         state = _decode_step(model, params, assistant_model, assistant_params, plen, controls, plan, state)
-        return _maybe_stream(state, prompt_slots, plan, final=False)
+        return _maybe_stream(state, controls, prompt_slots, plan, final=False)
 
     state = jax.lax.while_loop(keep_going, body, state)
-    state = _maybe_stream(state, prompt_slots, plan, final=True)
+    state = _maybe_stream(state, controls, prompt_slots, plan, final=True)
     return state.tokens, state.num_written, state.steps, state.accepted
 
 
@@ -599,14 +626,19 @@ def generate(
         pad_id=jnp.int32(pad_id),
         key=jax.random.key(config.seed),
         sampling=SamplingParams.from_config(config),
+        stream_id=jnp.int32(0),
     )
-    _stream_local.callback, _stream_local.max_new_tokens = stream, config.max_new_tokens
+    if stream is not None:
+        stream_id = next(_stream_ids) % 2**31
+        _streams[stream_id] = (stream, config.max_new_tokens)
+        controls = controls.replace(stream_id=jnp.int32(stream_id))
     try:
         tokens, num_written, steps, accepted = jax.block_until_ready(_generation_program(
             model, params, assistant_model, assistant_params, jnp.asarray(padded_ids),
             jnp.asarray(padded_mask), controls, plan))
     finally:
-        _stream_local.callback = None
+        if stream is not None:
+            _streams.pop(int(controls.stream_id), None)
     return _result(np.asarray(tokens), int(num_written), int(steps), int(accepted), ids, padded_length,
                    config, pad_id)
 

@@ -1,0 +1,324 @@
+"""End-to-end generation benchmark: a Llama-3-8B-shaped model with random weights, bf16 vs LLM.int8.
+
+    python3 benchmarks/bench_generate.py --layers 32                  # the real shape (one GPU)
+    python3 benchmarks/bench_generate.py --layers 32 --variants bf16 int8 hf-bf16 hf-compile bnb-int8
+    python3 benchmarks/bench_generate.py --layers 2 --hidden 256 --intermediate 512 --heads 4 \
+        --kv-heads 2 --vocab 1024 --prompt 64 --new-tokens 16         # a smoke run on CPU
+
+Weights are drawn directly on the device, leaf by leaf; int8 kernels are drawn as int8 values and
+float32 scales, so the bf16 model is never materialised for the int8 run. A few hidden features
+get a large RMSNorm weight (--outlier-features, --outlier-gain) so the activations entering the
+q/k/v/gate/up projections have outlier columns above the threshold: the LLM.int8() outlier stream
+is live, as in real checkpoints.
+
+Per variant and batch size: prefill time (a call with max_new_tokens=1: prefill + first token;
+for jint8 the same compiled program, as max_new_tokens is traced), decode tokens/s
+(B * (new_tokens - 1) decoded tokens over the full call's time minus the prefill call's; best of
+--repeats each), weight bytes and peak device memory. Each variant runs in its own process so
+its peak memory is its own. The hf-* / bnb-int8 baselines need torch, transformers and
+bitsandbytes; the same random-weight recipe and planted outliers are used there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+TORCH_VARIANTS = ("hf-bf16", "hf-compile", "bnb-int8")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    shape = parser.add_argument_group("model shape (default: Llama-3-8B)")
+    shape.add_argument("--layers", type=int, default=32)
+    shape.add_argument("--hidden", type=int, default=4096)
+    shape.add_argument("--intermediate", type=int, default=14336)
+    shape.add_argument("--heads", type=int, default=32)
+    shape.add_argument("--kv-heads", type=int, default=8)
+    shape.add_argument("--vocab", type=int, default=128256)
+    work = parser.add_argument_group("workload")
+    work.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    work.add_argument("--prompt", type=int, default=512, help="prompt tokens per sequence")
+    work.add_argument("--new-tokens", type=int, default=128)
+    work.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (best of)")
+    work.add_argument("--variants", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8", *TORCH_VARIANTS],
+                      help="jint8 bf16 / int8, and the PyTorch baselines: hf-bf16 (transformers eager), "
+                      "hf-compile (static cache + torch.compile), bnb-int8 (bitsandbytes LLM.int8, threshold)")
+    quant = parser.add_argument_group("LLM.int8")
+    quant.add_argument("--threshold", type=float, default=6.0)
+    quant.add_argument("--outlier-capacity", type=int, default=64)
+    quant.add_argument("--outlier-features", type=int, default=8, help="hidden features with outlier activations")
+    quant.add_argument("--outlier-gain", type=float, default=20.0, help="their RMSNorm weight")
+    quant.add_argument("--quantize-lm-head", action="store_true", help="int8 lm_head too (bitsandbytes skips it)")
+    parser.add_argument("--json", help="append one JSON line per measurement to this file")
+    parser.add_argument("--in-process", action="store_true", help="run all variants in this process")
+    return parser.parse_args(argv)
+
+
+def build_model(args, variant: str):
+    """(model, params) with random weights created on the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    import jint8
+    from jint8.models import LlamaConfig, LlamaForCausalLM, RopeConfig
+
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        rope=RopeConfig(theta=500000.0), dtype=jnp.bfloat16)
+    model = LlamaForCausalLM(config)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    if variant == "int8":
+        skip = () if args.quantize_lm_head else ("lm_head",)
+        quant = jint8.Int8Config(threshold=args.threshold, outlier_capacity=args.outlier_capacity, skip_modules=skip)
+        abstract = jax.eval_shape(lambda p: jint8.quantize_params(p, quant), abstract)
+
+    is_weight = lambda x: isinstance(x, jint8.Int8Weight)  # noqa: E731
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=is_weight)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    filled = [_random_leaf(path, leaf, key, args) for (path, leaf), key in zip(leaves, keys)]
+    return model, jax.tree_util.tree_unflatten(treedef, filled)
+
+
+def _weight_std(fan_in: int, args) -> float:
+    """Projection outputs get std ~0.5 whatever the planted features add, so only those features
+    cross the threshold (random weights would otherwise spread |x| >= 6 tail events over every
+    column of o_proj / down_proj at prefill sizes, which real checkpoints do not do)."""
+    energy = fan_in + args.outlier_features * (args.outlier_gain**2 - 1)
+    return 0.5 * energy**-0.5
+
+
+def _random_leaf(path, leaf, key, args):
+    import jax
+    import jax.numpy as jnp
+
+    import jint8
+
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if isinstance(leaf, jint8.Int8Weight):
+        # uniform int8 in [-127, 127] has std ~73.3: scale so the dequantized std is _weight_std
+        scale_value = 127.0 / 73.3 * _weight_std(leaf.qvalue.shape[0], args)
+
+        @jax.jit
+        def draw(key):
+            qkey, skey = jax.random.split(key)
+            qvalue = jax.random.randint(qkey, leaf.qvalue.shape, -127, 128, jnp.int32).astype(jnp.int8)
+            scale = scale_value * jax.random.uniform(skey, leaf.scale.shape, jnp.float32, 0.9, 1.1)
+            return qvalue, scale
+
+        qvalue, scale = draw(key)
+        return dataclasses.replace(leaf, qvalue=qvalue, scale=scale)
+    shape, dtype = leaf.shape, leaf.dtype
+    if name.endswith("scale"):  # RMSNorm weights: 1, with a few outlier features
+        gain = args.outlier_gain if ("layernorm" in name) else 1.0
+        weights = jnp.ones(shape, dtype).at[: args.outlier_features].set(gain)
+        return weights
+    std = 1.0 if "embed" in name else _weight_std(shape[0], args)
+
+    @jax.jit
+    def draw(key):
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    return draw(key)
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    """Best of `repeats` wall times: the least disturbed run (other processes only add time)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+class _OverflowCounter(logging.Filter):
+    """Counts jint8's outlier-capacity warnings and lets only the first one through."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "outlier_capacity" not in record.getMessage():
+            return True
+        self.count += 1
+        return self.count == 1
+
+
+def run_variant(args, variant: str) -> list[dict]:
+    import jax
+    import numpy as np
+
+    import jint8
+
+    overflows = _OverflowCounter()
+    logging.getLogger("jint8").addFilter(overflows)
+    device = jax.devices()[0]
+    model, params = build_model(args, variant)
+    jax.block_until_ready(params)
+    weight_bytes = jint8.param_bytes(params)
+    rows = []
+    for batch in args.batch:
+        prompt = np.random.default_rng(batch).integers(0, args.vocab, size=(batch, args.prompt), dtype=np.int32)
+        config = jint8.GenerationConfig(max_new_tokens=args.new_tokens, prompt_length_bucket=64,
+                                        new_tokens_bucket=64)
+        prefill_only = dataclasses.replace(config, max_new_tokens=1)
+        start = time.perf_counter()
+        jint8.generate(model, params, prompt, config=config)  # compiles; the prefill-only call reuses it
+        compile_seconds = time.perf_counter() - start
+        prefill = _best_seconds(lambda: jint8.generate(model, params, prompt, config=prefill_only), args.repeats)
+        full = _best_seconds(lambda: jint8.generate(model, params, prompt, config=config), args.repeats)
+        decode_tokens = batch * (args.new_tokens - 1)
+        stats = device.memory_stats() or {}
+        rows.append(dict(
+            variant=variant, batch=batch, prompt=args.prompt, new_tokens=args.new_tokens, layers=args.layers,
+            hidden=args.hidden, device=device.device_kind, platform=device.platform, jax=jax.__version__,
+            date=datetime.date.today().isoformat(), weight_gib=weight_bytes / 2**30,
+            compile_s=compile_seconds, prefill_ms=prefill * 1e3,
+            prefill_tokens_per_s=batch * args.prompt / prefill,
+            decode_tokens_per_s=decode_tokens / (full - prefill) if full > prefill else float("nan"),
+            total_s=full,
+            peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30 if stats else None,
+            threshold=args.threshold if variant == "int8" else None,
+            capacity_overflow_warnings=overflows.count,
+        ))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def build_torch_model(args, variant: str):
+    """The same shape and planted outlier features as a transformers LlamaForCausalLM (bf16)."""
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, _weight_std(module.in_features, args))
+            elif name.endswith("layernorm"):
+                module.weight.fill_(1.0)[: args.outlier_features] = args.outlier_gain
+        model.model.embed_tokens.weight.normal_(0.0, 1.0)
+    if variant == "bnb-int8":
+        import bitsandbytes as bnb
+
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear) and (child_name != "lm_head" or args.quantize_lm_head):
+                    layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False,
+                                                has_fp16_weights=False, threshold=args.threshold)
+                    layer.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False,
+                                                     has_fp16_weights=False)
+                    setattr(parent, child_name, layer.to(device).eval())  # quantizes on the move
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if variant == "hf-compile":
+        model.generation_config.cache_implementation = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    return model, device
+
+
+def run_torch_variant(args, variant: str) -> list[dict]:
+    import torch
+    import transformers
+
+    model, device = build_torch_model(args, variant)
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+    def timed(ids, new_tokens):
+        synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        synchronize()
+        return time.perf_counter() - start
+
+    rows = []
+    for batch in args.batch:
+        ids = torch.tensor(np.random.default_rng(batch).integers(0, args.vocab, size=(batch, args.prompt)),
+                           device=device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        timed(ids, args.new_tokens)
+        timed(ids, args.new_tokens)  # torch.compile's CUDA graphs record on a later call
+        compile_seconds = time.perf_counter() - start
+        prefill = min(timed(ids, 1) for _ in range(args.repeats))
+        full = min(timed(ids, args.new_tokens) for _ in range(args.repeats))
+        rows.append(dict(
+            variant=variant, batch=batch, prompt=args.prompt, new_tokens=args.new_tokens, layers=args.layers,
+            hidden=args.hidden, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            platform=device, jax=f"torch {torch.__version__}, transformers {transformers.__version__}",
+            date=datetime.date.today().isoformat(), weight_gib=weight_bytes / 2**30, compile_s=compile_seconds,
+            prefill_ms=prefill * 1e3, prefill_tokens_per_s=batch * args.prompt / prefill,
+            decode_tokens_per_s=batch * (args.new_tokens - 1) / (full - prefill) if full > prefill else float("nan"),
+            total_s=full, peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+            threshold=args.threshold if variant == "bnb-int8" else None,
+        ))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = ["| variant | batch | weights GiB | prefill ms | prefill tok/s | decode tok/s | peak GiB | software |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        software = r["jax"] if r["jax"].startswith("torch") else f"jint8, jax {r['jax']}"
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['weight_gib']:.3f} | {r['prefill_ms']:.1f} | "
+                     f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | {peak} | {software} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows: list[dict] = []
+    if args.in_process or len(args.variants) == 1:
+        for variant in args.variants:
+            rows += (run_torch_variant if variant in TORCH_VARIANTS else run_variant)(args, variant)
+    else:  # one process per variant: peak_bytes_in_use cannot be reset inside a process
+        base = list(argv if argv is not None else sys.argv[1:])
+        for variant in args.variants:
+            child = [sys.executable, os.path.abspath(__file__), *base, "--variants", variant, "--in-process"]
+            done = subprocess.run(child, stdout=subprocess.PIPE, text=True)
+            rows += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+            if done.returncode != 0:  # e.g. out of memory, or a baseline package missing: go on
+                print(f"variant {variant} failed with exit status {done.returncode}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    if rows:
+        r = rows[0]
+        print(f"\n{r['device']} ({r['platform']}), {r['date']}: {r['layers']} layers, hidden "
+              f"{r['hidden']}, prompt {r['prompt']}, {r['new_tokens']} new tokens, greedy")
+        print(_markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

