@@ -7,7 +7,6 @@
 """
 
 from jint8 import errors, functional, ops
-from jint8.checkpoint import load_quantized, save_quantized
 from jint8.export import export_bitsandbytes
 from jint8.generation import GenerationConfig, generate
 from jint8.layers import Int8Dense, Int8Linear, intercept
@@ -23,6 +22,15 @@ from jint8.quantize import (
 )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Orbax (and tensorstore) load on first use of the checkpoint API, not on `import jint8`.
+    if name in ("save_quantized", "load_quantized"):
+        from jint8 import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'jint8' has no attribute {name!r}")
 
 __all__ = [
     "GenerationConfig",

@@ -108,3 +108,21 @@ def test_registry_names_unknown_architecture():
 
     with pytest.raises(UnsupportedArchitectureError, match="'mamba'.*supported: .*llama"):
         model_class_for(Config())
+
+
+def test_logits_to_keep_returns_the_last_positions():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jint8.models import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=16, dtype=jnp.float32)
+    model = LlamaForCausalLM(config)
+    ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    params = model.init(jax.random.key(0), ids)["params"]
+    full, _ = model.apply({"params": params}, ids)
+    last, _ = model.apply({"params": params}, ids, logits_to_keep=2)
+    assert last.shape == (2, 2, 50)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -2:]), rtol=1e-6, atol=1e-6)
