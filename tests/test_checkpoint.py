@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jint8
+from reference import require_module
 from jint8 import checkpoint
 from jint8.checkpoint import is_jint8_checkpoint, load_metadata, load_quantized, save_quantized
 from jint8.errors import (
@@ -517,3 +518,21 @@ def test_quantize_checkpoint_of_a_real_llama_gives_identical_logits(tmp_path):
     before, _ = apply({"params": params}, ids)
     after, _ = apply({"params": restored}, ids)
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+
+
+def test_from_pretrained_recognises_a_jint8_checkpoint(tmp_path):
+    require_module("torch")
+    from models.tiny_checkpoints import random_ids, save_checkpoint
+
+    save_checkpoint("qwen2", tmp_path / "src")
+    config = jint8.Int8Config(min_size=16)
+    model, params = jint8.from_pretrained(tmp_path / "src", quantization=config, progress=False)
+    checkpoint.quantize_checkpoint(tmp_path / "src", tmp_path / "int8", quant_config=config, progress=False)
+    again_model, again = jint8.from_pretrained(tmp_path / "int8", progress=False)
+    assert again_model.config == model.config
+    assert_bit_identical(again, params)
+    ids = jnp.asarray(random_ids(2, 5))
+    np.testing.assert_array_equal(np.asarray(again_model.apply({"params": again}, ids)[0]),
+                                  np.asarray(model.apply({"params": params}, ids)[0]))
+    with pytest.raises(jint8.errors.InvalidConfigError, match="re-quantized"):
+        jint8.from_pretrained(tmp_path / "int8", quantization=jint8.Int8Config(threshold=3.0), progress=False)

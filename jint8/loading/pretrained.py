@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 import os
 import sys
 from pathlib import Path
@@ -238,6 +239,10 @@ def from_pretrained(
     """
     if quantization is not None and not isinstance(quantization, Int8Config):
         raise InvalidConfigError(f"quantization must be an Int8Config or None, got {type(quantization).__name__}")
+    from jint8 import checkpoint
+
+    if Path(path).is_dir() and checkpoint.is_jint8_checkpoint(path):
+        return _from_jint8_checkpoint(Path(path), quantization, mesh)
     kind, location = _find_format(Path(path))
     hf_config = _hf_config(kind, location)
     config = config_from_hf(hf_config, dtype)
@@ -270,3 +275,50 @@ def from_pretrained(
         _delete_placed(placed)
         raise
     return model, unflatten_dict(placed)
+
+
+def _model_config_from_dict(class_path: str, fields: dict, location: Path):
+    """Rebuild a jint8 model config dataclass from the JSON save_quantized wrote."""
+    import dataclasses
+    import importlib
+    import typing
+
+    module_name, _, class_name = (class_path or "").rpartition(".")
+    if not module_name.startswith("jint8.models"):
+        raise CheckpointFileError(f"{location}: model_config_class={class_path!r} is not a jint8 model config")
+    config_class = getattr(importlib.import_module(module_name), class_name)
+    hints = typing.get_type_hints(config_class)
+    values = {}
+    for field in dataclasses.fields(config_class):
+        if field.name not in fields:
+            continue
+        value, hint = fields[field.name], hints.get(field.name)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = hint(**value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        elif field.name == "dtype":
+            value = jnp.dtype(value)
+        values[field.name] = value
+    return config_class(**values)
+
+
+def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], mesh):
+    """A directory written by save_quantized: restore as saved (no re-quantization) onto mesh."""
+    from jint8 import checkpoint
+    from jint8.models import model_class_for
+
+    info = checkpoint.load_metadata(location)
+    if quantization is not None and quantization != info.quant_config:
+        raise InvalidConfigError(
+            f"{location} was quantized with {info.quant_config}; it cannot be re-quantized with {quantization} "
+            "(load it without quantization=, or quantize the original checkpoint)"
+        )
+    config = _model_config_from_dict(info.model_config_class, info.model_config or {}, location)
+    model = model_class_for(types.SimpleNamespace(model_type=config.model_type))(config)
+
+    def place(path, kernel):
+        return kernel_spec(tuple(str(p) for p in path), tuple(kernel.shape), mesh)
+
+    params, _ = checkpoint.load_quantized(location, mesh=mesh, shardings=place if mesh is not None else None)
+    return model, params

@@ -72,6 +72,17 @@ def main(directory, gpu: bool):
         assert np.max(np.abs(got_cached - expected)) <= 1e-5 * scale
         print(f"quantization={quantization is not None} mesh=({data},{model_axis}) "
               f"max|diff|={np.max(np.abs(got - expected)):.3g}")
+        if quantization is not None:
+            # a jint8 checkpoint (save_quantized) restores straight onto the same mesh layout
+            import tempfile
+
+            saved = os.path.join(tempfile.mkdtemp(), "int8")
+            jint8.save_quantized(saved, params, quant_config=quantization, model_config=model.config)
+            restored_model, restored = jint8.from_pretrained(saved, mesh=mesh, progress=False)
+            check_int8_layout(restored)
+            restored_logits, _ = logits_and_decode(restored_model, restored, ids, mesh)
+            assert np.max(np.abs(restored_logits - expected)) <= 1e-5 * scale
+            print("jint8 checkpoint restored onto the mesh")
     # a per-device budget that fits n-way sharding but not one device
     model, params = jint8.from_pretrained(directory, dtype=jnp.float32, progress=False)
     budget = {d.id: int(0.7 * jint8.param_bytes(params)) for d in jax.devices()}

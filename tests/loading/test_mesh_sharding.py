@@ -32,6 +32,7 @@ def test_sharded_logits_equal_unsharded_on_8_cpu_devices(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("OK")
     assert "needs" in result.stdout
+    assert "jint8 checkpoint restored onto the mesh" in result.stdout
 
 
 class _FakeMesh:
