@@ -3,6 +3,8 @@
     jint8 demo                                   # SmolLM2-135M-Instruct, bf16 vs int8, side by side
     jint8 generate --model PATH_OR_GGUF --prompt "Hello" [--quantize int8|none] ...
     jint8 quantize SRC OUT                       # write an int8 (Orbax) checkpoint
+    jint8 eval-ppl [--model ...] [--quantize none|int8|int8-no-outliers]   # perplexity
+    jint8 inspect [--model ...] [--prompts FILE]  # outlier features per layer, PNG heat-map
 
 Subcommands register through `register_command`, so other modules (inspect, eval-ppl) add theirs
 without touching the parser code. Heavy imports (jax, transformers) happen inside the commands so
@@ -324,6 +326,8 @@ class _OncePerMessage(logging.Filter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import jint8.cli_accuracy  # noqa: F401  (registers eval-ppl and inspect)
+
     parser = argparse.ArgumentParser(
         prog="jint8", description="LLM.int8() inference for JAX: int8 weights and activations with "
         "outlier decomposition.", epilog="Run `jint8 COMMAND --help` for a command's options.")

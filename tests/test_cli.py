@@ -41,11 +41,11 @@ def test_help_lists_every_command(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "generate", "quantize"):
+    for command in ("demo", "generate", "quantize", "eval-ppl", "inspect"):
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["generate", "quantize", "demo"])
+@pytest.mark.parametrize("command", ["generate", "quantize", "demo", "eval-ppl", "inspect"])
 def test_each_command_has_help(command, capsys):
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
@@ -128,3 +128,35 @@ def test_demo_runs_end_to_end(capsys):
     assert cli.main(["demo", "--max-new-tokens", "8", "--prompt", "What is 2 + 2?"]) == 0
     out = capsys.readouterr().out
     assert "[bf16]" in out and "[int8]" in out and "tok/s" in out
+
+
+def test_eval_ppl_prints_the_perplexity_of_the_python_api(tiny_checkpoint, tmp_path, capsys):
+    import re
+
+    import jax.numpy as jnp
+
+    import jint8
+    from jint8.evaluation import perplexity
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(WORDS[(7 * i) % len(WORDS)] for i in range(60)))
+    argv = ["eval-ppl", "--model", str(tiny_checkpoint), "--quantize", "none", "--dtype", "float32",
+            "--text", str(text), "--max-length", "32", "--stride", "16"]
+    assert cli.main(argv) == 0
+    printed = float(re.search(r"perplexity ([0-9.]+)", capsys.readouterr().out).group(1))
+    model, params = jint8.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    ids = jint8.loading.load_tokenizer(tiny_checkpoint)(text.read_text(), add_special_tokens=False)["input_ids"]
+    assert printed == pytest.approx(perplexity(model, params, ids, max_length=32, stride=16).perplexity, rel=1e-4)
+    assert cli.main(["eval-ppl", "--model", str(tiny_checkpoint), "--text", str(tmp_path / "nope.txt")]) == 2
+
+
+def test_inspect_prints_a_table_and_writes_a_png(tiny_checkpoint, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ca ce ci\nco cu ba be\n")
+    png = tmp_path / "map.png"
+    argv = ["inspect", "--model", str(tiny_checkpoint), "--dtype", "float32", "--prompts", str(prompts),
+            "--png", str(png), "--threshold", "0.5"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "self_attn/q_proj" in out and "mlp/down_proj" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
