@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
-
 import jax
 import numpy as np
 from flax.traverse_util import flatten_dict

@@ -233,6 +233,26 @@ def cached_attention(
     return dot_product_attention(q, keys, values, mask, scale=scale, logit_softcap=logit_softcap), cache
 
 
+def causal_lm_logits(backbone, lm_head, input_ids, positions, cache, cache_index, kv_mask, logits_to_keep=0):
+    """The shared body of every *ForCausalLM.__call__ -> (float32 logits, cache).
+
+    backbone(input_ids, positions, cache, cache_index, kv_mask) -> (hidden, cache), with
+    backbone.attend(hidden) for tied embeddings (lm_head None). logits_to_keep > 0 keeps the last
+    that many positions only (transformers' name): a prefill that needs one next token skips the
+    [B, T, vocab] head matmul.
+    """
+    b, t = input_ids.shape
+    if positions is None:
+        positions = default_positions(b, t, cache_index)
+    if cache is not None and cache_index is None:
+        cache_index = 0
+    hidden, cache = backbone(input_ids, positions, cache, cache_index, kv_mask)
+    if logits_to_keep:
+        hidden = hidden[:, -logits_to_keep:]
+    logits = backbone.attend(hidden) if lm_head is None else lm_head(hidden)
+    return logits.astype(jnp.float32), cache
+
+
 def default_positions(batch: int, num_tokens: int, cache_index=None) -> jax.Array:
     """[B, T] positions cache_index + t (0 + t without a cache)."""
     start = 0 if cache_index is None else cache_index

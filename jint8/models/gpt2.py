@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jint8.errors import InvalidConfigError, UnsupportedArchitectureError
 from jint8.layers import Int8Dense
-from jint8.models.common import KVCache, activation, cached_attention, default_positions
+from jint8.models.common import KVCache, activation, cached_attention, causal_lm_logits
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -150,12 +150,7 @@ class GPT2LMHeadModel(nn.Module):
                                      param_dtype=self.config.dtype)
 
     def __call__(self, input_ids, positions=None, cache: Optional[KVCache] = None, cache_index=None,
-                 kv_mask=None):
-        b, t = input_ids.shape
-        if positions is None:
-            positions = default_positions(b, t, cache_index)
-        if cache is not None and cache_index is None:
-            cache_index = 0
-        hidden, cache = self.transformer(input_ids, positions, cache, cache_index, kv_mask)
-        logits = self.transformer.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
-        return logits.astype(jnp.float32), cache
+                 kv_mask=None, logits_to_keep: int = 0):
+        lm_head = None if self.config.tie_word_embeddings else self.lm_head
+        return causal_lm_logits(self.transformer, lm_head, input_ids, positions, cache, cache_index, kv_mask,
+                                logits_to_keep)

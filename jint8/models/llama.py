@@ -23,7 +23,7 @@ from jint8.models.common import (
     activation,
     apply_rope,
     cached_attention,
-    default_positions,
+    causal_lm_logits,
     rope_inverse_frequencies,
 )
 
@@ -235,18 +235,9 @@ class LlamaForCausalLM(nn.Module):
 
     def __call__(self, input_ids, positions=None, cache: Optional[KVCache] = None, cache_index=None,
                  kv_mask=None, logits_to_keep: int = 0):
-        """logits_to_keep > 0: logits of the last that many positions only (transformers' name);
-        a prefill that needs one next token skips the [B, T, vocab] head matmul."""
-        b, t = input_ids.shape
-        if positions is None:
-            positions = default_positions(b, t, cache_index)
-        if cache is not None and cache_index is None:
-            cache_index = 0
-        hidden, cache = self.model(input_ids, positions, cache, cache_index, kv_mask)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
-        logits = logits.astype(jnp.float32)
+        lm_head = None if self.config.tie_word_embeddings else self.lm_head
+        logits, cache = causal_lm_logits(self.model, lm_head, input_ids, positions, cache, cache_index, kv_mask,
+                                         logits_to_keep)
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap
             logits = jnp.tanh(logits / cap) * cap
