@@ -26,6 +26,9 @@ def main(argv=None):
     parser.add_argument("--stride", type=int, default=256)
     parser.add_argument("--alphas", type=float, nargs="*", default=[8.0, 32.0, 128.0])
     parser.add_argument("--features", type=int, nargs="*", default=[17, 101, 333, 500])
+    parser.add_argument("--low-threshold", type=float, default=1.5)
+    parser.add_argument("--agreement-prompts", type=int, default=32)
+    parser.add_argument("--agreement-tokens", type=int, default=32)
     args = parser.parse_args(argv)
 
     path = smollm2_gguf_path()
@@ -47,6 +50,8 @@ def main(argv=None):
         rows["bf16"] = ppl(model16, params)
         rows["int8 t=6"] = ppl(model16, jint8.quantize_params(params, jint8.Int8Config(threshold=6.0)))
         rows["int8 no decomposition (t=0)"] = ppl(model16, jint8.quantize_params(params, jint8.Int8Config(threshold=0.0)))
+        low = jint8.Int8Config(threshold=args.low_threshold, outlier_capacity=256)
+        rows[f"int8 t={args.low_threshold:g}, capacity 256"] = ppl(model16, jint8.quantize_params(params, low))
         base = rows["bf16"][1]
         for name, (text, value) in rows.items():
             print(f"| {label} | {name} | {text} | {100 * (value / base - 1):+.2f} % |")
@@ -60,9 +65,40 @@ def main(argv=None):
         amplified = amplify_outlier_features(params16, args.features, alpha)
         variants(amplified, f"alpha={alpha:g} on features {args.features}")
 
+    greedy_agreement(args, tokenizer, model16, params16)
+
     layers = inspect_outliers(model16, jint8.quantize_params(params16, jint8.Int8Config()), [ids[:256]])
     natural = sum(len(layer.outlier_features) for layer in layers)
     print(f"\nnatural outlier columns (|x| >= 6) over all projections on 256 tokens: {natural}")
+
+
+def greedy_agreement(args, tokenizer, model, params):
+    """Greedy continuations of int8 vs bf16 on prompts cut from the evaluation text."""
+    import numpy as np
+
+    from pydoc_data import topics
+
+    texts = [topics.topics[k].strip().split("\n")[0][:200] for k in sorted(topics.topics)][: args.agreement_prompts]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"][:48] for t in texts]
+    config = jint8.GenerationConfig(max_new_tokens=args.agreement_tokens)
+
+    def continuations(p):
+        out = []
+        for ids in prompts:
+            r = jint8.generate(model, p, [ids], config=config)
+            out.append(np.asarray(r.sequences[0, len(ids): len(ids) + args.agreement_tokens]))
+        return out
+
+    reference = continuations(params)
+    print(f"\ngreedy agreement with bf16 over {len(prompts)} prompts x {args.agreement_tokens} tokens:")
+    for name, cfg in (("int8 t=6", jint8.Int8Config()),
+                      (f"int8 t={args.low_threshold:g}", jint8.Int8Config(threshold=args.low_threshold, outlier_capacity=256))):
+        got = continuations(jint8.quantize_params(params, cfg))
+        same_tokens = np.mean([np.mean(a == b) for a, b in zip(got, reference)])
+        prefix = np.mean([(np.argmin(a == b) if not np.all(a == b) else len(a)) for a, b in zip(got, reference)])
+        identical = sum(bool(np.all(a == b)) for a, b in zip(got, reference))
+        print(f"- {name}: {identical}/{len(prompts)} continuations identical, {100 * same_tokens:.1f} % of "
+              f"positions equal, mean identical prefix {prefix:.1f} tokens")
 
 
 if __name__ == "__main__":
