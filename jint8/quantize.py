@@ -192,7 +192,8 @@ class Int8Config:
         """
         options = bnb_config if isinstance(bnb_config, Mapping) else bnb_config.to_dict()
         method = options.get("quant_method", "bitsandbytes")
-        if str(method).lower().replace("_", "") not in ("bitsandbytes", "quantizationmethod.bitsandbytes"):
+        method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+        if str(method).lower().rsplit(".", 1)[-1] != "bitsandbytes":
             raise InvalidConfigError(f"quantization_config.quant_method={method!r} is not 'bitsandbytes'")
         if options.get("load_in_4bit"):
             raise InvalidConfigError(

@@ -8,36 +8,35 @@ qvalue = CB.T [in, out], scale = SCB; nothing is re-quantized.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import numpy as np
 
-from jint8.errors import CheckpointFileError
+from jint8.errors import CheckpointFileError, InvalidConfigError
+from jint8.quantize import Int8Config
 from jint8.loading.records import TensorRecord
 
 
-@dataclasses.dataclass(frozen=True)
-class BnbInt8Settings:
-    """The checkpoint's LLM.int8() threshold (llm_int8_threshold) for its int8 kernels."""
-
-    threshold: float
-
-
-def bnb_int8_settings(hf_config) -> Optional[BnbInt8Settings]:
-    """Settings when the config says the weights are bitsandbytes 8-bit, else None."""
+def bnb_int8_settings(hf_config) -> Optional[Int8Config]:
+    """The Int8Config of a transformers+bitsandbytes 8-bit checkpoint (Int8Config.from_bitsandbytes
+    of its quantization_config), None for an unquantized checkpoint; other methods are refused."""
     quant = getattr(hf_config, "quantization_config", None)
     if quant is None:
         return None
-    quant = quant if isinstance(quant, dict) else quant.to_dict()
-    if quant.get("quant_method") != "bitsandbytes":
-        return None
-    if not quant.get("load_in_8bit", quant.get("_load_in_8bit", False)):
+    quant = dict(quant if isinstance(quant, dict) else quant.to_dict())
+    method = quant.get("quant_method", "")
+    method = str(getattr(method, "value", method))  # transformers' QuantizationMethod enum
+    if method.lower().rsplit(".", 1)[-1] != "bitsandbytes":
         raise CheckpointFileError(
-            f"bitsandbytes checkpoint with {quant.get('bnb_4bit_quant_type', '4-bit')} weights: jint8 reads "
-            "only 8-bit (load_in_8bit) checkpoints"
+            f"config.json: quantization_config.quant_method={method!r}: jint8 reads float checkpoints and "
+            "bitsandbytes 8-bit ones only"
         )
-    return BnbInt8Settings(threshold=float(quant.get("llm_int8_threshold", 6.0)))
+    quant.setdefault("load_in_8bit", quant.get("_load_in_8bit", False))
+    quant.setdefault("load_in_4bit", quant.get("_load_in_4bit", False))
+    try:
+        return Int8Config.from_bitsandbytes(quant)
+    except InvalidConfigError as e:
+        raise CheckpointFileError(f"config.json: bitsandbytes checkpoint jint8 cannot read: {e}") from None
 
 
 def split_bnb_records(records: list[TensorRecord]) -> tuple[list[TensorRecord], dict[str, TensorRecord]]:

@@ -24,7 +24,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jint8.errors import CheckpointFileError, InvalidConfigError, WeightsMismatchError
 from jint8.loading import gguf_file, msgpack_file, safetensors_file
-from jint8.loading.bnb_int8 import BnbInt8Settings, bnb_int8_settings, read_int8_kernel, split_bnb_records
+from jint8.loading.bnb_int8 import bnb_int8_settings, read_int8_kernel, split_bnb_records
 from jint8.loading.names import (
     NameRules,
     TensorTarget,
@@ -153,7 +153,7 @@ class _LoadSettings:
     dtype: Any
     quantization: Optional[Int8Config]
     mesh: Optional[jax.sharding.Mesh]
-    bnb: Optional[BnbInt8Settings]
+    bnb: Optional[Int8Config]  # a bitsandbytes checkpoint's own settings
 
 
 def _place_int8(weight: Int8Weight, layout, mesh) -> Int8Weight:
@@ -166,7 +166,7 @@ def _bnb_weight(record: TensorRecord, scale: TensorRecord, target: TensorTarget,
     if qvalue.shape != target.shape:
         raise WeightsMismatchError(
             f"{record.file}: tensor {record.stored_name!r} is {qvalue.shape} as a kernel, model expects {target.shape}")
-    config = settings.quantization or Int8Config(threshold=settings.bnb.threshold)
+    config = settings.quantization or settings.bnb
     module_path = target.path[:-1]
     return Int8Weight(qvalue, col_scales, 1, config.threshold_for(module_path), config.capacity_for(module_path))
 

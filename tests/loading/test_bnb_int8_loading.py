@@ -59,3 +59,19 @@ def test_bnb_checkpoint_equals_jint8_quantization_of_the_float_checkpoint(float_
     # both quantize activations per row with threshold 6; differences are float summation order
     # and the 1/127 rounding of activations where the two paths round differently
     assert np.max(np.abs(logits_bnb - torch_logits(bnb_model, ids))) <= 5e-3 * scale  # measured 1.7e-3
+
+
+@pytest.mark.parametrize("quantization_config,message", [
+    ({"quant_method": "gptq", "bits": 4}, "quant_method='gptq'"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "4-bit"),
+])
+def test_other_quantization_methods_are_refused_naming_the_config(tmp_path, quantization_config, message):
+    import json
+
+    require_module("torch")
+    save_checkpoint("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(jint8.errors.CheckpointFileError, match=message):
+        jint8.from_pretrained(tmp_path, progress=False)
