@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -170,7 +171,7 @@ def _kernel_capacity(params, path: tuple[str, ...]) -> Optional[int]:
 def inspect_outliers(
     model: nn.Module, params, prompts: Sequence[Sequence[int]], *, threshold: float = 6.0
 ) -> list[LayerOutliers]:
-    """Per projection (in call order), the input features that reach `threshold` on the prompts."""
+    """Per projection (in parameter-path order), the input features that reach `threshold` on the prompts."""
     if threshold <= 0:
         raise InvalidConfigError(f"inspect_outliers: threshold={threshold} must be > 0")
 
@@ -224,17 +225,20 @@ def plot_outlier_heatmap(layers: Sequence[LayerOutliers], path: str, *, title: s
     width = max(layer.num_features for layer in layers)
     hidden = min(layer.num_features for layer in layers)
     chosen = [layer for layer in layers if layer.num_features == hidden] or list(layers)
+    # natural order: layers_2 before layers_10
+    chosen.sort(key=lambda layer: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", layer.path)])
     grid = np.stack([np.log10(layer.column_absmax.max(axis=0) + 1e-6) for layer in chosen])
-    fig, ax = plt.subplots(figsize=(12, max(3, 0.18 * len(chosen))))
+    fig, ax = plt.subplots(figsize=(12, min(10, max(3, 0.18 * len(chosen)))))
     image = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_xlabel(f"input feature (of {chosen[0].num_features})")
-    ax.set_ylabel("projection (call order)")
-    ax.set_yticks(range(len(chosen)))
-    ax.set_yticklabels([layer.path[-40:] for layer in chosen], fontsize=5)
+    ax.set_ylabel("projection")
+    step = max(1, len(chosen) // 40)
+    ax.set_yticks(range(0, len(chosen), step))
+    ax.set_yticklabels([layer.path[-40:] for layer in chosen[::step]], fontsize=6)
     ax.set_title(title or f"max |x| per input feature (threshold {chosen[0].threshold}); widest K={width}")
     fig.colorbar(image, ax=ax, label="log10 max |x|")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
