@@ -115,10 +115,22 @@ def gguf_hf_config(file: Path):
     """The transformers config transformers builds from the GGUF metadata."""
     from transformers import AutoConfig
 
+    _require_torch_for_gguf(file)
     try:
         return AutoConfig.from_pretrained(os.fspath(file.parent), gguf_file=file.name)
     except (ValueError, KeyError, OSError) as e:
         raise CheckpointFileError(f"{file}: cannot build a config from its GGUF metadata: {e}") from None
+
+
+def _require_torch_for_gguf(file: Path) -> None:
+    """transformers 5.x's GGUF metadata reader imports torch: say so instead of a lazy-import error."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise CheckpointFileError(
+            f"{file}: reading a GGUF config/tokenizer goes through transformers, whose GGUF reader needs "
+            "torch: `pip install torch` (the CPU build is enough; jint8 itself does not use it)"
+        )
 
 
 def load_tokenizer(path):
@@ -127,8 +139,10 @@ def load_tokenizer(path):
 
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
+        _require_torch_for_gguf(path)
         return AutoTokenizer.from_pretrained(os.fspath(path.parent), gguf_file=path.name)
     ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
     if ggufs and not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+        _require_torch_for_gguf(ggufs[0])
         return AutoTokenizer.from_pretrained(os.fspath(path), gguf_file=ggufs[0].name)
     return AutoTokenizer.from_pretrained(os.fspath(path))

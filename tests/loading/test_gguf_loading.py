@@ -118,3 +118,17 @@ def test_truncated_gguf_is_a_clear_error(tiny_llama, tmp_path):
     path.write_bytes(data[: len(data) - 4096])
     with pytest.raises(CheckpointFileError, match="tiny.gguf"):
         jint8.from_pretrained(path, dtype=jnp.float32, progress=False)
+
+
+def test_gguf_without_torch_says_torch_is_needed(tmp_path, monkeypatch):
+    import importlib.util
+
+    from jint8.errors import CheckpointFileError
+    from jint8.loading.gguf_file import gguf_hf_config
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(CheckpointFileError, match="m.gguf.*needs torch"):
+        gguf_hf_config(gguf)
