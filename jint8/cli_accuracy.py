@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jint8.cli import Command, CommandError, _dtype, register_command
+from jint8.cli import Command, CommandError, _dtype, _load, register_command
 
 QUANTIZE_CHOICES = ("none", "int8", "int8-no-outliers")
 
@@ -22,17 +22,14 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
 
 
-def _load(args: argparse.Namespace):
-    import jint8
+def _load_with_tokenizer(args: argparse.Namespace):
     from jint8.assets import smollm2_gguf_path
     from jint8.loading import load_tokenizer
 
     path = Path(args.model) if args.model else Path(smollm2_gguf_path())
-    quantization = None
-    if args.quantize != "none":
-        threshold = 0.0 if args.quantize == "int8-no-outliers" else args.threshold
-        quantization = jint8.Int8Config(threshold=threshold, outlier_capacity=args.outlier_capacity)
-    model, params = jint8.from_pretrained(path, quantization=quantization, dtype=_dtype(args.dtype))
+    threshold = 0.0 if args.quantize == "int8-no-outliers" else args.threshold
+    quantize = "none" if args.quantize == "none" else "int8"
+    model, params = _load(path, quantize, _dtype(args.dtype), threshold, args.outlier_capacity)
     return model, params, load_tokenizer(path), path
 
 
@@ -51,7 +48,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.text and not Path(args.text).is_file():
         raise CommandError(f"--text {args.text}: no such file")
     text = Path(args.text).read_text(encoding="utf-8") if args.text else default_eval_text()
-    model, params, tokenizer, path = _load(args)
+    model, params, tokenizer, path = _load_with_tokenizer(args)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]
     result = perplexity(model, params, ids, max_length=args.max_length, stride=args.stride)
     print(f"model {path.name} ({args.quantize}, {args.dtype}): perplexity {result.perplexity:.4f} "
@@ -73,7 +70,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         raise CommandError(f"--prompts {args.prompts}: no such file")
     prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()] if args.prompts else list(DEMO_PROMPTS)
     threshold = args.threshold if args.threshold > 0 else 6.0
-    model, params, tokenizer, path = _load(args)
+    model, params, tokenizer, path = _load_with_tokenizer(args)
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     layers = inspect_outliers(model, params, ids, threshold=threshold)
     print(format_outlier_table(layers))

@@ -8,14 +8,13 @@ Each shard is read whole (msgpack has no random access): peak host memory ~ one 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from jint8.errors import CheckpointFileError
-from jint8.loading.records import TensorRecord
+from jint8.loading.records import TensorRecord, read_weight_map
 
 SINGLE_FILE = "flax_model.msgpack"
 INDEX_FILE = "flax_model.msgpack.index.json"
@@ -59,10 +58,7 @@ def msgpack_records(directory: Path) -> list[TensorRecord]:
     cache = _ShardCache()
     index = directory / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointFileError(f"{index}: not a valid Flax msgpack index ({e})") from None
+        weight_map = read_weight_map(index, "Flax msgpack")
         entries = [(key, directory / file, None) for key, file in weight_map.items()]
         entries.sort(key=lambda e: os.fspath(e[1]))  # shard by shard
     else:

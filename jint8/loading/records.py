@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
+from pathlib import Path
 from typing import Callable
 
 import jax
 import numpy as np
+
+from jint8.errors import CheckpointFileError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,3 +48,11 @@ def on_host():
     """Context in which jnp work runs on the host CPU, so full-precision tensors stay off accelerators."""
     device = _host_cpu_device()
     return jax.default_device(device) if device is not None else contextlib.nullcontext()
+
+
+def read_weight_map(index: Path, kind: str) -> dict[str, str]:
+    """{tensor name: shard file} of a sharded checkpoint's index JSON (safetensors or msgpack)."""
+    try:
+        return json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointFileError(f"{index}: not a valid {kind} index ({e})") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from jint8.errors import CheckpointFileError
-from jint8.loading.records import TensorRecord, on_host
+from jint8.loading.records import TensorRecord, read_weight_map, on_host
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -22,10 +21,7 @@ def safetensors_files(directory: Path) -> list[Path]:
     """The checkpoint's files in index order (one file, or the shards named by the index)."""
     index = directory / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointFileError(f"{index}: not a valid safetensors index ({e})") from None
+        weight_map = read_weight_map(index, "safetensors")
         files = list(dict.fromkeys(weight_map.values()))
         missing = [f for f in files if not (directory / f).exists()]
         if missing:
