@@ -27,13 +27,14 @@ class Int8MatmulImpl(Protocol):
     def __call__(
         self,
         x: jax.Array,  # [M, K]
-        wq: jax.Array,  # [K, N] int8
+        wq: jax.Array,  # [K, N] int8 ("kn") or [N, K] ("nk")
         col_scales: jax.Array,  # [N] float32
         bias: Optional[jax.Array],  # [N]
         *,
         threshold: float,
         outlier_capacity: int,
         out_dtype,
+        weight_layout: str,
     ) -> tuple[jax.Array, Int8MatmulStats]: ...
 
 
@@ -93,6 +94,7 @@ def int8_matmul(
     threshold: float = 6.0,
     outlier_capacity: int = 64,
     out_dtype=None,
+    weight_layout: str = "kn",
     backend: Optional[str] = None,
     return_stats: bool = False,
 ):
@@ -100,18 +102,21 @@ def int8_matmul(
 
     Args:
       x: [..., K] float activations (f32, bf16 or f16).
-      wq: [K, N] int8 weight, quantized per output feature.
+      wq: int8 weight quantized per output feature: [K, N] (weight_layout="kn", Flax's kernel
+        layout) or [N, K] (weight_layout="nk", K-major: bitsandbytes' layout, and what
+        Int8Weight stores, because int8 tensor-core MMAs read both operands K-major).
       col_scales: [N] float32 absmax of each output feature of the weight.
       bias: optional [N].
       threshold: |x| >= threshold marks an outlier column (16-bit path); 0 disables it.
       outlier_capacity: static bound on gathered outlier columns; more fall back exactly.
       out_dtype: output dtype, default x.dtype.
+      weight_layout: "kn" or "nk", see wq.
       backend: "xla", a registered kernel name, or None (env JINT8_BACKEND, else first that fits).
       return_stats: also return Int8MatmulStats (outlier column count, overflow flag).
     Returns:
       [..., N] in out_dtype (and the stats when asked).
     """
-    _validate(x, wq, col_scales, bias, threshold, outlier_capacity)
+    _validate(x, wq, col_scales, bias, threshold, outlier_capacity, weight_layout)
     batch_shape = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     chosen = select_backend(x2d, wq, backend)
@@ -123,26 +128,32 @@ def int8_matmul(
         threshold=float(threshold),
         outlier_capacity=min(int(outlier_capacity), x.shape[-1]),
         out_dtype=out_dtype or x.dtype,
+        weight_layout=weight_layout,
     )
-    y = y.reshape(*batch_shape, wq.shape[1])
+    y = y.reshape(*batch_shape, col_scales.shape[0])
     return (y, stats) if return_stats else y
 
 
-def _validate(x, wq, col_scales, bias, threshold, outlier_capacity):
+def _validate(x, wq, col_scales, bias, threshold, outlier_capacity, weight_layout):
+    if weight_layout not in ("kn", "nk"):
+        raise InvalidConfigError(f"int8_matmul: weight_layout={weight_layout!r} must be 'kn' or 'nk'")
+    layout = "[K, N]" if weight_layout == "kn" else "[N, K]"
     if wq.ndim != 2:
-        raise ShapeError(f"int8_matmul: wq must be 2-D [K, N], got shape {wq.shape}")
+        raise ShapeError(f"int8_matmul: wq must be 2-D {layout}, got shape {wq.shape}")
     if wq.dtype != jnp.int8:
         raise ShapeError(f"int8_matmul: wq must be int8, got {wq.dtype}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ShapeError(f"int8_matmul: x must be floating point, got {x.dtype}")
-    if x.ndim < 1 or x.shape[-1] != wq.shape[0]:
-        raise ShapeError(f"int8_matmul: x.shape={x.shape} does not contract with wq.shape={wq.shape}")
-    if col_scales.shape != (wq.shape[1],):
+    k, n = wq.shape if weight_layout == "kn" else wq.shape[::-1]
+    if x.ndim < 1 or x.shape[-1] != k:
         raise ShapeError(
-            f"int8_matmul: col_scales.shape={col_scales.shape} must be ({wq.shape[1]},)"
+            f"int8_matmul: x.shape={x.shape} does not contract with wq.shape={wq.shape} "
+            f"(weight_layout={weight_layout!r}, wq is {layout})"
         )
-    if bias is not None and bias.shape != (wq.shape[1],):
-        raise ShapeError(f"int8_matmul: bias.shape={bias.shape} must be ({wq.shape[1]},)")
+    if col_scales.shape != (n,):
+        raise ShapeError(f"int8_matmul: col_scales.shape={col_scales.shape} must be ({n},)")
+    if bias is not None and bias.shape != (n,):
+        raise ShapeError(f"int8_matmul: bias.shape={bias.shape} must be ({n},)")
     if threshold < 0:
         raise InvalidConfigError(f"int8_matmul: threshold={threshold} must be >= 0")
     if outlier_capacity < 0:

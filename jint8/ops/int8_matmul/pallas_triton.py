@@ -36,14 +36,16 @@ def int8_matmul_pallas(
     threshold: float,
     outlier_capacity: int,
     out_dtype=None,
+    weight_layout: str = "kn",
     plan: Optional[KernelPlan] = None,
     interpret: bool = False,
     poison_output: bool = False,
 ) -> tuple[jax.Array, reference.Int8MatmulStats]:
     """LLM.int8() matmul, x: [M, K] float, wq: [K, N] int8, col_scales: [N] f32 -> [M, N].
 
-    plan: tiles and GEMM path; default: the tuned plan of the current GPU and this shape.
-      A plan whose gemm.weight_layout is "nk" takes wq transposed, [N, K] (K-major).
+    weight_layout: "kn" (wq[K, N]) or "nk" (wq[N, K], K-major, what Int8Weight stores).
+    plan: tiles and GEMM path; default: the tuned plan of the current GPU, this shape and
+      this weight layout. An explicit plan's gemm.weight_layout must equal weight_layout.
     interpret: run the Pallas kernels in interpret mode (CPU tests).
     poison_output: the GEMM writes into a NaN-filled buffer (GPU check: unwritten tiles show).
     """
@@ -51,7 +53,11 @@ def int8_matmul_pallas(
     n = col_scales.shape[0]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if plan is None:
-        plan = plan_for(jax.devices()[0].device_kind, m, k, n)
+        plan = plan_for(jax.devices()[0].device_kind, m, k, n, weight_layout)
+    elif plan.gemm.weight_layout != weight_layout:
+        raise ValueError(
+            f"plan.gemm.weight_layout={plan.gemm.weight_layout!r} != weight_layout={weight_layout!r}"
+        )
     return _int8_matmul_pallas(
         x, wq, col_scales, bias, threshold=float(threshold),
         outlier_capacity=int(outlier_capacity), out_dtype=out_dtype, plan=plan,
@@ -76,7 +82,7 @@ def _int8_matmul_pallas(x, wq, col_scales, bias, *, threshold, outlier_capacity,
 
     if plan.gemm_path == "xla" and not accumulator_only:
         y = _xla_gemm(x, xq, wq, row_scales, col_scales, bias, col_mask, threshold,
-                      outlier_capacity)
+                      outlier_capacity, plan.gemm.weight_layout)
         return y.astype(out_dtype), stats
 
     # Capacity overflow is handled inside the GEMM kernel (a flag it reads), so no lax.cond and
@@ -114,16 +120,18 @@ def int8_accumulator_pallas(x, wq, *, threshold: float, outlier_capacity: int,
     return acc
 
 
-def _xla_gemm(x, xq, wq, row_scales, col_scales, bias, col_mask, threshold, outlier_capacity):
+def _xla_gemm(x, xq, wq, row_scales, col_scales, bias, col_mask, threshold, outlier_capacity,
+              weight_layout):
     """XLA's int8 GEMM on our activation pass's output, then the reference's epilogue."""
     xq = jnp.where(col_mask[None, :], jnp.int8(0), xq)
-    y = reference.dequantize_accumulator(reference.int8_dot(xq, wq), row_scales, col_scales, bias)
+    acc = reference.int8_dot(xq, wq, weight_layout)
+    y = reference.dequantize_accumulator(acc, row_scales, col_scales, bias)
     if threshold > 0:
-        y = y + _xla_outlier_stream(x, wq, col_scales, col_mask, outlier_capacity)
+        y = y + _xla_outlier_stream(x, wq, col_scales, col_mask, outlier_capacity, weight_layout)
     return y
 
 
-def _xla_outlier_stream(x, wq, col_scales, col_mask, capacity):
+def _xla_outlier_stream(x, wq, col_scales, col_mask, capacity, weight_layout):
     """reference.outlier_stream, with its dense overflow dot accumulated exactly in float32.
 
     On the H100, XLA's [M, K] x [K, N] bf16 dense fallback dot of the reference missed the
@@ -135,17 +143,20 @@ def _xla_outlier_stream(x, wq, col_scales, col_mask, capacity):
     """
     if capacity >= x.shape[-1]:
         with jax.default_matmul_precision("highest"):
-            return reference.outlier_stream(x, wq, col_scales, col_mask, capacity)[0]
+            return reference.outlier_stream(
+                x, wq, col_scales, col_mask, capacity, weight_layout)[0]
     num_outliers = jnp.sum(col_mask, dtype=jnp.int32)
 
     def gathered(_):
         with jax.default_matmul_precision("highest"):
-            return reference.outlier_stream(x, wq, col_scales, col_mask, capacity)[0]
+            return reference.outlier_stream(
+                x, wq, col_scales, col_mask, capacity, weight_layout)[0]
 
     def dense(_):
         jax.debug.callback(reference._warn_overflow, num_outliers, capacity)
         x_out = jnp.where(col_mask[None, :], x, 0).astype(x.dtype).astype(jnp.float32)
-        w_out = reference.dequantize_weight_rows(wq, col_scales, x.dtype).astype(jnp.float32)
+        w_rows = reference.weight_rows(wq, None, weight_layout)
+        w_out = reference.dequantize_weight_rows(w_rows, col_scales, x.dtype).astype(jnp.float32)
         return jnp.dot(x_out, w_out, precision=jax.lax.Precision.HIGHEST)
 
     return jax.lax.cond(num_outliers > capacity, dense, gathered, None)

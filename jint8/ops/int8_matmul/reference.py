@@ -1,7 +1,8 @@
 """Plain jnp/XLA LLM.int8() matmul: the CPU path and the truth every kernel is held to.
 
 The recipe (bitsandbytes 0.45+, functional.py / backends/default/ops.py / csrc/kernels.cu),
-in Flax layout x[M, K] @ w[K, N]:
+written in Flax layout x[M, K] @ w[K, N] (every function also takes the K-major w[N, K],
+weight_layout="nk", which is what Int8Weight stores):
 
 1. outlier columns O = {k : any m has |x[m, k]| >= threshold}             (threshold > 0)
 2. row scale s_x[m] = max_k |x[m, k]| over elements below the threshold   (kInt8VectorQuant:
@@ -88,11 +89,16 @@ def quantize_rows(x: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array,
     return xq, row_scales, col_mask
 
 
-def int8_dot(xq: jax.Array, wq: jax.Array) -> jax.Array:
-    """[M, K] int8 @ [K, N] int8 -> [M, N] int32, exact."""
-    return jax.lax.dot_general(
-        xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
-    )
+def _contracting_axis(weight_layout: str) -> int:
+    if weight_layout not in ("kn", "nk"):
+        raise ValueError(f"weight_layout={weight_layout!r} must be 'kn' or 'nk'")
+    return 0 if weight_layout == "kn" else 1
+
+
+def int8_dot(xq: jax.Array, wq: jax.Array, weight_layout: str = "kn") -> jax.Array:
+    """[M, K] int8 @ [K, N] int8 (or [N, K] with weight_layout="nk") -> [M, N] int32, exact."""
+    dims = (((1,), (_contracting_axis(weight_layout),)), ((), ()))
+    return jax.lax.dot_general(xq, wq, dims, preferred_element_type=jnp.int32)
 
 
 def dequantize_accumulator(
@@ -110,6 +116,12 @@ def dequantize_weight_rows(wq: jax.Array, col_scales: jax.Array, dtype) -> jax.A
     return (wq.astype(jnp.float32) * col_scales[None, :] * INV_127).astype(dtype)
 
 
+def weight_rows(wq: jax.Array, indices: jax.Array | None, weight_layout: str) -> jax.Array:
+    """The weight's input-feature rows `indices` (all when None) as [C, N] int8, either layout."""
+    rows = wq if weight_layout == "kn" else wq.T
+    return rows if indices is None else jnp.take(rows, indices, axis=0)
+
+
 def outlier_columns(col_mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
     """Static-size list of outlier column indices: ([C] int32 indices, [C] bool valid)."""
     (indices,) = jnp.nonzero(col_mask, size=capacity, fill_value=0)
@@ -118,7 +130,12 @@ def outlier_columns(col_mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.
 
 
 def outlier_stream(
-    x: jax.Array, wq: jax.Array, col_scales: jax.Array, col_mask: jax.Array, capacity: int
+    x: jax.Array,
+    wq: jax.Array,
+    col_scales: jax.Array,
+    col_mask: jax.Array,
+    capacity: int,
+    weight_layout: str = "kn",
 ) -> tuple[jax.Array, jax.Array]:
     """x[:, O] @ dequant(wq[O, :]) accumulated in float32; exact whatever the size of O.
 
@@ -130,13 +147,13 @@ def outlier_stream(
     def gathered(_):
         indices, valid = outlier_columns(col_mask, capacity)
         x_out = jnp.where(valid[None, :], jnp.take(x, indices, axis=1), 0).astype(x.dtype)
-        w_out = dequantize_weight_rows(jnp.take(wq, indices, axis=0), col_scales, x.dtype)
+        w_out = dequantize_weight_rows(weight_rows(wq, indices, weight_layout), col_scales, x.dtype)
         return _dot_f32(x_out, w_out)
 
     def dense(_):
         jax.debug.callback(_warn_overflow, num_outliers, capacity)
         x_out = jnp.where(col_mask[None, :], x, 0).astype(x.dtype)
-        w_out = dequantize_weight_rows(wq, col_scales, x.dtype)
+        w_out = dequantize_weight_rows(weight_rows(wq, None, weight_layout), col_scales, x.dtype)
         return _dot_f32(x_out, w_out)
 
     if capacity >= x.shape[-1]:  # every column fits: no fallback needed
@@ -168,14 +185,18 @@ def int8_matmul_reference(
     threshold: float,
     outlier_capacity: int,
     out_dtype=None,
+    weight_layout: str = "kn",
 ) -> tuple[jax.Array, Int8MatmulStats]:
-    """LLM.int8() matmul, x: [M, K] float, wq: [K, N] int8, col_scales: [N] float32 -> [M, N]."""
+    """LLM.int8() matmul, x: [M, K] float, wq: [K, N] (or [N, K], "nk") int8, col_scales: [N]
+    float32 -> [M, N]."""
     out_dtype = out_dtype or x.dtype
     xq, row_scales, col_mask = quantize_rows(x, threshold)
-    y = dequantize_accumulator(int8_dot(xq, wq), row_scales, col_scales, bias)
+    y = dequantize_accumulator(int8_dot(xq, wq, weight_layout), row_scales, col_scales, bias)
     num_outliers = jnp.sum(col_mask, dtype=jnp.int32)
     overflow = jnp.zeros((), bool)
     if threshold > 0:
-        contribution, overflow = outlier_stream(x, wq, col_scales, col_mask, outlier_capacity)
+        contribution, overflow = outlier_stream(
+            x, wq, col_scales, col_mask, outlier_capacity, weight_layout
+        )
         y = y + contribution
     return y.astype(out_dtype), Int8MatmulStats(num_outliers, overflow)
