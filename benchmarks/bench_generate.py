@@ -62,6 +62,8 @@ def parse_args(argv=None):
     quant.add_argument("--outlier-features", type=int, default=8, help="hidden features with outlier activations")
     quant.add_argument("--outlier-gain", type=float, default=20.0, help="their RMSNorm weight")
     quant.add_argument("--quantize-lm-head", action="store_true", help="int8 lm_head too (bitsandbytes skips it)")
+    quant.add_argument("--quantize-embeddings", action="store_true",
+                       help="int8 embedding table too (Int8Config.quantize_embeddings)")
     parser.add_argument("--json", help="append one JSON line per measurement to this file")
     parser.add_argument("--in-process", action="store_true", help="run all variants in this process")
     return parser.parse_args(argv)
@@ -84,7 +86,8 @@ def build_model(args, variant: str):
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     if variant == "int8":
         skip = () if args.quantize_lm_head else ("lm_head",)
-        quant = jint8.Int8Config(threshold=args.threshold, outlier_capacity=args.outlier_capacity, skip_modules=skip)
+        quant = jint8.Int8Config(threshold=args.threshold, outlier_capacity=args.outlier_capacity, skip_modules=skip,
+                                 quantize_embeddings=args.quantize_embeddings)
         abstract = jax.eval_shape(lambda p: jint8.quantize_params(p, quant), abstract)
 
     is_weight = lambda x: isinstance(x, jint8.Int8Weight)  # noqa: E731
@@ -111,7 +114,9 @@ def _random_leaf(path, leaf, key, args):
     name = "/".join(str(getattr(k, "key", k)) for k in path)
     if isinstance(leaf, jint8.Int8Weight):
         # uniform int8 in [-127, 127] has std ~73.3: scale so the dequantized std is _weight_std
-        scale_value = 127.0 / 73.3 * _weight_std(leaf.qvalue.shape[0], args)
+        # leaf.shape is the float kernel's [in, out]; an int8 embedding table gets the float one's std 1
+        std = 1.0 if name.endswith("embedding") else _weight_std(leaf.shape[0], args)
+        scale_value = 127.0 / 73.3 * std
 
         @jax.jit
         def draw(key):

@@ -9,7 +9,7 @@
 from jint8 import errors, functional, ops
 from jint8.export import export_bitsandbytes
 from jint8.generation import GenerationConfig, generate
-from jint8.layers import Int8Dense, Int8Linear, intercept
+from jint8.layers import Int8Dense, Int8Embed, Int8Linear, intercept
 from jint8.loading import from_pretrained, make_mesh
 from jint8.ops import int8_matmul
 from jint8.quantize import (
@@ -36,6 +36,7 @@ __all__ = [
     "GenerationConfig",
     "Int8Config",
     "Int8Dense",
+    "Int8Embed",
     "Int8Linear",
     "Int8Weight",
     "dequantize_params",

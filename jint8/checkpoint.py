@@ -2,8 +2,9 @@
 
 One Orbax composite checkpoint directory holds two items:
   arrays/    a PyTree item (StandardCheckpointHandler) with every array leaf; an Int8Weight
-             kernel is stored as its own two arrays, <path>/qvalue (int8) and <path>/scale
-             (float32), so the bytes on disk are the int8 bytes plus the scales.
+             kernel is stored as its own two arrays, <path>/qvalue (int8, K-major
+             [*out, *in] as Int8Weight holds it) and <path>/scale (float32), so the bytes on
+             disk are the int8 bytes plus the scales.
   metadata/  a JSON item: format name and version, jint8 version, the Int8Config, the model
              config, the tree's kind (Linen dict, FrozenDict, nnx.State) and one record per leaf
              (path, shape, dtype, nnx Variable type, and an Int8Weight's static in_ndim,
@@ -48,12 +49,14 @@ from jint8.errors import (
     CheckpointVersionError,
     InvalidConfigError,
 )
-from jint8.quantize import Int8Config, Int8Weight, validate_int8_weight
+from jint8.quantize import Int8Config, Int8Weight, int8_weight_specs, validate_int8_weight
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "jint8-quantized"
-FORMAT_VERSION = 1  # bump when the layout changes; readers refuse versions above theirs
+# Bump when the layout changes; readers refuse versions above theirs. 2: qvalue K-major [*out, *in]
+# (version 1 stored the kernel's [*in, *out]; such checkpoints must be re-quantized).
+FORMAT_VERSION = 2
 _ARRAYS_ITEM, _METADATA_ITEM = "arrays", "metadata"
 _STAGING_MARK, _PREVIOUS_MARK = ".jint8-staging-", ".jint8-previous-"
 
@@ -104,11 +107,23 @@ class _Leaf:
         return "/".join(self.storage_path)
 
     @property
+    def scale_shape(self) -> tuple:
+        """An int8 kernel's scale: qvalue's leading (output) axes; shape is qvalue's [*out, *in]."""
+        return tuple(self.shape[: len(self.shape) - self.in_ndim])
+
+    @property
+    def kernel_shape(self) -> tuple:
+        """The float kernel an int8 leaf stands for, [*in, *out]; an array's own shape."""
+        if self.kind != "int8_weight":
+            return tuple(self.shape)
+        return tuple(self.shape[len(self.scale_shape) :]) + self.scale_shape
+
+    @property
     def nbytes(self) -> int:
         if self.kind == "empty":
             return 0
         size = math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
-        return size + (4 * math.prod(self.shape[self.in_ndim :]) if self.kind == "int8_weight" else 0)
+        return size + (4 * math.prod(self.scale_shape) if self.kind == "int8_weight" else 0)
 
 
 # ----------------------------------------------------------------------------- tree <-> storage
@@ -175,7 +190,7 @@ def _to_storage(params) -> tuple[str, list[_Leaf], dict]:
             continue
         if isinstance(value, Int8Weight):
             validate_int8_weight(value, name)
-            leaf = _Leaf(path, "int8_weight", value.shape, "int8", variable, int(value.in_ndim),
+            leaf = _Leaf(path, "int8_weight", tuple(value.qvalue.shape), "int8", variable, int(value.in_ndim),
                          float(value.threshold), int(value.outlier_capacity))  # fmt: skip
             stored = {"qvalue": value.qvalue, "scale": value.scale}
         elif isinstance(value, (jax.Array, np.ndarray, np.generic, int, float, bool)):
@@ -318,6 +333,12 @@ def _parse_metadata(raw, directory: str) -> tuple[CheckpointMetadata, list[_Leaf
             f"{directory}: written with format_version={version} by jint8 {raw.get('jint8_version')}; "
             f"jint8 {__version__} reads format versions <= {FORMAT_VERSION}: upgrade jint8"
         )
+    if version < 2:
+        raise CheckpointVersionError(
+            f"{directory}: format_version={version} (jint8 {raw.get('jint8_version')}) stored int8 kernels "
+            f"[in, out]; jint8 {__version__} keeps them K-major: quantize the original checkpoint again "
+            "(jint8 quantize SRC OUT)"
+        )
     missing = [k for k in ("tree_kind", "quant_config", "leaves") if k not in raw]
     if missing or raw["tree_kind"] not in ("dict", "frozen_dict", "nnx_state") or not isinstance(raw["leaves"], list):
         raise CheckpointFormatError(f"{directory}: metadata is incomplete (missing {missing}) or of unknown tree_kind")
@@ -340,17 +361,29 @@ def _parse_metadata(raw, directory: str) -> tuple[CheckpointMetadata, list[_Leaf
 # ----------------------------------------------------------------------------- target shardings
 
 
-def _derived_scale_sharding(sharding, in_ndim: int, name: str, directory: str):
-    """The scale [*out_shape] follows the kernel's output axes, as quantize_params places it."""
+def _trimmed(spec) -> jax.sharding.PartitionSpec:
+    spec = list(spec)
+    while spec and spec[-1] is None:  # P("model", None) -> P("model"): the same layout, one spelling
+        spec.pop()
+    return jax.sharding.PartitionSpec(*spec)
+
+
+def _int8_shardings_from_kernel(sharding, leaf: _Leaf, directory: str):
+    """(qvalue, scale) shardings from one sharding given for the float kernel [*in, *out]: the
+    same mesh axes on the same logical axes, in qvalue's K-major order, as quantize_params does."""
     if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = list(tuple(sharding.spec)[in_ndim:])
-        while spec and spec[-1] is None:  # P("model", None) -> P("model"): the same layout, one spelling
-            spec.pop()
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+        if len(tuple(sharding.spec)) > len(leaf.shape):
+            raise CheckpointMismatchError(
+                f"{directory}: {leaf.name}/qvalue: spec={tuple(sharding.spec)} has more axes than the "
+                f"saved kernel shape {leaf.kernel_shape}"
+            )
+        q_spec, s_spec = int8_weight_specs(sharding.spec, len(leaf.shape), leaf.in_ndim)
+        return (jax.sharding.NamedSharding(sharding.mesh, _trimmed(q_spec)),
+                jax.sharding.NamedSharding(sharding.mesh, _trimmed(s_spec)))  # fmt: skip
     if sharding.is_fully_replicated:
-        return sharding
+        return sharding, sharding
     raise CheckpointMismatchError(
-        f"{directory}: {name}: cannot derive the scale's sharding from {sharding}; "
+        f"{directory}: {leaf.name}: cannot derive the int8 arrays' shardings from {sharding}; "
         "pass Int8Weight(qvalue=<sharding>, scale=<sharding>) at this path"
     )
 
@@ -400,15 +433,16 @@ def _leaf_shardings(leaf: _Leaf, spec, mesh, default, directory: str) -> dict:
         sharding = _as_sharding(spec, mesh, default, leaf, directory)
         _check_fits(sharding, leaf.shape, leaf.name, directory)
         return {"": sharding}
-    if isinstance(spec, Int8Weight):  # explicit shardings for both arrays
+    if isinstance(spec, Int8Weight):  # explicit shardings for both stored arrays
         qvalue = _as_sharding(spec.qvalue, mesh, default, leaf, directory)
-        scale_leaf = dataclasses.replace(leaf, shape=leaf.shape[leaf.in_ndim :])
+        scale_leaf = dataclasses.replace(leaf, shape=leaf.scale_shape)
         scale = _as_sharding(spec.scale, mesh, default, scale_leaf, directory)
-    else:
-        qvalue = _as_sharding(spec, mesh, default, leaf, directory)
-        scale = _derived_scale_sharding(qvalue, leaf.in_ndim, leaf.name, directory)
+    else:  # one entry for the float kernel it stands for
+        kernel_leaf = dataclasses.replace(leaf, kind="array", shape=leaf.kernel_shape)
+        kernel = _as_sharding(spec, mesh, default, kernel_leaf, directory)
+        qvalue, scale = _int8_shardings_from_kernel(kernel, leaf, directory)
     _check_fits(qvalue, leaf.shape, leaf.name + "/qvalue", directory)
-    _check_fits(scale, leaf.shape[leaf.in_ndim :], leaf.name + "/scale", directory)
+    _check_fits(scale, leaf.scale_shape, leaf.name + "/scale", directory)
     return {"qvalue": qvalue, "scale": scale}
 
 
@@ -441,7 +475,7 @@ def _resolve_shardings(leaves: list[_Leaf], mesh, shardings, directory: str) -> 
     if shardings is None or isinstance(shardings, (jax.sharding.Sharding, jax.sharding.PartitionSpec)):
         specs = [shardings] * len(stored)
     elif callable(shardings) and not isinstance(shardings, Mapping):
-        specs = [shardings(leaf.path, jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(leaf.dtype))) for leaf in stored]
+        specs = [shardings(leaf.path, jax.ShapeDtypeStruct(leaf.kernel_shape, jnp.dtype(leaf.dtype))) for leaf in stored]
     else:
         targets = _flat_targets(shardings)
         saved = {leaf.storage_path for leaf in stored}
@@ -470,7 +504,7 @@ def _abstract_arrays(leaves: list[_Leaf], shardings: list[dict]) -> dict:
             sharding = next(placed)
             value = {
                 "qvalue": jax.ShapeDtypeStruct(leaf.shape, jnp.int8, sharding=sharding["qvalue"]),
-                "scale": jax.ShapeDtypeStruct(leaf.shape[leaf.in_ndim :], jnp.float32, sharding=sharding["scale"]),
+                "scale": jax.ShapeDtypeStruct(leaf.scale_shape, jnp.float32, sharding=sharding["scale"]),
             }
         _insert(target, leaf.storage_path, value, leaf.name)
     return target
@@ -646,7 +680,7 @@ def _check_stored_arrays(path: pathlib.Path, checkpointer, leaves: list[_Leaf]) 
             expected[leaf.storage_path] = leaf.shape
         elif leaf.kind == "int8_weight":
             expected[leaf.storage_path + ("qvalue",)] = leaf.shape
-            expected[leaf.storage_path + ("scale",)] = leaf.shape[leaf.in_ndim :]
+            expected[leaf.storage_path + ("scale",)] = leaf.scale_shape
     missing = sorted("/".join(p) for p in set(expected) - set(stored))
     wrong = sorted(f"{'/'.join(p)}: {stored[p]} != {s}" for p, s in expected.items() if p in stored and stored[p] != s)
     problems = ([f"{len(missing)} arrays missing {missing[:5]}"] if missing else []) + (
@@ -663,9 +697,11 @@ def load_quantized(directory: PathLike, *, mesh: Optional[jax.sharding.Mesh] = N
       - one Sharding or PartitionSpec (with mesh=) for every parameter;
       - a tree matching the saved params whose leaves are Shardings, PartitionSpecs (with mesh=),
         abstract or concrete arrays with .sharding (their shapes are checked), or None (default);
-        at an Int8Weight, one entry places qvalue and derives the scale's sharding from its output
-        axes, or Int8Weight(qvalue=..., scale=...) gives both;
-      - a callable (path: tuple, kernel: jax.ShapeDtypeStruct) -> one such entry.
+        at an Int8Weight, one entry is read as the float kernel's sharding ([*in, *out], Flax
+        layout) and placed on qvalue's K-major axes and the scale's output axes alike, or
+        Int8Weight(qvalue=..., scale=...) gives both stored arrays' shardings as they are;
+      - a callable (path: tuple, kernel: jax.ShapeDtypeStruct) -> one such entry (for an int8
+        leaf, kernel has the float kernel's shape [*in, *out]).
     mesh alone replicates everything on mesh; neither puts everything on jax.devices()[0].
     Arrays are read straight into their shards: no float weights, no re-quantization.
     """

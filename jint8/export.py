@@ -2,7 +2,7 @@
 
 The files are what transformers' save_pretrained writes for a `load_in_8bit` model, so
 `AutoModelForCausalLM.from_pretrained(out_dir)` loads them with bitsandbytes: per quantized
-Linear `<module>.weight` int8 [out, in] (Int8Weight.qvalue transposed; bitsandbytes' CB),
+Linear `<module>.weight` int8 [out, in] (Int8Weight.qvalue as it is; bitsandbytes' CB),
 `<module>.SCB` float32 [out] (the scale) and `<module>.weight_format` (uint8 0, row-major);
 every other tensor in the model's float dtype; config.json with a `quantization_config` block.
 """
@@ -55,16 +55,20 @@ def hf_config_of(config):
 def _tensors(params, rules: NameRules, float_dtype) -> dict[str, np.ndarray]:
     """{transformers name: numpy array} in PyTorch layout."""
     flat = flatten_dict(jax.device_get(params), is_leaf=lambda _, x: isinstance(x, Int8Weight))
-    table = expected_tensors({p: np.shape(x.qvalue if isinstance(x, Int8Weight) else x) for p, x in flat.items()}, rules)
+    table = expected_tensors({p: tuple(x.shape) if isinstance(x, Int8Weight) else np.shape(x) for p, x in flat.items()}, rules)
     transpose = {target.path: target.transpose for target in table.values()}
     out = {}
     for path, leaf in flat.items():
         name = flax_path_to_hf(path, rules)
+        if isinstance(leaf, Int8Weight) and path[-1] == "embedding":
+            raise InvalidConfigError(
+                f"export_bitsandbytes: {'/'.join(path)} is an int8 embedding; bitsandbytes keeps embeddings in "
+                "16-bit: quantize with Int8Config(quantize_embeddings=False) to export")
         if isinstance(leaf, Int8Weight):
             if leaf.qvalue.ndim != 2:
                 raise InvalidConfigError(f"export_bitsandbytes: {'/'.join(path)} is a {leaf.qvalue.ndim}-D int8 kernel; bitsandbytes stores 2-D Linear weights only")
             prefix = name[: -len(".weight")]
-            out[name] = np.ascontiguousarray(np.asarray(leaf.qvalue).T)
+            out[name] = np.ascontiguousarray(np.asarray(leaf.qvalue))  # K-major, as bnb's CB
             out[prefix + ".SCB"] = np.asarray(leaf.scale, np.float32)
             out[prefix + ".weight_format"] = np.zeros((), np.uint8)  # 0 = "row" in bitsandbytes
         else:

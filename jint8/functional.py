@@ -84,7 +84,7 @@ def int8_vectorwise_dequant(A: jax.Array, stats: jax.Array) -> jax.Array:
 
 def int8_linear_matmul(A: jax.Array, B: jax.Array) -> jax.Array:
     """int8 A [M, K] @ int8 B[N, K].T -> int32 [M, N], exact."""
-    return int8_dot(_rows(A), B.T)
+    return int8_dot(_rows(A), B, "nk")
 
 
 def int8_mm_dequant(
@@ -119,14 +119,14 @@ def int8_mixed_scaled_mm(
     with per-row SCB [N]; outlier_cols from int8_vectorwise_quant (entries -1 are padding).
     """
     A2 = _rows(A)
-    y = dequantize_accumulator(int8_dot(CA, CB.T), SCA, SCB, bias)
+    y = dequantize_accumulator(int8_dot(CA, CB, "nk"), SCA, SCB, bias)
     if outlier_cols is None or outlier_cols.shape[0] == 0:
         return y.astype(A.dtype), jnp.zeros((A2.shape[0], 0), A.dtype)
     valid = outlier_cols >= 0
     safe = jnp.where(valid, outlier_cols, 0)
     col_mask = jnp.zeros(A2.shape[1], bool).at[safe].max(valid)
     capacity = outlier_cols.shape[0]
-    contribution, _ = outlier_stream(A2, CB.T, SCB, col_mask, capacity)
+    contribution, _ = outlier_stream(A2, CB, SCB, col_mask, capacity, "nk")
     sub_a = jnp.where(valid[None, :], jnp.take(A2, safe, axis=1), 0).astype(A.dtype)
     return (y + contribution).astype(A.dtype), sub_a
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jint8.errors import ShapeError
 from jint8.ops.int8_matmul import Int8MatmulStats, int8_matmul
+from jint8.ops.int8_matmul.reference import INV_127
 from jint8.quantize import Int8Weight
 
 STATS_COLLECTION = "int8_stats"
@@ -46,6 +47,7 @@ def int8_weight_apply(
         threshold=weight.threshold,
         outlier_capacity=weight.outlier_capacity,
         out_dtype=dtype,
+        weight_layout="nk",  # Int8Weight stores [N, K]
         backend=backend,
         return_stats=True,
     )
@@ -84,7 +86,16 @@ class Int8Dense(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+        if self.has_variable("params", "kernel") and isinstance(self.get_variable("params", "kernel"), Int8Weight):
+            # Flax's param() would compare the init shape [K, N] with qvalue's K-major [N, K].
+            kernel = self.get_variable("params", "kernel")
+            if kernel.shape != (jnp.shape(inputs)[-1], self.features):
+                raise ShapeError(
+                    f"{self.name}: Int8Weight stands for a kernel of shape {kernel.shape}, this layer "
+                    f"needs {(jnp.shape(inputs)[-1], self.features)}"
+                )
+        else:
+            kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         if isinstance(kernel, Int8Weight):
             y, stats = int8_weight_apply(inputs, kernel, bias, dtype=self.dtype, backend=self.backend)
@@ -126,6 +137,43 @@ class Int8Linear(nnx.Module):
         inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
         return y if bias is None else y + bias
+
+
+class Int8Embed(nn.Module):
+    """nn.Embed with the same fields and param name; an Int8Weight table (Int8Config
+    quantize_embeddings) is gathered in int8 and dequantized per row, and attend() runs LLM.int8()."""
+
+    num_embeddings: int
+    features: int
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    embedding_init: Any = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype
+        )
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError(f"{self.name}: input type must be an integer, got {inputs.dtype}")
+        table = self.embedding
+        if isinstance(table, Int8Weight):
+            rows = jnp.take(table.qvalue, inputs, axis=0).astype(jnp.float32)
+            scale = jnp.take(table.scale, inputs, axis=0)[..., None]
+            return (rows * scale * INV_127).astype(self.dtype or self.param_dtype)  # = dequantize_embedding
+        (table,) = nn.dtypes.promote_dtype(table, dtype=self.dtype, inexact=False)
+        return jnp.take(table, inputs, axis=0)
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        """query [..., features] @ table.T -> [..., num_embeddings] (a tied output head)."""
+        table = self.embedding
+        if isinstance(table, Int8Weight):
+            y, stats = int8_weight_apply(query, table, dtype=self.dtype or query.dtype)
+            _sow_stats(self, stats)
+            return y
+        query, table = nn.dtypes.promote_dtype(query, table, dtype=self.dtype)
+        return jnp.dot(query, table.T)
 
 
 # ----------------------------------------------------------------------------- intercept

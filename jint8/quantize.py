@@ -1,9 +1,9 @@
 """Vector-wise int8 weight quantization and the pure transforms over Flax parameter trees.
 
 Weights (once): per output feature n, s_w[n] = max over the contracting axes of |W|;
-Wq = round(W * (127 / s_w)) as int8, half to even (bitsandbytes' int8_vectorwise_quant on W[N, K];
-Flax stores W[K, N], so the reduction runs over the leading, contracting axes). A zero column
-gets scale 0 and Wq 0 (bitsandbytes would produce NaN there).
+Wq = round(W * (127 / s_w)) as int8, half to even (bitsandbytes' int8_vectorwise_quant on W[N, K]).
+Flax kernels are W[K, N]; Int8Weight stores Wq K-major, [N, K], as bitsandbytes does. A zero
+column gets scale 0 and Wq 0 (bitsandbytes would produce NaN there).
 """
 
 from __future__ import annotations
@@ -24,12 +24,15 @@ from jint8.ops.int8_matmul.reference import INV_127, quantization_multiplier
 
 @struct.dataclass
 class Int8Weight:
-    """A Dense-like kernel quantized vector-wise to int8.
+    """A Dense-like kernel quantized vector-wise to int8, stored K-major.
 
-    Shape rule: qvalue is the kernel's own shape [*in_shape, *out_shape] with
-    len(in_shape) == in_ndim (the contracting axes, Flax layout); scale has shape out_shape
-    (one float32 absmax per output feature). threshold and outlier_capacity are the layer's
-    LLM.int8() settings; they are static so they survive jit as part of the tree structure.
+    The float kernel it stands for has Flax's shape [*in_shape, *out_shape] (len(in_shape) ==
+    in_ndim, the contracting axes). qvalue stores it transposed, [*out_shape, *in_shape]: for a
+    2-D kernel that is [N, K], bitsandbytes' layout, because int8 tensor-core MMAs (wgmma) read
+    both operands K-major and a [K, N] weight measured 2-4x slower from M = 64 up
+    (benchmarks/RESULTS.md). scale has shape out_shape (one float32 absmax per output feature).
+    threshold and outlier_capacity are the layer's LLM.int8() settings; they are static so they
+    survive jit as part of the tree structure.
     """
 
     qvalue: jax.Array
@@ -39,29 +42,47 @@ class Int8Weight:
     outlier_capacity: int = struct.field(pytree_node=False, default=64)
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.qvalue.shape)
+    def out_ndim(self) -> int:
+        return self.qvalue.ndim - self.in_ndim
 
     @property
     def in_shape(self) -> tuple[int, ...]:
-        return self.shape[: self.in_ndim]
+        return tuple(self.qvalue.shape[self.out_ndim :])
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return self.shape[self.in_ndim :]
+        return tuple(self.qvalue.shape[: self.out_ndim])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The float kernel's shape, [*in_shape, *out_shape] (qvalue.shape is the transpose)."""
+        return self.in_shape + self.out_shape
 
     @property
     def nbytes(self) -> int:
         return int(self.qvalue.size) + 4 * int(self.scale.size)
 
     def as_matrix(self) -> tuple[jax.Array, jax.Array]:
-        """(wq [K, N] int8, col_scales [N] float32) with K, N the flattened in/out shapes."""
+        """(wq [N, K] int8, K-major, col_scales [N] float32) with K, N the flattened in/out shapes."""
         k, n = math.prod(self.in_shape), math.prod(self.out_shape)
-        return self.qvalue.reshape(k, n), self.scale.reshape(n)
+        return self.qvalue.reshape(n, k), self.scale.reshape(n)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """The float kernel this stands for: Wq * s_w / 127 (bnb's int8_vectorwise_dequant)."""
-        return (self.qvalue.astype(jnp.float32) * self.scale * INV_127).astype(dtype)
+        """The float kernel [*in, *out] this stands for: Wq * s_w / 127 (bnb's int8_vectorwise_dequant)."""
+        scale = self.scale.reshape(self.out_shape + (1,) * self.in_ndim)
+        w = (self.qvalue.astype(jnp.float32) * scale * INV_127).astype(dtype)
+        return jnp.transpose(w, kernel_permutation(self.qvalue.ndim, self.in_ndim))
+
+
+def storage_permutation(ndim: int, in_ndim: int) -> tuple[int, ...]:
+    """Axes of a kernel [*in, *out] in the order Int8Weight.qvalue stores them, [*out, *in]."""
+    return tuple(range(in_ndim, ndim)) + tuple(range(in_ndim))
+
+
+def kernel_permutation(ndim: int, in_ndim: int) -> tuple[int, ...]:
+    """Axes of a stored qvalue [*out, *in] in the kernel's order [*in, *out]."""
+    out_ndim = ndim - in_ndim
+    return tuple(range(out_ndim, ndim)) + tuple(range(out_ndim))
 
 
 def validate_int8_weight(w: Int8Weight, name: str = "weight") -> None:
@@ -69,10 +90,11 @@ def validate_int8_weight(w: Int8Weight, name: str = "weight") -> None:
     if w.qvalue.dtype != jnp.int8:
         raise QuantizationError(f"{name}: qvalue must be int8, got {w.qvalue.dtype}")
     if not 1 <= w.in_ndim < w.qvalue.ndim:
-        raise QuantizationError(f"{name}: in_ndim={w.in_ndim} invalid for shape {w.shape}")
+        raise QuantizationError(f"{name}: in_ndim={w.in_ndim} invalid for qvalue shape {tuple(w.qvalue.shape)}")
     if tuple(w.scale.shape) != w.out_shape:
         raise QuantizationError(
-            f"{name}: scale.shape={tuple(w.scale.shape)} must equal out_shape={w.out_shape}"
+            f"{name}: scale.shape={tuple(w.scale.shape)} must equal out_shape={w.out_shape} "
+            f"(qvalue is stored K-major, [*out_shape, *in_shape] = {tuple(w.qvalue.shape)})"
         )
 
 
@@ -80,9 +102,24 @@ def quantize_vectorwise(
     w: jax.Array, *, in_ndim: int = 1, threshold: float = 6.0, outlier_capacity: int = 64
 ) -> Int8Weight:
     """Quantize one kernel [*in_shape, *out_shape] to int8 with one scale per output feature."""
-    wf = jnp.asarray(w).astype(jnp.float32)
-    scale = jnp.max(jnp.abs(wf), axis=tuple(range(in_ndim)))
-    qvalue = jnp.round(wf * quantization_multiplier(scale)).astype(jnp.int8)
+    w = jnp.asarray(w)
+    return quantize_kmajor(
+        jnp.transpose(w, storage_permutation(w.ndim, in_ndim)),
+        in_ndim=in_ndim,
+        threshold=threshold,
+        outlier_capacity=outlier_capacity,
+    )
+
+
+def quantize_kmajor(
+    w_t: jax.Array, *, in_ndim: int = 1, threshold: float = 6.0, outlier_capacity: int = 64
+) -> Int8Weight:
+    """Quantize a kernel given transposed, [*out_shape, *in_shape] (a torch Linear's weight
+    [out, in] as it is): bitsandbytes' int8_vectorwise_quant over the trailing in_ndim axes."""
+    wf = jnp.asarray(w_t).astype(jnp.float32)
+    scale = jnp.max(jnp.abs(wf), axis=tuple(range(wf.ndim - in_ndim, wf.ndim)))
+    multiplier = quantization_multiplier(scale).reshape(scale.shape + (1,) * in_ndim)
+    qvalue = jnp.round(wf * multiplier).astype(jnp.int8)
     return Int8Weight(qvalue, scale, in_ndim, float(threshold), int(outlier_capacity))
 
 
@@ -139,6 +176,10 @@ class Int8Config:
       (default: 1 if shape[0] >= prod(shape[1:]) else ndim - 1, which fits attention's
       [features, heads, head_dim] and [heads, head_dim, features] kernels).
     kernel_names: parameter names treated as Dense-like kernels.
+    quantize_embeddings: also quantize embedding tables (parameters named "embedding", [V, H])
+      to int8 with one scale per row (per token): lookups dequantize the gathered rows, and a
+      tied output head (Embed.attend) runs LLM.int8() on them. Off by default, like
+      bitsandbytes; it halves the two largest 16-bit tensors left in an int8 Llama.
     """
 
     threshold: float = 6.0
@@ -149,6 +190,7 @@ class Int8Config:
     threshold_overrides: Any = ()
     in_ndim_overrides: Any = ()
     kernel_names: tuple[str, ...] = ("kernel",)
+    quantize_embeddings: bool = False
 
     def __post_init__(self):
         if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
@@ -278,15 +320,23 @@ def _check_kernel(path: str, leaf) -> None:
             raise QuantizationError(f"{path}: kernel of shape {tuple(leaf.shape)} holds {bad} NaN/Inf values")
 
 
+def int8_weight_specs(kernel_spec, ndim: int, in_ndim: int):
+    """(qvalue spec, scale spec) of an Int8Weight whose float kernel [*in, *out] is sharded by
+    kernel_spec: the same mesh axes on the same logical axes, in qvalue's K-major order."""
+    spec = tuple(kernel_spec) + (None,) * (ndim - len(tuple(kernel_spec)))
+    stored = tuple(spec[i] for i in storage_permutation(ndim, in_ndim))
+    return jax.sharding.PartitionSpec(*stored), jax.sharding.PartitionSpec(*spec[in_ndim:])
+
+
 def _keep_sharding(original, weight: Int8Weight) -> Int8Weight:
-    """Place qvalue like the float kernel and the scale on the kernel's output-axis sharding."""
+    """Shard qvalue and scale on the same logical axes as the float kernel was."""
     sharding = getattr(original, "sharding", None)
     if _is_tracer(original) or not isinstance(sharding, jax.sharding.NamedSharding):
         return weight
-    spec = tuple(sharding.spec) + (None,) * (original.ndim - len(sharding.spec))
-    scale_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[weight.in_ndim :]))
+    q_spec, s_spec = int8_weight_specs(sharding.spec, original.ndim, weight.in_ndim)
     return weight.replace(
-        qvalue=jax.device_put(weight.qvalue, sharding), scale=jax.device_put(weight.scale, scale_sharding)
+        qvalue=jax.device_put(weight.qvalue, jax.sharding.NamedSharding(sharding.mesh, q_spec)),
+        scale=jax.device_put(weight.scale, jax.sharding.NamedSharding(sharding.mesh, s_spec)),
     )
 
 
@@ -294,6 +344,8 @@ def _quantize_leaf(key_path, leaf, config: Int8Config):
     if isinstance(leaf, Int8Weight):
         return leaf  # idempotent: an already quantized kernel is kept as it is
     names = _path_names(key_path)
+    if names and names[-1] == EMBEDDING_NAME and config.quantize_embeddings:
+        return _quantize_embedding(names, leaf, config)
     if not names or names[-1] not in config.kernel_names:
         return leaf
     path = "/".join(names)
@@ -310,6 +362,43 @@ def _quantize_leaf(key_path, leaf, config: Int8Config):
         outlier_capacity=config.capacity_for(names[:-1]),
     )
     return _keep_sharding(leaf, weight)
+
+
+EMBEDDING_NAME = "embedding"
+
+
+def _quantize_embedding(names, leaf, config: Int8Config):
+    """An embedding table [V, H] is already K-major for its attend() matmul (logits = x @ E.T):
+    qvalue = the int8 table, scale [V] = each row's absmax."""
+    if getattr(leaf, "ndim", 0) != 2:
+        return leaf
+    _check_kernel("/".join(names), leaf)
+    if leaf.size < config.min_size or config.is_skipped(names[:-1]):
+        return leaf
+    weight = quantize_kmajor(leaf, in_ndim=1, threshold=config.threshold_for(names[:-1]),
+                             outlier_capacity=config.capacity_for(names[:-1]))
+    sharding = getattr(leaf, "sharding", None)
+    if _is_tracer(leaf) or not isinstance(sharding, jax.sharding.NamedSharding):
+        return weight
+    spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+    return weight.replace(
+        qvalue=jax.device_put(weight.qvalue, sharding),
+        scale=jax.device_put(weight.scale, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0]))),
+    )
+
+
+def dequantize_embedding(weight: Int8Weight, dtype=jnp.float32) -> jax.Array:
+    """The float table [V, H] an int8 embedding stands for (rows times their scale / 127)."""
+    return (weight.qvalue.astype(jnp.float32) * weight.scale[:, None] * INV_127).astype(dtype)
+
+
+def _dequantize_leaf(key_path, leaf, dtype):
+    if not isinstance(leaf, Int8Weight):
+        return leaf
+    names = _path_names(key_path)
+    if names and names[-1] == EMBEDDING_NAME:
+        return dequantize_embedding(leaf, dtype)
+    return leaf.dequantize(dtype)
 
 
 def _map_tree(params, fn):
@@ -344,9 +433,7 @@ def quantize_params(params, config: Optional[Int8Config] = None):
 
 def dequantize_params(params, dtype=jnp.float32):
     """Replace every Int8Weight by the float kernel it stands for (Wq * s_w / 127), in dtype."""
-    return _map_tree(
-        params, lambda kp, leaf: leaf.dequantize(dtype) if isinstance(leaf, Int8Weight) else leaf
-    )
+    return _map_tree(params, lambda kp, leaf: _dequantize_leaf(kp, leaf, dtype))
 
 
 def param_bytes(params) -> int:

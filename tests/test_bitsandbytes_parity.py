@@ -135,7 +135,7 @@ def test_int8_dense_matches_linear8bitlt(shape, threshold):
     params = {"kernel": jnp.asarray(w.float().numpy().T).astype(jnp.float16), "bias": jnp.asarray(b.float().numpy()).astype(jnp.float16)}
     qparams = jint8.quantize_params(params, jint8.Int8Config(threshold=threshold, min_size=0))
     # Same int8 weights and scales as bitsandbytes (which quantizes W.to(float16) row-wise).
-    np.testing.assert_array_equal(np.asarray(qparams["kernel"].qvalue).T, layer.state.CB.numpy())
+    np.testing.assert_array_equal(np.asarray(qparams["kernel"].qvalue), layer.state.CB.numpy())
     np.testing.assert_array_equal(np.asarray(qparams["kernel"].scale), layer.state.SCB.numpy())
     ours = jint8.Int8Dense(n, dtype=jnp.float16).apply({"params": qparams}, jax_a)
 

@@ -94,7 +94,7 @@ def test_linen_round_trip_is_bit_exact_and_keeps_static_fields(tmp_path, contain
     assert restored["embed"]["embedding"].dtype == jnp.bfloat16
     assert info.quant_config == CONFIG and info.model_config == {"layers": 2}
     kind = "dict" if container is dict else "frozen_dict"
-    assert (info.format_version, info.jint8_version, info.tree_kind) == (1, jint8.__version__, kind)
+    assert (info.format_version, info.jint8_version, info.tree_kind) == (2, jint8.__version__, kind)
 
 
 class TinyNNX(nnx.Module):
@@ -161,8 +161,8 @@ def test_round_trip_is_bit_exact_for_any_shape_and_dtype(
     # Built in numpy (any bit pattern, NaNs included in the float leaf): no XLA compile per example.
     rng = np.random.default_rng(seed)
     in_ndim = min(in_ndim, len(shape) - 1)
-    qvalue = rng.integers(-127, 128, shape, dtype=np.int8)
-    scale = rng.random(shape[in_ndim:], dtype=np.float32)
+    qvalue = rng.integers(-127, 128, shape, dtype=np.int8)  # stored K-major: [*out, *in]
+    scale = rng.random(shape[: len(shape) - in_ndim], dtype=np.float32)
     other = rng.integers(0, 256, shape, dtype=np.uint8).view(np.uint8).astype(jnp.dtype(dtype))
     config = jint8.Int8Config(outlier_capacity=capacity, threshold=threshold)
     weight = jint8.Int8Weight(jnp.asarray(qvalue), jnp.asarray(scale), in_ndim, threshold, capacity)
@@ -210,9 +210,10 @@ shardings = {
 params, _ = load_quantized(directory, mesh=mesh, shardings=shardings)
 got = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 want_specs = {
-    "['hidden']['kernel'].qvalue": P("data", "model"), "['hidden']['kernel'].scale": P("model"),
+    # One spec at an Int8Weight is the float kernel's [in, out]; qvalue is stored [out, in].
+    "['hidden']['kernel'].qvalue": P("model", "data"), "['hidden']['kernel'].scale": P("model"),
     "['hidden']['bias']": P("model"), "['attn']['kernel'].qvalue": P(None, None, "model"),
-    "['attn']['kernel'].scale": P("model"), "['out']['kernel'].qvalue": P("model", None),
+    "['attn']['kernel'].scale": P("model"), "['out']['kernel'].qvalue": P(None, "model"),
     "['out']['kernel'].scale": P(), "['skipped']['kernel']": P("data"), "['embed']['embedding']": P(),
 }
 for name, leaf in got.items():
@@ -221,11 +222,12 @@ for name, leaf in got.items():
     assert np.asarray(leaf).tobytes() == expected[name].tobytes(), name
     assert str(leaf.dtype) == sys.argv[3].split(",")[list(want_specs).index(name)], name
 assert len(got["['hidden']['kernel'].qvalue"].addressable_shards) == 8
-assert got["['hidden']['kernel'].qvalue"].addressable_shards[0].data.shape == (12, 8)
+assert got["['hidden']['kernel'].qvalue"].addressable_shards[0].data.shape == (8, 12)
 
-# A callable rule: shard every saved array's first axis over "model".
+# A callable rule: shard every kernel's first (input) axis over "model"; it sees int8 kernels'
+# float shape [in, out], and their K-major qvalue [out, in] gets "model" on its second axis.
 by_rule, _ = load_quantized(directory, shardings=lambda path, a: NamedSharding(mesh, P("model") if a.shape[0] % 4 == 0 else P()))
-assert by_rule["hidden"]["kernel"].qvalue.sharding.spec == P("model")
+assert by_rule["hidden"]["kernel"].qvalue.sharding.spec == P(None, "model")
 assert by_rule["embed"]["embedding"].sharding.spec == P()
 for a, b in zip(jax.tree.leaves(by_rule), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -380,6 +382,11 @@ CORRUPTIONS = {
         lambda d: rewrite_metadata(d, lambda m: m.update(format_version=99)),
         CheckpointVersionError,
         "format_version=99",
+    ),
+    "format version 1 (int8 kernels stored [in, out])": (
+        lambda d: rewrite_metadata(d, lambda m: m.update(format_version=1)),
+        CheckpointVersionError,
+        "quantize the original checkpoint again",
     ),
     "truncated JSON": (
         lambda d: (d / "metadata" / "metadata").write_text('{"format": "jint8-qua'),

@@ -56,7 +56,7 @@ def test_output_within_derived_bound_of_float64(dtype_name, m, k, n, cols):
     x, w = _inputs(rng, m, k, n, dtype_name, cols)
     bias = jnp.asarray(rng.standard_normal(n).astype(np.float32))
     q = quantize_vectorwise(w)
-    y = int8_matmul(x, q.qvalue, q.scale, bias, threshold=6.0, outlier_capacity=8)
+    y = int8_matmul(x, q.qvalue, q.scale, bias, threshold=6.0, outlier_capacity=8, weight_layout="nk")
     assert y.dtype == x.dtype and y.shape == (m, n)
     y_ref = float64_matmul(np.asarray(x.astype(jnp.float32)), np.asarray(w), np.asarray(bias))
     bound = int8_error_bound(np.asarray(x.astype(jnp.float32)), np.asarray(w), 6.0, dtype_name, y_ref)
@@ -72,7 +72,7 @@ def test_outlier_decomposition_cuts_error_at_least_5x():
     y_ref = float64_matmul(np.asarray(x.astype(jnp.float32)), np.asarray(w))
 
     def rel_error(threshold):
-        y = int8_matmul(x, q.qvalue, q.scale, threshold=threshold, outlier_capacity=16)
+        y = int8_matmul(x, q.qvalue.T, q.scale, threshold=threshold, outlier_capacity=16)
         return np.linalg.norm(np.asarray(y.astype(jnp.float32)) - y_ref) / np.linalg.norm(y_ref)
 
     with_decomposition, without = rel_error(6.0), rel_error(0.0)
@@ -84,8 +84,8 @@ def test_capacity_overflow_is_exact_and_reported(caplog):
     rng = np.random.default_rng()
     x, w = _inputs(rng, 8, 64, 32, "float32", (1, 9, 17, 33, 60))
     q = quantize_vectorwise(w)
-    roomy, roomy_stats = int8_matmul(x, q.qvalue, q.scale, outlier_capacity=8, return_stats=True)
-    step = jax.jit(lambda x: int8_matmul(x, q.qvalue, q.scale, outlier_capacity=2, return_stats=True))
+    roomy, roomy_stats = int8_matmul(x, q.qvalue, q.scale, outlier_capacity=8, weight_layout="nk", return_stats=True)
+    step = jax.jit(lambda x: int8_matmul(x, q.qvalue.T, q.scale, outlier_capacity=2, return_stats=True))
     with caplog.at_level(logging.WARNING, logger="jint8"):
         tight, tight_stats = step(x)
         jax.block_until_ready(tight)
@@ -99,9 +99,9 @@ def test_threshold_zero_matches_plain_int8_path():
     rng = np.random.default_rng()
     x, w = _inputs(rng, 4, 40, 24, "float32", (3,))
     q = quantize_vectorwise(w)
-    y, stats = int8_matmul(x, q.qvalue, q.scale, threshold=0.0, return_stats=True)
+    y, stats = int8_matmul(x, q.qvalue.T, q.scale, threshold=0.0, return_stats=True)
     xq, s_x, _ = numpy_quantize_rows(np.asarray(x), 0.0)
-    acc = xq.astype(np.int64) @ np.asarray(q.qvalue, np.int64)
+    acc = xq.astype(np.int64) @ np.asarray(q.qvalue, np.int64).T
     expected = acc.astype(np.float32) * (s_x[:, None] * np.asarray(q.scale)[None, :]) * np.float32(6.200124e-05)
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-6, atol=1e-6)
     assert int(stats.num_outlier_columns) == 0
@@ -112,12 +112,12 @@ def test_batched_leading_dims_and_jit():
     x, w = _inputs(rng, 6, 32, 16, "float32", (2,))
     q = quantize_vectorwise(w)
     x3 = x.reshape(2, 3, 32)
-    eager = int8_matmul(x3, q.qvalue, q.scale)
-    jitted = jax.jit(lambda x: int8_matmul(x, q.qvalue, q.scale))(x3)
+    eager = int8_matmul(x3, q.qvalue.T, q.scale)
+    jitted = jax.jit(lambda x: int8_matmul(x, q.qvalue.T, q.scale))(x3)
     assert eager.shape == (2, 3, 16)
     # jit may fuse the float epilogue differently (reassociation): equal to float32 rounding
     np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-6, atol=1e-6)
-    flat = int8_matmul(x, q.qvalue, q.scale)
+    flat = int8_matmul(x, q.qvalue.T, q.scale)
     np.testing.assert_allclose(np.asarray(eager).reshape(6, 16), np.asarray(flat), rtol=1e-6, atol=1e-6)
 
 
@@ -136,7 +136,7 @@ def test_fuzz_shapes_dtypes_outlier_patterns(m, k, n, dtype_name, num_outliers, 
     cols = rng.choice(k, size=min(num_outliers, k), replace=False)
     x, w = _inputs(rng, m, k, n, dtype_name, cols, magnitude=float(rng.uniform(6, 100)))
     q = quantize_vectorwise(w)
-    y, stats = int8_matmul(x, q.qvalue, q.scale, outlier_capacity=capacity, return_stats=True)
+    y, stats = int8_matmul(x, q.qvalue.T, q.scale, outlier_capacity=capacity, return_stats=True)
     xf = np.asarray(x.astype(jnp.float32))
     y_ref = float64_matmul(xf, np.asarray(w))
     bound = int8_error_bound(xf, np.asarray(w), 6.0, dtype_name, y_ref)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import jint8
-from jint8 import Int8Config, Int8Dense, Int8Weight, quantize_params
+from jint8 import Int8Config, Int8Dense, Int8Weight, dequantize_params, int8_matmul, quantize_params
+from jint8.layers import Int8Embed
 from jint8.errors import ShapeError
 from jint8.ops.int8_matmul import int8_matmul_reference
 
@@ -34,7 +35,7 @@ def test_quantized_params_drop_in_and_match_the_op():
     y, state = Int8Dense(96).apply({"params": qparams}, x, mutable=["int8_stats"])
     w = qparams["kernel"]
     expected, _ = int8_matmul_reference(
-        x, w.qvalue, w.scale, params["bias"], threshold=6.0, outlier_capacity=64
+        x, w.qvalue, w.scale, params["bias"], threshold=6.0, outlier_capacity=64, weight_layout="nk"
     )
     np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
     assert int(state["int8_stats"]["max_outlier_columns"]) == 1
@@ -93,7 +94,8 @@ def test_intercept_runs_unmodified_linen_model_in_int8():
         up = nn.Dense(256).apply({"params": qparams["up"]}, x)
     w = qparams["up"]["kernel"]
     expected, _ = int8_matmul_reference(
-        x.reshape(-1, 64), w.qvalue, w.scale, params["up"]["bias"], threshold=6.0, outlier_capacity=64
+        x.reshape(-1, 64), w.qvalue, w.scale, params["up"]["bias"], threshold=6.0, outlier_capacity=64,
+        weight_layout="nk",
     )
     np.testing.assert_array_equal(np.asarray(up).reshape(-1, 256), np.asarray(expected))
 
@@ -116,3 +118,28 @@ def test_intercept_rejects_mismatched_contracting_axes():
     assert isinstance(qparams["kernel"], Int8Weight) and qparams["kernel"].in_ndim == 1
     with jint8.intercept(), pytest.raises(ShapeError, match="in_ndim"):
         dense.apply({"params": qparams}, x)
+
+
+def test_int8_embedding_lookup_and_tied_head():
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.standard_normal((300, 64)).astype(np.float32))
+    params = {"embedding": table}
+    assert not isinstance(quantize_params(params, Int8Config(min_size=0))["embedding"], Int8Weight)  # off by default
+    q = quantize_params(params, Int8Config(min_size=0, quantize_embeddings=True))
+    w = q["embedding"]
+    assert isinstance(w, Int8Weight) and w.qvalue.shape == (300, 64) and w.scale.shape == (300,)
+    np.testing.assert_array_equal(w.scale, np.abs(np.asarray(table)).max(axis=1))  # one scale per token row
+    module = Int8Embed(300, 64)
+    ids = jnp.asarray([[0, 5, 299], [7, 7, 1]])
+    got = module.apply({"params": q}, ids)
+    np.testing.assert_array_equal(got, dequantize_params(q)["embedding"][ids])
+    step = np.asarray(w.scale)[np.asarray(ids)][..., None] / 127
+    assert np.all(np.abs(np.asarray(got) - np.asarray(table)[np.asarray(ids)]) <= step / 2 * (1 + 1e-5))
+    # attend (a tied output head) is LLM.int8() on the table, which is already K-major [V, H].
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    x[:, 7] = 9.0
+    logits = module.apply({"params": q}, jnp.asarray(x), method=Int8Embed.attend)
+    expected = int8_matmul(jnp.asarray(x), w.qvalue, w.scale, threshold=6.0, outlier_capacity=64, weight_layout="nk")
+    np.testing.assert_array_equal(logits, expected)
+    float_logits = x @ np.asarray(table).T
+    assert np.abs(np.asarray(logits) - float_logits).max() < 0.02 * np.abs(float_logits).max()

@@ -37,13 +37,14 @@ def test_round_trip_error_is_within_half_a_step(shape, in_ndim):
     step = np.asarray(q.scale) / 127
     assert np.all(err <= step / 2 * (1 + 1e-5) + 1e-7)
     # The absmax of every output feature maps exactly to +-127.
-    assert np.all(np.abs(np.asarray(q.qvalue)).max(axis=tuple(range(in_ndim))) == 127)
+    assert q.qvalue.shape == shape[in_ndim:] + shape[:in_ndim]  # stored K-major
+    assert np.all(np.abs(np.asarray(q.qvalue)).max(axis=tuple(range(q.qvalue.ndim - in_ndim, q.qvalue.ndim))) == 127)
 
 
 def test_zero_column_gets_zero_scale_not_nan():
     w = jnp.asarray(np.random.default_rng().standard_normal((32, 8)).astype(np.float32)).at[:, 3].set(0)
     q = quantize_vectorwise(w)
-    assert float(q.scale[3]) == 0 and not np.any(np.asarray(q.qvalue[:, 3]))
+    assert float(q.scale[3]) == 0 and not np.any(np.asarray(q.qvalue[3]))
     assert np.all(np.isfinite(np.asarray(q.dequantize())))
 
 

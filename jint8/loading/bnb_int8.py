@@ -3,7 +3,7 @@
 Each quantized Linear is stored as "<module>.weight" int8 [out, in] (bnb's CB), "<module>.SCB"
 float32 [out] (the per-output-row absmax) and "<module>.weight_format" (0 = row-major). That is
 exactly LLM.int8()'s vector-wise weight recipe, so it becomes an Int8Weight as it is:
-qvalue = CB.T [in, out], scale = SCB; nothing is re-quantized.
+qvalue = CB [out, in] (both K-major), scale = SCB; nothing is re-quantized or transposed.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def split_bnb_records(records: list[TensorRecord]) -> tuple[list[TensorRecord], 
 
 
 def read_int8_kernel(weight: TensorRecord, scale: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
-    """(qvalue [in, out] int8, scale [out] float32) from bnb's CB [out, in] and SCB [out]."""
+    """(qvalue [out, in] int8, scale [out] float32): bnb's CB and SCB as stored (Int8Weight is
+    K-major like bitsandbytes, so nothing is transposed)."""
     cb, scb = weight.read(), np.asarray(scale.read(), np.float32)
     if cb.dtype != np.int8:
         raise CheckpointFileError(f"{weight.file}: {weight.stored_name!r} has SCB but dtype {cb.dtype}, not int8")
@@ -62,4 +63,4 @@ def read_int8_kernel(weight: TensorRecord, scale: TensorRecord) -> tuple[np.ndar
         raise CheckpointFileError(
             f"{weight.file}: {weight.stored_name!r} {cb.shape} and {scale.stored_name!r} {scb.shape} do not pair up"
         )
-    return np.ascontiguousarray(cb.T), scb
+    return np.ascontiguousarray(cb), scb

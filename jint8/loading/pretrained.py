@@ -34,9 +34,9 @@ from jint8.loading.names import (
     to_flax_layout,
 )
 from jint8.loading.records import TensorRecord, on_host
-from jint8.loading.sharding import bytes_per_device, check_max_memory, kernel_spec, scale_spec
+from jint8.loading.sharding import bytes_per_device, check_max_memory, kernel_spec
 from jint8.models import config_from_hf, model_class_for
-from jint8.quantize import Int8Config, Int8Weight, quantize_params
+from jint8.quantize import EMBEDDING_NAME, Int8Config, Int8Weight, int8_weight_specs, quantize_params
 
 _logger = logging.getLogger("jint8")
 
@@ -133,10 +133,15 @@ def _quantized_shapes(shapes: dict, quantization: Optional[Int8Config]) -> dict:
 
 def _leaf_layout(path, leaf, mesh):
     """[(shape, dtype, spec)] of the arrays one parameter becomes (qvalue + scale for int8)."""
-    if isinstance(leaf, Int8Weight):
+    if isinstance(leaf, Int8Weight) and path[-1] == EMBEDDING_NAME:  # int8 table [V, H] as stored
         spec = kernel_spec(path, leaf.qvalue.shape, mesh) if mesh else jax.sharding.PartitionSpec()
+        first = tuple(spec)[0] if len(tuple(spec)) else None
         return [(leaf.qvalue.shape, leaf.qvalue.dtype, spec),
-                (leaf.scale.shape, leaf.scale.dtype, scale_spec(spec, leaf.in_ndim, leaf.qvalue.ndim))]
+                (leaf.scale.shape, leaf.scale.dtype, jax.sharding.PartitionSpec(first))]
+    if isinstance(leaf, Int8Weight):
+        spec = kernel_spec(path, leaf.shape, mesh) if mesh else jax.sharding.PartitionSpec()
+        q_spec, s_spec = int8_weight_specs(spec, len(leaf.shape), leaf.in_ndim)
+        return [(leaf.qvalue.shape, leaf.qvalue.dtype, q_spec), (leaf.scale.shape, leaf.scale.dtype, s_spec)]
     spec = kernel_spec(path, leaf.shape, mesh) if mesh else jax.sharding.PartitionSpec()
     return [(leaf.shape, leaf.dtype, spec)]
 
@@ -163,9 +168,10 @@ def _place_int8(weight: Int8Weight, layout, mesh) -> Int8Weight:
 def _bnb_weight(record: TensorRecord, scale: TensorRecord, target: TensorTarget, settings: _LoadSettings) -> Int8Weight:
     """A bitsandbytes int8 kernel as it is; the LLM.int8() settings come from `quantization` if given."""
     qvalue, col_scales = read_int8_kernel(record, scale)
-    if qvalue.shape != target.shape:
+    if qvalue.shape[::-1] != target.shape:
         raise WeightsMismatchError(
-            f"{record.file}: tensor {record.stored_name!r} is {qvalue.shape} as a kernel, model expects {target.shape}")
+            f"{record.file}: tensor {record.stored_name!r} is {qvalue.shape} ([out, in]), model expects "
+            f"{target.shape[::-1]}")
     config = settings.quantization or settings.bnb
     module_path = target.path[:-1]
     return Int8Weight(qvalue, col_scales, 1, config.threshold_for(module_path), config.capacity_for(module_path))
@@ -200,7 +206,7 @@ def _plan_bnb_kernels(planned: dict, bnb_scales: dict, table) -> None:
             record = bnb_scales[name]
             raise WeightsMismatchError(f"{record.file}: {record.stored_name!r} belongs to no kernel of the model")
         target = table[name]
-        planned[target.path] = Int8Weight(jax.ShapeDtypeStruct(target.shape, jnp.int8),
+        planned[target.path] = Int8Weight(jax.ShapeDtypeStruct(target.shape[::-1], jnp.int8),
                                           jax.ShapeDtypeStruct(target.shape[1:], jnp.float32))
 
 

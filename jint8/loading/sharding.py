@@ -46,7 +46,8 @@ def _model_axis_size(mesh: Mesh) -> int:
 
 
 def kernel_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-    """The PartitionSpec of a float parameter (or an int8 kernel's qvalue) at `path`."""
+    """The PartitionSpec of a float parameter at `path` (for an int8 kernel: of the float kernel it
+    stands for, [*in, *out]; quantize.int8_weight_specs turns it into qvalue's and scale's)."""
     size = _model_axis_size(mesh)
     module, leaf = (path[-2] if len(path) > 1 else ""), path[-1]
     spec: tuple = (None,) * len(shape)
@@ -63,9 +64,9 @@ def kernel_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
     return P(*spec)
 
 
-def scale_spec(qvalue_spec: P, in_ndim: int, ndim: int) -> P:
+def scale_spec(kernel_spec: P, in_ndim: int, ndim: int) -> P:
     """An Int8Weight scale follows its kernel's output axes: column-parallel P("model"), row-parallel P()."""
-    spec = tuple(qvalue_spec) + (None,) * (ndim - len(qvalue_spec))
+    spec = tuple(kernel_spec) + (None,) * (ndim - len(kernel_spec))
     return P(*spec[in_ndim:])
 
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jint8.errors import InvalidConfigError, UnsupportedArchitectureError
-from jint8.layers import Int8Dense
+from jint8.layers import Int8Dense, Int8Embed
 from jint8.models.common import KVCache, activation, cached_attention, causal_lm_logits
 
 
@@ -123,8 +123,8 @@ class GPT2Model(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.wte = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.dtype)
-        self.wpe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.dtype)
+        self.wte = Int8Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.dtype)
+        self.wpe = Int8Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.dtype)
         self.h = [GPT2Block(cfg, i) for i in range(cfg.num_layers)]
         self.ln_f = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.dtype)
 

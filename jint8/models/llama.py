@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jint8.errors import InvalidConfigError
-from jint8.layers import Int8Dense
+from jint8.layers import Int8Dense, Int8Embed
 from jint8.models.common import (
     KVCache,
     RMSNorm,
@@ -203,7 +203,7 @@ class LlamaModel(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.dtype)
+        self.embed_tokens = Int8Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.dtype)
         self.layers = [LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers)]
         self.norm = _norm(cfg)
 

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jint8.errors import UnsupportedArchitectureError
-from jint8.layers import Int8Dense
+from jint8.layers import Int8Dense, Int8Embed
 from jint8.models.common import KVCache, activation, cached_attention, causal_lm_logits
 
 # OPTLearnedPositionalEmbedding: row p + 2 holds position p (fairseq's padding offset)
@@ -125,8 +125,8 @@ class OPTDecoder(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.word_embed_proj_dim, dtype=cfg.dtype, param_dtype=cfg.dtype)
-        self.embed_positions = nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size,
+        self.embed_tokens = Int8Embed(cfg.vocab_size, cfg.word_embed_proj_dim, dtype=cfg.dtype, param_dtype=cfg.dtype)
+        self.embed_positions = Int8Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size,
                                         dtype=cfg.dtype, param_dtype=cfg.dtype)
         projected = cfg.word_embed_proj_dim != cfg.hidden_size
         if projected:

@@ -29,12 +29,13 @@ def spec(array):
 def check_int8_layout(params):
     attn = params["model"]["layers_0"]["self_attn"]
     q, o = attn["q_proj"]["kernel"], attn["o_proj"]["kernel"]
-    assert spec(q.qvalue) == (None, "model") and spec(q.scale) == ("model",), (spec(q.qvalue), spec(q.scale))
-    assert spec(o.qvalue) == ("model", None) and spec(o.scale) == (None,), (spec(o.qvalue), spec(o.scale))
+    # qvalue is K-major [out, in]: column-parallel shards its first axis, row-parallel its second.
+    assert spec(q.qvalue) == ("model", None) and spec(q.scale) == ("model",), (spec(q.qvalue), spec(q.scale))
+    assert spec(o.qvalue) == (None, "model") and spec(o.scale) == (None,), (spec(o.qvalue), spec(o.scale))
     down = params["model"]["layers_1"]["mlp"]["down_proj"]["kernel"]
-    assert spec(down.qvalue) == ("model", None)
+    assert spec(down.qvalue) == (None, "model")
     assert spec(params["model"]["embed_tokens"]["embedding"]) == ("model", None)
-    assert spec(params["lm_head"]["kernel"].qvalue) == (None, "model")
+    assert spec(params["lm_head"]["kernel"].qvalue) == ("model", None)
     assert len(q.qvalue.sharding.device_set) == jax.device_count()
 
 

@@ -33,7 +33,7 @@ def test_exported_checkpoint_loads_in_transformers_bitsandbytes(tmp_path, family
     q_proj = theirs.model.layers[0].self_attn.q_proj
     assert q_proj.state.threshold == 5.0
     ours = params["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    np.testing.assert_array_equal(q_proj.weight.data.numpy(), np.asarray(ours.qvalue).T)  # int8 as written
+    np.testing.assert_array_equal(q_proj.weight.data.numpy(), np.asarray(ours.qvalue))  # int8 as written
     ids = random_ids(2, 9)
     expected = torch_logits(theirs, ids)
     logits = np.asarray(model.apply({"params": params}, jnp.asarray(ids))[0])

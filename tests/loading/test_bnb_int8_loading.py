@@ -32,7 +32,7 @@ def test_bnb_int8_kernels_are_taken_as_stored(float_and_bnb_dirs):
     q_proj = params["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert isinstance(q_proj, jint8.Int8Weight) and q_proj.threshold == 6.0
     stored = bnb_model.model.layers[0].self_attn.q_proj.weight
-    np.testing.assert_array_equal(q_proj.qvalue, stored.CB.numpy().T)
+    np.testing.assert_array_equal(q_proj.qvalue, stored.CB.numpy())
     np.testing.assert_array_equal(q_proj.scale, stored.SCB.numpy())
     assert not isinstance(params["lm_head"]["kernel"], jint8.Int8Weight)  # bnb skips lm_head
 

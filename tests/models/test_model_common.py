@@ -126,3 +126,30 @@ def test_logits_to_keep_returns_the_last_positions():
     last, _ = model.apply({"params": params}, ids, logits_to_keep=2)
     assert last.shape == (2, 2, 50)
     np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -2:]), rtol=1e-6, atol=1e-6)
+
+
+def test_int8_embeddings_in_a_tied_llama_match_float_and_halve_the_table(tmp_path):
+    import jint8
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, tie_word_embeddings=True, dtype=jnp.float32)
+    model = LlamaForCausalLM(config)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 9)), jnp.int32)
+    params = model.init(jax.random.key(0), ids)["params"]
+    quant = jint8.Int8Config(min_size=0, quantize_embeddings=True)
+    qparams = jint8.quantize_params(params, quant)
+    table = qparams["model"]["embed_tokens"]["embedding"]
+    assert isinstance(table, jint8.Int8Weight) and table.qvalue.dtype == jnp.int8
+    ref, _ = model.apply({"params": params}, ids)
+    got, _ = model.apply({"params": qparams}, ids)
+    assert np.abs(np.asarray(got) - np.asarray(ref)).max() < 0.05 * np.abs(np.asarray(ref)).max()
+    without = jint8.quantize_params(params, jint8.Int8Config(min_size=0))
+    saved = jint8.param_bytes(without) - jint8.param_bytes(qparams)
+    assert saved == 512 * 64 * 4 - (512 * 64 + 512 * 4)  # f32 table -> int8 + one f32 scale per row
+    # A jint8 checkpoint keeps the int8 table; bitsandbytes has no int8 embeddings: export refuses.
+    jint8.save_quantized(tmp_path / "ckpt", qparams, quant_config=quant, model_config=config)
+    restored, _ = jint8.load_quantized(tmp_path / "ckpt")
+    again, _ = model.apply({"params": restored}, ids)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
+    with pytest.raises(InvalidConfigError, match="embed_tokens/embedding"):
+        jint8.export_bitsandbytes(model, qparams, tmp_path / "bnb")

@@ -27,9 +27,10 @@ q = jint8.quantize_params(params, cfg)
 unsharded = jint8.quantize_params({"up": {"kernel": column}, "down": {"kernel": row}}, cfg)
 
 up, down = q["up"]["kernel"], q["down"]["kernel"]
-assert up.qvalue.sharding == params["up"]["kernel"].sharding, up.qvalue.sharding
+# qvalue is stored K-major [out, in]: the same logical axes carry the same mesh axes.
+assert up.qvalue.sharding == NamedSharding(mesh, P("model", None)), up.qvalue.sharding
 assert up.scale.sharding.spec == P("model"), up.scale.sharding
-assert down.qvalue.sharding == params["down"]["kernel"].sharding, down.qvalue.sharding
+assert down.qvalue.sharding == NamedSharding(mesh, P(None, "model")), down.qvalue.sharding
 assert down.scale.sharding.is_fully_replicated, down.scale.sharding
 for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(unsharded)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -41,8 +42,8 @@ x_sharded = jax.device_put(jnp.asarray(x), NamedSharding(mesh, P("data", None)))
 
 @jax.jit
 def mlp(p, x):
-    h = jint8.int8_matmul(x, *p["up"]["kernel"].as_matrix())
-    return jint8.int8_matmul(jax.nn.relu(h), *p["down"]["kernel"].as_matrix())
+    h = jint8.int8_matmul(x, *p["up"]["kernel"].as_matrix(), weight_layout="nk")
+    return jint8.int8_matmul(jax.nn.relu(h), *p["down"]["kernel"].as_matrix(), weight_layout="nk")
 
 
 # int32 accumulators are exact; the float32 outlier stream is summed in shard-sized partial sums,
@@ -53,5 +54,5 @@ np.testing.assert_allclose(sharded_y, plain_y, rtol=1e-5, atol=1e-5 * np.abs(pla
 qj = jax.jit(lambda p: jint8.quantize_params(p, cfg))(params)
 for a, b in zip(jax.tree.leaves(qj), jax.tree.leaves(unsharded)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-assert qj["up"]["kernel"].qvalue.sharding.is_equivalent_to(params["up"]["kernel"].sharding, 2)
+assert qj["up"]["kernel"].qvalue.sharding.is_equivalent_to(NamedSharding(mesh, P("model", None)), 2)
 print("SHARDED OK")
