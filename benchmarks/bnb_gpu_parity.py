@@ -53,9 +53,11 @@ def run_case(m, k, n, pattern, threshold, rng):
 
     a16 = activations(rng, m, k, pattern)
     w16 = (rng.standard_normal((n, k)) * 0.02).astype(np.float16)  # torch layout [out, in]
-    ta, tw = torch.from_numpy(a16).cuda(), torch.from_numpy(w16).cuda()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of this script
+    ta, tw = torch.from_numpy(a16).to(device), torch.from_numpy(w16).to(device)
     ja, jw = jnp.asarray(a16), jnp.asarray(w16)
-    row = {"M": m, "K": k, "N": n, "pattern": pattern, "threshold": threshold}
+    backend = "pallas_triton" if jax.devices()[0].platform == "gpu" else "xla"
+    row = {"M": m, "K": k, "N": n, "pattern": pattern, "threshold": threshold, "backend": backend}
 
     # 1. activation quantization
     CA, SCA, cols = bnb.functional.int8_vectorwise_quant(ta.clone(), threshold)
@@ -90,21 +92,22 @@ def run_case(m, k, n, pattern, threshold, rng):
     # 3. layer outputs
     layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=threshold)
     layer.weight = bnb.nn.Int8Params(tw.cpu().clone(), requires_grad=False, has_fp16_weights=False)
-    layer = layer.cuda().eval()
+    layer = layer.to(device).eval()
     with torch.no_grad():
         y_bnb = layer(ta).float().cpu().numpy()
     kernel = jint8.quantize_params({"kernel": jw.T}, jint8.Int8Config(threshold=threshold, min_size=0,
                                                                       outlier_capacity=64))["kernel"]
-    row["weights_int8_equal"] = bool(np.array_equal(np.asarray(kernel.qvalue), layer.weight.CB.cpu().numpy()))
+    row["weights_int8_equal"] = bool(np.array_equal(np.asarray(kernel.qvalue), layer.state.CB.cpu().numpy()))
     y_ours = np.asarray(jint8.int8_matmul(ja, kernel.qvalue, kernel.scale, threshold=threshold,
                                           outlier_capacity=64, weight_layout="nk",
-                                          backend="pallas_triton")).astype(np.float32)
+                                          backend=backend)).astype(np.float32)
     y64 = _float64_recipe(a16, np.asarray(kernel.qvalue), np.asarray(kernel.scale), threshold)
     scale = float(np.abs(y64).max()) or 1.0
     row["bnb_vs_jint8"] = float(np.abs(y_bnb - y_ours).max() / scale)
     row["jint8_vs_f64"] = float(np.abs(y_ours - y64).max() / scale)
     row["bnb_vs_f64"] = float(np.abs(y_bnb - y64).max() / scale)
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
@@ -128,6 +131,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="append one JSON line per case here")
     parser.add_argument("--threshold", type=float, nargs="+", default=[6.0, 0.0])
+    parser.add_argument("--small", action="store_true", help="small shapes only (a CPU smoke run)")
     args = parser.parse_args(argv)
     import bitsandbytes
     import jax
@@ -138,7 +142,7 @@ def main(argv=None):
           f"bitsandbytes {bitsandbytes.__version__}")
     rng = np.random.default_rng()
     rows = []
-    for m, k, n in SHAPES:
+    for m, k, n in [(3, 64, 40), (1, 33, 17)] if args.small else SHAPES:
         for pattern in PATTERNS:
             for threshold in args.threshold:
                 row = run_case(m, k, n, pattern, threshold, rng)
