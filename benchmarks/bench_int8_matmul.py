@@ -1,13 +1,19 @@
-"""Times jint8's int8_matmul against XLA bf16 and XLA naive A8W8: `python3 benchmarks/bench_int8_matmul.py`.
+"""Times jint8's int8_matmul against XLA bf16, XLA naive A8W8 and bitsandbytes' Linear8bitLt:
+`python3 benchmarks/bench_int8_matmul.py`.
 
-Every op is jitted whole (activation pass, index list, GEMM, epilogue). Calls rotate over several
+The "jint8" column is the public op on K-major weights (weight_layout="nk", what Int8Weight
+stores); "jint8, wq[K,N]" the same op on [K, N] weights (big layer only); bitsandbytes
+(threshold 6, has_fp16_weights=False) is timed when it imports. Every op is jitted whole. Calls rotate over several
 activation sets (and, where the weights would fit in L2, over weight copies so that >= 2x L2 of
 weights streams), dispatched back to back; a sample is (wall time of a ~30 ms batch) / calls
 after block_until_ready, and the table shows the median of 7 samples. Inputs: x ~ N(0, 1) with 8 outlier columns
 (|x| in [6, 40], one row each), threshold 6, capacity 64; bf16 activations and output.
 
-  --sweep: time candidate tile configs on the K=8192, N=28672 layer (for data/<gpu>.json).
-  --shapes layer|llama|all (default all).
+  --sweep: time candidate K-major plans on the K=8192, N=28672 layer (for data/<gpu>.json).
+  --sweep-split-k: the fused kernel's split_k / block_n on the Llama layers at M = 1, 16.
+  --shapes layer|llama|all (default all); --ms 1,16,256,4096.
+"In one jit" columns (M <= 16): all rotated calls inside one jitted executable, as a jitted
+model issues them (time_in_one_jit).
 """
 
 from __future__ import annotations
@@ -31,8 +37,6 @@ import numpy as np  # noqa: E402
 from jint8.ops.int8_matmul import configs, reference  # noqa: E402
 from jint8.ops.int8_matmul.api import int8_matmul  # noqa: E402
 from jint8.ops.int8_matmul.pallas_triton import int8_matmul_pallas  # noqa: E402
-from jint8.ops.int8_matmul.pallas_triton_gemm import int8_gemm  # noqa: E402
-from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows_unmasked  # noqa: E402
 
 THRESHOLD, CAPACITY, NUM_OUTLIER_COLS = 6.0, 64, 8
 L2_BYTES = 50 * 2**20
@@ -93,186 +97,241 @@ def time_op(op, xs, ws, *, batch_seconds=0.03, samples=7):
     return statistics.median(results)
 
 
-def ops_for(col_scales, bf16_weights):
-    def jint8(x, wq):
-        return int8_matmul(x, wq, col_scales, threshold=THRESHOLD, outlier_capacity=CAPACITY,
-                           backend="pallas_triton")
+def time_in_one_jit(op, xs, ws, *, samples=7):
+    """Median seconds per op when all (x, w) pairs run inside one jitted executable.
 
-    def naive_a8w8(x, wq):  # vector-wise A8W8 by XLA, no outlier decomposition
-        y, _ = reference.int8_matmul_reference(x, wq, col_scales, threshold=0.0,
-                                               outlier_capacity=0)
+    One dispatch per len(pairs) ops: this is how a jitted model's decode step launches its
+    projections, so small layers show GPU time and in-executable launch gaps instead of the
+    host's per-call dispatch floor.
+    """
+    pairs = [(x, ws[i % len(ws)]) for i, x in enumerate(xs)]
+    fn = jax.jit(lambda pairs: [op(x, w) for x, w in pairs])
+    jax.block_until_ready(fn(pairs))
+    results = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        for _ in range(4):
+            out = fn(pairs)
+        jax.block_until_ready(out)
+        results.append((time.perf_counter() - start) / (4 * len(pairs)))
+    return statistics.median(results)
+
+
+def ops_for(col_scales):
+    def jint8(x, wq_nk):  # the public op on K-major weights, what Int8Weight stores
+        return int8_matmul(x, wq_nk, col_scales, threshold=THRESHOLD, outlier_capacity=CAPACITY,
+                           weight_layout="nk", backend="pallas_triton")
+
+    def jint8_kn(x, wq_kn):  # the public op on [K, N] weights (the old layout)
+        return int8_matmul(x, wq_kn, col_scales, threshold=THRESHOLD, outlier_capacity=CAPACITY,
+                           weight_layout="kn", backend="pallas_triton")
+
+    def naive_a8w8(x, wq_nk):  # vector-wise A8W8 by XLA, no outlier decomposition
+        y, _ = reference.int8_matmul_reference(x, wq_nk, col_scales, threshold=0.0,
+                                               outlier_capacity=0, weight_layout="nk")
         return y
 
-    def xla_reference_t6(x, wq):  # the reference recipe (outliers, lax.cond) all in XLA
-        y, _ = reference.int8_matmul_reference(x, wq, col_scales, threshold=THRESHOLD,
-                                               outlier_capacity=CAPACITY)
-        return y
-
-    return {"jint8": jint8, "xla_ref_t6": xla_reference_t6, "naive_a8w8": naive_a8w8}
+    return jint8, jint8_kn, naive_a8w8
 
 
-def bench_table(shapes, rng, *, full_columns):
+def bnb_timer(k, n, copies):
+    """seconds-per-call function of bitsandbytes' Linear8bitLt (threshold 6, int8 weights),
+    or None when bitsandbytes does not import here."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    layers = [bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False,
+                                  threshold=THRESHOLD).cuda() for _ in range(copies)]
+
+    def timer(xs, *, batch_seconds=0.03, samples=7):
+        tx = [torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(torch.bfloat16)
+              for x in xs]
+        pairs = [(x, layers[i % len(layers)]) for i, x in enumerate(tx)]
+        with torch.inference_mode():
+            for x, layer in pairs:
+                out = layer(x)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for x, layer in pairs:
+                out = layer(x)
+            torch.cuda.synchronize()
+            per_call = (time.perf_counter() - start) / len(pairs)
+            calls = max(len(pairs), int(batch_seconds / max(per_call, 1e-6)))
+            results = []
+            for _ in range(samples):
+                start = time.perf_counter()
+                for i in range(calls):
+                    x, layer = pairs[i % len(pairs)]
+                    out = layer(x)
+                torch.cuda.synchronize()
+                results.append((time.perf_counter() - start) / calls)
+        del out
+        return statistics.median(results)
+
+    return timer
+
+
+def bench_table(shapes, rng, *, full_columns, ms=MS):
     rows = []
-    kind = jax.devices()[0].device_kind
     for k, n in shapes:
         wq, col_scales = weight_copies(rng, k, n)
         wq_nk = [w.T.copy() for w in wq]  # K-major copies, made once outside the timed calls
         w_bf16 = [(w.astype(jnp.float32) * col_scales / 127).astype(jnp.bfloat16) for w in wq]
-        for m in MS:
+        jint8, jint8_kn, naive_a8w8 = ops_for(col_scales)
+        bnb_time = bnb_timer(k, n, len(wq))
+        for m in ms:
             xs = activations(rng, m, k, sets_for(m, k, n))
-            ops = ops_for(col_scales, w_bf16)
-            if not full_columns or (k, n) != LAYER:
-                del ops["xla_ref_t6"]
-            times = {name: time_op(op, xs, wq) for name, op in ops.items()}
-            nk_plan = configs.plan_for(kind, m, k, n, weight_layout="nk")
-            times["jint8_nk"] = time_op(
-                lambda x, w: int8_matmul_pallas(x, w, col_scales, threshold=THRESHOLD,
-                                                outlier_capacity=CAPACITY, plan=nk_plan)[0],
-                xs, wq_nk)
+            times = {"jint8": time_op(jint8, xs, wq_nk)}
+            if (k, n) == LAYER:
+                times["jint8_kn"] = time_op(jint8_kn, xs, wq)
             times["xla_bf16"] = time_op(lambda x, w: x @ w, xs, w_bf16)
-            plan = configs.plan_for(kind, m, k, n)
+            times["naive_a8w8"] = time_op(naive_a8w8, xs, wq_nk)
+            if bnb_time is not None:
+                times["bnb"] = bnb_time(xs)
+            if m <= 16:
+                times["jint8_in_jit"] = time_in_one_jit(jint8, xs, wq_nk)
+                times["bf16_in_jit"] = time_in_one_jit(lambda x, w: x @ w, xs, w_bf16)
             if full_columns and (k, n) == LAYER:
                 times["null_op"] = time_op(lambda x, w: x[:1, :1] + 1, xs, wq)
-                times["quantize_only"] = time_op(
-                    lambda x, w: quantize_rows_unmasked(x, threshold=THRESHOLD,
-                                                        config=plan.quantize), xs, wq)
+            plan = configs.plan_for(jax.devices()[0].device_kind, m, k, n, "nk")
             rows.append((k, n, m, times, plan))
             print(f"K={k:5d} N={n:5d} M={m:4d} " + " ".join(
                 f"{name}={t * 1e3:.4f}ms" for name, t in times.items())
                 + f" | {plan.gemm_path} {plan.gemm}", flush=True)
+        del wq, wq_nk, w_bf16
     return rows
+
+
+COLUMNS = [("jint8", "jint8 (public op, K-major wq)"), ("jint8_kn", "jint8, wq[K,N]"),
+           ("xla_bf16", "XLA bf16"), ("naive_a8w8", "XLA naive A8W8"),
+           ("bnb", "bnb Linear8bitLt t=6"), ("jint8_in_jit", "jint8, in one jit"),
+           ("bf16_in_jit", "bf16, in one jit"), ("null_op", "null op")]
 
 
 def print_markdown(rows):
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"{datetime.date.today().isoformat()}; median ms per call\n")
-    print("| K x N | M | jint8, wq[K,N] (t=6, 8 outlier cols) | jint8, K-major wq | XLA bf16 | "
-          "XLA naive A8W8 | XLA reference t=6 | activation pass | null op | jint8 [K,N] vs bf16 "
-          "| K-major vs bf16 | GEMM path [K,N] |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| K x N | M | " + " | ".join(title for _, title in COLUMNS)
+          + " | jint8 vs bf16 | in one jit: vs bf16 | jint8 route |")
+    print("|---|---|" + "---|" * (len(COLUMNS) + 3))
     fmt = lambda t, key: f"{t[key] * 1e3:.3f}" if key in t else "-"
     for k, n, m, t, plan in rows:
-        print(f"| {k}x{n} | {m} | {fmt(t, 'jint8')} | {fmt(t, 'jint8_nk')} | "
-              f"{fmt(t, 'xla_bf16')} | {fmt(t, 'naive_a8w8')} | {fmt(t, 'xla_ref_t6')} | "
-              f"{fmt(t, 'quantize_only')} | {fmt(t, 'null_op')} | "
-              f"{t['xla_bf16'] / t['jint8']:.2f}x | {t['xla_bf16'] / t['jint8_nk']:.2f}x | "
-              f"{plan.gemm_path} |")
+        in_jit = (f"{t['bf16_in_jit'] / t['jint8_in_jit']:.2f}x" if "jint8_in_jit" in t
+                  else "-")
+        print(f"| {k}x{n} | {m} | " + " | ".join(fmt(t, key) for key, _ in COLUMNS)
+              + f" | {t['xla_bf16'] / t['jint8']:.2f}x | {in_jit} | {plan.gemm_path} |")
 
 
-def sweep_candidates(m, k, n):
-    """(weight_layout, swap_ab, block_m, block_n, block_k, num_warps, num_stages, split_k)."""
+def sweep_candidates(m):
+    """K-major plans to time at this M: (gemm_path, block_n, block_k, warps, stages, mode,
+    block_m (pallas only))."""
     if m <= 16:
-        rows = [("kn", 0, 16, 256, 64, 4, 6, 1), ("kn", 0, 16, 128, 128, 4, 4, 1),
-                ("kn", 0, 16, 256, 128, 8, 4, 1), ("kn", 0, 16, 256, 64, 4, 8, 1),
-                ("kn", 0, 16, 512, 64, 8, 6, 1), ("kn", 0, 16, 128, 64, 4, 8, 1),
-                ("kn", 1, 16, 256, 64, 4, 6, 1), ("kn", 1, 16, 128, 128, 4, 4, 1),
-                ("nk", 0, 16, 64, 256, 4, 4, 1), ("nk", 1, 16, 128, 128, 4, 4, 1)]
+        rows = [("fused", 128, 128, 4, 4, "branch"), ("fused", 128, 128, 4, 4, "dense"),
+                ("fused", 128, 128, 4, 6, "branch"), ("fused", 256, 64, 4, 6, "branch"),
+                ("fused", 256, 128, 8, 3, "branch"), ("fused", 128, 64, 4, 8, "branch"),
+                ("fused", 128, 256, 8, 3, "branch"), ("fused", 256, 128, 8, 4, "branch"),
+                ("pallas", 64, 256, 4, 4, "branch", 16), ("pallas", 128, 128, 4, 4, "branch", 16)]
     elif m <= 64:
-        rows = [("kn", 0, 16, 256, 64, 4, 6, 1), ("kn", 0, 32, 128, 128, 4, 4, 1),
-                ("kn", 1, 64, 128, 128, 4, 4, 1), ("kn", 1, 32, 256, 64, 4, 4, 1),
-                ("nk", 0, 64, 128, 128, 4, 4, 1)]
+        rows = [("fused", 128, 128, 4, 4, "branch"), ("fused", 256, 64, 8, 4, "branch"),
+                ("fused", 128, 64, 4, 6, "branch"), ("pallas", 128, 128, 4, 4, "branch", 64),
+                ("pallas", 128, 128, 4, 4, "branch", 32)]
     elif m <= 256:
-        rows = [("kn", 1, 64, 128, 128, 4, 4, 1), ("kn", 1, 128, 128, 128, 8, 3, 1),
-                ("kn", 1, 64, 256, 128, 8, 3, 1), ("kn", 0, 128, 64, 128, 4, 4, 1),
-                ("nk", 0, 64, 128, 128, 4, 4, 1), ("nk", 0, 128, 128, 128, 8, 3, 1)]
+        rows = [("pallas", 128, 128, 4, 4, "branch", 64), ("pallas", 128, 128, 8, 3, "branch", 128),
+                ("pallas", 256, 128, 8, 3, "branch", 128), ("pallas", 256, 128, 8, 3, "branch", 64),
+                ("pallas", 128, 256, 8, 3, "branch", 64), ("pallas", 64, 128, 4, 4, "branch", 128),
+                ("pallas", 128, 64, 4, 5, "branch", 128)]
     else:
-        rows = [("kn", 1, 128, 128, 128, 8, 3, 1), ("kn", 1, 128, 256, 128, 8, 3, 1),
-                ("kn", 1, 128, 128, 64, 4, 4, 1), ("nk", 0, 128, 128, 128, 8, 3, 1),
-                ("nk", 0, 128, 256, 128, 8, 3, 1), ("nk", 0, 256, 128, 128, 8, 3, 1)]
-    quant = configs.default_plan(m, k, n).quantize
-    plans = [configs.KernelPlan(quantize=quant, gemm=configs.Config(
-        weight_layout=layout, swap_ab=bool(swap), block_m=bm, block_n=bn, block_k=bk,
-        num_warps=w, num_stages=st, split_k=sk))
-        for layout, swap, bm, bn, bk, w, st, sk in rows]
-    plans.append(configs.KernelPlan(quantize=quant, gemm=plans[0].gemm, gemm_path="xla"))
+        rows = [("pallas", 128, 128, 8, 3, "branch", 128), ("pallas", 256, 128, 8, 3, "branch", 128),
+                ("pallas", 128, 128, 8, 3, "branch", 256), ("pallas", 256, 64, 8, 4, "branch", 128),
+                ("pallas", 256, 128, 8, 4, "branch", 128), ("pallas", 128, 64, 4, 4, "branch", 128)]
+    plans = []
+    for path, bn, bk, warps, stages, mode, *bm in rows:
+        block_m = configs.fused_block_m(m) if path == "fused" else bm[0]
+        plans.append(configs.KernelPlan(
+            quantize=configs.default_plan(m, LAYER[0], LAYER[1]).quantize, gemm_path=path,
+            gemm=configs.Config(block_m=block_m, block_n=bn, block_k=bk, num_warps=warps,
+                                num_stages=stages, weight_layout="nk", outlier_mode=mode)))
     return plans
 
 
-def sweep(rng, ms, table_path=None):
-    """Times every candidate; the fastest "kn" plan per M becomes that bucket of the table."""
+def _time_plan(m, plan, xs, weights, col_scales):
+    op = lambda x, w, plan=plan: int8_matmul_pallas(
+        x, w, col_scales, threshold=THRESHOLD, outlier_capacity=CAPACITY,
+        weight_layout=plan.reads_layout(), plan=plan)[0]
+    try:
+        seconds = time_op(op, xs, weights, samples=5)
+    except Exception as error:  # a candidate that does not compile is reported, skipped
+        print(f"  M={m} {plan.gemm_path} {plan.gemm}: FAILED {type(error).__name__}: "
+              f"{str(error)[:300]}", flush=True)
+        return None
+    print(f"  M={m} {seconds * 1e3:.4f} ms {plan.gemm_path} {plan.gemm}", flush=True)
+    return seconds
+
+
+def sweep(rng, ms):
+    """Times every K-major candidate on the 8192x28672 layer; prints the best per M."""
     k, n = LAYER
     wq, col_scales = weight_copies(rng, k, n)
-    wq_nk = [w.T.copy() for w in wq]  # K-major copies, made once outside the timed calls
-    buckets = []
+    wq_nk = [w.T.copy() for w in wq]
+    del wq
     for m in ms:
         xs = activations(rng, m, k, sets_for(m, k, n))
-        results = []
-        for plan in sweep_candidates(m, k, n):
-            op = lambda x, w, plan=plan: int8_matmul_pallas(
-                x, w, col_scales, threshold=THRESHOLD, outlier_capacity=CAPACITY, plan=plan)[0]
-            weights = wq_nk if plan.gemm.weight_layout == "nk" else wq
-            try:
-                seconds = time_op(op, xs, weights, samples=5)
-            except Exception as error:  # a candidate that does not compile is reported, skipped
-                print(f"  M={m} {plan.gemm_path} {plan.gemm}: FAILED {type(error).__name__}: "
-                      f"{str(error)[:300]}", flush=True)
-                continue
-            results.append((seconds, plan))
-            print(f"  M={m} {seconds * 1e3:.4f} ms {plan.gemm_path} {plan.gemm}", flush=True)
+        results = [(s, p) for p in sweep_candidates(m)
+                   if (s := _time_plan(m, p, xs, wq_nk, col_scales)) is not None]
         best_seconds, best = min(results, key=lambda r: r[0])
-        usable = min((r for r in results if r[1].gemm.weight_layout == "kn"),
-                     key=lambda r: r[0])
         print(f"BEST M={m}: {best_seconds * 1e3:.4f} ms {best}", flush=True)
-        print(f"BEST kn M={m}: {usable[0] * 1e3:.4f} ms {usable[1]}", flush=True)
-        breakdown(xs, wq_nk if best.gemm.weight_layout == "nk" else wq, col_scales, best)
-        buckets.append({
-            "max_m": m if m != ms[-1] else 1 << 30, "measured_ms": round(usable[0] * 1e3, 4),
-            "gemm_path": usable[1].gemm_path, "gemm": dataclasses.asdict(usable[1].gemm)})
-    if table_path:
-        table = {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
-                 "date": datetime.date.today().isoformat(),
-                 "layer": {"k": k, "n": n}, "buckets": buckets}
-        pathlib.Path(table_path).write_text(json.dumps(table, indent=1) + "\n")
-        print(f"wrote {table_path}", flush=True)
 
 
-def breakdown(xs, weights, col_scales, plan):
-    """Times of the activation pass alone and of the GEMM kernel alone (inputs precomputed)."""
-    quant = lambda x, w: quantize_rows_unmasked(x, threshold=THRESHOLD, config=plan.quantize)
-    q_seconds = time_op(quant, xs, weights, samples=5)
-    line = f"  breakdown: activation pass {q_seconds * 1e3:.4f} ms"
-    if plan.gemm_path == "pallas":
-        prepared = [quantize_rows_unmasked(x, threshold=THRESHOLD, config=plan.quantize)
-                    for x in xs]
-        zero_bias = jnp.zeros(col_scales.shape, jnp.float32)
-        inputs = []
-        for x, (xq, row_scales, flags) in zip(xs, prepared):
-            slots, valid = reference.outlier_columns(flags > 0, CAPACITY)
-            inputs.append((x, xq, row_scales, flags, slots, valid.astype(jnp.int32)))
-
-        def gemm(prepared_inputs, w):
-            x, xq, row_scales, flags, slots, valid = prepared_inputs
-            return int8_gemm(xq, w, row_scales, col_scales, zero_bias, x, slots, valid, flags,
-                             jnp.zeros((1,), jnp.int32), config=plan.gemm,
-                             out_dtype=jnp.bfloat16, has_bias=False, has_outliers=True,
-                             dense_fallback=True)
-
-        g_seconds = time_op(gemm, inputs, weights, samples=5)
-        line += f", GEMM kernel {g_seconds * 1e3:.4f} ms"
-    print(line, flush=True)
+def sweep_split_k(rng, shapes, ms=(1, 16)):
+    """The fused kernel's split_k on the smaller layers (few output tiles)."""
+    for k, n in shapes:
+        wq, col_scales = weight_copies(rng, k, n)
+        wq_nk = [w.T.copy() for w in wq]
+        del wq
+        for m in ms:
+            xs = activations(rng, m, k, sets_for(m, k, n))
+            base = configs.plan_for(jax.devices()[0].device_kind, m, k, n, "nk")
+            if base.gemm_path != "fused":
+                continue
+            for split_k, block_n, block_k in ((1, 32, 256), (1, 64, 256), (1, 128, 128),
+                                              (2, 64, 256), (2, 128, 128), (4, 64, 256),
+                                              (4, 128, 128)):
+                plan = dataclasses.replace(base, gemm=dataclasses.replace(
+                    base.gemm, split_k=split_k, block_n=block_n, block_k=block_k))
+                print(f"  K={k} N={n}", end="")
+                _time_plan(m, plan, xs, wq_nk, col_scales)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-ms", default="1,16,64,256,4096")
-    parser.add_argument("--write-table", default=None,
-                        help="with --sweep: write the per-bucket best plans to this json")
+    parser.add_argument("--sweep-split-k", action="store_true",
+                        help="time the fused kernel's split_k on the Llama layers")
     parser.add_argument("--shapes", choices=("layer", "llama", "all"), default="all")
-    parser.add_argument("--brief", action="store_true",
-                        help="leave out the reference, null-op and activation-pass columns")
+    parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--brief", action="store_true", help="leave out the null-op column")
     args = parser.parse_args()
     rng = np.random.default_rng(int(time.time_ns() % 2**31))
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     if args.sweep:
-        sweep(rng, [int(m) for m in args.sweep_ms.split(",")], args.write_table)
+        sweep(rng, [int(m) for m in args.sweep_ms.split(",")])
+    if args.sweep_split_k:
+        sweep_split_k(rng, LLAMA)
+    if args.sweep or args.sweep_split_k:
         return
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
+        print(f"bitsandbytes {bitsandbytes.__version__}", flush=True)
     except ImportError:
         print("bitsandbytes not importable here: its column is left out", flush=True)
     shapes = {"layer": [LAYER], "llama": LLAMA, "all": [LAYER] + LLAMA}[args.shapes]
-    print_markdown(bench_table(shapes, rng, full_columns=not args.brief))
+    print_markdown(bench_table(shapes, rng, full_columns=not args.brief,
+                               ms=tuple(int(m) for m in args.ms.split(","))))
 
 
 if __name__ == "__main__":

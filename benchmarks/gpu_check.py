@@ -2,11 +2,15 @@
 
 Fresh random inputs every run (seed printed). For every shape (odd ones included):
 - the activation pass equals reference.quantize_rows (run by XLA on the same GPU) bit for bit;
-- the fused GEMM's int32 accumulator, written into an INT32_MIN-poisoned buffer, equals XLA's
-  int8 dot of the reference-quantized inputs bit for bit;
-- the whole op, its GEMM writing into a NaN-poisoned buffer, is finite everywhere and within
-  checks.output_error_bound of the recipe evaluated in float64 on the host;
-- the stats (outlier column count, overflow flag) equal the reference's.
+- the int32 accumulator of each plan's GEMM (the one-launch fused kernel for M <= 64, the GEMM
+  kernel otherwise, both outlier modes, split-K, both weight layouts, [K, N] transposed), written
+  into an INT32_MIN-poisoned buffer, equals XLA's int8 dot of the reference-quantized inputs bit
+  for bit;
+- the whole op, its kernel writing into a NaN-poisoned buffer, is finite everywhere and within
+  checks.output_error_bound of the recipe evaluated in float64 on the host (the fused kernel
+  with checks.weight_rounding added);
+- the stats (outlier column count, overflow flag) equal the reference's (the fused route has no
+  capacity: it never overflows).
 Exits 1 on any failure. `--quick` runs a subset.
 """
 
@@ -41,13 +45,18 @@ SHAPES_FULL = SHAPES_QUICK + [(17, 1000, 333), (64, 4096, 14336), (1, 8192, 2867
                               (300, 1536, 2048), (4096, 4096, 4096), (33, 129, 4097)]
 
 
-def make_inputs(rng, m, k, n, dtype, num_outlier_cols, with_bias, extreme=False):
+def make_inputs(rng, m, k, n, dtype, num_outlier_cols, with_bias, extreme=False,
+                special_rows=False):
     x = rng.standard_normal((m, k)).astype(np.float32)
     if extreme:  # |xq| = 127 everywhere and wq = 127: the largest exact sums the MMAs must hold
         x = np.full((m, k), 1.5, np.float32)
     cols = rng.choice(k, size=min(num_outlier_cols, k), replace=False)
     rows = rng.integers(0, m, size=cols.size)
     x[rows, cols] = rng.choice([-1.0, 1.0], cols.size) * rng.uniform(6.0, 40.0, cols.size)
+    if special_rows:  # a zero row and (M > 1) a row of outliers only: s_x = 0 for both
+        x[0] = 0.0
+        if m > 1:
+            x[1] = np.where(np.arange(k) % 2, 7.0, -9.0)
     wq = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
     if extreme:
         wq = np.full((k, n), 127, np.int8)
@@ -58,49 +67,50 @@ def make_inputs(rng, m, k, n, dtype, num_outlier_cols, with_bias, extreme=False)
 
 
 def plans_to_check(m, k, n, table_only=False):
-    """The plan the GPU's table picks, plus the Pallas GEMM forced where the table says xla."""
-    plan = configs.plan_for(jax.devices()[0].device_kind, m, k, n)
-    plans = [plan]
+    """The plans the GPU's tables pick for both weight layouts, plus the variants they do not:
+    the other outlier mode, split-K, the two-kernel route for skinny M, the other layout."""
+    kind = jax.devices()[0].device_kind
+    plan = configs.plan_for(kind, m, k, n, weight_layout="nk")
+    plans = [plan, configs.plan_for(kind, m, k, n, weight_layout="kn")]
     if table_only:
         return plans
-    if plan.gemm_path == "xla":
-        plans.append(configs.KernelPlan(quantize=plan.quantize, gemm=plan.gemm,
-                                        gemm_path="pallas"))
-    if plan.gemm.split_k == 1 and m <= 64:  # also exercise split-K on the skinny shapes
-        plans.append(configs.KernelPlan(
-            quantize=plan.quantize, gemm=dataclasses.replace(plan.gemm, split_k=2),
-            gemm_path="pallas"))
-    plans.append(configs.KernelPlan(quantize=plan.quantize, gemm_path="pallas",
-                                    gemm=dataclasses.replace(plan.gemm,
-                                                             swap_ab=not plan.gemm.swap_ab)))
-    # Both weight layouts, whatever the table picked.
-    other_layout = "nk" if plan.gemm.weight_layout == "kn" else "kn"
-    plans.append(configs.KernelPlan(quantize=plan.quantize, gemm_path="pallas",
-                                    gemm=dataclasses.replace(plan.gemm,
-                                                             weight_layout=other_layout)))
+    replace = dataclasses.replace
+    if plan.gemm_path == "fused":
+        other_mode = "dense" if plan.gemm.outlier_mode == "branch" else "branch"
+        plans.append(replace(plan, gemm=replace(plan.gemm, outlier_mode=other_mode)))
+        plans.append(replace(plan, gemm=replace(plan.gemm, split_k=plan.gemm.split_k % 3 + 2)))
+        pallas = configs.plan_for("no table", 65, k, n, weight_layout="nk")
+        plans.append(replace(pallas, gemm=replace(pallas.gemm, block_m=16 if m <= 16 else 64)))
+    else:
+        plans.append(replace(plan, gemm=replace(plan.gemm, weight_layout="kn")))
+        plans.append(replace(plan, gemm=replace(plan.gemm, swap_ab=True, weight_layout="kn")))
     return plans
 
 
 def check_case(rng, m, k, n, dtype, num_outlier_cols, capacity, with_bias, failures,
-               interpret=False, extreme=False, table_only=False):
+               interpret=False, extreme=False, table_only=False, special_rows=False):
     x, wq, col_scales, bias = make_inputs(rng, m, k, n, dtype, num_outlier_cols, with_bias,
-                                          extreme)
+                                          extreme, special_rows)
     capacity = min(capacity, k)
     label = (f"M={m} K={k} N={n} {jnp.dtype(dtype).name} outliers={num_outlier_cols} "
              f"cap={capacity} bias={with_bias}")
     ref_q = reference.quantize_rows(x, THRESHOLD)
     y64, magnitude = checks.float64_recipe(x, wq, col_scales, bias, threshold=THRESHOLD)
+    rounding = checks.weight_rounding(x, wq, col_scales, threshold=THRESHOLD)
     ref_acc = np.asarray(reference.int8_dot(ref_q[0], wq))
     _, ref_stats = reference.int8_matmul_reference(
         x, wq, col_scales, bias, threshold=THRESHOLD, outlier_capacity=capacity)
     num_outliers = int(ref_stats.num_outlier_columns)
     for plan in plans_to_check(m, k, n, table_only):
-        tag = f"{label} {plan.gemm_path} {plan.gemm}"
-        got_q = quantize_rows(x, THRESHOLD, config=plan.quantize, interpret=interpret)
-        for name, got, want in zip(("xq", "row_scales", "col_mask"), got_q, ref_q):
-            if not np.array_equal(np.asarray(got), np.asarray(want)):
-                failures.append(f"{tag}: activation pass {name} differs from reference")
-        w = wq.T if plan.gemm.weight_layout == "nk" else wq
+        tag = (f"{label} {plan.gemm_path}{' transposed' if plan.transpose_weight else ''} "
+               f"{plan.gemm}")
+        fused = plan.gemm_path == "fused"
+        if not fused:
+            got_q = quantize_rows(x, THRESHOLD, config=plan.quantize, interpret=interpret)
+            for name, got, want in zip(("xq", "row_scales", "col_mask"), got_q, ref_q):
+                if not np.array_equal(np.asarray(got), np.asarray(want)):
+                    failures.append(f"{tag}: activation pass {name} differs from reference")
+        w = wq.T if plan.reads_layout() == "nk" else wq
         acc = int8_accumulator_pallas(x, w, threshold=THRESHOLD, outlier_capacity=capacity,
                                       plan=plan, poison_output=True,
                                       interpret=interpret)
@@ -110,13 +120,15 @@ def check_case(rng, m, k, n, dtype, num_outlier_cols, capacity, with_bias, failu
         y, stats = _int8_matmul_pallas(
             x, w, col_scales, bias, threshold=THRESHOLD, outlier_capacity=capacity,
             out_dtype=jnp.dtype(dtype), plan=plan, interpret=interpret, poison_output=True)
-        stream_terms = capacity + num_outliers + -(-k // plan.gemm.block_k)
+        stream_terms = capacity + num_outliers + -(-k // plan.gemm.block_k) + 2
         ratio = checks.max_bound_violation(y, y64, magnitude, dtype, stream_terms=stream_terms,
-                                           split_k=plan.gemm.split_k)
+                                           split_k=plan.gemm.split_k,
+                                           weight_rounding=rounding if fused else 0.0)
         if not ratio <= 1.0:
             failures.append(f"{tag}: output error {ratio:.3g} x the bound (inf: non-finite)")
+        want_overflow = bool(ref_stats.capacity_overflow) and not fused
         if (int(stats.num_outlier_columns), bool(stats.capacity_overflow)) != (
-                num_outliers, bool(ref_stats.capacity_overflow)):
+                num_outliers, want_overflow):
             failures.append(f"{tag}: stats {stats} != reference {ref_stats}")
         rel = float(np.linalg.norm(np.asarray(y, np.float64) - y64) / np.linalg.norm(y64))
         print(f"  ok? {ratio <= 1.0}  {tag}  err/bound={ratio:.3f}  rel_l2={rel:.2e}", flush=True)
@@ -152,6 +164,7 @@ def main():
     elif args.interpret:
         case(3, 200, 129, jnp.bfloat16, 8, 64, True)
         case(17, 100, 33, jnp.float32, 12, 4, False)
+        case(1, 77, 45, jnp.bfloat16, 3, 64, True, special_rows=True)
     else:
         for i, (m, k, n) in enumerate(shapes):
             case(m, k, n, jnp.bfloat16, 8, 64, i % 2 == 0)  # outliers present
@@ -163,6 +176,8 @@ def main():
         case(300, 777, 513, jnp.bfloat16, 40, 16, True)  # overflow, large M
         case(64, 8192, 512, jnp.bfloat16, 0, 64, False, extreme=True)
         case(64, 8192, 512, jnp.bfloat16, 3, 64, True, extreme=True)
+        case(1, 4096, 1024, jnp.bfloat16, 200, 64, False)  # many outlier columns, decode
+        case(7, 1000, 333, jnp.float16, 3, 64, True, special_rows=True)  # zero/all-outlier rows
     print(f"{len(failures)} failures in {time.time() - start:.0f} s")
     for failure in failures:
         print("FAIL", failure)

@@ -8,7 +8,8 @@ Fresh random inputs per run; the seed is in every failure message.
 Held to (see jint8/ops/int8_matmul/checks.py for the derivation of the float bound):
 - the activation pass: equal to reference.quantize_rows bit for bit;
 - the GEMM's int32 accumulator: equal to reference.int8_dot on reference-quantized inputs;
-- the output: |y - y64| <= u_out |y64| + (C + S + 8) 2^-24 T against the recipe in float64.
+- the output: |y - y64| <= u_out |y64| + (C + S + 8) 2^-24 T against the recipe in float64
+  (plus, for the one-launch fused kernel, the weight rounding it skips: checks.weight_rounding).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jint8.ops.int8_matmul.pallas_triton import (
     int8_matmul_pallas,
     unsupported_reason,
 )
+from jint8.ops.int8_matmul.pallas_triton_fused import fused_int8_matmul_reference
 from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows
 
 THRESHOLD = 6.0
@@ -43,6 +45,22 @@ PLANS = {
     "kn_split3": configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(split_k=3)),
     "kn_swap_ab": configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(swap_ab=True)),
     "nk": configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(weight_layout="nk", block_m=32)),
+    "kn_transposed": configs.KernelPlan(quantize=SMALL_QUANT, transpose_weight=True,
+                                        gemm=_gemm(weight_layout="nk", block_m=32)),
+}
+
+
+def _fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32):
+    gemm = _gemm(block_m=configs.fused_block_m(m), block_k=block_k, weight_layout=layout,
+                 outlier_mode=mode, split_k=split_k)
+    return configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm, gemm_path="fused")
+
+
+FUSED_VARIANTS = {  # name: (weight layout, outlier_mode, split_k)
+    "nk_branch": ("nk", "branch", 1),
+    "nk_dense": ("nk", "dense", 1),
+    "kn_branch": ("kn", "branch", 1),
+    "nk_split3": ("nk", "branch", 3),
 }
 
 
@@ -75,7 +93,16 @@ def _inputs(rng, m, k, n, dtype, outlier_cols, bias=False):
 
 
 def _weight_for(plan, wq):
-    return wq.T if plan.gemm.weight_layout == "nk" else wq
+    return wq.T if plan.reads_layout() == "nk" else wq
+
+
+def _special_rows(x, rows):
+    """x with row 0 zero and (when M > 1) row 1 made only of outliers (s_x = 0 for both)."""
+    x = np.array(x.astype(jnp.float32))
+    x[0] = 0.0
+    if rows == "zero_and_all_outlier" and x.shape[0] > 1:
+        x[1] = np.where(np.arange(x.shape[1]) % 2, 7.0, -9.0)  # every column an outlier
+    return x
 
 
 @pytest.mark.parametrize("m,k", [(1, 37), (3, 200), (70, 129)])
@@ -126,13 +153,15 @@ def test_int32_accumulator_equals_reference_int8_dot(rng, plan_name, m, k, n, ou
     (3, 200, 129, jnp.bfloat16, 12, 4, False, "kn_split3"),  # overflow with split-K
     (33, 100, 70, jnp.bfloat16, 5, 64, True, "nk"),
     (5, 64, 40, jnp.float32, 5, 64, False, "kn_swap_ab"),
+    (9, 100, 50, jnp.bfloat16, 12, 4, True, "kn_transposed"),  # overflow, [K, N] transposed
 ])
 def test_output_within_derived_bound_of_float64_recipe(rng, m, k, n, dtype, outlier_cols,
                                                        capacity, bias, plan_name):
     plan = PLANS[plan_name]
     x, wq, col_scales, b = _inputs(rng, m, k, n, dtype, outlier_cols, bias)
     y, stats = int8_matmul_pallas(x, _weight_for(plan, wq), col_scales, b, threshold=THRESHOLD,
-                                  outlier_capacity=capacity, plan=plan, interpret=True)
+                                  outlier_capacity=capacity, weight_layout=plan.reads_layout(),
+                                  plan=plan, interpret=True)
     _, want_stats = reference.int8_matmul_reference(x, wq, col_scales, b, threshold=THRESHOLD,
                                                     outlier_capacity=capacity)
     assert y.dtype == dtype and y.shape == (m, n)
@@ -147,18 +176,72 @@ def test_output_within_derived_bound_of_float64_recipe(rng, m, k, n, dtype, outl
     assert ratio <= 1.0, f"error {ratio:.3g} x the bound, seed {rng.seed_value}"
 
 
-@pytest.mark.parametrize("dtype,outlier_cols,capacity", [
-    (jnp.float32, 4, 8), (jnp.bfloat16, 4, 8), (jnp.bfloat16, 12, 4)])  # last: overflow
-def test_xla_gemm_path_within_bound(rng, dtype, outlier_cols, capacity):
-    plan = dataclasses.replace(PLANS["kn"], gemm_path="xla")
-    x, wq, col_scales, b = _inputs(rng, 9, 100, 50, dtype, outlier_cols, bias=True)
-    y, stats = int8_matmul_pallas(x, wq, col_scales, b, threshold=THRESHOLD,
-                                  outlier_capacity=capacity, plan=plan, interpret=True)
-    assert bool(stats.capacity_overflow) == (outlier_cols > capacity)
+@pytest.mark.parametrize("variant", sorted(FUSED_VARIANTS))
+@pytest.mark.parametrize("m,k,n,outlier_cols,rows", [
+    (1, 77, 45, 3, None),                    # decode: M = 1, odd K and N
+    (1, 77, 45, 0, None),                    # no outliers
+    (3, 200, 129, 5, "zero"),                # a zero row
+    (16, 96, 64, 4, "zero_and_all_outlier"),  # every column an outlier
+    (33, 129, 70, 12, None),                 # block_m = 64, many outlier columns, no capacity
+    (16, 1500, 20, 6, None),                 # unrolled absmax sweep with a ragged last chunk
+])
+def test_fused_int32_accumulator_equals_reference_int8_dot(rng, variant, m, k, n, outlier_cols,
+                                                            rows):
+    layout, mode, split_k = FUSED_VARIANTS[variant]
+    plan = _fused_plan(m, layout=layout, mode=mode, split_k=split_k)
+    x, wq, _, _ = _inputs(rng, m, k, n, jnp.bfloat16, outlier_cols)
+    if rows:
+        x = jnp.asarray(_special_rows(x, rows), jnp.bfloat16)
+    acc = int8_accumulator_pallas(x, _weight_for(plan, wq), threshold=THRESHOLD,
+                                  outlier_capacity=4, plan=plan, interpret=True)
+    want = reference.int8_dot(reference.quantize_rows(x, THRESHOLD)[0], wq)
+    np.testing.assert_array_equal(np.asarray(acc), np.asarray(want),
+                                  err_msg=f"seed {rng.seed_value}")
+
+
+@pytest.mark.parametrize("variant", sorted(FUSED_VARIANTS))
+@pytest.mark.parametrize("m,k,n,dtype,outlier_cols,bias,rows", [
+    (1, 77, 45, jnp.bfloat16, 3, True, None),
+    (1, 300, 64, jnp.float16, 0, False, None),
+    (5, 200, 129, jnp.float32, 5, True, "zero"),
+    (16, 96, 64, jnp.bfloat16, 4, False, "zero_and_all_outlier"),
+    (33, 129, 70, jnp.float16, 12, True, None),
+    (2, 64, 33, jnp.float32, 0, False, "zero_and_all_outlier"),
+])
+def test_fused_output_within_derived_bound_of_float64_recipe(rng, variant, m, k, n, dtype,
+                                                             outlier_cols, bias, rows):
+    layout, mode, split_k = FUSED_VARIANTS[variant]
+    plan = _fused_plan(m, layout=layout, mode=mode, split_k=split_k)
+    x, wq, col_scales, b = _inputs(rng, m, k, n, dtype, outlier_cols, bias)
+    if rows:
+        x = jnp.asarray(_special_rows(x, rows), dtype)
+    # Capacity 1 would overflow the GEMM route; the fused kernel has none and never does.
+    y, stats = int8_matmul_pallas(x, _weight_for(plan, wq), col_scales, b, threshold=THRESHOLD,
+                                  outlier_capacity=1, weight_layout=layout, plan=plan,
+                                  interpret=True)
+    assert y.dtype == dtype and y.shape == (m, n)
+    col_mask = reference.outlier_column_mask(x, THRESHOLD)
+    assert int(stats.num_outlier_columns) == int(np.sum(np.asarray(col_mask)))
+    assert not bool(stats.capacity_overflow)
     y64, magnitude = checks.float64_recipe(x, wq, col_scales, b, threshold=THRESHOLD)
-    ratio = checks.max_bound_violation(y, y64, magnitude, dtype,
-                                       stream_terms=capacity + outlier_cols)
-    assert ratio <= 1.0, f"error {ratio:.3g} x the bound, seed {rng.seed_value}"
+    rounding = checks.weight_rounding(x, wq, col_scales, threshold=THRESHOLD)
+    # Float terms of the stream per element: one per flagged column, one partial per K step.
+    stream_terms = int(np.sum(np.asarray(col_mask))) + -(-k // plan.gemm.block_k) + 2
+    for name, got in (("kernel", y), ("jnp reference", fused_int8_matmul_reference(
+            x, _weight_for(plan, wq), col_scales, b, threshold=THRESHOLD, out_dtype=dtype,
+            weight_layout=layout))):
+        ratio = checks.max_bound_violation(got, y64, magnitude, dtype, stream_terms=stream_terms,
+                                           split_k=split_k, weight_rounding=rounding)
+        assert ratio <= 1.0, f"{name}: error {ratio:.3g} x the bound, seed {rng.seed_value}"
+
+
+def test_fused_kernel_refuses_more_rows_than_its_block():
+    plan = _fused_plan(16)
+    x = jnp.ones((17, 64), jnp.float32)
+    with pytest.raises(ValueError, match="block_m"):
+        int8_matmul_pallas(x, jnp.ones((8, 64), jnp.int8), jnp.ones((8,), jnp.float32),
+                           threshold=THRESHOLD, outlier_capacity=4, weight_layout="nk",
+                           plan=plan, interpret=True)
 
 
 def test_cpu_dispatch_falls_through_to_xla_and_refuses_forced_pallas():
@@ -173,18 +256,32 @@ def test_cpu_dispatch_falls_through_to_xla_and_refuses_forced_pallas():
 
 @pytest.mark.parametrize("field,value", [("block_m", 8), ("block_n", 48), ("block_k", 16),
                                          ("num_warps", 3), ("num_stages", 0), ("split_k", 0),
-                                         ("weight_layout", "kk")])
+                                         ("weight_layout", "kk"), ("outlier_mode", "sparse")])
 def test_config_rejects_bad_field_naming_it(field, value):
     with pytest.raises(InvalidConfigError, match=field):
         _gemm(**{field: value})
 
 
+def test_plan_rejects_unknown_path_and_transposing_into_kn():
+    with pytest.raises(InvalidConfigError, match="gemm_path"):
+        configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(), gemm_path="xla")
+    with pytest.raises(InvalidConfigError, match="transpose_weight"):
+        configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(), transpose_weight=True)
+
+
 def test_tuned_tables_load_and_unknown_gpus_get_the_default_plan():
-    for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+    for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "Tesla T4"):
         for layout in ("kn", "nk"):
-            for m in (1, 16, 64, 256, 4096):
+            for m in (1, 16, 33, 64, 65, 256, 4096):
                 plan = configs.plan_for(kind, m, 8192, 28672, weight_layout=layout)
-                assert plan.gemm.weight_layout == layout
+                assert plan.reads_layout() == layout
+                # One launch for skinny M, and the fused kernel's block holds all M rows.
+                assert (plan.gemm_path == "fused") == (m <= configs.FUSED_MAX_M)
+                if plan.gemm_path == "fused":
+                    assert m <= plan.gemm.block_m
     assert configs.plan_for("Tesla T4", 3, 64, 64) == configs.default_plan(3, 64, 64)
-    # Too few output tiles: K is split (N=1024 gives 4 tiles of 256 columns at M=1).
-    assert configs.plan_for("NVIDIA H100 80GB HBM3", 1, 4096, 1024).gemm.split_k > 1
+    # Too few output tiles: the fused kernel narrows its tiles to 64 columns, then splits K;
+    # so does the GEMM route (N=1024 gives 8 tiles of 128 columns at M=64).
+    fused = configs.plan_for("NVIDIA H100 80GB HBM3", 1, 4096, 1024, "nk").gemm
+    assert fused.block_n == 64 and fused.split_k > 1
+    assert configs.plan_for("NVIDIA H100 80GB HBM3", 64, 4096, 1024, "nk").gemm.split_k > 1

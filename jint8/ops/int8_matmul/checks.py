@@ -14,8 +14,13 @@ magnitudes of every term, and
   the bias add, the stream add (5 roundings), split-K's S-term partial sum (S), and the
   outlier stream's C-term float32 dot in some order ((C - 1) roundings); each rounding costs at
   most 2^-24 of the magnitudes it touches, so (C + S + 8) * 2^-24 * T covers them with room.
-w_deq (the dequantized outlier weight rows in x.dtype) is formed identically in every
-implementation (float32 products, one cast), so it carries no error term.
+w_deq (the dequantized outlier weight rows in x.dtype) is formed identically by the reference
+and the GEMM kernel (float32 products, one cast), so for them it carries no error term. The fused
+skinny kernel (pallas_triton_fused) never rounds the weight to x.dtype: it sums x * wq exactly
+formed in float32 and scales by s_w / 127 at the end. Against y64 (built on the rounded w_deq) it
+differs by at most half an ulp of x.dtype per weight, relative: `weight_rounding` =
+u_x * sum_c |x[:, c] * w_deq[c, :]| (u_x: half an ulp of x.dtype, see stream_magnitude), added
+to the bound for that kernel only.
 """
 
 from __future__ import annotations
@@ -51,16 +56,35 @@ def float64_recipe(x, wq, col_scales, bias, *, threshold: float):
     return y, magnitude
 
 
-def output_error_bound(y64, magnitude, out_dtype, *, stream_terms: int, split_k: int = 1):
+def weight_rounding(x, wq, col_scales, *, threshold: float):
+    """[M, N] float64: u_x * sum_c |x[:, c] * w_deq[c, :]| over the outlier columns c, the
+    rounding of w_deq to x.dtype that the fused kernel skips (module docstring); wq is [K, N]."""
+    _, _, col_mask = reference.quantize_rows(x, threshold)
+    col_mask = np.asarray(col_mask)
+    m, n = x.shape[0], np.asarray(col_scales).shape[0]
+    if threshold <= 0 or not col_mask.any():
+        return np.zeros((m, n))
+    cols = np.flatnonzero(col_mask)
+    w_deq = reference.dequantize_weight_rows(jnp.asarray(wq)[cols], col_scales, x.dtype)
+    w_deq = np.asarray(w_deq.astype(jnp.float32), np.float64)
+    x_o = np.asarray(jnp.asarray(x)[:, cols].astype(jnp.float32), np.float64)
+    return _HALF_ULP[jnp.dtype(x.dtype).name] * (np.abs(x_o) @ np.abs(w_deq))
+
+
+def output_error_bound(y64, magnitude, out_dtype, *, stream_terms: int, split_k: int = 1,
+                       weight_rounding=0.0):
     """Elementwise bound on |y - y64| (module docstring)."""
     u_out = _HALF_ULP[jnp.dtype(out_dtype).name]
-    return u_out * np.abs(y64) + (stream_terms + split_k + 8) * 2.0**-24 * magnitude
+    return (u_out * np.abs(y64) + (stream_terms + split_k + 8) * 2.0**-24 * magnitude
+            + weight_rounding)
 
 
-def max_bound_violation(y, y64, magnitude, out_dtype, *, stream_terms: int, split_k: int = 1):
+def max_bound_violation(y, y64, magnitude, out_dtype, *, stream_terms: int, split_k: int = 1,
+                        weight_rounding=0.0):
     """max(|y - y64| / bound) over elements (<= 1 passes); inf if any element is not finite."""
     y = np.asarray(jnp.asarray(y).astype(jnp.float32), np.float64)
     if not np.all(np.isfinite(y)):
         return float("inf")
-    bound = output_error_bound(y64, magnitude, out_dtype, stream_terms=stream_terms, split_k=split_k)
+    bound = output_error_bound(y64, magnitude, out_dtype, stream_terms=stream_terms,
+                               split_k=split_k, weight_rounding=weight_rounding)
     return float(np.max(np.abs(y - y64) / np.maximum(bound, 1e-30), initial=0.0))

@@ -5,9 +5,10 @@ that GPU; see benchmarks/NOTES_int8_matmul.md), with one bucket list for the op'
 ("buckets") and one for K-major weights wq.T[N, K] ("buckets_nk"). Buckets are ordered by `max_m`;
 the first bucket whose `max_m` covers the call's M gives the GEMM tiles (split-K is added for
 shapes with too few output tiles unless the bucket says "auto_split_k": false), the
-activation-pass tiles (optional; by default they follow K) and the `gemm_path`: "pallas" (our fused kernel) or "xla" (XLA's own int8 GEMM with the
-dequant epilogue fused by XLA, kept only where it measured faster). GPUs without a table get
-`default_configs`, a heuristic that is safe (small tiles, modest shared memory) everywhere.
+activation-pass tiles (optional; by default they follow K), the `gemm_path`: "fused" (one
+kernel for skinny M) or "pallas" (activation-pass kernel + GEMM kernel), and for [K, N] weights
+whether to transpose them first (`transpose_weight`). GPUs without a table get `default_plan`, a
+heuristic that is safe (small tiles, modest shared memory) everywhere.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ _DATA_DIR = pathlib.Path(__file__).parent / "data"
 # Split K only while fewer than ~half the SMs of an H100/H200 (132) would get an output tile:
 # measured on K=8192, N=28672 (112 tiles of 256 columns), split_k=2 was slower than 1.
 _MIN_PROGRAMS = 66
+# Largest M the one-launch fused kernel takes: one program holds all M rows (flags need them).
+# Measured on the H100 (8192x28672, NOTES_int8_matmul.md): fused 0.095 / 0.101 / 0.121 ms at
+# M = 1 / 8 / 16 against 0.113 / 0.115 / 0.116 for the two-kernel route, 0.26-0.29 against
+# 0.12 at M = 32 / 64 (each program re-reads all M rows of x from L2).
+FUSED_MAX_M = 16
 
 
 def _check_pow2(name: str, value: int, lo: int, hi: int) -> None:
@@ -38,8 +44,11 @@ class Config:
 
     split_k > 1 splits the K loop over programs (skinny M, too few output tiles to fill the GPU);
     their float32 partials are summed outside the kernel.
-    weight_layout: "kn" for wq[K, N] (the op's contract), "nk" for a K-major wq.T[N, K].
-    swap_ab: compute each tile transposed (weight as the MMA's A operand).
+    weight_layout: "kn" for wq[K, N], "nk" for K-major wq[N, K] (what Int8Weight stores).
+    swap_ab: compute each tile transposed (weight as the MMA's A operand); GEMM kernel only.
+    outlier_mode: how the fused skinny kernel (pallas_triton_fused) adds the outlier stream in
+      its K loop: "branch" (a lax.cond per K step, taken only in steps holding an outlier
+      column) or "dense" (branch-free: every step runs the 16-bit dot on the masked x tile).
     """
 
     block_m: int
@@ -50,6 +59,7 @@ class Config:
     split_k: int = 1
     weight_layout: str = "kn"
     swap_ab: bool = False
+    outlier_mode: str = "branch"
 
     def __post_init__(self):
         # tl.dot on int8 needs M >= 16, N >= 16 and K >= 32 (mma.m16n8k32).
@@ -65,6 +75,9 @@ class Config:
             raise InvalidConfigError(f"weight_layout={self.weight_layout!r} must be 'kn' or 'nk'")
         if not isinstance(self.swap_ab, bool):
             raise InvalidConfigError(f"swap_ab={self.swap_ab!r} must be a bool")
+        if self.outlier_mode not in ("branch", "dense"):
+            raise InvalidConfigError(
+                f"outlier_mode={self.outlier_mode!r} must be 'branch' or 'dense'")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,26 +96,50 @@ class QuantizeConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KernelPlan:
-    """Everything one call needs: activation tiles, GEMM tiles and which GEMM runs."""
+    """Everything one call needs: which kernels run, and their tiles.
+
+    gemm_path: "fused" (one kernel: activation pass, int8 GEMM, outlier stream and epilogue,
+      for M <= FUSED_MAX_M; `quantize` is unused) or "pallas" (activation-pass kernel, then the
+      fused-epilogue GEMM kernel, any M).
+    transpose_weight: the call's wq is [K, N] but the GEMM reads it K-major: XLA transposes it
+      first (one extra read + write of the weight, still faster than the [K, N] GEMM at
+      M > 64, where Triton's int8 MMA wants K-major operands). Needs gemm.weight_layout "nk".
+    """
 
     quantize: QuantizeConfig
     gemm: Config
     gemm_path: str = "pallas"
+    transpose_weight: bool = False
 
     def __post_init__(self):
-        if self.gemm_path not in ("pallas", "xla"):
-            raise InvalidConfigError(f"gemm_path={self.gemm_path!r} must be 'pallas' or 'xla'")
+        if self.gemm_path not in ("pallas", "fused"):
+            raise InvalidConfigError(f"gemm_path={self.gemm_path!r} must be 'pallas' or 'fused'")
+        if self.transpose_weight and self.gemm.weight_layout != "nk":
+            raise InvalidConfigError(
+                f"transpose_weight=True needs gemm.weight_layout='nk', got "
+                f"{self.gemm.weight_layout!r}")
+
+    def reads_layout(self) -> str:
+        """The layout of the wq this plan takes from the caller."""
+        return "kn" if self.transpose_weight else self.gemm.weight_layout
 
 
-def default_plan(m: int, k: int, n: int) -> KernelPlan:
+def default_plan(m: int, k: int, n: int, weight_layout: str = "kn") -> KernelPlan:
     """Heuristic plan for GPUs without a tuned table: small, always-compilable tiles."""
-    if m <= 16:
-        gemm = Config(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)
-    elif m <= 64:
-        gemm = Config(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4)
-    else:
-        gemm = Config(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
-    return KernelPlan(quantize=_default_quantize(m, k), gemm=_fit_split_k(gemm, m, k, n))
+    if m <= FUSED_MAX_M:
+        gemm = Config(block_m=fused_block_m(m), block_n=128, block_k=128, num_warps=4,
+                      num_stages=4, weight_layout=weight_layout)
+        return KernelPlan(quantize=_default_quantize(m, k), gemm=_fit_fused(gemm, k, n),
+                          gemm_path="fused")
+    gemm = Config(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3,
+                  weight_layout="nk")
+    return KernelPlan(quantize=_default_quantize(m, k), gemm=_fit_split_k(gemm, m, k, n),
+                      transpose_weight=weight_layout == "kn")
+
+
+def fused_block_m(m: int) -> int:
+    """The fused kernel's rows per program: all M rows (>= 16, the int8 MMA's minimum)."""
+    return max(16, 1 << (m - 1).bit_length())
 
 
 def _default_quantize(m: int, k: int) -> QuantizeConfig:
@@ -113,6 +150,26 @@ def _default_quantize(m: int, k: int) -> QuantizeConfig:
         return QuantizeConfig(block_rows=1, block_cols=whole_row,
                               num_warps=max(4, min(16, whole_row // 1024)))
     return QuantizeConfig(block_rows=4, block_cols=min(2048, whole_row), num_warps=4)
+
+
+def _fit_fused(config: Config, k: int, n: int) -> Config:
+    """The fused kernel's tiles for this shape: block_n narrowed (to 64 at least) until about
+    _MIN_PROGRAMS programs run, then K split while still too few (keeping >= 8 K steps each).
+
+    Measured in one jit on the H100 (device run 3): with block_n = 32 and no split the
+    4096-wide Llama layers ran 0.03-0.07 ms at M = 1 (long serial K loops, 1.5x bf16); split-K
+    costs one small XLA reduction of the [S, M, N] float32 partials.
+    """
+    block_n = config.block_n
+    while block_n > 64 and -(-n // block_n) < _MIN_PROGRAMS:
+        block_n //= 2
+    tiles = -(-n // block_n)
+    k_steps = -(-k // config.block_k)
+    split_k = 1
+    while tiles * split_k < _MIN_PROGRAMS and k_steps // (split_k * 2) >= 8:
+        split_k *= 2
+    warps = config.num_warps if block_n >= 128 else min(config.num_warps, 4)
+    return dataclasses.replace(config, block_n=block_n, num_warps=warps, split_k=split_k)
 
 
 def _fit_split_k(config: Config, m: int, k: int, n: int) -> Config:
@@ -146,24 +203,30 @@ def _load_table(name: str, weight_layout: str) -> tuple[dict, ...]:
 
 
 def plan_for(device_kind: str, m: int, k: int, n: int, weight_layout: str = "kn") -> KernelPlan:
-    """The tuned plan for this GPU, shape bucket and weight layout, else default_plan."""
+    """The tuned plan for this GPU, shape bucket and weight layout, else default_plan.
+
+    A "fused" bucket's block_m is set to cover all M rows (fused_block_m; its table entry's
+    block_m is ignored) and its block_n narrowed for small N (_fit_fused).
+    """
     name = device_table_name(device_kind)
     table = _load_table(name, weight_layout) if name else ()
     for bucket in table:
         if m <= bucket["max_m"]:
             gemm = Config(**bucket["gemm"])
+            gemm_path = bucket.get("gemm_path", "pallas")
+            if gemm_path == "fused":
+                gemm = _fit_fused(dataclasses.replace(gemm, block_m=fused_block_m(m)), k, n)
+            elif bucket.get("auto_split_k", True):
+                gemm = _fit_split_k(gemm, m, k, n)
             quantize = bucket.get("quantize")
             return KernelPlan(
                 # The activation pass's tiles follow K (whole rows when they fit), not a table.
                 quantize=QuantizeConfig(**quantize) if quantize else _default_quantize(m, k),
-                gemm=_fit_split_k(gemm, m, k, n) if bucket.get("auto_split_k", True) else gemm,
-                gemm_path=bucket.get("gemm_path", "pallas"),
+                gemm=gemm,
+                gemm_path=gemm_path,
+                transpose_weight=bucket.get("transpose_weight", False),
             )
-    plan = default_plan(m, k, n)
-    if weight_layout == "nk":
-        return dataclasses.replace(
-            plan, gemm=dataclasses.replace(plan.gemm, weight_layout="nk"))
-    return plan
+    return default_plan(m, k, n, weight_layout)
 
 
 def clear_cache() -> None:

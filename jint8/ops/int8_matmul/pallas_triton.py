@@ -1,13 +1,14 @@
-"""The "pallas_triton" backend of int8_matmul: activation-pass kernel + fused int8 GEMM kernel.
+"""The "pallas_triton" backend of int8_matmul: Pallas (Triton lowering) kernels, no host syncs.
 
-Computes reference.int8_matmul_reference's function (see the kernels' module docstrings for how
-each recipe step maps onto them). Between the two kernels XLA does only [K]-sized work: the
-outlier column count and the static, zero-padded outlier index list (jnp.nonzero with a size).
-
-Per shape bucket the plan (configs.plan_for, tuned per GPU in data/*.json) picks the GEMM:
-"pallas" (the fused kernel) or "xla" (XLA's own int8 GEMM, our activation pass, the dequant
-epilogue fused by XLA, the reference's outlier stream and its overflow lax.cond) where XLA's
-GEMM measured faster; benchmarks/NOTES_int8_matmul.md records which bucket uses which and why.
+Computes reference.int8_matmul_reference's function. Per shape bucket the plan
+(configs.plan_for, tuned per GPU in data/*.json) picks one of two routes:
+- "fused" (M <= configs.FUSED_MAX_M, decode): one kernel does everything
+  (pallas_triton_fused): no capacity, no index list, one launch per call;
+- "pallas": the activation-pass kernel, [K]-sized XLA work (outlier count, the static,
+  zero-padded outlier index list) and the GEMM kernel with the whole epilogue fused; capacity
+  overflow is a flag the GEMM reads (exact dense sweep), never a lax.cond.
+[K, N] weights at M > 64 are transposed by XLA first where the plan says so (Triton's int8 MMA
+wants K-major operands). benchmarks/NOTES_int8_matmul.md records which bucket uses what and why.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from jint8.ops.int8_matmul import reference
 from jint8.ops.int8_matmul.api import Backend
 from jint8.ops.int8_matmul.configs import KernelPlan, plan_for
+from jint8.ops.int8_matmul.pallas_triton_fused import fused_int8_matmul
 from jint8.ops.int8_matmul.pallas_triton_gemm import OUTLIER_SLOT_MULTIPLE, int8_gemm
 from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows_unmasked
 
@@ -44,8 +46,8 @@ def int8_matmul_pallas(
     """LLM.int8() matmul, x: [M, K] float, wq: [K, N] int8, col_scales: [N] f32 -> [M, N].
 
     weight_layout: "kn" (wq[K, N]) or "nk" (wq[N, K], K-major, what Int8Weight stores).
-    plan: tiles and GEMM path; default: the tuned plan of the current GPU, this shape and
-      this weight layout. An explicit plan's gemm.weight_layout must equal weight_layout.
+    plan: kernels and tiles; default: the tuned plan of the current GPU, this shape and this
+      weight layout. An explicit plan must take this layout (plan.reads_layout()).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
     poison_output: the GEMM writes into a NaN-filled buffer (GPU check: unwritten tiles show).
     """
@@ -54,9 +56,9 @@ def int8_matmul_pallas(
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if plan is None:
         plan = plan_for(jax.devices()[0].device_kind, m, k, n, weight_layout)
-    elif plan.gemm.weight_layout != weight_layout:
+    elif plan.reads_layout() != weight_layout:
         raise ValueError(
-            f"plan.gemm.weight_layout={plan.gemm.weight_layout!r} != weight_layout={weight_layout!r}"
+            f"plan reads weight_layout={plan.reads_layout()!r} != weight_layout={weight_layout!r}"
         )
     return _int8_matmul_pallas(
         x, wq, col_scales, bias, threshold=float(threshold),
@@ -72,6 +74,22 @@ def int8_matmul_pallas(
 )
 def _int8_matmul_pallas(x, wq, col_scales, bias, *, threshold, outlier_capacity, out_dtype,
                         plan, interpret, poison_output=False, accumulator_only=False):
+    if plan.gemm_path == "fused":
+        # Stats in plain jnp: XLA drops them when the caller does not use them. No capacity
+        # on this route, so it never overflows.
+        num_outliers = jnp.sum(reference.outlier_column_mask(x, threshold), dtype=jnp.int32)
+        stats = reference.Int8MatmulStats(num_outliers, jnp.zeros((), bool))
+        y = fused_int8_matmul(
+            x, wq, col_scales,
+            jnp.zeros((col_scales.shape[0],), jnp.float32) if bias is None else bias,
+            config=plan.gemm, threshold=threshold, out_dtype=out_dtype,
+            has_bias=bias is not None, accumulator_only=accumulator_only,
+            poison_output=poison_output, interpret=interpret,
+        )
+        return y, stats
+    if plan.transpose_weight:
+        wq = wq.T  # [K, N] -> K-major [N, K] for the GEMM (KernelPlan.transpose_weight)
+
     xq, row_scales, col_flags = quantize_rows_unmasked(
         x, threshold=threshold, config=plan.quantize, interpret=interpret
     )
@@ -79,11 +97,6 @@ def _int8_matmul_pallas(x, wq, col_scales, bias, *, threshold, outlier_capacity,
     num_outliers = jnp.sum(col_mask, dtype=jnp.int32)
     overflow = (num_outliers > outlier_capacity) if threshold > 0 else jnp.zeros((), bool)
     stats = reference.Int8MatmulStats(num_outliers, overflow)
-
-    if plan.gemm_path == "xla" and not accumulator_only:
-        y = _xla_gemm(x, xq, wq, row_scales, col_scales, bias, col_mask, threshold,
-                      outlier_capacity, plan.gemm.weight_layout)
-        return y.astype(out_dtype), stats
 
     # Capacity overflow is handled inside the GEMM kernel (a flag it reads), so no lax.cond and
     # no host round trip per call; unlike the reference it is reported through `stats` only,
@@ -109,57 +122,15 @@ def _padded_capacity(capacity: int) -> int:
 
 def int8_accumulator_pallas(x, wq, *, threshold: float, outlier_capacity: int,
                             plan: KernelPlan, interpret: bool = False, poison_output=False):
-    """[M, N] int32 accumulator of the fused GEMM (checks): equals
+    """[M, N] int32 accumulator of the plan's GEMM (checks): equals
     reference.int8_dot(*reference.quantize_rows(x, threshold)[:1], wq) exactly."""
-    n = wq.shape[0] if plan.gemm.weight_layout == "nk" else wq.shape[1]
+    n = wq.shape[1] if plan.reads_layout() == "kn" else wq.shape[0]
     acc, _ = _int8_matmul_pallas(
         x, wq, jnp.ones((n,), jnp.float32), None, threshold=float(threshold),
         outlier_capacity=int(outlier_capacity), out_dtype=jnp.dtype(jnp.int32), plan=plan,
         interpret=interpret, poison_output=poison_output, accumulator_only=True,
     )
     return acc
-
-
-def _xla_gemm(x, xq, wq, row_scales, col_scales, bias, col_mask, threshold, outlier_capacity,
-              weight_layout):
-    """XLA's int8 GEMM on our activation pass's output, then the reference's epilogue."""
-    xq = jnp.where(col_mask[None, :], jnp.int8(0), xq)
-    acc = reference.int8_dot(xq, wq, weight_layout)
-    y = reference.dequantize_accumulator(acc, row_scales, col_scales, bias)
-    if threshold > 0:
-        y = y + _xla_outlier_stream(x, wq, col_scales, col_mask, outlier_capacity, weight_layout)
-    return y
-
-
-def _xla_outlier_stream(x, wq, col_scales, col_mask, capacity, weight_layout):
-    """reference.outlier_stream, with its dense overflow dot accumulated exactly in float32.
-
-    On the H100, XLA's [M, K] x [K, N] bf16 dense fallback dot of the reference missed the
-    float64 bound by 180x (gpu_check, M=300 K=777 N=513, 40 outlier columns, capacity 16), so
-    that branch multiplies the same dtype-rounded operands as float32 at HIGHEST precision
-    (products of 16-bit values are exact in float32). The gathered branch, [M, C] x [C, N], is
-    the reference's and passed; float32 activations get HIGHEST precision everywhere (XLA's
-    default on an H100 is TF32).
-    """
-    if capacity >= x.shape[-1]:
-        with jax.default_matmul_precision("highest"):
-            return reference.outlier_stream(
-                x, wq, col_scales, col_mask, capacity, weight_layout)[0]
-    num_outliers = jnp.sum(col_mask, dtype=jnp.int32)
-
-    def gathered(_):
-        with jax.default_matmul_precision("highest"):
-            return reference.outlier_stream(
-                x, wq, col_scales, col_mask, capacity, weight_layout)[0]
-
-    def dense(_):
-        jax.debug.callback(reference._warn_overflow, num_outliers, capacity)
-        x_out = jnp.where(col_mask[None, :], x, 0).astype(x.dtype).astype(jnp.float32)
-        w_rows = reference.weight_rows(wq, None, weight_layout)
-        w_out = reference.dequantize_weight_rows(w_rows, col_scales, x.dtype).astype(jnp.float32)
-        return jnp.dot(x_out, w_out, precision=jax.lax.Precision.HIGHEST)
-
-    return jax.lax.cond(num_outliers > capacity, dense, gathered, None)
 
 
 def unsupported_reason(x: jax.Array, wq: jax.Array) -> Optional[str]:

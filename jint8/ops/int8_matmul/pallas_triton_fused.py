@@ -1,0 +1,231 @@
+"""The whole LLM.int8() matmul in one Pallas (Triton lowering) kernel, for skinny M (decode).
+
+One program owns all M rows (M <= block_m <= 64) and block_n output features; the grid is
+(N / block_n, split_k). Each program:
+  1. s_x[m] = max_k |x[m, k]| over the elements below the threshold      one sweep over x (the
+                                                                          few rows sit in L2)
+  2. K loop, block_k per step, on the x tile it loads anyway:
+       flags[k] = any_m |x[m, k]| >= t                                   the outlier columns O
+       xq       = round(x * 127 / s_x), 0 in flagged columns             bit-equal to reference
+       acc     += xq @ w_tile                                            int8 -> int32, exact
+       stream  += (x * flags) @ w_tile.astype(x.dtype)                   float32 (outlier_mode)
+  3. y = acc * (s_x * s_w) / 127^2 + bias + stream * (s_w / 127), cast once to out_dtype.
+No capacity, no index list, no lax.cond outside the kernel: every outlier column is found where
+its x tile is loaded, so the result is exact to the recipe for any number of outlier columns.
+
+The outlier stream differs from reference.outlier_stream in one rounding: the reference forms
+w_deq = (wq * s_w / 127).astype(x.dtype) and sums x * w_deq in float32; here wq.astype(x.dtype)
+is exact (|wq| <= 127), so x * wq is formed exactly and summed in float32, and the sum is scaled
+by s_w / 127 in float32 at the end. The reference's per-weight rounding to x.dtype (up to half an
+ulp of x.dtype, relative) is thus absent here: checks.output_error_bound takes it as one more
+term, `weight_rounding`, of half an ulp of x.dtype times sum |x_o * w_deq|.
+
+outlier_mode "branch": the stream's dot sits under a lax.cond per K step (taken only in steps
+holding a flagged column); the loads stay outside it so Triton can still pipeline them.
+"dense": branch-free; every step converts the weight tile to x.dtype and runs the masked dot.
+
+split_k > 1 (too few output tiles): program (tile, s) sums its K slice; every program computes
+the full-K row scales (step 1) itself. Partials [S, M, N] in float32 are summed outside.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jint8.ops.int8_matmul.configs import Config
+from jint8.ops.int8_matmul.pallas_triton_gemm import (
+    _dot, _ignoring_input, _load, _load_vector, _load_weight, _stream_dot, _Tile,
+)
+from jint8.ops.int8_matmul.pallas_triton_quantize import _inverse_scale, round_half_even
+from jint8.ops.int8_matmul import reference
+from jint8.ops.int8_matmul.reference import INV_127, INV_127_SQ
+
+# The row-absmax sweep loads [rows, 8192 / rows] chunks (16 KiB of bf16), _ABSMAX_UNROLL of them
+# per loop iteration: they are independent loads, so their L2 latencies overlap (measured at
+# M = 16, one chunk per iteration: 0.142 ms against 0.115 for the two-kernel route).
+_ABSMAX_CHUNK_ELEMENTS = 8192
+_ABSMAX_UNROLL = 4
+
+
+def _row_absmax(x_ref, *, block_m: int, threshold: float):
+    """[block_m] float32: per row max |x| over elements below the threshold (0 past row M).
+
+    The sweep runs on M rounded up to a power of two (1 for decode), not on block_m (>= 16 for
+    the MMA), so an M = 1 call loads one row instead of 16 masked ones; the result is spread to
+    block_m rows with a [block_m, rows] select.
+    """
+    m, k = x_ref.shape
+    rows_p = 1 << (m - 1).bit_length()
+    chunk = min(max(_ABSMAX_CHUNK_ELEMENTS // rows_p, 128), 1 << (k - 1).bit_length())
+    unroll = min(_ABSMAX_UNROLL, pl.cdiv(k, chunk))
+    rows = jnp.arange(rows_p)
+    row_ok = rows < m if m != rows_p else None
+
+    def sweep(i, row_max):
+        for j in range(unroll):
+            cols = (i * unroll + j) * chunk + jnp.arange(chunk)
+            x = _load(x_ref, rows, cols, row_ok, cols < k if k % (chunk * unroll) else None)
+            magnitude = jnp.abs(x.astype(jnp.float32))
+            if threshold > 0:
+                magnitude = jnp.where(magnitude >= threshold, 0.0, magnitude)
+            row_max = jnp.maximum(row_max, jnp.max(magnitude, axis=1))
+        return row_max
+
+    row_max = jax.lax.fori_loop(0, pl.cdiv(k, chunk * unroll), sweep,
+                                jnp.zeros((rows_p,), jnp.float32))
+    if rows_p == block_m:
+        return row_max
+    spread = jnp.arange(block_m)[:, None] == rows[None, :]
+    return jnp.max(jnp.where(spread, row_max[None, :], 0.0), axis=1)
+
+
+def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, o_ref, *, config: Config,
+                  threshold: float, has_bias: bool, accumulator_only: bool, interpret: bool):
+    m, k = x_ref.shape
+    nk_layout = config.weight_layout == "nk"
+    n = w_ref.shape[0] if nk_layout else w_ref.shape[1]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    split = pl.program_id(1)
+    tile = _Tile(rows=jnp.arange(bm), cols=pl.program_id(0) * bn + jnp.arange(bn), m=m, n=n)
+    has_outliers = threshold > 0
+
+    row_max = _row_absmax(x_ref, block_m=bm, threshold=threshold)
+    # reference.quantize_rows: 127 / s rounded as XLA rounds it, 0 for an all-zero row.
+    safe = jnp.where(row_max > 0, row_max, 1.0)
+    inverse = jnp.where(row_max > 0, _inverse_scale(safe, interpret=interpret), 0.0)
+
+    k_steps = pl.cdiv(k, bk)
+    steps_per_split = pl.cdiv(k_steps, config.split_k)
+    first_step = split * steps_per_split
+    last_step = jnp.minimum(first_step + steps_per_split, k_steps)
+
+    def k_step(i, carry):
+        acc, stream = carry
+        ks = i * bk + jnp.arange(bk)
+        k_ok = ks < k if k % bk else None
+        x = _load(x_ref, tile.rows, ks, tile.row_ok, k_ok)
+        w = _load_weight(w_ref, ks, tile, k_ok, nk_layout)
+        xf = x.astype(jnp.float32)
+        q = round_half_even(xf * inverse[:, None], interpret=interpret)
+        if has_outliers:
+            # Outlier elements lie in flagged columns, so zeroing the columns covers them too.
+            hit = (jnp.abs(xf) >= threshold).astype(jnp.int32)
+            flagged = jnp.max(hit, axis=0) > 0
+            q = jnp.where(flagged[None, :], 0.0, q)
+        acc = acc + _dot(q.astype(jnp.int8), w, b_transposed=nk_layout, out_dtype=jnp.int32)
+        if not has_outliers or accumulator_only:
+            return acc, stream
+
+        def add_stream():
+            x_outlier = jnp.where(flagged[None, :], x, jnp.zeros_like(x))
+            return stream + _stream_dot(x_outlier, w.astype(x.dtype), nk_layout)
+
+        if config.outlier_mode == "dense":
+            return acc, add_stream()
+        any_flagged = jnp.max(flagged.astype(jnp.int32)) > 0
+        return acc, jax.lax.cond(any_flagged, add_stream, lambda: stream)
+
+    init = (jnp.zeros((bm, bn), jnp.int32), jnp.zeros((bm, bn), jnp.float32))
+    acc, stream = jax.lax.fori_loop(first_step, last_step, k_step, init)
+
+    mask = tile.store_mask()
+    if accumulator_only:  # checks only: this program's exact int32 xq[:, not O] @ wq
+        plgpu.store(o_ref.at[split, tile.rows[:, None], tile.cols[None, :]], acc, mask=mask)
+        return
+    col_scales = _load_vector(col_scales_ref, tile.cols, tile.col_ok)
+    y = acc.astype(jnp.float32) * (row_max[:, None] * col_scales[None, :]) * INV_127_SQ
+    if has_bias:
+        bias = _load_vector(bias_ref, tile.cols, tile.col_ok).astype(jnp.float32)
+        if config.split_k > 1:
+            bias = jnp.where(split == 0, bias, 0.0)
+        y = y + bias[None, :]
+    if has_outliers:
+        y = y + stream * (col_scales * INV_127)[None, :]
+    if config.split_k == 1:
+        plgpu.store(o_ref.at[tile.rows[:, None], tile.cols[None, :]], y.astype(o_ref.dtype),
+                    mask=mask)
+    else:
+        plgpu.store(o_ref.at[split, tile.rows[:, None], tile.cols[None, :]], y, mask=mask)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "threshold", "out_dtype", "has_bias", "accumulator_only",
+                     "poison_output", "interpret"),
+)
+def fused_int8_matmul(
+    x, w, col_scales, bias, *, config: Config, threshold: float, out_dtype, has_bias: bool,
+    accumulator_only: bool = False, poison_output: bool = False, interpret: bool = False,
+):
+    """The one-launch LLM.int8() matmul (module docstring).
+
+    Args:
+      x: [M, K] float activations, M <= config.block_m.
+      w: [K, N] int8 (config.weight_layout "kn") or [N, K] ("nk").
+      col_scales: [N] f32; bias: [N] (read only if has_bias).
+      accumulator_only: return the int32 [M, N] accumulator xq[:, not O] @ wq instead (checks).
+      poison_output: start from a NaN-filled (int32: INT32_MIN) output buffer, aliased into the
+        kernel's output, so the GPU check sees any element the kernel did not write.
+    Returns:
+      [M, N] out_dtype (int32 with accumulator_only).
+    """
+    m, k = x.shape
+    n = w.shape[0] if config.weight_layout == "nk" else w.shape[1]
+    if m > config.block_m:
+        raise ValueError(f"fused kernel: M={m} must be <= block_m={config.block_m}")
+    if accumulator_only:
+        out_shape = jax.ShapeDtypeStruct((config.split_k, m, n), jnp.int32)
+    elif config.split_k == 1:
+        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((config.split_k, m, n), jnp.float32)
+    kernel = functools.partial(
+        _fused_kernel, config=config, threshold=threshold, has_bias=has_bias,
+        accumulator_only=accumulator_only, interpret=interpret,
+    )
+    operands = [x, w, col_scales, bias]
+    aliases = {}
+    if poison_output:
+        poison = jnp.iinfo(jnp.int32).min if out_shape.dtype == jnp.int32 else jnp.nan
+        aliases = {len(operands): 0}
+        operands.append(jnp.full(out_shape.shape, poison, out_shape.dtype))
+        kernel = _ignoring_input(kernel, len(operands) - 1)
+    out = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, config.block_n), config.split_k),
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name="jint8_fused_int8_matmul",
+    )(*operands)
+    if accumulator_only:
+        return out.sum(axis=0, dtype=jnp.int32)
+    if config.split_k == 1:
+        return out
+    return out.sum(axis=0).astype(out_dtype)
+
+
+def fused_int8_matmul_reference(x, w, col_scales, bias, *, threshold: float, out_dtype,
+                                weight_layout: str = "nk"):
+    """Plain jnp of exactly what the fused kernel computes (its outlier-stream rounding too).
+
+    Equal to reference.int8_matmul_reference except that the outlier stream is
+    sum(x_o * wq) * s_w / 127 in float32 instead of sum(x_o * w_deq.astype(x.dtype)).
+    """
+    xq, row_scales, col_mask = reference.quantize_rows(x, threshold)
+    y = reference.dequantize_accumulator(reference.int8_dot(xq, w, weight_layout), row_scales,
+                                         col_scales, bias)
+    if threshold > 0:
+        x_o = jnp.where(col_mask[None, :], x, 0).astype(jnp.float32)
+        rows = reference.weight_rows(w, None, weight_layout).astype(jnp.float32)
+        stream = jnp.dot(x_o, rows, precision=jax.lax.Precision.HIGHEST)
+        y = y + stream * (col_scales * INV_127)[None, :]
+    return y.astype(out_dtype)
