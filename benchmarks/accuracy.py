@@ -8,6 +8,7 @@ the function-preserving outlier amplification for a few alphas.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import time
 
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 import jint8
-from jint8.evaluation import amplify_outlier_features, inspect_outliers, perplexity
+from jint8.calibration import calibrate, default_calibration_text
+from jint8.evaluation import amplify_outlier_features, inspect_outliers, kl_divergence, perplexity
 from jint8.assets import default_eval_text, load_tokenizer, smollm2_gguf_path
 
 
@@ -29,6 +31,8 @@ def main(argv=None):
     parser.add_argument("--low-threshold", type=float, default=1.5)
     parser.add_argument("--agreement-prompts", type=int, default=32)
     parser.add_argument("--agreement-tokens", type=int, default=32)
+    parser.add_argument("--calibration-tokens", type=int, default=2048,
+                        help="tokens of jint8.calibration.default_calibration_text (disjoint from the eval text)")
     args = parser.parse_args(argv)
 
     path = smollm2_gguf_path()
@@ -39,19 +43,31 @@ def main(argv=None):
 
     model32, params32 = jint8.from_pretrained(path, dtype=jnp.float32, progress=False)
     model16, params16 = jint8.from_pretrained(path, dtype=jnp.bfloat16, progress=False)
+    calibration_ids = tokenizer(default_calibration_text(), add_special_tokens=False)["input_ids"][: args.calibration_tokens]
+    calibrated = calibrate(model16, params16, calibration_ids, outlier_budget=0.05, skip_budget=0.05)
+    print(f"calibrated on {len(calibration_ids)} tokens: skip_modules={list(calibrated.skip_modules)}")
 
     def ppl(model, params):
         t = time.time()
         r = perplexity(model, params, ids, max_length=args.max_length, stride=args.stride, progress=False)
         return f"{r.perplexity:.4f} ± {r.stderr:.4f} ({time.time() - t:.0f}s)", r.perplexity
 
-    def variants(params, label):
+    windows = [ids[b: b + args.max_length] for b in range(0, len(ids) - args.max_length + 1, args.max_length)]
+
+    def variants(params, label, calibrated=None):
         rows = {}
         rows["bf16"] = ppl(model16, params)
         rows["int8 t=6"] = ppl(model16, jint8.quantize_params(params, jint8.Int8Config(threshold=6.0)))
         rows["int8 no decomposition (t=0)"] = ppl(model16, jint8.quantize_params(params, jint8.Int8Config(threshold=0.0)))
         low = jint8.Int8Config(threshold=args.low_threshold, outlier_capacity=256)
         rows[f"int8 t={args.low_threshold:g}, capacity 256"] = ppl(model16, jint8.quantize_params(params, low))
+        if calibrated is not None:
+            thresholds_only = dataclasses.replace(calibrated, skip_modules=())
+            rows["int8 calibrated thresholds"] = ppl(model16, jint8.quantize_params(params, thresholds_only))
+            rows["int8 calibrated thresholds + skip"] = ppl(model16, jint8.quantize_params(params, calibrated))
+            for name, config in (("t=6", jint8.Int8Config()), ("calibrated + skip", calibrated)):
+                kl = kl_divergence(model16, params, jint8.quantize_params(params, config), windows)
+                print(f"KL(bf16 || int8 {name}) = {kl:.5f} nats/token")
         base = rows["bf16"][1]
         for name, (text, value) in rows.items():
             print(f"| {label} | {name} | {text} | {100 * (value / base - 1):+.2f} % |")
@@ -60,19 +76,19 @@ def main(argv=None):
     print("\n| setting | variant | perplexity ± s.e. | vs bf16 |\n|---|---|---|---|")
     text, _ = ppl(model32, params32)
     print(f"| original | f32 | {text} | |")
-    variants(params16, "original")
+    variants(params16, "original", calibrated)
     for alpha in args.alphas:
         amplified = amplify_outlier_features(params16, args.features, alpha)
         variants(amplified, f"alpha={alpha:g} on features {args.features}")
 
-    greedy_agreement(args, tokenizer, model16, params16)
+    greedy_agreement(args, tokenizer, model16, params16, calibrated)
 
     layers = inspect_outliers(model16, jint8.quantize_params(params16, jint8.Int8Config()), [ids[:256]])
     natural = sum(len(layer.outlier_features) for layer in layers)
     print(f"\nnatural outlier columns (|x| >= 6) over all projections on 256 tokens: {natural}")
 
 
-def greedy_agreement(args, tokenizer, model, params):
+def greedy_agreement(args, tokenizer, model, params, calibrated):
     """Greedy continuations of int8 vs bf16 on prompts cut from the evaluation text."""
     import numpy as np
 
@@ -92,7 +108,8 @@ def greedy_agreement(args, tokenizer, model, params):
     reference = continuations(params)
     print(f"\ngreedy agreement with bf16 over {len(prompts)} prompts x {args.agreement_tokens} tokens:")
     for name, cfg in (("int8 t=6", jint8.Int8Config()),
-                      (f"int8 t={args.low_threshold:g}", jint8.Int8Config(threshold=args.low_threshold, outlier_capacity=256))):
+                      (f"int8 t={args.low_threshold:g}", jint8.Int8Config(threshold=args.low_threshold, outlier_capacity=256)),
+                      ("int8 calibrated + skip", calibrated)):
         got = continuations(jint8.quantize_params(params, cfg))
         same_tokens = np.mean([np.mean(a == b) for a, b in zip(got, reference)])
         prefix = np.mean([(np.argmin(a == b) if not np.all(a == b) else len(a)) for a, b in zip(got, reference)])

@@ -5,6 +5,7 @@
     jint8 quantize SRC OUT                       # write an int8 (Orbax) checkpoint
     jint8 eval-ppl [--model ...] [--quantize none|int8|int8-no-outliers]   # perplexity
     jint8 inspect [--model ...] [--prompts FILE]  # outlier features per layer, PNG heat-map
+    jint8 calibrate [--model ...] --out cfg.json  # per-layer thresholds (+ skip list) as Int8Config JSON
 
 Subcommands register through `register_command`, so other modules (inspect, eval-ppl) add theirs
 without touching the parser code. Heavy imports (jax, transformers) happen inside the commands so
@@ -96,10 +97,10 @@ def _eos_ids(tokenizer) -> tuple[int, ...]:
     return () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
 
 
-def _load(path, quantize: str, dtype, threshold: float = 6.0, outlier_capacity: int = 64):
+def _load(path, quantize: str, dtype, threshold: float = 6.0, outlier_capacity: int = 64, int8_config=None):
     import jint8
 
-    config = jint8.Int8Config(threshold=threshold, outlier_capacity=outlier_capacity)
+    config = int8_config or jint8.Int8Config(threshold=threshold, outlier_capacity=outlier_capacity)
     quantization = config if quantize == "int8" else None
     return jint8.from_pretrained(path, quantization=quantization, dtype=dtype)
 
@@ -115,6 +116,8 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=("int8", "none"), default="int8",
                         help="LLM.int8() quantization while loading (default int8)")
     parser.add_argument("--threshold", type=float, default=6.0, help="int8 outlier threshold (default 6.0)")
+    parser.add_argument("--int8-config", metavar="FILE",
+                        help="Int8Config JSON (from `jint8 calibrate`); replaces --threshold")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                         help="compute dtype (default bfloat16)")
     parser.add_argument("--no-chat", dest="chat", action="store_false",
@@ -130,7 +133,12 @@ def _run_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, prompt_lookup_num_tokens=args.prompt_lookup,
         num_assistant_tokens=args.assistant_tokens)  # validates before the slow load
-    model, params = _load(args.model, args.quantize, _dtype(args.dtype), args.threshold)
+    int8_config = None
+    if args.int8_config:
+        from jint8.calibration import load_int8_config
+
+        int8_config = load_int8_config(args.int8_config)
+    model, params = _load(args.model, args.quantize, _dtype(args.dtype), args.threshold, int8_config=int8_config)
     assistant = {}
     if args.assistant:
         assistant_model, assistant_params = _load(args.assistant, args.quantize, _dtype(args.dtype), args.threshold)
@@ -333,13 +341,15 @@ class _OncePerMessage(logging.Filter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import jint8.cli_accuracy  # noqa: F401  (registers eval-ppl and inspect)
+    import jint8.cli_accuracy  # noqa: F401  (registers eval-ppl, inspect and calibrate)
+    # under `python -m jint8.cli` this file runs as __main__, but cli_accuracy registers into jint8.cli
+    from jint8.cli import _COMMANDS as commands
 
     parser = argparse.ArgumentParser(
         prog="jint8", description="LLM.int8() inference for JAX: int8 weights and activations with "
         "outlier decomposition.", epilog="Run `jint8 COMMAND --help` for a command's options.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in _COMMANDS.values():
+    for command in commands.values():
         sub = subparsers.add_parser(command.name, help=command.help, description=command.description or command.help)
         command.add_arguments(sub)
         sub.set_defaults(run=command.run)

