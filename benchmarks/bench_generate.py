@@ -65,6 +65,7 @@ def parse_args(argv=None):
     quant.add_argument("--quantize-embeddings", action="store_true",
                        help="int8 embedding table too (Int8Config.quantize_embeddings)")
     parser.add_argument("--json", help="append one JSON line per measurement to this file")
+    parser.add_argument("--profile", metavar="DIR", help="also trace one full call per batch with jax.profiler")
     parser.add_argument("--in-process", action="store_true", help="run all variants in this process")
     return parser.parse_args(argv)
 
@@ -205,6 +206,13 @@ def run_variant(args, variant: str) -> list[dict]:
             capacity_overflow_warnings=overflows.count,
         ))
         print(json.dumps(rows[-1]), flush=True)
+        if args.profile:  # one more full call under the profiler: GPU kernel times per op
+            trace_dir = os.path.join(args.profile, f"{variant}_b{batch}")
+            os.makedirs(trace_dir, exist_ok=True)
+            jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+            jint8.generate(model, params, prompt, config=config)  # returns host arrays: synchronous
+            jax.profiler.stop_trace()
+            print(f"profile of one call: {trace_dir} (summarise with benchmarks/profile_summary.py)", flush=True)
     return rows
 
 
@@ -287,6 +295,13 @@ def run_torch_variant(args, variant: str) -> list[dict]:
             threshold=args.threshold if variant == "bnb-int8" else None,
         ))
         print(json.dumps(rows[-1]), flush=True)
+        if args.profile:  # one more full call under the profiler: GPU kernel times per op
+            trace_dir = os.path.join(args.profile, f"{variant}_b{batch}")
+            os.makedirs(trace_dir, exist_ok=True)
+            jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+            jint8.generate(model, params, prompt, config=config)  # returns host arrays: synchronous
+            jax.profiler.stop_trace()
+            print(f"profile of one call: {trace_dir} (summarise with benchmarks/profile_summary.py)", flush=True)
     return rows
 
 

@@ -7,6 +7,7 @@
 """
 
 from jint8 import errors, functional, ops
+from jint8.calibration import calibrate, load_int8_config
 from jint8.export import export_bitsandbytes
 from jint8.generation import GenerationConfig, generate
 from jint8.layers import Int8Dense, Int8Embed, Int8Linear, intercept
@@ -39,6 +40,7 @@ __all__ = [
     "Int8Embed",
     "Int8Linear",
     "Int8Weight",
+    "calibrate",
     "dequantize_params",
     "errors",
     "export_bitsandbytes",
@@ -47,6 +49,7 @@ __all__ = [
     "generate",
     "int8_matmul",
     "intercept",
+    "load_int8_config",
     "load_quantized",
     "make_mesh",
     "ops",

@@ -206,6 +206,9 @@ class Int8Config:
         if isinstance(self.skip_modules, str):
             object.__setattr__(self, "skip_modules", (self.skip_modules,))
         object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+        if isinstance(self.kernel_names, str):
+            object.__setattr__(self, "kernel_names", (self.kernel_names,))
+        object.__setattr__(self, "kernel_names", tuple(self.kernel_names))  # JSON gives lists
         for pattern in self.skip_modules:
             _compile_pattern(pattern, "Int8Config.skip_modules")
         object.__setattr__(
