@@ -295,13 +295,6 @@ def run_torch_variant(args, variant: str) -> list[dict]:
             threshold=args.threshold if variant == "bnb-int8" else None,
         ))
         print(json.dumps(rows[-1]), flush=True)
-        if args.profile:  # one more full call under the profiler: GPU kernel times per op
-            trace_dir = os.path.join(args.profile, f"{variant}_b{batch}")
-            os.makedirs(trace_dir, exist_ok=True)
-            jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-            jint8.generate(model, params, prompt, config=config)  # returns host arrays: synchronous
-            jax.profiler.stop_trace()
-            print(f"profile of one call: {trace_dir} (summarise with benchmarks/profile_summary.py)", flush=True)
     return rows
 
 
