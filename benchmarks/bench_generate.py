@@ -62,6 +62,8 @@ def parse_args(argv=None):
     quant.add_argument("--outlier-features", type=int, default=8, help="hidden features with outlier activations")
     quant.add_argument("--outlier-gain", type=float, default=20.0, help="their RMSNorm weight")
     quant.add_argument("--quantize-lm-head", action="store_true", help="int8 lm_head too (bitsandbytes skips it)")
+    parser.add_argument("--fuse", action="store_true",
+                        help="jint8 variants: fuse_projections (one q|k|v and one gate|up matmul per layer)")
     quant.add_argument("--quantize-embeddings", action="store_true",
                        help="int8 embedding table too (Int8Config.quantize_embeddings)")
     parser.add_argument("--json", help="append one JSON line per measurement to this file")
@@ -176,6 +178,8 @@ def run_variant(args, variant: str) -> list[dict]:
     logging.getLogger("jint8").addFilter(overflows)
     device = jax.devices()[0]
     model, params = build_model(args, variant)
+    if args.fuse:
+        params = jint8.fuse_projections(params)
     jax.block_until_ready(params)
     weight_bytes = jint8.param_bytes(params)
     rows = []
@@ -203,7 +207,7 @@ def run_variant(args, variant: str) -> list[dict]:
             total_s=full,
             peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30 if stats else None,
             threshold=args.threshold if variant == "int8" else None,
-            capacity_overflow_warnings=overflows.count,
+            capacity_overflow_warnings=overflows.count, fused=bool(args.fuse),
         ))
         print(json.dumps(rows[-1]), flush=True)
         if args.profile:  # one more full call under the profiler: GPU kernel times per op
@@ -304,7 +308,7 @@ def _markdown(rows: list[dict]) -> str:
     for r in rows:
         peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         software = r["jax"] if r["jax"].startswith("torch") else f"jint8, jax {r['jax']}"
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['weight_gib']:.3f} | {r['prefill_ms']:.1f} | "
+        lines.append(f"| {r['variant']}{' fused' if r.get('fused') else ''} | {r['batch']} | {r['weight_gib']:.3f} | {r['prefill_ms']:.1f} | "
                      f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | {peak} | {software} |")
     return "\n".join(lines)
 

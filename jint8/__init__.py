@@ -12,6 +12,7 @@ from jint8.export import export_bitsandbytes
 from jint8.generation import GenerationConfig, generate
 from jint8.layers import Int8Dense, Int8Embed, Int8Linear, intercept
 from jint8.loading import from_pretrained, make_mesh
+from jint8.models.fusion import fuse_projections
 from jint8.ops import int8_matmul
 from jint8.quantize import (
     Int8Config,
@@ -45,6 +46,7 @@ __all__ = [
     "errors",
     "export_bitsandbytes",
     "functional",
+    "fuse_projections",
     "from_pretrained",
     "generate",
     "int8_matmul",

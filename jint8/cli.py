@@ -97,12 +97,15 @@ def _eos_ids(tokenizer) -> tuple[int, ...]:
     return () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
 
 
-def _load(path, quantize: str, dtype, threshold: float = 6.0, outlier_capacity: int = 64, int8_config=None):
+def _load(path, quantize: str, dtype, threshold: float = 6.0, outlier_capacity: int = 64, int8_config=None,
+          fuse: bool = False):
+    """from_pretrained with the CLI's options; fuse: q|k|v and gate|up as one matmul each (generation)."""
     import jint8
 
     config = int8_config or jint8.Int8Config(threshold=threshold, outlier_capacity=outlier_capacity)
     quantization = config if quantize == "int8" else None
-    return jint8.from_pretrained(path, quantization=quantization, dtype=dtype)
+    model, params = jint8.from_pretrained(path, quantization=quantization, dtype=dtype)
+    return model, jint8.fuse_projections(params) if fuse else params
 
 
 # ----------------------------------------------------------------------------- generate
@@ -138,10 +141,12 @@ def _run_generate(args: argparse.Namespace) -> int:
         from jint8.calibration import load_int8_config
 
         int8_config = load_int8_config(args.int8_config)
-    model, params = _load(args.model, args.quantize, _dtype(args.dtype), args.threshold, int8_config=int8_config)
+    model, params = _load(args.model, args.quantize, _dtype(args.dtype), args.threshold, int8_config=int8_config,
+                          fuse=True)
     assistant = {}
     if args.assistant:
-        assistant_model, assistant_params = _load(args.assistant, args.quantize, _dtype(args.dtype), args.threshold)
+        assistant_model, assistant_params = _load(args.assistant, args.quantize, _dtype(args.dtype), args.threshold,
+                                                  fuse=True)
         assistant = dict(assistant_model=assistant_model, assistant_params=assistant_params)
     tokenizer = load_tokenizer(args.model)
     config = dataclasses.replace(config, eos_token_id=_eos_ids(tokenizer))
@@ -242,7 +247,7 @@ def _timed_demo_run(label, path, quantize, tokenizer, ids, mask, config, thresho
 
     start = time.perf_counter()
     # a low threshold marks more outlier columns: room for them avoids the dense fallback
-    model, params = _load(path, quantize, jnp.bfloat16, threshold, 64 if threshold >= 6 else 256)
+    model, params = _load(path, quantize, jnp.bfloat16, threshold, 64 if threshold >= 6 else 256, fuse=True)
     loaded = time.perf_counter()
     jint8.generate(model, params, ids, mask, config)
     compiled = time.perf_counter()

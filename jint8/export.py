@@ -55,6 +55,11 @@ def hf_config_of(config):
 def _tensors(params, rules: NameRules, float_dtype) -> dict[str, np.ndarray]:
     """{transformers name: numpy array} in PyTorch layout."""
     flat = flatten_dict(jax.device_get(params), is_leaf=lambda _, x: isinstance(x, Int8Weight))
+    fused = sorted({"/".join(p[:-1]) for p in flat if any(name in p for name in ("qkv_proj", "gate_up_proj"))})
+    if fused:
+        raise InvalidConfigError(
+            f"export_bitsandbytes: {fused[0]} (and {len(fused) - 1} more) were fused by fuse_projections; "
+            "transformers has no such modules: export the params as loaded, before fusing")
     table = expected_tensors({p: tuple(x.shape) if isinstance(x, Int8Weight) else np.shape(x) for p, x in flat.items()}, rules)
     transpose = {target.path: target.transpose for target in table.values()}
     out = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from jint8.errors import UnsupportedArchitectureError
 from jint8.models.common import KVCache, RopeConfig, init_cache
+from jint8.models.fusion import fuse_projections
 from jint8.models.gemma import GemmaConfig, GemmaForCausalLM
 from jint8.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jint8.models.llama import LlamaConfig, LlamaForCausalLM
@@ -64,6 +65,7 @@ __all__ = [
     "RopeConfig",
     "config_class_for",
     "config_from_hf",
+    "fuse_projections",
     "init_cache",
     "model_class_for",
     "register_model",

@@ -149,9 +149,14 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, positions, cache: Optional[KVCache], cache_index, kv_mask):
         cfg = self.config
         b, t, _ = x.shape
-        q = _dense(cfg, cfg.num_heads * cfg.head_dim, cfg.qkv_bias, "q_proj")(x)
-        k = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "k_proj")(x)
-        v = _dense(cfg, cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "v_proj")(x)
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        if self.has_variable("params", "qkv_proj"):  # fuse_projections' one q|k|v matmul
+            qkv = _dense(cfg, q_size + 2 * kv_size, cfg.qkv_bias, "qkv_proj")(x)
+            q, k, v = jnp.split(qkv, [q_size, q_size + kv_size], axis=-1)
+        else:
+            q = _dense(cfg, q_size, cfg.qkv_bias, "q_proj")(x)
+            k = _dense(cfg, kv_size, cfg.qkv_bias, "k_proj")(x)
+            v = _dense(cfg, kv_size, cfg.qkv_bias, "v_proj")(x)
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -173,8 +178,12 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
-        up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
+        if self.has_variable("params", "gate_up_proj"):  # fuse_projections' one gate|up matmul
+            gate_up = _dense(cfg, 2 * cfg.intermediate_size, cfg.mlp_bias, "gate_up_proj")(x)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+        else:
+            gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
+            up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
         return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(activation(cfg.hidden_act)(gate) * up)
 
 

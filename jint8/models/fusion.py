@@ -1,0 +1,87 @@
+"""Fuse the projections that read the same input into one matmul: q/k/v and gate/up.
+
+At decode time (one token per step) every projection is a small, bandwidth-bound matmul and a
+kernel launch of its own; the GPU profile of an 8B-shaped int8 model (benchmarks/RESULTS.md) shows
+the 4096x1024 k/v projections reaching a fifth of the copy bandwidth. Concatenating the weights
+along their output axis once, after loading, turns seven matmuls per Llama layer into four.
+
+For LLM.int8() this is exact: the row scales and the outlier columns depend only on the shared
+input, and every output column keeps its own weight scale, so the fused layer computes the same
+int8 values and accumulators as the separate ones (only float32 summation order in the kernels'
+epilogues can differ). Kernels with different LLM.int8() settings (e.g. calibrated per-layer
+thresholds) are left separate. The models (jint8.models.llama) use `qkv_proj` / `gate_up_proj`
+when the params hold them; loaders and exporters see the checkpoint's own names, so fuse after
+loading and keep the unfused tree for export_bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import jax.numpy as jnp
+
+from jint8.quantize import Int8Weight
+
+_logger = logging.getLogger("jint8")
+
+# (parent module, fused name, parts in output order)
+FUSIONS = (
+    ("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    ("mlp", "gate_up_proj", ("gate_proj", "up_proj")),
+)
+
+
+def fuse_projections(params):
+    """A new param tree whose Llama-family attention/MLP blocks hold fused `qkv_proj` and
+    `gate_up_proj` instead of their parts, wherever the parts can be fused (same kind: all float
+    kernels or all Int8Weight with equal settings; biases on all or none). Pure; idempotent."""
+    from flax.core import FrozenDict, freeze, unfreeze
+
+    if isinstance(params, FrozenDict):
+        return freeze(fuse_projections(unfreeze(params)))
+    if not isinstance(params, Mapping):
+        raise TypeError(f"fuse_projections: params must be a Linen param dict, got {type(params).__name__}")
+    return _walk(dict(params), ())
+
+
+def _walk(node: dict, path: tuple) -> dict:
+    out = {}
+    for key, child in node.items():
+        out[key] = _walk(dict(child), path + (key,)) if isinstance(child, Mapping) else child
+    for parent, fused, parts in FUSIONS:
+        if path and path[-1] == parent and all(p in out for p in parts):
+            merged = _fuse([out[p] for p in parts], "/".join(path))
+            if merged is not None:
+                for p in parts:
+                    del out[p]
+                out[fused] = merged
+    return out
+
+
+def _fuse(modules: list, where: str):
+    """{"kernel", "bias"?} of the fused module, or None when the parts cannot be fused."""
+    if any(set(m) - {"kernel", "bias"} for m in modules):
+        return None
+    has_bias = ["bias" in m for m in modules]
+    if any(has_bias) and not all(has_bias):
+        return None
+    kernels = [m["kernel"] for m in modules]
+    if all(isinstance(k, Int8Weight) for k in kernels):
+        first = kernels[0]
+        settings = {(k.in_ndim, k.threshold, k.outlier_capacity, k.qvalue.ndim) for k in kernels}
+        if len(settings) != 1 or first.qvalue.ndim != 2:
+            _logger.debug("fuse_projections: %s kept separate (LLM.int8 settings differ: %s)", where, settings)
+            return None
+        kernel = first.replace(qvalue=jnp.concatenate([k.qvalue for k in kernels], axis=0),
+                               scale=jnp.concatenate([k.scale for k in kernels], axis=0))
+    elif not any(isinstance(k, Int8Weight) for k in kernels):
+        if len({(k.ndim, k.shape[0], k.dtype) for k in kernels}) != 1 or kernels[0].ndim != 2:
+            return None
+        kernel = jnp.concatenate(kernels, axis=1)
+    else:
+        return None
+    fused = {"kernel": kernel}
+    if all(has_bias):
+        fused["bias"] = jnp.concatenate([m["bias"] for m in modules], axis=0)
+    return fused
