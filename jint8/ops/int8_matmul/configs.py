@@ -202,6 +202,16 @@ def _load_table(name: str, weight_layout: str) -> tuple[dict, ...]:
     return tuple(sorted(buckets, key=lambda b: b["max_m"]))
 
 
+@functools.cache
+def _load_shapes(name: str, weight_layout: str) -> tuple[dict, ...]:
+    """Per-shape entries ("shapes_nk": exact K x N, up to max_m) tuned on the decode shapes of
+    real models (benchmarks/tune_decode_shapes.py); they win over the M buckets."""
+    path = _DATA_DIR / f"{name}.json"
+    if not path.exists() or weight_layout != "nk":
+        return ()
+    return tuple(sorted(json.loads(path.read_text()).get("shapes_nk", ()), key=lambda e: e["max_m"]))
+
+
 def plan_for(device_kind: str, m: int, k: int, n: int, weight_layout: str = "kn") -> KernelPlan:
     """The tuned plan for this GPU, shape bucket and weight layout, else default_plan.
 
@@ -209,6 +219,13 @@ def plan_for(device_kind: str, m: int, k: int, n: int, weight_layout: str = "kn"
     block_m is ignored) and its block_n narrowed for small N (_fit_fused).
     """
     name = device_table_name(device_kind)
+    for entry in _load_shapes(name, weight_layout) if name else ():
+        if m <= entry["max_m"] and (k, n) == (entry["k"], entry["n"]):
+            gemm = Config(**entry["gemm"])
+            if entry.get("gemm_path", "fused") == "fused":
+                gemm = dataclasses.replace(gemm, block_m=fused_block_m(m))
+            return KernelPlan(quantize=_default_quantize(m, k), gemm=gemm,
+                              gemm_path=entry.get("gemm_path", "fused"))
     table = _load_table(name, weight_layout) if name else ()
     for bucket in table:
         if m <= bucket["max_m"]:
@@ -232,3 +249,4 @@ def plan_for(device_kind: str, m: int, k: int, n: int, weight_layout: str = "kn"
 def clear_cache() -> None:
     """Forget loaded tables (after editing data/*.json in a running process)."""
     _load_table.cache_clear()
+    _load_shapes.cache_clear()

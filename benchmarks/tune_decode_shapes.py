@@ -1,0 +1,116 @@
+"""Tune the fused (one-launch) int8 kernel on the decode shapes of a fused Llama-3-8B layer.
+
+    python3 benchmarks/tune_decode_shapes.py [--json OUT] [--m 1]
+
+Per shape (K x N of qkv_proj, o_proj, gate_up_proj, down_proj, lm_head) and candidate tiles
+(block_n, block_k, split_k), times the public op's fused path as the model runs it: COPIES
+distinct K-major weights (together > 2x L2, as consecutive layers are) called back to back inside
+one jitted executable, each call's input depending on the previous output. Prints ms per call
+and the bandwidth reached (int8 weight bytes / time), next to the current table's plan, and checks
+every candidate's output against the XLA reference (relative max error). The best tiles per shape
+go into data/<gpu>.json's "shapes_nk" list (configs.plan_for reads them before the M buckets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up_proj": (4096, 28672),
+          "down_proj": (14336, 4096), "lm_head": (4096, 128256)}
+L2_BYTES = 50 * 2**20
+
+
+def candidates():
+    for block_n, block_k, split_k in itertools.product((64, 128, 256), (128, 256), (1, 2, 4)):
+        yield dict(block_n=block_n, block_k=block_k, split_k=split_k,
+                   num_warps=8 if block_n >= 256 else 4, num_stages=4)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--m", type=int, default=1)
+    parser.add_argument("--json")
+    parser.add_argument("--shapes", nargs="+", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes in interpret mode")
+    args = parser.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jint8.ops.int8_matmul import configs, reference
+    from jint8.ops.int8_matmul.pallas_triton import int8_matmul_pallas
+
+    device = jax.devices()[0].device_kind
+    rng = np.random.default_rng(0)
+    print(f"{device}, jax {jax.__version__}, M={args.m}")
+    for name in args.shapes:
+        k, n = SHAPES[name]
+        if args.smoke:
+            k, n = k // 32, n // 32
+        copies = max(2, min(16, math.ceil(2 * L2_BYTES / (k * n))))
+        ws = [jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8)) for _ in range(copies)]
+        scale = jnp.asarray(rng.uniform(0.01, 0.02, n).astype(np.float32))
+        x = rng.standard_normal((args.m, k)).astype(np.float32)
+        x[:, rng.choice(k, 8, replace=False)] *= 20
+        x = jnp.asarray(x, jnp.bfloat16)
+        want = reference.int8_matmul_reference(x, ws[0], scale, threshold=6.0, outlier_capacity=64,
+                                               weight_layout="nk")[0].astype(jnp.float32)
+        table_plan = configs.plan_for("NVIDIA H100" if args.smoke else device, args.m, k, n, "nk")
+        plans = [("table", table_plan)]
+        for c in list(candidates())[: 2 if args.smoke else None]:
+            if c["block_n"] > n or math.ceil(k / c["block_k"]) < 4 * c["split_k"]:
+                continue
+            gemm = configs.Config(block_m=configs.fused_block_m(args.m), weight_layout="nk",
+                                  outlier_mode="branch", **c)
+            plans.append((c, configs.KernelPlan(quantize=table_plan.quantize, gemm=gemm, gemm_path="fused")))
+        results = []
+        for label, plan in plans:
+            op = lambda x, w, plan=plan: int8_matmul_pallas(  # noqa: E731
+                x, w, scale, threshold=6.0, outlier_capacity=64, weight_layout="nk", plan=plan,
+                interpret=args.smoke)[0]
+
+            @jax.jit
+            def chain(x, ws):
+                y = x
+                for w in ws:  # each call's input depends on the previous output: no overlap
+                    y = op(x + (y[:, :1] * 0).astype(x.dtype), w)
+                return y
+
+            try:
+                got = op(x, ws[0]).astype(jnp.float32)
+                error = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+                jax.block_until_ready(chain(x, ws))
+                times = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    jax.block_until_ready(chain(x, ws))
+                    times.append((time.perf_counter() - start) / copies)
+            except Exception as e:  # a tile that does not compile (shared memory, registers)
+                print(f"  {name} {label}: failed: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            ms = sorted(times)[len(times) // 2] * 1e3
+            row = dict(shape=name, k=k, n=n, m=args.m, plan=label if label == "table" else "candidate",
+                       gemm=plan.gemm.__dict__ if label == "table" else label, ms=ms,
+                       tb_per_s=k * n / (ms * 1e-3) / 1e12, rel_error=error, device=device)
+            results.append(row)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row, default=str) + "\n")
+        results.sort(key=lambda r: r["ms"])
+        table = next(r for r in results if r["plan"] == "table")
+        print(f"{name} {k}x{n}: table {table['ms'] * 1e3:.1f} us ({table['tb_per_s']:.2f} TB/s)")
+        for r in results[:4]:
+            print(f"   {r['ms'] * 1e3:6.1f} us {r['tb_per_s']:.2f} TB/s err {r['rel_error']:.1e} {r['gemm']}")
+
+
+if __name__ == "__main__":
+    main()
