@@ -5,7 +5,8 @@
 Per shape (K x N of qkv_proj, o_proj, gate_up_proj, down_proj, lm_head) and candidate tiles
 (block_n, block_k, split_k), times the public op's fused path as the model runs it: COPIES
 distinct K-major weights (together > 2x L2, as consecutive layers are) called back to back inside
-one jitted executable, each call's input depending on the previous output. Prints ms per call
+one jitted while loop (a CUDA graph per iteration, as a decode step), each call's input
+depending on the previous output. Prints ms per call
 and the bandwidth reached (int8 weight bytes / time), next to the current table's plan, and checks
 every candidate's output against the XLA reference (relative max error). The best tiles per shape
 go into data/<gpu>.json's "shapes_nk" list (configs.plan_for reads them before the M buckets).
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up_proj": (4096, 28672),
           "down_proj": (14336, 4096), "lm_head": (4096, 128256)}
 L2_BYTES = 50 * 2**20
+REPS = 20
 
 
 def candidates():
@@ -40,6 +42,9 @@ def main(argv=None):
     parser.add_argument("--json")
     parser.add_argument("--shapes", nargs="+", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes in interpret mode")
+    parser.add_argument("--write-table", metavar="JSON",
+                        help="put each shape's best candidate (if >= 3%% faster than the table's plan) "
+                        "into this data/<gpu>.json's shapes_nk")
     args = parser.parse_args(argv)
 
     import jax
@@ -80,10 +85,14 @@ def main(argv=None):
 
             @jax.jit
             def chain(x, ws):
-                y = x
-                for w in ws:  # each call's input depends on the previous output: no overlap
-                    y = op(x + (y[:, :1] * 0).astype(x.dtype), w)
-                return y
+                # A loop body of `copies` dependent calls, as a decode step runs its layers: XLA
+                # records while-loop bodies as CUDA graphs, so host launch cost is not timed.
+                def body(_, y):
+                    for w in ws:
+                        y = op(x + (y[:, :1] * 0).astype(x.dtype), w)
+                    return y
+
+                return jax.lax.fori_loop(0, REPS, body, jnp.zeros((x.shape[0], n), x.dtype))
 
             try:
                 got = op(x, ws[0]).astype(jnp.float32)
@@ -93,7 +102,7 @@ def main(argv=None):
                 for _ in range(5):
                     start = time.perf_counter()
                     jax.block_until_ready(chain(x, ws))
-                    times.append((time.perf_counter() - start) / copies)
+                    times.append((time.perf_counter() - start) / (copies * REPS))
             except Exception as e:  # a tile that does not compile (shared memory, registers)
                 print(f"  {name} {label}: failed: {type(e).__name__}: {str(e)[:120]}")
                 continue
@@ -107,9 +116,25 @@ def main(argv=None):
                     f.write(json.dumps(row, default=str) + "\n")
         results.sort(key=lambda r: r["ms"])
         table = next(r for r in results if r["plan"] == "table")
+        best = results[0]
+        if args.write_table and best["plan"] == "candidate" and best["ms"] < 0.97 * table["ms"]:
+            _write_entry(args.write_table, k, n, args.m, best)
         print(f"{name} {k}x{n}: table {table['ms'] * 1e3:.1f} us ({table['tb_per_s']:.2f} TB/s)")
         for r in results[:4]:
             print(f"   {r['ms'] * 1e3:6.1f} us {r['tb_per_s']:.2f} TB/s err {r['rel_error']:.1e} {r['gemm']}")
+
+
+def _write_entry(path, k, n, m, best):
+    import datetime
+
+    data = json.loads(open(path).read())
+    entries = [e for e in data.get("shapes_nk", []) if (e["k"], e["n"], e["max_m"]) != (k, n, 16)]
+    gemm = dict(block_m=16, weight_layout="nk", swap_ab=False, outlier_mode="branch", **best["gemm"])
+    entries.append(dict(k=k, n=n, max_m=16, gemm_path="fused", gemm=gemm, measured_us_m1=round(best["ms"] * 1e3, 1),
+                        note=f"tune_decode_shapes.py, M={m}, {best['device']}, {datetime.date.today().isoformat()}"))
+    data["shapes_nk"] = sorted(entries, key=lambda e: (e["k"], e["n"]))
+    with open(path, "w") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":
