@@ -186,6 +186,10 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=6.0, help="int8 outlier threshold (default 6.0)")
     parser.add_argument("--skip-modules", nargs="*", default=(), metavar="PATTERN",
                         help="module paths kept in floating point (e.g. lm_head)")
+    parser.add_argument("--quantize-embeddings", action="store_true",
+                        help="int8 embedding tables too (one scale per token row; bitsandbytes keeps them 16-bit)")
+    parser.add_argument("--int8-config", metavar="FILE",
+                        help="Int8Config JSON (from `jint8 calibrate`); replaces --threshold and --skip-modules")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
@@ -197,7 +201,14 @@ def _run_quantize(args: argparse.Namespace) -> int:
     except ImportError:
         raise CommandError("this build of jint8 cannot write quantized checkpoints yet "
                            "(jint8.checkpoint.quantize_checkpoint is missing)") from None
-    config = jint8.Int8Config(threshold=args.threshold, skip_modules=tuple(args.skip_modules))
+    if args.int8_config:
+        from jint8.calibration import load_int8_config
+
+        config = load_int8_config(args.int8_config)
+    else:
+        config = jint8.Int8Config(threshold=args.threshold, skip_modules=tuple(args.skip_modules))
+    if args.quantize_embeddings:
+        config = dataclasses.replace(config, quantize_embeddings=True)
     out = quantize_checkpoint(args.src, args.out, quant_config=config, progress=True, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0

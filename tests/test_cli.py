@@ -116,6 +116,18 @@ def test_quantize_writes_a_loadable_checkpoint(tiny_checkpoint, tmp_path, capsys
     assert any(isinstance(leaf, jint8.Int8Weight) for leaf in leaves)
 
 
+def test_quantize_with_int8_embeddings(tiny_checkpoint, tmp_path, capsys):
+    import jint8
+
+    out = tmp_path / "int8-embed"
+    assert cli.main(["quantize", str(tiny_checkpoint), str(out), "--quantize-embeddings"]) == 0
+    params, info = jint8.load_quantized(out)
+    assert info.quant_config.quantize_embeddings
+    embeddings = [leaf for path, leaf in __import__("flax").traverse_util.flatten_dict(
+        params, is_leaf=lambda _, x: isinstance(x, jint8.Int8Weight)).items() if path[-1] == "embedding"]
+    assert embeddings and all(isinstance(leaf, jint8.Int8Weight) for leaf in embeddings)
+
+
 def test_demo_model_is_found_without_importing_its_package():
     path = cli.demo_gguf_path()
     assert path.name == cli.DEMO_GGUF and path.stat().st_size > 50e6
