@@ -39,7 +39,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from jint8.ops.int8_matmul.configs import Config
 from jint8.ops.int8_matmul.pallas_triton_gemm import (
-    _dot, _ignoring_input, _load, _load_vector, _load_weight, _stream_dot, _Tile,
+    _dot, _load, _load_vector, _load_weight, _stream_dot, _Tile, launch,
 )
 from jint8.ops.int8_matmul.pallas_triton_quantize import _inverse_scale, round_half_even
 from jint8.ops.int8_matmul import reference
@@ -178,39 +178,13 @@ def fused_int8_matmul(
     n = w.shape[0] if config.weight_layout == "nk" else w.shape[1]
     if m > config.block_m:
         raise ValueError(f"fused kernel: M={m} must be <= block_m={config.block_m}")
-    if accumulator_only:
-        out_shape = jax.ShapeDtypeStruct((config.split_k, m, n), jnp.int32)
-    elif config.split_k == 1:
-        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
-    else:
-        out_shape = jax.ShapeDtypeStruct((config.split_k, m, n), jnp.float32)
     kernel = functools.partial(
         _fused_kernel, config=config, threshold=threshold, has_bias=has_bias,
         accumulator_only=accumulator_only, interpret=interpret,
     )
-    operands = [x, w, col_scales, bias]
-    aliases = {}
-    if poison_output:
-        poison = jnp.iinfo(jnp.int32).min if out_shape.dtype == jnp.int32 else jnp.nan
-        aliases = {len(operands): 0}
-        operands.append(jnp.full(out_shape.shape, poison, out_shape.dtype))
-        kernel = _ignoring_input(kernel, len(operands) - 1)
-    out = pl.pallas_call(
-        kernel,
-        grid=(pl.cdiv(n, config.block_n), config.split_k),
-        out_shape=out_shape,
-        input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
-        interpret=interpret,
-        name="jint8_fused_int8_matmul",
-    )(*operands)
-    if accumulator_only:
-        return out.sum(axis=0, dtype=jnp.int32)
-    if config.split_k == 1:
-        return out
-    return out.sum(axis=0).astype(out_dtype)
+    return launch(kernel, [x, w, col_scales, bias], grid=(pl.cdiv(n, config.block_n), config.split_k),
+                  m=m, n=n, config=config, out_dtype=out_dtype, accumulator_only=accumulator_only,
+                  poison_output=poison_output, interpret=interpret, name="jint8_fused_int8_matmul")
 
 
 def fused_int8_matmul_reference(x, w, col_scales, bias, *, threshold: float, out_dtype,

@@ -264,33 +264,43 @@ def int8_gemm(
     m, k = xq.shape
     n = w.shape[0] if config.weight_layout == "nk" else w.shape[1]
     tiles = pl.cdiv(m, config.block_m) * pl.cdiv(n, config.block_n)
+    kernel = functools.partial(
+        _gemm_kernel, config=config, has_bias=has_bias, has_outliers=has_outliers,
+        dense_fallback=dense_fallback, accumulator_only=accumulator_only,
+    )
+    operands = [xq, w, row_scales, col_scales, bias, x, slots, slot_valid, col_flags, overflow]
+    return launch(kernel, operands, grid=(tiles, config.split_k), m=m, n=n, config=config,
+                  out_dtype=out_dtype, accumulator_only=accumulator_only,
+                  poison_output=poison_output, interpret=interpret, name="jint8_int8_gemm")
+
+
+def launch(kernel, operands, *, grid, m, n, config: Config, out_dtype, accumulator_only: bool,
+           poison_output: bool, interpret: bool, name: str):
+    """pallas_call of an int8 GEMM kernel writing [M, N] (split_k == 1) or float32 partials
+    [S, M, N] (int32 with accumulator_only), summed here; poison_output aliases a NaN-filled
+    (int32: INT32_MIN) buffer into the output so unwritten elements show."""
     if accumulator_only:
         out_shape = jax.ShapeDtypeStruct((config.split_k, m, n), jnp.int32)
     elif config.split_k == 1:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
     else:
         out_shape = jax.ShapeDtypeStruct((config.split_k, m, n), jnp.float32)
-    kernel = functools.partial(
-        _gemm_kernel, config=config, has_bias=has_bias, has_outliers=has_outliers,
-        dense_fallback=dense_fallback, accumulator_only=accumulator_only,
-    )
-    operands = [xq, w, row_scales, col_scales, bias, x, slots, slot_valid, col_flags, overflow]
     aliases = {}
     if poison_output:
         poison = jnp.iinfo(jnp.int32).min if out_shape.dtype == jnp.int32 else jnp.nan
         aliases = {len(operands): 0}
-        operands.append(jnp.full(out_shape.shape, poison, out_shape.dtype))
+        operands = [*operands, jnp.full(out_shape.shape, poison, out_shape.dtype)]
         kernel = _ignoring_input(kernel, len(operands) - 1)
     out = pl.pallas_call(
         kernel,
-        grid=(tiles, config.split_k),
+        grid=grid,
         out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
-        name="jint8_int8_gemm",
+        name=name,
     )(*operands)
     if accumulator_only:
         return out.sum(axis=0, dtype=jnp.int32)
