@@ -49,7 +49,7 @@ from jint8.errors import (
     CheckpointVersionError,
     InvalidConfigError,
 )
-from jint8.quantize import Int8Config, Int8Weight, int8_weight_specs, validate_int8_weight
+from jint8.quantize import EMBEDDING_NAME, Int8Config, Int8Weight, int8_weight_specs, validate_int8_weight
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +112,14 @@ class _Leaf:
         return tuple(self.shape[: len(self.shape) - self.in_ndim])
 
     @property
+    def is_int8_embedding(self) -> bool:
+        return self.kind == "int8_weight" and str(self.path[-1]) == EMBEDDING_NAME
+
+    @property
     def kernel_shape(self) -> tuple:
-        """The float kernel an int8 leaf stands for, [*in, *out]; an array's own shape."""
-        if self.kind != "int8_weight":
+        """The float parameter an int8 leaf stands for: a kernel [*in, *out], or an embedding
+        table [V, H] (stored as it is); an array's own shape."""
+        if self.kind != "int8_weight" or self.is_int8_embedding:
             return tuple(self.shape)
         return tuple(self.shape[len(self.scale_shape) :]) + self.scale_shape
 
@@ -377,7 +382,8 @@ def _int8_shardings_from_kernel(sharding, leaf: _Leaf, directory: str):
                 f"{directory}: {leaf.name}/qvalue: spec={tuple(sharding.spec)} has more axes than the "
                 f"saved kernel shape {leaf.kernel_shape}"
             )
-        q_spec, s_spec = int8_weight_specs(sharding.spec, len(leaf.shape), leaf.in_ndim)
+        q_spec, s_spec = int8_weight_specs(sharding.spec, len(leaf.shape), leaf.in_ndim,
+                                           embedding=leaf.is_int8_embedding)
         return (jax.sharding.NamedSharding(sharding.mesh, _trimmed(q_spec)),
                 jax.sharding.NamedSharding(sharding.mesh, _trimmed(s_spec)))  # fmt: skip
     if sharding.is_fully_replicated:
@@ -697,11 +703,12 @@ def load_quantized(directory: PathLike, *, mesh: Optional[jax.sharding.Mesh] = N
       - one Sharding or PartitionSpec (with mesh=) for every parameter;
       - a tree matching the saved params whose leaves are Shardings, PartitionSpecs (with mesh=),
         abstract or concrete arrays with .sharding (their shapes are checked), or None (default);
-        at an Int8Weight, one entry is read as the float kernel's sharding ([*in, *out], Flax
-        layout) and placed on qvalue's K-major axes and the scale's output axes alike, or
+        at an Int8Weight, one entry is read as the float parameter's sharding (a kernel's
+        [*in, *out], Flax layout; an embedding's [V, H]) and placed on qvalue's K-major axes and
+        the scale's output axes alike, or
         Int8Weight(qvalue=..., scale=...) gives both stored arrays' shardings as they are;
       - a callable (path: tuple, kernel: jax.ShapeDtypeStruct) -> one such entry (for an int8
-        leaf, kernel has the float kernel's shape [*in, *out]).
+        leaf, kernel has the float parameter's shape: [*in, *out], or [V, H] for an embedding).
     mesh alone replicates everything on mesh; neither puts everything on jax.devices()[0].
     Arrays are read straight into their shards: no float weights, no re-quantization.
     """

@@ -97,6 +97,19 @@ def _eos_ids(tokenizer) -> tuple[int, ...]:
     return () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
 
 
+def _int8_config_file(args: argparse.Namespace):
+    """The Int8Config of --int8-config, or None."""
+    if not getattr(args, "int8_config", None):
+        return None
+    if not Path(args.int8_config).is_file():
+        raise CommandError(f"--int8-config {args.int8_config}: no such file")
+    if getattr(args, "quantize", "int8") != "int8":
+        raise CommandError(f"--int8-config needs --quantize int8, got --quantize {args.quantize}")
+    from jint8.calibration import load_int8_config
+
+    return load_int8_config(args.int8_config)
+
+
 def _load(path, quantize: str, dtype, threshold: float = 6.0, outlier_capacity: int = 64, int8_config=None,
           fuse: bool = False):
     """from_pretrained with the CLI's options; fuse: q|k|v and gate|up as one matmul each (generation)."""
@@ -136,13 +149,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, prompt_lookup_num_tokens=args.prompt_lookup,
         num_assistant_tokens=args.assistant_tokens)  # validates before the slow load
-    int8_config = None
-    if args.int8_config:
-        from jint8.calibration import load_int8_config
-
-        int8_config = load_int8_config(args.int8_config)
-    model, params = _load(args.model, args.quantize, _dtype(args.dtype), args.threshold, int8_config=int8_config,
-                          fuse=True)
+    model, params = _load(args.model, args.quantize, _dtype(args.dtype), args.threshold,
+                          int8_config=_int8_config_file(args), fuse=True)
     assistant = {}
     if args.assistant:
         assistant_model, assistant_params = _load(args.assistant, args.quantize, _dtype(args.dtype), args.threshold,
@@ -201,12 +209,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     except ImportError:
         raise CommandError("this build of jint8 cannot write quantized checkpoints yet "
                            "(jint8.checkpoint.quantize_checkpoint is missing)") from None
-    if args.int8_config:
-        from jint8.calibration import load_int8_config
-
-        config = load_int8_config(args.int8_config)
-    else:
-        config = jint8.Int8Config(threshold=args.threshold, skip_modules=tuple(args.skip_modules))
+    config = _int8_config_file(args) or jint8.Int8Config(threshold=args.threshold,
+                                                         skip_modules=tuple(args.skip_modules))
     if args.quantize_embeddings:
         config = dataclasses.replace(config, quantize_embeddings=True)
     out = quantize_checkpoint(args.src, args.out, quant_config=config, progress=True, overwrite=args.overwrite)

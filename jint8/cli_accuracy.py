@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jint8.cli import Command, CommandError, _dtype, _load, register_command
+from jint8.cli import Command, CommandError, _dtype, _int8_config_file, _load, register_command
 
 QUANTIZE_CHOICES = ("none", "int8", "int8-no-outliers")
 
@@ -24,19 +24,6 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8-config", metavar="FILE",
                         help="Int8Config JSON (from `jint8 calibrate`) for int8; replaces --threshold/--outlier-capacity")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-
-
-def _int8_config_file(args: argparse.Namespace):
-    """The Int8Config of --int8-config, or None."""
-    if not getattr(args, "int8_config", None):
-        return None
-    if not Path(args.int8_config).is_file():
-        raise CommandError(f"--int8-config {args.int8_config}: no such file")
-    if args.quantize != "int8":
-        raise CommandError(f"--int8-config needs --quantize int8, got --quantize {args.quantize}")
-    from jint8.calibration import load_int8_config
-
-    return load_int8_config(args.int8_config)
 
 
 def _load_with_tokenizer(args: argparse.Namespace):

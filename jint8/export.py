@@ -65,11 +65,11 @@ def _tensors(params, rules: NameRules, float_dtype) -> dict[str, np.ndarray]:
     out = {}
     for path, leaf in flat.items():
         name = flax_path_to_hf(path, rules)
-        if isinstance(leaf, Int8Weight) and path[-1] == "embedding":
-            raise InvalidConfigError(
-                f"export_bitsandbytes: {'/'.join(path)} is an int8 embedding; bitsandbytes keeps embeddings in "
-                "16-bit: quantize with Int8Config(quantize_embeddings=False) to export")
         if isinstance(leaf, Int8Weight):
+            if path[-1] == "embedding":
+                raise InvalidConfigError(
+                    f"export_bitsandbytes: {'/'.join(path)} is an int8 embedding; bitsandbytes keeps embeddings "
+                    "in 16-bit: quantize with Int8Config(quantize_embeddings=False) to export")
             if leaf.qvalue.ndim != 2:
                 raise InvalidConfigError(f"export_bitsandbytes: {'/'.join(path)} is a {leaf.qvalue.ndim}-D int8 kernel; bitsandbytes stores 2-D Linear weights only")
             prefix = name[: -len(".weight")]

@@ -323,20 +323,21 @@ def _check_kernel(path: str, leaf) -> None:
             raise QuantizationError(f"{path}: kernel of shape {tuple(leaf.shape)} holds {bad} NaN/Inf values")
 
 
-def int8_weight_specs(kernel_spec, ndim: int, in_ndim: int):
-    """(qvalue spec, scale spec) of an Int8Weight whose float kernel [*in, *out] is sharded by
-    kernel_spec: the same mesh axes on the same logical axes, in qvalue's K-major order."""
-    spec = tuple(kernel_spec) + (None,) * (ndim - len(tuple(kernel_spec)))
-    stored = tuple(spec[i] for i in storage_permutation(ndim, in_ndim))
-    return jax.sharding.PartitionSpec(*stored), jax.sharding.PartitionSpec(*spec[in_ndim:])
+def int8_weight_specs(float_spec, ndim: int, in_ndim: int, *, embedding: bool = False):
+    """(qvalue spec, scale spec) of the Int8Weight of a float parameter sharded by float_spec:
+    the same mesh axes on the same logical axes. A kernel [*in, *out] is stored K-major, so its
+    spec is permuted; an embedding table [V, H] is already [*out, *in] and keeps its spec."""
+    spec = tuple(float_spec) + (None,) * (ndim - len(tuple(float_spec)))
+    stored = spec if embedding else tuple(spec[i] for i in storage_permutation(ndim, in_ndim))
+    return jax.sharding.PartitionSpec(*stored), jax.sharding.PartitionSpec(*stored[: ndim - in_ndim])
 
 
-def _keep_sharding(original, weight: Int8Weight) -> Int8Weight:
-    """Shard qvalue and scale on the same logical axes as the float kernel was."""
+def _keep_sharding(original, weight: Int8Weight, *, embedding: bool = False) -> Int8Weight:
+    """Shard qvalue and scale on the same logical axes as the float parameter was."""
     sharding = getattr(original, "sharding", None)
     if _is_tracer(original) or not isinstance(sharding, jax.sharding.NamedSharding):
         return weight
-    q_spec, s_spec = int8_weight_specs(sharding.spec, original.ndim, weight.in_ndim)
+    q_spec, s_spec = int8_weight_specs(sharding.spec, original.ndim, weight.in_ndim, embedding=embedding)
     return weight.replace(
         qvalue=jax.device_put(weight.qvalue, jax.sharding.NamedSharding(sharding.mesh, q_spec)),
         scale=jax.device_put(weight.scale, jax.sharding.NamedSharding(sharding.mesh, s_spec)),
@@ -380,14 +381,7 @@ def _quantize_embedding(names, leaf, config: Int8Config):
         return leaf
     weight = quantize_kmajor(leaf, in_ndim=1, threshold=config.threshold_for(names[:-1]),
                              outlier_capacity=config.capacity_for(names[:-1]))
-    sharding = getattr(leaf, "sharding", None)
-    if _is_tracer(leaf) or not isinstance(sharding, jax.sharding.NamedSharding):
-        return weight
-    spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-    return weight.replace(
-        qvalue=jax.device_put(weight.qvalue, sharding),
-        scale=jax.device_put(weight.scale, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0]))),
-    )
+    return _keep_sharding(leaf, weight, embedding=True)
 
 
 def dequantize_embedding(weight: Int8Weight, dtype=jnp.float32) -> jax.Array:

@@ -133,14 +133,11 @@ def _quantized_shapes(shapes: dict, quantization: Optional[Int8Config]) -> dict:
 
 def _leaf_layout(path, leaf, mesh):
     """[(shape, dtype, spec)] of the arrays one parameter becomes (qvalue + scale for int8)."""
-    if isinstance(leaf, Int8Weight) and path[-1] == EMBEDDING_NAME:  # int8 table [V, H] as stored
-        spec = kernel_spec(path, leaf.qvalue.shape, mesh) if mesh else jax.sharding.PartitionSpec()
-        first = tuple(spec)[0] if len(tuple(spec)) else None
-        return [(leaf.qvalue.shape, leaf.qvalue.dtype, spec),
-                (leaf.scale.shape, leaf.scale.dtype, jax.sharding.PartitionSpec(first))]
     if isinstance(leaf, Int8Weight):
-        spec = kernel_spec(path, leaf.shape, mesh) if mesh else jax.sharding.PartitionSpec()
-        q_spec, s_spec = int8_weight_specs(spec, len(leaf.shape), leaf.in_ndim)
+        embedding = path[-1] == EMBEDDING_NAME  # the float table [V, H] is stored as it is
+        float_shape = leaf.qvalue.shape if embedding else leaf.shape
+        spec = kernel_spec(path, float_shape, mesh) if mesh else jax.sharding.PartitionSpec()
+        q_spec, s_spec = int8_weight_specs(spec, len(float_shape), leaf.in_ndim, embedding=embedding)
         return [(leaf.qvalue.shape, leaf.qvalue.dtype, q_spec), (leaf.scale.shape, leaf.scale.dtype, s_spec)]
     spec = kernel_spec(path, leaf.shape, mesh) if mesh else jax.sharding.PartitionSpec()
     return [(leaf.shape, leaf.dtype, spec)]

@@ -66,8 +66,9 @@ def kernel_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
 
 def scale_spec(kernel_spec: P, in_ndim: int, ndim: int) -> P:
     """An Int8Weight scale follows its kernel's output axes: column-parallel P("model"), row-parallel P()."""
-    spec = tuple(kernel_spec) + (None,) * (ndim - len(kernel_spec))
-    return P(*spec[in_ndim:])
+    from jint8.quantize import int8_weight_specs
+
+    return int8_weight_specs(kernel_spec, ndim, in_ndim)[1]
 
 
 def sharding_for(path, shape, mesh: Optional[Mesh]):

@@ -69,8 +69,8 @@ def _fuse(modules: list, where: str):
     kernels = [m["kernel"] for m in modules]
     if all(isinstance(k, Int8Weight) for k in kernels):
         first = kernels[0]
-        settings = {(k.in_ndim, k.threshold, k.outlier_capacity, k.qvalue.ndim) for k in kernels}
-        if len(settings) != 1 or first.qvalue.ndim != 2:
+        settings = {(k.in_ndim, k.threshold, k.outlier_capacity) for k in kernels}
+        if len(settings) != 1 or any(k.qvalue.ndim != 2 for k in kernels):
             _logger.debug("fuse_projections: %s kept separate (LLM.int8 settings differ: %s)", where, settings)
             return None
         kernel = first.replace(qvalue=jnp.concatenate([k.qvalue for k in kernels], axis=0),
