@@ -3,7 +3,7 @@
 Fresh random inputs every run (seed printed). For every shape (odd ones included):
 - the activation pass equals reference.quantize_rows (run by XLA on the same GPU) bit for bit;
 - the int32 accumulator of each plan's GEMM (the one-launch fused kernel for M <= 64, the GEMM
-  kernel otherwise, both outlier modes, split-K, both weight layouts, [K, N] transposed), written
+  kernel otherwise, both outlier modes, split-K (both reductions), both weight layouts, [K, N] transposed), written
   into an INT32_MIN-poisoned buffer, equals XLA's int8 dot of the reference-quantized inputs bit
   for bit;
 - the whole op, its kernel writing into a NaN-poisoned buffer, is finite everywhere and within
@@ -78,12 +78,17 @@ def plans_to_check(m, k, n, table_only=False):
     if plan.gemm_path == "fused":
         other_mode = "dense" if plan.gemm.outlier_mode == "branch" else "branch"
         plans.append(replace(plan, gemm=replace(plan.gemm, outlier_mode=other_mode)))
-        plans.append(replace(plan, gemm=replace(plan.gemm, split_k=plan.gemm.split_k % 3 + 2)))
+        for reduce in ("xla", "kernel"):  # split-K partials summed by XLA / the last program
+            plans.append(replace(plan, gemm=replace(plan.gemm, split_k=plan.gemm.split_k % 3 + 2,
+                                                    split_reduce=reduce)))
         pallas = configs.plan_for("no table", 65, k, n, weight_layout="nk")
         plans.append(replace(pallas, gemm=replace(pallas.gemm, block_m=16 if m <= 16 else 64)))
     else:
         plans.append(replace(plan, gemm=replace(plan.gemm, weight_layout="kn")))
         plans.append(replace(plan, gemm=replace(plan.gemm, swap_ab=True, weight_layout="kn")))
+        if plan.gemm.split_k > 1:
+            other = "kernel" if plan.gemm.split_reduce == "xla" else "xla"
+            plans.append(replace(plan, gemm=replace(plan.gemm, split_reduce=other)))
     return plans
 
 

@@ -30,10 +30,19 @@ L2_BYTES = 50 * 2**20
 REPS = 20
 
 
-def candidates():
-    for block_n, block_k, split_k in itertools.product((64, 128, 256), (128, 256), (1, 2, 4)):
-        yield dict(block_n=block_n, block_k=block_k, split_k=split_k,
-                   num_warps=8 if block_n >= 256 else 4, num_stages=4)
+def candidates(k, n):
+    """Tiles worth timing for K x N at M = 1: 96-1100 programs, >= 4 K steps per program,
+    weight tiles of 4-160 KiB over the pipeline stages; split-K partials summed by XLA or by
+    the tile's last program (Config.split_reduce)."""
+    for block_n, block_k, split_k, reduce in itertools.product(
+            (16, 32, 64, 128, 256), (128, 256, 512, 1024), (1, 2, 4, 8), ("xla", "kernel")):
+        programs = -(-n // block_n) * split_k
+        tile_bytes = block_n * block_k
+        if ((split_k == 1 and reduce == "kernel") or not 96 <= programs <= 1100
+                or -(-k // block_k) < 4 * split_k or not 4096 <= tile_bytes <= 40 * 1024):
+            continue
+        yield dict(block_n=block_n, block_k=block_k, split_k=split_k, split_reduce=reduce,
+                   num_warps=8 if tile_bytes >= 32 * 1024 else 4, num_stages=4)
 
 
 def main(argv=None):
@@ -71,9 +80,7 @@ def main(argv=None):
                                                weight_layout="nk")[0].astype(jnp.float32)
         table_plan = configs.plan_for("NVIDIA H100" if args.smoke else device, args.m, k, n, "nk")
         plans = [("table", table_plan)]
-        for c in list(candidates())[: 2 if args.smoke else None]:
-            if c["block_n"] > n or math.ceil(k / c["block_k"]) < 4 * c["split_k"]:
-                continue
+        for c in list(candidates(*SHAPES[name]))[: 2 if args.smoke else None]:
             gemm = configs.Config(block_m=configs.fused_block_m(args.m), weight_layout="nk",
                                   outlier_mode="branch", **c)
             plans.append((c, configs.KernelPlan(quantize=table_plan.quantize, gemm=gemm, gemm_path="fused")))

@@ -46,6 +46,11 @@ class Config:
     their float32 partials are summed outside the kernel.
     weight_layout: "kn" for wq[K, N], "nk" for K-major wq[N, K] (what Int8Weight stores).
     swap_ab: compute each tile transposed (weight as the MMA's A operand); GEMM kernel only.
+    split_reduce: where split_k > 1 partials are summed: "xla" (the kernel writes float32
+      partials [S, M, N], an XLA reduction after it sums them) or "kernel" (each program writes
+      its partial and takes a ticket on its output tile; the last of the tile's S programs sums
+      the S partials in split order, so the result is deterministic, and writes the output: one
+      launch, no reduction kernel).
     outlier_mode: how the fused skinny kernel (pallas_triton_fused) adds the outlier stream in
       its K loop: "branch" (a lax.cond per K step, taken only in steps holding an outlier
       column) or "dense" (branch-free: every step runs the 16-bit dot on the masked x tile).
@@ -60,6 +65,7 @@ class Config:
     weight_layout: str = "kn"
     swap_ab: bool = False
     outlier_mode: str = "branch"
+    split_reduce: str = "xla"
 
     def __post_init__(self):
         # tl.dot on int8 needs M >= 16, N >= 16 and K >= 32 (mma.m16n8k32).
@@ -78,6 +84,9 @@ class Config:
         if self.outlier_mode not in ("branch", "dense"):
             raise InvalidConfigError(
                 f"outlier_mode={self.outlier_mode!r} must be 'branch' or 'dense'")
+        if self.split_reduce not in ("xla", "kernel"):
+            raise InvalidConfigError(
+                f"split_reduce={self.split_reduce!r} must be 'xla' or 'kernel'")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

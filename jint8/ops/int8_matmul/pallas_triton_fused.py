@@ -25,7 +25,8 @@ holding a flagged column); the loads stay outside it so Triton can still pipelin
 "dense": branch-free; every step converts the weight tile to x.dtype and runs the masked dot.
 
 split_k > 1 (too few output tiles): program (tile, s) sums its K slice; every program computes
-the full-K row scales (step 1) itself. Partials [S, M, N] in float32 are summed outside.
+the full-K row scales (step 1) itself. The float32 partials [S, M, N] are summed by XLA after
+the kernel or, with split_reduce="kernel", by the last of the tile's programs (launch/Output).
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from jint8.ops.int8_matmul.configs import Config
 from jint8.ops.int8_matmul.pallas_triton_gemm import (
-    _dot, _load, _load_vector, _load_weight, _stream_dot, _Tile, launch,
+    Output, _dot, _load, _load_vector, _load_weight, _stream_dot, _Tile, launch,
 )
 from jint8.ops.int8_matmul.pallas_triton_quantize import _inverse_scale, round_half_even
 from jint8.ops.int8_matmul import reference
@@ -84,7 +84,7 @@ def _row_absmax(x_ref, *, block_m: int, threshold: float):
     return jnp.max(jnp.where(spread, row_max[None, :], 0.0), axis=1)
 
 
-def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, o_ref, *, config: Config,
+def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, out: Output, *, config: Config,
                   threshold: float, has_bias: bool, accumulator_only: bool, interpret: bool):
     m, k = x_ref.shape
     nk_layout = config.weight_layout == "nk"
@@ -133,9 +133,8 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, o_ref, *, config: Conf
     init = (jnp.zeros((bm, bn), jnp.int32), jnp.zeros((bm, bn), jnp.float32))
     acc, stream = jax.lax.fori_loop(first_step, last_step, k_step, init)
 
-    mask = tile.store_mask()
     if accumulator_only:  # checks only: this program's exact int32 xq[:, not O] @ wq
-        plgpu.store(o_ref.at[split, tile.rows[:, None], tile.cols[None, :]], acc, mask=mask)
+        out.store(acc, tile, split)
         return
     col_scales = _load_vector(col_scales_ref, tile.cols, tile.col_ok)
     y = acc.astype(jnp.float32) * (row_max[:, None] * col_scales[None, :]) * INV_127_SQ
@@ -146,11 +145,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, o_ref, *, config: Conf
         y = y + bias[None, :]
     if has_outliers:
         y = y + stream * (col_scales * INV_127)[None, :]
-    if config.split_k == 1:
-        plgpu.store(o_ref.at[tile.rows[:, None], tile.cols[None, :]], y.astype(o_ref.dtype),
-                    mask=mask)
-    else:
-        plgpu.store(o_ref.at[split, tile.rows[:, None], tile.cols[None, :]], y, mask=mask)
+    out.store(y, tile, split)
 
 
 @functools.partial(

@@ -86,7 +86,7 @@ def _dot(a, b, *, b_transposed: bool, out_dtype):
 
 def _gemm_kernel(
     xq_ref, w_ref, row_scales_ref, col_scales_ref, bias_ref, x_ref,
-    slots_ref, slot_valid_ref, col_flags_ref, overflow_ref, o_ref,
+    slots_ref, slot_valid_ref, col_flags_ref, overflow_ref, out: "Output",
     *, config: Config, has_bias: bool, has_outliers: bool, dense_fallback: bool,
     accumulator_only: bool,
 ):
@@ -131,9 +131,8 @@ def _gemm_kernel(
             correction, stream = jax.lax.cond(split == 0, outlier_terms, zero_terms)
         acc = acc - correction
 
-    mask = tile.store_mask()
     if accumulator_only:  # checks only: this program's exact int32 xq[:, not O] @ wq
-        plgpu.store(o_ref.at[split, tile.rows[:, None], tile.cols[None, :]], acc, mask=mask)
+        out.store(acc, tile, split)
         return
 
     row_scales = _load_vector(row_scales_ref, tile.rows, tile.row_ok)
@@ -145,11 +144,7 @@ def _gemm_kernel(
         y = y + bias[None, :]
     if has_outliers:
         y = y + stream
-    if config.split_k == 1:
-        plgpu.store(o_ref.at[tile.rows[:, None], tile.cols[None, :]], y.astype(o_ref.dtype),
-                    mask=mask)
-    else:
-        plgpu.store(o_ref.at[split, tile.rows[:, None], tile.cols[None, :]], y, mask=mask)
+    out.store(y, tile, split)
 
 
 class _Tile:
@@ -276,43 +271,87 @@ def int8_gemm(
 
 def launch(kernel, operands, *, grid, m, n, config: Config, out_dtype, accumulator_only: bool,
            poison_output: bool, interpret: bool, name: str):
-    """pallas_call of an int8 GEMM kernel writing [M, N] (split_k == 1) or float32 partials
-    [S, M, N] (int32 with accumulator_only), summed here; poison_output aliases a NaN-filled
-    (int32: INT32_MIN) buffer into the output so unwritten elements show."""
+    """pallas_call of an int8 GEMM kernel whose last argument is an Output; returns [M, N].
+
+    split_k == 1 writes [M, N] out_dtype. split_k > 1 writes float32 partials [S, M, N], summed
+    here (split_reduce "xla") or by the tile's last program (split_reduce "kernel": also
+    [S, M, N] partials and [tiles] int32 tickets, a zero-filled input aliased into an output).
+    accumulator_only (checks): int32 partials [S, M, N], summed here. poison_output aliases a
+    NaN-filled (int32: INT32_MIN) buffer into the result so unwritten elements show.
+    """
+    in_kernel = config.split_k > 1 and config.split_reduce == "kernel" and not accumulator_only
     if accumulator_only:
-        out_shape = jax.ShapeDtypeStruct((config.split_k, m, n), jnp.int32)
+        out_shapes = [jax.ShapeDtypeStruct((config.split_k, m, n), jnp.int32)]
     elif config.split_k == 1:
-        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+        out_shapes = [jax.ShapeDtypeStruct((m, n), out_dtype)]
+    elif in_kernel:
+        out_shapes = [jax.ShapeDtypeStruct((m, n), out_dtype),
+                      jax.ShapeDtypeStruct((config.split_k, m, n), jnp.float32),
+                      jax.ShapeDtypeStruct((grid[0],), jnp.int32)]
     else:
-        out_shape = jax.ShapeDtypeStruct((config.split_k, m, n), jnp.float32)
-    aliases = {}
+        out_shapes = [jax.ShapeDtypeStruct((config.split_k, m, n), jnp.float32)]
+    extra, aliases = [], {}
     if poison_output:
-        poison = jnp.iinfo(jnp.int32).min if out_shape.dtype == jnp.int32 else jnp.nan
-        aliases = {len(operands): 0}
-        operands = [*operands, jnp.full(out_shape.shape, poison, out_shape.dtype)]
-        kernel = _ignoring_input(kernel, len(operands) - 1)
-    out = pl.pallas_call(
-        kernel,
+        poison = jnp.iinfo(jnp.int32).min if out_shapes[0].dtype == jnp.int32 else jnp.nan
+        aliases[len(operands) + len(extra)] = 0
+        extra.append(jnp.full(out_shapes[0].shape, poison, out_shapes[0].dtype))
+    if in_kernel:
+        aliases[len(operands) + len(extra)] = 2
+        extra.append(jnp.zeros((grid[0],), jnp.int32))
+    num_inputs = len(operands) + len(extra)
+
+    def body(*refs):
+        # The aliased inputs are the same buffers as their outputs: only the outputs are used.
+        outputs = Output(refs[num_inputs:], config=config, accumulator_only=accumulator_only,
+                         interpret=interpret)
+        return kernel(*refs[:len(operands)], outputs)
+
+    outs = pl.pallas_call(
+        body,
         grid=grid,
-        out_shape=out_shape,
+        out_shape=out_shapes,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
         name=name,
-    )(*operands)
+    )(*operands, *extra)
     if accumulator_only:
-        return out.sum(axis=0, dtype=jnp.int32)
-    if config.split_k == 1:
-        return out
-    return out.sum(axis=0).astype(out_dtype)
+        return outs[0].sum(axis=0, dtype=jnp.int32)
+    if config.split_k == 1 or in_kernel:
+        return outs[0]
+    return outs[0].sum(axis=0).astype(out_dtype)
 
 
-def _ignoring_input(kernel, index):
-    """The kernel with its aliased poison input dropped (the output ref is the same buffer)."""
+class Output:
+    """Where a program's [block_m, block_n] result goes (see launch)."""
 
-    def wrapped(*refs):
-        return kernel(*refs[:index], *refs[index + 1:])
+    def __init__(self, refs, *, config: Config, accumulator_only: bool, interpret: bool):
+        self.refs, self.config = refs, config
+        self.accumulator_only, self.interpret = accumulator_only, interpret
 
-    return wrapped
+    def store(self, y, tile: "_Tile", split):
+        """y: the program's float32 result (int32 accumulator with accumulator_only)."""
+        config, mask = self.config, tile.store_mask()
+        at = (tile.rows[:, None], tile.cols[None, :])
+        if self.accumulator_only or (config.split_k > 1 and config.split_reduce == "xla"):
+            plgpu.store(self.refs[0].at[(split, *at)], y, mask=mask)
+            return
+        if config.split_k == 1:
+            plgpu.store(self.refs[0].at[at], y.astype(self.refs[0].dtype), mask=mask)
+            return
+        out, partials, tickets = self.refs
+        plgpu.store(partials.at[(split, *at)], y, mask=mask)
+        if not self.interpret:
+            # Every thread's partial is issued before the (acquire-release, GPU-scope) ticket.
+            plgpu.debug_barrier()
+        ticket = plgpu.atomic_add(tickets, pl.program_id(0), jnp.ones((), jnp.int32))
+
+        @pl.when(ticket == config.split_k - 1)
+        def _last_of_tile():  # the tile's other S - 1 partials are visible: sum in split order
+            total = _load(partials.at[0], tile.rows, tile.cols, tile.row_ok, tile.col_ok)
+            for s in range(1, config.split_k):
+                total = total + _load(partials.at[s], tile.rows, tile.cols, tile.row_ok,
+                                      tile.col_ok)
+            plgpu.store(out.at[at], total.astype(out.dtype), mask=mask)
