@@ -50,6 +50,8 @@ def main(argv=None):
     parser.add_argument("--m", type=int, default=1)
     parser.add_argument("--json")
     parser.add_argument("--shapes", nargs="+", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    parser.add_argument("--reduce", nargs="+", default=["xla", "kernel"], choices=["xla", "kernel"],
+                        help="split-K reductions to try (Config.split_reduce)")
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes in interpret mode")
     parser.add_argument("--write-table", metavar="JSON",
                         help="put each shape's best candidate (if >= 3%% faster than the table's plan) "
@@ -80,7 +82,8 @@ def main(argv=None):
                                                weight_layout="nk")[0].astype(jnp.float32)
         table_plan = configs.plan_for("NVIDIA H100" if args.smoke else device, args.m, k, n, "nk")
         plans = [("table", table_plan)]
-        for c in list(candidates(*SHAPES[name]))[: 2 if args.smoke else None]:
+        chosen = [c for c in candidates(*SHAPES[name]) if c["split_reduce"] in args.reduce]
+        for c in chosen[: 2 if args.smoke else None]:
             gemm = configs.Config(block_m=configs.fused_block_m(args.m), weight_layout="nk",
                                   outlier_mode="branch", **c)
             plans.append((c, configs.KernelPlan(quantize=table_plan.quantize, gemm=gemm, gemm_path="fused")))

@@ -350,8 +350,7 @@ class Output:
 
         @pl.when(ticket == config.split_k - 1)
         def _last_of_tile():  # the tile's other S - 1 partials are visible: sum in split order
-            total = _load(partials.at[0], tile.rows, tile.cols, tile.row_ok, tile.col_ok)
+            total = plgpu.load(partials.at[(0, *at)], mask=mask, other=0.0)
             for s in range(1, config.split_k):
-                total = total + _load(partials.at[s], tile.rows, tile.cols, tile.row_ok,
-                                      tile.col_ok)
+                total = total + plgpu.load(partials.at[(s, *at)], mask=mask, other=0.0)
             plgpu.store(out.at[at], total.astype(out.dtype), mask=mask)
