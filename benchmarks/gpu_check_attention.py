@@ -6,7 +6,8 @@ For Llama-3-8B's decode shapes (32/8 heads, head_dim 128, a 640-slot cache, batc
 few odd ones: the kernel's output against the jnp reference (max error relative to max |out|),
 then the time per call of the kernel and of the XLA attention it replaces (the models' path:
 jax.nn.dot_product_attention over the layer's cache), each in a jitted loop of 32 layers.
-Exits 1 if any case is off by more than 2e-2.
+Then a tiny bf16 Llama (3 left-padded sequences, a prefill and 8 one-token decode steps): its
+decode logits with the kernel and with JINT8_BACKEND=xla (XLA attention) must agree. Exits 1 if any check fails.
 """
 
 from __future__ import annotations
@@ -83,8 +84,53 @@ def main():
                 times.append((time.perf_counter() - start) / (10 * LAYERS))
             print(f"decode attention B={b} S={s} used={used}: {name} {np.median(times) * 1e6:.1f} us "
                   f"per layer", flush=True)
+    failures += model_check(rng)
     print(f"{failures} failures")
     sys.exit(1 if failures else 0)
+
+
+def model_check(rng) -> int:
+    """Decode logits of a tiny bf16 Llama (left-padded batch) with the kernel vs XLA attention."""
+    from jint8.models import LlamaConfig, LlamaForCausalLM
+    from jint8.models.common import init_cache
+
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=4,
+                         num_heads=8, num_kv_heads=2, head_dim=32, max_position_embeddings=256,
+                         dtype=jnp.bfloat16)
+    model = LlamaForCausalLM(config)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.tree.map(lambda x: (x * 3.0 if x.ndim == 2 else x).astype(jnp.bfloat16), params)
+    ids = jnp.asarray(rng.integers(1, 512, (3, 40)), jnp.int32)
+    next_ids = jnp.asarray(rng.integers(1, 512, (3, 8)), jnp.int32)  # the same tokens both runs
+    mask = jnp.ones((3, 40), jnp.int32).at[1, :9].set(0).at[2, :25].set(0)
+    logits = {}
+    for path in ("xla", "kernel"):
+        if path == "xla":
+            os.environ["JINT8_BACKEND"] = "xla"
+        else:
+            os.environ.pop("JINT8_BACKEND", None)
+
+        @jax.jit
+        def run(params, ids, mask):
+            cache = init_cache(config, 3, 128, jnp.bfloat16)
+            kv_mask = jnp.zeros((3, 128), jnp.int32).at[:, :40].set(mask).at[:, 40:].set(1)
+            _, cache = model.apply({"params": params}, ids, cache=cache, cache_index=0,
+                                   kv_mask=kv_mask)
+            outs = []
+            for step in range(8):  # decode steps: one token each, the path under test
+                out, cache = model.apply({"params": params}, next_ids[:, step:step + 1],
+                                         cache=cache, cache_index=40 + step, kv_mask=kv_mask)
+                outs.append(out[:, -1])
+            return jnp.stack(outs, 1)
+
+        logits[path] = np.asarray(run(params, ids, mask), np.float32)
+    os.environ.pop("JINT8_BACKEND", None)
+    err = np.max(np.abs(logits["kernel"] - logits["xla"])) / np.max(np.abs(logits["xla"]))
+    same = np.mean(np.argmax(logits["kernel"], -1) == np.argmax(logits["xla"], -1))
+    ok = err <= 3e-2 and same >= 0.9
+    print(f"tiny bf16 Llama, 3 left-padded sequences x 8 decode steps: logits differ by {err:.2e} "
+          f"of max |logit|, argmax equal in {same:.0%}: {'ok' if ok else 'FAIL'}", flush=True)
+    return int(not ok)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
 from jint8.ops.attention.reference import decode_attention_reference
 from jint8.ops.int8_matmul.api import BACKEND_ENV_VAR
@@ -21,6 +22,8 @@ def unsupported_reason(q: jax.Array, k_cache: jax.Array) -> Optional[str]:
     reason = gpu_reason(q, k_cache)
     if reason is not None:
         return reason
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"{q.dtype} attention keeps XLA's full-precision dots (the kernel is for 16-bit)"
     h, groups = q.shape[-1], q.shape[1] // k_cache.shape[3]
     if h < 16 or h & (h - 1):
         return f"head_dim {h} is not a power of two >= 16"
