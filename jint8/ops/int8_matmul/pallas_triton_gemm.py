@@ -350,7 +350,8 @@ class Output:
 
         @pl.when(ticket == config.split_k - 1)
         def _last_of_tile():  # the tile's other S - 1 partials are visible: sum in split order
-            total = plgpu.load(partials.at[(0, *at)], mask=mask, other=0.0)
+            masked = {} if mask is None else dict(mask=mask, other=0.0)
+            total = plgpu.load(partials.at[(0, *at)], **masked)
             for s in range(1, config.split_k):
-                total = total + plgpu.load(partials.at[(s, *at)], mask=mask, other=0.0)
+                total = total + plgpu.load(partials.at[(s, *at)], **masked)
             plgpu.store(out.at[at], total.astype(out.dtype), mask=mask)
