@@ -187,6 +187,16 @@ def test_per_layer_sensitivity_picks_the_planted_harmful_projection(harmful_llam
     assert twin.harm_per_weight < worst.harm_per_weight / 10
 
 
+def test_sensitivity_of_a_bfloat16_model_is_measured_in_float32(harmful_llama, harmful_calibration):
+    model, params, tokens = harmful_llama
+    _, config = harmful_calibration
+    model16 = LlamaForCausalLM(dataclasses.replace(CONFIG, dtype=jnp.bfloat16))
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    exact = {s.module: s.kl for s in module_sensitivity(model, params16, tokens, config, window=32, max_windows=1)}
+    got = {s.module: s.kl for s in module_sensitivity(model16, params16, tokens, config, window=32, max_windows=1)}
+    assert got == pytest.approx(exact, rel=1e-4)  # the float32 pass, not the bf16 model's own
+
+
 def test_calibration_with_a_per_layer_skip_budget_keeps_only_that_projection_in_float(harmful_llama):
     model, params, tokens = harmful_llama
     base = jint8.Int8Config(min_size=0)
