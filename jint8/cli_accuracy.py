@@ -148,7 +148,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         print(f"{layer.path:<36} {layer.num_features:>5} {layer.threshold:>9.3f} {layer.capacity:>8} "
               f"{layer.outlier_columns:>5} {layer.peak:>9.2f}", file=sys.stderr)
     skipped = set(config.skip_modules)
-    for s in sorted(result.sensitivity, key=lambda s: -s.harm_per_weight)[: max(len(skipped), 10)]:
+    ranked = sorted(result.sensitivity, key=lambda s: -s.harm_per_weight)
+    for s in ranked[:10] + [s for s in ranked[10:] if s.module in skipped]:
         print(f"{s.module} alone: KL {s.kl:.6f} nats/token, {100 * s.weight_fraction:.2f} % of weights"
               f"{' -> 16-bit' if s.module in skipped else ''}", file=sys.stderr)
     print(f"calibrated {len(layers)} projections on {len(ids)} tokens; skip_modules={list(config.skip_modules)}",
