@@ -10,6 +10,7 @@ from pathlib import Path
 from jint8.cli import Command, CommandError, _dtype, _int8_config_file, _load, register_command
 
 QUANTIZE_CHOICES = ("none", "int8", "int8-no-outliers")
+SKIP_GRANULARITIES = ("layer", "group")  # jint8.calibration.SKIP_GRANULARITIES, without importing jax here
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,11 +99,29 @@ def _calibrate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of each layer's input features allowed through 16 bits per call (default 0.05)")
     parser.add_argument("--max-threshold", type=float, default=6.0, metavar="T",
                         help="no layer's threshold above T (default 6.0, bitsandbytes' value)")
-    parser.add_argument("--skip-budget", type=float, default=0.0, metavar="F",
-                        help="keep the projection groups measured most harmful in 16 bits, up to this fraction "
-                             "of the quantized weights (default 0: thresholds only; 0.05 keeps v_proj for SmolLM2)")
+    skip = parser.add_argument_group(
+        "skip list", "keep the projections whose int8 error costs most (KL to the float model, measured one at a "
+                     "time on the calibration text) in 16 bits")
+    skip.add_argument("--skip-budget", type=float, default=0.0, metavar="F",
+                      help="fraction of the quantized weights allowed to stay 16-bit (default 0: thresholds only; "
+                           "0.02-0.05 is a few percent more weight memory)")
+    skip.add_argument("--skip-granularity", choices=SKIP_GRANULARITIES, default="layer",
+                      help="layer: one projection at a time, e.g. model/layers_3/self_attn/v_proj (one forward per "
+                           "projection and window: SmolLM2-135M has 210, ~5 min on 2 CPU cores); group: one "
+                           "projection name at a time across all layers, e.g. v_proj (7 forwards) (default layer)")
+    skip.add_argument("--sensitivity-windows", type=int, default=2, metavar="N",
+                      help="measure the KLs on the first N calibration windows of --window tokens (default 2)")
+    skip.add_argument("--outlier-factor", type=float, default=2.0, metavar="X",
+                      help="only modules whose KL per weight is at least X times the median are skipped (default 2)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--out", metavar="FILE", help="write the Int8Config JSON here (default: print it)")
+
+
+def _calibration_options(args: argparse.Namespace) -> dict:
+    """calibrate_model's keyword arguments from `jint8 calibrate`'s options."""
+    return dict(window=args.window, outlier_budget=args.outlier_budget, max_threshold=args.max_threshold,
+                skip_budget=args.skip_budget, skip_granularity=args.skip_granularity,
+                sensitivity_windows=args.sensitivity_windows, outlier_factor=args.outlier_factor)
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
@@ -112,22 +131,27 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     if args.text and not Path(args.text).is_file():
         raise CommandError(f"--text {args.text}: no such file")
+    if not 0 <= args.skip_budget <= 1:
+        raise CommandError(f"--skip-budget {args.skip_budget} must be in [0, 1]")
+    if args.sensitivity_windows < 1:
+        raise CommandError(f"--sensitivity-windows {args.sensitivity_windows} must be >= 1")
     path = Path(args.model) if args.model else Path(smollm2_gguf_path())
     text = Path(args.text).read_text(encoding="utf-8") if args.text else default_calibration_text()
     model, params = _load(path, "none", _dtype(args.dtype))
     ids = load_tokenizer(path)(text, add_special_tokens=False)["input_ids"][: args.max_tokens]
     if len(ids) < args.window:
         raise CommandError(f"the calibration text has {len(ids)} tokens, fewer than --window {args.window}")
-    options = dict(window=args.window, outlier_budget=args.outlier_budget, max_threshold=args.max_threshold)
-    result = calibrate_model(model, params, ids, skip_budget=args.skip_budget, **options)
+    result = calibrate_model(model, params, ids, **_calibration_options(args))
     config, layers = result.config, result.layers
     print(f"{'layer':<36} {'K':>5} {'threshold':>9} {'capacity':>8} {'cols':>5} {'peak |x|':>9}", file=sys.stderr)
     for layer in layers:
         print(f"{layer.path:<36} {layer.num_features:>5} {layer.threshold:>9.3f} {layer.capacity:>8} "
               f"{layer.outlier_columns:>5} {layer.peak:>9.2f}", file=sys.stderr)
-    for group in sorted(result.sensitivity, key=lambda g: -g.kl):
-        print(f"{group.group} alone: KL {group.kl:.5f} nats/token, {100 * group.weight_fraction:.1f} % of weights",
-              file=sys.stderr)
+    skipped = set(config.skip_modules)
+    ranked = sorted(result.sensitivity, key=lambda s: -s.harm_per_weight)
+    for s in ranked[:10] + [s for s in ranked[10:] if s.module in skipped]:
+        print(f"{s.module} alone: KL {s.kl:.6f} nats/token, {100 * s.weight_fraction:.2f} % of weights"
+              f"{' -> 16-bit' if s.module in skipped else ''}", file=sys.stderr)
     print(f"calibrated {len(layers)} projections on {len(ids)} tokens; skip_modules={list(config.skip_modules)}",
           file=sys.stderr)
     if args.out:
