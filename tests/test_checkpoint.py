@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 import jint8
 from reference import require_module
 from jint8 import checkpoint
+from jint8.checkpoint import metadata as checkpoint_metadata
+from jint8.checkpoint import save as checkpoint_save
 from jint8.checkpoint import is_jint8_checkpoint, load_metadata, load_quantized, save_quantized
 from jint8.errors import (
     CheckpointExistsError,
@@ -342,7 +344,7 @@ def test_existing_checkpoint_is_kept_unless_overwrite(tmp_path):
 
 
 def test_overwrite_without_atomic_exchange_falls_back_to_two_renames(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(checkpoint_save, "_exchange", lambda a, b: False)
     save_quantized(tmp_path / "ckpt", random_params(0), quant_config=CONFIG)
     save_quantized(tmp_path / "ckpt", random_params(1), quant_config=CONFIG, overwrite=True)
     assert_bit_identical(load_quantized(tmp_path / "ckpt")[0], random_params(1))
@@ -519,7 +521,7 @@ def test_quantize_checkpoint_of_a_real_llama_gives_identical_logits(tmp_path):
     restored, info = load_quantized(tmp_path / "int8")
     assert_bit_identical(restored, params)
     assert info.model_config_class.endswith(type(model.config).__qualname__)
-    assert info.model_config == json.loads(json.dumps(checkpoint._config_dict(model.config, "")[0]))
+    assert info.model_config == json.loads(json.dumps(checkpoint_metadata._config_dict(model.config, "")[0]))
     ids = jnp.asarray(random_ids(2, 7))
     apply = jax.jit(model.apply)
     before, _ = apply({"params": params}, ids)

@@ -24,15 +24,9 @@ from jint8.errors import (
     InvalidConfigError,
     PromptPaddingError,
 )
-from jint8.generation import (
-    SamplingParams,
-    _lookup_drafts,
-    _Plan,
-    _verify,
-    clear_compiled_programs,
-    compile_count,
-    filter_logits,
-)
+from jint8.generation import SamplingParams, clear_compiled_programs, compile_count, filter_logits
+from jint8.generation.drafting import _lookup_drafts, _verify
+from jint8.generation.state import _Plan
 from jint8.models import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 101

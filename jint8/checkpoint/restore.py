@@ -1,0 +1,125 @@
+"""load_quantized and load_metadata: a finalized checkpoint checked against its metadata and
+read straight into the target shardings."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from jint8.checkpoint.metadata import (
+    _ARRAYS_ITEM,
+    _METADATA_ITEM,
+    _PREVIOUS_MARK,
+    FORMAT_NAME,
+    CheckpointMetadata,
+    PathLike,
+    _checkpointer,
+    _Leaf,
+    _parse_metadata,
+)
+from jint8.checkpoint.shardings import ShardingsArg, _abstract_arrays, _resolve_shardings
+from jint8.checkpoint.tree import _rebuild
+from jint8.errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError
+
+
+def _check_directory(directory: PathLike) -> pathlib.Path:
+    path = pathlib.Path(directory).absolute()
+    if not path.is_dir():
+        previous = sorted(path.parent.glob(f".{path.name}{_PREVIOUS_MARK}*")) if path.parent.is_dir() else []
+        hint = f" (an interrupted overwrite left the old checkpoint at {previous[-1]})" if previous else ""
+        raise CheckpointNotFoundError(f"{path}: no checkpoint directory here{hint}")
+    if not ocp.step.is_checkpoint_finalized(path):
+        raise CheckpointNotFoundError(f"{path}: checkpoint was never finalized (an interrupted save)")
+    for item in (_METADATA_ITEM, _ARRAYS_ITEM):
+        if not (path / item).is_dir():
+            raise CheckpointNotFoundError(f"{path}: checkpoint has no {item!r} item")
+    return path
+
+
+def _read_raw_metadata(path: pathlib.Path):
+    with _checkpointer() as checkpointer:
+        try:
+            restored = checkpointer.restore(path, args=ocp.args.Composite(**{_METADATA_ITEM: ocp.args.JsonRestore()}))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointFormatError(f"{path}: metadata item is not valid JSON: {e}") from None
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(f"{path}: metadata item is incomplete: {e}") from None
+    return restored[_METADATA_ITEM]
+
+
+def load_metadata(directory: PathLike) -> CheckpointMetadata:
+    """A checkpoint's metadata alone (configs, versions), without reading any array."""
+    path = _check_directory(directory)
+    return _parse_metadata(_read_raw_metadata(path), str(path))[0]
+
+
+def is_jint8_checkpoint(directory: PathLike) -> bool:
+    """True if directory holds a finalized jint8 quantized checkpoint (of any format version)."""
+    try:
+        path = _check_directory(directory)
+        raw = _read_raw_metadata(path)
+    except CheckpointError:
+        return False
+    return isinstance(raw, Mapping) and raw.get("format") == FORMAT_NAME
+
+
+def _check_stored_arrays(path: pathlib.Path, checkpointer, leaves: list[_Leaf]) -> None:
+    """The arrays item must hold exactly the arrays the metadata records, with their shapes."""
+    tree = checkpointer.metadata(path).item_metadata[_ARRAYS_ITEM]
+    tree = getattr(tree, "tree", tree) or {}
+    stored: dict = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            for key, child in node.items():
+                walk(child, prefix + (str(key),))
+        else:
+            stored[prefix] = tuple(node.shape)
+
+    walk(tree, ())
+    expected = {}
+    for leaf in leaves:
+        if leaf.kind == "array":
+            expected[leaf.storage_path] = leaf.shape
+        elif leaf.kind == "int8_weight":
+            expected[leaf.storage_path + ("qvalue",)] = leaf.shape
+            expected[leaf.storage_path + ("scale",)] = leaf.scale_shape
+    missing = sorted("/".join(p) for p in set(expected) - set(stored))
+    wrong = sorted(f"{'/'.join(p)}: {stored[p]} != {s}" for p, s in expected.items() if p in stored and stored[p] != s)
+    problems = ([f"{len(missing)} arrays missing {missing[:5]}"] if missing else []) + (
+        [f"{len(wrong)} shapes differ (stored != recorded) {wrong[:5]}"] if wrong else []
+    )
+    if problems:
+        raise CheckpointFormatError(f"{path}: arrays item disagrees with the metadata: {'; '.join(problems)}")
+
+
+def load_quantized(directory: PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, shardings: ShardingsArg = None):
+    """Restore (params, CheckpointMetadata) written by save_quantized, bit-identical, onto a sharding.
+
+    shardings: where each array goes, one of
+      - one Sharding or PartitionSpec (with mesh=) for every parameter;
+      - a tree matching the saved params whose leaves are Shardings, PartitionSpecs (with mesh=),
+        abstract or concrete arrays with .sharding (their shapes are checked), or None (default);
+        at an Int8Weight, one entry is read as the float parameter's sharding (a kernel's
+        [*in, *out], Flax layout; an embedding's [V, H]) and placed on qvalue's K-major axes and
+        the scale's output axes alike, or
+        Int8Weight(qvalue=..., scale=...) gives both stored arrays' shardings as they are;
+      - a callable (path: tuple, kernel: jax.ShapeDtypeStruct) -> one such entry (for an int8
+        leaf, kernel has the float parameter's shape: [*in, *out], or [V, H] for an embedding).
+    mesh alone replicates everything on mesh; neither puts everything on jax.devices()[0].
+    Arrays are read straight into their shards: no float weights, no re-quantization.
+    """
+    path = _check_directory(directory)
+    info, leaves = _parse_metadata(_read_raw_metadata(path), str(path))
+    target = _abstract_arrays(leaves, _resolve_shardings(leaves, mesh, shardings, str(path)))
+    with _checkpointer() as checkpointer:
+        _check_stored_arrays(path, checkpointer, leaves)
+        restored = checkpointer.restore(
+            path, args=ocp.args.Composite(**{_ARRAYS_ITEM: ocp.args.StandardRestore(target)})
+        )[_ARRAYS_ITEM]
+    return _rebuild(info.tree_kind, leaves, restored), info
