@@ -63,3 +63,53 @@ def test_splits_cover_the_gpu_and_cpu_is_unsupported():
     assert num_splits(1, 8, 640) == 10 and num_splits(8, 8, 640) == 2 and num_splits(1, 1, 10) == 1
     q, k, _ = _inputs(np.random.default_rng(0), b=1, n=2, kv=1, h=16, s=8)
     assert "not a GPU" in unsupported_reason(q, k)
+
+
+def test_models_decode_through_the_kernel_as_closely_as_through_xla(monkeypatch):
+    """cached_attention's kernel route (mask -> valid slots, cache_index + 1 slots in use, the
+    layer's cache), forced on the CPU in interpret mode: a tiny bf16 Llama's decode logits over a
+    left-padded batch are as close to its float32 logits as with XLA attention."""
+    import dataclasses
+    import functools
+
+    from jint8.models import LlamaConfig, LlamaForCausalLM
+    from jint8.models.common import init_cache
+    from jint8.ops import attention as attention_ops
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64,
+                         dtype=jnp.bfloat16)
+    params = LlamaForCausalLM(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, 128, (3, 12)), jnp.int32)
+    steps = jnp.asarray(rng.integers(1, 128, (3, 4)), jnp.int32)
+    kv_mask = jnp.ones((3, 32), jnp.int32).at[1, :3].set(0).at[2, :7].set(0)
+
+    def decode_logits(dtype):
+        model = LlamaForCausalLM(dataclasses.replace(config, dtype=dtype))
+        p = jax.tree.map(lambda x: x.astype(dtype), params)
+        _, cache = model.apply({"params": p}, ids, cache=init_cache(model.config, 3, 32, dtype),
+                               cache_index=0, kv_mask=kv_mask)
+        out = []
+        for step in range(4):
+            logits, cache = model.apply({"params": p}, steps[:, step:step + 1], cache=cache,
+                                        cache_index=12 + step, kv_mask=kv_mask)
+            out.append(np.asarray(logits[:, -1], np.float64))
+        return np.stack(out, 1)
+
+    exact, xla = decode_logits(jnp.float32), decode_logits(jnp.bfloat16)
+    calls = []
+
+    def interpret_kernel(*args, **kwargs):
+        calls.append(kwargs["layer"])
+        return decode_attention_pallas(*args, **kwargs, interpret=True)
+
+    monkeypatch.setattr(attention_ops, "unsupported_reason", lambda q, k: None)
+    monkeypatch.setattr(attention_ops, "decode_attention", interpret_kernel)
+    kernel = decode_logits(jnp.bfloat16)
+    assert sorted(set(calls)) == [0, 1] and len(calls) == 2 * 4  # every decode step, every layer
+    scale = np.max(np.abs(exact))
+    err_xla = np.max(np.abs(xla - exact), axis=(1, 2)) / scale
+    err_kernel = np.max(np.abs(kernel - exact), axis=(1, 2)) / scale
+    assert np.all(err_kernel <= 1.5 * err_xla + 2e-3), (err_kernel, err_xla)
