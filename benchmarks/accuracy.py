@@ -29,6 +29,7 @@ from jint8.calibration import (
     choose_skip_modules,
     default_calibration_text,
     layers_to_config,
+    load_int8_config,
     module_sensitivity,
 )
 from jint8.evaluation import amplify_outlier_features, inspect_outliers, kl_divergence, perplexity
@@ -46,6 +47,9 @@ def main(argv=None):
     parser.add_argument("--low-threshold", type=float, default=1.5)
     parser.add_argument("--agreement-prompts", type=int, default=32)
     parser.add_argument("--agreement-tokens", type=int, default=32)
+    parser.add_argument("--agreement-only", metavar="INT8_CONFIG_JSON", nargs="+",
+                        help="only the greedy agreement with bf16, for these Int8Config JSON files "
+                        "(from `jint8 calibrate --out`)")
     parser.add_argument("--calibration-tokens", type=int, default=2048,
                         help="tokens of jint8.calibration.default_calibration_text (disjoint from the eval text)")
     parser.add_argument("--calibrated-only", action="store_true",
@@ -60,6 +64,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.calibrated_only:
         return compare_calibrated(args)
+    if args.agreement_only:
+        path = smollm2_gguf_path()
+        model16, params16 = jint8.from_pretrained(path, dtype=jnp.bfloat16, progress=False)
+        configs = {f"int8 {name}": load_int8_config(name) for name in args.agreement_only}
+        return greedy_agreement(args, load_tokenizer(path), model16, params16, configs)
 
     path = smollm2_gguf_path()
     tokenizer = load_tokenizer(path)
@@ -108,7 +117,10 @@ def main(argv=None):
         amplified = amplify_outlier_features(params16, args.features, alpha)
         variants(amplified, f"alpha={alpha:g} on features {args.features}")
 
-    greedy_agreement(args, tokenizer, model16, params16, calibrated)
+    greedy_agreement(args, tokenizer, model16, params16, {
+        "int8 t=6": jint8.Int8Config(),
+        f"int8 t={args.low_threshold:g}": jint8.Int8Config(threshold=args.low_threshold, outlier_capacity=256),
+        "int8 calibrated + skip": calibrated})
 
     layers = inspect_outliers(model16, jint8.quantize_params(params16, jint8.Int8Config()), [ids[:256]])
     natural = sum(len(layer.outlier_features) for layer in layers)
@@ -171,8 +183,9 @@ def compare_calibrated(args):
         print(f"(bf16 weights: {float_bytes / 2**20:.1f} MiB)")
 
 
-def greedy_agreement(args, tokenizer, model, params, calibrated):
-    """Greedy continuations of int8 vs bf16 on prompts cut from the evaluation text."""
+def greedy_agreement(args, tokenizer, model, params, configs):
+    """Greedy continuations of int8 (one row per {name: Int8Config}) vs bf16 on prompts cut from
+    the evaluation text."""
     import numpy as np
 
     from pydoc_data import topics
@@ -190,9 +203,7 @@ def greedy_agreement(args, tokenizer, model, params, calibrated):
 
     reference = continuations(params)
     print(f"\ngreedy agreement with bf16 over {len(prompts)} prompts x {args.agreement_tokens} tokens:")
-    for name, cfg in (("int8 t=6", jint8.Int8Config()),
-                      (f"int8 t={args.low_threshold:g}", jint8.Int8Config(threshold=args.low_threshold, outlier_capacity=256)),
-                      ("int8 calibrated + skip", calibrated)):
+    for name, cfg in configs.items():
         got = continuations(jint8.quantize_params(params, cfg))
         same_tokens = np.mean([np.mean(a == b) for a, b in zip(got, reference)])
         prefix = np.mean([(np.argmin(a == b) if not np.all(a == b) else len(a)) for a, b in zip(got, reference)])
