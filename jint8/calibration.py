@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jint8.errors import InvalidConfigError
-from jint8.evaluation import _quiet, inspect_outliers
+from jint8.evaluation import inspect_outliers
+from jint8.progress import progress_bar
 from jint8.layers import int8_weight_apply
 from jint8.quantize import Int8Config, Int8Weight, _path_names, quantize_params
 
@@ -207,10 +208,8 @@ def partial_int8_kl(model: nn.Module, params, int8_params, selections: Sequence[
     for row, selection in enumerate(selections):
         masks[row, [order[path] for path in selection]] = True
     totals, count = np.zeros(len(selections)), 0
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(windows) * len(selections), desc="int8 sensitivity", unit="pass",
-              disable=_quiet(progress)) as bar:
+    with progress_bar(total=len(windows) * len(selections), progress=progress,
+                      desc="int8 sensitivity", unit="pass") as bar:
         for ids in windows:  # one window's float log-probs ([L, vocab] f32) held at a time
             ids = jnp.asarray(np.asarray(ids, np.int32).reshape(1, -1))
             reference = reference_logprobs(params, weights, np.zeros(masks.shape[1], bool), ids)

@@ -25,6 +25,7 @@ from flax.core import unfreeze
 
 from jint8.errors import InvalidConfigError
 from jint8.layers import Int8Dense
+from jint8.progress import progress_bar
 from jint8.quantize import Int8Weight
 
 # ----------------------------------------------------------------------------- perplexity
@@ -87,10 +88,8 @@ def perplexity(
     max_length = min(max_length, tokens.size)
     token_nll = token_nll_fn(model)
     windows = list(_windows(tokens.size, max_length, stride))
-    from tqdm.auto import tqdm
-
     window_sums, window_counts = [], []
-    for begin, first, end in tqdm(windows, desc="perplexity", unit="window", disable=_quiet(progress)):
+    for begin, first, end in progress_bar(windows, progress=progress, desc="perplexity", unit="window"):
         ids = np.zeros((1, max_length), np.int32)
         ids[0, : end - begin] = tokens[begin:end]
         mask = np.zeros((1, max_length), bool)
@@ -128,14 +127,6 @@ def kl_divergence(model: nn.Module, ref_params, params, windows: Sequence) -> fl
     if count == 0:
         raise InvalidConfigError("kl_divergence: no windows given")
     return total / count
-
-
-def _quiet(progress: Optional[bool]) -> bool:
-    if progress is None:
-        import sys
-
-        return not sys.stderr.isatty()
-    return not progress
 
 
 # ----------------------------------------------------------------------------- outlier inspection

@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import types
 import os
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -35,6 +34,7 @@ from jint8.loading.names import (
 )
 from jint8.loading.records import TensorRecord, on_host
 from jint8.loading.sharding import bytes_per_device, check_max_memory, kernel_spec
+from jint8.progress import progress_bar
 from jint8.models import config_from_hf, model_class_for
 from jint8.quantize import EMBEDDING_NAME, Int8Config, Int8Weight, int8_weight_specs, quantize_params
 
@@ -207,13 +207,6 @@ def _plan_bnb_kernels(planned: dict, bnb_scales: dict, table) -> None:
                                           jax.ShapeDtypeStruct(target.shape[1:], jnp.float32))
 
 
-def _progress_bar(total: int, progress, description: str):
-    from tqdm.auto import tqdm
-
-    enabled = sys.stderr.isatty() if progress is None else bool(progress)
-    return tqdm(total=total, desc=description, unit="tensor", disable=not enabled)
-
-
 def _delete_placed(placed: dict) -> None:
     for leaf in jax.tree.leaves(list(placed.values())):
         if isinstance(leaf, jax.Array) and not leaf.is_deleted():
@@ -269,7 +262,8 @@ def from_pretrained(
     settings = _LoadSettings(rules, dtype, quantization, mesh, bnb)
     placed: dict = {}
     try:
-        with _progress_bar(len(plan), progress, f"loading {Path(path).name}") as bar:
+        with progress_bar(total=len(plan), progress=progress, desc=f"loading {Path(path).name}",
+                          unit="tensor") as bar:
             for record, target in plan:
                 placed[target.path] = _convert(record, target, planned[target.path], bnb_scales.get(record.name),
                                                settings)
