@@ -26,12 +26,11 @@ import jint8
 from jint8.calibration import (
     calibrate,
     calibrate_layers,
-    choose_skip_modules,
     default_calibration_text,
     layers_to_config,
     load_int8_config,
-    module_sensitivity,
 )
+from jint8.sensitivity import choose_skip_modules, module_sensitivity
 from jint8.evaluation import amplify_outlier_features, inspect_outliers, kl_divergence, perplexity
 from jint8.assets import default_eval_text, load_tokenizer, smollm2_gguf_path
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from jint8.cli import Command, CommandError, _dtype, _int8_config_file, _load, register_command
 
 QUANTIZE_CHOICES = ("none", "int8", "int8-no-outliers")
-SKIP_GRANULARITIES = ("layer", "group")  # jint8.calibration.SKIP_GRANULARITIES, without importing jax here
+SKIP_GRANULARITIES = ("layer", "group")  # jint8.sensitivity.SKIP_GRANULARITIES, without importing jax here
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:

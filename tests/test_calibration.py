@@ -15,22 +15,19 @@ from test_cli import WORDS, tiny_checkpoint  # noqa: F401  (the fixture)
 import jint8
 from jint8 import cli
 from jint8.calibration import (
-    Sensitivity,
     budget_threshold,
     calibrate,
     calibrate_layers,
     calibrate_model,
-    choose_skip_modules,
     config_from_dict,
     config_to_json,
     layers_to_config,
     load_int8_config,
-    module_sensitivity,
-    partial_int8_kl,
 )
 from jint8.errors import InvalidConfigError
 from jint8.evaluation import amplify_outlier_features, inspect_outliers, kl_divergence
 from jint8.models import LlamaConfig, LlamaForCausalLM
+from jint8.sensitivity import Sensitivity, choose_skip_modules, module_sensitivity, partial_int8_kl
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=16, dtype=jnp.float32)
