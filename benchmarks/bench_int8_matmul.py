@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import pathlib
 import statistics
@@ -69,30 +68,33 @@ def sets_for(m, k, n):
 
 
 def time_op(op, xs, ws, *, batch_seconds=0.03, samples=7):
-    """Median seconds per call of jit(op)(x, w), rotating over (x, w) pairs.
+    """Median seconds per call of jit(op)(x, w), rotating over (x, w) pairs (time_calls)."""
+    pairs = [(x, ws[i % len(ws)]) for i, x in enumerate(xs)]
+    return time_calls(jax.jit(op), pairs, jax.block_until_ready, batch_seconds=batch_seconds,
+                      samples=samples)
+
+
+def time_calls(call, pairs, wait, *, batch_seconds, samples):
+    """Median seconds per call(*pair), rotating over pairs; wait(last output) blocks until done.
 
     Calls are dispatched back to back (asynchronously) and the batch is timed from the first
-    dispatch to block_until_ready of the last output, so per-call host overhead hides behind
-    GPU time whenever a call takes longer than dispatching it (~10 us here; the null-op row of
-    the table shows that floor).
+    dispatch to the wait on the last output, so per-call host overhead hides behind GPU time
+    whenever a call takes longer than dispatching it (~10 us here; the null-op row of the table
+    shows that floor). One pass warms up (compiles), one sizes the batch to ~batch_seconds.
     """
-    pairs = [(x, ws[i % len(ws)]) for i, x in enumerate(xs)]
-    fn = jax.jit(op)
-    for x, w in pairs:  # compile + warm up
-        out = fn(x, w)
-    jax.block_until_ready(out)
-    start = time.perf_counter()
-    for x, w in pairs:
-        out = fn(x, w)
-    jax.block_until_ready(out)
+    for _ in range(2):
+        start = time.perf_counter()
+        for pair in pairs:
+            out = call(*pair)
+        wait(out)
     per_call = (time.perf_counter() - start) / len(pairs)
     calls = max(len(pairs), int(batch_seconds / max(per_call, 1e-6)))
     results = []
     for _ in range(samples):
         start = time.perf_counter()
         for i in range(calls):
-            out = fn(*pairs[i % len(pairs)])
-        jax.block_until_ready(out)
+            out = call(*pairs[i % len(pairs)])
+        wait(out)
         results.append((time.perf_counter() - start) / calls)
     return statistics.median(results)
 
@@ -152,25 +154,8 @@ def bnb_timer(k, n, copies):
               for x in xs]
         pairs = [(x, layers[i % len(layers)]) for i, x in enumerate(tx)]
         with torch.inference_mode():
-            for x, layer in pairs:
-                out = layer(x)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for x, layer in pairs:
-                out = layer(x)
-            torch.cuda.synchronize()
-            per_call = (time.perf_counter() - start) / len(pairs)
-            calls = max(len(pairs), int(batch_seconds / max(per_call, 1e-6)))
-            results = []
-            for _ in range(samples):
-                start = time.perf_counter()
-                for i in range(calls):
-                    x, layer = pairs[i % len(pairs)]
-                    out = layer(x)
-                torch.cuda.synchronize()
-                results.append((time.perf_counter() - start) / calls)
-        del out
-        return statistics.median(results)
+            return time_calls(lambda x, layer: layer(x), pairs, lambda _: torch.cuda.synchronize(),
+                              batch_seconds=batch_seconds, samples=samples)
 
     return timer
 
