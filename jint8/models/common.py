@@ -228,18 +228,16 @@ def cached_attention(
         keys, values, index = k, v, 0
     else:
         cache, keys, values = update_layer_cache(cache, layer, k, v, cache_index)
-        if q.shape[1] == 1 and logit_softcap is None and cache.k.dtype == q.dtype and (
-                attention_ops.unsupported_reason(q[:, 0], cache.k) is None):
-            # Decode on an NVIDIA GPU: one Pallas kernel over the cache slots in use.
-            mask = attention_mask(1, cache.max_length, cache_index=cache_index, kv_mask=kv_mask,
-                                  sliding_window=sliding_window)
-            valid = jnp.broadcast_to(mask[:, 0, 0], (q.shape[0], cache.max_length))
-            out = attention_ops.decode_attention(q[:, 0], cache.k, cache.v, valid,
-                                                 cache_index + 1, layer=layer, scale=scale)
-            return out[:, None], cache
         keys, values, index = keys.astype(q.dtype), values.astype(q.dtype), cache_index
     mask = attention_mask(q.shape[1], keys.shape[1], cache_index=index, kv_mask=kv_mask,
                           sliding_window=sliding_window)
+    if cache is not None and q.shape[1] == 1 and logit_softcap is None and (
+            cache.k.dtype == q.dtype and attention_ops.unsupported_reason(q[:, 0], cache.k) is None):
+        # Decode on an NVIDIA GPU: one Pallas kernel over the cache slots in use.
+        valid = jnp.broadcast_to(mask[:, 0, 0], (q.shape[0], cache.max_length))
+        out = attention_ops.decode_attention(q[:, 0], cache.k, cache.v, valid, cache_index + 1,
+                                             layer=layer, scale=scale)
+        return out[:, None], cache
     return dot_product_attention(q, keys, values, mask, scale=scale, logit_softcap=logit_softcap), cache
 
 

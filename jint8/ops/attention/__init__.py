@@ -1,5 +1,7 @@
-"""Decode attention over a static KV cache: the Pallas kernel on NVIDIA GPUs, else None (callers
-keep their XLA attention). JINT8_BACKEND=xla (the int8 op's switch) turns the kernel off too."""
+"""Decode attention over a static KV cache: the Pallas kernel on one NVIDIA GPU.
+
+Callers ask unsupported_reason first and keep their XLA attention where it gives a reason;
+JINT8_BACKEND=xla (the int8 op's switch) turns the kernel off too."""
 
 from __future__ import annotations
 
