@@ -211,9 +211,9 @@ def print_markdown(rows):
               + f" | {t['xla_bf16'] / t['jint8']:.2f}x | {in_jit} | {plan.gemm_path} |")
 
 
-def sweep_candidates(m):
+def sweep_candidates(m, k=LAYER[0], n=LAYER[1]):
     """K-major plans to time at this M: (gemm_path, block_n, block_k, warps, stages, mode,
-    block_m (pallas only))."""
+    block_m (pallas and xla_gemm only)). xla_gemm's block_k only steps its overflow sweep."""
     if m <= 16:
         rows = [("fused", 128, 128, 4, 4, "branch"), ("fused", 128, 128, 4, 4, "dense"),
                 ("fused", 128, 128, 4, 6, "branch"), ("fused", 256, 64, 4, 6, "branch"),
@@ -233,11 +233,15 @@ def sweep_candidates(m):
         rows = [("pallas", 128, 128, 8, 3, "branch", 128), ("pallas", 256, 128, 8, 3, "branch", 128),
                 ("pallas", 128, 128, 8, 3, "branch", 256), ("pallas", 256, 64, 8, 4, "branch", 128),
                 ("pallas", 256, 128, 8, 4, "branch", 128), ("pallas", 128, 64, 4, 4, "branch", 128)]
+    if m > 16:  # XLA's int8 GEMM + the epilogue kernel, against the Triton K loop
+        rows += [("xla_gemm", 128, 128, 4, 2, "branch", 64), ("xla_gemm", 128, 128, 8, 2, "branch", 128),
+                 ("xla_gemm", 256, 128, 8, 2, "branch", 64), ("xla_gemm", 64, 128, 4, 2, "branch", 64),
+                 ("xla_gemm", 128, 128, 4, 2, "branch", 32)]
     plans = []
     for path, bn, bk, warps, stages, mode, *bm in rows:
         block_m = configs.fused_block_m(m) if path == "fused" else bm[0]
         plans.append(configs.KernelPlan(
-            quantize=configs.default_plan(m, LAYER[0], LAYER[1]).quantize, gemm_path=path,
+            quantize=configs.default_plan(m, k, n).quantize, gemm_path=path,
             gemm=configs.Config(block_m=block_m, block_n=bn, block_k=bk, num_warps=warps,
                                 num_stages=stages, weight_layout="nk", outlier_mode=mode)))
     return plans
@@ -257,18 +261,21 @@ def _time_plan(m, plan, xs, weights, col_scales):
     return seconds
 
 
-def sweep(rng, ms):
-    """Times every K-major candidate on the 8192x28672 layer; prints the best per M."""
-    k, n = LAYER
-    wq, col_scales = weight_copies(rng, k, n)
-    wq_nk = [w.T.copy() for w in wq]
-    del wq
-    for m in ms:
-        xs = activations(rng, m, k, sets_for(m, k, n))
-        results = [(s, p) for p in sweep_candidates(m)
-                   if (s := _time_plan(m, p, xs, wq_nk, col_scales)) is not None]
-        best_seconds, best = min(results, key=lambda r: r[0])
-        print(f"BEST M={m}: {best_seconds * 1e3:.4f} ms {best}", flush=True)
+def sweep(rng, ms, shapes=(LAYER,), paths=configs.GEMM_PATHS):
+    """Times every K-major candidate (of these gemm paths) per shape; prints the best per M."""
+    for k, n in shapes:
+        wq, col_scales = weight_copies(rng, k, n)
+        wq_nk = [w.T.copy() for w in wq]
+        del wq
+        for m in ms:
+            xs = activations(rng, m, k, sets_for(m, k, n))
+            table = configs.plan_for(jax.devices()[0].device_kind, m, k, n, "nk")
+            print(f"K={k} N={n}: the table's plan, then the candidates", flush=True)
+            candidates = [table] + [p for p in sweep_candidates(m, k, n) if p.gemm_path in paths]
+            results = [(s, p) for p in candidates
+                       if (s := _time_plan(m, p, xs, wq_nk, col_scales)) is not None]
+            best_seconds, best = min(results, key=lambda r: r[0])
+            print(f"BEST K={k} N={n} M={m}: {best_seconds * 1e3:.4f} ms {best}", flush=True)
 
 
 def sweep_split_k(rng, shapes, ms=(1, 16)):
@@ -295,6 +302,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-ms", default="1,16,64,256,4096")
+    parser.add_argument("--sweep-paths", default=",".join(configs.GEMM_PATHS),
+                        help="gemm paths the sweep times (comma-separated)")
     parser.add_argument("--sweep-split-k", action="store_true",
                         help="time the fused kernel's split_k on the Llama layers")
     parser.add_argument("--shapes", choices=("layer", "llama", "all"), default="all")
@@ -303,8 +312,10 @@ def main():
     args = parser.parse_args()
     rng = np.random.default_rng(int(time.time_ns() % 2**31))
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    shapes = {"layer": [LAYER], "llama": LLAMA, "all": [LAYER] + LLAMA}[args.shapes]
     if args.sweep:
-        sweep(rng, [int(m) for m in args.sweep_ms.split(",")])
+        sweep(rng, [int(m) for m in args.sweep_ms.split(",")], shapes,
+              tuple(args.sweep_paths.split(",")))
     if args.sweep_split_k:
         sweep_split_k(rng, LLAMA)
     if args.sweep or args.sweep_split_k:
@@ -314,7 +325,6 @@ def main():
         print(f"bitsandbytes {bitsandbytes.__version__}", flush=True)
     except ImportError:
         print("bitsandbytes not importable here: its column is left out", flush=True)
-    shapes = {"layer": [LAYER], "llama": LLAMA, "all": [LAYER] + LLAMA}[args.shapes]
     print_markdown(bench_table(shapes, rng, full_columns=not args.brief,
                                ms=tuple(int(m) for m in args.ms.split(","))))
 

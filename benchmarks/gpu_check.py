@@ -68,7 +68,8 @@ def make_inputs(rng, m, k, n, dtype, num_outlier_cols, with_bias, extreme=False,
 
 def plans_to_check(m, k, n, table_only=False):
     """The plans the GPU's tables pick for both weight layouts, plus the variants they do not:
-    the other outlier mode, split-K, the two-kernel route for skinny M, the other layout."""
+    the other outlier mode, split-K, the two-kernel route for skinny M, the other layout, and
+    for M > 16 the other of the "pallas" / "xla_gemm" routes."""
     kind = jax.devices()[0].device_kind
     plan = configs.plan_for(kind, m, k, n, weight_layout="nk")
     plans = [plan, configs.plan_for(kind, m, k, n, weight_layout="kn")]
@@ -86,6 +87,8 @@ def plans_to_check(m, k, n, table_only=False):
     else:
         plans.append(replace(plan, gemm=replace(plan.gemm, weight_layout="kn")))
         plans.append(replace(plan, gemm=replace(plan.gemm, swap_ab=True, weight_layout="kn")))
+        other_path = "pallas" if plan.gemm_path == "xla_gemm" else "xla_gemm"
+        plans.append(replace(plan, gemm_path=other_path, gemm=replace(plan.gemm, split_k=1)))
         if plan.gemm.split_k > 1:
             other = "kernel" if plan.gemm.split_reduce == "xla" else "xla"
             plans.append(replace(plan, gemm=replace(plan.gemm, split_reduce=other)))
@@ -144,6 +147,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tables", action="store_true",
                         help="only the tuned table's plan per bucket, one shape per bucket")
+    parser.add_argument("--large-m", action="store_true",
+                        help="only cases with M > 16 (the pallas and xla_gemm routes)")
     parser.add_argument("--interpret", action="store_true",
                         help="dry run of this script on CPU: tiny shapes, Pallas interpret mode")
     args = parser.parse_args()
@@ -166,6 +171,14 @@ def main():
         table_case(256, 4096, 1024, jnp.bfloat16, 8, 64, False)
         table_case(300, 777, 513, jnp.bfloat16, 40, 16, True)  # overflow
         table_case(1024, 1024, 777, jnp.float32, 8, 64, False)
+    elif args.large_m:
+        case(70, 1000, 333, jnp.float16, 8, 64, True)
+        case(70, 1000, 333, jnp.float32, 8, 64, False)
+        case(70, 1000, 333, jnp.bfloat16, 0, 64, True)  # no outliers
+        case(256, 4096, 1024, jnp.bfloat16, 8, 64, False)
+        case(300, 777, 513, jnp.bfloat16, 40, 16, True)  # overflow
+        case(1024, 1024, 777, jnp.bfloat16, 8, 64, True)
+        case(4096, 4096, 4096, jnp.bfloat16, 8, 64, False)
     elif args.interpret:
         case(3, 200, 129, jnp.bfloat16, 8, 64, True)
         case(17, 100, 33, jnp.float32, 12, 4, False)

@@ -49,6 +49,10 @@ PLANS = {
     "nk": configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(weight_layout="nk", block_m=32)),
     "kn_transposed": configs.KernelPlan(quantize=SMALL_QUANT, transpose_weight=True,
                                         gemm=_gemm(weight_layout="nk", block_m=32)),
+    # XLA's int8 GEMM, then the GEMM kernel's epilogue alone on its int32 result.
+    "nk_xla_gemm": configs.KernelPlan(quantize=SMALL_QUANT, gemm_path="xla_gemm",
+                                      gemm=_gemm(weight_layout="nk", block_m=32)),
+    "kn_xla_gemm": configs.KernelPlan(quantize=SMALL_QUANT, gemm_path="xla_gemm", gemm=_gemm()),
 }
 
 
@@ -157,6 +161,9 @@ def test_int32_accumulator_equals_reference_int8_dot(rng, plan_name, m, k, n, ou
     (33, 100, 70, jnp.bfloat16, 5, 64, True, "nk"),
     (5, 64, 40, jnp.float32, 5, 64, False, "kn_swap_ab"),
     (9, 100, 50, jnp.bfloat16, 12, 4, True, "kn_transposed"),  # overflow, [K, N] transposed
+    (70, 129, 33, jnp.bfloat16, 5, 64, True, "nk_xla_gemm"),
+    (33, 100, 70, jnp.float32, 4, 64, False, "kn_xla_gemm"),
+    (70, 129, 33, jnp.float16, 12, 4, True, "nk_xla_gemm"),    # overflow on the XLA GEMM route
 ])
 def test_output_within_derived_bound_of_float64_recipe(rng, m, k, n, dtype, outlier_cols,
                                                        capacity, bias, plan_name):
@@ -269,6 +276,8 @@ def test_config_rejects_bad_field_naming_it(field, value):
 def test_plan_rejects_unknown_path_and_transposing_into_kn():
     with pytest.raises(InvalidConfigError, match="gemm_path"):
         configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(), gemm_path="xla")
+    with pytest.raises(InvalidConfigError, match="split_k"):
+        configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(split_k=2), gemm_path="xla_gemm")
     with pytest.raises(InvalidConfigError, match="transpose_weight"):
         configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(), transpose_weight=True)
 

@@ -103,13 +103,17 @@ class QuantizeConfig:
         _check_pow2("num_warps", self.num_warps, 1, 16)
 
 
+GEMM_PATHS = ("fused", "pallas", "xla_gemm")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KernelPlan:
     """Everything one call needs: which kernels run, and their tiles.
 
     gemm_path: "fused" (one kernel: activation pass, int8 GEMM, outlier stream and epilogue,
-      for M <= FUSED_MAX_M; `quantize` is unused) or "pallas" (activation-pass kernel, then the
-      fused-epilogue GEMM kernel, any M).
+      for M <= FUSED_MAX_M; `quantize` is unused), "pallas" (activation-pass kernel, then the
+      fused-epilogue GEMM kernel, any M) or "xla_gemm" (activation-pass kernel, XLA's int8
+      GEMM, then the GEMM kernel's epilogue alone on its int32 result; needs split_k == 1).
     transpose_weight: the call's wq is [K, N] but the GEMM reads it K-major: XLA transposes it
       first (one extra read + write of the weight, still faster than the [K, N] GEMM at
       M > 64, where Triton's int8 MMA wants K-major operands). Needs gemm.weight_layout "nk".
@@ -121,8 +125,11 @@ class KernelPlan:
     transpose_weight: bool = False
 
     def __post_init__(self):
-        if self.gemm_path not in ("pallas", "fused"):
-            raise InvalidConfigError(f"gemm_path={self.gemm_path!r} must be 'pallas' or 'fused'")
+        if self.gemm_path not in GEMM_PATHS:
+            raise InvalidConfigError(f"gemm_path={self.gemm_path!r} must be one of {GEMM_PATHS}")
+        if self.gemm_path == "xla_gemm" and self.gemm.split_k != 1:
+            raise InvalidConfigError(
+                f"gemm_path='xla_gemm' runs no K loop: split_k={self.gemm.split_k} must be 1")
         if self.transpose_weight and self.gemm.weight_layout != "nk":
             raise InvalidConfigError(
                 f"transpose_weight=True needs gemm.weight_layout='nk', got "
@@ -242,7 +249,7 @@ def plan_for(device_kind: str, m: int, k: int, n: int, weight_layout: str = "kn"
             gemm_path = bucket.get("gemm_path", "pallas")
             if gemm_path == "fused":
                 gemm = _fit_fused(dataclasses.replace(gemm, block_m=fused_block_m(m)), k, n)
-            elif bucket.get("auto_split_k", True):
+            elif gemm_path == "pallas" and bucket.get("auto_split_k", True):
                 gemm = _fit_split_k(gemm, m, k, n)
             quantize = bucket.get("quantize")
             return KernelPlan(

@@ -6,7 +6,11 @@ Computes reference.int8_matmul_reference's function. Per shape bucket the plan
   (pallas_triton_fused): no capacity, no index list, one launch per call;
 - "pallas": the activation-pass kernel, [K]-sized XLA work (outlier count, the static,
   zero-padded outlier index list) and the GEMM kernel with the whole epilogue fused; capacity
-  overflow is a flag the GEMM reads (exact dense sweep), never a lax.cond.
+  overflow is a flag the GEMM reads (exact dense sweep), never a lax.cond;
+- "xla_gemm" (large M): the same activation pass, XLA's own int8 GEMM (cuBLAS, int32 out) for
+  xq @ wq, then the GEMM kernel's epilogue alone on that accumulator (int8_gemm(accumulator=)):
+  the outlier correction and stream, scales, bias and cast in one pass. It writes and reads
+  the int32 [M, N] once, and is faster where cuBLAS's int8 GEMM beats the Triton K loop.
 [K, N] weights at M > 64 are transposed by XLA first where the plan says so (Triton's int8 MMA
 wants K-major operands). benchmarks/NOTES_int8_matmul.md records which bucket uses what and why.
 """
@@ -89,6 +93,7 @@ def _int8_matmul_pallas(x, wq, col_scales, bias, *, threshold, outlier_capacity,
         return y, stats
     if plan.transpose_weight:
         wq = wq.T  # [K, N] -> K-major [N, K] for the GEMM (KernelPlan.transpose_weight)
+    layout = plan.gemm.weight_layout
 
     xq, row_scales, col_flags = quantize_rows_unmasked(
         x, threshold=threshold, config=plan.quantize, interpret=interpret
@@ -104,11 +109,13 @@ def _int8_matmul_pallas(x, wq, col_scales, bias, *, threshold, outlier_capacity,
     slots_n = _padded_capacity(outlier_capacity)
     slots, valid = reference.outlier_columns(col_mask, slots_n)
     valid = valid & (jnp.arange(slots_n) < outlier_capacity)
+    # xq still holds the outlier columns: the kernel subtracts their exact int32 share.
+    accumulator = reference.int8_dot(xq, wq, layout) if plan.gemm_path == "xla_gemm" else None
     y = int8_gemm(
         xq, wq, row_scales, col_scales,
         jnp.zeros((col_scales.shape[0],), jnp.float32) if bias is None else bias, x,
         slots, valid.astype(jnp.int32), col_flags, overflow.astype(jnp.int32).reshape(1),
-        config=plan.gemm, out_dtype=out_dtype, has_bias=bias is not None,
+        accumulator, config=plan.gemm, out_dtype=out_dtype, has_bias=bias is not None,
         has_outliers=threshold > 0, dense_fallback=outlier_capacity < x.shape[1],
         accumulator_only=accumulator_only, poison_output=poison_output, interpret=interpret,
     )

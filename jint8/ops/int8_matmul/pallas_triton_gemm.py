@@ -86,8 +86,8 @@ def _dot(a, b, *, b_transposed: bool, out_dtype):
 
 def _gemm_kernel(
     xq_ref, w_ref, row_scales_ref, col_scales_ref, bias_ref, x_ref,
-    slots_ref, slot_valid_ref, col_flags_ref, overflow_ref, out: "Output",
-    *, config: Config, has_bias: bool, has_outliers: bool, dense_fallback: bool,
+    slots_ref, slot_valid_ref, col_flags_ref, overflow_ref, *accumulator_and_out,
+    config: Config, has_bias: bool, has_outliers: bool, dense_fallback: bool,
     accumulator_only: bool,
 ):
     m, k = xq_ref.shape
@@ -113,10 +113,14 @@ def _gemm_kernel(
             return acc + jax.lax.dot_general(b, a, dims, preferred_element_type=jnp.int32)
         return acc + _dot(a, b, b_transposed=nk_layout, out_dtype=jnp.int32)
 
-    acc_shape = (bn, bm) if config.swap_ab else (bm, bn)
-    acc = jax.lax.fori_loop(first_step, last_step, k_step, jnp.zeros(acc_shape, jnp.int32))
-    if config.swap_ab:
-        acc = acc.T
+    *accumulator_ref, out = accumulator_and_out
+    if accumulator_ref:  # epilogue only: XLA's int8 GEMM computed xq @ wq (int8_gemm docstring)
+        acc = _load(accumulator_ref[0], tile.rows, tile.cols, tile.row_ok, tile.col_ok)
+    else:
+        acc_shape = (bn, bm) if config.swap_ab else (bm, bn)
+        acc = jax.lax.fori_loop(first_step, last_step, k_step, jnp.zeros(acc_shape, jnp.int32))
+        if config.swap_ab:
+            acc = acc.T
 
     col_scales = _load_vector(col_scales_ref, tile.cols, tile.col_ok)
     if has_outliers:
@@ -237,7 +241,7 @@ def _outlier_terms(
 )
 def int8_gemm(
     xq, w, row_scales, col_scales, bias, x, slots, slot_valid, col_flags, overflow,
-    *, config: Config, out_dtype, has_bias: bool, has_outliers: bool, dense_fallback: bool,
+    accumulator=None, *, config: Config, out_dtype, has_bias: bool, has_outliers: bool, dense_fallback: bool,
     accumulator_only: bool = False, poison_output: bool = False, interpret: bool = False,
 ):
     """The fused GEMM.
@@ -250,6 +254,9 @@ def int8_gemm(
       slots: [Cp] int32 outlier column indices, Cp a multiple of 32; slot_valid: [Cp] int32.
       col_flags: [K] int32, nonzero on outlier columns; overflow: [1] int32, nonzero when the
         batch has more outlier columns than the capacity (then the dense sweep runs).
+      accumulator: optional [M, N] int32 xq @ w computed elsewhere (XLA's int8 GEMM, the
+        "xla_gemm" route): the kernel then runs no K loop, only the epilogue on it (outlier
+        correction, scales, bias, outlier stream, cast). Needs config.split_k == 1.
       accumulator_only: return the int32 [M, N] accumulator xq[:, not O] @ wq instead (checks).
       poison_output: start from a NaN-filled (int32: INT32_MIN) output buffer, aliased into the
         kernel's output, so the GPU check sees any element the kernel did not write.
@@ -264,6 +271,12 @@ def int8_gemm(
         dense_fallback=dense_fallback, accumulator_only=accumulator_only,
     )
     operands = [xq, w, row_scales, col_scales, bias, x, slots, slot_valid, col_flags, overflow]
+    if accumulator is not None:
+        if config.split_k != 1 or accumulator.shape != (m, n) or accumulator.dtype != jnp.int32:
+            raise ValueError(
+                f"int8_gemm: accumulator must be int32 {(m, n)} with split_k=1, got "
+                f"{accumulator.dtype} {accumulator.shape}, split_k={config.split_k}")
+        operands.append(accumulator)
     return launch(kernel, operands, grid=(tiles, config.split_k), m=m, n=n, config=config,
                   out_dtype=out_dtype, accumulator_only=accumulator_only,
                   poison_output=poison_output, interpret=interpret, name="jint8_int8_gemm")
