@@ -306,13 +306,15 @@ def main():
                         help="gemm paths the sweep times (comma-separated)")
     parser.add_argument("--sweep-split-k", action="store_true",
                         help="time the fused kernel's split_k on the Llama layers")
-    parser.add_argument("--shapes", choices=("layer", "llama", "all"), default="all")
+    parser.add_argument("--shapes", default="all",
+                        help="layer, llama, all, or comma-separated KxN (e.g. 4096x4096,8192x28672)")
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--brief", action="store_true", help="leave out the null-op column")
     args = parser.parse_args()
     rng = np.random.default_rng(int(time.time_ns() % 2**31))
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-    shapes = {"layer": [LAYER], "llama": LLAMA, "all": [LAYER] + LLAMA}[args.shapes]
+    named = {"layer": [LAYER], "llama": LLAMA, "all": [LAYER] + LLAMA}
+    shapes = named.get(args.shapes) or [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     if args.sweep:
         sweep(rng, [int(m) for m in args.sweep_ms.split(",")], shapes,
               tuple(args.sweep_paths.split(",")))
