@@ -294,7 +294,14 @@ def test_tuned_tables_load_and_unknown_gpus_get_the_default_plan():
                     assert m <= plan.gemm.block_m
     assert configs.plan_for("Tesla T4", 3, 64, 64) == configs.default_plan(3, 64, 64)
     # Too few output tiles: the fused kernel narrows its tiles to 64 columns, then splits K;
-    # so does the GEMM route (N=1024 gives 8 tiles of 128 columns at M=64).
-    fused = configs.plan_for("NVIDIA H100 80GB HBM3", 1, 4096, 1024, "nk").gemm
+    # so does the GEMM route (N=512 gives 4 tiles of 128 columns at M=64).
+    h100 = "NVIDIA H100 80GB HBM3"
+    fused = configs.plan_for(h100, 1, 4096, 1024, "nk").gemm
     assert fused.block_n == 64 and fused.split_k > 1
-    assert configs.plan_for("NVIDIA H100 80GB HBM3", 64, 4096, 1024, "nk").gemm.split_k > 1
+    assert configs.plan_for(h100, 64, 4096, 512, "nk").gemm.split_k > 1
+    # Per-shape entries hold only inside [min_m, max_m]; the XLA-GEMM route never splits K.
+    paths = {m: configs.plan_for(h100, m, 8192, 28672, "nk") for m in (16, 64, 65, 256, 4096)}
+    assert [paths[m].gemm_path for m in (16, 64, 65, 256, 4096)] == [
+        "fused", "pallas", "xla_gemm", "xla_gemm", "xla_gemm"]
+    assert configs.plan_for(h100, 64, 4096, 1024, "nk").gemm_path == "xla_gemm"
+    assert all(p.gemm.split_k == 1 for p in paths.values() if p.gemm_path == "xla_gemm")

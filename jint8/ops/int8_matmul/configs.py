@@ -221,7 +221,8 @@ def _load_table(name: str, weight_layout: str) -> tuple[dict, ...]:
 @functools.cache
 def _load_shapes(name: str, weight_layout: str) -> tuple[dict, ...]:
     """Per-shape entries ("shapes_nk": exact K x N, up to max_m) tuned on the decode shapes of
-    real models (benchmarks/tune_decode_shapes.py); they win over the M buckets."""
+    real models (benchmarks/tune_decode_shapes.py, bench_int8_matmul.py --sweep), for
+    min_m (default 1) <= M <= max_m; they win over the M buckets."""
     path = _DATA_DIR / f"{name}.json"
     if not path.exists() or weight_layout != "nk":
         return ()
@@ -236,7 +237,7 @@ def plan_for(device_kind: str, m: int, k: int, n: int, weight_layout: str = "kn"
     """
     name = device_table_name(device_kind)
     for entry in _load_shapes(name, weight_layout) if name else ():
-        if m <= entry["max_m"] and (k, n) == (entry["k"], entry["n"]):
+        if entry.get("min_m", 1) <= m <= entry["max_m"] and (k, n) == (entry["k"], entry["n"]):
             gemm = Config(**entry["gemm"])
             if entry.get("gemm_path", "fused") == "fused":
                 gemm = dataclasses.replace(gemm, block_m=fused_block_m(m))
