@@ -303,5 +303,4 @@ def test_tuned_tables_load_and_unknown_gpus_get_the_default_plan():
     paths = {m: configs.plan_for(h100, m, 8192, 28672, "nk") for m in (16, 64, 65, 256, 4096)}
     assert [paths[m].gemm_path for m in (16, 64, 65, 256, 4096)] == [
         "fused", "pallas", "xla_gemm", "xla_gemm", "xla_gemm"]
-    assert configs.plan_for(h100, 64, 4096, 1024, "nk").gemm_path == "xla_gemm"
     assert all(p.gemm.split_k == 1 for p in paths.values() if p.gemm_path == "xla_gemm")
