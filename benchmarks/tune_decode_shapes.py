@@ -15,7 +15,6 @@ go into data/<gpu>.json's "shapes_nk" list (configs.plan_for reads them before t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import math
@@ -53,10 +52,6 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     parser.add_argument("--reduce", nargs="+", default=["xla", "kernel"], choices=["xla", "kernel"],
                         help="split-K reductions to try (Config.split_reduce)")
-    parser.add_argument("--row-scales", nargs="+", default=["kernel"], choices=["kernel", "input"],
-                        help="where each plan gets its row absmax (Config.row_scales): every "
-                        "candidate is timed with each")
-    parser.add_argument("--table-only", action="store_true", help="time only the table's plan")
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes in interpret mode")
     parser.add_argument("--write-table", metavar="JSON",
                         help="put each shape's best candidate (if >= 3%% faster than the table's plan) "
@@ -88,13 +83,10 @@ def main(argv=None):
         table_plan = configs.plan_for("NVIDIA H100" if args.smoke else device, args.m, k, n, "nk")
         plans = [("table", table_plan)]
         chosen = [c for c in candidates(*SHAPES[name]) if c["split_reduce"] in args.reduce]
-        for c in [] if args.table_only else chosen[: 2 if args.smoke else None]:
+        for c in chosen[: 2 if args.smoke else None]:
             gemm = configs.Config(block_m=configs.fused_block_m(args.m), weight_layout="nk",
                                   outlier_mode="branch", **c)
             plans.append((c, configs.KernelPlan(quantize=table_plan.quantize, gemm=gemm, gemm_path="fused")))
-        plans = [(label if rs == "kernel" else f"{label}, row_scales=input",
-                  dataclasses.replace(plan, gemm=dataclasses.replace(plan.gemm, row_scales=rs)))
-                 for label, plan in plans for rs in args.row_scales]
         results = []
         for label, plan in plans:
             op = lambda x, w, plan=plan: int8_matmul_pallas(  # noqa: E731
@@ -125,8 +117,8 @@ def main(argv=None):
                 print(f"  {name} {label}: failed: {type(e).__name__}: {str(e)[:120]}")
                 continue
             ms = sorted(times)[len(times) // 2] * 1e3
-            row = dict(shape=name, k=k, n=n, m=args.m, plan=label if isinstance(label, str) and label.startswith("table") else "candidate",
-                       gemm=plan.gemm.__dict__ if not isinstance(label, dict) else label, ms=ms,
+            row = dict(shape=name, k=k, n=n, m=args.m, plan=label if label == "table" else "candidate",
+                       gemm=plan.gemm.__dict__ if label == "table" else label, ms=ms,
                        tb_per_s=k * n / (ms * 1e-3) / 1e12, rel_error=error, device=device)
             results.append(row)
             if args.json:
@@ -147,7 +139,7 @@ def _write_entry(path, k, n, m, best):
 
     data = json.loads(open(path).read())
     entries = [e for e in data.get("shapes_nk", []) if (e["k"], e["n"], e["max_m"]) != (k, n, 16)]
-    gemm = {**dict(block_m=16, weight_layout="nk", swap_ab=False, outlier_mode="branch"), **best["gemm"]}
+    gemm = dict(block_m=16, weight_layout="nk", swap_ab=False, outlier_mode="branch", **best["gemm"])
     entries.append(dict(k=k, n=n, max_m=16, gemm_path="fused", gemm=gemm, measured_us_m1=round(best["ms"] * 1e3, 1),
                         note=f"tune_decode_shapes.py, M={m}, {best['device']}, {datetime.date.today().isoformat()}"))
     data["shapes_nk"] = sorted(entries, key=lambda e: (e["k"], e["n"]))

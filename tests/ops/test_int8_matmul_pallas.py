@@ -56,20 +56,18 @@ PLANS = {
 }
 
 
-def _fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, reduce="xla",
-                row_scales="kernel"):
+def _fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, reduce="xla"):
     gemm = _gemm(block_m=configs.fused_block_m(m), block_k=block_k, weight_layout=layout,
-                 outlier_mode=mode, split_k=split_k, split_reduce=reduce, row_scales=row_scales)
+                 outlier_mode=mode, split_k=split_k, split_reduce=reduce)
     return configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm, gemm_path="fused")
 
 
-FUSED_VARIANTS = {  # name: (weight layout, outlier_mode, split_k, split_reduce, row_scales)
-    "nk_branch": ("nk", "branch", 1, "xla", "kernel"),
-    "nk_dense": ("nk", "dense", 1, "xla", "kernel"),
-    "kn_branch": ("kn", "branch", 1, "xla", "kernel"),
-    "nk_split3": ("nk", "branch", 3, "xla", "kernel"),
-    "nk_split3_in_kernel": ("nk", "branch", 3, "kernel", "kernel"),  # the tile's last program sums
-    "nk_split3_row_scales_input": ("nk", "branch", 3, "xla", "input"),  # no absmax sweep
+FUSED_VARIANTS = {  # name: (weight layout, outlier_mode, split_k, split_reduce)
+    "nk_branch": ("nk", "branch", 1, "xla"),
+    "nk_dense": ("nk", "dense", 1, "xla"),
+    "kn_branch": ("kn", "branch", 1, "xla"),
+    "nk_split3": ("nk", "branch", 3, "xla"),
+    "nk_split3_in_kernel": ("nk", "branch", 3, "kernel"),  # the tile's last program sums
 }
 
 
@@ -199,9 +197,8 @@ def test_output_within_derived_bound_of_float64_recipe(rng, m, k, n, dtype, outl
 ])
 def test_fused_int32_accumulator_equals_reference_int8_dot(rng, variant, m, k, n, outlier_cols,
                                                             rows):
-    layout, mode, split_k, reduce, row_scales = FUSED_VARIANTS[variant]
-    plan = _fused_plan(m, layout=layout, mode=mode, split_k=split_k, reduce=reduce,
-                       row_scales=row_scales)
+    layout, mode, split_k, reduce = FUSED_VARIANTS[variant]
+    plan = _fused_plan(m, layout=layout, mode=mode, split_k=split_k, reduce=reduce)
     x, wq, _, _ = _inputs(rng, m, k, n, jnp.bfloat16, outlier_cols)
     if rows:
         x = jnp.asarray(_special_rows(x, rows), jnp.bfloat16)
@@ -223,9 +220,8 @@ def test_fused_int32_accumulator_equals_reference_int8_dot(rng, variant, m, k, n
 ])
 def test_fused_output_within_derived_bound_of_float64_recipe(rng, variant, m, k, n, dtype,
                                                              outlier_cols, bias, rows):
-    layout, mode, split_k, reduce, row_scales = FUSED_VARIANTS[variant]
-    plan = _fused_plan(m, layout=layout, mode=mode, split_k=split_k, reduce=reduce,
-                       row_scales=row_scales)
+    layout, mode, split_k, reduce = FUSED_VARIANTS[variant]
+    plan = _fused_plan(m, layout=layout, mode=mode, split_k=split_k, reduce=reduce)
     x, wq, col_scales, b = _inputs(rng, m, k, n, dtype, outlier_cols, bias)
     if rows:
         x = jnp.asarray(_special_rows(x, rows), dtype)
@@ -271,7 +267,7 @@ def test_cpu_dispatch_falls_through_to_xla_and_refuses_forced_pallas():
 @pytest.mark.parametrize("field,value", [("block_m", 8), ("block_n", 48), ("block_k", 16),
                                          ("num_warps", 3), ("num_stages", 0), ("split_k", 0),
                                          ("weight_layout", "kk"), ("outlier_mode", "sparse"),
-                                         ("split_reduce", "atomic"), ("row_scales", "xla")])
+                                         ("split_reduce", "atomic")])
 def test_config_rejects_bad_field_naming_it(field, value):
     with pytest.raises(InvalidConfigError, match=field):
         _gemm(**{field: value})

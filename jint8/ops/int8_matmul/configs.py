@@ -54,10 +54,6 @@ class Config:
     outlier_mode: how the fused skinny kernel (pallas_triton_fused) adds the outlier stream in
       its K loop: "branch" (a lax.cond per K step, taken only in steps holding an outlier
       column) or "dense" (branch-free: every step runs the 16-bit dot on the masked x tile).
-    row_scales: where the fused kernel gets each row's absmax: "kernel" (every program sweeps
-      its x rows before its first weight load) or "input" (a jnp max before the kernel, which
-      XLA can fuse into the op producing x; the kernel starts streaming weights at once). The
-      max is exact in any order, so both give the same bits.
     """
 
     block_m: int
@@ -70,7 +66,6 @@ class Config:
     swap_ab: bool = False
     outlier_mode: str = "branch"
     split_reduce: str = "xla"
-    row_scales: str = "kernel"
 
     def __post_init__(self):
         # tl.dot on int8 needs M >= 16, N >= 16 and K >= 32 (mma.m16n8k32).
@@ -92,9 +87,6 @@ class Config:
         if self.split_reduce not in ("xla", "kernel"):
             raise InvalidConfigError(
                 f"split_reduce={self.split_reduce!r} must be 'xla' or 'kernel'")
-        if self.row_scales not in ("kernel", "input"):
-            raise InvalidConfigError(
-                f"row_scales={self.row_scales!r} must be 'kernel' or 'input'")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

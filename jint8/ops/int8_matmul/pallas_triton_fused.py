@@ -84,9 +84,8 @@ def _row_absmax(x_ref, *, block_m: int, threshold: float):
     return jnp.max(jnp.where(spread, row_max[None, :], 0.0), axis=1)
 
 
-def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *row_max_and_out, config: Config,
+def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, out: Output, *, config: Config,
                   threshold: float, has_bias: bool, accumulator_only: bool, interpret: bool):
-    *row_max_ref, out = row_max_and_out
     m, k = x_ref.shape
     nk_layout = config.weight_layout == "nk"
     n = w_ref.shape[0] if nk_layout else w_ref.shape[1]
@@ -95,10 +94,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *row_max_and_out, conf
     tile = _Tile(rows=jnp.arange(bm), cols=pl.program_id(0) * bn + jnp.arange(bn), m=m, n=n)
     has_outliers = threshold > 0
 
-    if row_max_ref:  # Config.row_scales == "input": computed before the kernel
-        row_max = _load_vector(row_max_ref[0], tile.rows, tile.row_ok)
-    else:
-        row_max = _row_absmax(x_ref, block_m=bm, threshold=threshold)
+    row_max = _row_absmax(x_ref, block_m=bm, threshold=threshold)
     # reference.quantize_rows: 127 / s rounded as XLA rounds it, 0 for an all-zero row.
     safe = jnp.where(row_max > 0, row_max, 1.0)
     inverse = jnp.where(row_max > 0, _inverse_scale(safe, interpret=interpret), 0.0)
@@ -181,12 +177,7 @@ def fused_int8_matmul(
         _fused_kernel, config=config, threshold=threshold, has_bias=has_bias,
         accumulator_only=accumulator_only, interpret=interpret,
     )
-    operands = [x, w, col_scales, bias]
-    if config.row_scales == "input":
-        # reference.quantize_rows' row scales; a max is exact in any order, so the kernel's
-        # sweep and this give the same bits.
-        operands.append(reference.quantize_rows_scales(x, threshold))
-    return launch(kernel, operands, grid=(pl.cdiv(n, config.block_n), config.split_k),
+    return launch(kernel, [x, w, col_scales, bias], grid=(pl.cdiv(n, config.block_n), config.split_k),
                   m=m, n=n, config=config, out_dtype=out_dtype, accumulator_only=accumulator_only,
                   poison_output=poison_output, interpret=interpret, name="jint8_fused_int8_matmul")
 
