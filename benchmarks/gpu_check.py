@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from jint8.ops.int8_matmul import checks, configs, reference  # noqa: E402
 from jint8.ops.int8_matmul.pallas_triton import (  # noqa: E402
     _int8_matmul_pallas,
+    int8_matmul_pallas,
     int8_accumulator_pallas,
 )
 from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows  # noqa: E402
@@ -142,11 +143,53 @@ def check_case(rng, m, k, n, dtype, num_outlier_cols, capacity, with_bias, failu
         print(f"  ok? {ratio <= 1.0}  {tag}  err/bound={ratio:.3f}  rel_l2={rel:.2e}", flush=True)
 
 
+def check_norm_case(rng, m, k, n, dtype, unit_offset, failures, interpret=False):
+    """The fused kernel with a folded InputNorm (the decode route of Llama's qkv / gate_up).
+
+    Grid inputs (x in quarter integers, scale in eighth integers): every sum of squares is exact,
+    so the int32 accumulator must equal XLA's on norm(x) unless the GPU's rsqrt or division
+    differ between XLA and Triton, which this reports. Random inputs: output within 2 % of
+    the XLA route (int8_matmul_reference(x, norm=...)) relative to max |y|.
+    """
+    kind = jax.devices()[0].device_kind
+    plan = configs.plan_for(kind, m, k, n, weight_layout="nk")
+    label = f"norm M={m} K={k} N={n} {jnp.dtype(dtype).name} unit_offset={unit_offset} {plan.gemm_path}"
+    if plan.gemm_path != "fused":
+        print(f"  skipped {label}: not the fused route", flush=True)
+        return
+    wq = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
+    col_scales = jnp.asarray(rng.uniform(0.01, 2.0, n).astype(np.float32))
+    grid_x = rng.integers(-8, 9, (m, k)) * 0.25
+    grid_x[:, rng.choice(k, 8, replace=False)] = 40.0
+    scale = jnp.asarray(rng.integers(1, 40, k) * 0.125, dtype)
+    norm = reference.InputNorm(scale, 1e-5, unit_offset)
+    x = jnp.asarray(grid_x, dtype)
+    acc = np.asarray(int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64,
+                                             plan=plan, norm=norm, interpret=interpret))
+    want = np.asarray(reference.int8_dot(reference.quantize_rows(norm(x), THRESHOLD)[0], wq, "nk"))
+    mismatched = int(np.sum(acc != want))
+    x = jnp.asarray(rng.standard_normal((m, k)) * 3.0, dtype)
+    y = np.asarray(int8_matmul_pallas(x, wq, col_scales, threshold=THRESHOLD, outlier_capacity=64,
+                                      weight_layout="nk", norm=norm, plan=plan,
+                                      interpret=interpret)[0], np.float64)
+    y_ref = np.asarray(reference.int8_matmul_reference(
+        x, wq, col_scales, threshold=THRESHOLD, outlier_capacity=64, weight_layout="nk",
+        norm=norm)[0], np.float64)
+    rel = float(np.max(np.abs(y - y_ref)) / np.max(np.abs(y_ref)))
+    ok = mismatched == 0 and np.all(np.isfinite(y)) and rel <= 2e-2
+    if not ok:
+        failures.append(label)
+    print(f"  ok? {ok}  {label}  grid accumulator mismatches={mismatched}  random rel={rel:.2e}",
+          flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tables", action="store_true",
                         help="only the tuned table's plan per bucket, one shape per bucket")
+    parser.add_argument("--norm", action="store_true",
+                        help="only the fused kernel with a folded RMSNorm (Llama's decode route)")
     parser.add_argument("--large-m", action="store_true",
                         help="only cases with M > 16 (the pallas and xla_gemm routes)")
     parser.add_argument("--interpret", action="store_true",
@@ -171,6 +214,12 @@ def main():
         table_case(256, 4096, 1024, jnp.bfloat16, 8, 64, False)
         table_case(300, 777, 513, jnp.bfloat16, 40, 16, True)  # overflow
         table_case(1024, 1024, 777, jnp.float32, 8, 64, False)
+    elif args.norm:
+        for m, k, n in [(1, 4096, 6144), (1, 4096, 28672), (8, 4096, 6144), (16, 4096, 28672),
+                        (1, 2048, 3072), (3, 77, 45)] if not args.interpret else [(3, 77, 45)]:
+            for dtype, unit_offset in ((jnp.bfloat16, False), (jnp.float16, False),
+                                       (jnp.bfloat16, True)):
+                check_norm_case(rng, m, k, n, dtype, unit_offset, failures, args.interpret)
     elif args.large_m:
         case(70, 1000, 333, jnp.float16, 8, 64, True)
         case(70, 1000, 333, jnp.float32, 8, 64, False)

@@ -7,6 +7,8 @@ Int8Weight kernel (from quantize_params) runs jint8.ops.int8_matmul.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
@@ -17,10 +19,39 @@ from flax import nnx
 
 from jint8.errors import ShapeError
 from jint8.ops.int8_matmul import Int8MatmulStats, int8_matmul
-from jint8.ops.int8_matmul.reference import INV_127
+from jint8.ops.int8_matmul.reference import INV_127, InputNorm, rms_norm
 from jint8.quantize import Int8Weight
 
 STATS_COLLECTION = "int8_stats"
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["x", "norm"],
+                   meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class NormedInput:
+    """Activations with an RMSNorm still to apply (RMSNorm(defer=True)): rms_norm(x) in dtype.
+
+    Int8Dense folds the norm into int8_matmul (InputNorm), so the decode kernel normalises the
+    x it loads anyway and no separate normalisation kernel runs; anything else calls apply().
+    """
+
+    x: jax.Array
+    norm: InputNorm
+    dtype: Any
+
+    @property
+    def shape(self):
+        return self.x.shape
+
+    def apply(self) -> jax.Array:
+        norm = self.norm
+        return rms_norm(self.x, norm.scale, eps=norm.eps, unit_offset=norm.unit_offset,
+                        dtype=self.dtype)
+
+
+def as_array(inputs) -> jax.Array:
+    """A layer input as an array: a NormedInput normalised, anything else as given."""
+    return inputs.apply() if isinstance(inputs, NormedInput) else inputs
 
 
 def int8_weight_apply(
@@ -30,8 +61,12 @@ def int8_weight_apply(
     *,
     dtype=None,
     backend: Optional[str] = None,
+    norm: Optional[InputNorm] = None,
 ) -> tuple[jax.Array, Int8MatmulStats]:
-    """x [..., *in_shape] contracted with an Int8Weight -> [..., *out_shape] in dtype (default x's)."""
+    """x [..., *in_shape] contracted with an Int8Weight -> [..., *out_shape] in dtype (default x's).
+
+    norm: an RMSNorm over x's last axis applied first (in dtype), folded into the int8 op.
+    """
     in_shape, out_shape = weight.in_shape, weight.out_shape
     if tuple(x.shape[x.ndim - len(in_shape) :]) != in_shape:
         raise ShapeError(f"input shape {x.shape} does not end with the kernel's input shape {in_shape}")
@@ -50,6 +85,7 @@ def int8_weight_apply(
         weight_layout="nk",  # Int8Weight stores [N, K]
         backend=backend,
         return_stats=True,
+        norm=norm,
     )
     return y.reshape(*batch_shape, *out_shape), stats
 
@@ -85,7 +121,8 @@ class Int8Dense(nn.Module):
     backend: Optional[str] = None
 
     @nn.compact
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs) -> jax.Array:
+        """inputs: an array, or a NormedInput (an RMSNorm the int8 path folds into its kernel)."""
         if self.has_variable("params", "kernel") and isinstance(self.get_variable("params", "kernel"), Int8Weight):
             # Flax's param() would compare the init shape [K, N] with qvalue's K-major [N, K].
             kernel = self.get_variable("params", "kernel")
@@ -98,9 +135,15 @@ class Int8Dense(nn.Module):
             kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         if isinstance(kernel, Int8Weight):
-            y, stats = int8_weight_apply(inputs, kernel, bias, dtype=self.dtype, backend=self.backend)
+            norm = None
+            if isinstance(inputs, NormedInput) and inputs.x.dtype == inputs.dtype == (self.dtype or inputs.dtype) \
+                    and len(kernel.in_shape) == 1:
+                inputs, norm = inputs.x, inputs.norm  # the op normalises (see InputNorm)
+            y, stats = int8_weight_apply(as_array(inputs), kernel, bias, dtype=self.dtype,
+                                         backend=self.backend, norm=norm)
             _sow_stats(self, stats)
             return y
+        inputs = as_array(inputs)
         inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
         return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))

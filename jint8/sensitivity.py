@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jint8.errors import InvalidConfigError
-from jint8.layers import int8_weight_apply
+from jint8.layers import as_array, int8_weight_apply
 from jint8.progress import progress_bar
 from jint8.quantize import Int8Config, Int8Weight, _path_names, quantize_params
 
@@ -101,7 +101,7 @@ def _selectively_int8_logprobs(model: nn.Module, order: dict[str, int]):
                 return y
             kernel, bias = weights[path]
             dtype = getattr(context.module, "dtype", None)  # as Int8Dense calls int8_weight_apply
-            int8_y = lambda: int8_weight_apply(args[0], kernel, bias, dtype=dtype)[0].astype(y.dtype)  # noqa: E731
+            int8_y = lambda: int8_weight_apply(as_array(args[0]), kernel, bias, dtype=dtype)[0].astype(y.dtype)  # noqa: E731
             return jax.lax.cond(mask[order[path]], int8_y, lambda: y)
 
         with nn.intercept_methods(int8_where_selected):

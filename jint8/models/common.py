@@ -16,6 +16,8 @@ import numpy as np
 from flax import struct
 
 from jint8.errors import UnsupportedArchitectureError
+from jint8.layers import NormedInput
+from jint8.ops.int8_matmul.reference import InputNorm, rms_norm
 from jint8.ops import attention as attention_ops
 
 # ----------------------------------------------------------------------------- activations
@@ -53,15 +55,14 @@ class RMSNorm(nn.Module):
     unit_offset: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, defer: bool = False):
+        """The normalised x; with defer=True a NormedInput instead, which Int8Dense layers fold
+        into their int8 kernel (the decode kernel normalises the x it loads anyway)."""
         init = nn.initializers.zeros_init() if self.unit_offset else nn.initializers.ones_init()
         scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        if self.unit_offset:  # Gemma multiplies in float32, then casts
-            return (xf * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
-        # Llama casts the normalised activations back first, then multiplies by the weight
-        return scale.astype(self.dtype) * xf.astype(self.dtype)
+        if defer:
+            return NormedInput(x, InputNorm(scale, self.eps, self.unit_offset), jnp.dtype(self.dtype))
+        return rms_norm(x, scale, eps=self.eps, unit_offset=self.unit_offset, dtype=self.dtype)
 
 
 # ----------------------------------------------------------------------------- rotary embeddings

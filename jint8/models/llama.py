@@ -194,15 +194,17 @@ class LlamaDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, positions, cache, cache_index, kv_mask):
         cfg = self.config
+        # Norms that feed projections are deferred (NormedInput): int8 projections fold them
+        # into their kernel; float ones normalise first, as before.
         attn, cache = LlamaAttention(cfg, self.layer, name="self_attn")(
-            _norm(cfg, "input_layernorm")(x), positions, cache, cache_index, kv_mask
+            _norm(cfg, "input_layernorm")(x, defer=True), positions, cache, cache_index, kv_mask
         )
         if cfg.sandwich_norms:  # Gemma 2
             x = x + _norm(cfg, "post_attention_layernorm")(attn)
-            mlp = LlamaMLP(cfg, name="mlp")(_norm(cfg, "pre_feedforward_layernorm")(x))
+            mlp = LlamaMLP(cfg, name="mlp")(_norm(cfg, "pre_feedforward_layernorm")(x, defer=True))
             return x + _norm(cfg, "post_feedforward_layernorm")(mlp), cache
         x = x + attn
-        return x + LlamaMLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x)), cache
+        return x + LlamaMLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x, defer=True)), cache
 
 
 class LlamaModel(nn.Module):

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jint8.errors import BackendUnavailableError, InvalidConfigError
-from jint8.ops.int8_matmul import api, checks, configs, reference
+from jint8.errors import BackendUnavailableError, InvalidConfigError, ShapeError
+from jint8.ops.int8_matmul import api, checks, configs, int8_matmul, reference
 from jint8.ops.int8_matmul.pallas_triton import (
     int8_accumulator_pallas,
     int8_matmul_pallas,
@@ -304,3 +304,113 @@ def test_tuned_tables_load_and_unknown_gpus_get_the_default_plan():
     assert [paths[m].gemm_path for m in (16, 64, 65, 256, 4096)] == [
         "fused", "pallas", "xla_gemm", "xla_gemm", "xla_gemm"]
     assert all(p.gemm.split_k == 1 for p in paths.values() if p.gemm_path == "xla_gemm")
+
+
+def _grid_inputs(rng, m, k, n, dtype):
+    """x on a quarter-integer grid and scale on an eighth-integer grid: every square and every
+    partial sum of squares is exact in float32, so 1/rms has the same bits in any summation
+    order and the kernel's normalised x must equal the reference's bit for bit."""
+    x = rng.integers(-8, 9, (m, k)) * 0.25
+    x[:, rng.choice(k, 3, replace=False)] = 40.0  # outlier columns after the norm
+    scale = jnp.asarray(rng.integers(1, 40, k) * 0.125, dtype)
+    wq = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
+    return jnp.asarray(x, dtype), scale, wq
+
+
+@pytest.mark.parametrize("m,k,n,split_k", [(1, 77, 45, 1), (3, 200, 129, 3), (16, 1500, 20, 1)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_fused_kernel_folds_the_input_norm_exactly(rng, m, k, n, split_k, dtype, unit_offset):
+    """int8_matmul(x, norm=n) on the fused route: the kernel's prologue normalises x as
+    reference.rms_norm does (Llama's two roundings, Gemma's one), so its int32 accumulator equals
+    the reference's on n(x), and its output matches int8_matmul_reference(x, norm=n)."""
+    x, scale, wq = _grid_inputs(rng, m, k, n, dtype)
+    norm = reference.InputNorm(scale, 1e-5, unit_offset)
+    plan = _fused_plan(m, split_k=split_k)
+    acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64, plan=plan,
+                                  norm=norm, interpret=True)
+    xq, _, col_mask = reference.quantize_rows(norm(x), THRESHOLD)
+    assert int(col_mask.sum()) >= 1
+    want = reference.int8_dot(xq, wq, "nk")
+    np.testing.assert_array_equal(np.asarray(acc), np.asarray(want), err_msg=f"seed {rng.seed_value}")
+    col_scales = jnp.asarray(rng.uniform(0.01, 2.0, n), jnp.float32)
+    y, stats = int8_matmul_pallas(x, wq, col_scales, threshold=THRESHOLD, outlier_capacity=64,
+                                  weight_layout="nk", norm=norm, plan=plan, interpret=True)
+    y_ref, ref_stats = reference.int8_matmul_reference(
+        x, wq, col_scales, threshold=THRESHOLD, outlier_capacity=64, weight_layout="nk", norm=norm)
+    assert int(stats.num_outlier_columns) == int(ref_stats.num_outlier_columns)
+    y, y_ref = np.asarray(y, np.float64), np.asarray(y_ref, np.float64)
+    # The two differ only in the outlier stream's rounding (fused_int8_matmul_reference).
+    assert np.max(np.abs(y - y_ref)) <= 2e-2 * np.max(np.abs(y_ref)), f"seed {rng.seed_value}"
+
+
+def test_input_norm_on_every_route_equals_normalising_first(rng):
+    """Routes without the fused kernel call norm(x) and then run as before: same bits."""
+    x, scale, wq = _grid_inputs(rng, 70, 129, 33, jnp.bfloat16)
+    x = x + jnp.asarray(rng.standard_normal(x.shape) * 0.1, jnp.bfloat16)  # any x here
+    norm = reference.InputNorm(scale, 1e-6)
+    col_scales = jnp.asarray(rng.uniform(0.01, 2.0, 33), jnp.float32)
+    for name in ("nk", "nk_xla_gemm"):
+        kwargs = dict(threshold=THRESHOLD, outlier_capacity=64, weight_layout="nk",
+                      plan=PLANS[name], interpret=True)
+        folded, _ = int8_matmul_pallas(x, wq, col_scales, norm=norm, **kwargs)
+        first, _ = int8_matmul_pallas(norm(x), wq, col_scales, **kwargs)
+        np.testing.assert_array_equal(np.asarray(folded), np.asarray(first), err_msg=name)
+
+
+def test_input_norm_scale_must_match_k():
+    x = jnp.ones((2, 8), jnp.bfloat16)
+    wq = jnp.ones((4, 8), jnp.int8)
+    with pytest.raises(ShapeError, match="norm.scale.shape"):
+        int8_matmul(x, wq, jnp.ones((4,), jnp.float32), weight_layout="nk",
+                    norm=reference.InputNorm(jnp.ones((7,), jnp.bfloat16), 1e-6))
+
+
+def test_llama_decode_folds_its_norms_into_the_fused_kernel(monkeypatch):
+    """A tiny int8 Llama (fused q|k|v and gate|up, as fuse_projections makes them) decoded with
+    the Pallas backend in interpret mode: the qkv and gate_up projections get the layer's
+    RMSNorm folded into the fused kernel (no normalised x materialised), and the logits match
+    the XLA backend's, which normalises first."""
+    import functools
+
+    import jax
+
+    import jint8
+    from jint8.models import LlamaConfig, LlamaForCausalLM
+    from jint8.models.common import init_cache
+    from jint8.ops.int8_matmul import pallas_triton
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=32,
+                         dtype=jnp.float32)
+    model = LlamaForCausalLM(config)
+    params = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.tree.map(lambda p: p * 2.0 if p.ndim == 2 else p + 0.5, params)  # live outliers
+    params = jint8.quantize_params(jint8.fuse_projections(params),
+                                   jint8.Int8Config(min_size=0, outlier_capacity=64))
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 96, (2, 6)), jnp.int32)
+
+    def decode_logits():
+        _, cache = model.apply({"params": params}, ids[:, :5],
+                               cache=init_cache(config, 2, 16, jnp.float32), cache_index=0)
+        logits, _ = model.apply({"params": params}, ids[:, 5:], cache=cache, cache_index=5)
+        return np.asarray(logits[:, -1], np.float64)
+
+    monkeypatch.setenv("JINT8_BACKEND", "xla")
+    want = decode_logits()
+    folded = []
+    fused = pallas_triton.fused_int8_matmul
+
+    def spy(x, w, col_scales, bias, norm=None, **kwargs):
+        folded.append(norm is not None)
+        return fused(x, w, col_scales, bias, norm, **kwargs)
+
+    monkeypatch.setattr(pallas_triton, "fused_int8_matmul", spy)
+    interpret = api.Backend("interpret", functools.partial(pallas_triton.int8_matmul_pallas,
+                                                           interpret=True), lambda x, w: None)
+    monkeypatch.setattr(api, "_BACKENDS", [interpret, *api._BACKENDS])
+    monkeypatch.setenv("JINT8_BACKEND", "interpret")
+    got = decode_logits()
+    # Traced once per shape: qkv and gate_up fold their norm, o, down and lm_head do not.
+    assert folded.count(True) >= 2 and folded.count(False) >= 3
+    np.testing.assert_allclose(got, want, atol=2e-3 * np.max(np.abs(want)))

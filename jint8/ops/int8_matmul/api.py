@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jint8.errors import BackendUnavailableError, InvalidConfigError, ShapeError
-from jint8.ops.int8_matmul.reference import Int8MatmulStats, int8_matmul_reference
+from jint8.ops.int8_matmul.reference import InputNorm, Int8MatmulStats, int8_matmul_reference
 
 _logger = logging.getLogger("jint8")
 
@@ -35,6 +35,7 @@ class Int8MatmulImpl(Protocol):
         outlier_capacity: int,
         out_dtype,
         weight_layout: str,
+        norm: Optional[InputNorm],
     ) -> tuple[jax.Array, Int8MatmulStats]: ...
 
 
@@ -97,6 +98,7 @@ def int8_matmul(
     weight_layout: str = "kn",
     backend: Optional[str] = None,
     return_stats: bool = False,
+    norm: Optional[InputNorm] = None,
 ):
     """LLM.int8() matmul with outlier decomposition.
 
@@ -113,10 +115,17 @@ def int8_matmul(
       weight_layout: "kn" or "nk", see wq.
       backend: "xla", a registered kernel name, or None (env JINT8_BACKEND, else first that fits).
       return_stats: also return Int8MatmulStats (outlier column count, overflow flag).
+      norm: an InputNorm (RMSNorm over K, output in x.dtype) applied to x first; the decode
+        kernel does it in its prologue, so a model's norm costs no kernel of its own. Its
+        float32 sum of squares may be summed in another order than XLA's (last-bit differences
+        in 1/rms); every other route is bit-identical to int8_matmul(norm(x), ...).
     Returns:
       [..., N] in out_dtype (and the stats when asked).
     """
     _validate(x, wq, col_scales, bias, threshold, outlier_capacity, weight_layout)
+    if norm is not None and norm.scale.shape != (x.shape[-1],):
+        raise ShapeError(
+            f"int8_matmul: norm.scale.shape={norm.scale.shape} must be ({x.shape[-1]},), x's last axis")
     batch_shape = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     chosen = select_backend(x2d, wq, backend)
@@ -129,6 +138,7 @@ def int8_matmul(
         outlier_capacity=min(int(outlier_capacity), x.shape[-1]),
         out_dtype=out_dtype or x.dtype,
         weight_layout=weight_layout,
+        norm=norm,
     )
     y = y.reshape(*batch_shape, col_scales.shape[0])
     return (y, stats) if return_stats else y

@@ -31,6 +31,7 @@ the kernel or, with split_reduce="kernel", by the last of the tile's programs (l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -52,12 +53,12 @@ _ABSMAX_CHUNK_ELEMENTS = 8192
 _ABSMAX_UNROLL = 4
 
 
-def _row_absmax(x_ref, *, block_m: int, threshold: float):
-    """[block_m] float32: per row max |x| over elements below the threshold (0 past row M).
+def _sweep_rows(x_ref, value, reduce: str):
+    """[rows_p] float32: the max or sum (reduce) of value(x chunk, cols) over K, per row.
 
-    The sweep runs on M rounded up to a power of two (1 for decode), not on block_m (>= 16 for
-    the MMA), so an M = 1 call loads one row instead of 16 masked ones; the result is spread to
-    block_m rows with a [block_m, rows] select.
+    The sweep runs on M rounded up to a power of two (rows_p: 1 for decode), not on block_m
+    (>= 16 for the MMA), so an M = 1 call loads one row instead of 16 masked ones (_spread
+    widens the result). Loads past K or M read 0; value must map 0 to 0.
     """
     m, k = x_ref.shape
     rows_p = 1 << (m - 1).bit_length()
@@ -66,26 +67,77 @@ def _row_absmax(x_ref, *, block_m: int, threshold: float):
     rows = jnp.arange(rows_p)
     row_ok = rows < m if m != rows_p else None
 
-    def sweep(i, row_max):
+    chunk_reduce, combine = (jnp.max, jnp.maximum) if reduce == "max" else (jnp.sum, jnp.add)
+
+    def sweep(i, total):
         for j in range(unroll):
             cols = (i * unroll + j) * chunk + jnp.arange(chunk)
             x = _load(x_ref, rows, cols, row_ok, cols < k if k % (chunk * unroll) else None)
-            magnitude = jnp.abs(x.astype(jnp.float32))
-            if threshold > 0:
-                magnitude = jnp.where(magnitude >= threshold, 0.0, magnitude)
-            row_max = jnp.maximum(row_max, jnp.max(magnitude, axis=1))
-        return row_max
+            total = combine(total, chunk_reduce(value(x, cols), axis=1))
+        return total
 
-    row_max = jax.lax.fori_loop(0, pl.cdiv(k, chunk * unroll), sweep,
-                                jnp.zeros((rows_p,), jnp.float32))
+    return jax.lax.fori_loop(0, pl.cdiv(k, chunk * unroll), sweep, jnp.zeros((rows_p,), jnp.float32))
+
+
+def _spread(per_row, block_m: int):
+    """[rows_p] -> [block_m] (0 past rows_p), as a [block_m, rows_p] select."""
+    rows_p = per_row.shape[0]
     if rows_p == block_m:
-        return row_max
-    spread = jnp.arange(block_m)[:, None] == rows[None, :]
-    return jnp.max(jnp.where(spread, row_max[None, :], 0.0), axis=1)
+        return per_row
+    spread = jnp.arange(block_m)[:, None] == jnp.arange(rows_p)[None, :]
+    return jnp.max(jnp.where(spread, per_row[None, :], 0.0), axis=1)
 
 
-def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, out: Output, *, config: Config,
-                  threshold: float, has_bias: bool, accumulator_only: bool, interpret: bool):
+class _Norm:
+    """The InputNorm of the call (or none): 1/rms per row, then reference.rms_norm's ops per tile."""
+
+    def __init__(self, scale_ref, norm, x_ref, *, interpret: bool):
+        self.scale_ref, self.norm, self.k = scale_ref, norm, x_ref.shape[1]
+        self.interpret = interpret
+        self.inverse_rms = None
+        if norm is not None:  # one sweep for the sum of squares, as jnp.mean: sum / K
+            squares = _sweep_rows(x_ref, lambda x, cols: jnp.square(x.astype(jnp.float32)), "sum")
+            self.inverse_rms = jax.lax.rsqrt(squares / self.k + norm.eps)
+
+    def __call__(self, x, cols, inverse_rms):
+        """The x tile [rows, cols] normalised (as given without a norm); rows match inverse_rms."""
+        if self.norm is None:
+            return x
+        xf = x.astype(jnp.float32) * inverse_rms[:, None]
+        scale = _load_vector(self.scale_ref, cols, cols < self.k if self.k % cols.shape[0] else None)
+        scale = scale.astype(jnp.float32)[None, :]
+        if self.norm.unit_offset:
+            return self._round(xf * (1.0 + scale), x.dtype)
+        # scale.astype(dtype) * xf.astype(dtype): the product of two 16-bit floats is exact in
+        # float32, so one more rounding gives the 16-bit product.
+        return self._round(scale * self._round(xf, x.dtype).astype(jnp.float32), x.dtype)
+
+    def _round(self, value, dtype):
+        """value (float32) rounded to dtype. Interpret mode runs this body through XLA:CPU,
+        whose excess-precision rule may drop a float32 -> 16-bit -> float32 round trip: there
+        reduce_precision rounds explicitly (Triton keeps every cast, and has no such op)."""
+        if self.interpret:
+            finfo = jnp.finfo(dtype)
+            value = jax.lax.reduce_precision(value, finfo.nexp, finfo.nmant)
+        return value.astype(dtype)
+
+
+def _row_absmax(x_ref, normalize: _Norm, *, block_m: int, threshold: float):
+    """[block_m] float32: per row max |x| over elements below the threshold (0 past row M)."""
+
+    def magnitude(x, cols):
+        if normalize.inverse_rms is not None:
+            x = normalize(x, cols, normalize.inverse_rms)
+        value = jnp.abs(x.astype(jnp.float32))
+        return jnp.where(value >= threshold, 0.0, value) if threshold > 0 else value
+
+    return _spread(_sweep_rows(x_ref, magnitude, "max"), block_m)
+
+
+def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, norm,
+                  config: Config, threshold: float, has_bias: bool, accumulator_only: bool,
+                  interpret: bool):
+    *norm_scale_ref, out = norm_scale_and_out
     m, k = x_ref.shape
     nk_layout = config.weight_layout == "nk"
     n = w_ref.shape[0] if nk_layout else w_ref.shape[1]
@@ -94,7 +146,10 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, out: Output, *, config
     tile = _Tile(rows=jnp.arange(bm), cols=pl.program_id(0) * bn + jnp.arange(bn), m=m, n=n)
     has_outliers = threshold > 0
 
-    row_max = _row_absmax(x_ref, block_m=bm, threshold=threshold)
+    normalize = _Norm(norm_scale_ref[0] if norm_scale_ref else None, norm, x_ref,
+                      interpret=interpret)
+    row_max = _row_absmax(x_ref, normalize, block_m=bm, threshold=threshold)
+    inverse_rms = None if norm is None else _spread(normalize.inverse_rms, bm)
     # reference.quantize_rows: 127 / s rounded as XLA rounds it, 0 for an all-zero row.
     safe = jnp.where(row_max > 0, row_max, 1.0)
     inverse = jnp.where(row_max > 0, _inverse_scale(safe, interpret=interpret), 0.0)
@@ -108,7 +163,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, out: Output, *, config
         acc, stream = carry
         ks = i * bk + jnp.arange(bk)
         k_ok = ks < k if k % bk else None
-        x = _load(x_ref, tile.rows, ks, tile.row_ok, k_ok)
+        x = normalize(_load(x_ref, tile.rows, ks, tile.row_ok, k_ok), ks, inverse_rms)
         w = _load_weight(w_ref, ks, tile, k_ok, nk_layout)
         xf = x.astype(jnp.float32)
         q = round_half_even(xf * inverse[:, None], interpret=interpret)
@@ -154,7 +209,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, out: Output, *, config
                      "poison_output", "interpret"),
 )
 def fused_int8_matmul(
-    x, w, col_scales, bias, *, config: Config, threshold: float, out_dtype, has_bias: bool,
+    x, w, col_scales, bias, norm=None, *, config: Config, threshold: float, out_dtype, has_bias: bool,
     accumulator_only: bool = False, poison_output: bool = False, interpret: bool = False,
 ):
     """The one-launch LLM.int8() matmul (module docstring).
@@ -163,6 +218,8 @@ def fused_int8_matmul(
       x: [M, K] float activations, M <= config.block_m.
       w: [K, N] int8 (config.weight_layout "kn") or [N, K] ("nk").
       col_scales: [N] f32; bias: [N] (read only if has_bias).
+      norm: optional reference.InputNorm: x is normalised in the kernel (a sum-of-squares sweep
+        before the absmax sweep; each loaded x tile normalised as reference.rms_norm does).
       accumulator_only: return the int32 [M, N] accumulator xq[:, not O] @ wq instead (checks).
       poison_output: start from a NaN-filled (int32: INT32_MIN) output buffer, aliased into the
         kernel's output, so the GPU check sees any element the kernel did not write.
@@ -174,10 +231,12 @@ def fused_int8_matmul(
     if m > config.block_m:
         raise ValueError(f"fused kernel: M={m} must be <= block_m={config.block_m}")
     kernel = functools.partial(
-        _fused_kernel, config=config, threshold=threshold, has_bias=has_bias,
+        _fused_kernel, norm=None if norm is None else dataclasses.replace(norm, scale=None),
+        config=config, threshold=threshold, has_bias=has_bias,
         accumulator_only=accumulator_only, interpret=interpret,
     )
-    return launch(kernel, [x, w, col_scales, bias], grid=(pl.cdiv(n, config.block_n), config.split_k),
+    operands = [x, w, col_scales, bias] + ([] if norm is None else [norm.scale])
+    return launch(kernel, operands, grid=(pl.cdiv(n, config.block_n), config.split_k),
                   m=m, n=n, config=config, out_dtype=out_dtype, accumulator_only=accumulator_only,
                   poison_output=poison_output, interpret=interpret, name="jint8_fused_int8_matmul")
 

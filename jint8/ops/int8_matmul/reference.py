@@ -28,8 +28,10 @@ Deliberate differences from bitsandbytes, all towards accuracy:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,35 @@ class Int8MatmulStats(NamedTuple):
 
     num_outlier_columns: jax.Array  # int32 scalar
     capacity_overflow: jax.Array  # bool scalar
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["scale"],
+                   meta_fields=["eps", "unit_offset"])
+@dataclasses.dataclass(frozen=True)
+class InputNorm:
+    """An RMSNorm the op applies to x before the recipe: int8_matmul(x, ..., norm=n) computes
+    int8_matmul(n(x), ...). The fused decode kernel does it on the x it loads anyway (no
+    separate normalisation kernel); every other route calls n(x) first."""
+
+    scale: jax.Array  # [K], the norm's weight
+    eps: float
+    unit_offset: bool = False  # Gemma: x / rms(x) * (1 + scale)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.scale, eps=self.eps, unit_offset=self.unit_offset, dtype=x.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float, unit_offset: bool, dtype) -> jax.Array:
+    """x / rms(x) * scale in float32 like transformers; the one definition jint8's models use.
+
+    Llama casts the normalised activations to dtype first, then multiplies by scale in dtype;
+    Gemma (unit_offset) multiplies by (1 + scale) in float32, then casts.
+    """
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if unit_offset:
+        return (xf * (1.0 + scale.astype(jnp.float32))).astype(dtype)
+    return scale.astype(dtype) * xf.astype(dtype)
 
 
 def outlier_column_mask(x: jax.Array, threshold: float) -> jax.Array:
@@ -186,10 +217,13 @@ def int8_matmul_reference(
     outlier_capacity: int,
     out_dtype=None,
     weight_layout: str = "kn",
+    norm: Optional[InputNorm] = None,
 ) -> tuple[jax.Array, Int8MatmulStats]:
     """LLM.int8() matmul, x: [M, K] float, wq: [K, N] (or [N, K], "nk") int8, col_scales: [N]
-    float32 -> [M, N]."""
+    float32 -> [M, N]; norm: an RMSNorm applied to x first."""
     out_dtype = out_dtype or x.dtype
+    if norm is not None:
+        x = norm(x)
     xq, row_scales, col_mask = quantize_rows(x, threshold)
     y = dequantize_accumulator(int8_dot(xq, wq, weight_layout), row_scales, col_scales, bias)
     num_outliers = jnp.sum(col_mask, dtype=jnp.int32)
