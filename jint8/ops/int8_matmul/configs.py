@@ -31,6 +31,11 @@ _MIN_PROGRAMS = 66
 # M = 1 / 8 / 16 against 0.113 / 0.115 / 0.116 for the two-kernel route, 0.26-0.29 against
 # 0.12 at M = 32 / 64 (each program re-reads all M rows of x from L2).
 FUSED_MAX_M = 16
+# Largest M (rows) for which Int8Dense folds a deferred RMSNorm into int8_matmul (norm=); larger
+# M normalise first. The fused kernel itself takes a norm at any M.
+# Measured end to end on the H100 (Llama-3-8B shape, int8 fused, 2026-11-23): batch 1 272.3
+# tok/s folded vs 266.9 not; batch 8 1640 folded vs 1723 not (every program sweeps 8 rows twice).
+FUSED_NORM_MAX_M = 1
 
 
 def _check_pow2(name: str, value: int, lo: int, hi: int) -> None:
