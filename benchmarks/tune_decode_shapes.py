@@ -25,7 +25,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up_proj": (4096, 28672),
-          "down_proj": (14336, 4096), "lm_head": (4096, 128256)}
+          "down_proj": (14336, 4096), "lm_head": (4096, 128256), "layer_8192x28672": (8192, 28672)}
 L2_BYTES = 50 * 2**20
 REPS = 20
 

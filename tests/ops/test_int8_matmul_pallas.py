@@ -311,8 +311,10 @@ def _grid_inputs(rng, m, k, n, dtype):
     partial sum of squares is exact in float32, so 1/rms has the same bits in any summation
     order and the kernel's normalised x must equal the reference's bit for bit."""
     x = rng.integers(-8, 9, (m, k)) * 0.25
-    x[:, rng.choice(k, 3, replace=False)] = 40.0  # outlier columns after the norm
-    scale = jnp.asarray(rng.integers(1, 40, k) * 0.125, dtype)
+    scale = rng.integers(1, 40, k) * 0.125
+    outliers = rng.choice(k, 3, replace=False)
+    x[:, outliers], scale[outliers] = 40.0, 4.0  # |norm(x)| >= 40 / rms * 4 > 6 there
+    scale = jnp.asarray(scale, dtype)
     wq = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
     return jnp.asarray(x, dtype), scale, wq
 
