@@ -261,8 +261,8 @@ def _time_plan(m, plan, xs, weights, col_scales):
     return seconds
 
 
-def sweep(rng, ms, shapes=(LAYER,), paths=configs.GEMM_PATHS):
-    """Times every K-major candidate (of these gemm paths) per shape; prints the best per M."""
+def _sweep_cases(rng, shapes, ms):
+    """(k, n, m, activation sets, K-major weight copies, col_scales, the table's plan) per case."""
     for k, n in shapes:
         wq, col_scales = weight_copies(rng, k, n)
         wq_nk = [w.T.copy() for w in wq]
@@ -270,32 +270,32 @@ def sweep(rng, ms, shapes=(LAYER,), paths=configs.GEMM_PATHS):
         for m in ms:
             xs = activations(rng, m, k, sets_for(m, k, n))
             table = configs.plan_for(jax.devices()[0].device_kind, m, k, n, "nk")
-            print(f"K={k} N={n}: the table's plan, then the candidates", flush=True)
-            candidates = [table] + [p for p in sweep_candidates(m, k, n) if p.gemm_path in paths]
-            results = [(s, p) for p in candidates
-                       if (s := _time_plan(m, p, xs, wq_nk, col_scales)) is not None]
-            best_seconds, best = min(results, key=lambda r: r[0])
-            print(f"BEST K={k} N={n} M={m}: {best_seconds * 1e3:.4f} ms {best}", flush=True)
+            yield k, n, m, xs, wq_nk, col_scales, table
+
+
+def sweep(rng, ms, shapes=(LAYER,), paths=configs.GEMM_PATHS):
+    """Times every K-major candidate (of these gemm paths) per shape; prints the best per M."""
+    for k, n, m, xs, wq_nk, col_scales, table in _sweep_cases(rng, shapes, ms):
+        print(f"K={k} N={n}: the table's plan, then the candidates", flush=True)
+        candidates = [table] + [p for p in sweep_candidates(m, k, n) if p.gemm_path in paths]
+        results = [(s, p) for p in candidates
+                   if (s := _time_plan(m, p, xs, wq_nk, col_scales)) is not None]
+        best_seconds, best = min(results, key=lambda r: r[0])
+        print(f"BEST K={k} N={n} M={m}: {best_seconds * 1e3:.4f} ms {best}", flush=True)
 
 
 def sweep_split_k(rng, shapes, ms=(1, 16)):
     """The fused kernel's split_k on the smaller layers (few output tiles)."""
-    for k, n in shapes:
-        wq, col_scales = weight_copies(rng, k, n)
-        wq_nk = [w.T.copy() for w in wq]
-        del wq
-        for m in ms:
-            xs = activations(rng, m, k, sets_for(m, k, n))
-            base = configs.plan_for(jax.devices()[0].device_kind, m, k, n, "nk")
-            if base.gemm_path != "fused":
-                continue
-            for split_k, block_n, block_k in ((1, 32, 256), (1, 64, 256), (1, 128, 128),
-                                              (2, 64, 256), (2, 128, 128), (4, 64, 256),
-                                              (4, 128, 128)):
-                plan = dataclasses.replace(base, gemm=dataclasses.replace(
-                    base.gemm, split_k=split_k, block_n=block_n, block_k=block_k))
-                print(f"  K={k} N={n}", end="")
-                _time_plan(m, plan, xs, wq_nk, col_scales)
+    for k, n, m, xs, wq_nk, col_scales, base in _sweep_cases(rng, shapes, ms):
+        if base.gemm_path != "fused":
+            continue
+        for split_k, block_n, block_k in ((1, 32, 256), (1, 64, 256), (1, 128, 128),
+                                          (2, 64, 256), (2, 128, 128), (4, 64, 256),
+                                          (4, 128, 128)):
+            plan = dataclasses.replace(base, gemm=dataclasses.replace(
+                base.gemm, split_k=split_k, block_n=block_n, block_k=block_k))
+            print(f"  K={k} N={n}", end="")
+            _time_plan(m, plan, xs, wq_nk, col_scales)
 
 
 def main():
