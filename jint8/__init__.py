@@ -10,7 +10,7 @@ from jint8 import errors, functional, ops
 from jint8.calibration import calibrate, load_int8_config
 from jint8.export import export_bitsandbytes
 from jint8.generation import GenerationConfig, generate
-from jint8.layers import Int8Dense, Int8Embed, Int8Linear, intercept
+from jint8.layers import Int8Dense, Int8Embed, Int8Linear, NormedInput, intercept
 from jint8.loading import from_pretrained, make_mesh
 from jint8.models.fusion import fuse_projections
 from jint8.ops import int8_matmul
@@ -41,6 +41,7 @@ __all__ = [
     "Int8Embed",
     "Int8Linear",
     "Int8Weight",
+    "NormedInput",
     "calibrate",
     "dequantize_params",
     "errors",
