@@ -20,7 +20,7 @@ from flax import nnx
 from jint8.errors import ShapeError
 from jint8.ops.int8_matmul import Int8MatmulStats, int8_matmul
 from jint8.ops.int8_matmul.configs import FUSED_NORM_MAX_M
-from jint8.ops.int8_matmul.reference import INV_127, InputNorm, rms_norm
+from jint8.ops.int8_matmul.reference import INV_127, InputNorm
 from jint8.quantize import Int8Weight
 
 STATS_COLLECTION = "int8_stats"
@@ -45,9 +45,7 @@ class NormedInput:
         return self.x.shape
 
     def apply(self) -> jax.Array:
-        norm = self.norm
-        return rms_norm(self.x, norm.scale, eps=norm.eps, unit_offset=norm.unit_offset,
-                        dtype=self.dtype)
+        return self.norm(self.x, self.dtype)
 
 
 def as_array(inputs) -> jax.Array:

@@ -62,8 +62,10 @@ class InputNorm:
     eps: float
     unit_offset: bool = False  # Gemma: x / rms(x) * (1 + scale)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.scale, eps=self.eps, unit_offset=self.unit_offset, dtype=x.dtype)
+    def __call__(self, x: jax.Array, dtype=None) -> jax.Array:
+        """rms_norm(x) in dtype (default x.dtype, what int8_matmul's norm= computes)."""
+        return rms_norm(x, self.scale, eps=self.eps, unit_offset=self.unit_offset,
+                        dtype=dtype or x.dtype)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float, unit_offset: bool, dtype) -> jax.Array:
