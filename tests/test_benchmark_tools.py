@@ -1,0 +1,60 @@
+"""The benchmark helpers that interpret XLA output: decode_step_kernels.kernels_of."""
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from decode_step_kernels import kernels_of  # noqa: E402
+
+GPU_STYLE_HLO = """HloModule jit_step, entry_computation_layout={(bf16[1,4096]{1,0}, bf16[4096]{0})->bf16[1,4096]{1,0}}
+
+%fused_multiply (param_0: bf16[1,4096], param_1: bf16[4096]) -> bf16[1,4096] {
+  %param_0 = bf16[1,4096]{1,0} parameter(0)
+  %param_1 = bf16[4096]{0} parameter(1)
+  %broadcast.1 = bf16[1,4096]{1,0} broadcast(%param_1), dimensions={1}
+  ROOT %multiply.1 = bf16[1,4096]{1,0} multiply(%param_0, %broadcast.1)
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.0 = f32[] add(%a, %b)
+}
+
+%fused_reduce (param_0.1: f32[4,4096]) -> f32[4096] {
+  %param_0.1 = f32[4,4096]{1,0} parameter(0)
+  %constant.1 = f32[] constant(0)
+  ROOT %reduce.2 = f32[4096]{0} reduce(%param_0.1, %constant.1), dimensions={0}, to_apply=%add
+}
+
+ENTRY %main (p0: bf16[1,4096], p1: bf16[4096]) -> bf16[1,4096] {
+  %p0 = bf16[1,4096]{1,0} parameter(0)
+  %p1 = bf16[4096]{0} parameter(1)
+  %custom-call.3 = f32[4,4096]{1,0} custom-call(%p0), custom_call_target="__gpu$xla.gpu.triton", backend_config={"name": "jint8_fused_int8_matmul"}
+  %input_reduce_fusion = f32[4096]{0} fusion(%custom-call.3), kind=kInput, calls=%fused_reduce
+  ROOT %loop_multiply_fusion = bf16[1,4096]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%fused_multiply
+}
+"""
+
+
+def test_kernels_of_lists_entry_kernels_with_fusion_roots_not_fused_internals():
+    kernels = kernels_of(GPU_STYLE_HLO)
+    assert [k.label for k in kernels] == [
+        "custom-call __gpu$xla.gpu.triton jint8_fused_int8_matmul",
+        "fusion kInput reduce",
+        "fusion kLoop multiply",
+    ]
+    assert [k.name for k in kernels] == ["custom-call.3", "input_reduce_fusion", "loop_multiply_fusion"]
+
+
+def test_kernels_of_reads_a_real_compiled_module():
+    f = jax.jit(lambda x, y: jnp.sin(x) * y + jnp.sum(x))
+    text = f.lower(jnp.ones((8, 128)), jnp.ones((8, 128))).compile().as_text()
+    kernels = kernels_of(text)
+    assert kernels and all(k.op in ("fusion", "copy", "custom-call", "reduce") for k in kernels)
+    # the fused computations' own multiply / sine never show up as kernels of their own
+    assert not any(k.name.startswith(("multiply", "sine")) for k in kernels)
