@@ -39,15 +39,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 TORCH_VARIANTS = ("hf-bf16", "hf-compile", "bnb-int8")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_shape_arguments(parser, layers: int = 32) -> None:
+    """--layers/--hidden/--intermediate/--heads/--kv-heads/--vocab (model_config reads them)."""
     shape = parser.add_argument_group("model shape (default: Llama-3-8B)")
-    shape.add_argument("--layers", type=int, default=32)
+    shape.add_argument("--layers", type=int, default=layers)
     shape.add_argument("--hidden", type=int, default=4096)
     shape.add_argument("--intermediate", type=int, default=14336)
     shape.add_argument("--heads", type=int, default=32)
     shape.add_argument("--kv-heads", type=int, default=8)
     shape.add_argument("--vocab", type=int, default=128256)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_arguments(parser)
     work = parser.add_argument_group("workload")
     work.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     work.add_argument("--prompt", type=int, default=512, help="prompt tokens per sequence")
@@ -72,20 +77,28 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def model_config(args):
+    """The Llama-3-8B-shaped LlamaConfig of args' shape fields (bf16)."""
+    import jax.numpy as jnp
+
+    from jint8.models import LlamaConfig, RopeConfig
+
+    return LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        rope=RopeConfig(theta=500000.0), dtype=jnp.bfloat16)
+
+
 def build_model(args, variant: str):
     """(model, params) with random weights created on the default device."""
     import jax
     import jax.numpy as jnp
 
     import jint8
-    from jint8.models import LlamaConfig, LlamaForCausalLM, RopeConfig
+    from jint8.models import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads, rms_norm_eps=1e-5, max_position_embeddings=8192,
-        rope=RopeConfig(theta=500000.0), dtype=jnp.bfloat16)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(model_config(args))
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     if variant == "int8":
         skip = () if args.quantize_lm_head else ("lm_head",)

@@ -21,6 +21,7 @@ import re
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench_generate's model shape
 
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\S+(?:\s*\{[^}]*\})?)\s+"
                           r"(?P<op>[\w\-]+)\(")
@@ -95,14 +96,11 @@ def decode_step_hlo(args) -> str:
     import jax.numpy as jnp
 
     import jint8
-    from jint8.models import LlamaConfig, LlamaForCausalLM, RopeConfig
+    from bench_generate import model_config
+    from jint8.models import LlamaForCausalLM
     from jint8.models.common import init_cache
 
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads, rms_norm_eps=1e-5, max_position_embeddings=8192,
-        rope=RopeConfig(theta=500000.0), dtype=jnp.bfloat16)
+    config = model_config(args)
     model = LlamaForCausalLM(config)
 
     def make_params():
@@ -126,13 +124,10 @@ def decode_step_hlo(args) -> str:
 
 
 def main(argv=None) -> int:
+    from bench_generate import add_shape_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=14336)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=128256)
+    add_shape_arguments(parser, layers=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--slots", type=int, default=640)
     parser.add_argument("--variant", choices=("int8", "bf16"), default="int8")
