@@ -302,6 +302,8 @@ def run_torch_variant(args, variant: str) -> list[dict]:
         timed(ids, args.new_tokens)
         timed(ids, args.new_tokens)  # torch.compile's CUDA graphs record on a later call
         compile_seconds = time.perf_counter() - start
+        # Whether generate's auto-compile engaged (hf-compile): frames dynamo compiled so far.
+        compiled_graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
         prefill = min(timed(ids, 1) for _ in range(args.repeats))
         full = min(timed(ids, args.new_tokens) for _ in range(args.repeats))
         rows.append(dict(
@@ -312,7 +314,7 @@ def run_torch_variant(args, variant: str) -> list[dict]:
             prefill_ms=prefill * 1e3, prefill_tokens_per_s=batch * args.prompt / prefill,
             decode_tokens_per_s=batch * (args.new_tokens - 1) / (full - prefill) if full > prefill else float("nan"),
             total_s=full, peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-            threshold=args.threshold if variant == "bnb-int8" else None,
+            threshold=args.threshold if variant == "bnb-int8" else None, torch_compiled_graphs=compiled_graphs,
         ))
         print(json.dumps(rows[-1]), flush=True)
     return rows
