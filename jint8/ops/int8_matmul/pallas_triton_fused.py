@@ -10,6 +10,10 @@ One program owns all M rows (M <= block_m <= 64) and block_n output features; th
        acc     += xq @ w_tile                                            int8 -> int32, exact
        stream  += (x * flags) @ w_tile.astype(x.dtype)                   float32 (outlier_mode)
   3. y = acc * (s_x * s_w) / 127^2 + bias + stream * (s_w / 127), cast once to out_dtype.
+With an InputNorm (int8_matmul(norm=...): the RMSNorm in front of a Llama projection) a first
+sweep sums each row's squares for 1/rms, and every x above (the absmax sweep's chunks and the K
+loop's tiles) is the loaded tile normalised with reference.rms_norm's operations and roundings,
+so the norm needs no kernel of its own.
 No capacity, no index list, no lax.cond outside the kernel: every outlier column is found where
 its x tile is loaded, so the result is exact to the recipe for any number of outlier columns.
 
