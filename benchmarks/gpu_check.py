@@ -146,9 +146,9 @@ def check_case(rng, m, k, n, dtype, num_outlier_cols, capacity, with_bias, failu
 def check_norm_case(rng, m, k, n, dtype, unit_offset, failures, interpret=False):
     """The fused kernel with a folded InputNorm (the decode route of Llama's qkv / gate_up).
 
-    Grid inputs (x in quarter integers, scale in eighth integers): every sum of squares is exact,
-    so the int32 accumulator must equal XLA's on norm(x) unless the GPU's rsqrt or division
-    differ between XLA and Triton, which this reports. Random inputs: output within 2 % of
+    On checks.exact_norm_inputs (every sum of squares exact) the int32 accumulator must equal
+    XLA's on norm(x) unless the GPU's rsqrt or division differ between XLA and Triton, which
+    this reports. Random inputs: output within 2 % of
     the XLA route (int8_matmul_reference(x, norm=...)) relative to max |y|.
     """
     kind = jax.devices()[0].device_kind
@@ -157,13 +157,9 @@ def check_norm_case(rng, m, k, n, dtype, unit_offset, failures, interpret=False)
     if plan.gemm_path != "fused":
         print(f"  skipped {label}: not the fused route", flush=True)
         return
-    wq = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
+    x, scale, wq = checks.exact_norm_inputs(rng, m, k, n, dtype)
     col_scales = jnp.asarray(rng.uniform(0.01, 2.0, n).astype(np.float32))
-    grid_x = rng.integers(-8, 9, (m, k)) * 0.25
-    grid_x[:, rng.choice(k, 8, replace=False)] = 40.0
-    scale = jnp.asarray(rng.integers(1, 40, k) * 0.125, dtype)
     norm = reference.InputNorm(scale, 1e-5, unit_offset)
-    x = jnp.asarray(grid_x, dtype)
     acc = np.asarray(int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64,
                                              plan=plan, norm=norm, interpret=interpret))
     want = np.asarray(reference.int8_dot(reference.quantize_rows(norm(x), THRESHOLD)[0], wq, "nk"))

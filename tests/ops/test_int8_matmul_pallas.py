@@ -306,19 +306,6 @@ def test_tuned_tables_load_and_unknown_gpus_get_the_default_plan():
     assert all(p.gemm.split_k == 1 for p in paths.values() if p.gemm_path == "xla_gemm")
 
 
-def _grid_inputs(rng, m, k, n, dtype):
-    """x on a quarter-integer grid and scale on an eighth-integer grid: every square and every
-    partial sum of squares is exact in float32, so 1/rms has the same bits in any summation
-    order and the kernel's normalised x must equal the reference's bit for bit."""
-    x = rng.integers(-8, 9, (m, k)) * 0.25
-    scale = rng.integers(1, 40, k) * 0.125
-    outliers = rng.choice(k, 3, replace=False)
-    x[:, outliers], scale[outliers] = 40.0, 4.0  # |norm(x)| >= 40 / rms * 4 > 6 there
-    scale = jnp.asarray(scale, dtype)
-    wq = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
-    return jnp.asarray(x, dtype), scale, wq
-
-
 @pytest.mark.parametrize("m,k,n,split_k", [(1, 77, 45, 1), (3, 200, 129, 3), (16, 1500, 20, 1)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("unit_offset", [False, True])
@@ -326,7 +313,7 @@ def test_fused_kernel_folds_the_input_norm_exactly(rng, m, k, n, split_k, dtype,
     """int8_matmul(x, norm=n) on the fused route: the kernel's prologue normalises x as
     reference.rms_norm does (Llama's two roundings, Gemma's one), so its int32 accumulator equals
     the reference's on n(x), and its output matches int8_matmul_reference(x, norm=n)."""
-    x, scale, wq = _grid_inputs(rng, m, k, n, dtype)
+    x, scale, wq = checks.exact_norm_inputs(rng, m, k, n, dtype)
     norm = reference.InputNorm(scale, 1e-5, unit_offset)
     plan = _fused_plan(m, split_k=split_k)
     acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64, plan=plan,
@@ -348,7 +335,7 @@ def test_fused_kernel_folds_the_input_norm_exactly(rng, m, k, n, split_k, dtype,
 
 def test_input_norm_on_every_route_equals_normalising_first(rng):
     """Routes without the fused kernel call norm(x) and then run as before: same bits."""
-    x, scale, wq = _grid_inputs(rng, 70, 129, 33, jnp.bfloat16)
+    x, scale, wq = checks.exact_norm_inputs(rng, 70, 129, 33, jnp.bfloat16)
     x = x + jnp.asarray(rng.standard_normal(x.shape) * 0.1, jnp.bfloat16)  # any x here
     norm = reference.InputNorm(scale, 1e-6)
     col_scales = jnp.asarray(rng.uniform(0.01, 2.0, 33), jnp.float32)

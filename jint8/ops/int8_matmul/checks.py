@@ -88,3 +88,19 @@ def max_bound_violation(y, y64, magnitude, out_dtype, *, stream_terms: int, spli
     bound = output_error_bound(y64, magnitude, out_dtype, stream_terms=stream_terms,
                                split_k=split_k, weight_rounding=weight_rounding)
     return float(np.max(np.abs(y - y64) / np.maximum(bound, 1e-30), initial=0.0))
+
+
+def exact_norm_inputs(rng, m: int, k: int, n: int, dtype):
+    """(x [M, K], RMSNorm scale [K], wq [N, K]) for exact checks of a folded InputNorm.
+
+    x sits on a quarter-integer grid and scale on an eighth-integer grid, so every square and
+    every partial sum of squares is exact in float32: 1/rms has the same bits in any summation
+    order, and a kernel's normalised x must equal reference.rms_norm's bit for bit. Three
+    columns hold 40 with scale 4, so |norm(x)| >= 40 / rms * 4 > 6 there: outliers exist.
+    """
+    x = rng.integers(-8, 9, (m, k)) * 0.25
+    scale = rng.integers(1, 40, k) * 0.125
+    outliers = rng.choice(k, 3, replace=False)
+    x[:, outliers], scale[outliers] = 40.0, 4.0
+    wq = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
+    return jnp.asarray(x, dtype), jnp.asarray(scale, dtype), wq

@@ -241,8 +241,8 @@ def _outlier_terms(
 )
 def int8_gemm(
     xq, w, row_scales, col_scales, bias, x, slots, slot_valid, col_flags, overflow,
-    accumulator=None, *, config: Config, out_dtype, has_bias: bool, has_outliers: bool, dense_fallback: bool,
-    accumulator_only: bool = False, poison_output: bool = False, interpret: bool = False,
+    accumulator=None, *, config: Config, out_dtype, has_bias: bool, has_outliers: bool,
+    dense_fallback: bool, accumulator_only: bool = False, poison_output: bool = False, interpret: bool = False,
 ):
     """The fused GEMM.
 
