@@ -116,15 +116,11 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
     return inv_freq
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate x [B, T, heads, H] by positions [B, T] (transformers' rotate_half convention)."""
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, H] of positions [B, T], cast to the activation dtype as transformers does."""
     angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, H/2]
-    cos = jnp.cos(jnp.concatenate([angles, angles], axis=-1))[:, :, None, :]
-    sin = jnp.sin(jnp.concatenate([angles, angles], axis=-1))[:, :, None, :]
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    # transformers casts cos/sin to the activation dtype before the multiply
-    return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -222,9 +218,30 @@ def cached_attention(
     scale: float,
     sliding_window: Optional[int] = None,
     logit_softcap: Optional[float] = None,
+    rope: Optional[tuple[jax.Array, jax.Array]] = None,
+    packed: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, Optional[KVCache]]:
     """Attention of q [B, T, N, H] over this step's k/v [B, T, K, H] (no cache) or, with a cache,
-    over the layer's slots after writing k/v at cache_index. Returns ([B, T, N, H], cache)."""
+    over the layer's slots after writing k/v at cache_index. Returns ([B, T, N, H], cache).
+
+    rope: (cos, sin) [B, T, H] (rope_tables) to rotate q and k by first. packed: the [B, T, W]
+    array q, k, v were split from (q|k|v, a fused projection), for the decode kernel to read.
+    """
+    b, t = q.shape[:2]
+    if cache is not None and t == 1 and logit_softcap is None and (
+            cache.k.dtype == q.dtype and attention_ops.unsupported_reason(q[:, 0], cache.k) is None):
+        # Decode on an NVIDIA GPU: one Pallas kernel rotates q and k, writes the cache slot and
+        # attends over the slots in use (no XLA kernels for RoPE or the cache update).
+        mask = attention_mask(1, cache.max_length, cache_index=cache_index, kv_mask=kv_mask,
+                              sliding_window=sliding_window)
+        valid = jnp.broadcast_to(mask[:, 0, 0], (b, cache.max_length))
+        out, new_k, new_v = attention_ops.decode_attention_step(
+            q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, valid, cache_index, layer=layer, scale=scale,
+            rope=None if rope is None else (rope[0][:, 0], rope[1][:, 0]),
+            packed=None if packed is None else packed[:, 0])
+        return out[:, None], KVCache(new_k, new_v)
+    if rope is not None:
+        q, k = attention_ops.rotate(q, *rope), attention_ops.rotate(k, *rope)
     if cache is None:
         keys, values, index = k, v, 0
     else:
@@ -232,13 +249,6 @@ def cached_attention(
         keys, values, index = keys.astype(q.dtype), values.astype(q.dtype), cache_index
     mask = attention_mask(q.shape[1], keys.shape[1], cache_index=index, kv_mask=kv_mask,
                           sliding_window=sliding_window)
-    if cache is not None and q.shape[1] == 1 and logit_softcap is None and (
-            cache.k.dtype == q.dtype and attention_ops.unsupported_reason(q[:, 0], cache.k) is None):
-        # Decode on an NVIDIA GPU: one Pallas kernel over the cache slots in use.
-        valid = jnp.broadcast_to(mask[:, 0, 0], (q.shape[0], cache.max_length))
-        out = attention_ops.decode_attention(q[:, 0], cache.k, cache.v, valid, cache_index + 1,
-                                             layer=layer, scale=scale)
-        return out[:, None], cache
     return dot_product_attention(q, keys, values, mask, scale=scale, logit_softcap=logit_softcap), cache
 
 

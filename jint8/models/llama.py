@@ -21,10 +21,10 @@ from jint8.models.common import (
     RMSNorm,
     RopeConfig,
     activation,
-    apply_rope,
     cached_attention,
     causal_lm_logits,
     rope_inverse_frequencies,
+    rope_tables,
 )
 
 
@@ -150,9 +150,11 @@ class LlamaAttention(nn.Module):
         cfg = self.config
         b, t, _ = x.shape
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        packed = None
         if self.has_variable("params", "qkv_proj"):  # fuse_projections' one q|k|v matmul
             qkv = _dense(cfg, q_size + 2 * kv_size, cfg.qkv_bias, "qkv_proj")(x)
             q, k, v = jnp.split(qkv, [q_size, q_size + kv_size], axis=-1)
+            packed = None if cfg.qk_norm else qkv
         else:
             q = _dense(cfg, q_size, cfg.qkv_bias, "q_proj")(x)
             k = _dense(cfg, kv_size, cfg.qkv_bias, "k_proj")(x)
@@ -162,12 +164,12 @@ class LlamaAttention(nn.Module):
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim before the rotation
             q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
-        inv_freq = rope_inverse_frequencies(cfg.rope, cfg.head_dim)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        rope = rope_tables(positions, rope_inverse_frequencies(cfg.rope, cfg.head_dim), q.dtype)
         scale = cfg.query_scale if cfg.query_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
+        # RoPE is applied by cached_attention: in the decode kernel, or by XLA first.
         out, cache = cached_attention(q, k, v, layer=self.layer, cache=cache, cache_index=cache_index,
                                       kv_mask=kv_mask, scale=scale, sliding_window=cfg.window_for(self.layer),
-                                      logit_softcap=cfg.attn_logit_softcap)
+                                      logit_softcap=cfg.attn_logit_softcap, rope=rope, packed=packed)
         out = _dense(cfg, cfg.hidden_size, cfg.o_bias, "o_proj")(out.reshape(b, t, -1))
         return out, cache
 

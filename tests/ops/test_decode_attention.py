@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jint8.ops.attention import decode_attention_reference, unsupported_reason
-from jint8.ops.attention.pallas_triton import decode_attention_pallas, num_splits
+from jint8.ops.attention import decode_attention_step, decode_step_reference, unsupported_reason
+from jint8.ops.attention.pallas_triton import num_splits
 
 
 def _inputs(rng, *, b, n, kv, h, s, layers=3, dtype=jnp.bfloat16):
@@ -33,24 +33,59 @@ def _float64_attention(q, k, v, valid, layer, scale):
     return out
 
 
-@pytest.mark.parametrize("b,n,kv,h,s,used,pad", [
-    (1, 8, 2, 64, 200, 150, 0),      # GQA 4, ragged last block, slots past num_slots unused
-    (3, 9, 3, 32, 130, 130, 5),      # SmolLM2's 9/3 heads, left padding in sequence 0
-    (2, 4, 4, 16, 64, 1, 0),         # first decode slot only
+def _rope_tables(rng, b, h, dtype):
+    angles = rng.uniform(0, 50, (b, h // 2))
+    angles = np.concatenate([angles, angles], axis=-1)
+    return jnp.asarray(np.cos(angles), dtype), jnp.asarray(np.sin(angles), dtype)
+
+
+def _rotated_float64(x, cos, sin):
+    x, cos, sin = (np.asarray(a, np.float64) for a in (x, cos, sin))
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin[:, None]
+
+
+@pytest.mark.parametrize("b,n,kv,h,s,used,pad,rope,packed", [
+    (1, 8, 2, 64, 200, 150, 0, True, True),     # GQA 4, ragged last block, slots past the step unused
+    (3, 9, 3, 32, 130, 130, 5, True, False),    # SmolLM2's 9/3 heads, left padding, last slot
+    (2, 4, 4, 16, 64, 1, 0, False, False),      # first decode slot only, no RoPE (GPT-2, OPT)
+    (2, 6, 2, 16, 100, 65, 0, False, True),     # the step's slot opens a new split's first block
 ])
-def test_kernel_matches_reference_and_float64(b, n, kv, h, s, used, pad):
+def test_kernel_matches_reference_and_float64(b, n, kv, h, s, used, pad, rope, packed):
+    """The decode step: q, k, v (from one packed array or three, rotated or not) -> the cache
+    written at slot used - 1 and attention over the valid slots, against decode_step_reference
+    and float64."""
     seed = time.time_ns() % 2**31
     rng = np.random.default_rng(seed)
-    q, k, v = _inputs(rng, b=b, n=n, kv=kv, h=h, s=s)
+    q, k_cache, v_cache = _inputs(rng, b=b, n=n, kv=kv, h=h, s=s)
+    k_new, v_new = (jnp.asarray(rng.standard_normal((b, kv, h)), jnp.bfloat16) for _ in range(2))
+    cos, sin = _rope_tables(rng, b, h, jnp.bfloat16) if rope else (None, None)
     valid = np.arange(s)[None, :] < used
     valid = np.broadcast_to(valid, (b, s)).copy()
     valid[0, :pad] = False
-    scale = h ** -0.5
-    got = decode_attention_pallas(q, k, v, jnp.asarray(valid), jnp.int32(used), layer=1,
-                                  scale=scale, block_s=32, interpret=True)
-    want = decode_attention_reference(q, k, v, jnp.asarray(valid), layer=1, scale=scale)
-    exact = _float64_attention(q, k, v, valid, 1, scale)
+    scale, index = h ** -0.5, jnp.int32(used - 1)
+    packed_qkv = jnp.concatenate([a.reshape(b, -1) for a in (q, k_new, v_new)], -1) if packed else None
+    got, got_k, got_v = decode_attention_step(
+        q, k_new, v_new, k_cache, v_cache, jnp.asarray(valid), index, layer=1, scale=scale,
+        rope=None if cos is None else (cos, sin), packed=packed_qkv, interpret=True)
+    want, want_k, want_v = decode_step_reference(q, k_new, v_new, k_cache, v_cache, jnp.asarray(valid),
+                                                 index, cos, sin, layer=1, scale=scale)
     assert got.shape == (b, n, h) and got.dtype == q.dtype
+    # The cache: untouched but for the step's slot of layer 1, which holds the rotated key (each
+    # product and the sum rounded to bf16: within one bf16 rounding of float64) and the value.
+    untouched = np.ones(k_cache.shape, bool)
+    untouched[1, :, used - 1] = False
+    np.testing.assert_array_equal(np.asarray(got_k)[untouched], np.asarray(k_cache)[untouched])
+    np.testing.assert_array_equal(np.asarray(got_v)[untouched], np.asarray(v_cache)[untouched])
+    np.testing.assert_array_equal(np.asarray(got_v)[1, :, used - 1], np.asarray(v_new))
+    np.testing.assert_allclose(np.asarray(got_k[1, :, used - 1], np.float32),
+                               np.asarray(want_k[1, :, used - 1], np.float32), rtol=2 ** -7, atol=1e-6)
+    if rope:
+        exact_k = _rotated_float64(k_new, cos, sin)
+        np.testing.assert_allclose(np.asarray(got_k[1, :, used - 1], np.float64), exact_k,
+                                   rtol=2 ** -7, atol=2 ** -7, err_msg=f"seed {seed}")
+        q = _rotated_float64(q, cos, sin)
+    exact = _float64_attention(q, got_k, got_v, valid, 1, scale)
     # Both round the probabilities to bf16 once and the output to bf16 once.
     for name, value in (("kernel", got), ("reference", want)):
         err = np.max(np.abs(np.asarray(value, np.float64) - exact)) / np.max(np.abs(exact))
@@ -70,9 +105,8 @@ def test_models_decode_through_the_kernel_as_closely_as_through_xla(monkeypatch)
     layer's cache), forced on the CPU in interpret mode: a tiny bf16 Llama's decode logits over a
     left-padded batch are as close to its float32 logits as with XLA attention."""
     import dataclasses
-    import functools
 
-    from jint8.models import LlamaConfig, LlamaForCausalLM
+    from jint8.models import LlamaConfig, fuse_projections, LlamaForCausalLM
     from jint8.models.common import init_cache
     from jint8.ops import attention as attention_ops
 
@@ -86,9 +120,10 @@ def test_models_decode_through_the_kernel_as_closely_as_through_xla(monkeypatch)
     steps = jnp.asarray(rng.integers(1, 128, (3, 4)), jnp.int32)
     kv_mask = jnp.ones((3, 32), jnp.int32).at[1, :3].set(0).at[2, :7].set(0)
 
-    def decode_logits(dtype):
+    def decode_logits(dtype, fuse=False):
         model = LlamaForCausalLM(dataclasses.replace(config, dtype=dtype))
         p = jax.tree.map(lambda x: x.astype(dtype), params)
+        p = fuse_projections(p) if fuse else p
         _, cache = model.apply({"params": p}, ids, cache=init_cache(model.config, 3, 32, dtype),
                                cache_index=0, kv_mask=kv_mask)
         out = []
@@ -100,15 +135,21 @@ def test_models_decode_through_the_kernel_as_closely_as_through_xla(monkeypatch)
 
     exact, xla = decode_logits(jnp.float32), decode_logits(jnp.bfloat16)
     calls = []
+    kernel_step = attention_ops.decode_attention_step
 
     def interpret_kernel(*args, **kwargs):
-        calls.append(kwargs["layer"])
-        return decode_attention_pallas(*args, **kwargs, interpret=True)
+        calls.append((kwargs["layer"], kwargs["rope"] is not None, kwargs["packed"] is not None))
+        return kernel_step(*args, **kwargs, interpret=True)
 
     monkeypatch.setattr(attention_ops, "unsupported_reason", lambda q, k: None)
-    monkeypatch.setattr(attention_ops, "decode_attention", interpret_kernel)
+    monkeypatch.setattr(attention_ops, "decode_attention_step", interpret_kernel)
     kernel = decode_logits(jnp.bfloat16)
-    assert sorted(set(calls)) == [0, 1] and len(calls) == 2 * 4  # every decode step, every layer
+    # every decode step, every layer, RoPE in the kernel; the unfused projections are three arrays
+    assert sorted(set(calls)) == [(0, True, False), (1, True, False)] and len(calls) == 2 * 4
+    # a fused q|k|v projection: the kernel reads q, k, v from its output, same logits
+    calls.clear()
+    np.testing.assert_allclose(decode_logits(jnp.bfloat16, fuse=True), kernel, rtol=0, atol=1e-6 * np.max(np.abs(kernel)))
+    assert sorted(set(calls)) == [(0, True, True), (1, True, True)]
     scale = np.max(np.abs(exact))
     err_xla = np.max(np.abs(xla - exact), axis=(1, 2)) / scale
     err_kernel = np.max(np.abs(kernel - exact), axis=(1, 2)) / scale

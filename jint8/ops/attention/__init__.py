@@ -11,12 +11,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jint8.ops.attention.reference import decode_attention_reference
+from jint8.ops.attention.reference import decode_attention_reference, decode_step_reference, rotate
 from jint8.ops.int8_matmul.api import BACKEND_ENV_VAR
 
 
 def unsupported_reason(q: jax.Array, k_cache: jax.Array) -> Optional[str]:
-    """None when decode_attention's kernel runs q [B, N, H] over k_cache [L, B, S, K, H]."""
+    """None when decode_attention_step's kernel runs q [B, N, H] over k_cache [L, B, S, K, H]."""
     from jint8.ops.int8_matmul.pallas_triton import unsupported_reason as gpu_reason
 
     if os.environ.get(BACKEND_ENV_VAR) == "xla":
@@ -36,12 +36,30 @@ def unsupported_reason(q: jax.Array, k_cache: jax.Array) -> Optional[str]:
     return None
 
 
-def decode_attention(q, k_cache, v_cache, valid, num_slots, *, layer: int, scale: float):
-    """[B, N, H] attention of one query token per sequence over cache layer `layer` (see
-    pallas_triton.decode_attention_pallas); callers check unsupported_reason first."""
-    from jint8.ops.attention.pallas_triton import decode_attention_pallas
+def decode_attention_step(q, k, v, k_cache, v_cache, valid, cache_index, *, layer: int, scale: float,
+                          rope=None, packed=None, interpret: bool = False):
+    """One decode step's attention in the Pallas kernel (callers check unsupported_reason first).
 
-    return decode_attention_pallas(q, k_cache, v_cache, valid, num_slots, layer=layer, scale=scale)
+    q [B, N, H] and k, v [B, K, H] are the step's projections, before RoPE when rope = (cos, sin)
+    [B, H] is given: the kernel rotates q and k, writes k and v at slot cache_index of cache layer
+    `layer` (k_cache, v_cache [L, B, S, K, H], in place under jit) and attends over the slots with
+    valid [B, S]. packed: the [B, (N + 2K) * H] array that q, k, v were split from, in that order
+    (a fused q|k|v projection): the kernel reads them from it, so XLA copies no slices out.
+    Returns (out [B, N, H], k_cache, v_cache).
+    """
+    from jint8.ops.attention.pallas_triton import Columns, decode_attention_pallas
+
+    b, n, h = q.shape
+    if packed is not None:
+        sources = (packed,) * 3
+        columns = Columns(q=0, k=n * h, v=n * h + k.shape[1] * h)
+    else:
+        sources, columns = (q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)), Columns()
+    cos, sin = rope if rope is not None else (None, None)
+    return decode_attention_pallas(*sources, k_cache, v_cache, valid, cache_index, cos, sin,
+                                   columns=columns, num_heads=n, layer=layer, scale=scale,
+                                   interpret=interpret)
 
 
-__all__ = ["decode_attention", "decode_attention_reference", "unsupported_reason"]
+__all__ = ["decode_attention_reference", "decode_attention_step", "decode_step_reference", "rotate",
+           "unsupported_reason"]

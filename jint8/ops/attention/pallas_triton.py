@@ -1,19 +1,33 @@
-"""Decode attention over a static KV cache as a Pallas (Triton lowering) kernel (flash-decoding).
+"""One decode step's attention over a static KV cache as a Pallas (Triton lowering) kernel
+(flash-decoding), with the step's RoPE and cache write folded in.
 
 Grid (B, K, P): program (b, j, p) takes kv head j's G query heads of sequence b (padded to >= 16
 rows, the MMA's minimum) and the p-th range of cache slots, which it walks in block_s steps with an
-online softmax (running max m, running sum l, float32 accumulator), stopping at the last slot in
-use (num_slots: cache_index + 1; later ranges do no work). The P partial (m, l, acc) are combined
-by a small XLA fusion: out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p.
+online softmax (running max m, running sum l, float32 accumulator), stopping at the step's own slot
+(cache_index; later ranges do no work). On the way in:
+  - q, k, v of the step are read where the projections wrote them: one fused q|k|v array at
+    column offsets (Columns), so XLA copies no slices out, or three arrays;
+  - with RoPE tables (cos, sin [B, H] in the activation dtype) q and k are rotated
+    (rotate_half convention; both products and their sum rounded to the activation dtype, as
+    transformers' 16-bit ops and reference.rotate do);
+  - the program whose slot range holds cache_index writes the rotated key and the value into
+    the cache (aliased in place) and uses them for that slot from registers, so no program reads
+    a slot another one writes.
+So XLA runs no RoPE or cache-update kernels for the step. The P partials (m, l, acc) are combined by
+one XLA fusion (combine: the max and sums over P written out as elementwise ops, which XLA fuses
+with the slicing of the padded rows).
 
-Why: an XLA decode step runs attention as two dot fusions plus softmax fusions per layer (about
-10 us of a Llama-3-8B layer's ~125 us on the H100, benchmarks/RESULTS.md); this is one kernel that
-reads the layer's cache slots in use once, plus the combine.
+Why: an XLA decode step ran attention as two dot fusions plus softmax fusions per layer, then (with
+the kernel but RoPE and the cache write outside it) 3 small XLA kernels for RoPE and the two cache
+updates plus 2 for the combine; benchmarks/RESULTS.md has the measurements.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import operator
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +35,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jint8.ops.attention.reference import MASKED_LOGIT
+from jint8.ops.rounding import round_to
 
 BLOCK_S = 64
 _TARGET_PROGRAMS = 128  # about one per SM of an H100 (132)
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """Where head i's vector of q, k and v starts in its 2-D source [B, width]: col + i * H."""
+
+    q: int = 0
+    k: int = 0
+    v: int = 0
 
 
 def query_rows(groups: int) -> int:
@@ -36,24 +60,70 @@ def num_splits(batch: int, kv_heads: int, slots: int, block_s: int = BLOCK_S) ->
     return max(1, min(pl.cdiv(slots, block_s), _TARGET_PROGRAMS // (batch * kv_heads)))
 
 
-def _kernel(q_ref, k_ref, v_ref, valid_ref, num_slots_ref, acc_ref, m_ref, l_ref, *,
-            layer: int, scale: float, groups: int, block_s: int, slots_per_split: int):
+class _Rope:
+    """Loads head vectors [rows, H] from a 2-D source, rotated by the sequence's RoPE (or not)."""
+
+    def __init__(self, cos_ref, sin_ref, b, h: int, *, interpret: bool):
+        self.h, self.interpret = h, interpret
+        hs = jnp.arange(h)
+        self.hs = hs
+        if cos_ref is None:
+            self.cos = None
+            return
+        half = h // 2
+        self.partner = jnp.where(hs < half, hs + half, hs - half)  # rotate_half's source column
+        self.sign = jnp.where(hs < half, -1.0, 1.0)
+        self.cos = plgpu.load(cos_ref.at[b, hs]).astype(jnp.float32)[None, :]
+        self.sin = plgpu.load(sin_ref.at[b, hs]).astype(jnp.float32)[None, :]
+
+    def load(self, ref, b, starts, row_ok=None):
+        """The vectors at columns starts[r] + 0..H-1 of row b, [len(starts), H]."""
+        mask = None if row_ok is None else row_ok[:, None]
+        x = plgpu.load(ref.at[b, starts[:, None] + self.hs[None, :]], mask=mask, other=0)
+        if self.cos is None:
+            return x
+        partner = plgpu.load(ref.at[b, starts[:, None] + self.partner[None, :]], mask=mask, other=0)
+        rounded = functools.partial(round_to, dtype=x.dtype, interpret=self.interpret)
+        # x * cos + rotate_half(x) * sin, each product and the sum in x.dtype (products of two
+        # 16-bit floats are exact in float32, so one cast rounds each correctly).
+        straight = rounded(x.astype(jnp.float32) * self.cos).astype(jnp.float32)
+        turned = rounded(self.sign[None, :] * partner.astype(jnp.float32) * self.sin)
+        return rounded(straight + turned.astype(jnp.float32))
+
+
+def _kernel(q_ref, k_ref, v_ref, *refs, columns: Columns, has_rope: bool, layer: int,
+            scale: float, groups: int, block_s: int, slots_per_split: int, interpret: bool):
+    cos_ref, sin_ref = refs[:2] if has_rope else (None, None)
+    k_cache_ref, v_cache_ref, valid_ref, index_ref, acc_ref, m_ref, l_ref, k_out_ref, v_out_ref = (
+        refs[2:] if has_rope else refs)
     b, j, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows_p = acc_ref.shape[3]
-    s_total, h = k_ref.shape[2], k_ref.shape[4]
-    rows, hs = jnp.arange(rows_p), jnp.arange(h)
-    row_ok = rows < groups
-    q = plgpu.load(q_ref.at[b, j * groups + rows[:, None], hs[None, :]], mask=row_ok[:, None],
-                   other=0)
-    num_slots = plgpu.load(num_slots_ref.at[jnp.arange(1)])[0]
+    s_total, h = k_cache_ref.shape[2], k_cache_ref.shape[4]
+    rows = jnp.arange(rows_p)
+    rope = _Rope(cos_ref, sin_ref, b, h, interpret=interpret)
+    hs = rope.hs
+    q = rope.load(q_ref, b, columns.q + (j * groups + rows) * h, rows < groups)
+    one = jnp.zeros((1,), jnp.int32)
+    k_new = rope.load(k_ref, b, columns.k + j * h + one)  # [1, H]
+    v_new = plgpu.load(v_ref.at[b, columns.v + j * h + one[:, None] + hs[None, :]])
+
+    slot = plgpu.load(index_ref.at[jnp.arange(1)])[0]
     first = p * slots_per_split
-    last = jnp.minimum(jnp.minimum(first + slots_per_split, s_total), num_slots)
+    last = jnp.minimum(jnp.minimum(first + slots_per_split, s_total), slot + 1)
+    owner = (first <= slot) & (slot < first + slots_per_split)
+    writes = jnp.broadcast_to(owner, (1, h))
+    plgpu.store(k_out_ref.at[layer, b, slot + one[:, None], j, hs[None, :]],
+                k_new.astype(k_out_ref.dtype), mask=writes)
+    plgpu.store(v_out_ref.at[layer, b, slot + one[:, None], j, hs[None, :]],
+                v_new.astype(v_out_ref.dtype), mask=writes)
 
     def step(i, carry):
         m, l, acc = carry
         ss = first + i * block_s + jnp.arange(block_s)
         ok = ss < last
-        k = plgpu.load(k_ref.at[layer, b, ss[:, None], j, hs[None, :]], mask=ok[:, None], other=0)
+        mine = (ss == slot)[:, None]  # the step's own slot: this program's registers, not memory
+        k = plgpu.load(k_cache_ref.at[layer, b, ss[:, None], j, hs[None, :]], mask=ok[:, None], other=0)
+        k = jnp.where(mine, k_new.astype(k.dtype), k)
         logits = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32) * scale
         valid = plgpu.load(valid_ref.at[b, ss], mask=ok, other=0) > 0
@@ -62,7 +132,8 @@ def _kernel(q_ref, k_ref, v_ref, valid_ref, num_slots_ref, acc_ref, m_ref, l_ref
         alpha = jnp.exp(m - m_new)
         probs = jnp.exp(logits - m_new[:, None])
         l = l * alpha + jnp.sum(probs, axis=1)
-        v = plgpu.load(v_ref.at[layer, b, ss[:, None], j, hs[None, :]], mask=ok[:, None], other=0)
+        v = plgpu.load(v_cache_ref.at[layer, b, ss[:, None], j, hs[None, :]], mask=ok[:, None], other=0)
+        v = jnp.where(mine, v_new.astype(v.dtype), v)
         pv = jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
         return m_new, l, acc * alpha[:, None] + pv
@@ -76,30 +147,68 @@ def _kernel(q_ref, k_ref, v_ref, valid_ref, num_slots_ref, acc_ref, m_ref, l_ref
     plgpu.store(l_ref.at[b, j, p, rows], l)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "scale", "block_s", "interpret"))
-def decode_attention_pallas(q, k_cache, v_cache, valid, num_slots, *, layer: int, scale: float,
+def combine(acc, m, l, groups: int):
+    """The P partials [B, K, P, R, (H)] of the kernel -> [B, K, G, H] float32 attention.
+
+    out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p, M = max_p m_p. The max and the sums over
+    P are unrolled into elementwise ops so XLA fuses the whole combine (and the slicing of the
+    padding rows) into one kernel; a jnp.max/jnp.sum over P made it two.
+    """
+    acc, m, l = acc[:, :, :, :groups], m[:, :, :, :groups], l[:, :, :, :groups]
+    parts = range(m.shape[2])
+    top = functools.reduce(jnp.maximum, [m[:, :, p] for p in parts])
+    weights = [jnp.exp(m[:, :, p] - top) for p in parts]
+    numerator = functools.reduce(operator.add, [w[..., None] * acc[:, :, p] for p, w in zip(parts, weights)])
+    denominator = functools.reduce(operator.add, [w * l[:, :, p] for p, w in zip(parts, weights)])
+    return numerator / denominator[..., None]
+
+
+@functools.partial(jax.jit, static_argnames=("columns", "num_heads", "layer", "scale", "block_s",
+                                             "interpret"))
+def decode_attention_pallas(q_src, k_src, v_src, k_cache, v_cache, valid, cache_index,
+                            cos: Optional[jax.Array] = None, sin: Optional[jax.Array] = None, *,
+                            columns: Columns, num_heads: int, layer: int, scale: float,
                             block_s: int = BLOCK_S, interpret: bool = False):
-    """Attention of q [B, N, H] over cache layer `layer` (k, v [L, B, S, K, H]) at the slots with
-    valid[b, s] among the first num_slots ([] int32) -> [B, N, H] in q's dtype."""
-    b, n, h = q.shape
-    s, kv_heads = k_cache.shape[2], k_cache.shape[3]
-    groups = n // kv_heads
+    """One query token per sequence attends over cache layer `layer` after its own key and value
+    are written at slot cache_index.
+
+    Args:
+      q_src, k_src, v_src: [B, width] sources of the step's q (num_heads heads), k and v (K heads),
+        head i at columns columns.<q|k|v> + i * H (the same array thrice for a fused q|k|v).
+      k_cache, v_cache: [L, B, S, K, H]; written at [layer, :, cache_index] (in place under an
+        outer jit that no longer needs the old cache, as a decode step).
+      valid: [B, S] bool, the slots each sequence attends to (cache_index's included).
+      cache_index: [] int32, the step's slot.
+      cos, sin: optional [B, H] RoPE tables in q's dtype: q and k are rotated first.
+    Returns:
+      (out [B, num_heads, H] in q_src's dtype, k_cache, v_cache).
+    """
+    b = q_src.shape[0]
+    _, _, s, kv_heads, h = k_cache.shape
+    groups = num_heads // kv_heads
     rows_p = query_rows(groups)
     splits = num_splits(b, kv_heads, s, block_s)
     slots_per_split = pl.cdiv(pl.cdiv(s, splits), block_s) * block_s
     splits = pl.cdiv(s, slots_per_split)
-    kernel = functools.partial(_kernel, layer=layer, scale=scale, groups=groups, block_s=block_s,
-                               slots_per_split=slots_per_split)
-    acc, m, l = pl.pallas_call(
+    has_rope = cos is not None
+    kernel = functools.partial(_kernel, columns=columns, has_rope=has_rope, layer=layer, scale=scale,
+                               groups=groups, block_s=block_s, slots_per_split=slots_per_split,
+                               interpret=interpret)
+    operands = [q_src, k_src, v_src, *((cos, sin) if has_rope else ()), k_cache, v_cache,
+                valid.astype(jnp.int32), jnp.reshape(cache_index, (1,)).astype(jnp.int32)]
+    first_cache = 5 if has_rope else 3
+    acc, m, l, k_cache, v_cache = pl.pallas_call(
         kernel,
         grid=(b, kv_heads, splits),
         out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, rows_p, h), jnp.float32),
                    jax.ShapeDtypeStruct((b, kv_heads, splits, rows_p), jnp.float32),
-                   jax.ShapeDtypeStruct((b, kv_heads, splits, rows_p), jnp.float32)],
+                   jax.ShapeDtypeStruct((b, kv_heads, splits, rows_p), jnp.float32),
+                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
+        input_output_aliases={first_cache: 3, first_cache + 1: 4},
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="jint8_decode_attention",
-    )(q, k_cache, v_cache, valid.astype(jnp.int32), jnp.reshape(num_slots, (1,)).astype(jnp.int32))
-    weight = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # [B, K, P, R]
-    out = jnp.sum(weight[..., None] * acc, axis=2) / jnp.sum(weight * l, axis=2)[..., None]
-    return out[:, :, :groups].reshape(b, n, h).astype(q.dtype)
+    )(*operands)
+    out = combine(acc, m, l, groups).reshape(b, num_heads, h).astype(q_src.dtype)
+    return out, k_cache, v_cache
