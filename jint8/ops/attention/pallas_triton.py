@@ -78,11 +78,12 @@ class _Rope:
 
     def load(self, ref, b, starts, row_ok=None):
         """The vectors at columns starts[r] + 0..H-1 of row b, [len(starts), H]."""
-        mask = None if row_ok is None else row_ok[:, None]
-        x = plgpu.load(ref.at[b, starts[:, None] + self.hs[None, :]], mask=mask, other=0)
+        # Triton rejects `other` without a mask
+        masked = {} if row_ok is None else dict(mask=row_ok[:, None], other=0)
+        x = plgpu.load(ref.at[b, starts[:, None] + self.hs[None, :]], **masked)
         if self.cos is None:
             return x
-        partner = plgpu.load(ref.at[b, starts[:, None] + self.partner[None, :]], mask=mask, other=0)
+        partner = plgpu.load(ref.at[b, starts[:, None] + self.partner[None, :]], **masked)
         rounded = functools.partial(round_to, dtype=x.dtype, interpret=self.interpret)
         # x * cos + rotate_half(x) * sin, each product and the sum in x.dtype (products of two
         # 16-bit floats are exact in float32, so one cast rounds each correctly).
