@@ -144,39 +144,59 @@ def check_case(rng, m, k, n, dtype, num_outlier_cols, capacity, with_bias, failu
 
 
 def check_norm_case(rng, m, k, n, dtype, unit_offset, failures, interpret=False):
-    """The fused kernel with a folded InputNorm (the decode route of Llama's qkv / gate_up).
+    """The fused kernel with a folded InputNorm (the decode route of Llama's qkv / gate_up)."""
+    x, scale, wq = checks.exact_norm_inputs(rng, m, k, n, dtype)
+    check_folded_case(rng, f"norm M={m} K={k} N={n} {jnp.dtype(dtype).name} unit_offset={unit_offset}",
+                      x, wq, {"norm": reference.InputNorm(scale, 1e-5, unit_offset)}, failures,
+                      interpret)
 
-    On checks.exact_norm_inputs (every sum of squares exact) the int32 accumulator must equal
-    XLA's on norm(x) unless the GPU's rsqrt or division differ between XLA and Triton, which
-    this reports. Random inputs: output within 2 % of
-    the XLA route (int8_matmul_reference(x, norm=...)) relative to max |y|.
+
+def check_gate_case(rng, m, k, n, dtype, failures, interpret=False):
+    """The fused kernel with a folded silu InputGate (the decode route of Llama's down_proj,
+    x [M, 2K] = gate | up)."""
+    x, wq = checks.exact_gate_inputs(rng, m, k, n, dtype)
+    check_folded_case(rng, f"gate M={m} K={k} N={n} {jnp.dtype(dtype).name}", x, wq,
+                      {"gate": reference.InputGate("silu")}, failures, interpret)
+
+
+def check_folded_case(rng, label, x, wq, folded, failures, interpret=False):
+    """The fused kernel with a folded prologue, folded = {"norm": InputNorm} or {"gate": InputGate}.
+
+    On the exact inputs x (checks.exact_norm_inputs / exact_gate_inputs: every rounding of the
+    reference well defined) the int32 accumulator must equal XLA's on the reference's op input
+    unless the GPU's rsqrt, exp or division differ between XLA and Triton, which this reports.
+    Random inputs of x's shape: output within 2 % of the XLA route
+    (int8_matmul_reference(x, norm= / gate=)) relative to max |y|. Also reported, not checked:
+    elements where XLA's jitted norm(x) / gate(x) differs from op-by-op (its excess-precision
+    rule dropping a 16-bit rounding), which the unfolded routes of a jitted model would see.
     """
-    kind = jax.devices()[0].device_kind
-    plan = configs.plan_for(kind, m, k, n, weight_layout="nk")
-    label = f"norm M={m} K={k} N={n} {jnp.dtype(dtype).name} unit_offset={unit_offset} {plan.gemm_path}"
+    m, n, k = x.shape[0], *wq.shape
+    plan = configs.plan_for(jax.devices()[0].device_kind, m, k, n, weight_layout="nk")
+    label = f"{label} {plan.gemm_path}"
     if plan.gemm_path != "fused":
         print(f"  skipped {label}: not the fused route", flush=True)
         return
-    x, scale, wq = checks.exact_norm_inputs(rng, m, k, n, dtype)
     col_scales = jnp.asarray(rng.uniform(0.01, 2.0, n).astype(np.float32))
-    norm = reference.InputNorm(scale, 1e-5, unit_offset)
     acc = np.asarray(int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64,
-                                             plan=plan, norm=norm, interpret=interpret))
-    want = np.asarray(reference.int8_dot(reference.quantize_rows(norm(x), THRESHOLD)[0], wq, "nk"))
+                                             plan=plan, interpret=interpret, **folded))
+    op_input = reference.op_input(x, **folded)
+    want = np.asarray(reference.int8_dot(reference.quantize_rows(op_input, THRESHOLD)[0], wq, "nk"))
     mismatched = int(np.sum(acc != want))
-    x = jnp.asarray(rng.standard_normal((m, k)) * 3.0, dtype)
+    x = jnp.asarray(rng.standard_normal(x.shape) * 3.0, x.dtype)
     y = np.asarray(int8_matmul_pallas(x, wq, col_scales, threshold=THRESHOLD, outlier_capacity=64,
-                                      weight_layout="nk", norm=norm, plan=plan,
-                                      interpret=interpret)[0], np.float64)
+                                      weight_layout="nk", plan=plan, interpret=interpret,
+                                      **folded)[0], np.float64)
     y_ref = np.asarray(reference.int8_matmul_reference(
         x, wq, col_scales, threshold=THRESHOLD, outlier_capacity=64, weight_layout="nk",
-        norm=norm)[0], np.float64)
+        **folded)[0], np.float64)
     rel = float(np.max(np.abs(y - y_ref)) / np.max(np.abs(y_ref)))
+    jitted = jax.jit(lambda x: reference.op_input(x, **folded))(x)
+    jit_differs = int(np.sum(np.asarray(jitted != reference.op_input(x, **folded))))
     ok = mismatched == 0 and np.all(np.isfinite(y)) and rel <= 2e-2
     if not ok:
         failures.append(label)
-    print(f"  ok? {ok}  {label}  grid accumulator mismatches={mismatched}  random rel={rel:.2e}",
-          flush=True)
+    print(f"  ok? {ok}  {label}  grid accumulator mismatches={mismatched}  random rel={rel:.2e}"
+          f"  XLA jit/eager op input differs={jit_differs}", flush=True)
 
 
 def main():
@@ -186,6 +206,8 @@ def main():
                         help="only the tuned table's plan per bucket, one shape per bucket")
     parser.add_argument("--norm", action="store_true",
                         help="only the fused kernel with a folded RMSNorm (Llama's decode route)")
+    parser.add_argument("--gate", action="store_true",
+                        help="only the fused kernel with a folded silu(gate) * up (Llama's down_proj)")
     parser.add_argument("--large-m", action="store_true",
                         help="only cases with M > 16 (the pallas and xla_gemm routes)")
     parser.add_argument("--interpret", action="store_true",
@@ -216,6 +238,11 @@ def main():
             for dtype, unit_offset in ((jnp.bfloat16, False), (jnp.float16, False),
                                        (jnp.bfloat16, True)):
                 check_norm_case(rng, m, k, n, dtype, unit_offset, failures, args.interpret)
+    elif args.gate:  # down_proj of Llama-3-8B (K = 14336) and of smaller models
+        for m, k, n in [(1, 14336, 4096), (8, 14336, 4096), (16, 14336, 4096), (1, 8192, 2048),
+                        (1, 5632, 2048), (3, 77, 45)] if not args.interpret else [(3, 77, 45)]:
+            for dtype in (jnp.bfloat16, jnp.float16):
+                check_gate_case(rng, m, k, n, dtype, failures, args.interpret)
     elif args.large_m:
         case(70, 1000, 333, jnp.float16, 8, 64, True)
         case(70, 1000, 333, jnp.float32, 8, 64, False)

@@ -10,7 +10,7 @@ from jint8 import errors, functional, ops
 from jint8.calibration import calibrate, load_int8_config
 from jint8.export import export_bitsandbytes
 from jint8.generation import GenerationConfig, generate
-from jint8.layers import Int8Dense, Int8Embed, Int8Linear, NormedInput, intercept
+from jint8.layers import GatedInput, Int8Dense, Int8Embed, Int8Linear, NormedInput, intercept
 from jint8.loading import from_pretrained, make_mesh
 from jint8.models.fusion import fuse_projections
 from jint8.ops import int8_matmul
@@ -35,6 +35,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'jint8' has no attribute {name!r}")
 
 __all__ = [
+    "GatedInput",
     "GenerationConfig",
     "Int8Config",
     "Int8Dense",

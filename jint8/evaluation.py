@@ -136,7 +136,7 @@ _INSPECT = "outlier_inspect"
 
 def _record_inputs(next_fun, args, kwargs, context):
     if context.method_name == "__call__" and args and isinstance(context.module, (nn.Dense, Int8Dense)):
-        x = as_array(args[0])  # a deferred norm (NormedInput): the normalised projection input
+        x = as_array(args[0])  # a deferred norm or gate (NormedInput, GatedInput) applied
         column_absmax = jnp.max(jnp.abs(x.astype(jnp.float32)).reshape(-1, x.shape[-1]), axis=0)
         context.module.sow(_INSPECT, "column_absmax", column_absmax)
     return next_fun(*args, **kwargs)

@@ -19,8 +19,8 @@ from flax import nnx
 
 from jint8.errors import ShapeError
 from jint8.ops.int8_matmul import Int8MatmulStats, int8_matmul
-from jint8.ops.int8_matmul.configs import FUSED_NORM_MAX_M
-from jint8.ops.int8_matmul.reference import INV_127, InputNorm
+from jint8.ops.int8_matmul.configs import FUSED_GATE_MAX_M, FUSED_NORM_MAX_M
+from jint8.ops.int8_matmul.reference import INV_127, InputGate, InputNorm
 from jint8.quantize import Int8Weight
 
 STATS_COLLECTION = "int8_stats"
@@ -48,9 +48,34 @@ class NormedInput:
         return self.norm(self.x, self.dtype)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["x", "gate"],
+                   meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class GatedInput:
+    """A fused gate_up projection's output [..., 2K] with its gated activation still to apply:
+    act(gate) * up [..., K] in dtype (InputGate's roundings).
+
+    Int8Dense folds the gate into int8_matmul (InputGate), so down_proj's decode kernel forms
+    act(gate) * up from the x it loads and no separate multiply kernel runs; anything else calls
+    apply().
+    """
+
+    x: jax.Array  # [..., 2K]: gate | up
+    gate: InputGate
+    dtype: Any
+
+    @property
+    def shape(self):
+        """The shape of the layer's input, apply()'s: [..., K]."""
+        return (*self.x.shape[:-1], self.x.shape[-1] // 2)
+
+    def apply(self) -> jax.Array:
+        return self.gate(self.x, self.dtype)
+
+
 def as_array(inputs) -> jax.Array:
-    """A layer input as an array: a NormedInput normalised, anything else as given."""
-    return inputs.apply() if isinstance(inputs, NormedInput) else inputs
+    """A layer input as an array: a NormedInput or GatedInput applied, anything else as given."""
+    return inputs.apply() if isinstance(inputs, (NormedInput, GatedInput)) else inputs
 
 
 def int8_weight_apply(
@@ -61,12 +86,19 @@ def int8_weight_apply(
     dtype=None,
     backend: Optional[str] = None,
     norm: Optional[InputNorm] = None,
+    gate: Optional[InputGate] = None,
 ) -> tuple[jax.Array, Int8MatmulStats]:
     """x [..., *in_shape] contracted with an Int8Weight -> [..., *out_shape] in dtype (default x's).
 
     norm: an RMSNorm over x's last axis applied first (in dtype), folded into the int8 op.
+    gate: x is [..., 2K] = gate | up for a kernel of input shape (K,); the op's input is
+      act(gate) * up (in dtype), folded into the int8 op.
     """
     in_shape, out_shape = weight.in_shape, weight.out_shape
+    if gate is not None:
+        if len(in_shape) != 1:
+            raise ShapeError(f"gate= needs a kernel with one input axis, got input shape {in_shape}")
+        in_shape = (2 * in_shape[0],)  # gate | up
     if tuple(x.shape[x.ndim - len(in_shape) :]) != in_shape:
         raise ShapeError(f"input shape {x.shape} does not end with the kernel's input shape {in_shape}")
     dtype = dtype or x.dtype
@@ -85,18 +117,26 @@ def int8_weight_apply(
         backend=backend,
         return_stats=True,
         norm=norm,
+        gate=gate,
     )
     return y.reshape(*batch_shape, *out_shape), stats
 
 
-def _folds_norm(inputs, kernel: Int8Weight, dtype) -> bool:
-    """Whether Int8Dense hands a deferred norm to int8_matmul: same dtype in and out of the
-    norm, a 1-D input feature axis, and at most FUSED_NORM_MAX_M rows (measured: folding
-    speeds up batch-1 decode and slows batch 8)."""
-    if not isinstance(inputs, NormedInput) or len(kernel.in_shape) != 1:
-        return False
+def _folded_prologue(inputs, kernel: Int8Weight, dtype) -> dict:
+    """int8_matmul's norm= or gate= for a deferred input Int8Dense folds into the op, else {}:
+    same dtype in and out of the norm or gate, a 1-D input feature axis, and at most
+    FUSED_NORM_MAX_M / FUSED_GATE_MAX_M rows (measured for the norm: folding speeds up batch-1
+    decode and slows batch 8)."""
+    if isinstance(inputs, NormedInput):
+        prologue, max_rows = {"norm": inputs.norm}, FUSED_NORM_MAX_M
+    elif isinstance(inputs, GatedInput):
+        prologue, max_rows = {"gate": inputs.gate}, FUSED_GATE_MAX_M
+    else:
+        return {}
     rows = math.prod(inputs.x.shape[:-1])
-    return inputs.x.dtype == inputs.dtype == (dtype or inputs.dtype) and rows <= FUSED_NORM_MAX_M
+    folds = (len(kernel.in_shape) == 1 and rows <= max_rows
+             and inputs.x.dtype == inputs.dtype == (dtype or inputs.dtype))
+    return prologue if folds else {}
 
 
 def _sow_stats(module: nn.Module, stats: Int8MatmulStats) -> None:
@@ -131,7 +171,8 @@ class Int8Dense(nn.Module):
 
     @nn.compact
     def __call__(self, inputs) -> jax.Array:
-        """inputs: an array, or a NormedInput (an RMSNorm the int8 path folds into its kernel)."""
+        """inputs: an array, or a NormedInput / GatedInput (an RMSNorm / a gated activation the
+        int8 path folds into its kernel)."""
         if self.has_variable("params", "kernel") and isinstance(self.get_variable("params", "kernel"), Int8Weight):
             # Flax's param() would compare the init shape [K, N] with qvalue's K-major [N, K].
             kernel = self.get_variable("params", "kernel")
@@ -144,11 +185,10 @@ class Int8Dense(nn.Module):
             kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         if isinstance(kernel, Int8Weight):
-            norm = None
-            if _folds_norm(inputs, kernel, self.dtype):
-                inputs, norm = inputs.x, inputs.norm  # the op normalises (see InputNorm)
-            y, stats = int8_weight_apply(as_array(inputs), kernel, bias, dtype=self.dtype,
-                                         backend=self.backend, norm=norm)
+            prologue = _folded_prologue(inputs, kernel, self.dtype)
+            x = inputs.x if prologue else as_array(inputs)  # the op applies it (InputNorm, InputGate)
+            y, stats = int8_weight_apply(x, kernel, bias, dtype=self.dtype, backend=self.backend,
+                                         **prologue)
             _sow_stats(self, stats)
             return y
         inputs = as_array(inputs)

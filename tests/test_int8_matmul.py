@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from jint8 import quantize_vectorwise
 from jint8.errors import BackendUnavailableError, InvalidConfigError, ShapeError
 from jint8.ops import int8_matmul
-from jint8.ops.int8_matmul import int8_dot, quantize_rows, select_backend
+from jint8.ops.int8_matmul import InputGate, int8_dot, quantize_rows, select_backend
 from numerics import float64_matmul, int8_error_bound, numpy_quantize_rows
+from reference import require_module
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -176,3 +177,25 @@ def test_backend_env_switch_forces_xla(monkeypatch):
 
 def test_default_backend_on_cpu_is_xla():
     assert select_backend(jnp.ones((2, 8)), jnp.ones((8, 4), jnp.int8)).name == "xla"
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_input_gate_rounds_like_transformers_silu_times_up(dtype_name):
+    """InputGate("silu") on gate | up rounds as transformers' LlamaMLP in torch: silu in float32
+    rounded to the dtype, then the rounded product. Their float32 silu differ in the last bit
+    (torch divides by 1 + exp(-x), jax multiplies by its reciprocal); wherever the two round to
+    the same dtype value, the results are equal bit for bit."""
+    torch = require_module("torch")
+    dtype = DTYPES[dtype_name]
+    rng = np.random.default_rng()
+    gate, up = rng.standard_normal((2, 16, 512)) * np.array([4.0, 1.0])[:, None, None]
+    x = jnp.asarray(np.concatenate([gate, up], axis=1), dtype)
+    got = np.asarray(InputGate("silu")(x).astype(jnp.float32))
+    t = torch.tensor(np.asarray(x.astype(jnp.float32))).to(getattr(torch, dtype_name))
+    t_gate, t_up = t[:, :512], t[:, 512:]
+    want = (torch.nn.functional.silu(t_gate) * t_up).float().numpy()
+    torch_silu = torch.nn.functional.silu(t_gate.float()).numpy()
+    jax_silu = np.asarray(jax.nn.silu(x[:, :512].astype(jnp.float32)))
+    same_silu = np.asarray(jnp.asarray(torch_silu).astype(dtype) == jnp.asarray(jax_silu).astype(dtype))
+    assert same_silu.mean() > 0.99
+    np.testing.assert_array_equal(got[same_silu], want[same_silu])

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 import jint8
-from jint8 import Int8Config, Int8Dense, Int8Weight, dequantize_params, int8_matmul, quantize_params
+from jint8 import (
+    GatedInput, Int8Config, Int8Dense, Int8Weight, dequantize_params, int8_matmul, quantize_params,
+)
 from jint8.layers import Int8Embed
 from jint8.errors import ShapeError
-from jint8.ops.int8_matmul import int8_matmul_reference
+from jint8.ops.int8_matmul import InputGate, int8_matmul_reference
 
 
 def _x(*shape, outlier_col=None):
@@ -143,3 +145,40 @@ def test_int8_embedding_lookup_and_tied_head():
     np.testing.assert_array_equal(logits, expected)
     float_logits = x @ np.asarray(table).T
     assert np.abs(np.asarray(logits) - float_logits).max() < 0.02 * np.abs(float_logits).max()
+
+
+def test_gated_input_folds_into_int8_dense_at_decode_rows_and_gives_the_same_bits(monkeypatch):
+    """Int8Dense hands a GatedInput's gate to int8_matmul (gate=) at <= FUSED_GATE_MAX_M rows and
+    applies it first above; either way the result has the bits of the layer on gate(gate_up)."""
+    from jint8 import layers
+    from jint8.ops.int8_matmul.configs import FUSED_GATE_MAX_M
+
+    k = 48
+    qparams = quantize_params(nn.Dense(32).init(jax.random.key(0), jnp.ones((1, k)))["params"],
+                              Int8Config(min_size=0))
+    gates = []
+    real = layers.int8_matmul
+
+    def spy(*args, gate=None, **kwargs):
+        gates.append(gate)
+        return real(*args, gate=gate, **kwargs)
+
+    monkeypatch.setattr(layers, "int8_matmul", spy)
+    gate = InputGate("silu")
+    dense = Int8Dense(32, dtype=jnp.bfloat16)
+    for rows in (FUSED_GATE_MAX_M, FUSED_GATE_MAX_M + 2):
+        gate_up = _x(rows, 2 * k, outlier_col=3).astype(jnp.bfloat16)  # silu(20) * up: outliers
+        inputs = GatedInput(gate_up, gate, jnp.dtype(jnp.bfloat16))
+        assert inputs.shape == (rows, k)
+        gates.clear()
+        y = dense.apply({"params": qparams}, inputs)
+        assert gates == ([gate] if rows <= FUSED_GATE_MAX_M else [None])
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(dense.apply({"params": qparams}, gate(gate_up))))
+
+
+def test_gated_input_on_a_float_kernel_is_applied_first():
+    gate_up = _x(2, 3, 2 * 16)
+    params = nn.Dense(8).init(jax.random.key(0), jnp.ones((1, 16)))
+    gate = InputGate("silu")
+    y = Int8Dense(8).apply(params, GatedInput(gate_up, gate, jnp.dtype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(nn.Dense(8).apply(params, gate(gate_up))))

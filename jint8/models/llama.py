@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jint8.errors import InvalidConfigError
-from jint8.layers import Int8Dense, Int8Embed
+from jint8.layers import GatedInput, Int8Dense, Int8Embed
 from jint8.models.common import (
     KVCache,
     RMSNorm,
@@ -26,6 +26,7 @@ from jint8.models.common import (
     rope_inverse_frequencies,
     rope_tables,
 )
+from jint8.ops.int8_matmul.reference import GATE_ACTIVATIONS, InputGate, gated_activation
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -180,13 +181,21 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
+        down_proj = _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")
+        # silu: act(gate) * up with transformers' roundings (reference.gated_activation), the
+        # same bits fused or not; other activations as jnp computes them in cfg.dtype.
+        gated = cfg.hidden_act in GATE_ACTIVATIONS
         if self.has_variable("params", "gate_up_proj"):  # fuse_projections' one gate|up matmul
             gate_up = _dense(cfg, 2 * cfg.intermediate_size, cfg.mlp_bias, "gate_up_proj")(x)
+            if gated:  # deferred: an int8 down_proj folds it into its kernel (GatedInput)
+                return down_proj(GatedInput(gate_up, InputGate(cfg.hidden_act), jnp.dtype(cfg.dtype)))
             gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
             gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
             up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
-        return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(activation(cfg.hidden_act)(gate) * up)
+        if gated:
+            return down_proj(gated_activation(gate, up, cfg.hidden_act, gate.dtype))
+        return down_proj(activation(cfg.hidden_act)(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

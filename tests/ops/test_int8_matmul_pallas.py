@@ -14,15 +14,12 @@ Held to (see jint8/ops/int8_matmul/checks.py for the derivation of the float bou
 
 from __future__ import annotations
 
-import dataclasses
-import time
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jint8.errors import BackendUnavailableError, InvalidConfigError, ShapeError
-from jint8.ops.int8_matmul import api, checks, configs, int8_matmul, reference
+from jint8.errors import BackendUnavailableError, InvalidConfigError
+from jint8.ops.int8_matmul import api, checks, configs, reference
 from jint8.ops.int8_matmul.pallas_triton import (
     int8_accumulator_pallas,
     int8_matmul_pallas,
@@ -30,61 +27,7 @@ from jint8.ops.int8_matmul.pallas_triton import (
 )
 from jint8.ops.int8_matmul.pallas_triton_fused import fused_int8_matmul_reference
 from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows
-
-THRESHOLD = 6.0
-SMALL_QUANT = configs.QuantizeConfig(block_rows=4, block_cols=64, num_warps=4)
-
-
-def _gemm(**overrides):
-    fields = dict(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
-    return configs.Config(**{**fields, **overrides})
-
-
-PLANS = {
-    "kn": configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm()),
-    "kn_split3": configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(split_k=3)),
-    "nk_split3_in_kernel": configs.KernelPlan(
-        quantize=SMALL_QUANT, gemm=_gemm(weight_layout="nk", split_k=3, split_reduce="kernel")),
-    "kn_swap_ab": configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(swap_ab=True)),
-    "nk": configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(weight_layout="nk", block_m=32)),
-    "kn_transposed": configs.KernelPlan(quantize=SMALL_QUANT, transpose_weight=True,
-                                        gemm=_gemm(weight_layout="nk", block_m=32)),
-    # XLA's int8 GEMM, then the GEMM kernel's epilogue alone on its int32 result.
-    "nk_xla_gemm": configs.KernelPlan(quantize=SMALL_QUANT, gemm_path="xla_gemm",
-                                      gemm=_gemm(weight_layout="nk", block_m=32)),
-    "kn_xla_gemm": configs.KernelPlan(quantize=SMALL_QUANT, gemm_path="xla_gemm", gemm=_gemm()),
-}
-
-
-def _fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, reduce="xla"):
-    gemm = _gemm(block_m=configs.fused_block_m(m), block_k=block_k, weight_layout=layout,
-                 outlier_mode=mode, split_k=split_k, split_reduce=reduce)
-    return configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm, gemm_path="fused")
-
-
-FUSED_VARIANTS = {  # name: (weight layout, outlier_mode, split_k, split_reduce)
-    "nk_branch": ("nk", "branch", 1, "xla"),
-    "nk_dense": ("nk", "dense", 1, "xla"),
-    "kn_branch": ("kn", "branch", 1, "xla"),
-    "nk_split3": ("nk", "branch", 3, "xla"),
-    "nk_split3_in_kernel": ("nk", "branch", 3, "kernel"),  # the tile's last program sums
-}
-
-
-class _SeededRng:
-    """A numpy Generator that remembers its seed for failure messages."""
-
-    def __init__(self, seed):
-        self.seed_value = seed
-        self._generator = np.random.default_rng(seed)
-
-    def __getattr__(self, name):
-        return getattr(self._generator, name)
-
-
-@pytest.fixture
-def rng():
-    return _SeededRng(time.time_ns() % 2**31)
+from int8_plans import FUSED_VARIANTS, PLANS, SMALL_QUANT, THRESHOLD, fused_plan, gemm_config
 
 
 def _inputs(rng, m, k, n, dtype, outlier_cols, bias=False):
@@ -198,7 +141,7 @@ def test_output_within_derived_bound_of_float64_recipe(rng, m, k, n, dtype, outl
 def test_fused_int32_accumulator_equals_reference_int8_dot(rng, variant, m, k, n, outlier_cols,
                                                             rows):
     layout, mode, split_k, reduce = FUSED_VARIANTS[variant]
-    plan = _fused_plan(m, layout=layout, mode=mode, split_k=split_k, reduce=reduce)
+    plan = fused_plan(m, layout=layout, mode=mode, split_k=split_k, reduce=reduce)
     x, wq, _, _ = _inputs(rng, m, k, n, jnp.bfloat16, outlier_cols)
     if rows:
         x = jnp.asarray(_special_rows(x, rows), jnp.bfloat16)
@@ -221,7 +164,7 @@ def test_fused_int32_accumulator_equals_reference_int8_dot(rng, variant, m, k, n
 def test_fused_output_within_derived_bound_of_float64_recipe(rng, variant, m, k, n, dtype,
                                                              outlier_cols, bias, rows):
     layout, mode, split_k, reduce = FUSED_VARIANTS[variant]
-    plan = _fused_plan(m, layout=layout, mode=mode, split_k=split_k, reduce=reduce)
+    plan = fused_plan(m, layout=layout, mode=mode, split_k=split_k, reduce=reduce)
     x, wq, col_scales, b = _inputs(rng, m, k, n, dtype, outlier_cols, bias)
     if rows:
         x = jnp.asarray(_special_rows(x, rows), dtype)
@@ -246,7 +189,7 @@ def test_fused_output_within_derived_bound_of_float64_recipe(rng, variant, m, k,
 
 
 def test_fused_kernel_refuses_more_rows_than_its_block():
-    plan = _fused_plan(16)
+    plan = fused_plan(16)
     x = jnp.ones((17, 64), jnp.float32)
     with pytest.raises(ValueError, match="block_m"):
         int8_matmul_pallas(x, jnp.ones((8, 64), jnp.int8), jnp.ones((8,), jnp.float32),
@@ -270,16 +213,16 @@ def test_cpu_dispatch_falls_through_to_xla_and_refuses_forced_pallas():
                                          ("split_reduce", "atomic")])
 def test_config_rejects_bad_field_naming_it(field, value):
     with pytest.raises(InvalidConfigError, match=field):
-        _gemm(**{field: value})
+        gemm_config(**{field: value})
 
 
 def test_plan_rejects_unknown_path_and_transposing_into_kn():
     with pytest.raises(InvalidConfigError, match="gemm_path"):
-        configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(), gemm_path="xla")
+        configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm_config(), gemm_path="xla")
     with pytest.raises(InvalidConfigError, match="split_k"):
-        configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(split_k=2), gemm_path="xla_gemm")
+        configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm_config(split_k=2), gemm_path="xla_gemm")
     with pytest.raises(InvalidConfigError, match="transpose_weight"):
-        configs.KernelPlan(quantize=SMALL_QUANT, gemm=_gemm(), transpose_weight=True)
+        configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm_config(), transpose_weight=True)
 
 
 def test_tuned_tables_load_and_unknown_gpus_get_the_default_plan():
@@ -304,103 +247,3 @@ def test_tuned_tables_load_and_unknown_gpus_get_the_default_plan():
     assert [paths[m].gemm_path for m in (16, 64, 65, 256, 4096)] == [
         "fused", "pallas", "xla_gemm", "xla_gemm", "xla_gemm"]
     assert all(p.gemm.split_k == 1 for p in paths.values() if p.gemm_path == "xla_gemm")
-
-
-@pytest.mark.parametrize("m,k,n,split_k", [(1, 77, 45, 1), (3, 200, 129, 3), (16, 1500, 20, 1)])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("unit_offset", [False, True])
-def test_fused_kernel_folds_the_input_norm_exactly(rng, m, k, n, split_k, dtype, unit_offset):
-    """int8_matmul(x, norm=n) on the fused route: the kernel's prologue normalises x as
-    reference.rms_norm does (Llama's two roundings, Gemma's one), so its int32 accumulator equals
-    the reference's on n(x), and its output matches int8_matmul_reference(x, norm=n)."""
-    x, scale, wq = checks.exact_norm_inputs(rng, m, k, n, dtype)
-    norm = reference.InputNorm(scale, 1e-5, unit_offset)
-    plan = _fused_plan(m, split_k=split_k)
-    acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64, plan=plan,
-                                  norm=norm, interpret=True)
-    xq, _, col_mask = reference.quantize_rows(norm(x), THRESHOLD)
-    assert int(col_mask.sum()) >= 1
-    want = reference.int8_dot(xq, wq, "nk")
-    np.testing.assert_array_equal(np.asarray(acc), np.asarray(want), err_msg=f"seed {rng.seed_value}")
-    col_scales = jnp.asarray(rng.uniform(0.01, 2.0, n), jnp.float32)
-    y, stats = int8_matmul_pallas(x, wq, col_scales, threshold=THRESHOLD, outlier_capacity=64,
-                                  weight_layout="nk", norm=norm, plan=plan, interpret=True)
-    y_ref, ref_stats = reference.int8_matmul_reference(
-        x, wq, col_scales, threshold=THRESHOLD, outlier_capacity=64, weight_layout="nk", norm=norm)
-    assert int(stats.num_outlier_columns) == int(ref_stats.num_outlier_columns)
-    y, y_ref = np.asarray(y, np.float64), np.asarray(y_ref, np.float64)
-    # The two differ only in the outlier stream's rounding (fused_int8_matmul_reference).
-    assert np.max(np.abs(y - y_ref)) <= 2e-2 * np.max(np.abs(y_ref)), f"seed {rng.seed_value}"
-
-
-def test_input_norm_on_every_route_equals_normalising_first(rng):
-    """Routes without the fused kernel call norm(x) and then run as before: same bits."""
-    x, scale, wq = checks.exact_norm_inputs(rng, 70, 129, 33, jnp.bfloat16)
-    x = x + jnp.asarray(rng.standard_normal(x.shape) * 0.1, jnp.bfloat16)  # any x here
-    norm = reference.InputNorm(scale, 1e-6)
-    col_scales = jnp.asarray(rng.uniform(0.01, 2.0, 33), jnp.float32)
-    for name in ("nk", "nk_xla_gemm"):
-        kwargs = dict(threshold=THRESHOLD, outlier_capacity=64, weight_layout="nk",
-                      plan=PLANS[name], interpret=True)
-        folded, _ = int8_matmul_pallas(x, wq, col_scales, norm=norm, **kwargs)
-        first, _ = int8_matmul_pallas(norm(x), wq, col_scales, **kwargs)
-        np.testing.assert_array_equal(np.asarray(folded), np.asarray(first), err_msg=name)
-
-
-def test_input_norm_scale_must_match_k():
-    x = jnp.ones((2, 8), jnp.bfloat16)
-    wq = jnp.ones((4, 8), jnp.int8)
-    with pytest.raises(ShapeError, match="norm.scale.shape"):
-        int8_matmul(x, wq, jnp.ones((4,), jnp.float32), weight_layout="nk",
-                    norm=reference.InputNorm(jnp.ones((7,), jnp.bfloat16), 1e-6))
-
-
-def test_llama_decode_folds_its_norms_into_the_fused_kernel(monkeypatch):
-    """A tiny int8 Llama (fused q|k|v and gate|up, as fuse_projections makes them) decoded with
-    the Pallas backend in interpret mode: the qkv and gate_up projections get the layer's
-    RMSNorm folded into the fused kernel (no normalised x materialised), and the logits match
-    the XLA backend's, which normalises first."""
-    import functools
-
-    import jax
-
-    import jint8
-    from jint8.models import LlamaConfig, LlamaForCausalLM
-    from jint8.models.common import init_cache
-    from jint8.ops.int8_matmul import pallas_triton
-
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=32,
-                         dtype=jnp.float32)
-    model = LlamaForCausalLM(config)
-    params = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
-    params = jax.tree.map(lambda p: p * 2.0 if p.ndim == 2 else p + 0.5, params)  # live outliers
-    params = jint8.quantize_params(jint8.fuse_projections(params),
-                                   jint8.Int8Config(min_size=0, outlier_capacity=64))
-    ids = jnp.asarray(np.random.default_rng(0).integers(1, 96, (1, 6)), jnp.int32)
-
-    def decode_logits():  # batch 1: Int8Dense folds only up to configs.FUSED_NORM_MAX_M rows
-        _, cache = model.apply({"params": params}, ids[:, :5],
-                               cache=init_cache(config, 1, 16, jnp.float32), cache_index=0)
-        logits, _ = model.apply({"params": params}, ids[:, 5:], cache=cache, cache_index=5)
-        return np.asarray(logits[:, -1], np.float64)
-
-    monkeypatch.setenv("JINT8_BACKEND", "xla")
-    want = decode_logits()
-    folded = []
-    fused = pallas_triton.fused_int8_matmul
-
-    def spy(x, w, col_scales, bias, norm=None, **kwargs):
-        folded.append(norm is not None)
-        return fused(x, w, col_scales, bias, norm, **kwargs)
-
-    monkeypatch.setattr(pallas_triton, "fused_int8_matmul", spy)
-    interpret = api.Backend("interpret", functools.partial(pallas_triton.int8_matmul_pallas,
-                                                           interpret=True), lambda x, w: None)
-    monkeypatch.setattr(api, "_BACKENDS", [interpret, *api._BACKENDS])
-    monkeypatch.setenv("JINT8_BACKEND", "interpret")
-    got = decode_logits()
-    # Traced once per shape: decode's qkv and gate_up fold their norm; o, down, lm_head and
-    # the 5-row prefill (more than FUSED_NORM_MAX_M rows) do not.
-    assert folded.count(True) == 2 and folded.count(False) >= 3
-    np.testing.assert_allclose(got, want, atol=2e-3 * np.max(np.abs(want)))

@@ -118,13 +118,17 @@ def _kernel(q_ref, k_ref, v_ref, *refs, columns: Columns, has_rope: bool, layer:
     plgpu.store(v_out_ref.at[layer, b, slot + one[:, None], j, hs[None, :]],
                 v_new.astype(v_out_ref.dtype), mask=writes)
 
+    # The step's own slot comes from registers: whole tiles, built once outside the loop.
+    k_fill = jnp.broadcast_to(k_new.astype(k_cache_ref.dtype), (block_s, h))
+    v_fill = jnp.broadcast_to(v_new.astype(v_cache_ref.dtype), (block_s, h))
+
     def step(i, carry):
         m, l, acc = carry
         ss = first + i * block_s + jnp.arange(block_s)
         ok = ss < last
-        mine = (ss == slot)[:, None]  # the step's own slot: this program's registers, not memory
+        mine = (ss == slot)[:, None]  # the step's own slot: not read back from memory
         k = plgpu.load(k_cache_ref.at[layer, b, ss[:, None], j, hs[None, :]], mask=ok[:, None], other=0)
-        k = jnp.where(mine, k_new.astype(k.dtype), k)
+        k = jnp.where(mine, k_fill, k)
         logits = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32) * scale
         valid = plgpu.load(valid_ref.at[b, ss], mask=ok, other=0) > 0
@@ -134,7 +138,7 @@ def _kernel(q_ref, k_ref, v_ref, *refs, columns: Columns, has_rope: bool, layer:
         probs = jnp.exp(logits - m_new[:, None])
         l = l * alpha + jnp.sum(probs, axis=1)
         v = plgpu.load(v_cache_ref.at[layer, b, ss[:, None], j, hs[None, :]], mask=ok[:, None], other=0)
-        v = jnp.where(mine, v_new.astype(v.dtype), v)
+        v = jnp.where(mine, v_fill, v)
         pv = jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
         return m_new, l, acc * alpha[:, None] + pv

@@ -9,6 +9,7 @@ from jint8.ops.int8_matmul.api import (
     select_backend,
 )
 from jint8.ops.int8_matmul.reference import (
+    InputGate,
     InputNorm,
     Int8MatmulStats,
     dequantize_accumulator,
@@ -25,6 +26,7 @@ register_backend(_pallas_triton.BACKEND, first=True)
 __all__ = [
     "BACKEND_ENV_VAR",
     "Backend",
+    "InputGate",
     "InputNorm",
     "Int8MatmulStats",
     "available_backends",

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from jint8.errors import BackendUnavailableError, InvalidConfigError, ShapeError
-from jint8.ops.int8_matmul.reference import InputNorm, Int8MatmulStats, int8_matmul_reference
+from jint8.ops.int8_matmul.reference import (
+    InputGate, InputNorm, Int8MatmulStats, int8_matmul_reference,
+)
 
 _logger = logging.getLogger("jint8")
 
@@ -26,7 +28,7 @@ BACKEND_ENV_VAR = "JINT8_BACKEND"
 class Int8MatmulImpl(Protocol):
     def __call__(
         self,
-        x: jax.Array,  # [M, K]
+        x: jax.Array,  # [M, K] ([M, 2K] with a gate)
         wq: jax.Array,  # [K, N] int8 ("kn") or [N, K] ("nk")
         col_scales: jax.Array,  # [N] float32
         bias: Optional[jax.Array],  # [N]
@@ -36,6 +38,7 @@ class Int8MatmulImpl(Protocol):
         out_dtype,
         weight_layout: str,
         norm: Optional[InputNorm],
+        gate: Optional[InputGate],
     ) -> tuple[jax.Array, Int8MatmulStats]: ...
 
 
@@ -99,6 +102,7 @@ def int8_matmul(
     backend: Optional[str] = None,
     return_stats: bool = False,
     norm: Optional[InputNorm] = None,
+    gate: Optional[InputGate] = None,
 ):
     """LLM.int8() matmul with outlier decomposition.
 
@@ -119,13 +123,22 @@ def int8_matmul(
         kernel does it in its prologue, so a model's norm costs no kernel of its own. Its
         float32 sum of squares may be summed in another order than XLA's (last-bit differences
         in 1/rms); every other route is bit-identical to int8_matmul(norm(x), ...).
+      gate: an InputGate: x is [..., 2K] = gate | up (a fused gate_up projection's output) and
+        the op's input is act(gate) * up in x.dtype (reference.gated_activation's roundings);
+        the decode kernel forms it in its prologue, so no multiply kernel runs. Its float32
+        sigmoid (exp, division) may differ from XLA's in the last bit on a GPU; every other
+        route is bit-identical to int8_matmul(gate(x), ...). Not together with norm.
     Returns:
       [..., N] in out_dtype (and the stats when asked).
     """
-    _validate(x, wq, col_scales, bias, threshold, outlier_capacity, weight_layout)
+    if norm is not None and gate is not None:
+        raise InvalidConfigError("int8_matmul: norm= and gate= cannot be combined (an RMSNorm "
+                                 "and a gated activation of one input); apply one first")
+    _validate(x, wq, col_scales, bias, threshold, outlier_capacity, weight_layout, gate)
     if norm is not None and norm.scale.shape != (x.shape[-1],):
         raise ShapeError(
             f"int8_matmul: norm.scale.shape={norm.scale.shape} must be ({x.shape[-1]},), x's last axis")
+    k = wq.shape[0] if weight_layout == "kn" else wq.shape[1]
     batch_shape = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     chosen = select_backend(x2d, wq, backend)
@@ -135,16 +148,17 @@ def int8_matmul(
         col_scales,
         bias,
         threshold=float(threshold),
-        outlier_capacity=min(int(outlier_capacity), x.shape[-1]),
+        outlier_capacity=min(int(outlier_capacity), k),
         out_dtype=out_dtype or x.dtype,
         weight_layout=weight_layout,
         norm=norm,
+        gate=gate,
     )
     y = y.reshape(*batch_shape, col_scales.shape[0])
     return (y, stats) if return_stats else y
 
 
-def _validate(x, wq, col_scales, bias, threshold, outlier_capacity, weight_layout):
+def _validate(x, wq, col_scales, bias, threshold, outlier_capacity, weight_layout, gate):
     if weight_layout not in ("kn", "nk"):
         raise InvalidConfigError(f"int8_matmul: weight_layout={weight_layout!r} must be 'kn' or 'nk'")
     layout = "[K, N]" if weight_layout == "kn" else "[N, K]"
@@ -155,7 +169,12 @@ def _validate(x, wq, col_scales, bias, threshold, outlier_capacity, weight_layou
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ShapeError(f"int8_matmul: x must be floating point, got {x.dtype}")
     k, n = wq.shape if weight_layout == "kn" else wq.shape[::-1]
-    if x.ndim < 1 or x.shape[-1] != k:
+    if gate is not None and (x.ndim < 1 or x.shape[-1] != 2 * k):
+        raise ShapeError(
+            f"int8_matmul: with gate={gate}, x.shape={x.shape} must end in 2 * K = {2 * k} "
+            f"(gate | up) for wq.shape={wq.shape} (weight_layout={weight_layout!r}, wq is {layout})"
+        )
+    if gate is None and (x.ndim < 1 or x.shape[-1] != k):
         raise ShapeError(
             f"int8_matmul: x.shape={x.shape} does not contract with wq.shape={wq.shape} "
             f"(weight_layout={weight_layout!r}, wq is {layout})"

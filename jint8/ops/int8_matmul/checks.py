@@ -1,6 +1,6 @@
 """Float64 evaluation of the LLM.int8() recipe and the error bound kernels are held to.
 
-Shared by tests/ops/test_int8_matmul_pallas.py (interpret mode, CPU) and benchmarks/gpu_check.py.
+Shared by tests/ops/ (interpret mode, CPU) and benchmarks/gpu_check.py.
 
 The bound, per output element, against the recipe evaluated in float64 on the same quantized
 inputs (xq, s_x are exact: the tests check them bit for bit):
@@ -104,3 +104,24 @@ def exact_norm_inputs(rng, m: int, k: int, n: int, dtype):
     x[:, outliers], scale[outliers] = 40.0, 4.0
     wq = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
     return jnp.asarray(x, dtype), jnp.asarray(scale, dtype), wq
+
+
+def exact_gate_inputs(rng, m: int, k: int, n: int, dtype, *, outliers: bool = True):
+    """(x [M, 2K] = gate | up, wq [N, K]) for exact checks of a folded silu InputGate.
+
+    Every gate is 0, an integer in [20, 48] or one in [-200, -104]: there any float32 silu is
+    exact, whatever its exp and division (sigmoid rounds to 1, or exp overflows and it is 0), so
+    silu(gate) is 0, gate or -0 on every backend. up is a multiple of 1/256 with |up| <= 30/256,
+    so act * up is exact in float32 and rounded once to dtype: a kernel's op input must equal
+    reference.InputGate's bit for bit. |act * up| <= 5.7 < 6; with `outliers`, three columns
+    hold gate 32 and up 0.5 (16 in every row), so outlier columns exist.
+    """
+    kind = rng.integers(0, 3, (m, k))
+    gate = np.where(kind == 0, 0, np.where(kind == 1, rng.integers(20, 49, (m, k)),
+                                            -rng.integers(104, 201, (m, k))))
+    up = rng.integers(-30, 31, (m, k)) / 256
+    if outliers:
+        columns = rng.choice(k, 3, replace=False)
+        gate[:, columns], up[:, columns] = 32, 0.5
+    wq = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
+    return jnp.asarray(np.concatenate([gate, up], axis=1), dtype), wq

@@ -36,6 +36,12 @@ FUSED_MAX_M = 16
 # Measured end to end on the H100 (Llama-3-8B shape, int8 fused, 2026-11-23): batch 1 272.3
 # tok/s folded vs 266.9 not; batch 8 1640 folded vs 1723 not (every program sweeps 8 rows twice).
 FUSED_NORM_MAX_M = 1
+# Largest M for which Int8Dense folds a deferred gated activation (GatedInput: silu(gate) * up
+# of a fused gate_up output) into down_proj's int8_matmul (gate=); larger M apply it first.
+# Set as FUSED_NORM_MAX_M, not yet measured on a GPU: every program forms silu(gate) * up (an
+# exp and a division per element) for its absmax sweep and its K loop, on the one row at M = 1
+# but on all block_m rows of each K tile above, which may cost more than the multiply kernel.
+FUSED_GATE_MAX_M = 1
 
 
 def _check_pow2(name: str, value: int, lo: int, hi: int) -> None:

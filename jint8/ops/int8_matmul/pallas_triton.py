@@ -44,21 +44,25 @@ def int8_matmul_pallas(
     out_dtype=None,
     weight_layout: str = "kn",
     norm: Optional[reference.InputNorm] = None,
+    gate: Optional[reference.InputGate] = None,
     plan: Optional[KernelPlan] = None,
     interpret: bool = False,
     poison_output: bool = False,
 ) -> tuple[jax.Array, reference.Int8MatmulStats]:
-    """LLM.int8() matmul, x: [M, K] float, wq: [K, N] int8, col_scales: [N] f32 -> [M, N].
+    """LLM.int8() matmul, x: [M, K] float ([M, 2K] with a gate), wq: [K, N] int8, col_scales:
+    [N] f32 -> [M, N].
 
     weight_layout: "kn" (wq[K, N]) or "nk" (wq[N, K], K-major, what Int8Weight stores).
     norm: an RMSNorm applied to x first: in the fused kernel's prologue, else by XLA.
+    gate: x is [M, 2K] = gate | up, the op's input act(gate) * up: formed in the fused kernel's
+      prologue, else by XLA.
     plan: kernels and tiles; default: the tuned plan of the current GPU, this shape and this
       weight layout. An explicit plan must take this layout (plan.reads_layout()).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
     poison_output: the GEMM writes into a NaN-filled buffer (GPU check: unwritten tiles show).
     """
-    m, k = x.shape
-    n = col_scales.shape[0]
+    m = x.shape[0]
+    k, n = wq.shape if weight_layout == "kn" else wq.shape[::-1]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if plan is None:
         plan = plan_for(jax.devices()[0].device_kind, m, k, n, weight_layout)
@@ -67,7 +71,7 @@ def int8_matmul_pallas(
             f"plan reads weight_layout={plan.reads_layout()!r} != weight_layout={weight_layout!r}"
         )
     return _int8_matmul_pallas(
-        x, wq, col_scales, bias, norm, threshold=float(threshold),
+        x, wq, col_scales, bias, norm, gate, threshold=float(threshold),
         outlier_capacity=int(outlier_capacity), out_dtype=out_dtype, plan=plan,
         interpret=interpret, poison_output=poison_output,
     )
@@ -78,24 +82,24 @@ def int8_matmul_pallas(
     static_argnames=("threshold", "outlier_capacity", "out_dtype", "plan", "interpret",
                      "poison_output", "accumulator_only"),
 )
-def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, *, threshold, outlier_capacity,
-                        out_dtype, plan, interpret, poison_output=False, accumulator_only=False):
+def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, *, threshold,
+                        outlier_capacity, out_dtype, plan, interpret, poison_output=False,
+                        accumulator_only=False):
     if plan.gemm_path == "fused":
         # Stats in plain jnp: XLA drops them when the caller does not use them. No capacity
         # on this route, so it never overflows.
-        normed = x if norm is None else norm(x)
-        num_outliers = jnp.sum(reference.outlier_column_mask(normed, threshold), dtype=jnp.int32)
+        op_input = reference.op_input(x, norm, gate)
+        num_outliers = jnp.sum(reference.outlier_column_mask(op_input, threshold), dtype=jnp.int32)
         stats = reference.Int8MatmulStats(num_outliers, jnp.zeros((), bool))
         y = fused_int8_matmul(
             x, wq, col_scales,
             jnp.zeros((col_scales.shape[0],), jnp.float32) if bias is None else bias,
-            norm, config=plan.gemm, threshold=threshold, out_dtype=out_dtype,
+            norm, gate=gate, config=plan.gemm, threshold=threshold, out_dtype=out_dtype,
             has_bias=bias is not None, accumulator_only=accumulator_only,
             poison_output=poison_output, interpret=interpret,
         )
         return y, stats
-    if norm is not None:
-        x = norm(x)
+    x = reference.op_input(x, norm, gate)
     if plan.transpose_weight:
         wq = wq.T  # [K, N] -> K-major [N, K] for the GEMM (KernelPlan.transpose_weight)
     layout = plan.gemm.weight_layout
@@ -133,14 +137,14 @@ def _padded_capacity(capacity: int) -> int:
 
 
 def int8_accumulator_pallas(x, wq, *, threshold: float, outlier_capacity: int,
-                            plan: KernelPlan, norm=None, interpret: bool = False,
+                            plan: KernelPlan, norm=None, gate=None, interpret: bool = False,
                             poison_output=False):
     """[M, N] int32 accumulator of the plan's GEMM (checks): equals
-    reference.int8_dot(*reference.quantize_rows(x, threshold)[:1], wq) exactly (with a norm:
-    of norm(x), where the kernel's 1/rms has the same bits)."""
+    reference.int8_dot(*reference.quantize_rows(x, threshold)[:1], wq) exactly (with a norm or
+    a gate: of reference.op_input(x, norm, gate), where the kernel forms the same bits)."""
     n = wq.shape[1] if plan.reads_layout() == "kn" else wq.shape[0]
     acc, _ = _int8_matmul_pallas(
-        x, wq, jnp.ones((n,), jnp.float32), None, norm, threshold=float(threshold),
+        x, wq, jnp.ones((n,), jnp.float32), None, norm, gate, threshold=float(threshold),
         outlier_capacity=int(outlier_capacity), out_dtype=jnp.dtype(jnp.int32), plan=plan,
         interpret=interpret, poison_output=poison_output, accumulator_only=True,
     )

@@ -13,7 +13,10 @@ One program owns all M rows (M <= block_m <= 64) and block_n output features; th
 With an InputNorm (int8_matmul(norm=...): the RMSNorm in front of a Llama projection) a first
 sweep sums each row's squares for 1/rms, and every x above (the absmax sweep's chunks and the K
 loop's tiles) is the loaded tile normalised with reference.rms_norm's operations and roundings,
-so the norm needs no kernel of its own.
+so the norm needs no kernel of its own. With an InputGate (int8_matmul(gate=...): Llama's
+down_proj reading the [M, 2K] gate_up output) every x above is act(gate) * up, formed from the
+gate tile and the up tile K columns further with reference.gated_activation's roundings, so the
+multiply needs no kernel of its own either (_Prologue).
 No capacity, no index list, no lax.cond outside the kernel: every outlier column is found where
 its x tile is loaded, so the result is exact to the recipe for any number of outlier columns.
 
@@ -49,6 +52,7 @@ from jint8.ops.int8_matmul.pallas_triton_gemm import (
 from jint8.ops.int8_matmul.pallas_triton_quantize import _inverse_scale, round_half_even
 from jint8.ops.int8_matmul import reference
 from jint8.ops.int8_matmul.reference import INV_127, INV_127_SQ
+from jint8.ops.rounding import round_to
 
 # The row-absmax sweep loads [rows, 8192 / rows] chunks (16 KiB of bf16), _ABSMAX_UNROLL of them
 # per loop iteration: they are independent loads, so their L2 latencies overlap (measured at
@@ -57,14 +61,14 @@ _ABSMAX_CHUNK_ELEMENTS = 8192
 _ABSMAX_UNROLL = 4
 
 
-def _sweep_rows(x_ref, value, reduce: str):
-    """[rows_p] float32: the max or sum (reduce) of value(x chunk, cols) over K, per row.
+def _sweep_rows(load, m: int, k: int, value, reduce: str):
+    """[rows_p] float32: the max or sum (reduce) of value(tile) over K, per row, where
+    load(rows, cols, row_ok, col_ok) gives the [rows, cols] tile of an [M, K] input.
 
     The sweep runs on M rounded up to a power of two (rows_p: 1 for decode), not on block_m
     (>= 16 for the MMA), so an M = 1 call loads one row instead of 16 masked ones (_spread
     widens the result). Loads past K or M read 0; value must map 0 to 0.
     """
-    m, k = x_ref.shape
     rows_p = 1 << (m - 1).bit_length()
     chunk = min(max(_ABSMAX_CHUNK_ELEMENTS // rows_p, 128), 1 << (k - 1).bit_length())
     unroll = min(_ABSMAX_UNROLL, pl.cdiv(k, chunk))
@@ -76,8 +80,8 @@ def _sweep_rows(x_ref, value, reduce: str):
     def sweep(i, total):
         for j in range(unroll):
             cols = (i * unroll + j) * chunk + jnp.arange(chunk)
-            x = _load(x_ref, rows, cols, row_ok, cols < k if k % (chunk * unroll) else None)
-            total = combine(total, chunk_reduce(value(x, cols), axis=1))
+            tile = load(rows, cols, row_ok, cols < k if k % (chunk * unroll) else None)
+            total = combine(total, chunk_reduce(value(tile), axis=1))
         return total
 
     return jax.lax.fori_loop(0, pl.cdiv(k, chunk * unroll), sweep, jnp.zeros((rows_p,), jnp.float32))
@@ -92,57 +96,71 @@ def _spread(per_row, block_m: int):
     return jnp.max(jnp.where(spread, per_row[None, :], 0.0), axis=1)
 
 
-class _Norm:
-    """The InputNorm of the call (or none): 1/rms per row, then reference.rms_norm's ops per tile."""
+class _Prologue:
+    """How the kernel reads the op's [M, K] input from x_ref: as stored; through the call's
+    InputNorm (x_ref [M, K]: 1/rms per row from a first sweep, then reference.rms_norm's ops per
+    tile); or through its InputGate (x_ref [M, 2K] = gate | up: each tile is
+    reference.gated_activation of the gate tile (columns cols) and the up tile (cols + K))."""
 
-    def __init__(self, scale_ref, norm, x_ref, *, interpret: bool):
-        self.scale_ref, self.norm, self.k = scale_ref, norm, x_ref.shape[1]
-        self.interpret = interpret
-        self.inverse_rms = None
+    def __init__(self, x_ref, scale_ref, *, norm, gate, interpret: bool):
+        self.x_ref, self.scale_ref, self.norm, self.gate = x_ref, scale_ref, norm, gate
+        self.round = functools.partial(round_to, interpret=interpret)
+        self.m, width = x_ref.shape
+        self.k = width // 2 if gate is not None else width
+        self.inverse_rms = None  # [rows_p], the rows of _sweep_rows
         if norm is not None:  # one sweep for the sum of squares, as jnp.mean: sum / K
-            squares = _sweep_rows(x_ref, lambda x, cols: jnp.square(x.astype(jnp.float32)), "sum")
+            squares = _sweep_rows(functools.partial(_load, x_ref), self.m, self.k,
+                                  lambda x: jnp.square(x.astype(jnp.float32)), "sum")
             self.inverse_rms = jax.lax.rsqrt(squares / self.k + norm.eps)
 
-    def __call__(self, x, cols, inverse_rms):
-        """The x tile [rows, cols] normalised (as given without a norm); rows match inverse_rms."""
+    def load(self, rows, cols, row_ok, col_ok, inverse_rms=None):
+        """The input's [rows, cols] tile in x.dtype (rows from 0); inverse_rms: 1/rms of these
+        rows (norm)."""
+        if self.gate is not None:
+            return self._gated(rows, cols, row_ok, col_ok)
+        x = _load(self.x_ref, rows, cols, row_ok, col_ok)
         if self.norm is None:
             return x
         xf = x.astype(jnp.float32) * inverse_rms[:, None]
         scale = _load_vector(self.scale_ref, cols, cols < self.k if self.k % cols.shape[0] else None)
         scale = scale.astype(jnp.float32)[None, :]
         if self.norm.unit_offset:
-            return self._round(xf * (1.0 + scale), x.dtype)
+            return self.round(xf * (1.0 + scale), x.dtype)
         # scale.astype(dtype) * xf.astype(dtype): the product of two 16-bit floats is exact in
         # float32, so one more rounding gives the 16-bit product.
-        return self._round(scale * self._round(xf, x.dtype).astype(jnp.float32), x.dtype)
+        return self.round(scale * self.round(xf, x.dtype).astype(jnp.float32), x.dtype)
 
-    def _round(self, value, dtype):
-        """value (float32) rounded to dtype. Interpret mode runs this body through XLA:CPU,
-        whose excess-precision rule may drop a float32 -> 16-bit -> float32 round trip: there
-        reduce_precision rounds explicitly (Triton keeps every cast, and has no such op)."""
-        if self.interpret:
-            finfo = jnp.finfo(dtype)
-            value = jax.lax.reduce_precision(value, finfo.nexp, finfo.nmant)
-        return value.astype(dtype)
+    def _gated(self, rows, cols, row_ok, col_ok):
+        if self.m == 1 and rows.shape[0] > 1:
+            # Decode: silu's exp and division on the one row, zero-padded to the tile's >= 16
+            # (the int8 MMA's minimum), not on 16 rows of which 15 are masked.
+            gated = self._gated(jnp.arange(1), cols, None, col_ok)
+            return jnp.where(rows[:, None] == 0, gated, jnp.zeros_like(gated))
+        gate = _load(self.x_ref, rows, cols, row_ok, col_ok)
+        up = _load(self.x_ref, rows, cols + self.k, row_ok, col_ok)
+        return reference.gated_activation(gate, up, self.gate.activation, gate.dtype, self.round)
 
 
-def _row_absmax(x_ref, normalize: _Norm, *, block_m: int, threshold: float):
+def _row_absmax(prologue: _Prologue, *, block_m: int, threshold: float):
     """[block_m] float32: per row max |x| over elements below the threshold (0 past row M)."""
 
-    def magnitude(x, cols):
-        if normalize.inverse_rms is not None:
-            x = normalize(x, cols, normalize.inverse_rms)
+    def load(rows, cols, row_ok, col_ok):
+        return prologue.load(rows, cols, row_ok, col_ok, prologue.inverse_rms)
+
+    def magnitude(x):
         value = jnp.abs(x.astype(jnp.float32))
         return jnp.where(value >= threshold, 0.0, value) if threshold > 0 else value
 
-    return _spread(_sweep_rows(x_ref, magnitude, "max"), block_m)
+    return _spread(_sweep_rows(load, prologue.m, prologue.k, magnitude, "max"), block_m)
 
 
-def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, norm,
+def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, norm, gate,
                   config: Config, threshold: float, has_bias: bool, accumulator_only: bool,
                   interpret: bool):
     *norm_scale_ref, out = norm_scale_and_out
-    m, k = x_ref.shape
+    prologue = _Prologue(x_ref, norm_scale_ref[0] if norm_scale_ref else None, norm=norm,
+                         gate=gate, interpret=interpret)
+    m, k = prologue.m, prologue.k
     nk_layout = config.weight_layout == "nk"
     n = w_ref.shape[0] if nk_layout else w_ref.shape[1]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
@@ -150,10 +168,8 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, n
     tile = _Tile(rows=jnp.arange(bm), cols=pl.program_id(0) * bn + jnp.arange(bn), m=m, n=n)
     has_outliers = threshold > 0
 
-    normalize = _Norm(norm_scale_ref[0] if norm_scale_ref else None, norm, x_ref,
-                      interpret=interpret)
-    row_max = _row_absmax(x_ref, normalize, block_m=bm, threshold=threshold)
-    inverse_rms = None if norm is None else _spread(normalize.inverse_rms, bm)
+    row_max = _row_absmax(prologue, block_m=bm, threshold=threshold)
+    inverse_rms = None if norm is None else _spread(prologue.inverse_rms, bm)
     # reference.quantize_rows: 127 / s rounded as XLA rounds it, 0 for an all-zero row.
     safe = jnp.where(row_max > 0, row_max, 1.0)
     inverse = jnp.where(row_max > 0, _inverse_scale(safe, interpret=interpret), 0.0)
@@ -167,7 +183,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, n
         acc, stream = carry
         ks = i * bk + jnp.arange(bk)
         k_ok = ks < k if k % bk else None
-        x = normalize(_load(x_ref, tile.rows, ks, tile.row_ok, k_ok), ks, inverse_rms)
+        x = prologue.load(tile.rows, ks, tile.row_ok, k_ok, inverse_rms)
         w = _load_weight(w_ref, ks, tile, k_ok, nk_layout)
         xf = x.astype(jnp.float32)
         q = round_half_even(xf * inverse[:, None], interpret=interpret)
@@ -213,30 +229,36 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, n
                      "poison_output", "interpret"),
 )
 def fused_int8_matmul(
-    x, w, col_scales, bias, norm=None, *, config: Config, threshold: float, out_dtype, has_bias: bool,
-    accumulator_only: bool = False, poison_output: bool = False, interpret: bool = False,
+    x, w, col_scales, bias, norm=None, gate=None, *, config: Config, threshold: float, out_dtype,
+    has_bias: bool, accumulator_only: bool = False, poison_output: bool = False,
+    interpret: bool = False,
 ):
     """The one-launch LLM.int8() matmul (module docstring).
 
     Args:
-      x: [M, K] float activations, M <= config.block_m.
+      x: [M, K] float activations ([M, 2K] with a gate), M <= config.block_m.
       w: [K, N] int8 (config.weight_layout "kn") or [N, K] ("nk").
       col_scales: [N] f32; bias: [N] (read only if has_bias).
       norm: optional reference.InputNorm: x is normalised in the kernel (a sum-of-squares sweep
         before the absmax sweep; each loaded x tile normalised as reference.rms_norm does).
+      gate: optional reference.InputGate: x is [M, 2K] = gate | up, and every loaded tile of the
+        op's input (absmax sweep and K loop) is act(gate) * up as reference.gated_activation
+        computes it. Not with norm.
       accumulator_only: return the int32 [M, N] accumulator xq[:, not O] @ wq instead (checks).
       poison_output: start from a NaN-filled (int32: INT32_MIN) output buffer, aliased into the
         kernel's output, so the GPU check sees any element the kernel did not write.
     Returns:
       [M, N] out_dtype (int32 with accumulator_only).
     """
-    m, k = x.shape
+    m = x.shape[0]
     n = w.shape[0] if config.weight_layout == "nk" else w.shape[1]
+    if norm is not None and gate is not None:
+        raise ValueError("fused kernel: norm and gate cannot both be given")
     if m > config.block_m:
         raise ValueError(f"fused kernel: M={m} must be <= block_m={config.block_m}")
     kernel = functools.partial(
         _fused_kernel, norm=None if norm is None else dataclasses.replace(norm, scale=None),
-        config=config, threshold=threshold, has_bias=has_bias,
+        gate=gate, config=config, threshold=threshold, has_bias=has_bias,
         accumulator_only=accumulator_only, interpret=interpret,
     )
     operands = [x, w, col_scales, bias] + ([] if norm is None else [norm.scale])

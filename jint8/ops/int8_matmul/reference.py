@@ -36,6 +36,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jint8.errors import InvalidConfigError
+
 # bitsandbytes' literal constants, kept bit-for-bit: 1/127^2 and 1/127 as float32.
 INV_127_SQ = 6.200124e-05
 INV_127 = 7.874015718698502e-3
@@ -79,6 +81,63 @@ def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float, unit_offset: bool, d
     if unit_offset:
         return (xf * (1.0 + scale.astype(jnp.float32))).astype(dtype)
     return scale.astype(dtype) * xf.astype(dtype)
+
+
+# transformers' hidden_act names of the gated activations an InputGate applies. silu's float32
+# ops (exp, an add, a division, a product) leave a compiler no multiply-add to contract into an
+# FMA: XLA gives the same bits under jit and op by op, and a kernel can give them too (a GPU's
+# exp or division may still differ between XLA and Triton in the last bit; gpu_check --gate
+# counts it). The tanh GELU is left out: XLA:CPU alone gives other bits for
+# x + 0.044715 * x**3 under jit (a contracted FMA) than op by op, so no kernel can match it.
+GATE_ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu}
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["activation"])
+@dataclasses.dataclass(frozen=True)
+class InputGate:
+    """A gated activation the op applies to x before the recipe: x [..., 2K] holds gate | up
+    (a fused gate_up projection's output) and int8_matmul(x, ..., gate=g) computes
+    int8_matmul(g(x), ...) on the [..., K] act(gate) * up. The fused decode kernel does it on
+    the x it loads anyway (no separate multiply kernel); every other route calls g(x) first."""
+
+    activation: str = "silu"  # a transformers hidden_act name, one of GATE_ACTIVATIONS
+
+    def __post_init__(self):
+        if self.activation not in GATE_ACTIVATIONS:
+            raise InvalidConfigError(f"InputGate.activation={self.activation!r} must be one of "
+                                     f"{sorted(GATE_ACTIVATIONS)}")
+
+    def __call__(self, x: jax.Array, dtype=None) -> jax.Array:
+        """act(gate) * up of x [..., 2K] -> [..., K] in dtype (default x.dtype, what
+        int8_matmul's gate= computes)."""
+        gate, up = jnp.split(x, 2, axis=-1)
+        return gated_activation(gate, up, self.activation, dtype or x.dtype)
+
+
+def _cast(value: jax.Array, dtype) -> jax.Array:
+    return value.astype(dtype)
+
+
+def gated_activation(gate: jax.Array, up: jax.Array, activation: str, dtype,
+                     rounding=_cast) -> jax.Array:
+    """act(gate) * up with transformers' roundings in a 16-bit dtype: act in float32, rounded to
+    dtype (torch's opmath), then the product of the two dtype values rounded (exact in float32
+    before that one rounding). This rounds as torch's silu(gate) * up does (the same bits
+    wherever their float32 silu round alike); jnp's own bfloat16 silu(gate) * up rounds its
+    sigmoid and each product as well. rounding(value, dtype): how
+    float32 is rounded to dtype (default a cast; a kernel passes its own).
+    """
+    act = GATE_ACTIVATIONS[activation](gate.astype(jnp.float32))
+    act = rounding(act, dtype).astype(jnp.float32)
+    return rounding(act * up.astype(jnp.float32), dtype)
+
+
+def op_input(x: jax.Array, norm: Optional[InputNorm] = None,
+             gate: Optional[InputGate] = None) -> jax.Array:
+    """What the recipe quantizes: x through the call's InputNorm or InputGate (x without)."""
+    if norm is not None:
+        return norm(x)
+    return x if gate is None else gate(x)
 
 
 def outlier_column_mask(x: jax.Array, threshold: float) -> jax.Array:
@@ -220,12 +279,13 @@ def int8_matmul_reference(
     out_dtype=None,
     weight_layout: str = "kn",
     norm: Optional[InputNorm] = None,
+    gate: Optional[InputGate] = None,
 ) -> tuple[jax.Array, Int8MatmulStats]:
     """LLM.int8() matmul, x: [M, K] float, wq: [K, N] (or [N, K], "nk") int8, col_scales: [N]
-    float32 -> [M, N]; norm: an RMSNorm applied to x first."""
+    float32 -> [M, N]; norm: an RMSNorm applied to x first; gate: x is [M, 2K] = gate | up and
+    the recipe runs on act(gate) * up."""
     out_dtype = out_dtype or x.dtype
-    if norm is not None:
-        x = norm(x)
+    x = op_input(x, norm, gate)
     xq, row_scales, col_mask = quantize_rows(x, threshold)
     y = dequantize_accumulator(int8_dot(xq, wq, weight_layout), row_scales, col_scales, bias)
     num_outliers = jnp.sum(col_mask, dtype=jnp.int32)
