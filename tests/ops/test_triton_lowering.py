@@ -1,0 +1,83 @@
+"""Every Pallas kernel lowers to Triton for CUDA, on this CPU machine.
+
+Interpret mode runs a kernel's logic through XLA:CPU and misses what only the Triton lowering
+rejects (a load's `other` without a mask went to the GPU twice that way). Lowering with
+lowering_platforms=("cuda",) runs jax's Pallas-to-Triton lowering without a GPU, so those
+errors fail here, in CI. (PTX compilation and numerics still need the GPU: benchmarks/gpu_check*.)
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jint8.ops.attention import decode_attention_step
+from jint8.ops.int8_matmul import configs, reference
+from jint8.ops.int8_matmul.pallas_triton import int8_matmul_pallas
+
+from int8_plans import FUSED_VARIANTS, PLANS, THRESHOLD, fused_plan
+
+
+def _lower_for_cuda(fn, *args) -> str:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("rope,packed", [(True, True), (True, False), (False, False)])
+def test_decode_attention_step_lowers(rope, packed):
+    b, n, kv, h, s = 2, 8, 2, 64, 96
+    q = jnp.zeros((b, n, h), jnp.bfloat16)
+    k_new = jnp.zeros((b, kv, h), jnp.bfloat16)
+    cache = jnp.zeros((2, b, s, kv, h), jnp.bfloat16)
+    cos = jnp.zeros((b, h), jnp.bfloat16)
+    qkv = jnp.zeros((b, (n + 2 * kv) * h), jnp.bfloat16)
+
+    def step(q, k_new, cache, cos, qkv):
+        return decode_attention_step(q, k_new, k_new, cache, cache, jnp.ones((b, s), bool), jnp.int32(5),
+                                     layer=1, scale=0.125, rope=(cos, cos) if rope else None,
+                                     packed=qkv if packed else None)
+
+    text = _lower_for_cuda(step, q, k_new, cache, cos, qkv)
+    assert "jint8_decode_attention" in text
+
+
+def _cases():
+    """(plan name, plan, prologue): every plan of the tests plain; the fused ones (the only route
+    that applies a norm or gate in its kernel) also with each prologue."""
+    for name, plan in PLANS.items():
+        yield name, plan, "none"
+    for name, (layout, mode, split_k, reduce) in FUSED_VARIANTS.items():
+        plan = fused_plan(3, layout=layout, mode=mode, split_k=split_k, reduce=reduce)
+        for prologue in ("none", "norm", "gate"):
+            yield f"fused_{name}", plan, prologue
+
+
+@pytest.mark.parametrize("name,plan,prologue", list(_cases()),
+                         ids=[f"{name}-{prologue}" for name, _, prologue in _cases()])
+def test_int8_matmul_plans_lower(name, plan, prologue):
+    m, k, n = 3, 70, 45  # not tile multiples
+    layout = plan.reads_layout()
+    folded, width = {}, k
+    if prologue == "norm":
+        folded = dict(norm=reference.InputNorm(jnp.ones((k,), jnp.bfloat16), 1e-5))
+    elif prologue == "gate":
+        folded, width = dict(gate=reference.InputGate("silu")), 2 * k
+    x = jnp.zeros((m, width), jnp.bfloat16)
+    wq = jnp.zeros((k, n) if layout == "kn" else (n, k), jnp.int8)
+    op = functools.partial(int8_matmul_pallas, threshold=THRESHOLD, outlier_capacity=8,
+                           weight_layout=layout, plan=plan, **folded)
+    text = _lower_for_cuda(lambda x, wq: op(x, wq, jnp.ones((n,), jnp.float32))[0], x, wq)
+    assert "__gpu$xla.gpu.triton" in text or "triton" in text.lower()
+
+
+def test_tuned_h100_decode_plans_lower():
+    """The table's own plans for the Llama-3-8B decode shapes (what the GPU runs at batch 1)."""
+    for k, n in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)):
+        plan = configs.plan_for("NVIDIA H100 80GB HBM3", 1, k, n, "nk")
+        x = jnp.asarray(np.zeros((1, k)), jnp.bfloat16)
+        wq = jnp.zeros((n, k), jnp.int8)
+        op = functools.partial(int8_matmul_pallas, threshold=THRESHOLD, outlier_capacity=64,
+                               weight_layout="nk", plan=plan)
+        assert "triton" in _lower_for_cuda(lambda x, wq: op(x, wq, jnp.ones((n,), jnp.float32))[0],
+                                           x, wq).lower()
