@@ -38,10 +38,11 @@ FUSED_MAX_M = 16
 FUSED_NORM_MAX_M = 1
 # Largest M for which Int8Dense folds a deferred gated activation (GatedInput: silu(gate) * up
 # of a fused gate_up output) into down_proj's int8_matmul (gate=); larger M apply it first.
-# Set as FUSED_NORM_MAX_M, not yet measured on a GPU: every program forms silu(gate) * up (an
-# exp and a division per element) for its absmax sweep and its K loop, on the one row at M = 1
-# but on all block_m rows of each K tile above, which may cost more than the multiply kernel.
-FUSED_GATE_MAX_M = 1
+# 0: measured slower on the H100 (Llama-3-8B shape, int8 fused, batch 1, 2026-11-23, one run,
+# best of 3 each): 272.9 tok/s folded at M = 1 against 275.8 not. The profile agrees: the
+# multiply kernel it removes took 1.5 us per layer, and down_proj's kernel grew by ~2.8 us (its
+# absmax sweep, which runs before the first weight load, reads gate and up and computes silu).
+FUSED_GATE_MAX_M = 0
 
 
 def _check_pow2(name: str, value: int, lo: int, hi: int) -> None:
