@@ -23,8 +23,10 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench_generate's model shape
 
-_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\S+(?:\s*\{[^}]*\})?)\s+"
-                          r"(?P<op>[\w\-]+)\(")
+# A result shape is one array shape (with its layout) or a tuple of them in parentheses (a
+# multi-output custom call such as the decode-attention kernel's).
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*"
+                          r"(?P<shape>\([^()]*\)|\S+(?:\s*\{[^}]*\})?)\s+(?P<op>[\w\-]+)\(")
 _COMPUTATION = re.compile(r"^\s*(ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
 _KERNEL_OPS = ("fusion", "custom-call", "copy", "copy-start", "dynamic-update-slice", "scatter",
                "reduce", "sort", "all-reduce", "all-gather")

@@ -36,6 +36,7 @@ ENTRY %main (p0: bf16[1,4096], p1: bf16[4096]) -> bf16[1,4096] {
   %p1 = bf16[4096]{0} parameter(1)
   %custom-call.3 = f32[4,4096]{1,0} custom-call(%p0), custom_call_target="__gpu$xla.gpu.triton", backend_config={"name": "jint8_fused_int8_matmul"}
   %input_reduce_fusion = f32[4096]{0} fusion(%custom-call.3), kind=kInput, calls=%fused_reduce
+  %custom-call.4 = (f32[1,8,10,16,128]{4,3,2,1,0}, f32[1,8,10,16]{3,2,1,0}, /*index=2*/bf16[2,1,640,8,128]{4,3,2,1,0}) custom-call(%p0), custom_call_target="__gpu$xla.gpu.triton", backend_config={"name": "jint8_decode_attention"}
   ROOT %loop_multiply_fusion = bf16[1,4096]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%fused_multiply
 }
 """
@@ -46,9 +47,11 @@ def test_kernels_of_lists_entry_kernels_with_fusion_roots_not_fused_internals():
     assert [k.label for k in kernels] == [
         "custom-call __gpu$xla.gpu.triton jint8_fused_int8_matmul",
         "fusion kInput reduce",
+        "custom-call __gpu$xla.gpu.triton jint8_decode_attention",  # a tuple-shaped result
         "fusion kLoop multiply",
     ]
-    assert [k.name for k in kernels] == ["custom-call.3", "input_reduce_fusion", "loop_multiply_fusion"]
+    assert [k.name for k in kernels] == ["custom-call.3", "input_reduce_fusion", "custom-call.4",
+                                         "loop_multiply_fusion"]
 
 
 def test_kernels_of_reads_a_real_compiled_module():
