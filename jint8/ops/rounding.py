@@ -11,9 +11,16 @@ def round_to(value: jax.Array, dtype, *, interpret: bool) -> jax.Array:
 
     Interpret mode runs a kernel body through XLA:CPU, whose excess-precision rule may drop a
     float32 -> 16-bit -> float32 round trip: there reduce_precision rounds explicitly first
-    (Triton keeps every cast, and has no such op).
+    (Triton keeps every cast, and has no such op). reduce_precision flushes what would be
+    subnormal in dtype to zero, so those values (float16 below 2^-14) are rounded to a multiple
+    of dtype's smallest subnormal instead, by adding and subtracting 1.5 * 2^23 of it.
     """
     if interpret:
         finfo = jnp.finfo(dtype)
-        value = jax.lax.reduce_precision(value, finfo.nexp, finfo.nmant)
+        rounded = jax.lax.reduce_precision(value, finfo.nexp, finfo.nmant)
+        magic = 1.5 * 2.0**23 * float(finfo.smallest_subnormal)
+        if magic < 1.0:  # dtype's subnormals are normal float32 numbers (float16; not bfloat16)
+            subnormal = (value + magic) - magic
+            rounded = jnp.where(jnp.abs(value) < float(finfo.smallest_normal), subnormal, rounded)
+        value = rounded
     return value.astype(dtype)
