@@ -1,4 +1,4 @@
-"""jint8.ops.rounding.round_to in interpret mode against the correctly rounded cast."""
+"""jint8.ops.rounding.round_to(explicit=True) against the correctly rounded cast."""
 
 import jax
 import jax.numpy as jnp
@@ -19,5 +19,5 @@ def test_interpret_rounding_equals_the_cast_including_subnormals(rng, dtype):
         [0.0, -0.0, tiny, -tiny, tiny * (1 - 2.0**-12)],
     ]).astype(np.float32)
     want = np.asarray(jnp.asarray(values).astype(dtype))  # eager cast: round to nearest even
-    got = np.asarray(jax.jit(lambda v: round_to(v, dtype, interpret=True))(values))
+    got = np.asarray(jax.jit(lambda v: round_to(v, dtype, explicit=True))(values))
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))

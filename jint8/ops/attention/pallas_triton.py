@@ -84,7 +84,7 @@ class _Rope:
         if self.cos is None:
             return x
         partner = plgpu.load(ref.at[b, starts[:, None] + self.partner[None, :]], **masked)
-        rounded = functools.partial(round_to, dtype=x.dtype, interpret=self.interpret)
+        rounded = functools.partial(round_to, dtype=x.dtype, explicit=self.interpret)
         # x * cos + rotate_half(x) * sin, each product and the sum in x.dtype (products of two
         # 16-bit floats are exact in float32, so one cast rounds each correctly).
         straight = rounded(x.astype(jnp.float32) * self.cos).astype(jnp.float32)

@@ -104,7 +104,7 @@ class _Prologue:
 
     def __init__(self, x_ref, scale_ref, *, norm, gate, interpret: bool):
         self.x_ref, self.scale_ref, self.norm, self.gate = x_ref, scale_ref, norm, gate
-        self.round = functools.partial(round_to, interpret=interpret)
+        self.round = functools.partial(round_to, explicit=interpret)
         self.m, width = x_ref.shape
         self.k = width // 2 if gate is not None else width
         self.inverse_rms = None  # [rows_p], the rows of _sweep_rows

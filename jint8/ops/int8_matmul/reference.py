@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jint8.errors import InvalidConfigError
+from jint8.ops.rounding import round_to
 
 # bitsandbytes' literal constants, kept bit-for-bit: 1/127^2 and 1/127 as float32.
 INV_127_SQ = 6.200124e-05
@@ -114,18 +115,20 @@ class InputGate:
         return gated_activation(gate, up, self.activation, dtype or x.dtype)
 
 
-def _cast(value: jax.Array, dtype) -> jax.Array:
-    return value.astype(dtype)
+# XLA:GPU's jitted act(gate) * up dropped the float32 -> dtype -> float32 round trip of act in
+# about a quarter of the elements (benchmarks/gpu_check.py --gate, 2026-11-23) under its
+# excess-precision rule; reduce_precision is a rounding it keeps.
+_explicit_round = functools.partial(round_to, explicit=True)
 
 
 def gated_activation(gate: jax.Array, up: jax.Array, activation: str, dtype,
-                     rounding=_cast) -> jax.Array:
+                     rounding=_explicit_round) -> jax.Array:
     """act(gate) * up with transformers' roundings in a 16-bit dtype: act in float32, rounded to
     dtype (torch's opmath), then the product of the two dtype values rounded (exact in float32
     before that one rounding). This rounds as torch's silu(gate) * up does (the same bits
     wherever their float32 silu round alike); jnp's own bfloat16 silu(gate) * up rounds its
-    sigmoid and each product as well. rounding(value, dtype): how
-    float32 is rounded to dtype (default a cast; a kernel passes its own).
+    sigmoid and each product as well. rounding(value, dtype): how float32 is rounded to dtype
+    (default round_to(explicit=True), which XLA cannot drop; a kernel passes its own).
     """
     act = GATE_ACTIVATIONS[activation](gate.astype(jnp.float32))
     act = rounding(act, dtype).astype(jnp.float32)
