@@ -47,11 +47,11 @@ from jax.experimental import pallas as pl
 
 from jint8.ops.int8_matmul.configs import Config
 from jint8.ops.int8_matmul.pallas_triton_gemm import (
-    Output, _dot, _load, _load_vector, _load_weight, _stream_dot, _Tile, launch,
+    _dot, _load, _load_vector, _load_weight, _stream_dot, _Tile, dequantize_store, launch,
 )
 from jint8.ops.int8_matmul.pallas_triton_quantize import _inverse_scale, round_half_even
 from jint8.ops.int8_matmul import reference
-from jint8.ops.int8_matmul.reference import INV_127, INV_127_SQ
+from jint8.ops.int8_matmul.reference import INV_127
 from jint8.ops.rounding import round_to
 
 # The row-absmax sweep loads [rows, 8192 / rows] chunks (16 KiB of bf16), _ABSMAX_UNROLL of them
@@ -212,15 +212,9 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, n
         out.store(acc, tile, split)
         return
     col_scales = _load_vector(col_scales_ref, tile.cols, tile.col_ok)
-    y = acc.astype(jnp.float32) * (row_max[:, None] * col_scales[None, :]) * INV_127_SQ
-    if has_bias:
-        bias = _load_vector(bias_ref, tile.cols, tile.col_ok).astype(jnp.float32)
-        if config.split_k > 1:
-            bias = jnp.where(split == 0, bias, 0.0)
-        y = y + bias[None, :]
-    if has_outliers:
-        y = y + stream * (col_scales * INV_127)[None, :]
-    out.store(y, tile, split)
+    stream = stream * (col_scales * INV_127)[None, :] if has_outliers else None
+    dequantize_store(out, acc, row_max, col_scales, bias_ref if has_bias else None, stream, tile,
+                     split, split_k=config.split_k)
 
 
 @functools.partial(

@@ -140,13 +140,22 @@ def _gemm_kernel(
         return
 
     row_scales = _load_vector(row_scales_ref, tile.rows, tile.row_ok)
+    dequantize_store(out, acc, row_scales, col_scales, bias_ref if has_bias else None,
+                     stream if has_outliers else None, tile, split, split_k=config.split_k)
+
+
+def dequantize_store(out, acc, row_scales, col_scales, bias_ref, stream, tile, split, *,
+                     split_k: int):
+    """The epilogue both GEMM kernels end with: y = acc * (s_row s_col) / 127^2, + bias (read
+    from bias_ref unless None; added by split 0 only), + stream (the scaled outlier stream,
+    unless None), stored by `out` (Output) for this tile and split."""
     y = acc.astype(jnp.float32) * (row_scales[:, None] * col_scales[None, :]) * INV_127_SQ
-    if has_bias:
+    if bias_ref is not None:
         bias = _load_vector(bias_ref, tile.cols, tile.col_ok).astype(jnp.float32)
-        if config.split_k > 1:
+        if split_k > 1:
             bias = jnp.where(split == 0, bias, 0.0)
         y = y + bias[None, :]
-    if has_outliers:
+    if stream is not None:
         y = y + stream
     out.store(y, tile, split)
 
