@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 
 def round_to(value: jax.Array, dtype, *, explicit: bool) -> jax.Array:
-    """value (float32) rounded to dtype (round to nearest even).
+    """value (float32) rounded to dtype (round to nearest even; float32 as it is).
 
     explicit: round with reduce_precision before the cast. XLA (interpret mode runs a kernel body
     through XLA:CPU; a jitted reference runs through XLA:GPU) may drop a float32 -> 16-bit ->
@@ -17,8 +17,8 @@ def round_to(value: jax.Array, dtype, *, explicit: bool) -> jax.Array:
     what would be subnormal in dtype to zero, so those values (float16 below 2^-14) are rounded to
     a multiple of dtype's smallest subnormal instead, by adding and subtracting 1.5 * 2^23 of it.
     """
-    if explicit:
-        finfo = jnp.finfo(dtype)
+    finfo = jnp.finfo(dtype)
+    if explicit and finfo.bits < 32:  # a float32 "rounding" is the identity: nothing to keep
         rounded = jax.lax.reduce_precision(value, finfo.nexp, finfo.nmant)
         magic = 1.5 * 2.0**23 * float(finfo.smallest_subnormal)
         if magic < 1.0:  # dtype's subnormals are normal float32 numbers (float16; not bfloat16)

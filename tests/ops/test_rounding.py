@@ -8,7 +8,7 @@ import pytest
 from jint8.ops.rounding import round_to
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
 def test_interpret_rounding_equals_the_cast_including_subnormals(rng, dtype):
     finfo = jnp.finfo(dtype)
     tiny = float(finfo.smallest_normal)

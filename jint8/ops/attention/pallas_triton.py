@@ -64,9 +64,8 @@ class _Rope:
     """Loads head vectors [rows, H] from a 2-D source, rotated by the sequence's RoPE (or not)."""
 
     def __init__(self, cos_ref, sin_ref, b, h: int, *, interpret: bool):
-        self.h, self.interpret = h, interpret
-        hs = jnp.arange(h)
-        self.hs = hs
+        self.interpret = interpret
+        self.hs = hs = jnp.arange(h)
         if cos_ref is None:
             self.cos = None
             return
