@@ -71,9 +71,6 @@ def parse_args(argv=None):
                         help="jint8 variants: fuse_projections (one q|k|v and one gate|up matmul per layer)")
     quant.add_argument("--quantize-embeddings", action="store_true",
                        help="int8 embedding table too (Int8Config.quantize_embeddings)")
-    quant.add_argument("--prefetch-steps", type=int, nargs="+", metavar="N",
-                       help="A/B runs in one process: measure once per value, each overriding "
-                       "Config.prefetch_steps of every fused-kernel plan (jit caches cleared between)")
     parser.add_argument("--json", help="append one JSON line per measurement to this file")
     parser.add_argument("--profile", metavar="DIR", help="also trace one full call per batch with jax.profiler")
     parser.add_argument("--in-process", action="store_true", help="run all variants in this process")
@@ -199,37 +196,6 @@ def run_variant(args, variant: str) -> list[dict]:
     jax.block_until_ready(params)
     weight_bytes = jint8.param_bytes(params)
     rows = []
-    for prefetch in args.prefetch_steps or [None]:
-        if prefetch is not None:
-            _override_prefetch_steps(prefetch)
-        rows += _measure_batches(args, variant, model, params, weight_bytes, overflows, device,
-                                 prefetch)
-    return rows
-
-
-def _override_prefetch_steps(steps: int) -> None:
-    """Every fused-kernel plan the op picks from now on gets Config.prefetch_steps = steps."""
-    import jax
-
-    from jint8.ops.int8_matmul import configs, pallas_triton
-
-    def plan_for(*args, **kwargs):
-        plan = configs.plan_for(*args, **kwargs)
-        if plan.gemm_path != "fused":
-            return plan
-        return dataclasses.replace(plan, gemm=dataclasses.replace(plan.gemm, prefetch_steps=steps))
-
-    pallas_triton.plan_for = plan_for
-    jax.clear_caches()
-
-
-def _measure_batches(args, variant, model, params, weight_bytes, overflows, device, prefetch):
-    import jax
-    import numpy as np
-
-    import jint8
-
-    rows = []
     for batch in args.batch:
         prompt = np.random.default_rng(batch).integers(0, args.vocab, size=(batch, args.prompt), dtype=np.int32)
         # One output bucket for both calls, so the prefill-only call (max_new_tokens=1) runs the
@@ -255,12 +221,10 @@ def _measure_batches(args, variant, model, params, weight_bytes, overflows, devi
             peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30 if stats else None,
             threshold=args.threshold if variant == "int8" else None,
             capacity_overflow_warnings=overflows.count, fused=bool(args.fuse),
-            prefetch_steps=prefetch,
         ))
         print(json.dumps(rows[-1]), flush=True)
         if args.profile:  # one more full call under the profiler: GPU kernel times per op
-            suffix = "" if prefetch is None else f"_prefetch{prefetch}"
-            trace_dir = os.path.join(args.profile, f"{variant}_b{batch}{suffix}")
+            trace_dir = os.path.join(args.profile, f"{variant}_b{batch}")
             os.makedirs(trace_dir, exist_ok=True)
             jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
             jint8.generate(model, params, prompt, config=config)  # returns host arrays: synchronous
@@ -362,10 +326,7 @@ def _markdown(rows: list[dict]) -> str:
     for r in rows:
         peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         software = r["jax"] if r["jax"].startswith("torch") else f"jint8, jax {r['jax']}"
-        label = r["variant"] + (" fused" if r.get("fused") else "")
-        if r.get("prefetch_steps") is not None:
-            label += f", prefetch {r['prefetch_steps']}"
-        lines.append(f"| {label} | {r['batch']} | {r['weight_gib']:.3f} | {r['prefill_ms']:.1f} | "
+        lines.append(f"| {r['variant']}{' fused' if r.get('fused') else ''} | {r['batch']} | {r['weight_gib']:.3f} | {r['prefill_ms']:.1f} | "
                      f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | {peak} | {software} |")
     return "\n".join(lines)
 

@@ -83,10 +83,6 @@ def plans_to_check(m, k, n, table_only=False):
         for reduce in ("xla", "kernel"):  # split-K partials summed by XLA / the last program
             plans.append(replace(plan, gemm=replace(plan.gemm, split_k=plan.gemm.split_k % 3 + 2,
                                                     split_reduce=reduce)))
-        # Weight tiles loaded before the sweeps (Config.prefetch_steps), with split-K too.
-        prefetch = 0 if plan.gemm.prefetch_steps else 2
-        plans.append(replace(plan, gemm=replace(plan.gemm, prefetch_steps=prefetch)))
-        plans.append(replace(plan, gemm=replace(plan.gemm, prefetch_steps=prefetch, split_k=3)))
         pallas = configs.plan_for("no table", 65, k, n, weight_layout="nk")
         plans.append(replace(pallas, gemm=replace(pallas.gemm, block_m=16 if m <= 16 else 64)))
     else:

@@ -52,19 +52,11 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     parser.add_argument("--reduce", nargs="+", default=["xla", "kernel"], choices=["xla", "kernel"],
                         help="split-K reductions to try (Config.split_reduce)")
-    parser.add_argument("--prefetch", nargs="+", type=int, metavar="STEPS",
-                        help="instead of the tile search: the table's plan with each of these "
-                        "Config.prefetch_steps")
-    parser.add_argument("--norm", action="store_true",
-                        help="qkv_proj and gate_up_proj take their RMSNorm in the kernel, as the "
-                        "models do at M = 1 (configs.FUSED_NORM_MAX_M)")
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes in interpret mode")
     parser.add_argument("--write-table", metavar="JSON",
                         help="put each shape's best candidate (if >= 3%% faster than the table's plan) "
                         "into this data/<gpu>.json's shapes_nk")
     args = parser.parse_args(argv)
-
-    import dataclasses
 
     import jax
     import jax.numpy as jnp
@@ -86,29 +78,20 @@ def main(argv=None):
         x = rng.standard_normal((args.m, k)).astype(np.float32)
         x[:, rng.choice(k, 8, replace=False)] *= 20
         x = jnp.asarray(x, jnp.bfloat16)
-        norm = None
-        if args.norm and name in ("qkv_proj", "gate_up_proj"):
-            norm = reference.InputNorm(jnp.asarray(rng.uniform(0.5, 1.5, k), jnp.bfloat16), 1e-5)
         want = reference.int8_matmul_reference(x, ws[0], scale, threshold=6.0, outlier_capacity=64,
-                                               weight_layout="nk", norm=norm)[0].astype(jnp.float32)
+                                               weight_layout="nk")[0].astype(jnp.float32)
         table_plan = configs.plan_for("NVIDIA H100" if args.smoke else device, args.m, k, n, "nk")
         plans = [("table", table_plan)]
-        if args.prefetch:
-            for steps in args.prefetch:
-                gemm = dataclasses.replace(table_plan.gemm, prefetch_steps=steps)
-                plans.append((dict(prefetch_steps=steps), dataclasses.replace(table_plan, gemm=gemm)))
-        else:
-            chosen = [c for c in candidates(*SHAPES[name]) if c["split_reduce"] in args.reduce]
-            for c in chosen[: 2 if args.smoke else None]:
-                gemm = configs.Config(block_m=configs.fused_block_m(args.m), weight_layout="nk",
-                                      outlier_mode="branch", **c)
-                plans.append((c, configs.KernelPlan(quantize=table_plan.quantize, gemm=gemm,
-                                                    gemm_path="fused")))
+        chosen = [c for c in candidates(*SHAPES[name]) if c["split_reduce"] in args.reduce]
+        for c in chosen[: 2 if args.smoke else None]:
+            gemm = configs.Config(block_m=configs.fused_block_m(args.m), weight_layout="nk",
+                                  outlier_mode="branch", **c)
+            plans.append((c, configs.KernelPlan(quantize=table_plan.quantize, gemm=gemm, gemm_path="fused")))
         results = []
         for label, plan in plans:
             op = lambda x, w, plan=plan: int8_matmul_pallas(  # noqa: E731
                 x, w, scale, threshold=6.0, outlier_capacity=64, weight_layout="nk", plan=plan,
-                norm=norm, interpret=args.smoke)[0]
+                interpret=args.smoke)[0]
 
             @jax.jit
             def chain(x, ws):
@@ -147,7 +130,7 @@ def main(argv=None):
         if args.write_table and best["plan"] == "candidate" and best["ms"] < 0.97 * table["ms"]:
             _write_entry(args.write_table, k, n, args.m, best)
         print(f"{name} {k}x{n}: table {table['ms'] * 1e3:.1f} us ({table['tb_per_s']:.2f} TB/s)")
-        for r in results[:len(plans) if args.prefetch else 4]:
+        for r in results[:4]:
             print(f"   {r['ms'] * 1e3:6.1f} us {r['tb_per_s']:.2f} TB/s err {r['rel_error']:.1e} {r['gemm']}")
 
 

@@ -27,22 +27,16 @@ PLANS = {
 }
 
 
-def fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, reduce="xla",
-               prefetch=0):
+def fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, reduce="xla"):
     gemm = gemm_config(block_m=configs.fused_block_m(m), block_k=block_k, weight_layout=layout,
-                       outlier_mode=mode, split_k=split_k, split_reduce=reduce,
-                       prefetch_steps=prefetch)
+                       outlier_mode=mode, split_k=split_k, split_reduce=reduce)
     return configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm, gemm_path="fused")
 
 
-FUSED_VARIANTS = {  # name: fused_plan's keyword arguments
-    "nk_branch": dict(layout="nk"),
-    "nk_dense": dict(layout="nk", mode="dense"),
-    "kn_branch": dict(layout="kn"),
-    "nk_split3": dict(layout="nk", split_k=3),
-    "nk_split3_in_kernel": dict(layout="nk", split_k=3, reduce="kernel"),  # the tile's last program sums
-    # Weight tiles of the first K steps loaded before the sweeps; with split-K the last split
-    # can hold fewer steps than asked (K = 77: one step per split).
-    "kn_prefetch2": dict(layout="kn", prefetch=2),
-    "nk_split3_prefetch2": dict(layout="nk", split_k=3, prefetch=2),
+FUSED_VARIANTS = {  # name: (weight layout, outlier_mode, split_k, split_reduce)
+    "nk_branch": ("nk", "branch", 1, "xla"),
+    "nk_dense": ("nk", "dense", 1, "xla"),
+    "kn_branch": ("kn", "branch", 1, "xla"),
+    "nk_split3": ("nk", "branch", 3, "xla"),
+    "nk_split3_in_kernel": ("nk", "branch", 3, "kernel"),  # the tile's last program sums
 }

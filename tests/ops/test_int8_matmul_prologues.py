@@ -34,7 +34,7 @@ def test_fused_kernel_folds_the_input_norm_exactly(rng, m, k, n, split_k, dtype,
     the reference's on n(x), and its output matches int8_matmul_reference(x, norm=n)."""
     x, scale, wq = checks.exact_norm_inputs(rng, m, k, n, dtype)
     norm = reference.InputNorm(scale, 1e-5, unit_offset)
-    plan = fused_plan(m, split_k=split_k, prefetch=split_k - 1)  # split 3: 2 tiles before the sweeps
+    plan = fused_plan(m, split_k=split_k)
     acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64, plan=plan,
                                   norm=norm, interpret=True)
     xq, _, col_mask = reference.quantize_rows(norm(x), THRESHOLD)
@@ -69,7 +69,7 @@ def test_fused_kernel_folds_the_input_gate_exactly(rng, m, k, n, split_k, outlie
     gate = reference.InputGate("silu")
     h = gate(x)
     assert x.shape == (m, 2 * k) and h.shape == (m, k)
-    plan = fused_plan(m, split_k=split_k, prefetch=split_k - 1)  # split 3: 2 tiles before the sweeps
+    plan = fused_plan(m, split_k=split_k)
     acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64, plan=plan,
                                   gate=gate, interpret=True)
     xq, _, col_mask = reference.quantize_rows(h, THRESHOLD)

@@ -66,9 +66,6 @@ class Config:
     outlier_mode: how the fused skinny kernel (pallas_triton_fused) adds the outlier stream in
       its K loop: "branch" (a lax.cond per K step, taken only in steps holding an outlier
       column) or "dense" (branch-free: every step runs the 16-bit dot on the masked x tile).
-    prefetch_steps: the fused skinny kernel loads the weight tiles of its first prefetch_steps K
-      steps before its prologue (the row sweeps that quantization waits for), so HBM streams
-      them while the sweeps run; those steps then run from registers. Other kernels ignore it.
     """
 
     block_m: int
@@ -81,7 +78,6 @@ class Config:
     swap_ab: bool = False
     outlier_mode: str = "branch"
     split_reduce: str = "xla"
-    prefetch_steps: int = 0
 
     def __post_init__(self):
         # tl.dot on int8 needs M >= 16, N >= 16 and K >= 32 (mma.m16n8k32).
@@ -103,8 +99,6 @@ class Config:
         if self.split_reduce not in ("xla", "kernel"):
             raise InvalidConfigError(
                 f"split_reduce={self.split_reduce!r} must be 'xla' or 'kernel'")
-        if not isinstance(self.prefetch_steps, int) or not 0 <= self.prefetch_steps <= 4:
-            raise InvalidConfigError(f"prefetch_steps={self.prefetch_steps!r} must be in [0, 4]")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

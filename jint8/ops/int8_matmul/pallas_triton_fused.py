@@ -158,8 +158,9 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, n
                   config: Config, threshold: float, has_bias: bool, accumulator_only: bool,
                   interpret: bool):
     *norm_scale_ref, out = norm_scale_and_out
-    m, width = x_ref.shape
-    k = width // 2 if gate is not None else width
+    prologue = _Prologue(x_ref, norm_scale_ref[0] if norm_scale_ref else None, norm=norm,
+                         gate=gate, interpret=interpret)
+    m, k = prologue.m, prologue.k
     nk_layout = config.weight_layout == "nk"
     n = w_ref.shape[0] if nk_layout else w_ref.shape[1]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
@@ -167,38 +168,23 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, n
     tile = _Tile(rows=jnp.arange(bm), cols=pl.program_id(0) * bn + jnp.arange(bn), m=m, n=n)
     has_outliers = threshold > 0
 
-    k_steps = pl.cdiv(k, bk)
-    steps_per_split = pl.cdiv(k_steps, config.split_k)
-    first_step = split * steps_per_split
-    last_step = jnp.minimum(first_step + steps_per_split, k_steps)
-
-    def k_slice(i):
-        ks = i * bk + jnp.arange(bk)
-        return ks, ks < k if k % bk else None
-
-    # Config.prefetch_steps: weight tiles loaded before the sweeps, so their HBM reads overlap
-    # them (the sweeps only read x, which sits in L2). Every split has at least that many steps
-    # (the last split is the shortest).
-    prefetch = min(config.prefetch_steps, k_steps - (config.split_k - 1) * steps_per_split)
-    prefetched = []
-    for p in range(max(prefetch, 0)):
-        ks, k_ok = k_slice(first_step + p)
-        prefetched.append(_load_weight(w_ref, ks, tile, k_ok, nk_layout))
-
-    prologue = _Prologue(x_ref, norm_scale_ref[0] if norm_scale_ref else None, norm=norm,
-                         gate=gate, interpret=interpret)
     row_max = _row_absmax(prologue, block_m=bm, threshold=threshold)
     inverse_rms = None if norm is None else _spread(prologue.inverse_rms, bm)
     # reference.quantize_rows: 127 / s rounded as XLA rounds it, 0 for an all-zero row.
     safe = jnp.where(row_max > 0, row_max, 1.0)
     inverse = jnp.where(row_max > 0, _inverse_scale(safe, interpret=interpret), 0.0)
 
-    def k_step(i, carry, w=None):
+    k_steps = pl.cdiv(k, bk)
+    steps_per_split = pl.cdiv(k_steps, config.split_k)
+    first_step = split * steps_per_split
+    last_step = jnp.minimum(first_step + steps_per_split, k_steps)
+
+    def k_step(i, carry):
         acc, stream = carry
-        ks, k_ok = k_slice(i)
+        ks = i * bk + jnp.arange(bk)
+        k_ok = ks < k if k % bk else None
         x = prologue.load(tile.rows, ks, tile.row_ok, k_ok, inverse_rms)
-        if w is None:
-            w = _load_weight(w_ref, ks, tile, k_ok, nk_layout)
+        w = _load_weight(w_ref, ks, tile, k_ok, nk_layout)
         xf = x.astype(jnp.float32)
         q = round_half_even(xf * inverse[:, None], interpret=interpret)
         if has_outliers:
@@ -219,10 +205,8 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, n
         any_flagged = jnp.max(flagged.astype(jnp.int32)) > 0
         return acc, jax.lax.cond(any_flagged, add_stream, lambda: stream)
 
-    carry = (jnp.zeros((bm, bn), jnp.int32), jnp.zeros((bm, bn), jnp.float32))
-    for p, w in enumerate(prefetched):
-        carry = k_step(first_step + p, carry, w)
-    acc, stream = jax.lax.fori_loop(first_step + len(prefetched), last_step, k_step, carry)
+    init = (jnp.zeros((bm, bn), jnp.int32), jnp.zeros((bm, bn), jnp.float32))
+    acc, stream = jax.lax.fori_loop(first_step, last_step, k_step, init)
 
     if accumulator_only:  # checks only: this program's exact int32 xq[:, not O] @ wq
         out.store(acc, tile, split)
