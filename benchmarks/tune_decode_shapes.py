@@ -52,6 +52,11 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     parser.add_argument("--reduce", nargs="+", default=["xla", "kernel"], choices=["xla", "kernel"],
                         help="split-K reductions to try (Config.split_reduce)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="time only the table's plan per shape (A/B runs of kernel changes)")
+    parser.add_argument("--norm", action="store_true",
+                        help="qkv_proj and gate_up_proj take their RMSNorm in the kernel, as the "
+                        "models do at M = 1 (configs.FUSED_NORM_MAX_M)")
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes in interpret mode")
     parser.add_argument("--write-table", metavar="JSON",
                         help="put each shape's best candidate (if >= 3%% faster than the table's plan) "
@@ -78,11 +83,16 @@ def main(argv=None):
         x = rng.standard_normal((args.m, k)).astype(np.float32)
         x[:, rng.choice(k, 8, replace=False)] *= 20
         x = jnp.asarray(x, jnp.bfloat16)
+        norm = None
+        if args.norm and name in ("qkv_proj", "gate_up_proj"):
+            norm = reference.InputNorm(jnp.asarray(rng.uniform(0.5, 1.5, k), jnp.bfloat16), 1e-5)
         want = reference.int8_matmul_reference(x, ws[0], scale, threshold=6.0, outlier_capacity=64,
-                                               weight_layout="nk")[0].astype(jnp.float32)
+                                               weight_layout="nk", norm=norm)[0].astype(jnp.float32)
         table_plan = configs.plan_for("NVIDIA H100" if args.smoke else device, args.m, k, n, "nk")
         plans = [("table", table_plan)]
         chosen = [c for c in candidates(*SHAPES[name]) if c["split_reduce"] in args.reduce]
+        if args.table_only:
+            chosen = []
         for c in chosen[: 2 if args.smoke else None]:
             gemm = configs.Config(block_m=configs.fused_block_m(args.m), weight_layout="nk",
                                   outlier_mode="branch", **c)
@@ -91,7 +101,7 @@ def main(argv=None):
         for label, plan in plans:
             op = lambda x, w, plan=plan: int8_matmul_pallas(  # noqa: E731
                 x, w, scale, threshold=6.0, outlier_capacity=64, weight_layout="nk", plan=plan,
-                interpret=args.smoke)[0]
+                norm=norm, interpret=args.smoke)[0]
 
             @jax.jit
             def chain(x, ws):

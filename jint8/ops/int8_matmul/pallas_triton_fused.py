@@ -20,6 +20,9 @@ multiply needs no kernel of its own either (_Prologue).
 No capacity, no index list, no lax.cond outside the kernel: every outlier column is found where
 its x tile is loaded, so the result is exact to the recipe for any number of outlier columns.
 
+At M = 1 (decode) step 2's activation work runs on the one row of x; the MMA operands (block_m
+>= 16 rows) get zero rows below it.
+
 The outlier stream differs from reference.outlier_stream in one rounding: the reference forms
 w_deq = (wq * s_w / 127).astype(x.dtype) and sums x * w_deq in float32; here wq.astype(x.dtype)
 is exact (|wq| <= 127), so x * wq is formed exactly and summed in float32, and the sum is scaled
@@ -131,18 +134,14 @@ class _Prologue:
         return self.round(scale * self.round(xf, x.dtype).astype(jnp.float32), x.dtype)
 
     def _gated(self, rows, cols, row_ok, col_ok):
-        if self.m == 1 and rows.shape[0] > 1:
-            # Decode: silu's exp and division on the one row, zero-padded to the tile's >= 16
-            # (the int8 MMA's minimum), not on 16 rows of which 15 are masked.
-            gated = self._gated(jnp.arange(1), cols, None, col_ok)
-            return jnp.where(rows[:, None] == 0, gated, jnp.zeros_like(gated))
         gate = _load(self.x_ref, rows, cols, row_ok, col_ok)
         up = _load(self.x_ref, rows, cols + self.k, row_ok, col_ok)
         return reference.gated_activation(gate, up, self.gate.activation, gate.dtype, self.round)
 
 
-def _row_absmax(prologue: _Prologue, *, block_m: int, threshold: float):
-    """[block_m] float32: per row max |x| over elements below the threshold (0 past row M)."""
+def _row_absmax(prologue: _Prologue, *, threshold: float):
+    """[rows_p] float32 (_sweep_rows' rows): per row max |x| over elements below the threshold
+    (0 past row M)."""
 
     def load(rows, cols, row_ok, col_ok):
         return prologue.load(rows, cols, row_ok, col_ok, prologue.inverse_rms)
@@ -151,7 +150,12 @@ def _row_absmax(prologue: _Prologue, *, block_m: int, threshold: float):
         value = jnp.abs(x.astype(jnp.float32))
         return jnp.where(value >= threshold, 0.0, value) if threshold > 0 else value
 
-    return _spread(_sweep_rows(load, prologue.m, prologue.k, magnitude, "max"), block_m)
+    return _sweep_rows(load, prologue.m, prologue.k, magnitude, "max")
+
+
+def _zero_rows_below(row, block_m: int):
+    """[1, C] -> [block_m, C]: the row, then zero rows (the MMA's operand needs >= 16 rows)."""
+    return jnp.where(jnp.arange(block_m)[:, None] == 0, row, jnp.zeros_like(row))
 
 
 def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, norm, gate,
@@ -168,11 +172,20 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, n
     tile = _Tile(rows=jnp.arange(bm), cols=pl.program_id(0) * bn + jnp.arange(bn), m=m, n=n)
     has_outliers = threshold > 0
 
-    row_max = _row_absmax(prologue, block_m=bm, threshold=threshold)
-    inverse_rms = None if norm is None else _spread(prologue.inverse_rms, bm)
+    # Decode (M = 1): the K loop's activation work (load, quantize, flags) runs on the one row
+    # and the int8 / 16-bit MMA operands get zero rows below it, instead of running on block_m
+    # rows of which block_m - 1 are masked.
+    one_row = m == 1
+    x_rows = jnp.arange(1) if one_row else tile.rows
+    x_rows_ok = None if one_row else tile.row_ok
+    widen = functools.partial(_zero_rows_below, block_m=bm) if one_row else (lambda v: v)
+    spread = (lambda v: v) if one_row else functools.partial(_spread, block_m=bm)
+
+    row_max = _row_absmax(prologue, threshold=threshold)  # per x row
+    inverse_rms = None if norm is None else spread(prologue.inverse_rms)
     # reference.quantize_rows: 127 / s rounded as XLA rounds it, 0 for an all-zero row.
     safe = jnp.where(row_max > 0, row_max, 1.0)
-    inverse = jnp.where(row_max > 0, _inverse_scale(safe, interpret=interpret), 0.0)
+    inverse = spread(jnp.where(row_max > 0, _inverse_scale(safe, interpret=interpret), 0.0))
 
     k_steps = pl.cdiv(k, bk)
     steps_per_split = pl.cdiv(k_steps, config.split_k)
@@ -183,7 +196,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, n
         acc, stream = carry
         ks = i * bk + jnp.arange(bk)
         k_ok = ks < k if k % bk else None
-        x = prologue.load(tile.rows, ks, tile.row_ok, k_ok, inverse_rms)
+        x = prologue.load(x_rows, ks, x_rows_ok, k_ok, inverse_rms)
         w = _load_weight(w_ref, ks, tile, k_ok, nk_layout)
         xf = x.astype(jnp.float32)
         q = round_half_even(xf * inverse[:, None], interpret=interpret)
@@ -192,12 +205,12 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, n
             hit = (jnp.abs(xf) >= threshold).astype(jnp.int32)
             flagged = jnp.max(hit, axis=0) > 0
             q = jnp.where(flagged[None, :], 0.0, q)
-        acc = acc + _dot(q.astype(jnp.int8), w, b_transposed=nk_layout, out_dtype=jnp.int32)
+        acc = acc + _dot(widen(q.astype(jnp.int8)), w, b_transposed=nk_layout, out_dtype=jnp.int32)
         if not has_outliers or accumulator_only:
             return acc, stream
 
         def add_stream():
-            x_outlier = jnp.where(flagged[None, :], x, jnp.zeros_like(x))
+            x_outlier = widen(jnp.where(flagged[None, :], x, jnp.zeros_like(x)))
             return stream + _stream_dot(x_outlier, w.astype(x.dtype), nk_layout)
 
         if config.outlier_mode == "dense":
@@ -213,7 +226,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, n
         return
     col_scales = _load_vector(col_scales_ref, tile.cols, tile.col_ok)
     stream = stream * (col_scales * INV_127)[None, :] if has_outliers else None
-    dequantize_store(out, acc, row_max, col_scales, bias_ref if has_bias else None, stream, tile,
+    dequantize_store(out, acc, _spread(row_max, bm), col_scales, bias_ref if has_bias else None, stream, tile,
                      split, split_k=config.split_k)
 
 
@@ -258,7 +271,9 @@ def fused_int8_matmul(
     operands = [x, w, col_scales, bias] + ([] if norm is None else [norm.scale])
     return launch(kernel, operands, grid=(pl.cdiv(n, config.block_n), config.split_k),
                   m=m, n=n, config=config, out_dtype=out_dtype, accumulator_only=accumulator_only,
-                  poison_output=poison_output, interpret=interpret, name="jint8_fused_int8_matmul")
+                  poison_output=poison_output, interpret=interpret,
+                  # K x N in the name: a profile times each projection of a model apart
+                  name=f"jint8_fused_int8_matmul_{w.size // n}x{n}")
 
 
 def fused_int8_matmul_reference(x, w, col_scales, bias, *, threshold: float, out_dtype,
