@@ -30,19 +30,19 @@ L2_BYTES = 50 * 2**20
 REPS = 20
 
 
-def candidates(k, n):
+def candidates(k, n, stages=(4,)):
     """Tiles worth timing for K x N at M = 1: 96-1100 programs, >= 4 K steps per program,
     weight tiles of 4-160 KiB over the pipeline stages; split-K partials summed by XLA or by
     the tile's last program (Config.split_reduce)."""
-    for block_n, block_k, split_k, reduce in itertools.product(
-            (16, 32, 64, 128, 256), (128, 256, 512, 1024), (1, 2, 4, 8), ("xla", "kernel")):
+    for block_n, block_k, split_k, reduce, num_stages in itertools.product(
+            (16, 32, 64, 128, 256), (128, 256, 512, 1024), (1, 2, 4, 8), ("xla", "kernel"), stages):
         programs = -(-n // block_n) * split_k
         tile_bytes = block_n * block_k
         if ((split_k == 1 and reduce == "kernel") or not 96 <= programs <= 1100
                 or -(-k // block_k) < 4 * split_k or not 4096 <= tile_bytes <= 40 * 1024):
             continue
         yield dict(block_n=block_n, block_k=block_k, split_k=split_k, split_reduce=reduce,
-                   num_warps=8 if tile_bytes >= 32 * 1024 else 4, num_stages=4)
+                   num_warps=8 if tile_bytes >= 32 * 1024 else 4, num_stages=num_stages)
 
 
 def main(argv=None):
@@ -52,6 +52,8 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     parser.add_argument("--reduce", nargs="+", default=["xla", "kernel"], choices=["xla", "kernel"],
                         help="split-K reductions to try (Config.split_reduce)")
+    parser.add_argument("--stages", nargs="+", type=int, default=[4],
+                        help="pipeline depths (num_stages) to try with each tile")
     parser.add_argument("--table-only", action="store_true",
                         help="time only the table's plan per shape (A/B runs of kernel changes)")
     parser.add_argument("--norm", action="store_true",
@@ -90,7 +92,8 @@ def main(argv=None):
                                                weight_layout="nk", norm=norm)[0].astype(jnp.float32)
         table_plan = configs.plan_for("NVIDIA H100" if args.smoke else device, args.m, k, n, "nk")
         plans = [("table", table_plan)]
-        chosen = [c for c in candidates(*SHAPES[name]) if c["split_reduce"] in args.reduce]
+        chosen = [c for c in candidates(*SHAPES[name], stages=args.stages)
+                  if c["split_reduce"] in args.reduce]
         if args.table_only:
             chosen = []
         for c in chosen[: 2 if args.smoke else None]:
