@@ -148,14 +148,18 @@ def main(argv=None):
 
 
 def _write_entry(path, k, n, m, best):
+    """Replace the (K, N) entry whose M range holds m (keeping its range; 1-16 if none did)."""
     import datetime
 
     data = json.loads(open(path).read())
-    entries = [e for e in data.get("shapes_nk", []) if (e["k"], e["n"], e["max_m"]) != (k, n, 16)]
+    covers = lambda e: (e["k"], e["n"]) == (k, n) and e.get("min_m", 1) <= m <= e["max_m"]  # noqa: E731
+    replaced = [e for e in data.get("shapes_nk", []) if covers(e)]
+    entries = [e for e in data.get("shapes_nk", []) if not covers(e)]
+    span = dict(min_m=replaced[0].get("min_m", 1), max_m=replaced[0]["max_m"]) if replaced else dict(max_m=16)
     gemm = dict(block_m=16, weight_layout="nk", swap_ab=False, outlier_mode="branch", **best["gemm"])
-    entries.append(dict(k=k, n=n, max_m=16, gemm_path="fused", gemm=gemm, measured_us_m1=round(best["ms"] * 1e3, 1),
+    entries.append(dict(k=k, n=n, **span, gemm_path="fused", gemm=gemm, measured_us_m1=round(best["ms"] * 1e3, 1),
                         note=f"tune_decode_shapes.py, M={m}, {best['device']}, {datetime.date.today().isoformat()}"))
-    data["shapes_nk"] = sorted(entries, key=lambda e: (e["k"], e["n"]))
+    data["shapes_nk"] = sorted(entries, key=lambda e: (e["k"], e["n"], e["max_m"]))
     with open(path, "w") as f:
         f.write(json.dumps(data, indent=1) + "\n")
 

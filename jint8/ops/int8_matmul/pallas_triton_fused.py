@@ -226,8 +226,8 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, n
         return
     col_scales = _load_vector(col_scales_ref, tile.cols, tile.col_ok)
     stream = stream * (col_scales * INV_127)[None, :] if has_outliers else None
-    dequantize_store(out, acc, _spread(row_max, bm), col_scales, bias_ref if has_bias else None, stream, tile,
-                     split, split_k=config.split_k)
+    dequantize_store(out, acc, _spread(row_max, bm), col_scales, bias_ref if has_bias else None,
+                     stream, tile, split, split_k=config.split_k)
 
 
 @functools.partial(
