@@ -10,6 +10,12 @@ fused kernel (the table's plan) on the same K-major weights:
   tiled    the same tiles stored contiguously, [N / block_n, K / block_k, block_n, block_k]: each
            K step reads one block_n * block_k run of bytes
   xla_sum  XLA's int32 row sum of wq[N, K] (a plain streaming reduction, for reference)
+  mosaic   (--mosaic) a Mosaic GPU kernel: TMA copies of [block_n, block_k] weight tiles into
+           shared memory in an emit_pipeline of `stages` buffers, each consumed by one int8
+           wgmma (the weight tile as the A operand, the 8-row activation as B); checked
+           against XLA's int32 product before it is timed
+  xla_dot  (--mosaic) XLA's own int8 x int8 -> int32 dot of an 8-row activation, and the bf16
+           dot of one row against the same matrix in bf16 (2 bytes per weight)
 Each kernel runs inside a jitted loop over COPIES distinct weights (together > 2x L2), each call
 taking the previous call's output as an unused operand so the calls stay in order. Prints us per
 call and int8 weight bytes / time.
@@ -31,6 +37,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
+
+try:  # Mosaic GPU (Hopper): jax's Pallas backend with TMA and wgmma
+    from jax.experimental.pallas import mosaic_gpu as plmgpu  # noqa: E402
+except ImportError:  # pragma: no cover
+    plmgpu = None
 
 L2_BYTES = 50 * 2**20
 REPS = 20
@@ -71,6 +82,81 @@ def stream(w, prev, *, tiled, n, k, bn, bk, split, warps, stages):
     )(w, prev)
 
 
+def mosaic_stream(w, x8, prev, *, bn, bk, stages, split):
+    """[split * N, 8] int32: program (j, s)'s int8 product of weight rows j*bn.. and K slice s
+    with the 8 activation rows x8 (TMA pipeline of weight tiles, one wgmma per step)."""
+    n, k = w.shape
+    steps = k // bk // split
+    swizzle = plmgpu.find_swizzle(bk * 8)
+    transforms = (plmgpu.TilingTransform((8, swizzle)), plmgpu.SwizzleTransform(swizzle))
+
+    def kernel(w_gmem, x_gmem, prev_gmem, o_gmem, acc, o_smem):
+        del prev_gmem  # an operand only, so XLA cannot hoist the call out of the timing loop
+        j, s = jax.lax.axis_index("n"), jax.lax.axis_index("s")
+
+        def body(_, w_smem, x_smem):
+            plmgpu.wgmma(acc, w_smem, plmgpu.transpose_ref(x_smem, (1, 0)))
+            plmgpu.wgmma_wait(1)
+
+        pipeline = plmgpu.emit_pipeline(
+            body, grid=(steps,), max_concurrent_steps=stages,
+            in_specs=[plmgpu.BlockSpec((bn, bk), lambda i: (0, i), transforms=transforms,
+                                       delay_release=1),
+                      plmgpu.BlockSpec((8, bk), lambda i: (0, i), transforms=transforms,
+                                       delay_release=1)])
+        cols = pl.ds(s * steps * bk, steps * bk)
+        pipeline(w_gmem.at[pl.ds(j * bn, bn), cols], x_gmem.at[:, cols])
+        plmgpu.wgmma_wait(0)
+        o_smem[...] = acc[...]
+        plmgpu.commit_smem()
+        plmgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds((s * (n // bn) + j) * bn, bn)])
+        plmgpu.wait_smem_to_gmem(0)
+
+    return plmgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((split * n, 8), jnp.int32),
+        grid=(n // bn, split), grid_names=("n", "s"),
+        scratch_types=dict(acc=plmgpu.ACC((bn, 8), jnp.int32),
+                            o_smem=plmgpu.SMEM((bn, 8), jnp.int32)),
+    )(w, x8, prev)
+
+
+def _mosaic_rows(ws, n, k, configs_, rng):
+    rows = []
+    x8 = jnp.asarray(rng.integers(-127, 128, (8, k), dtype=np.int8))
+    want = jax.lax.dot_general(x8, ws[0], (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.int32)  # [8, N]
+    dot = lambda w, prev: jax.lax.dot_general(  # noqa: E731
+        x8 + (prev[0, 0] == -12345).astype(jnp.int8), w, (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.int32).T
+    rows.append(("xla_dot int8 M=8", time_chain(dot, ws, (n, 8))))
+    wb = [w.astype(jnp.bfloat16) for w in ws[: max(2, len(ws) // 2)]]
+    xb = jnp.ones((1, k), jnp.bfloat16)
+    bdot = lambda w, prev: jax.lax.bitcast_convert_type(jax.lax.dot_general(  # noqa: E731
+        xb + (prev[0, 0] == -12345).astype(jnp.bfloat16), w, (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.float32), jnp.int32).T
+    seconds = time_chain(bdot, wb, (n, 1))
+    rows.append(("xla_dot bf16 M=1 (bytes x2)", seconds / 2))
+    for spec in configs_:
+        tile, split, stages = spec.split("/")
+        bn, bk = map(int, tile.split("x"))
+        split, stages = int(split), int(stages)
+        call = functools.partial(mosaic_stream, x8=x8, bn=bn, bk=bk, stages=stages, split=split)
+        try:
+            got = jax.jit(lambda w: call(w, prev=jnp.zeros((8,), jnp.int32)))(ws[0]).reshape(split, n, 8).sum(0)
+            if not bool(jnp.array_equal(got.T, want)):
+                print(f"  mosaic {spec}: WRONG (max diff {int(jnp.max(jnp.abs(got.T - want)))})")
+                continue
+            seconds = time_chain(lambda w, prev: call(w, prev=prev), ws, (split * n, 8))
+        except Exception as e:  # noqa: BLE001 (a tile that does not compile)
+            print(f"  mosaic {spec}: {type(e).__name__}: {str(e)[:300]}")
+            if os.environ.get("PROBE_TRACEBACK"):
+                import traceback
+                traceback.print_exc()
+            continue
+        rows.append((f"mosaic {spec} ({n // bn * split} programs)", seconds))
+    return rows
+
+
 def tile_weight(w, bn, bk):
     n, k = w.shape
     return w.reshape(n // bn, bn, k // bk, bk).transpose(0, 2, 1, 3).reshape(-1, bk)
@@ -83,7 +169,8 @@ def time_chain(call, ws, size):
             for w in ws:
                 prev = call(w, prev)
             return prev
-        return jax.lax.fori_loop(0, REPS, body, jnp.zeros((size,), jnp.int32))
+        shape = size if isinstance(size, tuple) else (size,)
+        return jax.lax.fori_loop(0, REPS, body, jnp.zeros(shape, jnp.int32))
 
     jax.block_until_ready(chain(ws))
     times = []
@@ -102,6 +189,10 @@ def main():
                         default=["256x128/1/8/4", "256x256/1/8/4", "128x256/1/8/4", "64x512/1/8/4"],
                         help="block_n x block_k / split_k / num_warps / num_stages")
     parser.add_argument("--tiled", action="store_true", help="also time the contiguous-tile layout")
+    parser.add_argument("--mosaic", nargs="*", default=None,
+                        help="also time Mosaic GPU TMA/wgmma streams: block_n x block_k / split / "
+                             "stages (no value: a default set), and XLA's int8 and bf16 dots")
+    parser.add_argument("--no-triton", action="store_true", help="skip the Triton rows")
     args = parser.parse_args()
     from jint8.ops.int8_matmul import configs
     from jint8.ops.int8_matmul.pallas_triton import int8_matmul_pallas
@@ -113,6 +204,15 @@ def main():
         copies = max(2, min(16, math.ceil(2 * L2_BYTES / (k * n))))
         ws = [jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8)) for _ in range(copies)]
         rows = []
+        if args.mosaic is not None:
+            rows += _mosaic_rows(ws, n, k, args.mosaic or [
+                "128x256/1/4", "64x256/1/6", "256x256/1/3", "128x512/1/3", "128x128/1/8",
+                "64x256/2/4", "128x256/2/4", "64x128/4/6"], rng)
+        if args.no_triton:
+            print(f"K x N = {k} x {n} ({k * n / 2**20:.0f} MiB int8, {copies} copies)")
+            for label, seconds in rows:
+                print(f"  {label:40s} {seconds * 1e6:7.1f} us  {k * n / seconds / 1e12:.2f} TB/s")
+            continue
         # prev == a value it never holds: an operand XLA cannot fold away, so no call is hoisted.
         sum_call = lambda w, prev: (jnp.sum(w, axis=1, dtype=jnp.int32)  # noqa: E731
                                     + (prev[:n] == -12345).astype(jnp.int32))
