@@ -1,9 +1,12 @@
-"""Tune the fused (one-launch) int8 kernel on the decode shapes of a fused Llama-3-8B layer.
+"""Tune the int8 kernels on the decode shapes of a fused Llama-3-8B layer.
 
-    python3 benchmarks/tune_decode_shapes.py [--json OUT] [--m 1]
+    python3 benchmarks/tune_decode_shapes.py [--json OUT] [--m 1] [--routes fused pallas xla_gemm]
 
 Per shape (K x N of qkv_proj, o_proj, gate_up_proj, down_proj, lm_head) and candidate tiles
-(block_n, block_k, split_k), times the public op's fused path as the model runs it: COPIES
+(block_n, block_k, split_k), times the public op as the model runs it, on each route asked for
+(--routes, KernelPlan.gemm_path: the one-launch fused kernel, by default; the two-kernel
+"pallas" route, activation pass + GEMM; "xla_gemm", activation pass + XLA's int8 GEMM + the
+GEMM kernel's epilogue), with COPIES
 distinct K-major weights (together > 2x L2, as consecutive layers are) called back to back inside
 one jitted while loop (a CUDA graph per iteration, as a decode step), each call's input
 depending on the previous output. Prints ms per call
@@ -45,6 +48,25 @@ def candidates(k, n, stages=(4,)):
                    num_warps=8 if tile_bytes >= 32 * 1024 else 4, num_stages=num_stages)
 
 
+def configs_routes():
+    from jint8.ops.int8_matmul.configs import GEMM_PATHS
+    return GEMM_PATHS
+
+
+def route_plans(route, candidate, m, quantize):
+    """The KernelPlan of one candidate tile dict on one route (None: the route has no use for it).
+
+    The fused kernel's block_m covers all M rows; the two-kernel GEMM takes the same rows per
+    program; xla_gemm runs no K loop, so only its epilogue tiles (block_n, no split) matter."""
+    from jint8.ops.int8_matmul import configs
+
+    if route == "xla_gemm" and (candidate["split_k"] != 1 or candidate["block_k"] != 128):
+        return None
+    gemm = configs.Config(block_m=configs.fused_block_m(m), weight_layout="nk", outlier_mode="branch",
+                          **candidate)
+    return configs.KernelPlan(quantize=quantize, gemm=gemm, gemm_path=route)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--m", type=int, default=1)
@@ -54,6 +76,8 @@ def main(argv=None):
                         help="split-K reductions to try (Config.split_reduce)")
     parser.add_argument("--stages", nargs="+", type=int, default=[4],
                         help="pipeline depths (num_stages) to try with each tile")
+    parser.add_argument("--routes", nargs="+", default=["fused"], choices=configs_routes(),
+                        help="KernelPlan.gemm_path values whose candidates are timed")
     parser.add_argument("--table-only", action="store_true",
                         help="time only the table's plan per shape (A/B runs of kernel changes)")
     parser.add_argument("--norm", action="store_true",
@@ -96,10 +120,11 @@ def main(argv=None):
                   if c["split_reduce"] in args.reduce]
         if args.table_only:
             chosen = []
-        for c in chosen[: 2 if args.smoke else None]:
-            gemm = configs.Config(block_m=configs.fused_block_m(args.m), weight_layout="nk",
-                                  outlier_mode="branch", **c)
-            plans.append((c, configs.KernelPlan(quantize=table_plan.quantize, gemm=gemm, gemm_path="fused")))
+        for route in args.routes:
+            for c in chosen[: 2 if args.smoke else None]:
+                plan = route_plans(route, c, args.m, table_plan.quantize)
+                if plan is not None:
+                    plans.append((dict(c, gemm_path=route), plan))
         results = []
         for label, plan in plans:
             op = lambda x, w, plan=plan: int8_matmul_pallas(  # noqa: E731
@@ -131,7 +156,9 @@ def main(argv=None):
                 continue
             ms = sorted(times)[len(times) // 2] * 1e3
             row = dict(shape=name, k=k, n=n, m=args.m, plan=label if label == "table" else "candidate",
-                       gemm=plan.gemm.__dict__ if label == "table" else label, ms=ms,
+                       gemm_path=plan.gemm_path,
+                       gemm=plan.gemm.__dict__ if label == "table" else
+                       {key: v for key, v in label.items() if key != "gemm_path"}, ms=ms,
                        tb_per_s=k * n / (ms * 1e-3) / 1e12, rel_error=error, device=device)
             results.append(row)
             if args.json:
@@ -142,9 +169,11 @@ def main(argv=None):
         best = results[0]
         if args.write_table and best["plan"] == "candidate" and best["ms"] < 0.97 * table["ms"]:
             _write_entry(args.write_table, k, n, args.m, best)
-        print(f"{name} {k}x{n}: table {table['ms'] * 1e3:.1f} us ({table['tb_per_s']:.2f} TB/s)")
+        print(f"{name} {k}x{n}: table {table['ms'] * 1e3:.1f} us ({table['tb_per_s']:.2f} TB/s, "
+              f"{table['gemm_path']})")
         for r in results[:4]:
-            print(f"   {r['ms'] * 1e3:6.1f} us {r['tb_per_s']:.2f} TB/s err {r['rel_error']:.1e} {r['gemm']}")
+            print(f"   {r['ms'] * 1e3:6.1f} us {r['tb_per_s']:.2f} TB/s err {r['rel_error']:.1e} "
+                  f"{r['gemm_path']} {r['gemm']}")
 
 
 def _write_entry(path, k, n, m, best):
@@ -156,8 +185,11 @@ def _write_entry(path, k, n, m, best):
     replaced = [e for e in data.get("shapes_nk", []) if covers(e)]
     entries = [e for e in data.get("shapes_nk", []) if not covers(e)]
     span = dict(min_m=replaced[0].get("min_m", 1), max_m=replaced[0]["max_m"]) if replaced else dict(max_m=16)
-    gemm = dict(block_m=16, weight_layout="nk", swap_ab=False, outlier_mode="branch", **best["gemm"])
-    entries.append(dict(k=k, n=n, **span, gemm_path="fused", gemm=gemm, measured_us_m1=round(best["ms"] * 1e3, 1),
+    # The fused route's block_m is set per call (configs.fused_block_m); the others keep this one.
+    gemm = dict(block_m=max(16, 1 << (m - 1).bit_length()), weight_layout="nk", swap_ab=False,
+                outlier_mode="branch", **best["gemm"])
+    entries.append(dict(k=k, n=n, **span, gemm_path=best["gemm_path"], gemm=gemm,
+                        **{f"measured_us_m{m}": round(best["ms"] * 1e3, 1)},
                         note=f"tune_decode_shapes.py, M={m}, {best['device']}, {datetime.date.today().isoformat()}"))
     data["shapes_nk"] = sorted(entries, key=lambda e: (e["k"], e["n"], e["max_m"]))
     with open(path, "w") as f:

@@ -61,3 +61,34 @@ def test_kernels_of_reads_a_real_compiled_module():
     assert kernels and all(k.op in ("fusion", "copy", "custom-call", "reduce") for k in kernels)
     # the fused computations' own multiply / sine never show up as kernels of their own
     assert not any(k.name.startswith(("multiply", "sine")) for k in kernels)
+
+
+def test_tuned_two_kernel_entry_is_what_dispatch_then_runs(tmp_path, monkeypatch):
+    """tune_decode_shapes --write-table records the winning route, and plan_for runs it."""
+    import json
+    import shutil
+
+    import tune_decode_shapes
+    from jint8.ops.int8_matmul import configs
+
+    table = tmp_path / "nvidia_h100.json"
+    shutil.copy(configs._DATA_DIR / "nvidia_h100.json", table)
+    quantize = configs.plan_for("NVIDIA H100", 8, 14336, 4096, "nk").quantize
+    candidate = dict(block_n=64, block_k=256, split_k=2, split_reduce="xla", num_warps=4, num_stages=4)
+    plan = tune_decode_shapes.route_plans("pallas", candidate, 8, quantize)
+    assert (plan.gemm_path, plan.gemm.block_m, plan.gemm.split_k) == ("pallas", 16, 2)
+    assert tune_decode_shapes.route_plans("xla_gemm", candidate, 8, quantize) is None  # no K loop to split
+
+    best = dict(gemm_path="pallas", gemm=candidate, ms=0.0401, device="NVIDIA H100 80GB HBM3")
+    tune_decode_shapes._write_entry(str(table), 14336, 4096, 8, best)
+    entries = [e for e in json.loads(table.read_text())["shapes_nk"] if (e["k"], e["n"]) == (14336, 4096)]
+    assert len(entries) == 1 and entries[0]["measured_us_m8"] == 40.1  # replaced, range kept
+
+    monkeypatch.setattr(configs, "_DATA_DIR", tmp_path)
+    configs.clear_cache()
+    try:
+        for m in (1, 8, 16):
+            plan = configs.plan_for("NVIDIA H100 80GB HBM3", m, 14336, 4096, "nk")
+            assert plan.gemm_path == "pallas" and plan.gemm.block_n == 64 and plan.gemm.split_k == 2
+    finally:
+        configs.clear_cache()
