@@ -181,6 +181,12 @@ class _OverflowCounter(logging.Filter):
         return self.count == 1
 
 
+def _phase(variant: str, what: str, since: float) -> None:
+    """One progress line on stderr (flushed): a run cut short by a time limit still says which
+    phase (weights, compile, timing) took the time."""
+    print(f"[{variant}] {what}: {time.perf_counter() - since:.1f} s", file=sys.stderr, flush=True)
+
+
 def run_variant(args, variant: str) -> list[dict]:
     import jax
     import numpy as np
@@ -190,10 +196,12 @@ def run_variant(args, variant: str) -> list[dict]:
     overflows = _OverflowCounter()
     logging.getLogger("jint8").addFilter(overflows)
     device = jax.devices()[0]
+    start = time.perf_counter()
     model, params = build_model(args, variant)
     if args.fuse:
         params = jint8.fuse_projections(params)
     jax.block_until_ready(params)
+    _phase(variant, "random weights built", start)
     weight_bytes = jint8.param_bytes(params)
     rows = []
     for batch in args.batch:
@@ -206,6 +214,7 @@ def run_variant(args, variant: str) -> list[dict]:
         start = time.perf_counter()
         jint8.generate(model, params, prompt, config=config)  # compiles; the prefill-only call reuses it
         compile_seconds = time.perf_counter() - start
+        _phase(variant, f"batch {batch}: compiled and ran once", start)
         prefill = _best_seconds(lambda: jint8.generate(model, params, prompt, config=prefill_only), args.repeats)
         full = _best_seconds(lambda: jint8.generate(model, params, prompt, config=config), args.repeats)
         decode_tokens = batch * (args.new_tokens - 1)
