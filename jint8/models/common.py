@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
 import jax
@@ -16,7 +16,7 @@ import numpy as np
 from flax import struct
 
 from jint8.errors import UnsupportedArchitectureError
-from jint8.layers import NormedInput
+from jint8.layers import Int8Dense, NormedInput
 from jint8.ops.int8_matmul.reference import InputNorm, rms_norm
 from jint8.ops import attention as attention_ops
 
@@ -270,6 +270,34 @@ def causal_lm_logits(backbone, lm_head, input_ids, positions, cache, cache_index
         hidden = hidden[:, -logits_to_keep:]
     logits = backbone.attend(hidden) if lm_head is None else lm_head(hidden)
     return logits.astype(jnp.float32), cache
+
+
+class CausalLM(nn.Module):
+    """The shared *ForCausalLM: input_ids [B, T] -> (logits [B, T, vocab] float32, cache).
+
+    A subclass names its backbone (BACKBONE: the decoder stack's class, built from the config;
+    BACKBONE_NAME: its parameter name in transformers' checkpoints, "model" or "transformer")
+    and gets an int8-able lm_head unless config.tie_word_embeddings. positions [B, T] are the
+    RoPE / learned positions (default cache_index + t); with a cache the new keys and values go
+    to slots cache_index.. and query t sees slots <= cache_index + t where kv_mask
+    (causal_lm_logits).
+    """
+
+    BACKBONE: ClassVar[type]
+    BACKBONE_NAME: ClassVar[str] = "model"
+    config: Any
+
+    def setup(self):
+        setattr(self, self.BACKBONE_NAME, self.BACKBONE(self.config))
+        if not self.config.tie_word_embeddings:
+            self.lm_head = Int8Dense(self.config.vocab_size, use_bias=False, dtype=self.config.dtype,
+                                     param_dtype=self.config.dtype)
+
+    def __call__(self, input_ids, positions=None, cache: Optional[KVCache] = None, cache_index=None,
+                 kv_mask=None, logits_to_keep: int = 0):
+        lm_head = None if self.config.tie_word_embeddings else self.lm_head
+        return causal_lm_logits(getattr(self, self.BACKBONE_NAME), lm_head, input_ids, positions, cache,
+                                cache_index, kv_mask, logits_to_keep)
 
 
 def default_positions(batch: int, num_tokens: int, cache_index=None) -> jax.Array:

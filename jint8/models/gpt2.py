@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jint8.errors import InvalidConfigError, UnsupportedArchitectureError
 from jint8.layers import Int8Dense, Int8Embed
-from jint8.models.common import KVCache, activation, cached_attention, causal_lm_logits
+from jint8.models.common import CausalLM, KVCache, activation, cached_attention
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,19 +138,9 @@ class GPT2Model(nn.Module):
         return self.wte.attend(hidden)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
     """input_ids [B, T] -> (logits [B, T, vocab] float32, cache); same interface as LlamaForCausalLM."""
 
+    BACKBONE = GPT2Model
+    BACKBONE_NAME = "transformer"
     config: GPT2Config
-
-    def setup(self):
-        self.transformer = GPT2Model(self.config)
-        if not self.config.tie_word_embeddings:
-            self.lm_head = Int8Dense(self.config.vocab_size, use_bias=False, dtype=self.config.dtype,
-                                     param_dtype=self.config.dtype)
-
-    def __call__(self, input_ids, positions=None, cache: Optional[KVCache] = None, cache_index=None,
-                 kv_mask=None, logits_to_keep: int = 0):
-        lm_head = None if self.config.tie_word_embeddings else self.lm_head
-        return causal_lm_logits(self.transformer, lm_head, input_ids, positions, cache, cache_index, kv_mask,
-                                logits_to_keep)

@@ -21,8 +21,8 @@ from jint8.models.common import (
     RMSNorm,
     RopeConfig,
     activation,
+    CausalLM,
     cached_attention,
-    causal_lm_logits,
     rope_inverse_frequencies,
     rope_tables,
 )
@@ -241,25 +241,16 @@ class LlamaModel(nn.Module):
         return self.embed_tokens.attend(hidden)
 
 
-class LlamaForCausalLM(nn.Module):
-    """input_ids [B, T] -> (logits [B, T, vocab] float32, updated cache or None).
+class LlamaForCausalLM(CausalLM):
+    """input_ids [B, T] -> (logits [B, T, vocab] float32, updated cache or None) (CausalLM),
+    with Gemma 2's final logit soft-cap where the config has one."""
 
-    positions [B, T] are the RoPE positions (default cache_index + t); with a cache the new keys
-    and values go to slots cache_index.. and query t sees slots <= cache_index + t where kv_mask.
-    """
-
+    BACKBONE = LlamaModel
     config: LlamaConfig
-
-    def setup(self):
-        self.model = LlamaModel(self.config)
-        if not self.config.tie_word_embeddings:
-            self.lm_head = _dense(self.config, self.config.vocab_size, False)
 
     def __call__(self, input_ids, positions=None, cache: Optional[KVCache] = None, cache_index=None,
                  kv_mask=None, logits_to_keep: int = 0):
-        lm_head = None if self.config.tie_word_embeddings else self.lm_head
-        logits, cache = causal_lm_logits(self.model, lm_head, input_ids, positions, cache, cache_index, kv_mask,
-                                         logits_to_keep)
+        logits, cache = super().__call__(input_ids, positions, cache, cache_index, kv_mask, logits_to_keep)
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap
             logits = jnp.tanh(logits / cap) * cap

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jint8.errors import UnsupportedArchitectureError
 from jint8.layers import Int8Dense, Int8Embed
-from jint8.models.common import KVCache, activation, cached_attention, causal_lm_logits
+from jint8.models.common import CausalLM, activation, cached_attention
 
 # OPTLearnedPositionalEmbedding: row p + 2 holds position p (fairseq's padding offset)
 POSITION_OFFSET = 2
@@ -167,19 +167,8 @@ class OPTModel(nn.Module):
         return self.decoder.attend(hidden)
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(CausalLM):
     """input_ids [B, T] -> (logits [B, T, vocab] float32, cache); same interface as LlamaForCausalLM."""
 
+    BACKBONE = OPTModel
     config: OPTConfig
-
-    def setup(self):
-        self.model = OPTModel(self.config)
-        if not self.config.tie_word_embeddings:
-            self.lm_head = Int8Dense(self.config.vocab_size, use_bias=False, dtype=self.config.dtype,
-                                     param_dtype=self.config.dtype)
-
-    def __call__(self, input_ids, positions=None, cache: Optional[KVCache] = None, cache_index=None,
-                 kv_mask=None, logits_to_keep: int = 0):
-        lm_head = None if self.config.tie_word_embeddings else self.lm_head
-        return causal_lm_logits(self.model, lm_head, input_ids, positions, cache, cache_index, kv_mask,
-                                logits_to_keep)
