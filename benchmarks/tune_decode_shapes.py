@@ -18,6 +18,7 @@ go into data/<gpu>.json's "shapes_nk" list (configs.plan_for reads them before t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -46,6 +47,13 @@ def candidates(k, n, stages=(4,)):
             continue
         yield dict(block_n=block_n, block_k=block_k, split_k=split_k, split_reduce=reduce,
                    num_warps=8 if tile_bytes >= 32 * 1024 else 4, num_stages=num_stages)
+
+
+def _tiles(gemm) -> dict:
+    """A plan's tile fields, as candidates() names them."""
+    return dict(block_n=gemm.block_n, block_k=gemm.block_k, split_k=gemm.split_k,
+                split_reduce=gemm.split_reduce, num_warps=gemm.num_warps, num_stages=gemm.num_stages,
+                row_scales=gemm.row_scales)
 
 
 def configs_routes():
@@ -78,6 +86,9 @@ def main(argv=None):
                         help="pipeline depths (num_stages) to try with each tile")
     parser.add_argument("--routes", nargs="+", default=["fused"], choices=configs_routes(),
                         help="KernelPlan.gemm_path values whose candidates are timed")
+    parser.add_argument("--row-scales", nargs="+", default=["kernel"], choices=["kernel", "input"],
+                        help="fused route: where each row's absmax comes from (Config.row_scales); "
+                        "with --table-only the table's plan is also timed with each")
     parser.add_argument("--table-only", action="store_true",
                         help="time only the table's plan per shape (A/B runs of kernel changes)")
     parser.add_argument("--norm", action="store_true",
@@ -116,15 +127,21 @@ def main(argv=None):
                                                weight_layout="nk", norm=norm)[0].astype(jnp.float32)
         table_plan = configs.plan_for("NVIDIA H100" if args.smoke else device, args.m, k, n, "nk")
         plans = [("table", table_plan)]
+        for row_scales in args.row_scales:
+            if table_plan.gemm_path == "fused" and row_scales != table_plan.gemm.row_scales:
+                gemm = dataclasses.replace(table_plan.gemm, row_scales=row_scales)
+                plans.append((dict(_tiles(gemm), gemm_path="fused"), dataclasses.replace(table_plan, gemm=gemm)))
         chosen = [c for c in candidates(*SHAPES[name], stages=args.stages)
                   if c["split_reduce"] in args.reduce]
         if args.table_only:
             chosen = []
-        for route in args.routes:
-            for c in chosen[: 2 if args.smoke else None]:
-                plan = route_plans(route, c, args.m, table_plan.quantize)
-                if plan is not None:
-                    plans.append((dict(c, gemm_path=route), plan))
+        for route, c, row_scales in itertools.product(args.routes, chosen[: 2 if args.smoke else None],
+                                                      args.row_scales):
+            if route != "fused" and row_scales != "kernel":
+                continue  # only the fused kernel sweeps for its row scales
+            plan = route_plans(route, dict(c, row_scales=row_scales), args.m, table_plan.quantize)
+            if plan is not None:
+                plans.append((dict(c, row_scales=row_scales, gemm_path=route), plan))
         results = []
         for label, plan in plans:
             op = lambda x, w, plan=plan: int8_matmul_pallas(  # noqa: E731

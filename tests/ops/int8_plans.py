@@ -27,16 +27,17 @@ PLANS = {
 }
 
 
-def fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, reduce="xla"):
+def fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, reduce="xla", row_scales="kernel"):
     gemm = gemm_config(block_m=configs.fused_block_m(m), block_k=block_k, weight_layout=layout,
-                       outlier_mode=mode, split_k=split_k, split_reduce=reduce)
+                       outlier_mode=mode, split_k=split_k, split_reduce=reduce, row_scales=row_scales)
     return configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm, gemm_path="fused")
 
 
-FUSED_VARIANTS = {  # name: (weight layout, outlier_mode, split_k, split_reduce)
-    "nk_branch": ("nk", "branch", 1, "xla"),
-    "nk_dense": ("nk", "dense", 1, "xla"),
-    "kn_branch": ("kn", "branch", 1, "xla"),
-    "nk_split3": ("nk", "branch", 3, "xla"),
-    "nk_split3_in_kernel": ("nk", "branch", 3, "kernel"),  # the tile's last program sums
+FUSED_VARIANTS = {  # name: fused_plan's keyword arguments
+    "nk_branch": dict(layout="nk", mode="branch"),
+    "nk_dense": dict(layout="nk", mode="dense"),
+    "kn_branch": dict(layout="kn", mode="branch"),
+    "nk_split3": dict(layout="nk", split_k=3),
+    "nk_split3_in_kernel": dict(layout="nk", split_k=3, reduce="kernel"),  # the tile's last program sums
+    "nk_split3_row_scales_input": dict(layout="nk", split_k=3, row_scales="input"),  # absmax by XLA
 }

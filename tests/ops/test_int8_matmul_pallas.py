@@ -140,8 +140,8 @@ def test_output_within_derived_bound_of_float64_recipe(rng, m, k, n, dtype, outl
 ])
 def test_fused_int32_accumulator_equals_reference_int8_dot(rng, variant, m, k, n, outlier_cols,
                                                             rows):
-    layout, mode, split_k, reduce = FUSED_VARIANTS[variant]
-    plan = fused_plan(m, layout=layout, mode=mode, split_k=split_k, reduce=reduce)
+    plan = fused_plan(m, **FUSED_VARIANTS[variant])
+    layout, split_k = plan.gemm.weight_layout, plan.gemm.split_k
     x, wq, _, _ = _inputs(rng, m, k, n, jnp.bfloat16, outlier_cols)
     if rows:
         x = jnp.asarray(_special_rows(x, rows), jnp.bfloat16)
@@ -163,8 +163,8 @@ def test_fused_int32_accumulator_equals_reference_int8_dot(rng, variant, m, k, n
 ])
 def test_fused_output_within_derived_bound_of_float64_recipe(rng, variant, m, k, n, dtype,
                                                              outlier_cols, bias, rows):
-    layout, mode, split_k, reduce = FUSED_VARIANTS[variant]
-    plan = fused_plan(m, layout=layout, mode=mode, split_k=split_k, reduce=reduce)
+    plan = fused_plan(m, **FUSED_VARIANTS[variant])
+    layout, split_k = plan.gemm.weight_layout, plan.gemm.split_k
     x, wq, col_scales, b = _inputs(rng, m, k, n, dtype, outlier_cols, bias)
     if rows:
         x = jnp.asarray(_special_rows(x, rows), dtype)
@@ -210,7 +210,7 @@ def test_cpu_dispatch_falls_through_to_xla_and_refuses_forced_pallas():
 @pytest.mark.parametrize("field,value", [("block_m", 8), ("block_n", 48), ("block_k", 16),
                                          ("num_warps", 3), ("num_stages", 0), ("split_k", 0),
                                          ("weight_layout", "kk"), ("outlier_mode", "sparse"),
-                                         ("split_reduce", "atomic")])
+                                         ("split_reduce", "atomic"), ("row_scales", "xla")])
 def test_config_rejects_bad_field_naming_it(field, value):
     with pytest.raises(InvalidConfigError, match=field):
         gemm_config(**{field: value})

@@ -25,16 +25,19 @@ from jint8.ops.int8_matmul import api, checks, int8_matmul, pallas_triton, refer
 from jint8.ops.int8_matmul.pallas_triton import int8_accumulator_pallas, int8_matmul_pallas
 from int8_plans import PLANS, THRESHOLD, fused_plan
 
-@pytest.mark.parametrize("m,k,n,split_k", [(1, 77, 45, 1), (3, 200, 129, 3), (16, 1500, 20, 1)])
+@pytest.mark.parametrize("m,k,n,split_k,row_scales", [
+    (1, 77, 45, 1, "kernel"), (3, 200, 129, 3, "kernel"), (16, 1500, 20, 1, "kernel"),
+    (3, 200, 129, 3, "input"),  # a plan asking for XLA's row absmax: with a norm the kernel sweeps
+])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("unit_offset", [False, True])
-def test_fused_kernel_folds_the_input_norm_exactly(rng, m, k, n, split_k, dtype, unit_offset):
+def test_fused_kernel_folds_the_input_norm_exactly(rng, m, k, n, split_k, row_scales, dtype, unit_offset):
     """int8_matmul(x, norm=n) on the fused route: the kernel's prologue normalises x as
     reference.rms_norm does (Llama's two roundings, Gemma's one), so its int32 accumulator equals
     the reference's on n(x), and its output matches int8_matmul_reference(x, norm=n)."""
     x, scale, wq = checks.exact_norm_inputs(rng, m, k, n, dtype)
     norm = reference.InputNorm(scale, 1e-5, unit_offset)
-    plan = fused_plan(m, split_k=split_k)
+    plan = fused_plan(m, split_k=split_k, row_scales=row_scales)
     acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64, plan=plan,
                                   norm=norm, interpret=True)
     xq, _, col_mask = reference.quantize_rows(norm(x), THRESHOLD)
@@ -52,15 +55,16 @@ def test_fused_kernel_folds_the_input_norm_exactly(rng, m, k, n, split_k, dtype,
     assert np.max(np.abs(y - y_ref)) <= 2e-2 * np.max(np.abs(y_ref)), f"seed {rng.seed_value}"
 
 
-@pytest.mark.parametrize("m,k,n,split_k,outliers", [
-    (1, 77, 45, 1, True),      # decode: M = 1, odd K and N
-    (1, 77, 45, 1, False),     # no outlier columns
-    (3, 200, 129, 3, True),    # split-K
-    (8, 64, 33, 1, False),
-    (16, 1500, 20, 1, True),   # unrolled absmax sweep with a ragged last chunk
+@pytest.mark.parametrize("m,k,n,split_k,outliers,row_scales", [
+    (1, 77, 45, 1, True, "kernel"),      # decode: M = 1, odd K and N
+    (1, 77, 45, 1, False, "kernel"),     # no outlier columns
+    (3, 200, 129, 3, True, "kernel"),    # split-K
+    (8, 64, 33, 1, False, "kernel"),
+    (16, 1500, 20, 1, True, "kernel"),   # unrolled absmax sweep with a ragged last chunk
+    (8, 64, 33, 1, True, "input"),       # a plan asking for XLA's row absmax: with a gate the kernel sweeps
 ])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_fused_kernel_folds_the_input_gate_exactly(rng, m, k, n, split_k, outliers, dtype):
+def test_fused_kernel_folds_the_input_gate_exactly(rng, m, k, n, split_k, outliers, row_scales, dtype):
     """int8_matmul(x, gate=g) on the fused route, x [M, 2K] = gate | up: the kernel forms
     silu(gate) * up from the gate and up tiles with reference.gated_activation's two roundings,
     so its int32 accumulator equals the reference's on g(x) and its output lies within the
@@ -69,7 +73,7 @@ def test_fused_kernel_folds_the_input_gate_exactly(rng, m, k, n, split_k, outlie
     gate = reference.InputGate("silu")
     h = gate(x)
     assert x.shape == (m, 2 * k) and h.shape == (m, k)
-    plan = fused_plan(m, split_k=split_k)
+    plan = fused_plan(m, split_k=split_k, row_scales=row_scales)
     acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64, plan=plan,
                                   gate=gate, interpret=True)
     xq, _, col_mask = reference.quantize_rows(h, THRESHOLD)

@@ -47,8 +47,8 @@ def _cases():
     that applies a norm or gate in its kernel) also with each prologue."""
     for name, plan in PLANS.items():
         yield name, plan, "none"
-    for name, (layout, mode, split_k, reduce) in FUSED_VARIANTS.items():
-        plan = fused_plan(3, layout=layout, mode=mode, split_k=split_k, reduce=reduce)
+    for name, variant in FUSED_VARIANTS.items():
+        plan = fused_plan(3, **variant)
         for prologue in ("none", "norm", "gate"):
             yield f"fused_{name}", plan, prologue
 

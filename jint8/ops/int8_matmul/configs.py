@@ -66,6 +66,13 @@ class Config:
     outlier_mode: how the fused skinny kernel (pallas_triton_fused) adds the outlier stream in
       its K loop: "branch" (a lax.cond per K step, taken only in steps holding an outlier
       column) or "dense" (branch-free: every step runs the 16-bit dot on the masked x tile).
+    row_scales: where the fused kernel gets each row's absmax: "kernel" (every program sweeps
+      all of x first: M x K elements read from L2 per program, before its first weight load)
+      or "input" (one XLA reduction before the kernel, read once; the same bits, a max is exact
+      in any order). Calls with an InputNorm or InputGate sweep in the kernel either way.
+      Measured at M = 1 (session 4): "input" 1.2-1.5 us slower per call (one more launch). At
+      M = 8 the sweep reads 8 rows per program (down_proj: 229 KB x 256 programs of L2
+      traffic, as much as its weights), which "input" avoids; not yet measured.
     """
 
     block_m: int
@@ -78,6 +85,7 @@ class Config:
     swap_ab: bool = False
     outlier_mode: str = "branch"
     split_reduce: str = "xla"
+    row_scales: str = "kernel"
 
     def __post_init__(self):
         # tl.dot on int8 needs M >= 16, N >= 16 and K >= 32 (mma.m16n8k32).
@@ -99,6 +107,9 @@ class Config:
         if self.split_reduce not in ("xla", "kernel"):
             raise InvalidConfigError(
                 f"split_reduce={self.split_reduce!r} must be 'xla' or 'kernel'")
+        if self.row_scales not in ("kernel", "input"):
+            raise InvalidConfigError(
+                f"row_scales={self.row_scales!r} must be 'kernel' or 'input'")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

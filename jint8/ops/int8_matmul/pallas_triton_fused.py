@@ -3,7 +3,8 @@
 One program owns all M rows (M <= block_m <= 64) and block_n output features; the grid is
 (N / block_n, split_k). Each program:
   1. s_x[m] = max_k |x[m, k]| over the elements below the threshold      one sweep over x (the
-                                                                          few rows sit in L2)
+                                                                          few rows sit in L2), or
+                                                                          an input (row_scales)
   2. K loop, block_k per step, on the x tile it loads anyway:
        flags[k] = any_m |x[m, k]| >= t                                   the outlier columns O
        xq       = round(x * 127 / s_x), 0 in flagged columns             bit-equal to reference
@@ -158,11 +159,12 @@ def _zero_rows_below(row, block_m: int):
     return jnp.where(jnp.arange(block_m)[:, None] == 0, row, jnp.zeros_like(row))
 
 
-def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, norm, gate,
-                  config: Config, threshold: float, has_bias: bool, accumulator_only: bool,
-                  interpret: bool):
-    *norm_scale_ref, out = norm_scale_and_out
-    prologue = _Prologue(x_ref, norm_scale_ref[0] if norm_scale_ref else None, norm=norm,
+def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, norm, gate,
+                  config: Config, threshold: float, has_bias: bool, row_max_input: bool,
+                  accumulator_only: bool, interpret: bool):
+    *optional, out = optional_and_out  # [norm scale], [row absmax (row_max_input)]
+    row_max_ref = optional.pop() if row_max_input else None
+    prologue = _Prologue(x_ref, optional[0] if norm is not None else None, norm=norm,
                          gate=gate, interpret=interpret)
     m, k = prologue.m, prologue.k
     nk_layout = config.weight_layout == "nk"
@@ -181,7 +183,11 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *norm_scale_and_out, n
     widen = functools.partial(_zero_rows_below, block_m=bm) if one_row else (lambda v: v)
     spread = (lambda v: v) if one_row else functools.partial(_spread, block_m=bm)
 
-    row_max = _row_absmax(prologue, threshold=threshold)  # per x row
+    if row_max_ref is not None:  # Config.row_scales == "input": reduced before the kernel
+        rows = jnp.arange(1 << (m - 1).bit_length())  # _sweep_rows' rows_p, 0 past row M
+        row_max = _load_vector(row_max_ref, rows, rows < m if m != rows.shape[0] else None)
+    else:
+        row_max = _row_absmax(prologue, threshold=threshold)  # per x row
     inverse_rms = None if norm is None else spread(prologue.inverse_rms)
     # reference.quantize_rows: 127 / s rounded as XLA rounds it, 0 for an all-zero row.
     safe = jnp.where(row_max > 0, row_max, 1.0)
@@ -263,12 +269,17 @@ def fused_int8_matmul(
         raise ValueError("fused kernel: norm and gate cannot both be given")
     if m > config.block_m:
         raise ValueError(f"fused kernel: M={m} must be <= block_m={config.block_m}")
+    # Config.row_scales "input": the row absmax from one XLA reduction (the same bits: a max is
+    # exact in any order); with a norm or gate the kernel sweeps (it forms that input itself).
+    row_max_input = config.row_scales == "input" and norm is None and gate is None
     kernel = functools.partial(
         _fused_kernel, norm=None if norm is None else dataclasses.replace(norm, scale=None),
         gate=gate, config=config, threshold=threshold, has_bias=has_bias,
-        accumulator_only=accumulator_only, interpret=interpret,
+        row_max_input=row_max_input, accumulator_only=accumulator_only, interpret=interpret,
     )
     operands = [x, w, col_scales, bias] + ([] if norm is None else [norm.scale])
+    if row_max_input:
+        operands.append(reference.row_absmax(x, threshold))
     return launch(kernel, operands, grid=(pl.cdiv(n, config.block_n), config.split_k),
                   m=m, n=n, config=config, out_dtype=out_dtype, accumulator_only=accumulator_only,
                   poison_output=poison_output, interpret=interpret,

@@ -161,6 +161,15 @@ def quantization_multiplier(scales: jax.Array) -> jax.Array:
     return jnp.where(scales > 0, (1.0 / safe) * 127.0, 0.0)
 
 
+def row_absmax(x: jax.Array, threshold: float) -> jax.Array:
+    """[M, K] -> [M] float32: each row's max |x| over its elements below the threshold (all
+    elements when threshold is 0): quantize_rows' row scales (bitsandbytes' row_stats)."""
+    magnitude = jnp.abs(x.astype(jnp.float32))
+    if threshold > 0:
+        magnitude = jnp.where(magnitude >= threshold, 0.0, magnitude)
+    return jnp.max(magnitude, axis=-1)
+
+
 def quantize_rows(x: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Vector-wise (per row) absmax int8 quantization of activations with outlier columns zeroed.
 
@@ -171,14 +180,8 @@ def quantize_rows(x: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array,
       xq: [M, K] int8; row_scales: [M] float32 (bnb's `row_stats`); col_mask: [K] bool.
     """
     xf = x.astype(jnp.float32)
-    magnitude = jnp.abs(xf)
-    if threshold > 0:
-        is_outlier = magnitude >= threshold
-        magnitude = jnp.where(is_outlier, 0.0, magnitude)
-        col_mask = jnp.any(is_outlier, axis=0)
-    else:
-        col_mask = jnp.zeros(x.shape[-1], dtype=bool)
-    row_scales = jnp.max(magnitude, axis=-1)
+    col_mask = outlier_column_mask(xf, threshold)
+    row_scales = row_absmax(xf, threshold)
     xq = jnp.round(xf * quantization_multiplier(row_scales)[:, None])
     xq = jnp.where(col_mask[None, :], 0.0, xq).astype(jnp.int8)
     return xq, row_scales, col_mask
