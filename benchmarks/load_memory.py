@@ -34,7 +34,8 @@ def write_checkpoint(directory: Path, shard_size: str) -> None:
         return
     directory.mkdir(parents=True, exist_ok=True)
     config = transformers.LlamaConfig(**CONFIG)
-    d, f, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * (d_head := config.hidden_size // config.num_attention_heads)
+    d, f = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
     shapes = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,),
               "lm_head.weight": (config.vocab_size, d)}
     for i in range(config.num_hidden_layers):

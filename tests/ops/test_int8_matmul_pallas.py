@@ -141,7 +141,6 @@ def test_output_within_derived_bound_of_float64_recipe(rng, m, k, n, dtype, outl
 def test_fused_int32_accumulator_equals_reference_int8_dot(rng, variant, m, k, n, outlier_cols,
                                                             rows):
     plan = fused_plan(m, **FUSED_VARIANTS[variant])
-    layout, split_k = plan.gemm.weight_layout, plan.gemm.split_k
     x, wq, _, _ = _inputs(rng, m, k, n, jnp.bfloat16, outlier_cols)
     if rows:
         x = jnp.asarray(_special_rows(x, rows), jnp.bfloat16)
