@@ -97,7 +97,8 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes in interpret mode")
     parser.add_argument("--write-table", metavar="JSON",
                         help="put each shape's best candidate (if >= 3%% faster than the table's plan) "
-                        "into this data/<gpu>.json's shapes_nk")
+                        "into this table's shapes_nk (jint8's data/<gpu>.json, or a new file in a "
+                        "JINT8_KERNEL_TABLES directory for a GPU without one)")
     args = parser.parse_args(argv)
 
     import jax
@@ -197,7 +198,7 @@ def _write_entry(path, k, n, m, best):
     """Replace the (K, N) entry whose M range holds m (keeping its range; 1-16 if none did)."""
     import datetime
 
-    data = json.loads(open(path).read())
+    data = json.loads(open(path).read()) if os.path.exists(path) else {}  # a new table: its shapes
     covers = lambda e: (e["k"], e["n"]) == (k, n) and e.get("min_m", 1) <= m <= e["max_m"]  # noqa: E731
     replaced = [e for e in data.get("shapes_nk", []) if covers(e)]
     entries = [e for e in data.get("shapes_nk", []) if not covers(e)]

@@ -9,6 +9,13 @@ activation-pass tiles (optional; by default they follow K), the `gemm_path`: "fu
 kernel for skinny M) or "pallas" (activation-pass kernel + GEMM kernel), and for [K, N] weights
 whether to transpose them first (`transpose_weight`). GPUs without a table get `default_plan`, a
 heuristic that is safe (small tiles, modest shared memory) everywhere.
+
+Tables of your own: a directory named by the JINT8_KERNEL_TABLES environment variable is
+searched first, for <name>.json where name is device_table_name(device kind) ("nvidia_h100",
+"nvidia_h200", else the kind in lower case with non-alphanumerics as "_", e.g.
+"nvidia_a100_sxm4_80gb"): a table tuned on another GPU (benchmarks/tune_decode_shapes.py
+--write-table writes one), or an H100 table with other tiles for an A/B run. Set it before the
+first int8 call, or call clear_cache() after changing it.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
+import re
 from typing import Optional
 
 from jint8.errors import InvalidConfigError
@@ -223,33 +232,72 @@ def _fit_split_k(config: Config, m: int, k: int, n: int) -> Config:
     return dataclasses.replace(config, split_k=split_k)
 
 
-def device_table_name(device_kind: str) -> Optional[str]:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100'; None for GPUs without a tuned table."""
+TABLES_ENV_VAR = "JINT8_KERNEL_TABLES"
+
+
+def device_table_name(device_kind: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100' (H100 and H200 share their variants' tables);
+    any other GPU: its kind in lower case, non-alphanumerics as '_' ('nvidia_a100_sxm4_80gb')."""
     kind = device_kind.lower()
     for name in ("h100", "h200"):
         if name in kind:
             return f"nvidia_{name}"
+    return re.sub(r"[^a-z0-9]+", "_", kind).strip("_")
+
+
+def table_path(name: str) -> Optional[pathlib.Path]:
+    """The table <name>.json that plan_for reads: from JINT8_KERNEL_TABLES first, then jint8's
+    own; None if neither has one."""
+    for directory in (os.environ.get(TABLES_ENV_VAR), _DATA_DIR):
+        if directory and (pathlib.Path(directory) / f"{name}.json").is_file():
+            return pathlib.Path(directory) / f"{name}.json"
     return None
 
 
 @functools.cache
+def _read_table(name: str) -> dict:
+    """The parsed, checked table ({} without one). Every entry must build its Config and name
+    its shape bucket; a bad one raises InvalidConfigError naming the file and the entry."""
+    path = table_path(name)
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InvalidConfigError(f"int8 kernel table {path}: not readable JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidConfigError(f"int8 kernel table {path}: must be a JSON object")
+    for key, fields in (("buckets", ("max_m", "gemm")), ("buckets_nk", ("max_m", "gemm")),
+                        ("shapes_nk", ("k", "n", "max_m", "gemm"))):
+        for i, entry in enumerate(data.get(key, ())):
+            where = f"int8 kernel table {path}: {key}[{i}]"
+            missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+            if missing:
+                raise InvalidConfigError(f"{where} lacks {missing}")
+            try:
+                Config(**entry["gemm"])
+                if entry.get("quantize"):
+                    QuantizeConfig(**entry["quantize"])
+                KernelPlan(quantize=_default_quantize(1, 64), gemm=Config(**entry["gemm"]),
+                           gemm_path=entry.get("gemm_path", "fused" if key == "shapes_nk" else "pallas"),
+                           transpose_weight=entry.get("transpose_weight", False))
+            except (InvalidConfigError, TypeError) as error:
+                raise InvalidConfigError(f"{where}: {error}") from None
+    return data
+
+
 def _load_table(name: str, weight_layout: str) -> tuple[dict, ...]:
-    path = _DATA_DIR / f"{name}.json"
-    if not path.exists():
-        return ()
-    buckets = json.loads(path.read_text())["buckets" if weight_layout == "kn" else "buckets_nk"]
+    buckets = _read_table(name).get("buckets" if weight_layout == "kn" else "buckets_nk", ())
     return tuple(sorted(buckets, key=lambda b: b["max_m"]))
 
 
-@functools.cache
 def _load_shapes(name: str, weight_layout: str) -> tuple[dict, ...]:
     """Per-shape entries ("shapes_nk": exact K x N, up to max_m) tuned on the decode shapes of
     real models (benchmarks/tune_decode_shapes.py, bench_int8_matmul.py --sweep), for
     min_m (default 1) <= M <= max_m; they win over the M buckets."""
-    path = _DATA_DIR / f"{name}.json"
-    if not path.exists() or weight_layout != "nk":
+    if weight_layout != "nk":
         return ()
-    return tuple(sorted(json.loads(path.read_text()).get("shapes_nk", ()), key=lambda e: e["max_m"]))
+    return tuple(sorted(_read_table(name).get("shapes_nk", ()), key=lambda e: e["max_m"]))
 
 
 def plan_for(device_kind: str, m: int, k: int, n: int, weight_layout: str = "kn") -> KernelPlan:
@@ -259,15 +307,14 @@ def plan_for(device_kind: str, m: int, k: int, n: int, weight_layout: str = "kn"
     block_m is ignored) and its block_n narrowed for small N (_fit_fused).
     """
     name = device_table_name(device_kind)
-    for entry in _load_shapes(name, weight_layout) if name else ():
+    for entry in _load_shapes(name, weight_layout):
         if entry.get("min_m", 1) <= m <= entry["max_m"] and (k, n) == (entry["k"], entry["n"]):
             gemm = Config(**entry["gemm"])
             if entry.get("gemm_path", "fused") == "fused":
                 gemm = dataclasses.replace(gemm, block_m=fused_block_m(m))
             return KernelPlan(quantize=_default_quantize(m, k), gemm=gemm,
                               gemm_path=entry.get("gemm_path", "fused"))
-    table = _load_table(name, weight_layout) if name else ()
-    for bucket in table:
+    for bucket in _load_table(name, weight_layout):
         if m <= bucket["max_m"]:
             gemm = Config(**bucket["gemm"])
             gemm_path = bucket.get("gemm_path", "pallas")
@@ -287,6 +334,5 @@ def plan_for(device_kind: str, m: int, k: int, n: int, weight_layout: str = "kn"
 
 
 def clear_cache() -> None:
-    """Forget loaded tables (after editing data/*.json in a running process)."""
-    _load_table.cache_clear()
-    _load_shapes.cache_clear()
+    """Forget loaded tables (after editing a table, or JINT8_KERNEL_TABLES, in a running process)."""
+    _read_table.cache_clear()
