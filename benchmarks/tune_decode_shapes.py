@@ -1,4 +1,4 @@
-"""Tune the int8 kernels on the decode shapes of a fused Llama-3-8B layer.
+"""Tune the int8 kernels on the decode shapes of a fused Llama-3-8B layer (or any K x N).
 
     python3 benchmarks/tune_decode_shapes.py [--json OUT] [--m 1] [--routes fused pallas xla_gemm]
 
@@ -49,6 +49,17 @@ def candidates(k, n, stages=(4,)):
                    num_warps=8 if tile_bytes >= 32 * 1024 else 4, num_stages=num_stages)
 
 
+def _shape(name: str) -> tuple[int, int]:
+    """A projection name of SHAPES, or any 'KxN' (another model's layer)."""
+    if name in SHAPES:
+        return SHAPES[name]
+    try:
+        k, n = (int(v) for v in name.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--shapes: {name!r} is neither one of {sorted(SHAPES)} nor KxN") from None
+    return k, n
+
+
 def _tiles(gemm) -> dict:
     """A plan's tile fields, as candidates() names them."""
     return dict(block_n=gemm.block_n, block_k=gemm.block_k, split_k=gemm.split_k,
@@ -79,7 +90,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--m", type=int, default=1)
     parser.add_argument("--json")
-    parser.add_argument("--shapes", nargs="+", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    parser.add_argument("--shapes", nargs="+", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                        help=f"projections ({', '.join(SHAPES)}) or KxN of any layer")
     parser.add_argument("--reduce", nargs="+", default=["xla", "kernel"], choices=["xla", "kernel"],
                         help="split-K reductions to try (Config.split_reduce)")
     parser.add_argument("--stages", nargs="+", type=int, default=[4],
@@ -112,7 +124,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     print(f"{device}, jax {jax.__version__}, M={args.m}")
     for name in args.shapes:
-        k, n = SHAPES[name]
+        k, n = _shape(name)
         if args.smoke:
             k, n = k // 32, n // 32
         copies = max(2, min(16, math.ceil(2 * L2_BYTES / (k * n))))
@@ -132,7 +144,7 @@ def main(argv=None):
             if table_plan.gemm_path == "fused" and row_scales != table_plan.gemm.row_scales:
                 gemm = dataclasses.replace(table_plan.gemm, row_scales=row_scales)
                 plans.append((dict(_tiles(gemm), gemm_path="fused"), dataclasses.replace(table_plan, gemm=gemm)))
-        chosen = [c for c in candidates(*SHAPES[name], stages=args.stages)
+        chosen = [c for c in candidates(*_shape(name), stages=args.stages)
                   if c["split_reduce"] in args.reduce]
         if args.table_only:
             chosen = []
