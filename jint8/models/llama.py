@@ -17,11 +17,11 @@ import jax.numpy as jnp
 from jint8.errors import InvalidConfigError
 from jint8.layers import GatedInput, Int8Dense, Int8Embed
 from jint8.models.common import (
+    CausalLM,
     KVCache,
     RMSNorm,
     RopeConfig,
     activation,
-    CausalLM,
     cached_attention,
     rope_inverse_frequencies,
     rope_tables,

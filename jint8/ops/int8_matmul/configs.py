@@ -275,10 +275,10 @@ def _read_table(name: str) -> dict:
             if missing:
                 raise InvalidConfigError(f"{where} lacks {missing}")
             try:
-                Config(**entry["gemm"])
+                gemm = Config(**entry["gemm"])
                 if entry.get("quantize"):
                     QuantizeConfig(**entry["quantize"])
-                KernelPlan(quantize=_default_quantize(1, 64), gemm=Config(**entry["gemm"]),
+                KernelPlan(quantize=_default_quantize(1, 64), gemm=gemm,
                            gemm_path=entry.get("gemm_path", "fused" if key == "shapes_nk" else "pallas"),
                            transpose_weight=entry.get("transpose_weight", False))
             except (InvalidConfigError, TypeError) as error:
