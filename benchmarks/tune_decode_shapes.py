@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -206,25 +207,49 @@ def main(argv=None):
                   f"{r['gemm_path']} {r['gemm']}")
 
 
+def _measured_at(entry) -> Optional[int]:
+    """The M an entry was tuned at (its measured_us_m<M> key), None if it does not say."""
+    found = [int(key[len("measured_us_m"):]) for key in entry if key.startswith("measured_us_m")]
+    return found[0] if found else None
+
+
 def _write_entry(path, k, n, m, best):
-    """Replace the (K, N) entry whose M range holds m (keeping its range; 1-16 if none did)."""
+    """Put the best candidate for (K, N) at M = m into the table: it replaces the entry whose M
+    range holds m and keeps that range, except where that entry was tuned at another M: then the
+    range is split between the two tuned Ms, each entry keeping its own side (a table tuned at
+    M = 1, then at M = 8, keeps its M = 1 plan for M = 1). Without one, the new entry covers
+    M = 1-16 less the shape's other entries' ranges."""
     import datetime
 
     data = json.loads(open(path).read()) if os.path.exists(path) else {}  # a new table: its shapes
     covers = lambda e: (e["k"], e["n"]) == (k, n) and e.get("min_m", 1) <= m <= e["max_m"]  # noqa: E731
     replaced = [e for e in data.get("shapes_nk", []) if covers(e)]
     entries = [e for e in data.get("shapes_nk", []) if not covers(e)]
-    span = dict(min_m=replaced[0].get("min_m", 1), max_m=replaced[0]["max_m"]) if replaced else dict(max_m=16)
+    if replaced:
+        lo, hi = replaced[0].get("min_m", 1), replaced[0]["max_m"]
+    else:  # M = 1-16, less what the shape's other entries cover
+        same = [e for e in entries if (e["k"], e["n"]) == (k, n)]
+        lo = 1 + max([e["max_m"] for e in same if e["max_m"] < m], default=0)
+        hi = min([e.get("min_m", 1) for e in same if e.get("min_m", 1) > m], default=max(17, m + 1)) - 1
+    other = _measured_at(replaced[0]) if replaced else None
+    if other is not None and other != m and lo <= other <= hi:
+        kept = dict(replaced[0])
+        if other < m:  # the old entry keeps [lo, other], the new one takes [other + 1, hi]
+            kept.update(min_m=lo, max_m=other)
+            lo = other + 1
+        else:  # the new entry takes [lo, m], the old one keeps [m + 1, hi]
+            kept.update(min_m=m + 1, max_m=hi)
+            hi = m
+        entries.append(kept)
     # The fused route's block_m is set per call (configs.fused_block_m); the others keep this one.
     gemm = dict(block_m=max(16, 1 << (m - 1).bit_length()), weight_layout="nk", swap_ab=False,
                 outlier_mode="branch", **best["gemm"])
-    entries.append(dict(k=k, n=n, **span, gemm_path=best["gemm_path"], gemm=gemm,
+    entries.append(dict(k=k, n=n, min_m=lo, max_m=hi, gemm_path=best["gemm_path"], gemm=gemm,
                         **{f"measured_us_m{m}": round(best["ms"] * 1e3, 1)},
                         note=f"tune_decode_shapes.py, M={m}, {best['device']}, {datetime.date.today().isoformat()}"))
     data["shapes_nk"] = sorted(entries, key=lambda e: (e["k"], e["n"], e["max_m"]))
     with open(path, "w") as f:
         f.write(json.dumps(data, indent=1) + "\n")
-
 
 if __name__ == "__main__":
     main()
