@@ -33,6 +33,7 @@ SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up_proj": (409
           "down_proj": (14336, 4096), "lm_head": (4096, 128256), "layer_8192x28672": (8192, 28672)}
 L2_BYTES = 50 * 2**20
 REPS = 20
+MAX_REL_ERROR = 2e-2  # max |y - reference| / max |reference| of a correct plan
 
 
 def candidates(k, n, stages=(4,)):
@@ -197,7 +198,12 @@ def main(argv=None):
                     f.write(json.dumps(row, default=str) + "\n")
         results.sort(key=lambda r: r["ms"])
         table = next(r for r in results if r["plan"] == "table")
-        best = results[0]
+        # Only a candidate that computes the recipe may go into a table: the fused kernel's
+        # outputs differ from the reference by its outlier-stream rounding (well below this).
+        wrong = [r for r in results if not r["rel_error"] <= MAX_REL_ERROR]
+        for r in wrong:
+            print(f"  {name}: {r['gemm_path']} {r['gemm']} is WRONG (relative error {r['rel_error']:.1e})")
+        best = next((r for r in results if r["rel_error"] <= MAX_REL_ERROR), table)
         if args.write_table and best["plan"] == "candidate" and best["ms"] < 0.97 * table["ms"]:
             _write_entry(args.write_table, k, n, args.m, best)
         print(f"{name} {k}x{n}: table {table['ms'] * 1e3:.1f} us ({table['tb_per_s']:.2f} TB/s, "
