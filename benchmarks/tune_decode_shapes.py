@@ -33,7 +33,9 @@ SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up_proj": (409
           "down_proj": (14336, 4096), "lm_head": (4096, 128256), "layer_8192x28672": (8192, 28672)}
 L2_BYTES = 50 * 2**20
 REPS = 20
-MAX_REL_ERROR = 2e-2  # max |y - reference| / max |reference| of a correct plan
+# max |y - reference| / max |reference|: a correct plan is below 1e-2 (its outlier-stream and
+# output roundings), a broken one O(1) or NaN
+MAX_REL_ERROR = 5e-2
 
 
 def candidates(k, n, stages=(4,)):
@@ -198,8 +200,7 @@ def main(argv=None):
                     f.write(json.dumps(row, default=str) + "\n")
         results.sort(key=lambda r: r["ms"])
         table = next(r for r in results if r["plan"] == "table")
-        # Only a candidate that computes the recipe may go into a table: the fused kernel's
-        # outputs differ from the reference by its outlier-stream rounding (well below this).
+        # Only a candidate that computes the recipe may go into a table (MAX_REL_ERROR).
         wrong = [r for r in results if not r["rel_error"] <= MAX_REL_ERROR]
         for r in wrong:
             print(f"  {name}: {r['gemm_path']} {r['gemm']} is WRONG (relative error {r['rel_error']:.1e})")
