@@ -116,6 +116,8 @@ def main(argv=None):
                         "into this table's shapes_nk (jint8's data/<gpu>.json, or a new file in a "
                         "JINT8_KERNEL_TABLES directory for a GPU without one)")
     args = parser.parse_args(argv)
+    if args.smoke and args.write_table:
+        parser.error("--write-table with --smoke would record interpret-mode times of shrunken shapes")
 
     import jax
     import jax.numpy as jnp
