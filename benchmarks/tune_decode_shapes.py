@@ -71,11 +71,6 @@ def _tiles(gemm) -> dict:
                 row_scales=gemm.row_scales)
 
 
-def configs_routes():
-    from jint8.ops.int8_matmul.configs import GEMM_PATHS
-    return GEMM_PATHS
-
-
 def route_plans(route, candidate, m, quantize):
     """The KernelPlan of one candidate tile dict on one route (None: the route has no use for it).
 
@@ -91,6 +86,8 @@ def route_plans(route, candidate, m, quantize):
 
 
 def main(argv=None):
+    from jint8.ops.int8_matmul.configs import GEMM_PATHS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--m", type=int, default=1)
     parser.add_argument("--json")
@@ -100,7 +97,7 @@ def main(argv=None):
                         help="split-K reductions to try (Config.split_reduce)")
     parser.add_argument("--stages", nargs="+", type=int, default=[4],
                         help="pipeline depths (num_stages) to try with each tile")
-    parser.add_argument("--routes", nargs="+", default=["fused"], choices=configs_routes(),
+    parser.add_argument("--routes", nargs="+", default=["fused"], choices=GEMM_PATHS,
                         help="KernelPlan.gemm_path values whose candidates are timed")
     parser.add_argument("--row-scales", nargs="+", default=["kernel"], choices=["kernel", "input"],
                         help="fused route: where each row's absmax comes from (Config.row_scales); "
@@ -149,7 +146,7 @@ def main(argv=None):
         for row_scales in args.row_scales:
             if table_plan.gemm_path == "fused" and row_scales != table_plan.gemm.row_scales:
                 gemm = dataclasses.replace(table_plan.gemm, row_scales=row_scales)
-                plans.append((dict(_tiles(gemm), gemm_path="fused"), dataclasses.replace(table_plan, gemm=gemm)))
+                plans.append((_tiles(gemm), dataclasses.replace(table_plan, gemm=gemm)))
         chosen = [c for c in candidates(*_shape(name), stages=args.stages)
                   if c["split_reduce"] in args.reduce]
         if args.table_only:
@@ -160,7 +157,7 @@ def main(argv=None):
                 continue  # only the fused kernel sweeps for its row scales
             plan = route_plans(route, dict(c, row_scales=row_scales), args.m, table_plan.quantize)
             if plan is not None:
-                plans.append((dict(c, row_scales=row_scales, gemm_path=route), plan))
+                plans.append((dict(c, row_scales=row_scales), plan))
         results = []
         for label, plan in plans:
             op = lambda x, w, plan=plan: int8_matmul_pallas(  # noqa: E731
@@ -193,8 +190,7 @@ def main(argv=None):
             ms = sorted(times)[len(times) // 2] * 1e3
             row = dict(shape=name, k=k, n=n, m=args.m, plan=label if label == "table" else "candidate",
                        gemm_path=plan.gemm_path,
-                       gemm=plan.gemm.__dict__ if label == "table" else
-                       {key: v for key, v in label.items() if key != "gemm_path"}, ms=ms,
+                       gemm=plan.gemm.__dict__ if label == "table" else label, ms=ms,
                        tb_per_s=k * n / (ms * 1e-3) / 1e12, rel_error=error, device=device)
             results.append(row)
             if args.json:
