@@ -46,15 +46,15 @@ def test_a_table_of_your_own_tunes_a_gpu_jint8_has_none_for(tables):
 def test_a_table_of_your_own_wins_over_jint8s(tables):
     own = json.loads((configs._DATA_DIR / "nvidia_h100.json").read_text())
     own["shapes_nk"] = [e for e in own["shapes_nk"] if (e["k"], e["n"]) != (14336, 4096)]
-    own["shapes_nk"].append(_entry(row_scales="input"))
+    own["shapes_nk"].append(_entry(split_k=2))  # jint8's own table splits K 4 ways here
     (tables / "nvidia_h100.json").write_text(json.dumps(own))
     configs.clear_cache()
-    assert configs.plan_for(H100, 8, 14336, 4096, "nk").gemm.row_scales == "input"
+    assert configs.plan_for(H100, 8, 14336, 4096, "nk").gemm.split_k == 2
     assert configs.table_path("nvidia_h100") == tables / "nvidia_h100.json"
     (tables / "nvidia_h100.json").unlink()
     configs.clear_cache()  # jint8's own again
     assert configs.table_path("nvidia_h100") == configs._DATA_DIR / "nvidia_h100.json"
-    assert configs.plan_for(H100, 8, 14336, 4096, "nk").gemm.row_scales == "kernel"
+    assert configs.plan_for(H100, 8, 14336, 4096, "nk").gemm.split_k == 4
 
 
 @pytest.mark.parametrize("content,message", [
