@@ -201,6 +201,37 @@ def check_folded_case(rng, label, x, wq, folded, failures, interpret=False):
           f"  XLA jit/eager op input differs={jit_differs}", flush=True)
 
 
+def check_output_gate_case(rng, m, k, n, dtype, failures, interpret=False):
+    """The table's plan with an OutputGate (Llama's fused gate_up at decode, wq [2I, K]): the
+    output written into a poisoned buffer must be finite, equal output_gate of the same plan's
+    [M, 2I] product except where the GPU's exp or division differ between Triton and XLA (counted
+    and reported; those elements must still lie within 1e-2 of max |y|), and within 2 % of the
+    XLA route (int8_matmul_reference(output_gate=))."""
+    plan = configs.plan_for(jax.devices()[0].device_kind, m, k, n, weight_layout="nk")
+    label = f"output_gate M={m} K={k} N={n} {jnp.dtype(dtype).name} {plan.gemm_path} {plan.gemm}"
+    x, wq, col_scales, bias = make_inputs(rng, m, k, n, dtype, 8, True)
+    wq = wq.T  # [2I, K]
+    output_gate = reference.OutputGate("silu")
+    kwargs = dict(threshold=THRESHOLD, outlier_capacity=64, out_dtype=jnp.dtype(dtype), plan=plan,
+                  interpret=interpret)
+    y, _ = _int8_matmul_pallas(x, wq, col_scales, bias, None, None, output_gate, poison_output=True,
+                               **kwargs)
+    product, _ = _int8_matmul_pallas(x, wq, col_scales, bias, **kwargs)
+    y, gated = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (y, output_gate(product)))
+    y_ref = np.asarray(jnp.asarray(reference.int8_matmul_reference(
+        x, wq, col_scales, bias, threshold=THRESHOLD, outlier_capacity=64, weight_layout="nk",
+        output_gate=output_gate)[0], jnp.float32), np.float64)
+    scale = np.max(np.abs(y_ref))
+    differs = int(np.sum(y != gated))
+    rel_gated = float(np.max(np.abs(y - gated)) / scale)
+    rel = float(np.max(np.abs(y - y_ref)) / scale)
+    ok = y.shape == (m, n // 2) and bool(np.all(np.isfinite(y))) and rel_gated <= 1e-2 and rel <= 2e-2
+    if not ok:
+        failures.append(label)
+    print(f"  ok? {ok}  {label}  differs from gating the product in {differs} of {y.size} "
+          f"(max {rel_gated:.2e})  vs XLA rel={rel:.2e}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -210,6 +241,8 @@ def main():
                         help="only the fused kernel with a folded RMSNorm (Llama's decode route)")
     parser.add_argument("--gate", action="store_true",
                         help="only the fused kernel with a folded silu(gate) * up (Llama's down_proj)")
+    parser.add_argument("--output-gate", action="store_true",
+                        help="only the table's plans gating a gate|up product (Llama's gate_up)")
     parser.add_argument("--large-m", action="store_true",
                         help="only cases with M > 16 (the pallas and xla_gemm routes)")
     parser.add_argument("--interpret", action="store_true",
@@ -245,6 +278,11 @@ def main():
                         (1, 5632, 2048), (3, 77, 45)] if not args.interpret else [(3, 77, 45)]:
             for dtype in (jnp.bfloat16, jnp.float16):
                 check_gate_case(rng, m, k, n, dtype, failures, args.interpret)
+    elif args.output_gate:  # gate_up of Llama-3-8B (2I = 28672) and of smaller models
+        for m, k, n in [(1, 4096, 28672), (8, 4096, 28672), (16, 4096, 28672), (40, 4096, 28672),
+                        (1, 2048, 16384), (1, 77, 46)] if not args.interpret else [(3, 77, 46)]:
+            for dtype in (jnp.bfloat16, jnp.float16):
+                check_output_gate_case(rng, m, k, n, dtype, failures, args.interpret)
     elif args.large_m:
         case(70, 1000, 333, jnp.float16, 8, 64, True)
         case(70, 1000, 333, jnp.float32, 8, 64, False)

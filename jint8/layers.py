@@ -20,7 +20,7 @@ from flax import nnx
 from jint8.errors import ShapeError
 from jint8.ops.int8_matmul import Int8MatmulStats, int8_matmul
 from jint8.ops.int8_matmul.configs import FUSED_GATE_MAX_M, FUSED_NORM_MAX_M
-from jint8.ops.int8_matmul.reference import INV_127, InputGate, InputNorm
+from jint8.ops.int8_matmul.reference import INV_127, InputGate, InputNorm, OutputGate
 from jint8.quantize import Int8Weight
 
 STATS_COLLECTION = "int8_stats"
@@ -87,14 +87,22 @@ def int8_weight_apply(
     backend: Optional[str] = None,
     norm: Optional[InputNorm] = None,
     gate: Optional[InputGate] = None,
+    output_gate: Optional[OutputGate] = None,
 ) -> tuple[jax.Array, Int8MatmulStats]:
     """x [..., *in_shape] contracted with an Int8Weight -> [..., *out_shape] in dtype (default x's).
 
     norm: an RMSNorm over x's last axis applied first (in dtype), folded into the int8 op.
     gate: x is [..., 2K] = gate | up for a kernel of input shape (K,); the op's input is
       act(gate) * up (in dtype), folded into the int8 op.
+    output_gate: the kernel is a fused gate|up projection (out_shape (2I,)); the result is
+      act(gate) * up [..., I], formed in the int8 op's epilogue.
     """
     in_shape, out_shape = weight.in_shape, weight.out_shape
+    if output_gate is not None:
+        if len(out_shape) != 1 or out_shape[0] % 2:
+            raise ShapeError(f"output_gate= needs a kernel with one, even output axis (gate | up), "
+                             f"got output shape {out_shape}")
+        out_shape = (out_shape[0] // 2,)
     if gate is not None:
         if len(in_shape) != 1:
             raise ShapeError(f"gate= needs a kernel with one input axis, got input shape {in_shape}")
@@ -118,6 +126,7 @@ def int8_weight_apply(
         return_stats=True,
         norm=norm,
         gate=gate,
+        output_gate=output_gate,
     )
     return y.reshape(*batch_shape, *out_shape), stats
 
@@ -158,7 +167,13 @@ def _sow_stats(module: nn.Module, stats: Int8MatmulStats) -> None:
 
 
 class Int8Dense(nn.Module):
-    """nn.Dense with the same signature and param names; runs LLM.int8() on an Int8Weight kernel."""
+    """nn.Dense with the same signature and param names; runs LLM.int8() on an Int8Weight kernel.
+
+    output_gate: a transformers hidden_act name (one of GATE_ACTIVATIONS) for a fused gate|up
+    projection: features is 2I (gate's first) and the layer returns act(gate) * up [..., I]
+    (reference.gated_activation's roundings on the 2I outputs in dtype). The int8 decode kernel
+    gates in its epilogue; a float kernel gates after its dot.
+    """
 
     features: int
     use_bias: bool = True
@@ -168,6 +183,7 @@ class Int8Dense(nn.Module):
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros_init()
     backend: Optional[str] = None
+    output_gate: Optional[str] = None
 
     @nn.compact
     def __call__(self, inputs) -> jax.Array:
@@ -187,14 +203,16 @@ class Int8Dense(nn.Module):
         if isinstance(kernel, Int8Weight):
             prologue = _folded_prologue(inputs, kernel, self.dtype)
             x = inputs.x if prologue else as_array(inputs)  # the op applies it (InputNorm, InputGate)
+            output_gate = None if self.output_gate is None else OutputGate(self.output_gate)
             y, stats = int8_weight_apply(x, kernel, bias, dtype=self.dtype, backend=self.backend,
-                                         **prologue)
+                                         output_gate=output_gate, **prologue)
             _sow_stats(self, stats)
             return y
         inputs = as_array(inputs)
         inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-        return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        y = y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y if self.output_gate is None else OutputGate(self.output_gate)(y)
 
 
 class Int8Linear(nnx.Module):

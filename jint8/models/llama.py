@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jint8.errors import InvalidConfigError
-from jint8.layers import GatedInput, Int8Dense, Int8Embed
+from jint8.layers import Int8Dense, Int8Embed
 from jint8.models.common import (
     CausalLM,
     KVCache,
@@ -26,7 +26,7 @@ from jint8.models.common import (
     rope_inverse_frequencies,
     rope_tables,
 )
-from jint8.ops.int8_matmul.reference import GATE_ACTIVATIONS, InputGate, gated_activation
+from jint8.ops.int8_matmul.reference import GATE_ACTIVATIONS, gated_activation
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -133,8 +133,10 @@ def _sliding_window_fields(hf_config) -> dict:
     return dict(sliding_window=int(window))
 
 
-def _dense(config: LlamaConfig, features: int, use_bias: bool, name: Optional[str] = None) -> Int8Dense:
-    return Int8Dense(features, use_bias=use_bias, dtype=config.dtype, param_dtype=config.dtype, name=name)
+def _dense(config: LlamaConfig, features: int, use_bias: bool, name: Optional[str] = None,
+           output_gate: Optional[str] = None) -> Int8Dense:
+    return Int8Dense(features, use_bias=use_bias, dtype=config.dtype, param_dtype=config.dtype, name=name,
+                     output_gate=output_gate)
 
 
 def _norm(config: LlamaConfig, name: Optional[str] = None) -> RMSNorm:
@@ -186,9 +188,11 @@ class LlamaMLP(nn.Module):
         # same bits fused or not; other activations as jnp computes them in cfg.dtype.
         gated = cfg.hidden_act in GATE_ACTIVATIONS
         if self.has_variable("params", "gate_up_proj"):  # fuse_projections' one gate|up matmul
+            if gated:  # the int8 decode kernel gates in its epilogue (no [.., 2I] product)
+                hidden = _dense(cfg, 2 * cfg.intermediate_size, cfg.mlp_bias, "gate_up_proj",
+                                output_gate=cfg.hidden_act)(x)
+                return down_proj(hidden)
             gate_up = _dense(cfg, 2 * cfg.intermediate_size, cfg.mlp_bias, "gate_up_proj")(x)
-            if gated:  # deferred: an int8 down_proj folds it into its kernel (GatedInput)
-                return down_proj(GatedInput(gate_up, InputGate(cfg.hidden_act), jnp.dtype(cfg.dtype)))
             gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
             gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)

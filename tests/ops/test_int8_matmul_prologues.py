@@ -1,5 +1,6 @@
-"""The fused decode kernel's prologues, in Pallas interpret mode on the CPU: an RMSNorm
-(InputNorm) or a gated activation (InputGate) folded into the kernel of the projection after it.
+"""The fused decode kernel's prologues and epilogue gate, in Pallas interpret mode on the CPU: an
+RMSNorm (InputNorm) or a gated activation (InputGate) folded into the kernel of the projection
+after it, and a fused gate|up projection gating its own result (OutputGate).
 
 Held to: on inputs where every rounding of the reference is well defined (checks.exact_norm_inputs,
 checks.exact_gate_inputs) the kernel's op input has the reference's bits, so its int32
@@ -10,6 +11,7 @@ applies the norm or gate first and gives int8_matmul's bits on norm(x) / gate(x)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -23,7 +25,7 @@ from jint8.models import LlamaConfig, LlamaForCausalLM
 from jint8.models.common import init_cache
 from jint8.ops.int8_matmul import api, checks, int8_matmul, pallas_triton, reference
 from jint8.ops.int8_matmul.pallas_triton import int8_accumulator_pallas, int8_matmul_pallas
-from int8_plans import PLANS, THRESHOLD, fused_plan
+from int8_plans import FUSED_VARIANTS, PLANS, THRESHOLD, fused_plan
 
 @pytest.mark.parametrize("m,k,n,split_k,row_scales", [
     (1, 77, 45, 1, "kernel"), (3, 200, 129, 3, "kernel"), (16, 1500, 20, 1, "kernel"),
@@ -142,6 +144,72 @@ def test_routes_without_the_fused_kernel_apply_the_prologue_first(rng, kind):
     assert int(stats.num_outlier_columns) == int(first_stats.num_outlier_columns) > 0
 
 
+_GATE_CASES = [("nk_branch", 1, 77, 90, jnp.bfloat16), ("nk_branch", 3, 200, 130, jnp.float16),
+               ("nk_branch", 16, 100, 40, jnp.float32)]
+_GATE_CASES += [(name, 5, 64, 66, jnp.bfloat16) for name in FUSED_VARIANTS if name != "nk_branch"]
+
+
+@pytest.mark.parametrize("variant,m,k,n,dtype", _GATE_CASES)
+def test_fused_kernel_gates_its_output_exactly(rng, variant, m, k, n, dtype):
+    """int8_matmul(x, wq [2I, K], output_gate=g) on the fused route: the kernel's epilogue
+    (split_k == 1; XLA after the split-K sum otherwise) gives exactly g of the same plan's
+    [M, 2I] result, and that is the recipe's g(y) up to the fused kernel's stream rounding."""
+    x = jnp.asarray(rng.standard_normal((m, k)) * 2.0, dtype).at[:, 3].set(9.0)  # an outlier column
+    wq = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
+    col_scales = jnp.asarray(rng.uniform(0.01, 2.0, n), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    layout = FUSED_VARIANTS[variant].get("layout", "nk")
+    w = wq if layout == "nk" else wq.T
+    output_gate = reference.OutputGate("silu")
+    plan = fused_plan(m, **FUSED_VARIANTS[variant])
+    kwargs = dict(threshold=THRESHOLD, outlier_capacity=64, weight_layout=layout, interpret=True)
+    y, stats = int8_matmul_pallas(x, w, col_scales, bias, output_gate=output_gate, plan=plan,
+                                  **kwargs)
+    # A gating program streams block_n / 2 columns of gate and of up: the product's plan with
+    # that width sums every output in the same order (float32's stream dot depends on it).
+    half = dataclasses.replace(plan, gemm=dataclasses.replace(plan.gemm, block_n=plan.gemm.block_n // 2))
+    product, _ = int8_matmul_pallas(x, w, col_scales, bias, plan=half, **kwargs)
+    assert y.shape == (m, n // 2) and y.dtype == dtype and int(stats.num_outlier_columns) >= 1
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(output_gate(product), np.float32),
+                                  err_msg=f"seed {rng.seed_value}")
+    want, _ = reference.int8_matmul_reference(x, wq, col_scales, bias, threshold=THRESHOLD,
+                                              outlier_capacity=64, weight_layout="nk",
+                                              output_gate=output_gate)
+    want = np.asarray(want, np.float64)
+    assert np.max(np.abs(np.asarray(y, np.float64) - want)) <= 2e-2 * np.max(np.abs(want))
+
+
+def test_routes_without_the_fused_kernel_gate_the_product(rng):
+    """The two-kernel and XLA-GEMM routes and the XLA backend gate their [..., 2I] result in
+    XLA: the same bits as output_gate(int8_matmul(...)), shape [..., I]."""
+    m, k, n = 70, 129, 66
+    x = jnp.asarray(rng.standard_normal((m, k)) * 3.0, jnp.bfloat16)
+    wq = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
+    col_scales = jnp.asarray(rng.uniform(0.01, 2.0, n), jnp.float32)
+    output_gate = reference.OutputGate("silu")
+    for name in ("nk", "nk_xla_gemm"):
+        kwargs = dict(threshold=THRESHOLD, outlier_capacity=64, weight_layout="nk",
+                      plan=PLANS[name], interpret=True)
+        gated, _ = int8_matmul_pallas(x, wq, col_scales, output_gate=output_gate, **kwargs)
+        product, _ = int8_matmul_pallas(x, wq, col_scales, **kwargs)
+        np.testing.assert_array_equal(np.asarray(gated), np.asarray(output_gate(product)), err_msg=name)
+    kwargs = dict(weight_layout="nk", backend="xla")
+    gated = int8_matmul(x.reshape(2, 35, k), wq, col_scales, output_gate=output_gate, **kwargs)
+    assert gated.shape == (2, 35, n // 2)
+    product = int8_matmul(x.reshape(2, 35, k), wq, col_scales, **kwargs)
+    np.testing.assert_array_equal(np.asarray(gated), np.asarray(output_gate(product)))
+
+
+def test_output_gate_bad_inputs_raise_clear_errors():
+    x = jnp.ones((2, 8), jnp.bfloat16)
+    wq = jnp.ones((5, 8), jnp.int8)
+    with pytest.raises(ShapeError, match=r"output_gate=.*needs an even N"):
+        int8_matmul(x, wq, jnp.ones((5,), jnp.float32), weight_layout="nk",
+                    output_gate=reference.OutputGate("silu"))
+    with pytest.raises(InvalidConfigError, match="OutputGate.activation='relu'"):
+        reference.OutputGate("relu")
+
+
 def test_input_norm_scale_must_match_k():
     x = jnp.ones((2, 8), jnp.bfloat16)
     wq = jnp.ones((4, 8), jnp.int8)
@@ -166,9 +234,9 @@ def test_input_gate_bad_inputs_raise_clear_errors():
 def test_llama_decode_folds_its_norms_and_gate_into_the_fused_kernel(monkeypatch):
     """A tiny int8 Llama (fused q|k|v and gate|up, as fuse_projections makes them) decoded with
     the Pallas backend in interpret mode: the qkv and gate_up projections get the layer's
-    RMSNorm folded into the fused kernel and down_proj gets silu(gate) * up (neither a normalised
-    x nor the product materialised), and the logits match the XLA backend's, which applies the
-    norm and the gate first."""
+    RMSNorm folded into the fused kernel's prologue and gate_up gates silu(gate) * up in its
+    epilogue (neither a normalised x nor the [1, 2I] product materialised), and the logits match
+    the XLA backend's, which applies the norm first and gates the product."""
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=32,
                          dtype=jnp.float32)
@@ -179,7 +247,7 @@ def test_llama_decode_folds_its_norms_and_gate_into_the_fused_kernel(monkeypatch
                                    jint8.Int8Config(min_size=0, outlier_capacity=64))
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 96, (1, 6)), jnp.int32)
 
-    def decode_logits():  # batch 1: Int8Dense folds only up to FUSED_NORM/GATE_MAX_M rows
+    def decode_logits():  # batch 1: Int8Dense folds norms only up to FUSED_NORM_MAX_M rows
         _, cache = model.apply({"params": params}, ids[:, :5],
                                cache=init_cache(config, 1, 16, jnp.float32), cache_index=0)
         logits, _ = model.apply({"params": params}, ids[:, 5:], cache=cache, cache_index=5)
@@ -187,13 +255,13 @@ def test_llama_decode_folds_its_norms_and_gate_into_the_fused_kernel(monkeypatch
 
     monkeypatch.setenv("JINT8_BACKEND", "xla")
     want = decode_logits()
-    monkeypatch.setattr(jint8.layers, "FUSED_GATE_MAX_M", 1)  # off by default (slower on the H100)
-    folded = []  # per traced fused call: (norm folded, gate folded, x's width)
+    folded = []  # per traced fused call: (norm folded, output gated, x's width, output width)
     fused = pallas_triton.fused_int8_matmul
 
-    def spy(x, w, col_scales, bias, norm=None, gate=None, **kwargs):
-        folded.append((norm is not None, gate is not None, x.shape[-1]))
-        return fused(x, w, col_scales, bias, norm, gate, **kwargs)
+    def spy(x, w, col_scales, bias, norm=None, gate=None, output_gate=None, **kwargs):
+        y = fused(x, w, col_scales, bias, norm, gate, output_gate, **kwargs)
+        folded.append((norm is not None, output_gate is not None, x.shape[-1], y.shape[-1]))
+        return y
 
     monkeypatch.setattr(pallas_triton, "fused_int8_matmul", spy)
     interpret = api.Backend("interpret", functools.partial(pallas_triton.int8_matmul_pallas,
@@ -201,10 +269,11 @@ def test_llama_decode_folds_its_norms_and_gate_into_the_fused_kernel(monkeypatch
     monkeypatch.setattr(api, "_BACKENDS", [interpret, *api._BACKENDS])
     monkeypatch.setenv("JINT8_BACKEND", "interpret")
     got = decode_logits()
-    # Traced once per shape: decode's qkv and gate_up fold their norm, down_proj its gate on the
-    # [1, 2 * 96] gate_up output; o, lm_head and the 5-row prefill (more rows than
-    # FUSED_NORM_MAX_M / FUSED_GATE_MAX_M) fold nothing.
-    assert sorted(f for f in folded if f[0] or f[1]) == [(False, True, 2 * 96), (True, False, 64),
-                                                         (True, False, 64)]
-    assert sum(not (norm or gate) for norm, gate, _ in folded) >= 3
+    # Traced once per shape: decode's qkv folds its norm; gate_up folds its norm and gates
+    # [1, 2 * 96] into [1, 96] (so does the 5-row prefill's gate_up, without the norm: more
+    # rows than FUSED_NORM_MAX_M); o, down and lm_head fold nothing.
+    qkv_width = (4 + 2 * 2) * 16
+    assert sorted(f for f in folded if f[0] or f[1]) == [(False, True, 64, 96), (True, False, 64, qkv_width),
+                                                         (True, True, 64, 96)]
+    assert sum(not (norm or gated) for norm, gated, _, _ in folded) >= 3
     np.testing.assert_allclose(got, want, atol=2e-3 * np.max(np.abs(want)))

@@ -43,13 +43,13 @@ def test_decode_attention_step_lowers(rope, packed):
 
 
 def _cases():
-    """(plan name, plan, prologue): every plan of the tests plain; the fused ones (the only route
-    that applies a norm or gate in its kernel) also with each prologue."""
+    """(plan name, plan, fold): every plan of the tests plain; the fused ones (the only route
+    that applies a norm, gate or output gate in its kernel) also with each."""
     for name, plan in PLANS.items():
         yield name, plan, "none"
     for name, variant in FUSED_VARIANTS.items():
         plan = fused_plan(3, **variant)
-        for prologue in ("none", "norm", "gate"):
+        for prologue in ("none", "norm", "gate", "output_gate"):
             yield f"fused_{name}", plan, prologue
 
 
@@ -63,6 +63,8 @@ def test_int8_matmul_plans_lower(name, plan, prologue):
         folded = dict(norm=reference.InputNorm(jnp.ones((k,), jnp.bfloat16), 1e-5))
     elif prologue == "gate":
         folded, width = dict(gate=reference.InputGate("silu")), 2 * k
+    elif prologue == "output_gate":  # gate | up: N even, N / 2 not a tile multiple
+        folded, n = dict(output_gate=reference.OutputGate("silu")), 46
     x = jnp.zeros((m, width), jnp.bfloat16)
     wq = jnp.zeros((k, n) if layout == "kn" else (n, k), jnp.int8)
     op = functools.partial(int8_matmul_pallas, threshold=THRESHOLD, outlier_capacity=8,
@@ -77,7 +79,8 @@ def test_tuned_h100_decode_plans_lower():
         plan = configs.plan_for("NVIDIA H100 80GB HBM3", 1, k, n, "nk")
         x = jnp.asarray(np.zeros((1, k)), jnp.bfloat16)
         wq = jnp.zeros((n, k), jnp.int8)
+        gated = dict(output_gate=reference.OutputGate("silu")) if n == 28672 else {}  # gate_up
         op = functools.partial(int8_matmul_pallas, threshold=THRESHOLD, outlier_capacity=64,
-                               weight_layout="nk", plan=plan)
+                               weight_layout="nk", plan=plan, **gated)
         assert "triton" in _lower_for_cuda(lambda x, wq: op(x, wq, jnp.ones((n,), jnp.float32))[0],
                                            x, wq).lower()

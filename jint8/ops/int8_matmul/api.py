@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jint8.errors import BackendUnavailableError, InvalidConfigError, ShapeError
 from jint8.ops.int8_matmul.reference import (
-    InputGate, InputNorm, Int8MatmulStats, int8_matmul_reference,
+    InputGate, InputNorm, Int8MatmulStats, OutputGate, int8_matmul_reference,
 )
 
 _logger = logging.getLogger("jint8")
@@ -39,6 +39,7 @@ class Int8MatmulImpl(Protocol):
         weight_layout: str,
         norm: Optional[InputNorm],
         gate: Optional[InputGate],
+        output_gate: Optional[OutputGate],
     ) -> tuple[jax.Array, Int8MatmulStats]: ...
 
 
@@ -103,6 +104,7 @@ def int8_matmul(
     return_stats: bool = False,
     norm: Optional[InputNorm] = None,
     gate: Optional[InputGate] = None,
+    output_gate: Optional[OutputGate] = None,
 ):
     """LLM.int8() matmul with outlier decomposition.
 
@@ -128,13 +130,22 @@ def int8_matmul(
         the decode kernel forms it in its prologue, so no multiply kernel runs. Its float32
         sigmoid (exp, division) may differ from XLA's in the last bit on a GPU; every other
         route is bit-identical to int8_matmul(gate(x), ...). Not together with norm.
+      output_gate: an OutputGate: wq is a fused gate|up projection (N = 2I, gate's features
+        first) and the op returns act(gate) * up [..., I] of its [..., N] result (in out_dtype,
+        reference.gated_activation's roundings); the decode kernel forms it in its epilogue, so
+        no multiply kernel runs and the [..., N] product is never written. The same last-bit
+        caveat as gate's applies to its sigmoid on a GPU; every other route is bit-identical to
+        output_gate(int8_matmul(x, ...)).
     Returns:
-      [..., N] in out_dtype (and the stats when asked).
+      [..., N] in out_dtype ([..., N / 2] with output_gate) (and the stats when asked).
     """
     if norm is not None and gate is not None:
         raise InvalidConfigError("int8_matmul: norm= and gate= cannot be combined (an RMSNorm "
                                  "and a gated activation of one input); apply one first")
     _validate(x, wq, col_scales, bias, threshold, outlier_capacity, weight_layout, gate)
+    if output_gate is not None and col_scales.shape[0] % 2:
+        raise ShapeError(f"int8_matmul: output_gate={output_gate} needs an even N (gate | up), "
+                         f"got col_scales.shape={col_scales.shape}")
     if norm is not None and norm.scale.shape != (x.shape[-1],):
         raise ShapeError(
             f"int8_matmul: norm.scale.shape={norm.scale.shape} must be ({x.shape[-1]},), x's last axis")
@@ -153,8 +164,9 @@ def int8_matmul(
         weight_layout=weight_layout,
         norm=norm,
         gate=gate,
+        output_gate=output_gate,
     )
-    y = y.reshape(*batch_shape, col_scales.shape[0])
+    y = y.reshape(*batch_shape, y.shape[-1])
     return (y, stats) if return_stats else y
 
 

@@ -45,6 +45,7 @@ def int8_matmul_pallas(
     weight_layout: str = "kn",
     norm: Optional[reference.InputNorm] = None,
     gate: Optional[reference.InputGate] = None,
+    output_gate: Optional[reference.OutputGate] = None,
     plan: Optional[KernelPlan] = None,
     interpret: bool = False,
     poison_output: bool = False,
@@ -56,6 +57,8 @@ def int8_matmul_pallas(
     norm: an RMSNorm applied to x first: in the fused kernel's prologue, else by XLA.
     gate: x is [M, 2K] = gate | up, the op's input act(gate) * up: formed in the fused kernel's
       prologue, else by XLA.
+    output_gate: the [M, N] result is gate | up and [M, N / 2] act(gate) * up is returned:
+      formed in the fused kernel's epilogue (split_k == 1), else by XLA on the result.
     plan: kernels and tiles; default: the tuned plan of the current GPU, this shape and this
       weight layout. An explicit plan must take this layout (plan.reads_layout()).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
@@ -71,7 +74,7 @@ def int8_matmul_pallas(
             f"plan reads weight_layout={plan.reads_layout()!r} != weight_layout={weight_layout!r}"
         )
     return _int8_matmul_pallas(
-        x, wq, col_scales, bias, norm, gate, threshold=float(threshold),
+        x, wq, col_scales, bias, norm, gate, output_gate, threshold=float(threshold),
         outlier_capacity=int(outlier_capacity), out_dtype=out_dtype, plan=plan,
         interpret=interpret, poison_output=poison_output,
     )
@@ -82,7 +85,7 @@ def int8_matmul_pallas(
     static_argnames=("threshold", "outlier_capacity", "out_dtype", "plan", "interpret",
                      "poison_output", "accumulator_only"),
 )
-def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, *, threshold,
+def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, output_gate=None, *, threshold,
                         outlier_capacity, out_dtype, plan, interpret, poison_output=False,
                         accumulator_only=False):
     if plan.gemm_path == "fused":
@@ -91,13 +94,17 @@ def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, *, thresh
         op_input = reference.op_input(x, norm, gate)
         num_outliers = jnp.sum(reference.outlier_column_mask(op_input, threshold), dtype=jnp.int32)
         stats = reference.Int8MatmulStats(num_outliers, jnp.zeros((), bool))
+        # The kernel's epilogue gates when it holds whole sums (no split-K partials).
+        in_epilogue = output_gate if plan.gemm.split_k == 1 and not accumulator_only else None
         y = fused_int8_matmul(
             x, wq, col_scales,
             jnp.zeros((col_scales.shape[0],), jnp.float32) if bias is None else bias,
-            norm, gate=gate, config=plan.gemm, threshold=threshold, out_dtype=out_dtype,
-            has_bias=bias is not None, accumulator_only=accumulator_only,
+            norm, gate=gate, output_gate=in_epilogue, config=plan.gemm, threshold=threshold,
+            out_dtype=out_dtype, has_bias=bias is not None, accumulator_only=accumulator_only,
             poison_output=poison_output, interpret=interpret,
         )
+        if output_gate is not None and in_epilogue is None and not accumulator_only:
+            y = output_gate(y)  # XLA fuses it into the split-K sum
         return y, stats
     x = reference.op_input(x, norm, gate)
     if plan.transpose_weight:
@@ -128,6 +135,8 @@ def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, *, thresh
         has_outliers=threshold > 0, dense_fallback=outlier_capacity < x.shape[1],
         accumulator_only=accumulator_only, poison_output=poison_output, interpret=interpret,
     )
+    if output_gate is not None and not accumulator_only:
+        y = output_gate(y)
     return y, stats
 
 

@@ -18,6 +18,10 @@ so the norm needs no kernel of its own. With an InputGate (int8_matmul(gate=...)
 down_proj reading the [M, 2K] gate_up output) every x above is act(gate) * up, formed from the
 gate tile and the up tile K columns further with reference.gated_activation's roundings, so the
 multiply needs no kernel of its own either (_Prologue).
+With an OutputGate (int8_matmul(output_gate=...): Llama's fused gate|up projection) program j
+owns output columns j of act(gate) * up: it streams gate's weight tile j and up's tile j (two
+MMAs per K step on one quantized x tile) and gates the two results in its epilogue, so the
+[M, 2I] product is never written and the multiply needs no kernel of its own.
 No capacity, no index list, no lax.cond outside the kernel: every outlier column is found where
 its x tile is loaded, so the result is exact to the recipe for any number of outlier columns.
 
@@ -51,7 +55,7 @@ from jax.experimental import pallas as pl
 
 from jint8.ops.int8_matmul.configs import Config
 from jint8.ops.int8_matmul.pallas_triton_gemm import (
-    _dot, _load, _load_vector, _load_weight, _stream_dot, _Tile, dequantize_store, launch,
+    _dot, _load, _load_vector, _load_weight, _stream_dot, _Tile, dequantize, launch,
 )
 from jint8.ops.int8_matmul.pallas_triton_quantize import _inverse_scale, round_half_even
 from jint8.ops.int8_matmul import reference
@@ -154,13 +158,20 @@ def _row_absmax(prologue: _Prologue, *, threshold: float):
     return _sweep_rows(load, prologue.m, prologue.k, magnitude, "max")
 
 
+def _tile_columns(config: Config, output_gate) -> int:
+    """Output columns per program: block_n, or with an OutputGate block_n / 2 of act(gate) * up
+    from block_n / 2 of gate's and of up's weight columns, so a program streams the plan's
+    block_n weight columns per K step (the same shared-memory pipeline as the plain product)."""
+    return config.block_n if output_gate is None else max(config.block_n // 2, 16)
+
+
 def _zero_rows_below(row, block_m: int):
     """[1, C] -> [block_m, C]: the row, then zero rows (the MMA's operand needs >= 16 rows)."""
     return jnp.where(jnp.arange(block_m)[:, None] == 0, row, jnp.zeros_like(row))
 
 
 def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, norm, gate,
-                  config: Config, threshold: float, has_bias: bool, row_max_input: bool,
+                  output_gate, config: Config, threshold: float, has_bias: bool, row_max_input: bool,
                   accumulator_only: bool, interpret: bool):
     *optional, out = optional_and_out  # [norm scale], [row absmax (row_max_input)]
     row_max_ref = optional.pop() if row_max_input else None
@@ -169,9 +180,15 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
     m, k = prologue.m, prologue.k
     nk_layout = config.weight_layout == "nk"
     n = w_ref.shape[0] if nk_layout else w_ref.shape[1]
-    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    bm, bn, bk = config.block_m, _tile_columns(config, output_gate), config.block_k
     split = pl.program_id(1)
-    tile = _Tile(rows=jnp.arange(bm), cols=pl.program_id(0) * bn + jnp.arange(bn), m=m, n=n)
+    if output_gate is None:
+        tile = _Tile(rows=jnp.arange(bm), cols=pl.program_id(0) * bn + jnp.arange(bn), m=m, n=n)
+        weight_tiles = (tile,)
+    else:  # the program's output columns of act(gate) * up, from those of gate and of up
+        tile = _Tile(rows=jnp.arange(bm), cols=pl.program_id(0) * bn + jnp.arange(bn), m=m,
+                     n=n // 2)
+        weight_tiles = (tile, tile.shifted(n // 2))
     has_outliers = threshold > 0
 
     # Decode (M = 1): the K loop's activation work (load, quantize, flags) runs on the one row
@@ -199,11 +216,11 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
     last_step = jnp.minimum(first_step + steps_per_split, k_steps)
 
     def k_step(i, carry):
-        acc, stream = carry
+        accs, streams = carry  # one of each per weight tile
         ks = i * bk + jnp.arange(bk)
         k_ok = ks < k if k % bk else None
         x = prologue.load(x_rows, ks, x_rows_ok, k_ok, inverse_rms)
-        w = _load_weight(w_ref, ks, tile, k_ok, nk_layout)
+        ws = [_load_weight(w_ref, ks, t, k_ok, nk_layout) for t in weight_tiles]
         xf = x.astype(jnp.float32)
         q = round_half_even(xf * inverse[:, None], interpret=interpret)
         if has_outliers:
@@ -211,29 +228,45 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
             hit = (jnp.abs(xf) >= threshold).astype(jnp.int32)
             flagged = jnp.max(hit, axis=0) > 0
             q = jnp.where(flagged[None, :], 0.0, q)
-        acc = acc + _dot(widen(q.astype(jnp.int8)), w, b_transposed=nk_layout, out_dtype=jnp.int32)
+        xq = widen(q.astype(jnp.int8))
+        accs = tuple(acc + _dot(xq, w, b_transposed=nk_layout, out_dtype=jnp.int32)
+                     for acc, w in zip(accs, ws))
         if not has_outliers or accumulator_only:
-            return acc, stream
+            return accs, streams
 
         def add_stream():
             x_outlier = widen(jnp.where(flagged[None, :], x, jnp.zeros_like(x)))
-            return stream + _stream_dot(x_outlier, w.astype(x.dtype), nk_layout)
+            return tuple(stream + _stream_dot(x_outlier, w.astype(x.dtype), nk_layout)
+                         for stream, w in zip(streams, ws))
 
         if config.outlier_mode == "dense":
-            return acc, add_stream()
+            return accs, add_stream()
         any_flagged = jnp.max(flagged.astype(jnp.int32)) > 0
-        return acc, jax.lax.cond(any_flagged, add_stream, lambda: stream)
+        return accs, jax.lax.cond(any_flagged, add_stream, lambda: streams)
 
-    init = (jnp.zeros((bm, bn), jnp.int32), jnp.zeros((bm, bn), jnp.float32))
-    acc, stream = jax.lax.fori_loop(first_step, last_step, k_step, init)
+    init = (tuple(jnp.zeros((bm, bn), jnp.int32) for _ in weight_tiles),
+            tuple(jnp.zeros((bm, bn), jnp.float32) for _ in weight_tiles))
+    accs, streams = jax.lax.fori_loop(first_step, last_step, k_step, init)
 
     if accumulator_only:  # checks only: this program's exact int32 xq[:, not O] @ wq
-        out.store(acc, tile, split)
+        out.store(accs[0], tile, split)
         return
-    col_scales = _load_vector(col_scales_ref, tile.cols, tile.col_ok)
-    stream = stream * (col_scales * INV_127)[None, :] if has_outliers else None
-    dequantize_store(out, acc, _spread(row_max, bm), col_scales, bias_ref if has_bias else None,
-                     stream, tile, split, split_k=config.split_k)
+    ys = []
+    for weight_tile, acc, stream in zip(weight_tiles, accs, streams):
+        col_scales = _load_vector(col_scales_ref, weight_tile.cols, weight_tile.col_ok)
+        stream = stream * (col_scales * INV_127)[None, :] if has_outliers else None
+        ys.append(dequantize(acc, _spread(row_max, bm), col_scales,
+                             bias_ref if has_bias else None, stream, weight_tile, split,
+                             split_k=config.split_k))
+    if output_gate is None:
+        out.store(ys[0], tile, split)
+        return
+    # reference.int8_matmul_reference(output_gate=): gate and up rounded to the output dtype,
+    # then reference.gated_activation's roundings.
+    dtype = out.refs[0].dtype
+    gate_y, up_y = (prologue.round(y, dtype) for y in ys)
+    out.store(reference.gated_activation(gate_y, up_y, output_gate.activation, dtype,
+                                         prologue.round), tile, split)
 
 
 @functools.partial(
@@ -242,7 +275,8 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
                      "poison_output", "interpret"),
 )
 def fused_int8_matmul(
-    x, w, col_scales, bias, norm=None, gate=None, *, config: Config, threshold: float, out_dtype,
+    x, w, col_scales, bias, norm=None, gate=None, output_gate=None, *, config: Config,
+    threshold: float, out_dtype,
     has_bias: bool, accumulator_only: bool = False, poison_output: bool = False,
     interpret: bool = False,
 ):
@@ -257,16 +291,25 @@ def fused_int8_matmul(
       gate: optional reference.InputGate: x is [M, 2K] = gate | up, and every loaded tile of the
         op's input (absmax sweep and K loop) is act(gate) * up as reference.gated_activation
         computes it. Not with norm.
+      output_gate: optional reference.OutputGate: w is gate | up (N = 2I) and the result is
+        act(gate) * up [M, I], formed in the epilogue: program j loads the weight tiles of
+        gate's columns j and up's columns j, block_n / 2 each (two MMAs per K step on the one
+        quantized x tile)
+        and gates its two float32 results, each rounded to out_dtype first
+        (reference.int8_matmul_reference's roundings). Needs split_k == 1.
       accumulator_only: return the int32 [M, N] accumulator xq[:, not O] @ wq instead (checks).
       poison_output: start from a NaN-filled (int32: INT32_MIN) output buffer, aliased into the
         kernel's output, so the GPU check sees any element the kernel did not write.
     Returns:
-      [M, N] out_dtype (int32 with accumulator_only).
+      [M, N] out_dtype ([M, N / 2] with output_gate; int32 with accumulator_only).
     """
     m = x.shape[0]
     n = w.shape[0] if config.weight_layout == "nk" else w.shape[1]
     if norm is not None and gate is not None:
         raise ValueError("fused kernel: norm and gate cannot both be given")
+    if output_gate is not None and (config.split_k != 1 or accumulator_only or n % 2):
+        raise ValueError(f"fused kernel: output_gate needs split_k == 1 (got {config.split_k}), "
+                         f"an even N (got {n}) and no accumulator_only")
     if m > config.block_m:
         raise ValueError(f"fused kernel: M={m} must be <= block_m={config.block_m}")
     # Config.row_scales "input": the row absmax from one XLA reduction (the same bits: a max is
@@ -274,14 +317,16 @@ def fused_int8_matmul(
     row_max_input = config.row_scales == "input" and norm is None and gate is None
     kernel = functools.partial(
         _fused_kernel, norm=None if norm is None else dataclasses.replace(norm, scale=None),
-        gate=gate, config=config, threshold=threshold, has_bias=has_bias,
+        gate=gate, output_gate=output_gate, config=config, threshold=threshold, has_bias=has_bias,
         row_max_input=row_max_input, accumulator_only=accumulator_only, interpret=interpret,
     )
     operands = [x, w, col_scales, bias] + ([] if norm is None else [norm.scale])
     if row_max_input:
         operands.append(reference.row_absmax(x, threshold))
-    return launch(kernel, operands, grid=(pl.cdiv(n, config.block_n), config.split_k),
-                  m=m, n=n, config=config, out_dtype=out_dtype, accumulator_only=accumulator_only,
+    n_out = n if output_gate is None else n // 2
+    return launch(kernel, operands, grid=(pl.cdiv(n_out, _tile_columns(config, output_gate)),
+                                          config.split_k),
+                  m=m, n=n_out, config=config, out_dtype=out_dtype, accumulator_only=accumulator_only,
                   poison_output=poison_output, interpret=interpret,
                   # K x N in the name: a profile times each projection of a model apart
                   name=f"jint8_fused_int8_matmul_{w.size // n}x{n}")

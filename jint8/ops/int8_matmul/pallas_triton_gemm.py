@@ -31,6 +31,7 @@ the int32 total by float32 rounding only, well inside the tests' bound).
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
@@ -146,9 +147,15 @@ def _gemm_kernel(
 
 def dequantize_store(out, acc, row_scales, col_scales, bias_ref, stream, tile, split, *,
                      split_k: int):
-    """The epilogue both GEMM kernels end with: y = acc * (s_row s_col) / 127^2, + bias (read
-    from bias_ref unless None; added by split 0 only), + stream (the scaled outlier stream,
-    unless None), stored by `out` (Output) for this tile and split."""
+    """The epilogue both GEMM kernels end with: dequantize(...), stored by `out` (Output) for
+    this tile and split."""
+    out.store(dequantize(acc, row_scales, col_scales, bias_ref, stream, tile, split,
+                         split_k=split_k), tile, split)
+
+
+def dequantize(acc, row_scales, col_scales, bias_ref, stream, tile, split, *, split_k: int):
+    """[block_m, block_n] float32 y = acc * (s_row s_col) / 127^2, + bias (read from bias_ref
+    unless None; added by split 0 only), + stream (the scaled outlier stream, unless None)."""
     y = acc.astype(jnp.float32) * (row_scales[:, None] * col_scales[None, :]) * INV_127_SQ
     if bias_ref is not None:
         bias = _load_vector(bias_ref, tile.cols, tile.col_ok).astype(jnp.float32)
@@ -157,7 +164,7 @@ def dequantize_store(out, acc, row_scales, col_scales, bias_ref, stream, tile, s
         y = y + bias[None, :]
     if stream is not None:
         y = y + stream
-    out.store(y, tile, split)
+    return y
 
 
 class _Tile:
@@ -167,6 +174,13 @@ class _Tile:
         self.rows, self.cols, self.m, self.n = rows, cols, m, n
         self.row_ok = rows < m if m % rows.shape[0] else None
         self.col_ok = cols < n if n % cols.shape[0] else None
+
+    def shifted(self, offset: int) -> "_Tile":
+        """The same tile `offset` columns further (the up half of a gate|up weight, offset = the
+        gate's width): its bound masks stay the unshifted tile's."""
+        moved = copy.copy(self)
+        moved.cols = self.cols + offset
+        return moved
 
     def store_mask(self):
         if self.row_ok is None and self.col_ok is None:

@@ -115,6 +115,29 @@ class InputGate:
         return gated_activation(gate, up, self.activation, dtype or x.dtype)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["activation"])
+@dataclasses.dataclass(frozen=True)
+class OutputGate:
+    """A gated activation the op applies to its result: the weight is a fused gate|up projection
+    (N = 2I output features, gate's first), and int8_matmul(x, ..., output_gate=g) returns
+    g(int8_matmul(x, ...)) = act(gate) * up [..., I], in the output dtype. The fused decode
+    kernel does it in its epilogue on the gate and up tiles of its own result (a program owns
+    the same I-columns of both), so neither the [..., 2I] product nor a multiply kernel exists;
+    every other route applies g to the product, where XLA fuses it into the split-K sum."""
+
+    activation: str = "silu"  # a transformers hidden_act name, one of GATE_ACTIVATIONS
+
+    def __post_init__(self):
+        if self.activation not in GATE_ACTIVATIONS:
+            raise InvalidConfigError(f"OutputGate.activation={self.activation!r} must be one of "
+                                     f"{sorted(GATE_ACTIVATIONS)}")
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        """act(gate) * up of y [..., 2I] -> [..., I] in y.dtype."""
+        gate, up = jnp.split(y, 2, axis=-1)
+        return gated_activation(gate, up, self.activation, y.dtype)
+
+
 # XLA:GPU's jitted act(gate) * up dropped the float32 -> dtype -> float32 round trip of act in
 # about a quarter of the elements (benchmarks/gpu_check.py --gate, 2026-11-23) under its
 # excess-precision rule; reduce_precision is a rounding it keeps.
@@ -286,10 +309,12 @@ def int8_matmul_reference(
     weight_layout: str = "kn",
     norm: Optional[InputNorm] = None,
     gate: Optional[InputGate] = None,
+    output_gate: Optional[OutputGate] = None,
 ) -> tuple[jax.Array, Int8MatmulStats]:
     """LLM.int8() matmul, x: [M, K] float, wq: [K, N] (or [N, K], "nk") int8, col_scales: [N]
     float32 -> [M, N]; norm: an RMSNorm applied to x first; gate: x is [M, 2K] = gate | up and
-    the recipe runs on act(gate) * up."""
+    the recipe runs on act(gate) * up; output_gate: the [M, N] result (in out_dtype) is gate | up
+    and [M, N / 2] act(gate) * up is returned."""
     out_dtype = out_dtype or x.dtype
     x = op_input(x, norm, gate)
     xq, row_scales, col_mask = quantize_rows(x, threshold)
@@ -301,4 +326,7 @@ def int8_matmul_reference(
             x, wq, col_scales, col_mask, outlier_capacity, weight_layout
         )
         y = y + contribution
-    return y.astype(out_dtype), Int8MatmulStats(num_outliers, overflow)
+    y = y.astype(out_dtype)
+    if output_gate is not None:
+        y = output_gate(y)
+    return y, Int8MatmulStats(num_outliers, overflow)
