@@ -200,6 +200,9 @@ class Int8Dense(nn.Module):
         else:
             kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        if self.output_gate is not None and self.features % 2:
+            raise ShapeError(f"{self.name}: output_gate={self.output_gate!r} needs an even features "
+                             f"(gate | up), got {self.features}")
         if isinstance(kernel, Int8Weight):
             prologue = _folded_prologue(inputs, kernel, self.dtype)
             x = inputs.x if prologue else as_array(inputs)  # the op applies it (InputNorm, InputGate)

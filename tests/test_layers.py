@@ -183,3 +183,24 @@ def test_gated_input_on_a_float_kernel_is_applied_first():
     gate = InputGate("silu")
     y = Int8Dense(8).apply(params, GatedInput(gate_up, gate, jnp.dtype(jnp.float32)))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(nn.Dense(8).apply(params, gate(gate_up))))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_int8_dense_output_gate_returns_the_gated_product(quantized):
+    """Int8Dense(output_gate="silu") on a gate|up kernel [K, 2I]: act(gate) * up [..., I], the
+    same bits as OutputGate applied to the plain layer's [..., 2I] output (float or int8)."""
+    from jint8.ops.int8_matmul.reference import OutputGate
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 16)) * 3.0, jnp.bfloat16)
+    plain = Int8Dense(12, dtype=jnp.bfloat16)
+    params = plain.init(jax.random.key(0), x)["params"]
+    params["bias"] = params["bias"] + 0.5
+    if quantized:
+        params = jint8.quantize_params({"dense": params}, jint8.Int8Config(min_size=0))["dense"]
+    assert isinstance(params["kernel"], Int8Weight) == quantized
+    gated = Int8Dense(12, dtype=jnp.bfloat16, output_gate="silu").apply({"params": params}, x)
+    want = OutputGate("silu")(plain.apply({"params": params}, x))
+    assert gated.shape == (2, 3, 6)
+    np.testing.assert_array_equal(np.asarray(gated, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(ShapeError, match="output_gate='silu' needs an even features"):
+        Int8Dense(11, output_gate="silu").init(jax.random.key(0), x)
