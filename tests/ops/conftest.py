@@ -1,5 +1,6 @@
 """Fixtures of the kernel tests: fresh random inputs per run, the seed in every failure message."""
 
+import os
 import time
 
 import numpy as np
@@ -19,4 +20,6 @@ class SeededRng:
 
 @pytest.fixture
 def rng():
-    return SeededRng(time.time_ns() % 2**31)
+    """Fresh per run; JINT8_TEST_SEED=<seed from a failure message> replays a failure."""
+    seed = os.environ.get("JINT8_TEST_SEED")
+    return SeededRng(int(seed) if seed else time.time_ns() % 2**31)

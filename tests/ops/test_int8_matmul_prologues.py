@@ -128,7 +128,8 @@ def test_routes_without_the_fused_kernel_apply_the_prologue_first(rng, kind):
         x = jnp.asarray(rng.standard_normal((m, 2 * k)) * 3.0, jnp.bfloat16)  # gate | up
         wq = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
         folded = {"gate": reference.InputGate("silu")}
-    op_input = reference.op_input(x, **folded)
+    # Under jit as the routes do: jit-compiled XLA divides by K as a product with 1 / K.
+    op_input = jax.jit(functools.partial(reference.op_input, **folded))(x)
     col_scales = jnp.asarray(rng.uniform(0.01, 2.0, n), jnp.float32)
     for name in ("nk", "nk_xla_gemm"):
         kwargs = dict(threshold=THRESHOLD, outlier_capacity=64, weight_layout="nk",
