@@ -17,7 +17,6 @@ from flax import struct
 
 from jint8.errors import UnsupportedArchitectureError
 from jint8.layers import Int8Dense, NormedInput
-from jint8.quantize import Int8Weight
 from jint8.ops.int8_matmul.reference import InputNorm, rms_norm
 from jint8.ops import attention as attention_ops
 
@@ -207,15 +206,6 @@ def dot_product_attention(
     return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
 
 
-def projection_weight(module: nn.Module, name: str) -> Optional[jax.Array]:
-    """The array submodule `name` (a Dense or Int8Dense) streams from memory: an Int8Weight's
-    qvalue or the float kernel; None before its params exist (init)."""
-    if not module.has_variable("params", name):
-        return None
-    kernel = module.variables["params"][name].get("kernel")
-    return kernel.qvalue if isinstance(kernel, Int8Weight) else kernel
-
-
 def cached_attention(
     q: jax.Array,
     k: jax.Array,
@@ -230,15 +220,12 @@ def cached_attention(
     logit_softcap: Optional[float] = None,
     rope: Optional[tuple[jax.Array, jax.Array]] = None,
     packed: Optional[jax.Array] = None,
-    prefetch: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, Optional[KVCache]]:
     """Attention of q [B, T, N, H] over this step's k/v [B, T, K, H] (no cache) or, with a cache,
     over the layer's slots after writing k/v at cache_index. Returns ([B, T, N, H], cache).
 
     rope: (cos, sin) [B, T, H] (rope_tables) to rotate q and k by first. packed: the [B, T, W]
     array q, k, v were split from (q|k|v, a fused projection), for the decode kernel to read.
-    prefetch: the weight the layer reads next (o_proj's), for the decode kernel to pull into L2
-    while it attends (decode_attention_step).
     """
     b, t = q.shape[:2]
     if cache is not None and t == 1 and logit_softcap is None and (
@@ -251,7 +238,7 @@ def cached_attention(
         out, new_k, new_v = attention_ops.decode_attention_step(
             q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, valid, cache_index, layer=layer, scale=scale,
             rope=None if rope is None else (rope[0][:, 0], rope[1][:, 0]),
-            packed=None if packed is None else packed[:, 0], prefetch=prefetch)
+            packed=None if packed is None else packed[:, 0])
         return out[:, None], KVCache(new_k, new_v)
     if rope is not None:
         q, k = attention_ops.rotate(q, *rope), attention_ops.rotate(k, *rope)

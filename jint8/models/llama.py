@@ -23,7 +23,6 @@ from jint8.models.common import (
     RopeConfig,
     activation,
     cached_attention,
-    projection_weight,
     rope_inverse_frequencies,
     rope_tables,
 )
@@ -170,12 +169,10 @@ class LlamaAttention(nn.Module):
             q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
         rope = rope_tables(positions, rope_inverse_frequencies(cfg.rope, cfg.head_dim), q.dtype)
         scale = cfg.query_scale if cfg.query_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
-        # RoPE is applied by cached_attention: in the decode kernel, or by XLA first. The decode
-        # kernel also pulls o_proj's weight into L2 while it attends (if it fits there).
+        # RoPE is applied by cached_attention: in the decode kernel, or by XLA first.
         out, cache = cached_attention(q, k, v, layer=self.layer, cache=cache, cache_index=cache_index,
                                       kv_mask=kv_mask, scale=scale, sliding_window=cfg.window_for(self.layer),
-                                      logit_softcap=cfg.attn_logit_softcap, rope=rope, packed=packed,
-                                      prefetch=projection_weight(self, "o_proj"))
+                                      logit_softcap=cfg.attn_logit_softcap, rope=rope, packed=packed)
         out = _dense(cfg, cfg.hidden_size, cfg.o_bias, "o_proj")(out.reshape(b, t, -1))
         return out, cache
 

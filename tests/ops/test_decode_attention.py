@@ -1,7 +1,6 @@
 """The decode-attention kernel (Pallas interpret mode on the CPU) against its jnp reference, and
 the reference against transformers-style float64 attention."""
 
-import functools
 import time
 
 import jax
@@ -95,57 +94,6 @@ def test_kernel_matches_reference_and_float64(b, n, kv, h, s, used, pad, rope, p
                                atol=2e-2, rtol=2e-2, err_msg=f"seed {seed}")
 
 
-@pytest.mark.parametrize("b,kv,prefetch_shape,dtype", [
-    (1, 2, (96, 512), jnp.int8),        # 96 view rows over 3 loads of 32: 3 programs
-    (2, 2, (4096, 40), jnp.int8),       # 320 rows: ragged last load and program
-    (1, 3, (64, 64, 8), jnp.bfloat16),  # any shape and dtype whose size the width divides
-])
-def test_prefetch_programs_read_every_element_and_change_nothing(b, kv, prefetch_shape, dtype):
-    """decode_attention_pallas(prefetch=w): the extra programs read all of w (each stores the
-    max of its rows of the [rows, width] view; together they cover every row) and the step's
-    output and caches are the bits of the step without them."""
-    from jint8.ops.attention.pallas_triton import (
-        Columns, _PREFETCH_WIDTH, decode_attention_pallas, prefetch_rows,
-    )
-
-    seed = time.time_ns() % 2**31
-    rng = np.random.default_rng(seed)
-    n, h, s = 2 * kv, 32, 100
-    q, k_cache, v_cache = _inputs(rng, b=b, n=n, kv=kv, h=h, s=s, layers=2)
-    k_new, v_new = (jnp.asarray(rng.standard_normal((b, kv * h)), jnp.bfloat16) for _ in range(2))
-    if dtype == jnp.int8:
-        w = jnp.asarray(rng.integers(-127, 128, prefetch_shape), jnp.int8)
-    else:
-        w = jnp.asarray(rng.standard_normal(prefetch_shape), dtype)
-    valid = jnp.asarray(np.arange(s)[None, :].repeat(b, 0) < 70)
-    step = functools.partial(decode_attention_pallas, q.reshape(b, -1), k_new, v_new, k_cache,
-                             v_cache, valid, jnp.int32(69), columns=Columns(), num_heads=n,
-                             layer=1, scale=0.2, interpret=True, return_prefetch_sink=True)
-    *plain, no_sink = step()
-    *prefetched, sink = step(prefetch=w)
-    assert no_sink is None
-    for name, got, want in zip(("out", "k_cache", "v_cache"), prefetched, plain):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{name}, seed {seed}")
-    view = np.asarray(w.astype(jnp.float32)).reshape(-1, _PREFETCH_WIDTH)
-    sink = np.asarray(sink)
-    per = prefetch_rows(view.shape[0], sink.shape[0])
-    assert per * sink.shape[0] >= view.shape[0]
-    # rows past the view's end load as 0 (masked)
-    padded = np.concatenate([view, np.zeros((per * sink.shape[0] - view.shape[0], view.shape[1]))])
-    want = padded.reshape(sink.shape[0], -1).max(axis=1)
-    np.testing.assert_array_equal(sink, np.asarray(want, np.float32), err_msg=f"seed {seed}")
-
-
-def test_prefetch_takes_only_what_fits_in_l2():
-    from jint8.ops.attention.pallas_triton import PREFETCH_MAX_BYTES, prefetch_view
-
-    fits = jax.ShapeDtypeStruct((PREFETCH_MAX_BYTES // 512, 512), jnp.int8)
-    assert prefetch_view(jnp.zeros(fits.shape, fits.dtype)).shape == fits.shape
-    assert prefetch_view(jnp.zeros((PREFETCH_MAX_BYTES // 1024 + 1, 512), jnp.bfloat16)) is None
-    assert prefetch_view(jnp.zeros((3, 100), jnp.int8)) is None  # no multiple of the view's width
-    assert prefetch_view(None) is None
-
-
 def test_splits_cover_the_gpu_and_cpu_is_unsupported():
     assert num_splits(1, 8, 640) == 10 and num_splits(8, 8, 640) == 2 and num_splits(1, 1, 10) == 1
     q, k, _ = _inputs(np.random.default_rng(0), b=1, n=2, kv=1, h=16, s=8)
@@ -189,11 +137,8 @@ def test_models_decode_through_the_kernel_as_closely_as_through_xla(monkeypatch)
     calls = []
     kernel_step = attention_ops.decode_attention_step
 
-    prefetched = []
-
     def interpret_kernel(*args, **kwargs):
         calls.append((kwargs["layer"], kwargs["rope"] is not None, kwargs["packed"] is not None))
-        prefetched.append(kwargs["prefetch"])
         return kernel_step(*args, **kwargs, interpret=True)
 
     monkeypatch.setattr(attention_ops, "unsupported_reason", lambda q, k: None)
@@ -201,8 +146,6 @@ def test_models_decode_through_the_kernel_as_closely_as_through_xla(monkeypatch)
     kernel = decode_logits(jnp.bfloat16)
     # every decode step, every layer, RoPE in the kernel; the unfused projections are three arrays
     assert sorted(set(calls)) == [(0, True, False), (1, True, False)] and len(calls) == 2 * 4
-    # the kernel is handed the projection after it, o_proj's [K, N] kernel, to pull into L2
-    assert all(w is not None and w.shape == (64, 64) and w.dtype == jnp.bfloat16 for w in prefetched)
     # a fused q|k|v projection: the kernel reads q, k, v from its output, same logits
     calls.clear()
     np.testing.assert_allclose(decode_logits(jnp.bfloat16, fuse=True), kernel, rtol=0, atol=1e-6 * np.max(np.abs(kernel)))

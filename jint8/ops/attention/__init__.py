@@ -14,9 +14,6 @@ import jax.numpy as jnp
 from jint8.ops.attention.reference import decode_attention_reference, decode_step_reference, rotate
 from jint8.ops.int8_matmul.api import BACKEND_ENV_VAR
 
-# "0" turns the L2 prefetch off (decode_attention_step's prefetch is then ignored): for A/B runs.
-PREFETCH_ENV_VAR = "JINT8_ATTENTION_PREFETCH"
-
 
 def unsupported_reason(q: jax.Array, k_cache: jax.Array) -> Optional[str]:
     """None when decode_attention_step's kernel runs q [B, N, H] over k_cache [L, B, S, K, H]."""
@@ -40,7 +37,7 @@ def unsupported_reason(q: jax.Array, k_cache: jax.Array) -> Optional[str]:
 
 
 def decode_attention_step(q, k, v, k_cache, v_cache, valid, cache_index, *, layer: int, scale: float,
-                          rope=None, packed=None, prefetch=None, interpret: bool = False):
+                          rope=None, packed=None, interpret: bool = False):
     """One decode step's attention in the Pallas kernel (callers check unsupported_reason first).
 
     q [B, N, H] and k, v [B, K, H] are the step's projections, before RoPE when rope = (cos, sin)
@@ -48,9 +45,6 @@ def decode_attention_step(q, k, v, k_cache, v_cache, valid, cache_index, *, laye
     `layer` (k_cache, v_cache [L, B, S, K, H], in place under jit) and attends over the slots with
     valid [B, S]. packed: the [B, (N + 2K) * H] array that q, k, v were split from, in that order
     (a fused q|k|v projection): the kernel reads them from it, so XLA copies no slices out.
-    prefetch: the array the next kernel reads (o_proj's weight): extra programs of the kernel
-    stream it through L2 while the attention runs, when it fits (pallas_triton.prefetch_view)
-    and JINT8_ATTENTION_PREFETCH is not "0"; it changes no result.
     Returns (out [B, N, H], k_cache, v_cache).
     """
     from jint8.ops.attention.pallas_triton import Columns, decode_attention_pallas
@@ -62,12 +56,10 @@ def decode_attention_step(q, k, v, k_cache, v_cache, valid, cache_index, *, laye
     else:
         sources, columns = (q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)), Columns()
     cos, sin = rope if rope is not None else (None, None)
-    if os.environ.get(PREFETCH_ENV_VAR) == "0":
-        prefetch = None
-    return decode_attention_pallas(*sources, k_cache, v_cache, valid, cache_index, cos, sin, prefetch,
+    return decode_attention_pallas(*sources, k_cache, v_cache, valid, cache_index, cos, sin,
                                    columns=columns, num_heads=n, layer=layer, scale=scale,
                                    interpret=interpret)
 
 
-__all__ = ["PREFETCH_ENV_VAR", "decode_attention_reference", "decode_attention_step", "decode_step_reference", "rotate",
+__all__ = ["decode_attention_reference", "decode_attention_step", "decode_step_reference", "rotate",
            "unsupported_reason"]

@@ -17,14 +17,6 @@ So XLA runs no RoPE or cache-update kernels for the step. The P partials (m, l, 
 one XLA fusion (combine: the max and sums over P written out as elementwise ops, which XLA fuses
 with the slicing of the padded rows).
 
-L2 prefetch (optional): the kernel reads a few MB of KV cache with ~100 programs and leaves the
-GPU's HBM bandwidth mostly idle for its ~6 us. Given `prefetch` (the weight the step reads next:
-o_proj's), E more programs per (sequence, kv head) stream that array through L2 meanwhile (grid
-(B, K, P + E); program p >= P reads rows of it and stores their max in a sink, so no load is
-dead code), and the projection after the attention reads it from L2 instead of HBM. Only arrays
-of at most PREFETCH_MAX_BYTES (half of an H100's 50 MiB L2) are taken: the bytes must survive
-until the projection reads them.
-
 Why: an XLA decode step ran attention as two dot fusions plus softmax fusions per layer, then (with
 the kernel but RoPE and the cache write outside it) 3 small XLA kernels for RoPE and the two cache
 updates plus 2 for the combine; benchmarks/RESULTS.md has the measurements.
@@ -47,10 +39,6 @@ from jint8.ops.rounding import round_to
 
 BLOCK_S = 64
 _TARGET_PROGRAMS = 128  # about one per SM of an H100 (132)
-PREFETCH_MAX_BYTES = 25 * 2**20
-_PREFETCH_PROGRAMS = 132  # one per SM of an H100
-_PREFETCH_WIDTH = 512  # elements per row of the [rows, width] view the prefetch programs read
-_PREFETCH_ROWS = 32  # rows per load (16 KiB of int8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,65 +91,12 @@ class _Rope:
         return rounded(straight + turned.astype(jnp.float32))
 
 
-def prefetch_view(array: Optional[jax.Array]) -> Optional[jax.Array]:
-    """array as the [rows, _PREFETCH_WIDTH] view the prefetch programs read (a free reshape), or
-    None where there is nothing to take: no array, more than PREFETCH_MAX_BYTES, or a size that is
-    no multiple of the width."""
-    if (array is None or array.size * array.dtype.itemsize > PREFETCH_MAX_BYTES
-            or array.size % _PREFETCH_WIDTH):
-        return None
-    return array.reshape(-1, _PREFETCH_WIDTH)
-
-
-def prefetch_rows(rows: int, programs: int) -> int:
-    """Rows of the view per prefetch program (program i: rows [i * R, (i + 1) * R))."""
-    return pl.cdiv(pl.cdiv(rows, programs), _PREFETCH_ROWS) * _PREFETCH_ROWS
-
-
-def _prefetch(view_ref, sink_ref, program, rows_per_program: int):
-    """Reads the view's rows of prefetch program `program` (through L2) and stores their max."""
-    rows, width = view_ref.shape
-    first = program * rows_per_program
-    cols = jnp.arange(width)
-
-    def step(i, top):
-        r = first + i * _PREFETCH_ROWS + jnp.arange(_PREFETCH_ROWS)
-        tile = plgpu.load(view_ref.at[r[:, None], cols[None, :]], mask=(r < rows)[:, None], other=0)
-        return jnp.maximum(top, jnp.max(tile.astype(jnp.float32)))
-
-    top = jax.lax.fori_loop(0, rows_per_program // _PREFETCH_ROWS, step,
-                            jnp.full((), -jnp.inf, jnp.float32))
-    plgpu.store(sink_ref.at[jnp.full((1,), program, jnp.int32)], jnp.full((1,), top, jnp.float32))
-
-
 def _kernel(q_ref, k_ref, v_ref, *refs, columns: Columns, has_rope: bool, layer: int,
-            scale: float, groups: int, block_s: int, slots_per_split: int, splits: int,
-            prefetch_rows_per_program: int, interpret: bool):
-    cos_ref, sin_ref = refs[:2] if has_rope else (None, None)
-    refs = refs[2:] if has_rope else refs
-    if prefetch_rows_per_program:
-        view_ref, refs, sink_ref = refs[0], refs[1:-1], refs[-1]
-    k_cache_ref, v_cache_ref, valid_ref, index_ref, acc_ref, m_ref, l_ref, k_out_ref, v_out_ref = refs
-    b, j, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    attend = functools.partial(
-        _attend, q_ref, k_ref, v_ref, cos_ref, sin_ref, k_cache_ref, v_cache_ref, valid_ref,
-        index_ref, acc_ref, m_ref, l_ref, k_out_ref, v_out_ref, b, j, p, columns=columns,
-        layer=layer, scale=scale, groups=groups, block_s=block_s, slots_per_split=slots_per_split,
-        interpret=interpret)
-    if not prefetch_rows_per_program:
-        attend()
-        return
-    pl.when(p < splits)(attend)
-    extra = pl.num_programs(2) - splits
-    program = (b * pl.num_programs(1) + j) * extra + p - splits
-    pl.when(p >= splits)(lambda: _prefetch(view_ref, sink_ref, program, prefetch_rows_per_program))
-
-
-def _attend(q_ref, k_ref, v_ref, cos_ref, sin_ref, k_cache_ref, v_cache_ref, valid_ref, index_ref,
-            acc_ref, m_ref, l_ref, k_out_ref, v_out_ref, b, j, p, *, columns: Columns, layer: int,
             scale: float, groups: int, block_s: int, slots_per_split: int, interpret: bool):
-    """Program (b, j, p)'s attention: its slot range's partial (m, l, acc), and the cache write
-    when the range holds the step's slot."""
+    cos_ref, sin_ref = refs[:2] if has_rope else (None, None)
+    k_cache_ref, v_cache_ref, valid_ref, index_ref, acc_ref, m_ref, l_ref, k_out_ref, v_out_ref = (
+        refs[2:] if has_rope else refs)
+    b, j, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows_p = acc_ref.shape[3]
     s_total, h = k_cache_ref.shape[2], k_cache_ref.shape[4]
     rows = jnp.arange(rows_p)
@@ -233,13 +168,11 @@ def combine(acc, m, l, groups: int):
 
 
 @functools.partial(jax.jit, static_argnames=("columns", "num_heads", "layer", "scale", "block_s",
-                                             "interpret", "return_prefetch_sink"))
+                                             "interpret"))
 def decode_attention_pallas(q_src, k_src, v_src, k_cache, v_cache, valid, cache_index,
-                            cos: Optional[jax.Array] = None, sin: Optional[jax.Array] = None,
-                            prefetch: Optional[jax.Array] = None, *,
+                            cos: Optional[jax.Array] = None, sin: Optional[jax.Array] = None, *,
                             columns: Columns, num_heads: int, layer: int, scale: float,
-                            block_s: int = BLOCK_S, interpret: bool = False,
-                            return_prefetch_sink: bool = False):
+                            block_s: int = BLOCK_S, interpret: bool = False):
     """One query token per sequence attends over cache layer `layer` after its own key and value
     are written at slot cache_index.
 
@@ -251,12 +184,8 @@ def decode_attention_pallas(q_src, k_src, v_src, k_cache, v_cache, valid, cache_
       valid: [B, S] bool, the slots each sequence attends to (cache_index's included).
       cache_index: [] int32, the step's slot.
       cos, sin: optional [B, H] RoPE tables in q's dtype: q and k are rotated first.
-      prefetch: optional array the next kernel reads (module docstring): streamed through L2 by
-        extra programs when prefetch_view takes it, else ignored.
-      return_prefetch_sink: also return the prefetch programs' [programs] maxima (checks).
     Returns:
-      (out [B, num_heads, H] in q_src's dtype, k_cache, v_cache), then the sink if asked for
-      (None without a prefetch).
+      (out [B, num_heads, H] in q_src's dtype, k_cache, v_cache).
     """
     b = q_src.shape[0]
     _, _, s, kv_heads, h = k_cache.shape
@@ -266,37 +195,24 @@ def decode_attention_pallas(q_src, k_src, v_src, k_cache, v_cache, valid, cache_
     slots_per_split = pl.cdiv(pl.cdiv(s, splits), block_s) * block_s
     splits = pl.cdiv(s, slots_per_split)
     has_rope = cos is not None
-    view = prefetch_view(prefetch)
-    extra = rows_per_program = 0
-    if view is not None:  # about one prefetch program per SM, each >= one load of rows
-        extra = min(pl.cdiv(_PREFETCH_PROGRAMS, b * kv_heads),
-                    pl.cdiv(view.shape[0], _PREFETCH_ROWS * b * kv_heads))
-        rows_per_program = prefetch_rows(view.shape[0], b * kv_heads * extra)
     kernel = functools.partial(_kernel, columns=columns, has_rope=has_rope, layer=layer, scale=scale,
                                groups=groups, block_s=block_s, slots_per_split=slots_per_split,
-                               splits=splits, prefetch_rows_per_program=rows_per_program,
                                interpret=interpret)
-    operands = [q_src, k_src, v_src, *((cos, sin) if has_rope else ()),
-                *(() if view is None else (view,)), k_cache, v_cache,
+    operands = [q_src, k_src, v_src, *((cos, sin) if has_rope else ()), k_cache, v_cache,
                 valid.astype(jnp.int32), jnp.reshape(cache_index, (1,)).astype(jnp.int32)]
-    first_cache = len(operands) - 4
-    out_shape = [jax.ShapeDtypeStruct((b, kv_heads, splits, rows_p, h), jnp.float32),
-                 jax.ShapeDtypeStruct((b, kv_heads, splits, rows_p), jnp.float32),
-                 jax.ShapeDtypeStruct((b, kv_heads, splits, rows_p), jnp.float32),
-                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
-    if view is not None:
-        out_shape.append(jax.ShapeDtypeStruct((b * kv_heads * extra,), jnp.float32))
-    acc, m, l, k_cache, v_cache, *sink = pl.pallas_call(
+    first_cache = 5 if has_rope else 3
+    acc, m, l, k_cache, v_cache = pl.pallas_call(
         kernel,
-        grid=(b, kv_heads, splits + extra),
-        out_shape=out_shape,
+        grid=(b, kv_heads, splits),
+        out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, rows_p, h), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kv_heads, splits, rows_p), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kv_heads, splits, rows_p), jnp.float32),
+                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
         input_output_aliases={first_cache: 3, first_cache + 1: 4},
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="jint8_decode_attention",
     )(*operands)
     out = combine(acc, m, l, groups).reshape(b, num_heads, h).astype(q_src.dtype)
-    if return_prefetch_sink:
-        return out, k_cache, v_cache, (sink[0] if sink else None)
     return out, k_cache, v_cache
