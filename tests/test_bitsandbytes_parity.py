@@ -47,9 +47,9 @@ def _np(t):
 @pytest.mark.parametrize("dtype_name", sorted(TORCH_DTYPES))
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
-def test_vectorwise_quant_equals_bitsandbytes(shape, dtype_name, pattern, threshold):
+def test_vectorwise_quant_equals_bitsandbytes(rng, shape, dtype_name, pattern, threshold):
     m, k, _ = shape
-    torch_a, jax_a = _activations(m, k, pattern, dtype_name, np.random.default_rng())
+    torch_a, jax_a = _activations(m, k, pattern, dtype_name, rng)
     CA, SCA, cols = bnb.functional.int8_vectorwise_quant(torch_a.clone(), threshold)
     ca, sca, our_cols = F.int8_vectorwise_quant(jax_a, threshold)
     np.testing.assert_array_equal(np.asarray(ca), CA.numpy())
@@ -64,9 +64,8 @@ def test_vectorwise_quant_equals_bitsandbytes(shape, dtype_name, pattern, thresh
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_int32_accumulator_and_dequant_equal_bitsandbytes(shape):
+def test_int32_accumulator_and_dequant_equal_bitsandbytes(rng, shape):
     m, k, n = shape
-    rng = np.random.default_rng()
     A = rng.integers(-127, 128, (m, k), dtype=np.int8)
     B = rng.integers(-127, 128, (n, k), dtype=np.int8)
     acc = bnb.functional.int8_linear_matmul(torch.from_numpy(A), torch.from_numpy(B))
@@ -96,9 +95,8 @@ def _mixed_bound(y_int8, y_outlier, dtype_name):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
-def test_mixed_scaled_mm_matches_bitsandbytes(shape, dtype_name):
+def test_mixed_scaled_mm_matches_bitsandbytes(rng, shape, dtype_name):
     m, k, n = shape
-    rng = np.random.default_rng()
     torch_a, jax_a = _activations(m, k, "whole_columns", dtype_name, rng)
     W = torch.from_numpy((rng.standard_normal((n, k)) * 0.1).astype(np.float32)).to(torch.float16)
     CB, SCB, _ = bnb.functional.int8_vectorwise_quant(W.clone())
@@ -119,9 +117,8 @@ def test_mixed_scaled_mm_matches_bitsandbytes(shape, dtype_name):
 
 @pytest.mark.parametrize("shape", [(1, 64, 48), (5, 33, 17), (16, 256, 130)])
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
-def test_int8_dense_matches_linear8bitlt(shape, threshold):
+def test_int8_dense_matches_linear8bitlt(rng, shape, threshold):
     m, k, n = shape
-    rng = np.random.default_rng()
     w = torch.from_numpy((rng.standard_normal((n, k)) * 0.1).astype(np.float32)).to(torch.float16)
     b = torch.randn(n, dtype=torch.float16)
     layer = bnb.nn.Linear8bitLt(k, n, bias=True, has_fp16_weights=False, threshold=threshold)

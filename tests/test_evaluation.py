@@ -33,9 +33,9 @@ def _direct_nll(model, params, ids):
     return logz[:-1] - logits[np.arange(len(ids) - 1), ids[1:]]
 
 
-def test_perplexity_single_window_equals_numpy_mean_nll(tiny_llama):
+def test_perplexity_single_window_equals_numpy_mean_nll(rng, tiny_llama):
     model, params = tiny_llama
-    ids = np.random.default_rng().integers(0, CONFIG.vocab_size, 40)
+    ids = rng.integers(0, CONFIG.vocab_size, 40)
     result = perplexity(model, params, ids, max_length=64, stride=64, progress=False)
     expected = _direct_nll(model, params, ids)
     assert result.num_tokens == 39 and result.num_windows == 1
@@ -43,9 +43,9 @@ def test_perplexity_single_window_equals_numpy_mean_nll(tiny_llama):
     np.testing.assert_allclose(result.perplexity, np.exp(expected.mean()), rtol=1e-5)
 
 
-def test_perplexity_strided_windows_score_each_token_once(tiny_llama):
+def test_perplexity_strided_windows_score_each_token_once(rng, tiny_llama):
     model, params = tiny_llama
-    ids = np.random.default_rng().integers(0, CONFIG.vocab_size, 10)
+    ids = rng.integers(0, CONFIG.vocab_size, 10)
     result = perplexity(model, params, ids, max_length=4, stride=2, progress=False)
     # windows [0,4) scores tokens 1..3, [2,6) 4..5, [4,8) 6..7, [6,10) 8..9
     nll = np.concatenate([
@@ -59,9 +59,9 @@ def test_perplexity_strided_windows_score_each_token_once(tiny_llama):
     assert result.stderr > 0
 
 
-def test_amplification_preserves_float_logits(tiny_llama):
+def test_amplification_preserves_float_logits(rng, tiny_llama):
     model, params = tiny_llama
-    ids = jnp.asarray(np.random.default_rng().integers(0, CONFIG.vocab_size, (2, 12)), jnp.int32)
+    ids = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 12)), jnp.int32)
     amplified = amplify_outlier_features(params, [1, 5, 40], 16.0)
     before, _ = model.apply({"params": params}, ids)
     after, _ = model.apply({"params": amplified}, ids)
@@ -92,8 +92,7 @@ class TwoLayer(nn.Module):
         return jint8.Int8Dense(32, name="second")(jint8.Int8Dense(48, name="first")(x))
 
 
-def test_inspect_counts_equal_direct_count_on_planted_outliers():
-    rng = np.random.default_rng()
+def test_inspect_counts_equal_direct_count_on_planted_outliers(rng):
     model = TwoLayer()
     prompts = [rng.standard_normal((5, 24)).astype(np.float32) for _ in range(3)]
     planted = [{2, 7}, {7}, {2, 7, 11, 20}]

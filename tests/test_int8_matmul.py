@@ -30,8 +30,7 @@ def _inputs(rng, m, k, n, dtype_name, outlier_cols=(), magnitude=40.0):
 
 @pytest.mark.parametrize("m,k", [(1, 7), (5, 33), (64, 130)])
 @pytest.mark.parametrize("threshold", [0.0, 2.0, 6.0])
-def test_quantize_rows_equals_numpy_recipe(m, k, threshold):
-    rng = np.random.default_rng()
+def test_quantize_rows_equals_numpy_recipe(rng, m, k, threshold):
     x = rng.standard_normal((m, k)).astype(np.float32) * 3
     x[0, :] = 0  # an all-zero row quantizes to zeros, never NaN
     xq, scales, mask = quantize_rows(jnp.asarray(x), threshold)
@@ -42,8 +41,7 @@ def test_quantize_rows_equals_numpy_recipe(m, k, threshold):
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 255, 17), (33, 1031, 5)])
-def test_int32_accumulator_is_exact(m, k, n):
-    rng = np.random.default_rng()
+def test_int32_accumulator_is_exact(rng, m, k, n):
     a = rng.integers(-127, 128, (m, k), dtype=np.int8)
     b = rng.integers(-127, 128, (k, n), dtype=np.int8)
     expected = (a.astype(np.int64) @ b.astype(np.int64)).astype(np.int32)
@@ -52,8 +50,7 @@ def test_int32_accumulator_is_exact(m, k, n):
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("m,k,n,cols", [(1, 64, 48, (3,)), (16, 257, 129, (0, 5, 200)), (40, 96, 31, ())])
-def test_output_within_derived_bound_of_float64(dtype_name, m, k, n, cols):
-    rng = np.random.default_rng()
+def test_output_within_derived_bound_of_float64(rng, dtype_name, m, k, n, cols):
     x, w = _inputs(rng, m, k, n, dtype_name, cols)
     bias = jnp.asarray(rng.standard_normal(n).astype(np.float32))
     q = quantize_vectorwise(w)
@@ -65,8 +62,7 @@ def test_output_within_derived_bound_of_float64(dtype_name, m, k, n, cols):
     assert np.all(err <= bound), f"max excess {(err - bound).max()}"
 
 
-def test_outlier_decomposition_cuts_error_at_least_5x():
-    rng = np.random.default_rng()
+def test_outlier_decomposition_cuts_error_at_least_5x(rng):
     x, w = _inputs(rng, 64, 4096, 256, "bfloat16", ())  # DESIGN.md anchor setup
     x = x.at[:, jnp.array([7, 100, 300, 301, 1450, 2500, 2, 4000])].multiply(40.0)  # whole columns ×40
     q = quantize_vectorwise(w)
@@ -81,8 +77,7 @@ def test_outlier_decomposition_cuts_error_at_least_5x():
     assert with_decomposition < 0.02
 
 
-def test_capacity_overflow_is_exact_and_reported(caplog):
-    rng = np.random.default_rng()
+def test_capacity_overflow_is_exact_and_reported(rng, caplog):
     x, w = _inputs(rng, 8, 64, 32, "float32", (1, 9, 17, 33, 60))
     q = quantize_vectorwise(w)
     roomy, roomy_stats = int8_matmul(x, q.qvalue, q.scale, outlier_capacity=8, weight_layout="nk", return_stats=True)
@@ -96,8 +91,7 @@ def test_capacity_overflow_is_exact_and_reported(caplog):
     assert any("outlier_capacity=2" in r.getMessage() for r in caplog.records)
 
 
-def test_threshold_zero_matches_plain_int8_path():
-    rng = np.random.default_rng()
+def test_threshold_zero_matches_plain_int8_path(rng):
     x, w = _inputs(rng, 4, 40, 24, "float32", (3,))
     q = quantize_vectorwise(w)
     y, stats = int8_matmul(x, q.qvalue.T, q.scale, threshold=0.0, return_stats=True)
@@ -108,8 +102,7 @@ def test_threshold_zero_matches_plain_int8_path():
     assert int(stats.num_outlier_columns) == 0
 
 
-def test_batched_leading_dims_and_jit():
-    rng = np.random.default_rng()
+def test_batched_leading_dims_and_jit(rng):
     x, w = _inputs(rng, 6, 32, 16, "float32", (2,))
     q = quantize_vectorwise(w)
     x3 = x.reshape(2, 3, 32)
@@ -180,14 +173,13 @@ def test_default_backend_on_cpu_is_xla():
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
-def test_input_gate_rounds_like_transformers_silu_times_up(dtype_name):
+def test_input_gate_rounds_like_transformers_silu_times_up(rng, dtype_name):
     """InputGate("silu") on gate | up rounds as transformers' LlamaMLP in torch: silu in float32
     rounded to the dtype, then the rounded product. Their float32 silu differ in the last bit
     (torch divides by 1 + exp(-x), jax multiplies by its reciprocal); wherever the two round to
     the same dtype value, the results are equal bit for bit."""
     torch = require_module("torch")
     dtype = DTYPES[dtype_name]
-    rng = np.random.default_rng()
     gate, up = rng.standard_normal((2, 16, 512)) * np.array([4.0, 1.0])[:, None, None]
     x = jnp.asarray(np.concatenate([gate, up], axis=1), dtype)
     got = np.asarray(InputGate("silu")(x).astype(jnp.float32))

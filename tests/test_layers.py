@@ -15,23 +15,23 @@ from jint8.errors import ShapeError
 from jint8.ops.int8_matmul import InputGate, int8_matmul_reference
 
 
-def _x(*shape, outlier_col=None):
-    x = np.random.default_rng().standard_normal(shape).astype(np.float32)
+def _x(rng, *shape, outlier_col=None):
+    x = rng.standard_normal(shape).astype(np.float32)
     if outlier_col is not None:
         x[..., outlier_col] = 20.0
     return jnp.asarray(x)
 
 
-def test_float_kernel_behaves_exactly_like_nn_dense():
-    x = _x(3, 5, 32)
+def test_float_kernel_behaves_exactly_like_nn_dense(rng):
+    x = _x(rng, 3, 5, 32)
     params = nn.Dense(48).init(jax.random.key(0), x)
     np.testing.assert_array_equal(
         np.asarray(Int8Dense(48).apply(params, x)), np.asarray(nn.Dense(48).apply(params, x))
     )
 
 
-def test_quantized_params_drop_in_and_match_the_op():
-    x = _x(4, 64, outlier_col=5)
+def test_quantized_params_drop_in_and_match_the_op(rng):
+    x = _x(rng, 4, 64, outlier_col=5)
     params = nn.Dense(96).init(jax.random.key(0), x)["params"]
     qparams = quantize_params(params, Int8Config(min_size=0))
     y, state = Int8Dense(96).apply({"params": qparams}, x, mutable=["int8_stats"])
@@ -45,15 +45,15 @@ def test_quantized_params_drop_in_and_match_the_op():
     assert float(jnp.linalg.norm(y - y_float) / jnp.linalg.norm(y_float)) < 0.02
 
 
-def test_bf16_compute_dtype():
-    x = _x(2, 64)
+def test_bf16_compute_dtype(rng):
+    x = _x(rng, 2, 64)
     params = quantize_params(nn.Dense(32).init(jax.random.key(0), x)["params"], Int8Config(min_size=0))
     y = Int8Dense(32, dtype=jnp.bfloat16).apply({"params": params}, x)
     assert y.dtype == jnp.bfloat16
 
 
-def test_capacity_overflow_is_counted():
-    x = _x(2, 64)
+def test_capacity_overflow_is_counted(rng):
+    x = _x(rng, 2, 64)
     x = x.at[:, jnp.arange(6)].set(30.0)
     params = quantize_params(
         nn.Dense(32).init(jax.random.key(0), x)["params"], Int8Config(min_size=0, outlier_capacity=2)
@@ -79,9 +79,9 @@ class TinyTransformer(nn.Module):
         return x + nn.Dense(64, name="down")(nn.gelu(h))
 
 
-def test_intercept_runs_unmodified_linen_model_in_int8():
+def test_intercept_runs_unmodified_linen_model_in_int8(rng):
     model = TinyTransformer()
-    x = _x(2, 8, 64, outlier_col=3)
+    x = _x(rng, 2, 8, 64, outlier_col=3)
     params = model.init(jax.random.key(0), x)["params"]
     qparams = quantize_params(params, Int8Config(min_size=0))
     with jint8.intercept():
@@ -102,17 +102,17 @@ def test_intercept_runs_unmodified_linen_model_in_int8():
     np.testing.assert_array_equal(np.asarray(up).reshape(-1, 256), np.asarray(expected))
 
 
-def test_intercept_leaves_float_params_alone():
+def test_intercept_leaves_float_params_alone(rng):
     model = TinyTransformer()
-    x = _x(1, 4, 64)
+    x = _x(rng, 1, 4, 64)
     params = model.init(jax.random.key(0), x)["params"]
     with jint8.intercept():
         y = model.apply({"params": params}, x)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(model.apply({"params": params}, x)))
 
 
-def test_intercept_rejects_mismatched_contracting_axes():
-    x = _x(2, 4, 16)
+def test_intercept_rejects_mismatched_contracting_axes(rng):
+    x = _x(rng, 2, 4, 16)
     dense = nn.DenseGeneral(32, axis=(-2, -1))
     params = dense.init(jax.random.key(0), x)["params"]
     # Force the wrong split: in_ndim=1 on a kernel whose module contracts two axes.
@@ -147,7 +147,7 @@ def test_int8_embedding_lookup_and_tied_head():
     assert np.abs(np.asarray(logits) - float_logits).max() < 0.02 * np.abs(float_logits).max()
 
 
-def test_gated_input_folds_into_int8_dense_at_decode_rows_and_gives_the_same_bits(monkeypatch):
+def test_gated_input_folds_into_int8_dense_at_decode_rows_and_gives_the_same_bits(rng, monkeypatch):
     """Int8Dense hands a GatedInput's gate to int8_matmul (gate=) at <= FUSED_GATE_MAX_M rows and
     applies it first above; either way the result has the bits of the layer on gate(gate_up)."""
     from jint8 import layers
@@ -168,7 +168,7 @@ def test_gated_input_folds_into_int8_dense_at_decode_rows_and_gives_the_same_bit
     gate = InputGate("silu")
     dense = Int8Dense(32, dtype=jnp.bfloat16)
     for rows in (FUSED_GATE_MAX_M, FUSED_GATE_MAX_M + 2):
-        gate_up = _x(rows, 2 * k, outlier_col=3).astype(jnp.bfloat16)  # silu(20) * up: outliers
+        gate_up = _x(rng, rows, 2 * k, outlier_col=3).astype(jnp.bfloat16)  # silu(20) * up: outliers
         inputs = GatedInput(gate_up, gate, jnp.dtype(jnp.bfloat16))
         assert inputs.shape == (rows, k)
         gates.clear()
@@ -177,8 +177,8 @@ def test_gated_input_folds_into_int8_dense_at_decode_rows_and_gives_the_same_bit
         np.testing.assert_array_equal(np.asarray(y), np.asarray(dense.apply({"params": qparams}, gate(gate_up))))
 
 
-def test_gated_input_on_a_float_kernel_is_applied_first():
-    gate_up = _x(2, 3, 2 * 16)
+def test_gated_input_on_a_float_kernel_is_applied_first(rng):
+    gate_up = _x(rng, 2, 3, 2 * 16)
     params = nn.Dense(8).init(jax.random.key(0), jnp.ones((1, 16)))
     gate = InputGate("silu")
     y = Int8Dense(8).apply(params, GatedInput(gate_up, gate, jnp.dtype(jnp.float32)))

@@ -14,15 +14,15 @@ CONFIG = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_
                      num_kv_heads=2, head_dim=16, qkv_bias=True, dtype=jnp.float32)
 
 
-def _model_and_params():
+def _model_and_params(rng):
     model = LlamaForCausalLM(CONFIG)
-    ids = jnp.asarray(np.random.default_rng().integers(0, 300, (2, 9)), jnp.int32)
+    ids = jnp.asarray(rng.integers(0, 300, (2, 9)), jnp.int32)
     return model, model.init(jax.random.key(0), ids)["params"], ids
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-def test_fused_model_equals_unfused_logits_and_greedy_tokens(quantized):
-    model, params, ids = _model_and_params()
+def test_fused_model_equals_unfused_logits_and_greedy_tokens(rng, quantized):
+    model, params, ids = _model_and_params(rng)
     if quantized:
         params = jint8.quantize_params(params, jint8.Int8Config(min_size=0, threshold=1.0))
     fused = jint8.fuse_projections(params)
@@ -43,8 +43,8 @@ def test_fused_model_equals_unfused_logits_and_greedy_tokens(quantized):
                                   jint8.generate(model, params, np.asarray(ids), config=config).sequences)
 
 
-def test_parts_with_different_int8_settings_stay_separate_and_fusing_is_idempotent():
-    _, params, _ = _model_and_params()
+def test_parts_with_different_int8_settings_stay_separate_and_fusing_is_idempotent(rng):
+    _, params, _ = _model_and_params(rng)
     config = jint8.Int8Config(min_size=0, threshold_overrides={"v_proj": 2.0})
     fused = jint8.fuse_projections(jint8.quantize_params(params, config))
     layer = fused["model"]["layers_0"]
@@ -56,8 +56,8 @@ def test_parts_with_different_int8_settings_stay_separate_and_fusing_is_idempote
     assert isinstance(frozen, FrozenDict) and "qkv_proj" in frozen["model"]["layers_0"]["self_attn"]
 
 
-def test_export_refuses_fused_params(tmp_path):
-    model, params, _ = _model_and_params()
+def test_export_refuses_fused_params(rng, tmp_path):
+    model, params, _ = _model_and_params(rng)
     fused = jint8.fuse_projections(jint8.quantize_params(params, jint8.Int8Config(min_size=0)))
     with pytest.raises(InvalidConfigError, match="fuse_projections"):
         jint8.export_bitsandbytes(model, fused, tmp_path / "out")

@@ -1,7 +1,6 @@
 """The decode-attention kernel (Pallas interpret mode on the CPU) against its jnp reference, and
 the reference against transformers-style float64 attention."""
 
-import time
 
 import jax
 import jax.numpy as jnp
@@ -51,12 +50,11 @@ def _rotated_float64(x, cos, sin):
     (2, 4, 4, 16, 64, 1, 0, False, False),      # first decode slot only, no RoPE (GPT-2, OPT)
     (2, 6, 2, 16, 100, 65, 0, False, True),     # the step's slot opens a new split's first block
 ])
-def test_kernel_matches_reference_and_float64(b, n, kv, h, s, used, pad, rope, packed):
+def test_kernel_matches_reference_and_float64(rng, b, n, kv, h, s, used, pad, rope, packed):
     """The decode step: q, k, v (from one packed array or three, rotated or not) -> the cache
     written at slot used - 1 and attention over the valid slots, against decode_step_reference
     and float64."""
-    seed = time.time_ns() % 2**31
-    rng = np.random.default_rng(seed)
+    seed = rng.seed_value
     q, k_cache, v_cache = _inputs(rng, b=b, n=n, kv=kv, h=h, s=s)
     k_new, v_new = (jnp.asarray(rng.standard_normal((b, kv, h)), jnp.bfloat16) for _ in range(2))
     cos, sin = _rope_tables(rng, b, h, jnp.bfloat16) if rope else (None, None)
