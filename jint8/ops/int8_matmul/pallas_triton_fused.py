@@ -251,11 +251,11 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
     if accumulator_only:  # checks only: this program's exact int32 xq[:, not O] @ wq
         out.store(accs[0], tile, split)
         return
-    ys, row_scales = [], _spread(row_max, bm)
+    ys = []
     for weight_tile, acc, stream in zip(weight_tiles, accs, streams):
         col_scales = _load_vector(col_scales_ref, weight_tile.cols, weight_tile.col_ok)
         stream = stream * (col_scales * INV_127)[None, :] if has_outliers else None
-        ys.append(dequantize(acc, row_scales, col_scales,
+        ys.append(dequantize(acc, _spread(row_max, bm), col_scales,
                              bias_ref if has_bias else None, stream, weight_tile, split,
                              split_k=config.split_k))
     if output_gate is None:
