@@ -102,8 +102,7 @@ def exact_norm_inputs(rng, m: int, k: int, n: int, dtype, *, eps: float = 1e-5):
     which moved 1/rms by 2 ulps on a seed CI drew, and a GPU's rsqrt may be approximate. So a
     row is redrawn until 1/rms off by up to 4 ulps either way leaves every bit of its normalised
     x unchanged (Llama's and Gemma's roundings): then a kernel's normalised x must equal
-    reference.rms_norm's bit for bit.
-    Three columns hold 40 with scale 4, so |norm(x)| >= 40 / rms * 4 > 6 there: outliers exist.
+    reference.rms_norm's bit for bit. Three columns hold 40 with scale 4, so |norm(x)| >= 40 / rms * 4 > 6 there: outliers exist.
     """
     scale = rng.integers(1, 40, k) * 0.125
     outliers = rng.choice(k, 3, replace=False)

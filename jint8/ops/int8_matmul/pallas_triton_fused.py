@@ -294,8 +294,7 @@ def fused_int8_matmul(
       output_gate: optional reference.OutputGate: w is gate | up (N = 2I) and the result is
         act(gate) * up [M, I], formed in the epilogue: program j loads the weight tiles of
         gate's columns j and up's columns j, block_n / 2 each (two MMAs per K step on the one
-        quantized x tile)
-        and gates its two float32 results, each rounded to out_dtype first
+        quantized x tile), and gates its two float32 results, each rounded to out_dtype first
         (reference.int8_matmul_reference's roundings). Needs split_k == 1.
       accumulator_only: return the int32 [M, N] accumulator xq[:, not O] @ wq instead (checks).
       poison_output: start from a NaN-filled (int32: INT32_MIN) output buffer, aliased into the
