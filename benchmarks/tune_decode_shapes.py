@@ -38,12 +38,12 @@ REPS = 20
 MAX_REL_ERROR = 5e-2
 
 
-def candidates(k, n, stages=(4,)):
+def candidates(k, n, stages=(4,), splits=(1, 2, 4, 8)):
     """Tiles worth timing for K x N at M = 1: 96-1100 programs, >= 4 K steps per program,
     weight tiles of 4-160 KiB over the pipeline stages; split-K partials summed by XLA or by
     the tile's last program (Config.split_reduce)."""
     for block_n, block_k, split_k, reduce, num_stages in itertools.product(
-            (16, 32, 64, 128, 256), (128, 256, 512, 1024), (1, 2, 4, 8), ("xla", "kernel"), stages):
+            (16, 32, 64, 128, 256), (128, 256, 512, 1024), splits, ("xla", "kernel"), stages):
         programs = -(-n // block_n) * split_k
         tile_bytes = block_n * block_k
         if ((split_k == 1 and reduce == "kernel") or not 96 <= programs <= 1100
@@ -97,6 +97,8 @@ def main(argv=None):
                         help="split-K reductions to try (Config.split_reduce)")
     parser.add_argument("--stages", nargs="+", type=int, default=[4],
                         help="pipeline depths (num_stages) to try with each tile")
+    parser.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4, 8],
+                        help="split_k values to try")
     parser.add_argument("--routes", nargs="+", default=["fused"], choices=GEMM_PATHS,
                         help="KernelPlan.gemm_path values whose candidates are timed")
     parser.add_argument("--row-scales", nargs="+", default=["kernel"], choices=["kernel", "input"],
@@ -147,7 +149,7 @@ def main(argv=None):
             if table_plan.gemm_path == "fused" and row_scales != table_plan.gemm.row_scales:
                 gemm = dataclasses.replace(table_plan.gemm, row_scales=row_scales)
                 plans.append((_tiles(gemm), dataclasses.replace(table_plan, gemm=gemm)))
-        chosen = [c for c in candidates(*_shape(name), stages=args.stages)
+        chosen = [c for c in candidates(*_shape(name), stages=args.stages, splits=args.splits)
                   if c["split_reduce"] in args.reduce]
         if args.table_only:
             chosen = []
