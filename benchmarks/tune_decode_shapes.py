@@ -109,6 +109,9 @@ def main(argv=None):
     parser.add_argument("--norm", action="store_true",
                         help="qkv_proj and gate_up_proj take their RMSNorm in the kernel, as the "
                         "models do at M = 1 (configs.FUSED_NORM_MAX_M)")
+    parser.add_argument("--output-gate", action="store_true",
+                        help="gate_up_proj gates its own result (OutputGate('silu'), N / 2 outputs), "
+                        "as the models run it")
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes in interpret mode")
     parser.add_argument("--write-table", metavar="JSON",
                         help="put each shape's best candidate (if >= 3%% faster than the table's plan) "
@@ -141,8 +144,13 @@ def main(argv=None):
         norm = None
         if args.norm and name in ("qkv_proj", "gate_up_proj"):
             norm = reference.InputNorm(jnp.asarray(rng.uniform(0.5, 1.5, k), jnp.bfloat16), 1e-5)
+        output_gate = None
+        if args.output_gate and name == "gate_up_proj":
+            output_gate = reference.OutputGate("silu")
+        n_out = n // 2 if output_gate is not None else n
         want = reference.int8_matmul_reference(x, ws[0], scale, threshold=6.0, outlier_capacity=64,
-                                               weight_layout="nk", norm=norm)[0].astype(jnp.float32)
+                                               weight_layout="nk", norm=norm,
+                                               output_gate=output_gate)[0].astype(jnp.float32)
         table_plan = configs.plan_for("NVIDIA H100" if args.smoke else device, args.m, k, n, "nk")
         plans = [("table", table_plan)]
         for row_scales in args.row_scales:
@@ -160,11 +168,15 @@ def main(argv=None):
             plan = route_plans(route, dict(c, row_scales=row_scales), args.m, table_plan.quantize)
             if plan is not None:
                 plans.append((dict(c, row_scales=row_scales), plan))
+        # The table's plan is timed first and again last (the min is kept): the first timing
+        # of a process runs on a GPU that is still warming up, up to ~10 % slower (H200 run of
+        # session 10: the same tiles read 29.9 us as the table's plan and 26.3 as a candidate).
+        plans.append(("table", table_plan))
         results = []
         for label, plan in plans:
             op = lambda x, w, plan=plan: int8_matmul_pallas(  # noqa: E731
                 x, w, scale, threshold=6.0, outlier_capacity=64, weight_layout="nk", plan=plan,
-                norm=norm, interpret=args.smoke)[0]
+                norm=norm, output_gate=output_gate, interpret=args.smoke)[0]
 
             @jax.jit
             def chain(x, ws):
@@ -175,7 +187,7 @@ def main(argv=None):
                         y = op(x + (y[:, :1] * 0).astype(x.dtype), w)
                     return y
 
-                return jax.lax.fori_loop(0, REPS, body, jnp.zeros((x.shape[0], n), x.dtype))
+                return jax.lax.fori_loop(0, REPS, body, jnp.zeros((x.shape[0], n_out), x.dtype))
 
             try:
                 got = op(x, ws[0]).astype(jnp.float32)
@@ -190,6 +202,15 @@ def main(argv=None):
                 print(f"  {name} {label}: failed: {type(e).__name__}: {str(e)[:120]}")
                 continue
             ms = sorted(times)[len(times) // 2] * 1e3
+            if label == "table" and any(r["plan"] == "table" for r in results):
+                first = next(r for r in results if r["plan"] == "table")
+                print(f"  {name} table plan: {first['ms'] * 1e3:.1f} us first, {ms * 1e3:.1f} us last")
+                first["ms"] = min(first["ms"], ms)
+                first["tb_per_s"] = k * n / (first["ms"] * 1e-3) / 1e12
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(dict(first, plan="table_last", ms=ms), default=str) + "\n")
+                continue
             row = dict(shape=name, k=k, n=n, m=args.m, plan=label if label == "table" else "candidate",
                        gemm_path=plan.gemm_path,
                        gemm=plan.gemm.__dict__ if label == "table" else label, ms=ms,

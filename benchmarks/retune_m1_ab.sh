@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call: re-tune the fused kernel's M = 1 tiles of the Llama-3-8B shapes in a copy of
+# this GPU's table (gate_up gating its own result and the norms folded, as the models run them),
+# then batch-1 decode end to end with the copy (B) and with jint8's table (A), as A/B/A. Each
+# step has its own time limit and appends to ${OUT:-/tmp}/retune.log; the tuned table is
+# written to ${OUT:-/tmp}/${TABLE}.json. About 7 minutes.
+#
+#   TABLE=nvidia_h100 SHAPES="gate_up_proj down_proj o_proj" bash benchmarks/retune_m1_ab.sh
+set -u
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp}"
+log="$out/retune.log"
+table="${TABLE:-nvidia_h100}"
+step() {  # step SECONDS COMMAND...: run it, keep its non-log lines
+    echo "== $(date +%T) $*" | tee -a "$log"
+    timeout "$1" "${@:2}" 2>&1 | grep -v -E '^[WI][0-9]{4} ' | tee -a "$log"
+}
+nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv | tee -a "$log"
+mkdir -p /tmp/retuned && cp "jint8/ops/int8_matmul/data/$table.json" /tmp/retuned/
+# shellcheck disable=SC2086
+step "${TUNE_SECONDS:-240}" python3 benchmarks/tune_decode_shapes.py --m 1 --norm --output-gate \
+    --reduce xla --json "$out/retune.jsonl" --write-table "/tmp/retuned/$table.json" \
+    --shapes ${SHAPES:-gate_up_proj down_proj o_proj}
+cp "/tmp/retuned/$table.json" "$out/$table.json"
+bench=(python3 benchmarks/bench_generate.py --variants int8 --batch 1 --fuse --quantize-lm-head
+       --quantize-embeddings --repeats 3 --json "$out/retune_e2e.jsonl")
+step 120 "${bench[@]}"
+JINT8_KERNEL_TABLES=/tmp/retuned step 120 "${bench[@]}"
+step 120 "${bench[@]}"
+echo "== done $(date +%T)" | tee -a "$log"
