@@ -157,6 +157,21 @@ def _mosaic_rows(ws, n, k, configs_, rng):
     return rows
 
 
+def _xla_dot_m1(w, k, rng):
+    """XLA's own int8 x int8 -> int32 dot of one activation row (as naive A8W8 runs at M = 1),
+    as a time_chain call; prints which kernel XLA compiled it to."""
+    x1 = jnp.asarray(rng.integers(-127, 128, (1, k), dtype=np.int8))
+    dot = lambda w, prev: jax.lax.dot_general(  # noqa: E731
+        x1 + (prev[0, 0] == -12345).astype(jnp.int8), w, (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.int32).T
+    hlo = jax.jit(dot).lower(w, jnp.zeros((w.shape[0], 1), jnp.int32)).compile().as_text()
+    for line in hlo.splitlines():
+        if any(key in line for key in ("custom_call_target", "triton_gemm_config", "kind=k",
+                                       "__cublas", "fusion_backend_config")):
+            print("   xla M=1:", line.strip()[:400])
+    return dot
+
+
 def tile_weight(w, bn, bk):
     n, k = w.shape
     return w.reshape(n // bn, bn, k // bk, bk).transpose(0, 2, 1, 3).reshape(-1, bk)
@@ -192,6 +207,8 @@ def main():
     parser.add_argument("--mosaic", nargs="*", default=None,
                         help="also time Mosaic GPU TMA/wgmma streams: block_n x block_k / split / "
                              "stages (no value: a default set), and XLA's int8 and bf16 dots")
+    parser.add_argument("--xla-m1", action="store_true",
+                        help="also time XLA's int8 dot of one activation row (and print its kernel)")
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton rows")
     args = parser.parse_args()
     from jint8.ops.int8_matmul import configs
@@ -217,6 +234,8 @@ def main():
         sum_call = lambda w, prev: (jnp.sum(w, axis=1, dtype=jnp.int32)  # noqa: E731
                                     + (prev[:n] == -12345).astype(jnp.int32))
         rows.append(("xla_sum", time_chain(sum_call, ws, n)))
+        if args.xla_m1:
+            rows.append(("xla_dot int8 M=1", time_chain(_xla_dot_m1(ws[0], k, rng), ws, (n, 1))))
         scale = jnp.ones((n,), jnp.float32)
         x = rng.standard_normal((1, k)).astype(np.float32)
         x[:, rng.choice(k, 8, replace=False)] *= 20

@@ -38,7 +38,7 @@ REPS = 20
 MAX_REL_ERROR = 5e-2
 
 
-def candidates(k, n, stages=(4,), splits=(1, 2, 4, 8)):
+def candidates(k, n, stages=(4,), splits=(1, 2, 4, 8), max_tile_kib=40):
     """Tiles worth timing for K x N at M = 1: 96-1100 programs, >= 4 K steps per program,
     weight tiles of 4-160 KiB over the pipeline stages; split-K partials summed by XLA or by
     the tile's last program (Config.split_reduce)."""
@@ -47,7 +47,7 @@ def candidates(k, n, stages=(4,), splits=(1, 2, 4, 8)):
         programs = -(-n // block_n) * split_k
         tile_bytes = block_n * block_k
         if ((split_k == 1 and reduce == "kernel") or not 96 <= programs <= 1100
-                or -(-k // block_k) < 4 * split_k or not 4096 <= tile_bytes <= 40 * 1024):
+                or -(-k // block_k) < 4 * split_k or not 4096 <= tile_bytes <= max_tile_kib * 1024):
             continue
         yield dict(block_n=block_n, block_k=block_k, split_k=split_k, split_reduce=reduce,
                    num_warps=8 if tile_bytes >= 32 * 1024 else 4, num_stages=num_stages)
@@ -99,6 +99,8 @@ def main(argv=None):
                         help="pipeline depths (num_stages) to try with each tile")
     parser.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4, 8],
                         help="split_k values to try")
+    parser.add_argument("--max-tile-kib", type=int, default=40,
+                        help="largest weight tile (block_n x block_k bytes) to try")
     parser.add_argument("--routes", nargs="+", default=["fused"], choices=GEMM_PATHS,
                         help="KernelPlan.gemm_path values whose candidates are timed")
     parser.add_argument("--row-scales", nargs="+", default=["kernel"], choices=["kernel", "input"],
@@ -157,7 +159,8 @@ def main(argv=None):
             if table_plan.gemm_path == "fused" and row_scales != table_plan.gemm.row_scales:
                 gemm = dataclasses.replace(table_plan.gemm, row_scales=row_scales)
                 plans.append((_tiles(gemm), dataclasses.replace(table_plan, gemm=gemm)))
-        chosen = [c for c in candidates(*_shape(name), stages=args.stages, splits=args.splits)
+        chosen = [c for c in candidates(*_shape(name), stages=args.stages, splits=args.splits,
+                                    max_tile_kib=args.max_tile_kib)
                   if c["split_reduce"] in args.reduce]
         if args.table_only:
             chosen = []
