@@ -261,7 +261,7 @@ def _write_entry(path, k, n, m, best):
     else:  # M = 1-16, less what the shape's other entries cover
         same = [e for e in entries if (e["k"], e["n"]) == (k, n)]
         lo = 1 + max([e["max_m"] for e in same if e["max_m"] < m], default=0)
-        hi = min([e.get("min_m", 1) for e in same if e.get("min_m", 1) > m], default=max(17, m + 1)) - 1
+        hi = min([e.get("min_m", 1) for e in same if e.get("min_m", 1) > m] + [max(17, m + 1)]) - 1
     other = _measured_at(replaced[0]) if replaced else None
     if other is not None and other != m and lo <= other <= hi:
         kept = dict(replaced[0])
