@@ -111,3 +111,23 @@ def test_tuned_two_kernel_entry_is_what_dispatch_then_runs(tmp_path, monkeypatch
         assert [(e.get("min_m", 1), e["max_m"]) for e in entries] == [(1, 1), (2, 16)]
     finally:
         configs.clear_cache()
+
+
+def test_tuned_entry_below_a_large_m_entry_covers_decode_rows_only(tmp_path):
+    """A shape whose only entry is for M = 65-256 (the big layer's xla_gemm entry): an M = 1
+    winner covers M = 1-16, not the 17-64 rows in between (the fused kernel's M <= 16 range)."""
+    import json
+
+    import tune_decode_shapes
+
+    table = tmp_path / "nvidia_h100.json"
+    large = dict(k=8192, n=28672, min_m=65, max_m=256, gemm_path="xla_gemm",
+                 gemm=dict(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=2))
+    table.write_text(json.dumps({"shapes_nk": [large]}))
+    best = dict(gemm_path="fused", ms=0.0965, device="NVIDIA H100 80GB HBM3",
+                gemm=dict(block_n=128, block_k=256, split_k=1, num_warps=8, num_stages=4))
+    tune_decode_shapes._write_entry(str(table), 8192, 28672, 1, best)
+    entries = json.loads(table.read_text())["shapes_nk"]
+    assert [(e.get("min_m", 1), e["max_m"], e["gemm_path"]) for e in entries] == [
+        (1, 16, "fused"), (65, 256, "xla_gemm")]
+    assert entries[0]["measured_us_m1"] == 96.5

@@ -98,7 +98,7 @@ def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, output_ga
         in_epilogue = output_gate if plan.gemm.split_k == 1 and not accumulator_only else None
         y = fused_int8_matmul(
             x, wq, col_scales,
-            jnp.zeros((col_scales.shape[0],), jnp.float32) if bias is None else bias,
+            _bias_operand(bias, col_scales),
             norm, gate=gate, output_gate=in_epilogue, config=plan.gemm, threshold=threshold,
             out_dtype=out_dtype, has_bias=bias is not None, accumulator_only=accumulator_only,
             poison_output=poison_output, interpret=interpret,
@@ -129,7 +129,7 @@ def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, output_ga
     accumulator = reference.int8_dot(xq, wq, layout) if plan.gemm_path == "xla_gemm" else None
     y = int8_gemm(
         xq, wq, row_scales, col_scales,
-        jnp.zeros((col_scales.shape[0],), jnp.float32) if bias is None else bias, x,
+        _bias_operand(bias, col_scales), x,
         slots, valid.astype(jnp.int32), col_flags, overflow.astype(jnp.int32).reshape(1),
         accumulator, config=plan.gemm, out_dtype=out_dtype, has_bias=bias is not None,
         has_outliers=threshold > 0, dense_fallback=outlier_capacity < x.shape[1],
@@ -138,6 +138,13 @@ def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, output_ga
     if output_gate is not None and not accumulator_only:
         y = output_gate(y)
     return y, stats
+
+
+def _bias_operand(bias, col_scales):
+    """The kernels' [N] bias operand: the bias, or without one any [N] float32 array they leave
+    unread (has_bias=False): col_scales, rather than a zero vector that XLA would fill with a
+    kernel of its own on every call (one per projection of a decode step)."""
+    return col_scales if bias is None else bias
 
 
 def _padded_capacity(capacity: int) -> int:
