@@ -12,10 +12,7 @@
 set -u
 cd "$(dirname "$0")/.."
 log="${OUT:-/tmp}/batch8.log"
-step() {  # step SECONDS COMMAND...: run it, keep its non-log lines
-    echo "== $(date +%T) $*" | tee -a "$log"
-    timeout "$1" "${@:2}" 2>&1 | grep -v -E '^[WI][0-9]{4} ' | tee -a "$log"
-}
+source benchmarks/steps.sh
 tune=("${PYTHON:-python3}" benchmarks/tune_decode_shapes.py ${TUNE_FLAGS:-})
 # 1. Row scales from XLA instead of every program's sweep, on the table's plans.
 step 150 "${tune[@]}" --table-only --m 8 --row-scales kernel input

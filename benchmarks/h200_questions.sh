@@ -10,10 +10,7 @@ set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp}"
 log="$out/h200.log"
-step() {  # step SECONDS COMMAND...: run it, keep its non-log lines
-    echo "== $(date +%T) $*" | tee -a "$log"
-    timeout "$1" "${@:2}" 2>&1 | grep -v -E '^[WI][0-9]{4} ' | tee -a "$log"
-}
+source benchmarks/steps.sh
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee -a "$log"
 mkdir -p /tmp/t200 && cp jint8/ops/int8_matmul/data/nvidia_h200.json /tmp/t200/
 tune=(python3 benchmarks/tune_decode_shapes.py --json "$out/h200_tune.jsonl")

@@ -10,10 +10,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-/tmp}"
 log="$out/layer.log"
 table="${TABLE:-nvidia_h100}"
-step() {  # step SECONDS COMMAND...: run it, keep its non-log lines
-    echo "== $(date +%T) $*" | tee -a "$log"
-    timeout "$1" "${@:2}" 2>&1 | grep -v -E '^[WI][0-9]{4} ' | tee -a "$log"
-}
+source benchmarks/steps.sh
 mkdir -p /tmp/layer && cp "jint8/ops/int8_matmul/data/$table.json" /tmp/layer/
 tune=(python3 benchmarks/tune_decode_shapes.py --shapes layer_8192x28672 --splits 1 --reduce xla
       --stages 4 6 --max-tile-kib 64 --json "$out/layer.jsonl" --write-table "/tmp/layer/$table.json")

@@ -11,10 +11,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-/tmp}"
 log="$out/retune.log"
 table="${TABLE:-nvidia_h100}"
-step() {  # step SECONDS COMMAND...: run it, keep its non-log lines
-    echo "== $(date +%T) $*" | tee -a "$log"
-    timeout "$1" "${@:2}" 2>&1 | grep -v -E '^[WI][0-9]{4} ' | tee -a "$log"
-}
+source benchmarks/steps.sh
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv | tee -a "$log"
 mkdir -p /tmp/retuned && cp "jint8/ops/int8_matmul/data/$table.json" /tmp/retuned/
 # shellcheck disable=SC2086

@@ -9,10 +9,7 @@
 set -u
 cd "$(dirname "$0")/.."
 log="${OUT:-/tmp}/split1.log"
-step() {  # step SECONDS COMMAND...: run it, keep its non-log lines
-    echo "== $(date +%T) $*" | tee -a "$log"
-    timeout "$1" "${@:2}" 2>&1 | grep -v -E '^[WI][0-9]{4} ' | tee -a "$log"
-}
+source benchmarks/steps.sh
 tune=("${PYTHON:-python3}" benchmarks/tune_decode_shapes.py --m 1 --splits 1 --reduce xla
       --stages 4 6 --json "${OUT:-/tmp}/split1.jsonl" ${TUNE_FLAGS:-})
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv | tee -a "$log"
