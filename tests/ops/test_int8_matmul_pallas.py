@@ -246,3 +246,23 @@ def test_tuned_tables_load_and_unknown_gpus_get_the_default_plan():
     assert [paths[m].gemm_path for m in (16, 64, 65, 256, 4096)] == [
         "fused", "pallas", "xla_gemm", "xla_gemm", "xla_gemm"]
     assert all(p.gemm.split_k == 1 for p in paths.values() if p.gemm_path == "xla_gemm")
+
+
+@pytest.mark.parametrize("route", ["xla", "fused", "pallas"])
+def test_outlier_count_compares_the_threshold_in_float32(route):
+    """A 16-bit x just below a threshold that its dtype cannot hold (5.28125 < 5.29, which
+    bfloat16 rounds down to 5.28125) is not an outlier: the stats agree with the recipe's
+    float32 comparison (they compared in bfloat16 on the fused route and counted it)."""
+    x = jnp.asarray([[5.28125, 1.0, -7.0, 0.5]] * 2, jnp.bfloat16)
+    wq, col_scales = jnp.ones((8, 4), jnp.int8), jnp.ones((8,), jnp.float32)
+    _, _, col_mask = reference.quantize_rows(x, 5.29)
+    assert np.asarray(col_mask).tolist() == [False, False, True, False]
+    assert np.asarray(reference.outlier_column_mask(x, 5.29)).tolist() == [False, False, True, False]
+    if route == "xla":
+        _, stats = reference.int8_matmul_reference(x, wq, col_scales, threshold=5.29,
+                                                   outlier_capacity=4, weight_layout="nk")
+    else:
+        plan = fused_plan(2) if route == "fused" else PLANS["nk"]
+        _, stats = int8_matmul_pallas(x, wq, col_scales, threshold=5.29, outlier_capacity=4,
+                                      weight_layout="nk", plan=plan, interpret=True)
+    assert int(stats.num_outlier_columns) == 1

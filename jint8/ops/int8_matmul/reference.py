@@ -167,10 +167,14 @@ def op_input(x: jax.Array, norm: Optional[InputNorm] = None,
 
 
 def outlier_column_mask(x: jax.Array, threshold: float) -> jax.Array:
-    """[M, K] -> [K] bool: columns holding at least one |x| >= threshold."""
+    """[M, K] -> [K] bool: columns holding at least one |x| >= threshold.
+
+    Compared in float32, as quantize_rows and the kernels compare: a 16-bit x against a Python
+    float would round the threshold to x's dtype first (5.29 to bf16's 5.28125, say), and flag
+    columns that the recipe does not."""
     if threshold <= 0:
         return jnp.zeros(x.shape[-1], dtype=bool)
-    return jnp.any(jnp.abs(x) >= threshold, axis=0)
+    return jnp.any(jnp.abs(x.astype(jnp.float32)) >= threshold, axis=0)
 
 
 def quantization_multiplier(scales: jax.Array) -> jax.Array:
