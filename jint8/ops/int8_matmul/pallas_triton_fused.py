@@ -280,7 +280,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
                                          prologue.round), tile, split)
 
 
-def outlier_flags(x, threshold: float, block_k: int):
+def _outlier_flags(x, threshold: float, block_k: int):
     """Config.outlier_flags "input": x [M, K] -> ([K] int32 1 for each outlier column, [K steps]
     int32 1 for each block_k-wide K step holding one), as the K loop finds them in its tiles."""
     mask = reference.outlier_column_mask(x, threshold)
@@ -348,7 +348,7 @@ def fused_int8_matmul(
     if row_max_input:
         operands.append(reference.row_absmax(x, threshold))
     if flags_input:
-        operands.extend(outlier_flags(x, threshold, config.block_k))
+        operands.extend(_outlier_flags(x, threshold, config.block_k))
     n_out = n if output_gate is None else n // 2
     return launch(kernel, operands, grid=(pl.cdiv(n_out, _tile_columns(config, output_gate)),
                                           config.split_k),
