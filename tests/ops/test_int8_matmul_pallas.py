@@ -209,7 +209,8 @@ def test_cpu_dispatch_falls_through_to_xla_and_refuses_forced_pallas():
 @pytest.mark.parametrize("field,value", [("block_m", 8), ("block_n", 48), ("block_k", 16),
                                          ("num_warps", 3), ("num_stages", 0), ("split_k", 0),
                                          ("weight_layout", "kk"), ("outlier_mode", "sparse"),
-                                         ("split_reduce", "atomic"), ("row_scales", "xla")])
+                                         ("split_reduce", "atomic"), ("row_scales", "xla"),
+                                         ("outlier_flags", "xla")])
 def test_config_rejects_bad_field_naming_it(field, value):
     with pytest.raises(InvalidConfigError, match=field):
         gemm_config(**{field: value})
