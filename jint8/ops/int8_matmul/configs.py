@@ -81,7 +81,9 @@ class Config:
       in any order). Calls with an InputNorm or InputGate sweep in the kernel either way.
       Measured at M = 1 (session 4): "input" 1.2-1.5 us slower per call (one more launch). At
       M = 8 the sweep reads 8 rows per program (down_proj: 229 KB x 256 programs of L2
-      traffic, as much as its weights), which "input" avoids; not yet measured.
+      traffic, as much as its weights), which "input" avoids: faster on every Llama-3-8B decode
+      shape at M = 8 on the H100 (session 8) and the H200 (session 10), so the tables take it
+      for M = 2-16.
     outlier_flags: where the fused kernel's K loop gets the outlier columns of its x tile and
       whether its step holds any (the branch into the 16-bit stream): "kernel" (from the loaded
       tile: a reduction over its rows and one over its columns, across threads, every K step) or
