@@ -69,9 +69,8 @@ def make_inputs(rng, m, k, n, dtype, num_outlier_cols, with_bias, extreme=False,
 
 def plans_to_check(m, k, n, table_only=False):
     """The plans the GPU's tables pick for both weight layouts, plus the variants they do not:
-    the other outlier mode, row-scale source and outlier-flag source, split-K, the two-kernel
-    route for skinny M, the other layout, and for M > 16 the other of the "pallas" / "xla_gemm"
-    routes."""
+    the other outlier mode and row-scale source, split-K, the two-kernel route for skinny M, the
+    other layout, and for M > 16 the other of the "pallas" / "xla_gemm" routes."""
     kind = jax.devices()[0].device_kind
     plan = configs.plan_for(kind, m, k, n, weight_layout="nk")
     plans = [plan, configs.plan_for(kind, m, k, n, weight_layout="kn")]
@@ -83,8 +82,6 @@ def plans_to_check(m, k, n, table_only=False):
         plans.append(replace(plan, gemm=replace(plan.gemm, outlier_mode=other_mode)))
         other_scales = "input" if plan.gemm.row_scales == "kernel" else "kernel"  # XLA's absmax / the sweep
         plans.append(replace(plan, gemm=replace(plan.gemm, row_scales=other_scales)))
-        other_flags = "input" if plan.gemm.outlier_flags == "kernel" else "kernel"  # XLA's flags / the tile's
-        plans.append(replace(plan, gemm=replace(plan.gemm, outlier_flags=other_flags)))
         for reduce in ("xla", "kernel"):  # split-K partials summed by XLA / the last program
             plans.append(replace(plan, gemm=replace(plan.gemm, split_k=plan.gemm.split_k % 3 + 2,
                                                     split_reduce=reduce)))

@@ -68,7 +68,7 @@ def _tiles(gemm) -> dict:
     """A plan's tile fields, as candidates() names them."""
     return dict(block_n=gemm.block_n, block_k=gemm.block_k, split_k=gemm.split_k,
                 split_reduce=gemm.split_reduce, num_warps=gemm.num_warps, num_stages=gemm.num_stages,
-                row_scales=gemm.row_scales, outlier_flags=gemm.outlier_flags)
+                row_scales=gemm.row_scales)
 
 
 def route_plans(route, candidate, m, quantize):
@@ -106,10 +106,6 @@ def main(argv=None):
     parser.add_argument("--row-scales", nargs="+", default=["kernel"], choices=["kernel", "input"],
                         help="fused route: where each row's absmax comes from (Config.row_scales); "
                         "with --table-only the table's plan is also timed with each")
-    parser.add_argument("--outlier-flags", nargs="+", default=["kernel"], choices=["kernel", "input"],
-                        help="fused route: where the K loop's outlier columns and per-step flags come "
-                        "from (Config.outlier_flags); with --table-only the table's plan is also "
-                        "timed with each")
     parser.add_argument("--table-only", action="store_true",
                         help="time only the table's plan per shape (A/B runs of kernel changes)")
     parser.add_argument("--norm", action="store_true",
@@ -159,24 +155,22 @@ def main(argv=None):
                                                output_gate=output_gate)[0].astype(jnp.float32)
         table_plan = configs.plan_for("NVIDIA H100" if args.smoke else device, args.m, k, n, "nk")
         plans = [("table", table_plan)]
-        for row_scales, flags in itertools.product(args.row_scales, args.outlier_flags):
-            if table_plan.gemm_path == "fused" and (row_scales, flags) != (
-                    table_plan.gemm.row_scales, table_plan.gemm.outlier_flags):
-                gemm = dataclasses.replace(table_plan.gemm, row_scales=row_scales, outlier_flags=flags)
+        for row_scales in args.row_scales:
+            if table_plan.gemm_path == "fused" and row_scales != table_plan.gemm.row_scales:
+                gemm = dataclasses.replace(table_plan.gemm, row_scales=row_scales)
                 plans.append((_tiles(gemm), dataclasses.replace(table_plan, gemm=gemm)))
         chosen = [c for c in candidates(*_shape(name), stages=args.stages, splits=args.splits,
                                     max_tile_kib=args.max_tile_kib)
                   if c["split_reduce"] in args.reduce]
         if args.table_only:
             chosen = []
-        for route, c, row_scales, flags in itertools.product(
-                args.routes, chosen[: 2 if args.smoke else None], args.row_scales, args.outlier_flags):
-            if route != "fused" and (row_scales, flags) != ("kernel", "kernel"):
-                continue  # only the fused kernel sweeps for its row scales and outlier flags
-            candidate = dict(c, row_scales=row_scales, outlier_flags=flags)
-            plan = route_plans(route, candidate, args.m, table_plan.quantize)
+        for route, c, row_scales in itertools.product(args.routes, chosen[: 2 if args.smoke else None],
+                                                      args.row_scales):
+            if route != "fused" and row_scales != "kernel":
+                continue  # only the fused kernel sweeps for its row scales
+            plan = route_plans(route, dict(c, row_scales=row_scales), args.m, table_plan.quantize)
             if plan is not None:
-                plans.append((candidate, plan))
+                plans.append((dict(c, row_scales=row_scales), plan))
         # The table's plan is timed first and again last (the min is kept): the first timing
         # of a process runs on a GPU that is still warming up, up to ~10 % slower (H200 run of
         # session 10: the same tiles read 29.9 us as the table's plan and 26.3 as a candidate).

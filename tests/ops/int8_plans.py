@@ -27,11 +27,9 @@ PLANS = {
 }
 
 
-def fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, reduce="xla", row_scales="kernel",
-               flags="kernel"):
+def fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, reduce="xla", row_scales="kernel"):
     gemm = gemm_config(block_m=configs.fused_block_m(m), block_k=block_k, weight_layout=layout,
-                       outlier_mode=mode, split_k=split_k, split_reduce=reduce, row_scales=row_scales,
-                       outlier_flags=flags)
+                       outlier_mode=mode, split_k=split_k, split_reduce=reduce, row_scales=row_scales)
     return configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm, gemm_path="fused")
 
 
@@ -42,7 +40,4 @@ FUSED_VARIANTS = {  # name: fused_plan's keyword arguments
     "nk_split3": dict(layout="nk", split_k=3),
     "nk_split3_in_kernel": dict(layout="nk", split_k=3, reduce="kernel"),  # the tile's last program sums
     "nk_split3_row_scales_input": dict(layout="nk", split_k=3, row_scales="input"),  # absmax by XLA
-    # outlier columns and per-step flags by XLA too
-    "nk_split3_flags_input": dict(layout="nk", split_k=3, row_scales="input", flags="input"),
-    "kn_flags_input": dict(layout="kn", flags="input"),
 }

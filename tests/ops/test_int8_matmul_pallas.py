@@ -209,8 +209,7 @@ def test_cpu_dispatch_falls_through_to_xla_and_refuses_forced_pallas():
 @pytest.mark.parametrize("field,value", [("block_m", 8), ("block_n", 48), ("block_k", 16),
                                          ("num_warps", 3), ("num_stages", 0), ("split_k", 0),
                                          ("weight_layout", "kk"), ("outlier_mode", "sparse"),
-                                         ("split_reduce", "atomic"), ("row_scales", "xla"),
-                                         ("outlier_flags", "xla")])
+                                         ("split_reduce", "atomic"), ("row_scales", "xla")])
 def test_config_rejects_bad_field_naming_it(field, value):
     with pytest.raises(InvalidConfigError, match=field):
         gemm_config(**{field: value})
@@ -267,22 +266,3 @@ def test_outlier_count_compares_the_threshold_in_float32(route):
         _, stats = int8_matmul_pallas(x, wq, col_scales, threshold=5.29, outlier_capacity=4,
                                       weight_layout="nk", plan=plan, interpret=True)
     assert int(stats.num_outlier_columns) == 1
-
-
-@pytest.mark.parametrize("m,k,n,split_k,outlier_cols", [
-    (1, 77, 45, 1, 3),     # decode row, ragged last K step
-    (1, 96, 40, 3, 0),     # no outliers: no step takes the 16-bit stream
-    (5, 200, 129, 3, 9),   # split K, several outlier steps
-    (16, 64, 33, 1, 64),   # every column an outlier
-])
-def test_fused_outlier_flags_from_xla_give_the_kernels_bits(rng, m, k, n, split_k, outlier_cols):
-    """Config.outlier_flags "input" (XLA finds the outlier columns and flags each K step) gives
-    the same output bits as the K loop finding them in its tiles."""
-    x, wq, col_scales, b = _inputs(rng, m, k, n, jnp.bfloat16, outlier_cols, True)
-    plans = [fused_plan(m, split_k=split_k, row_scales="input", flags=flags)
-             for flags in ("kernel", "input")]
-    ys = [int8_matmul_pallas(x, _weight_for(plan, wq), col_scales, b, threshold=THRESHOLD,
-                             outlier_capacity=4, weight_layout="nk", plan=plan, interpret=True)[0]
-          for plan in plans]
-    np.testing.assert_array_equal(np.asarray(ys[0], np.float32), np.asarray(ys[1], np.float32),
-                                  err_msg=f"seed {rng.seed_value}")

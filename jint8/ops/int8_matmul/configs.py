@@ -84,13 +84,6 @@ class Config:
       traffic, as much as its weights), which "input" avoids: faster on every Llama-3-8B decode
       shape at M = 8 on the H100 (session 8) and the H200 (session 10), so the tables take it
       for M = 2-16.
-    outlier_flags: where the fused kernel's K loop gets the outlier columns of its x tile and
-      whether its step holds any (the branch into the 16-bit stream): "kernel" (from the loaded
-      tile: a reduction over its rows and one over its columns, across threads, every K step) or
-      "input" (one XLA fusion before the kernel writes the [K] column flags and one flag per K
-      step; the loop loads them: the same bits, since both compare |x| in float32). Like
-      row_scales, calls with an InputNorm or InputGate find them in the kernel either way.
-      Not yet measured on a GPU (session 10 built it with no device time left).
     """
 
     block_m: int
@@ -104,7 +97,6 @@ class Config:
     outlier_mode: str = "branch"
     split_reduce: str = "xla"
     row_scales: str = "kernel"
-    outlier_flags: str = "kernel"
 
     def __post_init__(self):
         # tl.dot on int8 needs M >= 16, N >= 16 and K >= 32 (mma.m16n8k32).
@@ -129,9 +121,6 @@ class Config:
         if self.row_scales not in ("kernel", "input"):
             raise InvalidConfigError(
                 f"row_scales={self.row_scales!r} must be 'kernel' or 'input'")
-        if self.outlier_flags not in ("kernel", "input"):
-            raise InvalidConfigError(
-                f"outlier_flags={self.outlier_flags!r} must be 'kernel' or 'input'")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -24,8 +24,6 @@ MMAs per K step on one quantized x tile) and gates the two results in its epilog
 [M, 2I] product is never written and the multiply needs no kernel of its own.
 No capacity, no index list, no lax.cond outside the kernel: every outlier column is found where
 its x tile is loaded, so the result is exact to the recipe for any number of outlier columns.
-(Config.outlier_flags "input": XLA finds them before the kernel, and the K loop loads its
-step's column flags and "any flagged" bit instead of reducing its tile for them.)
 
 At M = 1 (decode) step 2's activation work runs on the one row of x; the MMA operands (block_m
 >= 16 rows) get zero rows below it.
@@ -174,11 +172,8 @@ def _zero_rows_below(row, block_m: int):
 
 def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, norm, gate,
                   output_gate, config: Config, threshold: float, has_bias: bool, row_max_input: bool,
-                  flags_input: bool, accumulator_only: bool, interpret: bool):
-    # [norm scale], [row absmax (row_max_input)], [column flags, step flags (flags_input)]
-    *optional, out = optional_and_out
-    step_flags_ref = optional.pop() if flags_input else None
-    col_flags_ref = optional.pop() if flags_input else None
+                  accumulator_only: bool, interpret: bool):
+    *optional, out = optional_and_out  # [norm scale], [row absmax (row_max_input)]
     row_max_ref = optional.pop() if row_max_input else None
     prologue = _Prologue(x_ref, optional[0] if norm is not None else None, norm=norm,
                          gate=gate, interpret=interpret)
@@ -230,11 +225,8 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
         q = round_half_even(xf * inverse[:, None], interpret=interpret)
         if has_outliers:
             # Outlier elements lie in flagged columns, so zeroing the columns covers them too.
-            if flags_input:  # Config.outlier_flags == "input": found by XLA before the kernel
-                flagged = _load_vector(col_flags_ref, ks, k_ok) > 0
-            else:
-                hit = (jnp.abs(xf) >= threshold).astype(jnp.int32)
-                flagged = jnp.max(hit, axis=0) > 0
+            hit = (jnp.abs(xf) >= threshold).astype(jnp.int32)
+            flagged = jnp.max(hit, axis=0) > 0
             q = jnp.where(flagged[None, :], 0.0, q)
         xq = widen(q.astype(jnp.int8))
         accs = tuple(acc + _dot(xq, w, b_transposed=nk_layout, out_dtype=jnp.int32)
@@ -249,10 +241,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
 
         if config.outlier_mode == "dense":
             return accs, add_stream()
-        if flags_input:
-            any_flagged = _load_vector(step_flags_ref, i + jnp.arange(1), None)[0] > 0
-        else:
-            any_flagged = jnp.max(flagged.astype(jnp.int32)) > 0
+        any_flagged = jnp.max(flagged.astype(jnp.int32)) > 0
         return accs, jax.lax.cond(any_flagged, add_stream, lambda: streams)
 
     init = (tuple(jnp.zeros((bm, bn), jnp.int32) for _ in weight_tiles),
@@ -278,16 +267,6 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
     gate_y, up_y = (prologue.round(y, dtype) for y in ys)
     out.store(reference.gated_activation(gate_y, up_y, output_gate.activation, dtype,
                                          prologue.round), tile, split)
-
-
-def _outlier_flags(x, threshold: float, block_k: int):
-    """Config.outlier_flags "input": x [M, K] -> ([K] int32 1 for each outlier column, [K steps]
-    int32 1 for each block_k-wide K step holding one), as the K loop finds them in its tiles."""
-    mask = reference.outlier_column_mask(x, threshold)
-    k = mask.shape[0]
-    steps = -(-k // block_k)
-    per_step = jnp.pad(mask, (0, steps * block_k - k)).reshape(steps, block_k).any(axis=1)
-    return mask.astype(jnp.int32), per_step.astype(jnp.int32)
 
 
 @functools.partial(
@@ -335,20 +314,14 @@ def fused_int8_matmul(
     # Config.row_scales "input": the row absmax from one XLA reduction (the same bits: a max is
     # exact in any order); with a norm or gate the kernel sweeps (it forms that input itself).
     row_max_input = config.row_scales == "input" and norm is None and gate is None
-    # Config.outlier_flags "input": the same for the outlier columns, and one flag per K step.
-    flags_input = (config.outlier_flags == "input" and threshold > 0 and norm is None
-                   and gate is None)
     kernel = functools.partial(
         _fused_kernel, norm=None if norm is None else dataclasses.replace(norm, scale=None),
         gate=gate, output_gate=output_gate, config=config, threshold=threshold, has_bias=has_bias,
-        row_max_input=row_max_input, flags_input=flags_input, accumulator_only=accumulator_only,
-        interpret=interpret,
+        row_max_input=row_max_input, accumulator_only=accumulator_only, interpret=interpret,
     )
     operands = [x, w, col_scales, bias] + ([] if norm is None else [norm.scale])
     if row_max_input:
         operands.append(reference.row_absmax(x, threshold))
-    if flags_input:
-        operands.extend(_outlier_flags(x, threshold, config.block_k))
     n_out = n if output_gate is None else n // 2
     return launch(kernel, operands, grid=(pl.cdiv(n_out, _tile_columns(config, output_gate)),
                                           config.split_k),
