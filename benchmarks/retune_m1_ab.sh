@@ -6,6 +6,7 @@
 # written to ${OUT:-/tmp}/${TABLE}.json. About 7 minutes.
 #
 #   TABLE=nvidia_h100 SHAPES="gate_up_proj down_proj o_proj" bash benchmarks/retune_m1_ab.sh
+# TUNE_ARGS adds tuner options (e.g. "--max-tile-kib 64 --stages 3 4"); TUNE_SECONDS bounds it.
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp}"
@@ -17,7 +18,7 @@ mkdir -p /tmp/retuned && cp "jint8/ops/int8_matmul/data/$table.json" /tmp/retune
 # shellcheck disable=SC2086
 step "${TUNE_SECONDS:-240}" python3 benchmarks/tune_decode_shapes.py --m 1 --norm --output-gate \
     --reduce xla --json "$out/retune.jsonl" --write-table "/tmp/retuned/$table.json" \
-    --shapes ${SHAPES:-gate_up_proj down_proj o_proj}
+    --shapes ${SHAPES:-gate_up_proj down_proj o_proj} ${TUNE_ARGS:-}
 cp "/tmp/retuned/$table.json" "$out/$table.json"
 bench=(python3 benchmarks/bench_generate.py --variants int8 --batch 1 --fuse --quantize-lm-head
        --quantize-embeddings --repeats 3 --json "$out/retune_e2e.jsonl")
