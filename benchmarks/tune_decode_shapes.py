@@ -233,17 +233,27 @@ def main(argv=None):
         wrong = [r for r in results if not r["rel_error"] <= MAX_REL_ERROR]
         for r in wrong:
             print(f"  {name}: {r['gemm_path']} {r['gemm']} is WRONG (relative error {r['rel_error']:.1e})")
-        # A negative --min-gain: the best candidate, even where the table's plan is faster.
-        best = next((r for r in results if r["rel_error"] <= MAX_REL_ERROR
-                     and (args.min_gain >= 0 or r["plan"] == "candidate")), table)
-        gains = best["ms"] < (1 - args.min_gain) * table["ms"]
-        if args.write_table and best["plan"] == "candidate" and gains:
+        best = entry_to_write(results, args.min_gain)
+        if args.write_table and best is not None:
             _write_entry(args.write_table, k, n, args.m, best)
         print(f"{name} {k}x{n}: table {table['ms'] * 1e3:.1f} us ({table['tb_per_s']:.2f} TB/s, "
               f"{table['gemm_path']})")
         for r in results[:4]:
             print(f"   {r['ms'] * 1e3:6.1f} us {r['tb_per_s']:.2f} TB/s err {r['rel_error']:.1e} "
                   f"{r['gemm_path']} {r['gemm']}")
+
+
+def entry_to_write(results, min_gain: float):
+    """The candidate --write-table records: the fastest correct one (rel_error <= MAX_REL_ERROR)
+    if it beats the table's plan by min_gain (a fraction); with a negative min_gain the fastest
+    correct candidate whatever the table's time (an end-to-end A/B of it). None: keep the table.
+    results: rows sorted by time, one of them plan == "table"."""
+    table = next(r for r in results if r["plan"] == "table")
+    correct = [r for r in results if r["plan"] == "candidate" and r["rel_error"] <= MAX_REL_ERROR]
+    if not correct:
+        return None
+    best = correct[0]
+    return best if min_gain < 0 or best["ms"] < (1 - min_gain) * table["ms"] else None
 
 
 def _measured_at(entry) -> Optional[int]:

@@ -131,3 +131,22 @@ def test_tuned_entry_below_a_large_m_entry_covers_decode_rows_only(tmp_path):
     assert [(e.get("min_m", 1), e["max_m"], e["gemm_path"]) for e in entries] == [
         (1, 16, "fused"), (65, 256, "xla_gemm")]
     assert entries[0]["measured_us_m1"] == 96.5
+
+
+def test_write_table_takes_a_correct_candidate_by_the_margin_or_any_with_negative_margin():
+    """--write-table records only a candidate whose output is right; by default only one 3 %
+    faster than the table's plan, and with a negative --min-gain the fastest right one anyway."""
+    import tune_decode_shapes
+
+    def row(plan, ms, error=1e-3):
+        return dict(plan=plan, ms=ms, rel_error=error)
+
+    wrong_fast, table = row("candidate", 0.050, error=0.9), row("table", 0.100)
+    close, slower = row("candidate", 0.098), row("candidate", 0.120)
+    assert tune_decode_shapes.entry_to_write([wrong_fast, close, table], 0.03) is None
+    assert tune_decode_shapes.entry_to_write([wrong_fast, close, table], 0.01) is close
+    assert tune_decode_shapes.entry_to_write([table, slower], 0.03) is None
+    assert tune_decode_shapes.entry_to_write([table, slower], -1) is slower
+    assert tune_decode_shapes.entry_to_write([wrong_fast, table], -1) is None
+    nan = row("candidate", 0.010, error=float("nan"))  # a broken plan's NaN output
+    assert tune_decode_shapes.entry_to_write([nan, table], -1) is None
