@@ -21,10 +21,5 @@ tune=(python3 benchmarks/tune_decode_shapes.py --m 1 --reduce xla --json "$out/h
 step 150 "${tune[@]}" --shapes lm_head --max-tile-kib 64 --stages 3 4 --write-table "/tmp/lmh/$table.json"
 step 90 "${tune[@]}" --shapes qkv_proj --norm --splits 1 --min-gain -1 --write-table "/tmp/q1/$table.json"
 cp "/tmp/lmh/$table.json" "$out/lmh_$table.json"; cp "/tmp/q1/$table.json" "$out/q1_$table.json"
-bench=(python3 benchmarks/bench_generate.py --variants int8 --batch 1 --fuse --quantize-lm-head
-       --quantize-embeddings --repeats 3 --json "$out/head_qkv_e2e.jsonl")
-step 100 "${bench[@]}"
-JINT8_KERNEL_TABLES=/tmp/lmh step 100 "${bench[@]}"
-JINT8_KERNEL_TABLES=/tmp/q1 step 100 "${bench[@]}"
-step 100 "${bench[@]}"
+decode_ab 100 "$out/head_qkv_e2e.jsonl" /tmp/lmh /tmp/q1
 echo "== done $(date +%T)" | tee -a "$log"

@@ -25,9 +25,5 @@ tune=(python3 benchmarks/tune_decode_shapes.py --m 1 --reduce xla --json "$out/h
 step 60 "${tune[@]}" --table-only --norm --output-gate --stages 3 4 --shapes gate_up_proj
 step 150 "${tune[@]}" --shapes lm_head --max-tile-kib 64 --stages 3 4 --write-table "/tmp/hs/$table.json"
 cp "/tmp/hs/$table.json" "$out/hs_$table.json"
-bench=(python3 benchmarks/bench_generate.py --variants int8 --batch 1 --fuse --quantize-lm-head
-       --quantize-embeddings --repeats 3 --json "$out/head_stages_e2e.jsonl")
-step 100 "${bench[@]}"
-JINT8_KERNEL_TABLES=/tmp/hs step 100 "${bench[@]}"
-step 100 "${bench[@]}"
+decode_ab 100 "$out/head_stages_e2e.jsonl" /tmp/hs
 echo "== done $(date +%T)" | tee -a "$log"

@@ -25,10 +25,5 @@ PY
 }
 variant /tmp/rs_o 4096,4096
 variant /tmp/rs_od 4096,4096 14336,4096
-bench=(python3 benchmarks/bench_generate.py --variants int8 --batch 1 --fuse --quantize-lm-head
-       --quantize-embeddings --repeats 3 --json "$out/m1rs.jsonl")
-step 120 "${bench[@]}"
-JINT8_KERNEL_TABLES=/tmp/rs_o step 120 "${bench[@]}"
-JINT8_KERNEL_TABLES=/tmp/rs_od step 120 "${bench[@]}"
-step 120 "${bench[@]}"
+decode_ab 120 "$out/m1rs.jsonl" /tmp/rs_o /tmp/rs_od
 echo "== done $(date +%T)" | tee -a "$log"

@@ -25,11 +25,7 @@ PY
 }
 variant /tmp/qk8 8
 variant /tmp/qk4 4
-bench=(python3 benchmarks/bench_generate.py --batch 1 --fuse --quantize-lm-head
-       --quantize-embeddings --repeats 3 --json "$out/qkv_reduce.jsonl" --variants)
-step 100 "${bench[@]}" int8
-JINT8_KERNEL_TABLES=/tmp/qk8 step 100 "${bench[@]}" int8
-JINT8_KERNEL_TABLES=/tmp/qk4 step 100 "${bench[@]}" int8
-step 100 "${bench[@]}" int8
-step 100 "${bench[@]}" bf16
+decode_ab 100 "$out/qkv_reduce.jsonl" /tmp/qk8 /tmp/qk4
+step 100 python3 benchmarks/bench_generate.py --variants bf16 --batch 1 --fuse --quantize-lm-head \
+    --quantize-embeddings --repeats 3 --json "$out/qkv_reduce.jsonl"
 echo "== done $(date +%T)" | tee -a "$log"

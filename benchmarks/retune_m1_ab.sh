@@ -20,9 +20,5 @@ step "${TUNE_SECONDS:-240}" python3 benchmarks/tune_decode_shapes.py --m 1 --nor
     --reduce xla --json "$out/retune.jsonl" --write-table "/tmp/retuned/$table.json" \
     --shapes ${SHAPES:-gate_up_proj down_proj o_proj} ${TUNE_ARGS:-}
 cp "/tmp/retuned/$table.json" "$out/$table.json"
-bench=(python3 benchmarks/bench_generate.py --variants int8 --batch 1 --fuse --quantize-lm-head
-       --quantize-embeddings --repeats 3 --json "$out/retune_e2e.jsonl")
-step 120 "${bench[@]}"
-JINT8_KERNEL_TABLES=/tmp/retuned step 120 "${bench[@]}"
-step 120 "${bench[@]}"
+decode_ab 120 "$out/retune_e2e.jsonl" /tmp/retuned
 echo "== done $(date +%T)" | tee -a "$log"
