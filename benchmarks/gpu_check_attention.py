@@ -65,6 +65,21 @@ def main():
         failures += not ok
         print(f"B={b} N={n} K={kv} H={h} S={s} slot={used - 1}: err {err:.2e}, cache key err "
               f"{cache_err:.2e} {'ok' if ok else 'FAIL'} (dispatch: {reason or 'kernel'})", flush=True)
+        # A q|k|v projection's float32 split-K partials (split_reduce "consumer"): the kernel
+        # adds them in order where it loads q, k, v; bit-equal to reading their rounded sum.
+        partials = jnp.asarray(rng.standard_normal((8, *packed.shape)), jnp.float32)
+        summed = partials[0]
+        for part in partials[1:]:
+            summed = summed + part
+        q_s, k_s, v_s = (a.reshape(b, -1, h) for a in jnp.split(
+            summed.astype(jnp.bfloat16), [n * h, (n + kv) * h], axis=-1))
+        runs = [decode_attention_step(q_s, k_s, v_s, k, v, valid, index, layer=1, scale=h ** -0.5,
+                                      rope=(cos, sin), packed=source)
+                for source in (partials, summed.astype(jnp.bfloat16))]
+        same = all(bool(jnp.array_equal(x, y)) for x, y in zip(*runs))
+        failures += not same
+        print(f"  8 float32 partials of q|k|v summed in the kernel: "
+              f"{'bit-equal to' if same else 'FAIL: differs from'} the summed array's result", flush=True)
     for b in (1, 8):
         n, kv, h, s, used = 32, 8, 128, 640, 600
         qkv = jnp.asarray(rng.standard_normal((b, (n + 2 * kv) * h)), jnp.bfloat16)

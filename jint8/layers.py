@@ -88,6 +88,7 @@ def int8_weight_apply(
     norm: Optional[InputNorm] = None,
     gate: Optional[InputGate] = None,
     output_gate: Optional[OutputGate] = None,
+    split_partials: bool = False,
 ) -> tuple[jax.Array, Int8MatmulStats]:
     """x [..., *in_shape] contracted with an Int8Weight -> [..., *out_shape] in dtype (default x's).
 
@@ -96,6 +97,8 @@ def int8_weight_apply(
       act(gate) * up (in dtype), folded into the int8 op.
     output_gate: the kernel is a fused gate|up projection (out_shape (2I,)); the result is
       act(gate) * up [..., I], formed in the int8 op's epilogue.
+    split_partials: return [S, ..., *out_shape] (int8_matmul(split_partials=True)): summed over
+      S in float32 and cast to dtype it is the result.
     """
     in_shape, out_shape = weight.in_shape, weight.out_shape
     if output_gate is not None:
@@ -127,8 +130,9 @@ def int8_weight_apply(
         norm=norm,
         gate=gate,
         output_gate=output_gate,
+        split_partials=split_partials,
     )
-    return y.reshape(*batch_shape, *out_shape), stats
+    return y.reshape(*y.shape[:y.ndim - len(batch_shape) - 1], *batch_shape, *out_shape), stats
 
 
 def _folded_prologue(inputs, kernel: Int8Weight, dtype) -> dict:
@@ -186,9 +190,12 @@ class Int8Dense(nn.Module):
     output_gate: Optional[str] = None
 
     @nn.compact
-    def __call__(self, inputs) -> jax.Array:
+    def __call__(self, inputs, *, split_partials: bool = False) -> jax.Array:
         """inputs: an array, or a NormedInput / GatedInput (an RMSNorm / a gated activation the
-        int8 path folds into its kernel)."""
+        int8 path folds into its kernel). split_partials: return [S, ..., features] whose sum
+        over S in float32, cast to dtype, is the result (int8_matmul(split_partials=True): the
+        int8 decode kernel's split-K partials where its plan leaves them to the consumer, else
+        the result as S = 1)."""
         if self.has_variable("params", "kernel") and isinstance(self.get_variable("params", "kernel"), Int8Weight):
             # Flax's param() would compare the init shape [K, N] with qvalue's K-major [N, K].
             kernel = self.get_variable("params", "kernel")
@@ -208,14 +215,16 @@ class Int8Dense(nn.Module):
             x = inputs.x if prologue else as_array(inputs)  # the op applies it (InputNorm, InputGate)
             output_gate = None if self.output_gate is None else OutputGate(self.output_gate)
             y, stats = int8_weight_apply(x, kernel, bias, dtype=self.dtype, backend=self.backend,
-                                         output_gate=output_gate, **prologue)
+                                         output_gate=output_gate, split_partials=split_partials,
+                                         **prologue)
             _sow_stats(self, stats)
             return y
         inputs = as_array(inputs)
         inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
         y = y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        return y if self.output_gate is None else OutputGate(self.output_gate)(y)
+        y = y if self.output_gate is None else OutputGate(self.output_gate)(y)
+        return y[None] if split_partials else y
 
 
 class Int8Linear(nnx.Module):

@@ -224,8 +224,9 @@ def cached_attention(
     """Attention of q [B, T, N, H] over this step's k/v [B, T, K, H] (no cache) or, with a cache,
     over the layer's slots after writing k/v at cache_index. Returns ([B, T, N, H], cache).
 
-    rope: (cos, sin) [B, T, H] (rope_tables) to rotate q and k by first. packed: the [B, T, W]
-    array q, k, v were split from (q|k|v, a fused projection), for the decode kernel to read.
+    rope: (cos, sin) [B, T, H] (rope_tables) to rotate q and k by first. packed: the [P, B, T, W]
+    split-K partials of the array q, k, v were split from (q|k|v, a fused projection;
+    Int8Dense(split_partials=True), P = 1: that array), for the decode kernel to read.
     """
     b, t = q.shape[:2]
     if cache is not None and t == 1 and logit_softcap is None and (
@@ -238,7 +239,7 @@ def cached_attention(
         out, new_k, new_v = attention_ops.decode_attention_step(
             q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, valid, cache_index, layer=layer, scale=scale,
             rope=None if rope is None else (rope[0][:, 0], rope[1][:, 0]),
-            packed=None if packed is None else packed[:, 0])
+            packed=None if packed is None else packed[:, :, 0])
         return out[:, None], KVCache(new_k, new_v)
     if rope is not None:
         q, k = attention_ops.rotate(q, *rope), attention_ops.rotate(k, *rope)

@@ -155,9 +155,14 @@ class LlamaAttention(nn.Module):
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         packed = None
         if self.has_variable("params", "qkv_proj"):  # fuse_projections' one q|k|v matmul
-            qkv = _dense(cfg, q_size + 2 * kv_size, cfg.qkv_bias, "qkv_proj")(x)
+            # Its split-K partials where the int8 decode plan leaves them to the consumer: the
+            # decode-attention kernel adds them where it loads q, k, v (no XLA sum between the
+            # two kernels); every other path takes their sum (which XLA drops where unused).
+            parts = _dense(cfg, q_size + 2 * kv_size, cfg.qkv_bias, "qkv_proj")(
+                x, split_partials=True)
+            qkv = parts[0] if parts.shape[0] == 1 else parts.sum(axis=0).astype(cfg.dtype)
             q, k, v = jnp.split(qkv, [q_size, q_size + kv_size], axis=-1)
-            packed = None if cfg.qk_norm else qkv
+            packed = None if cfg.qk_norm else parts
         else:
             q = _dense(cfg, q_size, cfg.qkv_bias, "q_proj")(x)
             k = _dense(cfg, kv_size, cfg.qkv_bias, "k_proj")(x)

@@ -152,3 +152,31 @@ def test_models_decode_through_the_kernel_as_closely_as_through_xla(monkeypatch)
     err_xla = np.max(np.abs(xla - exact), axis=(1, 2)) / scale
     err_kernel = np.max(np.abs(kernel - exact), axis=(1, 2)) / scale
     assert np.all(err_kernel <= 1.5 * err_xla + 2e-3), (err_kernel, err_xla)
+
+
+@pytest.mark.parametrize("parts,rope", [(3, True), (8, False)])
+def test_kernel_sums_split_partials_where_it_loads_q_k_v(rng, parts, rope):
+    """packed as a fused q|k|v projection's float32 split-K partials [P, B, W]: the kernel adds
+    them in order where it loads q, k, v and rounds once to q's dtype, so its output and cache
+    are those of the kernel reading the summed, rounded array (bit for bit)."""
+    b, n, kv, h, s, used = 2, 8, 2, 32, 96, 70
+    q, k_cache, v_cache = _inputs(rng, b=b, n=n, kv=kv, h=h, s=s)
+    width = (n + 2 * kv) * h
+    partials = jnp.asarray(rng.standard_normal((parts, b, width)), jnp.float32)
+    total = partials[0]
+    for p in range(1, parts):
+        total = total + partials[p]
+    packed = total.astype(jnp.bfloat16)
+    q = packed[:, :n * h].reshape(b, n, h)
+    k_new, v_new = (packed[:, (n + i) * h:(n + i + kv) * h].reshape(b, kv, h) for i in (0, kv))
+    cos, sin = _rope_tables(rng, b, h, jnp.bfloat16) if rope else (None, None)
+    valid = jnp.asarray(np.broadcast_to(np.arange(s)[None, :] < used, (b, s)))
+    run = lambda source: decode_attention_step(  # noqa: E731
+        q, k_new, v_new, k_cache, v_cache, valid, jnp.int32(used - 1), layer=2, scale=h ** -0.5,
+        rope=None if cos is None else (cos, sin), packed=source, interpret=True)
+    for got, want in zip(run(partials), run(packed)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                      err_msg=f"seed {rng.seed_value}")
+    for got, want in zip(run(packed[None]), run(packed)):  # one partial: the array itself
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

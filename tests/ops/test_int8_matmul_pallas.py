@@ -266,3 +266,31 @@ def test_outlier_count_compares_the_threshold_in_float32(route):
         _, stats = int8_matmul_pallas(x, wq, col_scales, threshold=5.29, outlier_capacity=4,
                                       weight_layout="nk", plan=plan, interpret=True)
     assert int(stats.num_outlier_columns) == 1
+
+
+@pytest.mark.parametrize("m,k,n,split_k,norm", [
+    (1, 200, 45, 3, False),  # decode row, ragged last K step and tile
+    (1, 96, 64, 4, True),    # the q|k|v projection as the models run it: its RMSNorm folded in
+    (5, 128, 33, 2, False),
+])
+def test_consumer_split_partials_sum_to_the_op_result(rng, m, k, n, split_k, norm):
+    """split_reduce "consumer": with split_partials=True the fused kernel's float32 partials come
+    back unsummed, and their sum cast to the output dtype is the op's result bit for bit; without
+    it (or on a plan that sums itself) the op returns its result ([1, M, N] when asked)."""
+    x, wq, col_scales, b = _inputs(rng, m, k, n, jnp.bfloat16, 2, True)
+    rms = reference.InputNorm(jnp.asarray(rng.uniform(0.5, 2, k), jnp.bfloat16), 1e-6) if norm else None
+    consumer, summing = (fused_plan(m, split_k=split_k, reduce=reduce) for reduce in ("consumer", "xla"))
+    run = lambda plan, **kw: int8_matmul_pallas(  # noqa: E731
+        x, _weight_for(plan, wq), col_scales, b, threshold=THRESHOLD, outlier_capacity=4,
+        weight_layout="nk", norm=rms, plan=plan, interpret=True, **kw)[0]
+    y = run(summing)
+    partials = run(consumer, split_partials=True)
+    assert partials.shape == (split_k, m, n) and partials.dtype == jnp.float32
+    msg = f"seed {rng.seed_value}"
+    np.testing.assert_array_equal(np.asarray(partials.sum(0).astype(y.dtype), np.float32),
+                                  np.asarray(y, np.float32), err_msg=msg)
+    np.testing.assert_array_equal(np.asarray(run(consumer), np.float32), np.asarray(y, np.float32),
+                                  err_msg=msg)
+    whole = run(summing, split_partials=True)
+    assert whole.shape == (1, m, n) and whole.dtype == y.dtype
+    np.testing.assert_array_equal(np.asarray(whole[0], np.float32), np.asarray(y, np.float32), err_msg=msg)

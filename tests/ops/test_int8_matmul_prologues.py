@@ -278,3 +278,52 @@ def test_llama_decode_folds_its_norms_and_gate_into_the_fused_kernel(monkeypatch
                                                          (True, True, 64, 96)]
     assert sum(not (norm or gated) for norm, gated, _, _ in folded) >= 3
     np.testing.assert_allclose(got, want, atol=2e-3 * np.max(np.abs(want)))
+
+
+def test_llama_decode_hands_qkv_split_partials_to_the_attention_kernel(monkeypatch):
+    """A qkv decode plan with split_reduce "consumer": the fused q|k|v projection's split-K
+    partials go to the decode-attention kernel unsummed ([S, B, W]), which adds them where it
+    loads q, k, v; the decode logits are those of the same plan summed by XLA first."""
+    from jint8.ops import attention as attention_ops
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=32,
+                         dtype=jnp.bfloat16)
+    model = LlamaForCausalLM(config)
+    params = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.tree.map(lambda p: p * 2.0 if p.ndim == 2 else p + 0.5, params)  # live outliers
+    params = jint8.quantize_params(jint8.fuse_projections(params),
+                                   jint8.Int8Config(min_size=0, outlier_capacity=64))
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 96, (1, 6)), jnp.int32)
+    qkv_width = (4 + 2 * 2) * 16
+    packed_shapes = []
+    attention_step = attention_ops.decode_attention_step
+
+    def interpret_attention(*args, **kwargs):
+        packed_shapes.append(kwargs["packed"].shape)
+        return attention_step(*args, **kwargs, interpret=True)
+
+    monkeypatch.setattr(attention_ops, "unsupported_reason", lambda q, k: None)
+    monkeypatch.setattr(attention_ops, "decode_attention_step", interpret_attention)
+    interpret = functools.partial(int8_matmul_pallas, interpret=True)
+    backend = api.Backend("interpret", interpret, lambda x, w: None,
+                          partials_impl=functools.partial(interpret, split_partials=True))
+    monkeypatch.setattr(api, "_BACKENDS", [backend, *api._BACKENDS])
+    monkeypatch.setenv("JINT8_BACKEND", "interpret")
+    plan_for = pallas_triton.plan_for
+
+    def decode_logits(reduce):
+        qkv_plan = fused_plan(1, split_k=2, reduce=reduce)
+        monkeypatch.setattr(pallas_triton, "plan_for", lambda kind, m, k, n, layout: (
+            qkv_plan if (m, k, n) == (1, 64, qkv_width) else plan_for(kind, m, k, n, layout)))
+        _, cache = model.apply({"params": params}, ids[:, :5],
+                               cache=init_cache(config, 1, 16, jnp.bfloat16), cache_index=0)
+        logits, _ = model.apply({"params": params}, ids[:, 5:], cache=cache, cache_index=5)
+        return np.asarray(logits[:, -1], np.float64)
+
+    summed = decode_logits("xla")
+    assert packed_shapes == [(1, 1, qkv_width)] * 2  # one per layer: the summed array
+    packed_shapes.clear()
+    got = decode_logits("consumer")
+    assert packed_shapes == [(2, 1, qkv_width)] * 2  # the two partials
+    np.testing.assert_array_equal(got, summed)

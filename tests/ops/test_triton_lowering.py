@@ -24,7 +24,8 @@ def _lower_for_cuda(fn, *args) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("rope,packed", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("rope,packed", [(True, "array"), (True, None), (False, None),
+                                         (True, "partials")])
 def test_decode_attention_step_lowers(rope, packed):
     b, n, kv, h, s = 2, 8, 2, 64, 96
     q = jnp.zeros((b, n, h), jnp.bfloat16)
@@ -32,11 +33,13 @@ def test_decode_attention_step_lowers(rope, packed):
     cache = jnp.zeros((2, b, s, kv, h), jnp.bfloat16)
     cos = jnp.zeros((b, h), jnp.bfloat16)
     qkv = jnp.zeros((b, (n + 2 * kv) * h), jnp.bfloat16)
+    if packed == "partials":  # a q|k|v projection's float32 split-K partials, summed in the kernel
+        qkv = jnp.zeros((4, b, (n + 2 * kv) * h), jnp.float32)
 
     def step(q, k_new, cache, cos, qkv):
         return decode_attention_step(q, k_new, k_new, cache, cache, jnp.ones((b, s), bool), jnp.int32(5),
                                      layer=1, scale=0.125, rope=(cos, cos) if rope else None,
-                                     packed=qkv if packed else None)
+                                     packed=qkv if packed is not None else None)
 
     text = _lower_for_cuda(step, q, k_new, cache, cos, qkv)
     assert "jint8_decode_attention" in text

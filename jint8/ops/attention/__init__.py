@@ -44,12 +44,16 @@ def decode_attention_step(q, k, v, k_cache, v_cache, valid, cache_index, *, laye
     [B, H] is given: the kernel rotates q and k, writes k and v at slot cache_index of cache layer
     `layer` (k_cache, v_cache [L, B, S, K, H], in place under jit) and attends over the slots with
     valid [B, S]. packed: the [B, (N + 2K) * H] array that q, k, v were split from, in that order
-    (a fused q|k|v projection): the kernel reads them from it, so XLA copies no slices out.
+    (a fused q|k|v projection): the kernel reads them from it, so XLA copies no slices out; or
+    that projection's split-K partials [P, B, (N + 2K) * H] (Int8Dense(split_partials=True)),
+    which the kernel adds in float32 where it reads them and rounds to q's dtype.
     Returns (out [B, N, H], k_cache, v_cache).
     """
     from jint8.ops.attention.pallas_triton import Columns, decode_attention_pallas
 
     b, n, h = q.shape
+    if packed is not None and packed.ndim == 3 and packed.shape[0] == 1:
+        packed = packed[0]  # one "partial": the array itself (the kernel's plain loads)
     if packed is not None:
         sources = (packed,) * 3
         columns = Columns(q=0, k=n * h, v=n * h + k.shape[1] * h)
@@ -58,7 +62,7 @@ def decode_attention_step(q, k, v, k_cache, v_cache, valid, cache_index, *, laye
     cos, sin = rope if rope is not None else (None, None)
     return decode_attention_pallas(*sources, k_cache, v_cache, valid, cache_index, cos, sin,
                                    columns=columns, num_heads=n, layer=layer, scale=scale,
-                                   interpret=interpret)
+                                   dtype=q.dtype, interpret=interpret)
 
 
 __all__ = ["decode_attention_reference", "decode_attention_step", "decode_step_reference", "rotate",

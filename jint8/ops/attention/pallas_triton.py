@@ -6,7 +6,9 @@ rows, the MMA's minimum) and the p-th range of cache slots, which it walks in bl
 online softmax (running max m, running sum l, float32 accumulator), stopping at the step's own slot
 (cache_index; later ranges do no work). On the way in:
   - q, k, v of the step are read where the projections wrote them: one fused q|k|v array at
-    column offsets (Columns), so XLA copies no slices out, or three arrays;
+    column offsets (Columns), so XLA copies no slices out, or three arrays; or the fused
+    projection's S split-K partials [S, B, W] (float32), added in order where they are loaded
+    and rounded once to the activation dtype, so no XLA reduction runs between the two kernels;
   - with RoPE tables (cos, sin [B, H] in the activation dtype) q and k are rotated
     (rotate_half convention; both products and their sum rounded to the activation dtype, as
     transformers' 16-bit ops and reference.rotate do);
@@ -60,11 +62,23 @@ def num_splits(batch: int, kv_heads: int, slots: int, block_s: int = BLOCK_S) ->
     return max(1, min(pl.cdiv(slots, block_s), _TARGET_PROGRAMS // (batch * kv_heads)))
 
 
-class _Rope:
-    """Loads head vectors [rows, H] from a 2-D source, rotated by the sequence's RoPE (or not)."""
+def _load_heads(ref, b, cols, dtype, *, interpret: bool, **masked):
+    """ref[b, cols] of a 2-D source [B, W]; of partials [S, B, W] their float32 sum over S (in
+    order), rounded once to dtype (what XLA's partials.sum(0).astype(dtype) rounds)."""
+    if len(ref.shape) == 2:
+        return plgpu.load(ref.at[b, cols], **masked)
+    total = plgpu.load(ref.at[0, b, cols], **masked).astype(jnp.float32)
+    for s in range(1, ref.shape[0]):
+        total = total + plgpu.load(ref.at[s, b, cols], **masked).astype(jnp.float32)
+    return round_to(total, dtype, explicit=interpret)
 
-    def __init__(self, cos_ref, sin_ref, b, h: int, *, interpret: bool):
-        self.interpret = interpret
+
+class _Rope:
+    """Loads head vectors [rows, H] from a 2-D source (or its [S, B, W] partials), rotated by the
+    sequence's RoPE (or not), in dtype."""
+
+    def __init__(self, cos_ref, sin_ref, b, h: int, dtype, *, interpret: bool):
+        self.interpret, self.dtype = interpret, dtype
         self.hs = hs = jnp.arange(h)
         if cos_ref is None:
             self.cos = None
@@ -79,10 +93,12 @@ class _Rope:
         """The vectors at columns starts[r] + 0..H-1 of row b, [len(starts), H]."""
         # Triton rejects `other` without a mask
         masked = {} if row_ok is None else dict(mask=row_ok[:, None], other=0)
-        x = plgpu.load(ref.at[b, starts[:, None] + self.hs[None, :]], **masked)
+        load = functools.partial(_load_heads, ref, b, dtype=self.dtype, interpret=self.interpret,
+                                 **masked)
+        x = load(starts[:, None] + self.hs[None, :])
         if self.cos is None:
             return x
-        partner = plgpu.load(ref.at[b, starts[:, None] + self.partner[None, :]], **masked)
+        partner = load(starts[:, None] + self.partner[None, :])
         rounded = functools.partial(round_to, dtype=x.dtype, explicit=self.interpret)
         # x * cos + rotate_half(x) * sin, each product and the sum in x.dtype (products of two
         # 16-bit floats are exact in float32, so one cast rounds each correctly).
@@ -92,7 +108,7 @@ class _Rope:
 
 
 def _kernel(q_ref, k_ref, v_ref, *refs, columns: Columns, has_rope: bool, layer: int,
-            scale: float, groups: int, block_s: int, slots_per_split: int, interpret: bool):
+            scale: float, groups: int, block_s: int, slots_per_split: int, dtype, interpret: bool):
     cos_ref, sin_ref = refs[:2] if has_rope else (None, None)
     k_cache_ref, v_cache_ref, valid_ref, index_ref, acc_ref, m_ref, l_ref, k_out_ref, v_out_ref = (
         refs[2:] if has_rope else refs)
@@ -100,12 +116,13 @@ def _kernel(q_ref, k_ref, v_ref, *refs, columns: Columns, has_rope: bool, layer:
     rows_p = acc_ref.shape[3]
     s_total, h = k_cache_ref.shape[2], k_cache_ref.shape[4]
     rows = jnp.arange(rows_p)
-    rope = _Rope(cos_ref, sin_ref, b, h, interpret=interpret)
+    rope = _Rope(cos_ref, sin_ref, b, h, dtype, interpret=interpret)
     hs = rope.hs
     q = rope.load(q_ref, b, columns.q + (j * groups + rows) * h, rows < groups)
     one = jnp.zeros((1,), jnp.int32)
     k_new = rope.load(k_ref, b, columns.k + j * h + one)  # [1, H]
-    v_new = plgpu.load(v_ref.at[b, columns.v + j * h + one[:, None] + hs[None, :]])
+    v_new = _load_heads(v_ref, b, columns.v + j * h + one[:, None] + hs[None, :], dtype,
+                        interpret=interpret)
 
     slot = plgpu.load(index_ref.at[jnp.arange(1)])[0]
     first = p * slots_per_split
@@ -168,26 +185,29 @@ def combine(acc, m, l, groups: int):
 
 
 @functools.partial(jax.jit, static_argnames=("columns", "num_heads", "layer", "scale", "block_s",
-                                             "interpret"))
+                                             "dtype", "interpret"))
 def decode_attention_pallas(q_src, k_src, v_src, k_cache, v_cache, valid, cache_index,
                             cos: Optional[jax.Array] = None, sin: Optional[jax.Array] = None, *,
                             columns: Columns, num_heads: int, layer: int, scale: float,
-                            block_s: int = BLOCK_S, interpret: bool = False):
+                            block_s: int = BLOCK_S, dtype=None, interpret: bool = False):
     """One query token per sequence attends over cache layer `layer` after its own key and value
     are written at slot cache_index.
 
     Args:
       q_src, k_src, v_src: [B, width] sources of the step's q (num_heads heads), k and v (K heads),
-        head i at columns columns.<q|k|v> + i * H (the same array thrice for a fused q|k|v).
+        head i at columns columns.<q|k|v> + i * H (the same array thrice for a fused q|k|v); or
+        [S, B, width] split-K partials (float32) of such a source, summed where they are read.
       k_cache, v_cache: [L, B, S, K, H]; written at [layer, :, cache_index] (in place under an
         outer jit that no longer needs the old cache, as a decode step).
       valid: [B, S] bool, the slots each sequence attends to (cache_index's included).
       cache_index: [] int32, the step's slot.
       cos, sin: optional [B, H] RoPE tables in q's dtype: q and k are rotated first.
+      dtype: the activation dtype (default q_src's): partials are rounded to it, and out is in it.
     Returns:
-      (out [B, num_heads, H] in q_src's dtype, k_cache, v_cache).
+      (out [B, num_heads, H] in dtype, k_cache, v_cache).
     """
-    b = q_src.shape[0]
+    dtype = jnp.dtype(dtype or q_src.dtype)
+    b = q_src.shape[-2]
     _, _, s, kv_heads, h = k_cache.shape
     groups = num_heads // kv_heads
     rows_p = query_rows(groups)
@@ -197,7 +217,7 @@ def decode_attention_pallas(q_src, k_src, v_src, k_cache, v_cache, valid, cache_
     has_rope = cos is not None
     kernel = functools.partial(_kernel, columns=columns, has_rope=has_rope, layer=layer, scale=scale,
                                groups=groups, block_s=block_s, slots_per_split=slots_per_split,
-                               interpret=interpret)
+                               dtype=dtype, interpret=interpret)
     operands = [q_src, k_src, v_src, *((cos, sin) if has_rope else ()), k_cache, v_cache,
                 valid.astype(jnp.int32), jnp.reshape(cache_index, (1,)).astype(jnp.int32)]
     first_cache = 5 if has_rope else 3
@@ -214,5 +234,5 @@ def decode_attention_pallas(q_src, k_src, v_src, k_cache, v_cache, valid, cache_
         interpret=interpret,
         name="jint8_decode_attention",
     )(*operands)
-    out = combine(acc, m, l, groups).reshape(b, num_heads, h).astype(q_src.dtype)
+    out = combine(acc, m, l, groups).reshape(b, num_heads, h).astype(dtype)
     return out, k_cache, v_cache

@@ -45,11 +45,16 @@ class Int8MatmulImpl(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """A named implementation and a check that returns why it cannot run a call (None if it can)."""
+    """A named implementation and a check that returns why it cannot run a call (None if it can).
+
+    partials_impl: optional; impl's signature, returning [S, M, N] split-K partials whose sum
+    over S is impl's result before its cast to out_dtype (int8_matmul(split_partials=True)).
+    Without one a call that asks for partials gets impl's result as [1, M, N]."""
 
     name: str
     impl: Int8MatmulImpl
     unsupported_reason: Callable[[jax.Array, jax.Array], Optional[str]]
+    partials_impl: Optional[Int8MatmulImpl] = None
 
 
 def _always_supported(x, wq):
@@ -105,6 +110,7 @@ def int8_matmul(
     norm: Optional[InputNorm] = None,
     gate: Optional[InputGate] = None,
     output_gate: Optional[OutputGate] = None,
+    split_partials: bool = False,
 ):
     """LLM.int8() matmul with outlier decomposition.
 
@@ -136,6 +142,10 @@ def int8_matmul(
         no multiply kernel runs and the [..., N] product is never written. The same last-bit
         caveat as gate's applies to its sigmoid on a GPU; every other route is bit-identical to
         output_gate(int8_matmul(x, ...)).
+      split_partials: return [S, ..., N] instead, whose sum over S in float32, cast to
+        out_dtype, is the result: the decode kernel's split-K partials where its plan says
+        split_reduce "consumer" (float32; for a consumer that adds them where it reads them,
+        as the decode-attention kernel does with a q|k|v projection's), else S = 1.
     Returns:
       [..., N] in out_dtype ([..., N / 2] with output_gate) (and the stats when asked).
     """
@@ -153,7 +163,8 @@ def int8_matmul(
     batch_shape = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     chosen = select_backend(x2d, wq, backend)
-    y, stats = chosen.impl(
+    impl = chosen.partials_impl if split_partials and chosen.partials_impl else chosen.impl
+    y, stats = impl(
         x2d,
         wq,
         col_scales,
@@ -166,7 +177,9 @@ def int8_matmul(
         gate=gate,
         output_gate=output_gate,
     )
-    y = y.reshape(*batch_shape, y.shape[-1])
+    if split_partials and impl is chosen.impl:
+        y = y[None]
+    y = y.reshape(*y.shape[:-2], *batch_shape, y.shape[-1])
     return (y, stats) if return_stats else y
 
 

@@ -71,7 +71,10 @@ class Config:
       partials [S, M, N], an XLA reduction after it sums them) or "kernel" (each program writes
       its partial and takes a ticket on its output tile; the last of the tile's S programs sums
       the S partials in split order, so the result is deterministic, and writes the output: one
-      launch, no reduction kernel).
+      launch, no reduction kernel) or "consumer" (as "xla", except that a caller that asks for
+      the partials (int8_matmul(split_partials=True)) gets them unsummed and sums them where it
+      reads them: Llama's q|k|v projection at decode, whose partials the decode-attention
+      kernel adds where it loads q, k and v, so no reduction kernel runs between the two).
     outlier_mode: how the fused skinny kernel (pallas_triton_fused) adds the outlier stream in
       its K loop: "branch" (a lax.cond per K step, taken only in steps holding an outlier
       column) or "dense" (branch-free: every step runs the 16-bit dot on the masked x tile).
@@ -115,9 +118,9 @@ class Config:
         if self.outlier_mode not in ("branch", "dense"):
             raise InvalidConfigError(
                 f"outlier_mode={self.outlier_mode!r} must be 'branch' or 'dense'")
-        if self.split_reduce not in ("xla", "kernel"):
+        if self.split_reduce not in ("xla", "kernel", "consumer"):
             raise InvalidConfigError(
-                f"split_reduce={self.split_reduce!r} must be 'xla' or 'kernel'")
+                f"split_reduce={self.split_reduce!r} must be 'xla', 'kernel' or 'consumer'")
         if self.row_scales not in ("kernel", "input"):
             raise InvalidConfigError(
                 f"row_scales={self.row_scales!r} must be 'kernel' or 'input'")

@@ -49,6 +49,7 @@ def int8_matmul_pallas(
     plan: Optional[KernelPlan] = None,
     interpret: bool = False,
     poison_output: bool = False,
+    split_partials: bool = False,
 ) -> tuple[jax.Array, reference.Int8MatmulStats]:
     """LLM.int8() matmul, x: [M, K] float ([M, 2K] with a gate), wq: [K, N] int8, col_scales:
     [N] f32 -> [M, N].
@@ -63,6 +64,8 @@ def int8_matmul_pallas(
       weight layout. An explicit plan must take this layout (plan.reads_layout()).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
     poison_output: the GEMM writes into a NaN-filled buffer (GPU check: unwritten tiles show).
+    split_partials: return [S, M, N]: the fused kernel's float32 split-K partials where the plan
+      says split_reduce "consumer" (the caller sums them), else the result as [1, M, N].
     """
     m = x.shape[0]
     k, n = wq.shape if weight_layout == "kn" else wq.shape[::-1]
@@ -76,18 +79,29 @@ def int8_matmul_pallas(
     return _int8_matmul_pallas(
         x, wq, col_scales, bias, norm, gate, output_gate, threshold=float(threshold),
         outlier_capacity=int(outlier_capacity), out_dtype=out_dtype, plan=plan,
-        interpret=interpret, poison_output=poison_output,
+        interpret=interpret, poison_output=poison_output, split_partials=split_partials,
     )
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("threshold", "outlier_capacity", "out_dtype", "plan", "interpret",
-                     "poison_output", "accumulator_only"),
+                     "poison_output", "accumulator_only", "split_partials"),
 )
 def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, output_gate=None, *, threshold,
                         outlier_capacity, out_dtype, plan, interpret, poison_output=False,
-                        accumulator_only=False):
+                        accumulator_only=False, split_partials=False):
+    unsummed = (split_partials and plan.gemm_path == "fused" and plan.gemm.split_k > 1
+                and plan.gemm.split_reduce == "consumer" and output_gate is None)
+    y, stats = _routes(x, wq, col_scales, bias, norm, gate, output_gate, threshold=threshold,
+                       outlier_capacity=outlier_capacity, out_dtype=out_dtype, plan=plan,
+                       interpret=interpret, poison_output=poison_output,
+                       accumulator_only=accumulator_only, sum_splits=not unsummed)
+    return (y[None] if split_partials and not unsummed else y), stats
+
+
+def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, outlier_capacity,
+            out_dtype, plan, interpret, poison_output, accumulator_only, sum_splits):
     if plan.gemm_path == "fused":
         # Stats in plain jnp: XLA drops them when the caller does not use them. No capacity
         # on this route, so it never overflows.
@@ -101,7 +115,7 @@ def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, output_ga
             _bias_operand(bias, col_scales),
             norm, gate=gate, output_gate=in_epilogue, config=plan.gemm, threshold=threshold,
             out_dtype=out_dtype, has_bias=bias is not None, accumulator_only=accumulator_only,
-            poison_output=poison_output, interpret=interpret,
+            poison_output=poison_output, interpret=interpret, sum_splits=sum_splits,
         )
         if output_gate is not None and in_epilogue is None and not accumulator_only:
             y = output_gate(y)  # XLA fuses it into the split-K sum
@@ -188,4 +202,5 @@ def _is_cuda() -> bool:
     return any(d.client.platform_version.lower().startswith("cuda") for d in jax.devices()[:1])
 
 
-BACKEND = Backend(BACKEND_NAME, int8_matmul_pallas, unsupported_reason)
+BACKEND = Backend(BACKEND_NAME, int8_matmul_pallas, unsupported_reason,
+                  partials_impl=functools.partial(int8_matmul_pallas, split_partials=True))

@@ -272,13 +272,13 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
 @functools.partial(
     jax.jit,
     static_argnames=("config", "threshold", "out_dtype", "has_bias", "accumulator_only",
-                     "poison_output", "interpret"),
+                     "poison_output", "interpret", "sum_splits"),
 )
 def fused_int8_matmul(
     x, w, col_scales, bias, norm=None, gate=None, output_gate=None, *, config: Config,
     threshold: float, out_dtype,
     has_bias: bool, accumulator_only: bool = False, poison_output: bool = False,
-    interpret: bool = False,
+    interpret: bool = False, sum_splits: bool = True,
 ):
     """The one-launch LLM.int8() matmul (module docstring).
 
@@ -299,8 +299,10 @@ def fused_int8_matmul(
       accumulator_only: return the int32 [M, N] accumulator xq[:, not O] @ wq instead (checks).
       poison_output: start from a NaN-filled (int32: INT32_MIN) output buffer, aliased into the
         kernel's output, so the GPU check sees any element the kernel did not write.
+      sum_splits: False with split_reduce "consumer": return the float32 split-K partials.
     Returns:
-      [M, N] out_dtype ([M, N / 2] with output_gate; int32 with accumulator_only).
+      [M, N] out_dtype ([M, N / 2] with output_gate; int32 with accumulator_only; [S, M, N]
+      float32 partials with sum_splits=False, split_k > 1 and split_reduce "consumer").
     """
     m = x.shape[0]
     n = w.shape[0] if config.weight_layout == "nk" else w.shape[1]
@@ -326,7 +328,7 @@ def fused_int8_matmul(
     return launch(kernel, operands, grid=(pl.cdiv(n_out, _tile_columns(config, output_gate)),
                                           config.split_k),
                   m=m, n=n_out, config=config, out_dtype=out_dtype, accumulator_only=accumulator_only,
-                  poison_output=poison_output, interpret=interpret,
+                  poison_output=poison_output, interpret=interpret, sum_splits=sum_splits,
                   # K x N in the name: a profile times each projection of a model apart
                   name=f"jint8_fused_int8_matmul_{w.size // n}x{n}")
 

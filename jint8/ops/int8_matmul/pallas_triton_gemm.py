@@ -306,11 +306,12 @@ def int8_gemm(
 
 
 def launch(kernel, operands, *, grid, m, n, config: Config, out_dtype, accumulator_only: bool,
-           poison_output: bool, interpret: bool, name: str):
+           poison_output: bool, interpret: bool, name: str, sum_splits: bool = True):
     """pallas_call of an int8 GEMM kernel whose last argument is an Output; returns [M, N].
 
     split_k == 1 writes [M, N] out_dtype. split_k > 1 writes float32 partials [S, M, N], summed
-    here (split_reduce "xla") or by the tile's last program (split_reduce "kernel": also
+    here (split_reduce "xla" or "consumer"; with sum_splits=False and "consumer" they are
+    returned unsummed, [S, M, N] float32) or by the tile's last program (split_reduce "kernel": also
     [S, M, N] partials and [tiles] int32 tickets, a zero-filled input aliased into an output).
     accumulator_only (checks): int32 partials [S, M, N], summed here. poison_output aliases a
     NaN-filled (int32: INT32_MIN) buffer into the result so unwritten elements show.
@@ -357,6 +358,8 @@ def launch(kernel, operands, *, grid, m, n, config: Config, out_dtype, accumulat
         return outs[0].sum(axis=0, dtype=jnp.int32)
     if config.split_k == 1 or in_kernel:
         return outs[0]
+    if not sum_splits and config.split_reduce == "consumer":
+        return outs[0]
     return outs[0].sum(axis=0).astype(out_dtype)
 
 
@@ -371,7 +374,7 @@ class Output:
         """y: the program's float32 result (int32 accumulator with accumulator_only)."""
         config, mask = self.config, tile.store_mask()
         at = (tile.rows[:, None], tile.cols[None, :])
-        if self.accumulator_only or (config.split_k > 1 and config.split_reduce == "xla"):
+        if self.accumulator_only or (config.split_k > 1 and config.split_reduce != "kernel"):
             plgpu.store(self.refs[0].at[(split, *at)], y, mask=mask)
             return
         if config.split_k == 1:

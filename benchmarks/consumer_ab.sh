@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call: qkv_proj's M = 1 split-K partials summed by the decode-attention kernel where
+# it loads q, k and v (Config.split_reduce "consumer", session 11, not yet run on a GPU) instead of
+# by an XLA kernel between the two. Writes a table copy whose qkv M = 1 entry says "consumer",
+# checks the attention kernel and a tiny model through it on the GPU (gpu_check_attention.py with
+# the copy), then batch-1 decode A/B/A (B: the copy) and bf16 once (#7's 1.6x). Each step has its
+# own time limit and appends to ${OUT:-/tmp}/consumer.log. About 6 minutes.
+#
+#   TABLE=nvidia_h100 bash benchmarks/consumer_ab.sh
+set -u
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp}"
+log="$out/consumer.log"
+table="${TABLE:-nvidia_h100}"
+source benchmarks/steps.sh
+mkdir -p /tmp/consumer && python3 - "jint8/ops/int8_matmul/data/$table.json" "/tmp/consumer/$table.json" <<'PY'
+import json, sys
+src, dst = sys.argv[1:]
+table = json.load(open(src))
+for entry in table["shapes_nk"]:
+    if (entry["k"], entry["n"]) == (4096, 6144) and entry.get("min_m", 1) == 1:
+        entry["gemm"]["split_reduce"] = "consumer"
+json.dump(table, open(dst, "w"), indent=1)
+PY
+JINT8_KERNEL_TABLES=/tmp/consumer step 150 python3 benchmarks/gpu_check_attention.py
+decode_ab 100 "$out/consumer_e2e.jsonl" /tmp/consumer
+step 100 python3 benchmarks/bench_generate.py --variants bf16 --batch 1 --fuse --quantize-lm-head \
+    --quantize-embeddings --repeats 3 --json "$out/consumer_e2e.jsonl"
+echo "== done $(date +%T)" | tee -a "$log"
