@@ -13,15 +13,7 @@ out="${OUT:-/tmp}"
 log="$out/consumer.log"
 table="${TABLE:-nvidia_h100}"
 source benchmarks/steps.sh
-mkdir -p /tmp/consumer && python3 - "jint8/ops/int8_matmul/data/$table.json" "/tmp/consumer/$table.json" <<'PY'
-import json, sys
-src, dst = sys.argv[1:]
-table = json.load(open(src))
-for entry in table["shapes_nk"]:
-    if (entry["k"], entry["n"]) == (4096, 6144) and entry.get("min_m", 1) == 1:
-        entry["gemm"]["split_reduce"] = "consumer"
-json.dump(table, open(dst, "w"), indent=1)
-PY
+table_variant /tmp/consumer "4096,6144" split_reduce=consumer
 JINT8_KERNEL_TABLES=/tmp/consumer step 150 python3 benchmarks/gpu_check_attention.py
 decode_ab 100 "$out/consumer_e2e.jsonl" /tmp/consumer
 step 100 python3 benchmarks/bench_generate.py --variants bf16 --batch 1 --fuse --quantize-lm-head \

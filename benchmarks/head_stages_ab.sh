@@ -12,15 +12,7 @@ out="${OUT:-/tmp}"
 log="$out/head_stages.log"
 table="${TABLE:-nvidia_h200}"
 source benchmarks/steps.sh
-mkdir -p /tmp/hs && python3 - "jint8/ops/int8_matmul/data/$table.json" "/tmp/hs/$table.json" <<'PY'
-import json, sys
-src, dst = sys.argv[1:]
-table = json.load(open(src))
-for entry in table["shapes_nk"]:
-    if (entry["k"], entry["n"]) == (4096, 28672) and entry.get("min_m", 1) == 1:
-        entry["gemm"]["num_stages"] = 3
-json.dump(table, open(dst, "w"), indent=1)
-PY
+table_variant /tmp/hs "4096,28672" num_stages=3
 tune=(python3 benchmarks/tune_decode_shapes.py --m 1 --reduce xla --json "$out/head_stages.jsonl")
 step 60 "${tune[@]}" --table-only --norm --output-gate --stages 3 4 --shapes gate_up_proj
 step 150 "${tune[@]}" --shapes lm_head --max-tile-kib 64 --stages 3 4 --write-table "/tmp/hs/$table.json"

@@ -12,19 +12,8 @@ out="${OUT:-/tmp}"
 log="$out/qkv_reduce.log"
 table="${TABLE:-nvidia_h100}"
 source benchmarks/steps.sh
-variant() {  # variant DIR SPLIT: a table copy whose qkv M = 1 entry sums in the kernel
-    mkdir -p "$1" && python3 - "jint8/ops/int8_matmul/data/$table.json" "$1/$table.json" "$2" <<'PY'
-import json, sys
-src, dst, split = sys.argv[1:]
-table = json.load(open(src))
-for entry in table["shapes_nk"]:
-    if (entry["k"], entry["n"]) == (4096, 6144) and entry.get("min_m", 1) == 1:
-        entry["gemm"].update(split_reduce="kernel", split_k=int(split))
-json.dump(table, open(dst, "w"), indent=1)
-PY
-}
-variant /tmp/qk8 8
-variant /tmp/qk4 4
+table_variant /tmp/qk8 "4096,6144" split_reduce=kernel split_k=8
+table_variant /tmp/qk4 "4096,6144" split_reduce=kernel split_k=4
 decode_ab 100 "$out/qkv_reduce.jsonl" /tmp/qk8 /tmp/qk4
 step 100 python3 benchmarks/bench_generate.py --variants bf16 --batch 1 --fuse --quantize-lm-head \
     --quantize-embeddings --repeats 3 --json "$out/qkv_reduce.jsonl"

@@ -204,3 +204,19 @@ def test_int8_dense_output_gate_returns_the_gated_product(quantized):
     np.testing.assert_array_equal(np.asarray(gated, np.float32), np.asarray(want, np.float32))
     with pytest.raises(ShapeError, match="output_gate='silu' needs an even features"):
         Int8Dense(11, output_gate="silu").init(jax.random.key(0), x)
+
+
+def test_split_partials_without_a_splitting_plan_is_the_result_as_one_partial(rng):
+    """Int8Dense(split_partials=True) on a float kernel, and on an int8 one whose backend has no
+    split-K partials to hand over (the XLA reference): [1, ..., features], the result itself."""
+    x = _x(rng, 2, 3, 64, outlier_col=7)
+    params = nn.Dense(40).init(jax.random.key(0), x)["params"]
+    for tree in (params, quantize_params(params, Int8Config(min_size=0))):
+        y = Int8Dense(40).apply({"params": tree}, x)
+        parts = Int8Dense(40).apply({"params": tree}, x, split_partials=True)
+        assert parts.shape == (1, 2, 3, 40) and parts.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(parts[0]), np.asarray(y))
+    w = quantize_params(params, Int8Config(min_size=0))["kernel"]
+    parts = int8_matmul(x, w.qvalue, w.scale, weight_layout="nk", split_partials=True)
+    np.testing.assert_array_equal(np.asarray(parts[0]),
+                                  np.asarray(int8_matmul(x, w.qvalue, w.scale, weight_layout="nk")))

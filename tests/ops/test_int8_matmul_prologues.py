@@ -232,21 +232,28 @@ def test_input_gate_bad_inputs_raise_clear_errors():
         reference.InputGate("relu")
 
 
-def test_llama_decode_folds_its_norms_and_gate_into_the_fused_kernel(monkeypatch):
-    """A tiny int8 Llama (fused q|k|v and gate|up, as fuse_projections makes them) decoded with
-    the Pallas backend in interpret mode: the qkv and gate_up projections get the layer's
-    RMSNorm folded into the fused kernel's prologue and gate_up gates silu(gate) * up in its
-    epilogue (neither a normalised x nor the [1, 2I] product materialised), and the logits match
-    the XLA backend's, which applies the norm first and gates the product."""
+def _tiny_int8_llama(dtype):
+    """A tiny Llama (4/2 heads of 16, hidden 64) with live outliers, fused (one q|k|v and one
+    gate|up projection, as fuse_projections makes them) and quantized; 6 token ids."""
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=32,
-                         dtype=jnp.float32)
+                         dtype=dtype)
     model = LlamaForCausalLM(config)
     params = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
     params = jax.tree.map(lambda p: p * 2.0 if p.ndim == 2 else p + 0.5, params)  # live outliers
     params = jint8.quantize_params(jint8.fuse_projections(params),
                                    jint8.Int8Config(min_size=0, outlier_capacity=64))
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 96, (1, 6)), jnp.int32)
+    return config, model, params, ids
+
+
+def test_llama_decode_folds_its_norms_and_gate_into_the_fused_kernel(monkeypatch):
+    """A tiny int8 Llama (fused q|k|v and gate|up, as fuse_projections makes them) decoded with
+    the Pallas backend in interpret mode: the qkv and gate_up projections get the layer's
+    RMSNorm folded into the fused kernel's prologue and gate_up gates silu(gate) * up in its
+    epilogue (neither a normalised x nor the [1, 2I] product materialised), and the logits match
+    the XLA backend's, which applies the norm first and gates the product."""
+    config, model, params, ids = _tiny_int8_llama(jnp.float32)
 
     def decode_logits():  # batch 1: Int8Dense folds norms only up to FUSED_NORM_MAX_M rows
         _, cache = model.apply({"params": params}, ids[:, :5],
@@ -286,15 +293,7 @@ def test_llama_decode_hands_qkv_split_partials_to_the_attention_kernel(monkeypat
     loads q, k, v; the decode logits are those of the same plan summed by XLA first."""
     from jint8.ops import attention as attention_ops
 
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=32,
-                         dtype=jnp.bfloat16)
-    model = LlamaForCausalLM(config)
-    params = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
-    params = jax.tree.map(lambda p: p * 2.0 if p.ndim == 2 else p + 0.5, params)  # live outliers
-    params = jint8.quantize_params(jint8.fuse_projections(params),
-                                   jint8.Int8Config(min_size=0, outlier_capacity=64))
-    ids = jnp.asarray(np.random.default_rng(0).integers(1, 96, (1, 6)), jnp.int32)
+    config, model, params, ids = _tiny_int8_llama(jnp.bfloat16)
     qkv_width = (4 + 2 * 2) * 16
     packed_shapes = []
     attention_step = attention_ops.decode_attention_step
