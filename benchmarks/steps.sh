@@ -6,11 +6,12 @@ step() {
     timeout "$1" "${@:2}" 2>&1 | grep -v -E '^[WI][0-9]{4} ' | tee -a "$log"
 }
 
-# `decode_ab SECONDS JSONL DIR...`: batch-1 int8 decode of the Llama-3-8B shape (bench_generate,
-# as RESULTS' end-to-end rows) with jint8's tables, then with each JINT8_KERNEL_TABLES directory
-# DIR, then with jint8's again (A/B/.../A); one process each, a line per run appended to JSONL.
+# `decode_ab SECONDS JSONL DIR...`: batch-1 (DECODE_BATCH) int8 decode of the Llama-3-8B shape
+# (bench_generate, as RESULTS' end-to-end rows) with jint8's tables, then with each
+# JINT8_KERNEL_TABLES directory DIR, then with jint8's again (A/B/.../A); one process each, a
+# line per run appended to JSONL.
 decode_ab() {
-    local bench=(python3 benchmarks/bench_generate.py --variants int8 --batch 1 --fuse
+    local bench=(python3 benchmarks/bench_generate.py --variants int8 --batch "${DECODE_BATCH:-1}" --fuse
                  --quantize-lm-head --quantize-embeddings --repeats 3 --json "$2")
     step "$1" "${bench[@]}"
     local dir
