@@ -180,3 +180,15 @@ def test_kernel_sums_split_partials_where_it_loads_q_k_v(rng, parts, rope):
                                       err_msg=f"seed {rng.seed_value}")
     for got, want in zip(run(packed[None]), run(packed)):  # one partial: the array itself
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_packed_of_the_wrong_shape_is_named():
+    from jint8.errors import ShapeError
+
+    q, k_cache, v_cache = _inputs(np.random.default_rng(0), b=2, n=4, kv=2, h=16, s=32)
+    k_new = jnp.zeros((2, 2, 16), jnp.bfloat16)
+    for bad in ((2, 7 * 16), (3, 2, 8 * 16, 1), (2, 3, 8 * 16)):
+        with pytest.raises(ShapeError, match=r"packed\.shape"):
+            decode_attention_step(q, k_new, k_new, k_cache, v_cache, jnp.ones((2, 32), bool),
+                                  jnp.int32(3), layer=0, scale=0.25, packed=jnp.zeros(bad, jnp.float32),
+                                  interpret=True)

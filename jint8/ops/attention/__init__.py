@@ -11,6 +11,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jint8.errors import ShapeError
 from jint8.ops.attention.reference import decode_attention_reference, decode_step_reference, rotate
 from jint8.ops.int8_matmul.api import BACKEND_ENV_VAR
 
@@ -52,6 +53,10 @@ def decode_attention_step(q, k, v, k_cache, v_cache, valid, cache_index, *, laye
     from jint8.ops.attention.pallas_triton import Columns, decode_attention_pallas
 
     b, n, h = q.shape
+    width = (n + 2 * k.shape[1]) * h
+    if packed is not None and (packed.ndim not in (2, 3) or packed.shape[-2:] != (b, width)):
+        raise ShapeError(f"decode_attention_step: packed.shape={packed.shape} must be [B, (N + 2K) * H] "
+                         f"= {(b, width)} or [P, B, (N + 2K) * H] (split-K partials)")
     if packed is not None and packed.ndim == 3 and packed.shape[0] == 1:
         packed = packed[0]  # one "partial": the array itself (the kernel's plain loads)
     if packed is not None:
