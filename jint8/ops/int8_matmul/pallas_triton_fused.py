@@ -299,10 +299,11 @@ def fused_int8_matmul(
       accumulator_only: return the int32 [M, N] accumulator xq[:, not O] @ wq instead (checks).
       poison_output: start from a NaN-filled (int32: INT32_MIN) output buffer, aliased into the
         kernel's output, so the GPU check sees any element the kernel did not write.
-      sum_splits: False with split_reduce "consumer": return the float32 split-K partials.
+      sum_splits: False: return the float32 split-K partials unsummed (the caller decides, from
+        split_reduce "consumer").
     Returns:
       [M, N] out_dtype ([M, N / 2] with output_gate; int32 with accumulator_only; [S, M, N]
-      float32 partials with sum_splits=False, split_k > 1 and split_reduce "consumer").
+      float32 partials with sum_splits=False and split_k > 1).
     """
     m = x.shape[0]
     n = w.shape[0] if config.weight_layout == "nk" else w.shape[1]

@@ -310,8 +310,8 @@ def launch(kernel, operands, *, grid, m, n, config: Config, out_dtype, accumulat
     """pallas_call of an int8 GEMM kernel whose last argument is an Output; returns [M, N].
 
     split_k == 1 writes [M, N] out_dtype. split_k > 1 writes float32 partials [S, M, N], summed
-    here (split_reduce "xla" or "consumer"; with sum_splits=False and "consumer" they are
-    returned unsummed, [S, M, N] float32) or by the tile's last program (split_reduce "kernel": also
+    here (split_reduce "xla" or "consumer"; with sum_splits=False they are returned unsummed,
+    [S, M, N] float32, for the caller to sum) or by the tile's last program (split_reduce "kernel": also
     [S, M, N] partials and [tiles] int32 tickets, a zero-filled input aliased into an output).
     accumulator_only (checks): int32 partials [S, M, N], summed here. poison_output aliases a
     NaN-filled (int32: INT32_MIN) buffer into the result so unwritten elements show.
@@ -358,7 +358,7 @@ def launch(kernel, operands, *, grid, m, n, config: Config, out_dtype, accumulat
         return outs[0].sum(axis=0, dtype=jnp.int32)
     if config.split_k == 1 or in_kernel:
         return outs[0]
-    if not sum_splits and config.split_reduce == "consumer":
+    if not sum_splits:
         return outs[0]
     return outs[0].sum(axis=0).astype(out_dtype)
 
