@@ -22,14 +22,12 @@ decode_ab() {
 }
 
 # `table_variant DIR SHAPES FIELD=VALUE...`: DIR/$table.json, a copy of jint8's table for
-# $table whose M = 1 entries (entries starting at M = $VARIANT_MIN_M, default 1) of the shapes in
-# SHAPES ("K,N K,N ...") get these plan fields (VALUE as JSON, else a string), for decode_ab's B
-# runs.
+# $table whose M = 1 entries of the shapes in SHAPES ("K,N K,N ...") get these plan fields
+# (VALUE as JSON, else a string), for decode_ab's B runs.
 table_variant() {
     mkdir -p "$1" && python3 - "jint8/ops/int8_matmul/data/$table.json" "$1/$table.json" "${@:2}" <<'PY'
-import json, os, sys
+import json, sys
 src, dst, shapes, *fields = sys.argv[1:]
-min_m = int(os.environ.get("VARIANT_MIN_M", "1"))
 def value(text):
     try:
         return json.loads(text)
@@ -37,7 +35,7 @@ def value(text):
         return text
 table = json.load(open(src))
 for entry in table["shapes_nk"]:
-    if f"{entry['k']},{entry['n']}" in shapes.split() and entry.get("min_m", 1) == min_m:
+    if f"{entry['k']},{entry['n']}" in shapes.split() and entry.get("min_m", 1) == 1:
         entry["gemm"].update({k: value(v) for k, v in (f.split("=", 1) for f in fields)})
 json.dump(table, open(dst, "w"), indent=1)
 PY

@@ -87,12 +87,6 @@ class Config:
       traffic, as much as its weights), which "input" avoids: faster on every Llama-3-8B decode
       shape at M = 8 on the H100 (session 8) and the H200 (session 10), so the tables take it
       for M = 2-16.
-    sweep: when the fused kernel's own sweeps of its input (the row absmax with row_scales
-      "kernel"; an InputNorm's sum of squares; an InputGate's act(gate) * up) run:
-      "before_loop", or "first_step": in a branch of the K loop's first step, so that the
-      loop's pipelined loads of its first num_stages - 1 weight tiles, issued before the loop,
-      stream from HBM while the sweeps read x from L2 (the sweeps are then unrolled: a loop
-      nested in the K loop would keep Triton from pipelining it). The same results either way.
     """
 
     block_m: int
@@ -106,7 +100,6 @@ class Config:
     outlier_mode: str = "branch"
     split_reduce: str = "xla"
     row_scales: str = "kernel"
-    sweep: str = "before_loop"
 
     def __post_init__(self):
         # tl.dot on int8 needs M >= 16, N >= 16 and K >= 32 (mma.m16n8k32).
@@ -131,9 +124,6 @@ class Config:
         if self.row_scales not in ("kernel", "input"):
             raise InvalidConfigError(
                 f"row_scales={self.row_scales!r} must be 'kernel' or 'input'")
-        if self.sweep not in ("before_loop", "first_step"):
-            raise InvalidConfigError(
-                f"sweep={self.sweep!r} must be 'before_loop' or 'first_step'")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -69,11 +69,9 @@ _ABSMAX_CHUNK_ELEMENTS = 8192
 _ABSMAX_UNROLL = 4
 
 
-def _sweep_rows(load, m: int, k: int, value, reduce: str, *, unrolled: bool = False):
+def _sweep_rows(load, m: int, k: int, value, reduce: str):
     """[rows_p] float32: the max or sum (reduce) of value(tile) over K, per row, where
     load(rows, cols, row_ok, col_ok) gives the [rows, cols] tile of an [M, K] input.
-    unrolled: every chunk in straight-line code, no loop (Config.sweep "first_step": a loop
-    nested in the K loop would keep Triton from pipelining the K loop's loads).
 
     The sweep runs on M rounded up to a power of two (rows_p: 1 for decode), not on block_m
     (>= 16 for the MMA), so an M = 1 call loads one row instead of 16 masked ones (_spread
@@ -81,7 +79,7 @@ def _sweep_rows(load, m: int, k: int, value, reduce: str, *, unrolled: bool = Fa
     """
     rows_p = 1 << (m - 1).bit_length()
     chunk = min(max(_ABSMAX_CHUNK_ELEMENTS // rows_p, 128), 1 << (k - 1).bit_length())
-    unroll = pl.cdiv(k, chunk) if unrolled else min(_ABSMAX_UNROLL, pl.cdiv(k, chunk))
+    unroll = min(_ABSMAX_UNROLL, pl.cdiv(k, chunk))
     rows = jnp.arange(rows_p)
     row_ok = rows < m if m != rows_p else None
 
@@ -94,8 +92,7 @@ def _sweep_rows(load, m: int, k: int, value, reduce: str, *, unrolled: bool = Fa
             total = combine(total, chunk_reduce(value(tile), axis=1))
         return total
 
-    total = jnp.zeros((rows_p,), jnp.float32)
-    return sweep(0, total) if unrolled else jax.lax.fori_loop(0, pl.cdiv(k, chunk * unroll), sweep, total)
+    return jax.lax.fori_loop(0, pl.cdiv(k, chunk * unroll), sweep, jnp.zeros((rows_p,), jnp.float32))
 
 
 def _spread(per_row, block_m: int):
@@ -113,22 +110,16 @@ class _Prologue:
     tile); or through its InputGate (x_ref [M, 2K] = gate | up: each tile is
     reference.gated_activation of the gate tile (columns cols) and the up tile (cols + K))."""
 
-    def __init__(self, x_ref, scale_ref, *, norm, gate, unrolled: bool, interpret: bool):
+    def __init__(self, x_ref, scale_ref, *, norm, gate, interpret: bool):
         self.x_ref, self.scale_ref, self.norm, self.gate = x_ref, scale_ref, norm, gate
-        self.unrolled = unrolled  # _sweep_rows' unrolled, for every sweep of the input
         self.round = functools.partial(round_to, explicit=interpret)
         self.m, width = x_ref.shape
         self.k = width // 2 if gate is not None else width
-
-    def inverse_rms(self):
-        """[rows_p] float32 (the rows of _sweep_rows): 1/rms per row, from one sweep for the sum
-        of squares (as jnp.mean: sum / K); None without a norm."""
-        if self.norm is None:
-            return None
-        squares = _sweep_rows(functools.partial(_load, self.x_ref), self.m, self.k,
-                              lambda x: jnp.square(x.astype(jnp.float32)), "sum",
-                              unrolled=self.unrolled)
-        return jax.lax.rsqrt(squares / self.k + self.norm.eps)
+        self.inverse_rms = None  # [rows_p], the rows of _sweep_rows
+        if norm is not None:  # one sweep for the sum of squares, as jnp.mean: sum / K
+            squares = _sweep_rows(functools.partial(_load, x_ref), self.m, self.k,
+                                  lambda x: jnp.square(x.astype(jnp.float32)), "sum")
+            self.inverse_rms = jax.lax.rsqrt(squares / self.k + norm.eps)
 
     def load(self, rows, cols, row_ok, col_ok, inverse_rms=None):
         """The input's [rows, cols] tile in x.dtype (rows from 0); inverse_rms: 1/rms of these
@@ -153,18 +144,18 @@ class _Prologue:
         return reference.gated_activation(gate, up, self.gate.activation, gate.dtype, self.round)
 
 
-def _row_absmax(prologue: _Prologue, inverse_rms, *, threshold: float):
+def _row_absmax(prologue: _Prologue, *, threshold: float):
     """[rows_p] float32 (_sweep_rows' rows): per row max |x| over elements below the threshold
-    (0 past row M); inverse_rms: prologue.inverse_rms()."""
+    (0 past row M)."""
 
     def load(rows, cols, row_ok, col_ok):
-        return prologue.load(rows, cols, row_ok, col_ok, inverse_rms)
+        return prologue.load(rows, cols, row_ok, col_ok, prologue.inverse_rms)
 
     def magnitude(x):
         value = jnp.abs(x.astype(jnp.float32))
         return jnp.where(value >= threshold, 0.0, value) if threshold > 0 else value
 
-    return _sweep_rows(load, prologue.m, prologue.k, magnitude, "max", unrolled=prologue.unrolled)
+    return _sweep_rows(load, prologue.m, prologue.k, magnitude, "max")
 
 
 def _tile_columns(config: Config, output_gate) -> int:
@@ -184,12 +175,8 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
                   accumulator_only: bool, interpret: bool):
     *optional, out = optional_and_out  # [norm scale], [row absmax (row_max_input)]
     row_max_ref = optional.pop() if row_max_input else None
-    # Config.sweep "first_step": the input's sweeps run in the K loop's first step, where the
-    # loop's pipelined loads of its first num_stages - 1 weight tiles are already in flight.
-    in_loop = config.sweep == "first_step" and (row_max_ref is None or norm is not None)
     prologue = _Prologue(x_ref, optional[0] if norm is not None else None, norm=norm,
-                         gate=gate, unrolled=in_loop, interpret=interpret)
-    inverse_rms_before = None if in_loop else prologue.inverse_rms()  # the norm's sweep, first
+                         gate=gate, interpret=interpret)
     m, k = prologue.m, prologue.k
     nk_layout = config.weight_layout == "nk"
     n = w_ref.shape[0] if nk_layout else w_ref.shape[1]
@@ -213,23 +200,15 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
     widen = functools.partial(_zero_rows_below, block_m=bm) if one_row else (lambda v: v)
     spread = (lambda v: v) if one_row else functools.partial(_spread, block_m=bm)
 
-    rows_p = 1 << (m - 1).bit_length()  # _sweep_rows' rows
-
-    def row_statistics():
-        """(row max [rows_p], 127 / row max [x rows], 1/rms [x rows] (norm; else zeros))."""
-        inverse_rms = prologue.inverse_rms() if in_loop else inverse_rms_before
-        if row_max_ref is not None:  # Config.row_scales == "input": reduced before the kernel
-            rows = jnp.arange(rows_p)  # 0 past row M
-            row_max = _load_vector(row_max_ref, rows, rows < m if m != rows_p else None)
-        else:
-            row_max = _row_absmax(prologue, inverse_rms, threshold=threshold)  # per x row
-        x_rows_rms = None if inverse_rms is None else spread(inverse_rms)
-        # reference.quantize_rows: 127 / s rounded as XLA rounds it, 0 for an all-zero row.
-        safe = jnp.where(row_max > 0, row_max, 1.0)
-        inverse = spread(jnp.where(row_max > 0, _inverse_scale(safe, interpret=interpret), 0.0))
-        return row_max, inverse, jnp.zeros_like(inverse) if x_rows_rms is None else x_rows_rms
-
-    before_loop = None if in_loop else row_statistics()
+    if row_max_ref is not None:  # Config.row_scales == "input": reduced before the kernel
+        rows = jnp.arange(1 << (m - 1).bit_length())  # _sweep_rows' rows_p, 0 past row M
+        row_max = _load_vector(row_max_ref, rows, rows < m if m != rows.shape[0] else None)
+    else:
+        row_max = _row_absmax(prologue, threshold=threshold)  # per x row
+    inverse_rms = None if norm is None else spread(prologue.inverse_rms)
+    # reference.quantize_rows: 127 / s rounded as XLA rounds it, 0 for an all-zero row.
+    safe = jnp.where(row_max > 0, row_max, 1.0)
+    inverse = spread(jnp.where(row_max > 0, _inverse_scale(safe, interpret=interpret), 0.0))
 
     k_steps = pl.cdiv(k, bk)
     steps_per_split = pl.cdiv(k_steps, config.split_k)
@@ -237,10 +216,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
     last_step = jnp.minimum(first_step + steps_per_split, k_steps)
 
     def k_step(i, carry):
-        accs, streams, *statistics = carry  # one acc and stream per weight tile; in_loop: stats
-        if in_loop:
-            statistics = jax.lax.cond(i == first_step, row_statistics, lambda: tuple(statistics))
-        _, inverse, inverse_rms = statistics if in_loop else before_loop
+        accs, streams = carry  # one of each per weight tile
         ks = i * bk + jnp.arange(bk)
         k_ok = ks < k if k % bk else None
         x = prologue.load(x_rows, ks, x_rows_ok, k_ok, inverse_rms)
@@ -256,7 +232,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
         accs = tuple(acc + _dot(xq, w, b_transposed=nk_layout, out_dtype=jnp.int32)
                      for acc, w in zip(accs, ws))
         if not has_outliers or accumulator_only:
-            return accs, streams, *statistics
+            return accs, streams
 
         def add_stream():
             x_outlier = widen(jnp.where(flagged[None, :], x, jnp.zeros_like(x)))
@@ -264,19 +240,13 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
                          for stream, w in zip(streams, ws))
 
         if config.outlier_mode == "dense":
-            return accs, add_stream(), *statistics
+            return accs, add_stream()
         any_flagged = jnp.max(flagged.astype(jnp.int32)) > 0
-        return accs, jax.lax.cond(any_flagged, add_stream, lambda: streams), *statistics
+        return accs, jax.lax.cond(any_flagged, add_stream, lambda: streams)
 
-    # With the sweeps in the loop, a program whose K range is empty (split_k not dividing the
-    # steps) keeps the zero statistics: its partial is 0 (0 * scales, no stream), as it must be.
-    x_width = 1 if one_row else bm
-    statistics = ((jnp.zeros((rows_p,), jnp.float32), jnp.zeros((x_width,), jnp.float32),
-                   jnp.zeros((x_width,), jnp.float32)) if in_loop else ())
     init = (tuple(jnp.zeros((bm, bn), jnp.int32) for _ in weight_tiles),
-            tuple(jnp.zeros((bm, bn), jnp.float32) for _ in weight_tiles), *statistics)
-    accs, streams, *statistics = jax.lax.fori_loop(first_step, last_step, k_step, init)
-    row_max = (statistics if in_loop else before_loop)[0]
+            tuple(jnp.zeros((bm, bn), jnp.float32) for _ in weight_tiles))
+    accs, streams = jax.lax.fori_loop(first_step, last_step, k_step, init)
 
     if accumulator_only:  # checks only: this program's exact int32 xq[:, not O] @ wq
         out.store(accs[0], tile, split)
