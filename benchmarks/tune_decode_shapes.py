@@ -68,7 +68,7 @@ def _tiles(gemm) -> dict:
     """A plan's tile fields, as candidates() names them."""
     return dict(block_n=gemm.block_n, block_k=gemm.block_k, split_k=gemm.split_k,
                 split_reduce=gemm.split_reduce, num_warps=gemm.num_warps, num_stages=gemm.num_stages,
-                row_scales=gemm.row_scales, prefetch_first_tile=gemm.prefetch_first_tile)
+                row_scales=gemm.row_scales)
 
 
 def route_plans(route, candidate, m, quantize):
@@ -107,9 +107,6 @@ def main(argv=None):
     parser.add_argument("--row-scales", nargs="+", default=["kernel"], choices=["kernel", "input"],
                         help="fused route: where each row's absmax comes from (Config.row_scales); "
                         "with --table-only the table's plan is also timed with each")
-    parser.add_argument("--prefetch-first-tile", nargs="+", default=["off"], choices=["off", "on"],
-                        help="fused route: load the first weight tiles before sweeping x "
-                        "(Config.prefetch_first_tile)")
     parser.add_argument("--table-only", action="store_true",
                         help="time only the table's plan per shape (A/B runs of kernel changes)")
     parser.add_argument("--norm", action="store_true",
@@ -162,24 +159,21 @@ def main(argv=None):
                                                output_gate=output_gate)[0].astype(jnp.float32)
         table_plan = configs.plan_for("NVIDIA H100" if args.smoke else device, args.m, k, n, "nk")
         plans = [("table", table_plan)]
-        prefetches = [value == "on" for value in args.prefetch_first_tile]
-        for row_scales, stages, prefetch in itertools.product(args.row_scales, args.stages, prefetches):
-            if table_plan.gemm_path == "fused" and (row_scales, stages, prefetch) != (
-                    table_plan.gemm.row_scales, table_plan.gemm.num_stages,
-                    table_plan.gemm.prefetch_first_tile):
-                gemm = dataclasses.replace(table_plan.gemm, row_scales=row_scales, num_stages=stages,
-                                           prefetch_first_tile=prefetch)
+        for row_scales, stages in itertools.product(args.row_scales, args.stages):
+            if table_plan.gemm_path == "fused" and (row_scales, stages) != (
+                    table_plan.gemm.row_scales, table_plan.gemm.num_stages):
+                gemm = dataclasses.replace(table_plan.gemm, row_scales=row_scales, num_stages=stages)
                 plans.append((_tiles(gemm), dataclasses.replace(table_plan, gemm=gemm)))
         chosen = [c for c in candidates(*_shape(name), stages=args.stages, splits=args.splits,
                                     max_tile_kib=args.max_tile_kib)
                   if c["split_reduce"] in args.reduce]
         if args.table_only:
             chosen = []
-        for route, c, row_scales, prefetch in itertools.product(
-                args.routes, chosen[: 2 if args.smoke else None], args.row_scales, prefetches):
-            if route != "fused" and (row_scales, prefetch) != ("kernel", False):
-                continue  # only the fused kernel sweeps x
-            candidate = dict(c, row_scales=row_scales, prefetch_first_tile=prefetch)
+        for route, c, row_scales in itertools.product(args.routes, chosen[: 2 if args.smoke else None],
+                                                      args.row_scales):
+            if route != "fused" and row_scales != "kernel":
+                continue  # only the fused kernel sweeps for its row scales
+            candidate = dict(c, row_scales=row_scales)
             plan = route_plans(route, candidate, args.m, table_plan.quantize)
             if plan is not None:
                 plans.append((candidate, plan))

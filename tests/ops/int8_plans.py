@@ -27,11 +27,9 @@ PLANS = {
 }
 
 
-def fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, reduce="xla", row_scales="kernel",
-               prefetch=False):
+def fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, reduce="xla", row_scales="kernel"):
     gemm = gemm_config(block_m=configs.fused_block_m(m), block_k=block_k, weight_layout=layout,
-                       outlier_mode=mode, split_k=split_k, split_reduce=reduce, row_scales=row_scales,
-                       prefetch_first_tile=prefetch)
+                       outlier_mode=mode, split_k=split_k, split_reduce=reduce, row_scales=row_scales)
     return configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm, gemm_path="fused")
 
 

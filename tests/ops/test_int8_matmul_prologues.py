@@ -115,47 +115,6 @@ def test_fused_kernel_gate_on_random_inputs_equals_gating_first(rng, m, dtype):
     np.testing.assert_array_equal(np.asarray(acc), np.asarray(want), err_msg=f"seed {rng.seed_value}")
 
 
-@pytest.mark.parametrize("m,k,n,split_k,folded", [
-    (1, 77, 45, 1, None), (1, 300, 64, 3, "norm"), (1, 77, 45, 1, "gate"), (1, 64, 66, 1, "output_gate"),
-    (8, 64, 33, 3, None),       # 2 K steps over 3 splits: the last program's K range is empty
-    (3, 200, 129, 3, "norm"), (5, 130, 40, 1, "gate"), (16, 1500, 20, 1, None),
-])
-def test_prefetching_the_first_weight_tile_gives_the_same_bits(rng, m, k, n, split_k, folded):
-    """Config.prefetch_first_tile loads each program's first K step's weight tiles before the
-    sweeps of x and runs that step ahead of the K loop: the same output bits and the
-    reference's int32 accumulator, whatever the program's K range (empty included)."""
-    dtype = jnp.bfloat16
-    kwargs = {}
-    if folded == "norm":
-        x, scale, wq = checks.exact_norm_inputs(rng, m, k, n, dtype)
-        kwargs["norm"] = reference.InputNorm(scale, 1e-5)
-    else:
-        width = 2 * k if folded == "gate" else k
-        x = jnp.asarray(rng.standard_normal((m, width)) * 2.0, dtype).at[:, 3].set(9.0)
-        wq = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
-        if folded == "gate":
-            kwargs["gate"] = reference.InputGate("silu")
-    if folded == "output_gate":
-        kwargs["output_gate"] = reference.OutputGate("silu")
-    col_scales = jnp.asarray(rng.uniform(0.01, 2.0, n), jnp.float32)
-    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
-    common = dict(threshold=THRESHOLD, outlier_capacity=64, weight_layout="nk", interpret=True)
-    plain, prefetching = (fused_plan(m, split_k=split_k, prefetch=p) for p in (False, True))
-    y_plain, _ = int8_matmul_pallas(x, wq, col_scales, bias, plan=plain, **kwargs, **common)
-    y, stats = int8_matmul_pallas(x, wq, col_scales, bias, plan=prefetching, **kwargs, **common)
-    assert int(stats.num_outlier_columns) >= 1
-    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_plain, np.float32),
-                                  err_msg=f"seed {rng.seed_value}")
-    if folded == "output_gate":
-        return
-    prologues = {key: kwargs[key] for key in ("norm", "gate") if key in kwargs}
-    acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64, plan=prefetching,
-                                  interpret=True, **prologues)
-    op_input = reference.op_input(x, **prologues)
-    want = reference.int8_dot(reference.quantize_rows(op_input, THRESHOLD)[0], wq, "nk")
-    np.testing.assert_array_equal(np.asarray(acc), np.asarray(want), err_msg=f"seed {rng.seed_value}")
-
-
 @pytest.mark.parametrize("kind", ["norm", "gate"])
 def test_routes_without_the_fused_kernel_apply_the_prologue_first(rng, kind):
     """Routes without the fused kernel (the two-kernel and XLA-GEMM routes, the XLA backend on

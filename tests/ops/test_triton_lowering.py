@@ -54,9 +54,6 @@ def _cases():
         plan = fused_plan(3, **variant)
         for prologue in ("none", "norm", "gate", "output_gate"):
             yield f"fused_{name}", plan, prologue
-    # The first weight tiles loaded before the sweeps (Config; output_gate needs split 1).
-    for split_k, prologue in ((3, "none"), (3, "norm"), (3, "gate"), (1, "output_gate")):
-        yield "fused_prefetch", fused_plan(3, split_k=split_k, prefetch=True), prologue
 
 
 @pytest.mark.parametrize("name,plan,prologue", list(_cases()),

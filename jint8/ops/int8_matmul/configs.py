@@ -87,9 +87,6 @@ class Config:
       traffic, as much as its weights), which "input" avoids: faster on every Llama-3-8B decode
       shape at M = 8 on the H100 (session 8) and the H200 (session 10), so the tables take it
       for M = 2-16.
-    prefetch_first_tile: the fused kernel loads its first K step's weight tiles before it
-      sweeps x (RMSNorm's sum of squares, the row absmax, a gate's input), so their HBM reads
-      overlap the sweeps' L2 reads; the K loop then starts one step on. The same results.
     """
 
     block_m: int
@@ -103,7 +100,6 @@ class Config:
     outlier_mode: str = "branch"
     split_reduce: str = "xla"
     row_scales: str = "kernel"
-    prefetch_first_tile: bool = False
 
     def __post_init__(self):
         # tl.dot on int8 needs M >= 16, N >= 16 and K >= 32 (mma.m16n8k32).
@@ -128,9 +124,6 @@ class Config:
         if self.row_scales not in ("kernel", "input"):
             raise InvalidConfigError(
                 f"row_scales={self.row_scales!r} must be 'kernel' or 'input'")
-        if not isinstance(self.prefetch_first_tile, bool):
-            raise InvalidConfigError(
-                f"prefetch_first_tile={self.prefetch_first_tile!r} must be a bool")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -110,20 +110,16 @@ class _Prologue:
     tile); or through its InputGate (x_ref [M, 2K] = gate | up: each tile is
     reference.gated_activation of the gate tile (columns cols) and the up tile (cols + K))."""
 
-    def __init__(self, x_ref, scale_ref, *, norm, gate, interpret: bool, defer_sweep: bool = False):
+    def __init__(self, x_ref, scale_ref, *, norm, gate, interpret: bool):
         self.x_ref, self.scale_ref, self.norm, self.gate = x_ref, scale_ref, norm, gate
         self.round = functools.partial(round_to, explicit=interpret)
         self.m, width = x_ref.shape
         self.k = width // 2 if gate is not None else width
         self.inverse_rms = None  # [rows_p], the rows of _sweep_rows
-        if norm is not None and not defer_sweep:
-            self.sweep_norm()
-
-    def sweep_norm(self):
-        """One sweep for each row's sum of squares (as jnp.mean: sum / K) -> self.inverse_rms."""
-        squares = _sweep_rows(functools.partial(_load, self.x_ref), self.m, self.k,
-                              lambda x: jnp.square(x.astype(jnp.float32)), "sum")
-        self.inverse_rms = jax.lax.rsqrt(squares / self.k + self.norm.eps)
+        if norm is not None:  # one sweep for the sum of squares, as jnp.mean: sum / K
+            squares = _sweep_rows(functools.partial(_load, x_ref), self.m, self.k,
+                                  lambda x: jnp.square(x.astype(jnp.float32)), "sum")
+            self.inverse_rms = jax.lax.rsqrt(squares / self.k + norm.eps)
 
     def load(self, rows, cols, row_ok, col_ok, inverse_rms=None):
         """The input's [rows, cols] tile in x.dtype (rows from 0); inverse_rms: 1/rms of these
@@ -179,11 +175,8 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
                   accumulator_only: bool, interpret: bool):
     *optional, out = optional_and_out  # [norm scale], [row absmax (row_max_input)]
     row_max_ref = optional.pop() if row_max_input else None
-    # Config.prefetch_first_tile: the first K step's weight tiles are loaded before the sweeps
-    # of x, so their HBM reads overlap the sweeps' L2 reads (the K loop then starts a step on).
-    prefetch = config.prefetch_first_tile
     prologue = _Prologue(x_ref, optional[0] if norm is not None else None, norm=norm,
-                         gate=gate, interpret=interpret, defer_sweep=prefetch)
+                         gate=gate, interpret=interpret)
     m, k = prologue.m, prologue.k
     nk_layout = config.weight_layout == "nk"
     n = w_ref.shape[0] if nk_layout else w_ref.shape[1]
@@ -207,11 +200,6 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
     widen = functools.partial(_zero_rows_below, block_m=bm) if one_row else (lambda v: v)
     spread = (lambda v: v) if one_row else functools.partial(_spread, block_m=bm)
 
-    if prefetch:
-        ks_first = split * pl.cdiv(pl.cdiv(k, bk), config.split_k) * bk + jnp.arange(bk)
-        w_first = [_load_weight(w_ref, ks_first, t, ks_first < k, nk_layout) for t in weight_tiles]
-        if norm is not None:
-            prologue.sweep_norm()
     if row_max_ref is not None:  # Config.row_scales == "input": reduced before the kernel
         rows = jnp.arange(1 << (m - 1).bit_length())  # _sweep_rows' rows_p, 0 past row M
         row_max = _load_vector(row_max_ref, rows, rows < m if m != rows.shape[0] else None)
@@ -227,14 +215,12 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
     first_step = split * steps_per_split
     last_step = jnp.minimum(first_step + steps_per_split, k_steps)
 
-    def k_step(i, carry, ws=None):
-        """ws: the step's weight tiles, loaded already (prefetch; the step may lie past K)."""
+    def k_step(i, carry):
         accs, streams = carry  # one of each per weight tile
         ks = i * bk + jnp.arange(bk)
-        k_ok = ks < k if k % bk or ws is not None else None
+        k_ok = ks < k if k % bk else None
         x = prologue.load(x_rows, ks, x_rows_ok, k_ok, inverse_rms)
-        if ws is None:
-            ws = [_load_weight(w_ref, ks, t, k_ok, nk_layout) for t in weight_tiles]
+        ws = [_load_weight(w_ref, ks, t, k_ok, nk_layout) for t in weight_tiles]
         xf = x.astype(jnp.float32)
         q = round_half_even(xf * inverse[:, None], interpret=interpret)
         if has_outliers:
@@ -260,8 +246,6 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
 
     init = (tuple(jnp.zeros((bm, bn), jnp.int32) for _ in weight_tiles),
             tuple(jnp.zeros((bm, bn), jnp.float32) for _ in weight_tiles))
-    if prefetch:  # an empty K range (split_k not dividing the steps) adds zeros here
-        init, first_step = k_step(first_step, init, w_first), first_step + 1
     accs, streams = jax.lax.fori_loop(first_step, last_step, k_step, init)
 
     if accumulator_only:  # checks only: this program's exact int32 xq[:, not O] @ wq
