@@ -57,9 +57,10 @@ def query_rows(groups: int) -> int:
     return max(16, 1 << (groups - 1).bit_length())
 
 
-def num_splits(batch: int, kv_heads: int, slots: int, block_s: int = BLOCK_S) -> int:
+def num_splits(batch: int, kv_heads: int, slots: int, block_s: int = BLOCK_S,
+               target_programs: int = _TARGET_PROGRAMS) -> int:
     """Slot ranges per (sequence, kv head): enough programs to cover the GPU, >= block_s slots each."""
-    return max(1, min(pl.cdiv(slots, block_s), _TARGET_PROGRAMS // (batch * kv_heads)))
+    return max(1, min(pl.cdiv(slots, block_s), target_programs // (batch * kv_heads)))
 
 
 def _load_heads(ref, b, cols, dtype, *, interpret: bool, **masked):
@@ -185,11 +186,14 @@ def combine(acc, m, l, groups: int):
 
 
 @functools.partial(jax.jit, static_argnames=("columns", "num_heads", "layer", "scale", "block_s",
-                                             "dtype", "interpret"))
+                                             "num_warps", "num_stages", "target_programs", "dtype",
+                                             "interpret"))
 def decode_attention_pallas(q_src, k_src, v_src, k_cache, v_cache, valid, cache_index,
                             cos: Optional[jax.Array] = None, sin: Optional[jax.Array] = None, *,
                             columns: Columns, num_heads: int, layer: int, scale: float,
-                            block_s: int = BLOCK_S, dtype=None, interpret: bool = False):
+                            block_s: int = BLOCK_S, num_warps: int = 4, num_stages: int = 2,
+                            target_programs: int = _TARGET_PROGRAMS, dtype=None,
+                            interpret: bool = False):
     """One query token per sequence attends over cache layer `layer` after its own key and value
     are written at slot cache_index.
 
@@ -202,6 +206,9 @@ def decode_attention_pallas(q_src, k_src, v_src, k_cache, v_cache, valid, cache_
       valid: [B, S] bool, the slots each sequence attends to (cache_index's included).
       cache_index: [] int32, the step's slot.
       cos, sin: optional [B, H] RoPE tables in q's dtype: q and k are rotated first.
+      block_s, num_warps, num_stages: a program's slots per step and Triton's launch parameters;
+        target_programs: the programs to aim for, over batch x kv heads x slot ranges (the
+        defaults: benchmarks/attention_tiles.py).
       dtype: the activation dtype (default q_src's): partials are rounded to it, and out is in it.
     Returns:
       (out [B, num_heads, H] in dtype, k_cache, v_cache).
@@ -211,7 +218,7 @@ def decode_attention_pallas(q_src, k_src, v_src, k_cache, v_cache, valid, cache_
     _, _, s, kv_heads, h = k_cache.shape
     groups = num_heads // kv_heads
     rows_p = query_rows(groups)
-    splits = num_splits(b, kv_heads, s, block_s)
+    splits = num_splits(b, kv_heads, s, block_s, target_programs)
     slots_per_split = pl.cdiv(pl.cdiv(s, splits), block_s) * block_s
     splits = pl.cdiv(s, slots_per_split)
     has_rope = cos is not None
@@ -230,7 +237,7 @@ def decode_attention_pallas(q_src, k_src, v_src, k_cache, v_cache, valid, cache_
                    jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
         input_output_aliases={first_cache: 3, first_cache + 1: 4},
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="jint8_decode_attention",
     )(*operands)
