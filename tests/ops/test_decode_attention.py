@@ -94,6 +94,9 @@ def test_kernel_matches_reference_and_float64(rng, b, n, kv, h, s, used, pad, ro
 
 def test_splits_cover_the_gpu_and_cpu_is_unsupported():
     assert num_splits(1, 8, 640) == 10 and num_splits(8, 8, 640) == 2 and num_splits(1, 1, 10) == 1
+    # more programs to aim for: as many slot ranges as block_s allows, and no more
+    assert num_splits(1, 8, 640, 32, target_programs=256) == 20
+    assert num_splits(8, 8, 640, 64, target_programs=256) == 4
     q, k, _ = _inputs(np.random.default_rng(0), b=1, n=2, kv=1, h=16, s=8)
     assert "not a GPU" in unsupported_reason(q, k)
 
