@@ -23,9 +23,7 @@ sed -i -e "s/^BLOCK_S = .*/BLOCK_S = $block_s/" -e "s/^_TARGET_PROGRAMS = .*/_TA
     /tmp/attn/jint8/ops/attention/pallas_triton.py
 grep -n "^BLOCK_S\|^_TARGET_PROGRAMS\|num_warps: int" /tmp/attn/jint8/ops/attention/pallas_triton.py | tee -a "$log"
 for variant in int8 bf16; do
-    bench=(benchmarks/bench_generate.py --variants "$variant" --batch 1 --fuse --quantize-lm-head
-           --quantize-embeddings --repeats 3 --json "$out/attention_e2e.jsonl")
-    step 100 python3 "${bench[@]}" > /dev/null
-    (cd /tmp/attn && step 100 python3 "${bench[@]}" > /dev/null)
+    decode_run 100 "$variant" "$out/attention_e2e.jsonl" > /dev/null
+    (cd /tmp/attn && decode_run 100 "$variant" "$out/attention_e2e.jsonl" > /dev/null)
 done
 echo "== done $(date +%T)" | tee -a "$log"

@@ -16,6 +16,5 @@ source benchmarks/steps.sh
 table_variant /tmp/consumer "4096,6144" split_reduce=consumer
 JINT8_KERNEL_TABLES=/tmp/consumer step 150 python3 benchmarks/gpu_check_attention.py
 decode_ab 100 "$out/consumer_e2e.jsonl" /tmp/consumer
-step 100 python3 benchmarks/bench_generate.py --variants bf16 --batch 1 --fuse --quantize-lm-head \
-    --quantize-embeddings --repeats 3 --json "$out/consumer_e2e.jsonl"
+decode_run 100 bf16 "$out/consumer_e2e.jsonl"
 echo "== done $(date +%T)" | tee -a "$log"

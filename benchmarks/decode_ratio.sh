@@ -12,8 +12,7 @@ log="$out/decode_ratio.log"
 source benchmarks/steps.sh
 for _ in $(seq "${ROUNDS:-3}"); do
     for variant in int8 bf16; do
-        step 100 python3 benchmarks/bench_generate.py --variants "$variant" --batch 1 --fuse \
-            --quantize-lm-head --quantize-embeddings --repeats 3 --json "$out/decode_ratio.jsonl" >/dev/null
+        decode_run 100 "$variant" "$out/decode_ratio.jsonl" >/dev/null
     done
 done
 python3 - "$out/decode_ratio.jsonl" <<'PY' | tee -a "$log"

@@ -15,6 +15,5 @@ source benchmarks/steps.sh
 table_variant /tmp/qk8 "4096,6144" split_reduce=kernel split_k=8
 table_variant /tmp/qk4 "4096,6144" split_reduce=kernel split_k=4
 decode_ab 100 "$out/qkv_reduce.jsonl" /tmp/qk8 /tmp/qk4
-step 100 python3 benchmarks/bench_generate.py --variants bf16 --batch 1 --fuse --quantize-lm-head \
-    --quantize-embeddings --repeats 3 --json "$out/qkv_reduce.jsonl"
+decode_run 100 bf16 "$out/qkv_reduce.jsonl"
 echo "== done $(date +%T)" | tee -a "$log"

@@ -24,7 +24,6 @@ cp "/tmp/st3/$table.json" "$out/st3_$table.json"
 layer=(python3 benchmarks/bench_int8_matmul.py --shapes layer --brief --ms 1,16)
 JINT8_KERNEL_TABLES=/tmp/st3 step 60 "${layer[@]}"
 step 60 "${layer[@]}"
-step 100 python3 benchmarks/bench_generate.py --variants bf16 --batch 1 --fuse --quantize-lm-head \
-    --quantize-embeddings --repeats 3 --json "$out/stages_e2e.jsonl"
+decode_run 100 bf16 "$out/stages_e2e.jsonl"
 decode_ab 100 "$out/stages_e2e.jsonl" /tmp/st3
 echo "== done $(date +%T)" | tee -a "$log"

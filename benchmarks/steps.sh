@@ -6,19 +6,22 @@ step() {
     timeout "$1" "${@:2}" 2>&1 | grep -v -E '^[WI][0-9]{4} ' | tee -a "$log"
 }
 
-# `decode_ab SECONDS JSONL DIR...`: batch-1 (DECODE_BATCH) int8 decode of the Llama-3-8B shape
-# (bench_generate, as RESULTS' end-to-end rows) with jint8's tables, then with each
-# JINT8_KERNEL_TABLES directory DIR, then with jint8's again (A/B/.../A); one process each, a
-# line per run appended to JSONL.
+# `decode_run SECONDS VARIANT JSONL`: one batch-1 (DECODE_BATCH) decode process of the
+# Llama-3-8B shape (bench_generate, as RESULTS' end-to-end rows), its line appended to JSONL.
+decode_run() {
+    step "$1" python3 benchmarks/bench_generate.py --variants "$2" --batch "${DECODE_BATCH:-1}" --fuse \
+        --quantize-lm-head --quantize-embeddings --repeats 3 --json "$3"
+}
+
+# `decode_ab SECONDS JSONL DIR...`: int8 decode_run with jint8's tables, then with each
+# JINT8_KERNEL_TABLES directory DIR, then with jint8's again (A/B/.../A); one process each.
 decode_ab() {
-    local bench=(python3 benchmarks/bench_generate.py --variants int8 --batch "${DECODE_BATCH:-1}" --fuse
-                 --quantize-lm-head --quantize-embeddings --repeats 3 --json "$2")
-    step "$1" "${bench[@]}"
+    decode_run "$1" int8 "$2"
     local dir
     for dir in "${@:3}"; do
-        JINT8_KERNEL_TABLES="$dir" step "$1" "${bench[@]}"
+        JINT8_KERNEL_TABLES="$dir" decode_run "$1" int8 "$2"
     done
-    step "$1" "${bench[@]}"
+    decode_run "$1" int8 "$2"
 }
 
 # `table_variant DIR SHAPES FIELD=VALUE...`: DIR/$table.json, a copy of jint8's table for

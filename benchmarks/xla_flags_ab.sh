@@ -13,8 +13,7 @@ out="${OUT:-/tmp}"
 log="$out/xla_flags.log"
 source benchmarks/steps.sh
 run() {  # run VARIANT [XLA_FLAGS]
-    XLA_FLAGS="${2:-}" step 100 python3 benchmarks/bench_generate.py --variants "$1" --batch 1 \
-        --fuse --quantize-lm-head --quantize-embeddings --repeats 3 --json "$out/xla_flags.jsonl"
+    XLA_FLAGS="${2:-}" decode_run 100 "$1" "$out/xla_flags.jsonl"
 }
 run int8; run int8 "$FLAGS"; run int8; run int8 "$FLAGS"
 run bf16; run bf16 "$FLAGS"
