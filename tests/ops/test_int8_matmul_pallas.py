@@ -26,6 +26,10 @@ from jint8.ops.int8_matmul.pallas_triton import (
     unsupported_reason,
 )
 from jint8.ops.int8_matmul.pallas_triton_fused import fused_int8_matmul_reference
+from jint8.ops.int8_matmul.pallas_triton_outliers import (
+    outlier_operands,
+    outlier_operands_reference,
+)
 from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows
 from int8_plans import FUSED_VARIANTS, PLANS, SMALL_QUANT, THRESHOLD, fused_plan, gemm_config
 
@@ -60,7 +64,7 @@ def _special_rows(x, rows):
 @pytest.mark.parametrize("threshold", [THRESHOLD, 0.0])
 def test_activation_pass_equals_reference_quantize_rows(rng, m, k, dtype, threshold):
     x, *_ = _inputs(rng, m, k, 1, dtype, outlier_cols=3)
-    config = configs.default_plan(m, k, 1).quantize  # whole rows (m <= 64) or 4-row chunks
+    config = configs.default_plan(m, k, 1).quantize  # whole rows (m <= 256) or 4-row chunks
     got = quantize_rows(x, threshold, config=config, interpret=True)
     want = reference.quantize_rows(x, threshold)
     for name, g, w in zip(("xq", "row_scales", "col_mask"), got, want):
@@ -294,3 +298,29 @@ def test_consumer_split_partials_sum_to_the_op_result(rng, m, k, n, split_k, nor
     whole = run(summing, split_partials=True)
     assert whole.shape == (1, m, n) and whole.dtype == y.dtype
     np.testing.assert_array_equal(np.asarray(whole[0], np.float32), np.asarray(y, np.float32), err_msg=msg)
+
+
+@pytest.mark.parametrize("m,k,n,flagged,capacity,layout", [
+    (70, 129, 300, 5, 64, "nk"),   # 3 row programs, 2 weight programs, odd K
+    (3, 200, 33, 12, 4, "kn"),     # capacity overflow: only the first 4 slots live
+    (1, 77, 45, 0, 8, "nk"),       # no outlier column: every slot 0
+    (40, 100, 513, 40, 40, "nk"),  # exactly at capacity, slots past it padded
+])
+def test_outlier_operands_equal_reference(rng, m, k, n, flagged, capacity, layout):
+    """The slot list, its gathered x / xq / weight operands, the count and the overflow flag,
+    bit for bit as the XLA formulation (jnp.nonzero, take) gives them."""
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    xq = jnp.asarray(rng.integers(-127, 128, (m, k), dtype=np.int8))
+    wq = jnp.asarray(rng.integers(-127, 128, (n, k) if layout == "nk" else (k, n), dtype=np.int8))
+    flags = np.zeros(k, np.int32)
+    flags[rng.choice(k, flagged, replace=False)] = rng.integers(1, 3, flagged)  # any nonzero flags
+    slots_n = -(-capacity // 32) * 32
+    got = outlier_operands(x, xq, wq, jnp.asarray(flags), capacity=capacity, slots_n=slots_n,
+                           weight_layout=layout, interpret=True)
+    want = outlier_operands_reference(x, xq, wq, jnp.asarray(flags), capacity=capacity,
+                                      slots_n=slots_n, weight_layout=layout)
+    for name in got._fields:
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)),
+                                      np.asarray(getattr(want, name)),
+                                      err_msg=f"{name}, seed {rng.seed_value}")
+    assert int(got.count[0]) == flagged and int(got.overflow[0]) == int(flagged > capacity)

@@ -4,9 +4,10 @@ Computes reference.int8_matmul_reference's function. Per shape bucket the plan
 (configs.plan_for, tuned per GPU in data/*.json) picks one of two routes:
 - "fused" (M <= configs.FUSED_MAX_M, decode): one kernel does everything
   (pallas_triton_fused): no capacity, no index list, one launch per call;
-- "pallas": the activation-pass kernel, [K]-sized XLA work (outlier count, the static,
-  zero-padded outlier index list) and the GEMM kernel with the whole epilogue fused; capacity
-  overflow is a flag the GEMM reads (exact dense sweep), never a lax.cond;
+- "pallas": the activation-pass kernel, the outlier-operands kernel (the static, zero-padded
+  outlier column list, the count, and x, xq and the weight gathered on it:
+  pallas_triton_outliers) and the GEMM kernel with the whole epilogue fused; capacity overflow
+  is a flag the GEMM reads (exact dense sweep), never a lax.cond;
 - "xla_gemm" (large M): the same activation pass, XLA's own int8 GEMM (cuBLAS, int32 out) for
   xq @ wq, then the GEMM kernel's epilogue alone on that accumulator (int8_gemm(accumulator=)):
   the outlier correction and stream, scales, bias and cast in one pass. It writes and reads
@@ -28,6 +29,7 @@ from jint8.ops.int8_matmul.api import Backend
 from jint8.ops.int8_matmul.configs import KernelPlan, plan_for
 from jint8.ops.int8_matmul.pallas_triton_fused import fused_int8_matmul
 from jint8.ops.int8_matmul.pallas_triton_gemm import OUTLIER_SLOT_MULTIPLE, int8_gemm
+from jint8.ops.int8_matmul.pallas_triton_outliers import outlier_operands
 from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows_unmasked
 
 BACKEND_NAME = "pallas_triton"
@@ -128,23 +130,26 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, outl
     xq, row_scales, col_flags = quantize_rows_unmasked(
         x, threshold=threshold, config=plan.quantize, interpret=interpret
     )
-    col_mask = col_flags > 0
-    num_outliers = jnp.sum(col_mask, dtype=jnp.int32)
-    overflow = (num_outliers > outlier_capacity) if threshold > 0 else jnp.zeros((), bool)
-    stats = reference.Int8MatmulStats(num_outliers, overflow)
-
     # Capacity overflow is handled inside the GEMM kernel (a flag it reads), so no lax.cond and
     # no host round trip per call; unlike the reference it is reported through `stats` only,
     # since a logging callback would cost a device-to-host sync on every call.
-    slots_n = _padded_capacity(outlier_capacity)
-    slots, valid = reference.outlier_columns(col_mask, slots_n)
-    valid = valid & (jnp.arange(slots_n) < outlier_capacity)
-    # xq still holds the outlier columns: the kernel subtracts their exact int32 share.
+    if threshold > 0:
+        # The slot list and its gathered operands: one small kernel (pallas_triton_outliers).
+        # xq still holds the outlier columns: the GEMM subtracts their exact int32 share.
+        outliers = outlier_operands(
+            x, xq, wq, col_flags, capacity=outlier_capacity,
+            slots_n=_padded_capacity(outlier_capacity), weight_layout=layout,
+            interpret=interpret)
+        stats = reference.Int8MatmulStats(outliers.count[0], outliers.overflow[0] > 0)
+        outlier_args = (outliers.x_o, outliers.xq_o, outliers.w_o, col_flags,
+                             outliers.overflow)
+    else:  # no outlier terms: the kernel reads none of these operands
+        stats = reference.Int8MatmulStats(jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+        outlier_args = (x, xq, wq, col_flags, col_flags)
     accumulator = reference.int8_dot(xq, wq, layout) if plan.gemm_path == "xla_gemm" else None
     y = int8_gemm(
         xq, wq, row_scales, col_scales,
-        _bias_operand(bias, col_scales), x,
-        slots, valid.astype(jnp.int32), col_flags, overflow.astype(jnp.int32).reshape(1),
+        _bias_operand(bias, col_scales), x, *outlier_args,
         accumulator, config=plan.gemm, out_dtype=out_dtype, has_bias=bias is not None,
         has_outliers=threshold > 0, dense_fallback=outlier_capacity < x.shape[1],
         accumulator_only=accumulator_only, poison_output=poison_output, interpret=interpret,
