@@ -35,6 +35,10 @@ from jint8.ops.int8_matmul.pallas_triton import (  # noqa: E402
     int8_matmul_pallas,
     int8_accumulator_pallas,
 )
+from jint8.ops.int8_matmul.pallas_triton_outliers import (  # noqa: E402
+    outlier_operands,
+    outlier_operands_reference,
+)
 from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows  # noqa: E402
 
 THRESHOLD = 6.0
@@ -232,6 +236,35 @@ def check_output_gate_case(rng, m, k, n, dtype, failures, interpret=False):
           f"(max {rel_gated:.2e})  vs XLA rel={rel:.2e}", flush=True)
 
 
+def check_outlier_operands(rng, failures, interpret=False):
+    """The outlier-operands kernel (slot list, count, overflow, x / xq / weight gathered on the
+    slots) equals its jnp reference bit for bit: every program writes the shared slot list and
+    reads it back after a block barrier, so a race would show here first."""
+    cases = [(256, 8192, 28672, 8, 64, "nk"), (4096, 4096, 4096, 8, 64, "kn"),
+             (300, 777, 513, 40, 16, "nk"), (70, 1000, 333, 0, 64, "nk"),
+             (1024, 14336, 4096, 64, 64, "nk")]
+    if interpret:
+        cases = [(70, 129, 300, 5, 64, "nk"), (3, 200, 33, 12, 4, "kn")]
+    for m, k, n, flagged, capacity, layout in cases:
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        xq = jnp.asarray(rng.integers(-127, 128, (m, k), dtype=np.int8))
+        wq = jnp.asarray(rng.integers(-127, 128, (n, k) if layout == "nk" else (k, n),
+                                      dtype=np.int8))
+        flags = np.zeros(k, np.int32)
+        flags[rng.choice(k, flagged, replace=False)] = 1
+        slots_n = -(-capacity // 32) * 32
+        args = (x, xq, wq, jnp.asarray(flags))
+        kw = dict(capacity=capacity, slots_n=slots_n, weight_layout=layout)
+        got = outlier_operands(*args, **kw, interpret=interpret)
+        want = jax.jit(functools.partial(outlier_operands_reference, **kw))(*args)
+        bad = [name for name in got._fields
+               if not np.array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)))]
+        label = f"outlier operands M={m} K={k} N={n} {layout} flagged={flagged} cap={capacity}"
+        if bad:
+            failures.append(f"{label}: {bad} differ")
+        print(f"  ok? {not bad}  {label}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -284,6 +317,7 @@ def main():
             for dtype in (jnp.bfloat16, jnp.float16):
                 check_output_gate_case(rng, m, k, n, dtype, failures, args.interpret)
     elif args.large_m:
+        check_outlier_operands(rng, failures)
         case(70, 1000, 333, jnp.float16, 8, 64, True)
         case(70, 1000, 333, jnp.float32, 8, 64, False)
         case(70, 1000, 333, jnp.bfloat16, 0, 64, True)  # no outliers
@@ -292,6 +326,7 @@ def main():
         case(1024, 1024, 777, jnp.bfloat16, 8, 64, True)
         case(4096, 4096, 4096, jnp.bfloat16, 8, 64, False)
     elif args.interpret:
+        check_outlier_operands(rng, failures, interpret=True)
         case(3, 200, 129, jnp.bfloat16, 8, 64, True)
         case(17, 100, 33, jnp.float32, 12, 4, False)
         case(1, 77, 45, jnp.bfloat16, 3, 64, True, special_rows=True)
@@ -308,6 +343,7 @@ def main():
         case(64, 8192, 512, jnp.bfloat16, 3, 64, True, extreme=True)
         case(1, 4096, 1024, jnp.bfloat16, 200, 64, False)  # many outlier columns, decode
         case(7, 1000, 333, jnp.float16, 3, 64, True, special_rows=True)  # zero/all-outlier rows
+        check_outlier_operands(rng, failures)
     print(f"{len(failures)} failures in {time.time() - start:.0f} s")
     for failure in failures:
         print("FAIL", failure)

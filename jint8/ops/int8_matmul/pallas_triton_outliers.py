@@ -33,8 +33,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from jint8.ops.int8_matmul import reference
 
-_BLOCK_ROWS = 32  # rows of x (and xq) per program
-_BLOCK_COLS = 256  # weight columns (output features) per program
+BLOCK_ROWS = 32  # rows of x (and xq) per program
+BLOCK_COLS = 256  # weight columns (output features) per program
 
 
 class OutlierOperands(NamedTuple):
@@ -71,7 +71,7 @@ def _load(ref, index, mask):
 
 def _operands_kernel(flags_ref, x_ref, xq_ref, w_ref, x_o_ref, xq_o_ref, w_o_ref, slots_ref,
                      count_ref, overflow_ref, *, capacity: int, nk_layout: bool,
-                     row_programs: int, interpret: bool):
+                     row_programs: int, block_rows: int, block_cols: int, interpret: bool):
     m, k = x_ref.shape
     n = w_ref.shape[0] if nk_layout else w_ref.shape[1]
     cp = x_o_ref.shape[1]
@@ -97,7 +97,7 @@ def _operands_kernel(flags_ref, x_ref, xq_ref, w_ref, x_o_ref, xq_o_ref, w_o_ref
 
     @pl.when(pid < row_programs)
     def _rows():
-        rows = pid * _BLOCK_ROWS + jnp.arange(_BLOCK_ROWS)
+        rows = pid * block_rows + jnp.arange(block_rows)
         row_ok = rows < m
         mask = row_ok[:, None] & valid[None, :]
         at = (rows[:, None], slots[None, :])
@@ -107,7 +107,7 @@ def _operands_kernel(flags_ref, x_ref, xq_ref, w_ref, x_o_ref, xq_o_ref, w_o_ref
 
     @pl.when(pid >= row_programs)
     def _weight_columns():
-        cols = (pid - row_programs) * _BLOCK_COLS + jnp.arange(_BLOCK_COLS)
+        cols = (pid - row_programs) * block_cols + jnp.arange(block_cols)
         col_ok = cols < n
         if nk_layout:
             at, out = (cols[:, None], slots[None, :]), (cols[:, None], slot[None, :])
@@ -118,9 +118,11 @@ def _operands_kernel(flags_ref, x_ref, xq_ref, w_ref, x_o_ref, xq_o_ref, w_o_ref
         plgpu.store(w_o_ref.at[out], _load(w_ref, at, mask), mask=store_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "slots_n", "weight_layout", "interpret"))
+@functools.partial(jax.jit, static_argnames=("capacity", "slots_n", "weight_layout", "interpret",
+                                             "block_rows", "block_cols", "num_warps"))
 def outlier_operands(x, xq, wq, col_flags, *, capacity: int, slots_n: int, weight_layout: str,
-                     interpret: bool = False) -> OutlierOperands:
+                     interpret: bool = False, block_rows: int = BLOCK_ROWS,
+                     block_cols: int = BLOCK_COLS, num_warps=None) -> OutlierOperands:
     """x [M, K], xq [M, K] int8, wq [K, N] ("kn") or [N, K] ("nk") int8, col_flags [K] int32
     (nonzero on outlier columns) -> OutlierOperands with slots_n slots, the first
     min(count, capacity) of them live: equal to outlier_operands_reference."""
@@ -130,14 +132,15 @@ def outlier_operands(x, xq, wq, col_flags, *, capacity: int, slots_n: int, weigh
     if xq.shape != (m, k) or col_flags.shape != (k,) or (wq.shape[1] if nk_layout else wq.shape[0]) != k:
         raise ValueError(f"outlier_operands: x {x.shape}, xq {xq.shape}, wq {wq.shape} "
                          f"({weight_layout}) and col_flags {col_flags.shape} do not agree on K={k}")
-    row_programs = pl.cdiv(m, _BLOCK_ROWS)
+    row_programs = pl.cdiv(m, block_rows)
     kernel = functools.partial(_operands_kernel, capacity=capacity, nk_layout=nk_layout,
-                               row_programs=row_programs, interpret=interpret)
+                               row_programs=row_programs, block_rows=block_rows,
+                               block_cols=block_cols, interpret=interpret)
     w_shape = (n, slots_n) if nk_layout else (slots_n, n)
-    warps = max(4, min(16, (1 << (k - 1).bit_length()) // 2048))
+    warps = num_warps or max(4, min(16, (1 << (k - 1).bit_length()) // 2048))
     x_o, xq_o, w_o, slots, count, overflow = pl.pallas_call(
         kernel,
-        grid=(row_programs + pl.cdiv(n, _BLOCK_COLS),),
+        grid=(row_programs + pl.cdiv(n, block_cols),),
         out_shape=(
             jax.ShapeDtypeStruct((m, slots_n), x.dtype),
             jax.ShapeDtypeStruct((m, slots_n), jnp.int8),
