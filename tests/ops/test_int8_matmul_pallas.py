@@ -305,15 +305,20 @@ def test_consumer_split_partials_sum_to_the_op_result(rng, m, k, n, split_k, nor
     (3, 200, 33, 12, 4, "kn"),     # capacity overflow: only the first 4 slots live
     (1, 77, 45, 0, 8, "nk"),       # no outlier column: every slot 0
     (40, 100, 513, 40, 40, "nk"),  # exactly at capacity, slots past it padded
+    (5, 64, 40, 3, 32, "kn"),      # column 0 flagged: the dead slots' index is a live column
 ])
 def test_outlier_operands_equal_reference(rng, m, k, n, flagged, capacity, layout):
-    """The slot list, its gathered x / xq / weight operands, the count and the overflow flag,
-    bit for bit as the XLA formulation (jnp.nonzero, take) gives them."""
+    """The slot list, its gathered x and weight operands, xq with the live slots' columns
+    zeroed, the count and the overflow flag, bit for bit as the XLA formulation (jnp.nonzero,
+    take) gives them."""
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     xq = jnp.asarray(rng.integers(-127, 128, (m, k), dtype=np.int8))
     wq = jnp.asarray(rng.integers(-127, 128, (n, k) if layout == "nk" else (k, n), dtype=np.int8))
     flags = np.zeros(k, np.int32)
-    flags[rng.choice(k, flagged, replace=False)] = rng.integers(1, 3, flagged)  # any nonzero flags
+    columns = rng.choice(np.arange(1, k), flagged, replace=False)
+    if (m, k) == (5, 64):
+        columns[0] = 0
+    flags[columns] = rng.integers(1, 3, flagged)  # any nonzero flag marks a column
     slots_n = -(-capacity // 32) * 32
     got = outlier_operands(x, xq, wq, jnp.asarray(flags), capacity=capacity, slots_n=slots_n,
                            weight_layout=layout, interpret=True)
@@ -324,3 +329,5 @@ def test_outlier_operands_equal_reference(rng, m, k, n, flagged, capacity, layou
                                       np.asarray(getattr(want, name)),
                                       err_msg=f"{name}, seed {rng.seed_value}")
     assert int(got.count[0]) == flagged and int(got.overflow[0]) == int(flagged > capacity)
+    live = np.sort(columns)[:capacity]
+    assert np.all(np.asarray(got.xq)[:, live] == 0)

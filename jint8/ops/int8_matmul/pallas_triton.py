@@ -5,13 +5,14 @@ Computes reference.int8_matmul_reference's function. Per shape bucket the plan
 - "fused" (M <= configs.FUSED_MAX_M, decode): one kernel does everything
   (pallas_triton_fused): no capacity, no index list, one launch per call;
 - "pallas": the activation-pass kernel, the outlier-operands kernel (the static, zero-padded
-  outlier column list, the count, and x, xq and the weight gathered on it:
+  outlier column list, the count, x and the weight gathered on it, xq's columns on it zeroed:
   pallas_triton_outliers) and the GEMM kernel with the whole epilogue fused; capacity overflow
   is a flag the GEMM reads (exact dense sweep), never a lax.cond;
 - "xla_gemm" (large M): the same activation pass, XLA's own int8 GEMM (cuBLAS, int32 out) for
   xq @ wq, then the GEMM kernel's epilogue alone on that accumulator (int8_gemm(accumulator=)):
-  the outlier correction and stream, scales, bias and cast in one pass. It writes and reads
-  the int32 [M, N] once, and is faster where cuBLAS's int8 GEMM beats the Triton K loop.
+  the outlier stream (and overflow correction), scales, bias and cast in one pass. It writes
+  and reads the int32 [M, N] once, and is faster where cuBLAS's int8 GEMM beats the Triton K
+  loop.
 [K, N] weights at M > 64 are transposed by XLA first where the plan says so (Triton's int8 MMA
 wants K-major operands). benchmarks/NOTES_int8_matmul.md records which bucket uses what and why.
 """
@@ -134,18 +135,18 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, outl
     # no host round trip per call; unlike the reference it is reported through `stats` only,
     # since a logging callback would cost a device-to-host sync on every call.
     if threshold > 0:
-        # The slot list and its gathered operands: one small kernel (pallas_triton_outliers).
-        # xq still holds the outlier columns: the GEMM subtracts their exact int32 share.
+        # The slot list, its gathered operands, and xq with the slots' columns zeroed: one
+        # small kernel (pallas_triton_outliers).
         outliers = outlier_operands(
             x, xq, wq, col_flags, capacity=outlier_capacity,
             slots_n=_padded_capacity(outlier_capacity), weight_layout=layout,
             interpret=interpret)
+        xq = outliers.xq
         stats = reference.Int8MatmulStats(outliers.count[0], outliers.overflow[0] > 0)
-        outlier_args = (outliers.x_o, outliers.xq_o, outliers.w_o, col_flags,
-                             outliers.overflow)
+        outlier_args = (outliers.x_o, outliers.w_o, col_flags, outliers.overflow)
     else:  # no outlier terms: the kernel reads none of these operands
         stats = reference.Int8MatmulStats(jnp.zeros((), jnp.int32), jnp.zeros((), bool))
-        outlier_args = (x, xq, wq, col_flags, col_flags)
+        outlier_args = (x, wq, col_flags, col_flags)
     accumulator = reference.int8_dot(xq, wq, layout) if plan.gemm_path == "xla_gemm" else None
     y = int8_gemm(
         xq, wq, row_scales, col_scales,

@@ -2,20 +2,21 @@
 
 One program computes out[block_m, block_n]:
   acc   = xq[rows, :] @ wq[:, cols]                       int8 x int8 -> int32, K in block_k steps
-  acc  -= xq[rows, O] @ wq[O, cols]                       exact int32: zeroes the outlier columns
-                                                          the activation pass left in xq
+                                                          (xq's columns in O arrive zeroed)
   y     = acc * (s_x[rows] * s_w[cols]) * (1/127^2)       bitsandbytes' int8_mm_dequant order
   y    += bias[cols]
   y    += x[rows, O] @ (wq[O, cols] * s_w * (1/127)).astype(x.dtype)      the outlier stream
   out   = y.astype(out_dtype)
 O is the static, zero-padded list of outlier columns (capacity C rounded up to 32, the int8 MMA's
-K step); x[:, O], xq[:, O] and the C int8 weight rows come gathered, zero past the live slots,
-from pallas_triton_outliers (one small kernel, so no program gathers scattered columns itself),
-and no int32 matrix touches HBM: the K loop stays a pure int8 dot that Triton pipelines. (Measured: doing the outlier work inside the K loop, in the steps that hold outlier
+K step); x[:, O] and the C int8 weight rows come gathered, zero past the live slots, and xq with
+the columns of O zeroed, from pallas_triton_outliers (one small kernel, so no program gathers
+scattered columns itself), and no int32 matrix touches HBM: the K loop stays a pure int8 dot
+that Triton pipelines. (Measured: doing the outlier work inside the K loop, in the steps that hold outlier
 columns, put a branch in the loop that stopped the pipelining: 1.4x slower at M = 1..16.)
 If the batch has more outlier columns than the capacity, a flag read in the kernel switches the
-outlier terms to an exact dense sweep over all of K (columns selected by the [K] flags): the
-result stays exact to the recipe with no lax.cond and no host sync per call.
+outlier terms to an exact dense sweep over all of K (columns selected by the [K] flags): it
+subtracts xq's share of the flagged columns (those past O are still in xq) in int32 and streams
+all of them, so the result stays exact to the recipe with no lax.cond and no host sync per call.
 
 weight_layout="nk" takes the weight transposed, wt[N, K] (bitsandbytes' layout, K-major):
 Triton's int8 MMAs (wgmma) want both operands K-major, and with wq[K, N] they fall back to a
@@ -87,7 +88,7 @@ def _dot(a, b, *, b_transposed: bool, out_dtype):
 
 def _gemm_kernel(
     xq_ref, w_ref, row_scales_ref, col_scales_ref, bias_ref, x_ref,
-    x_o_ref, xq_o_ref, w_o_ref, col_flags_ref, overflow_ref, *accumulator_and_out,
+    x_o_ref, w_o_ref, col_flags_ref, overflow_ref, *accumulator_and_out,
     config: Config, has_bias: bool, has_outliers: bool, dense_fallback: bool,
     accumulator_only: bool,
 ):
@@ -126,7 +127,7 @@ def _gemm_kernel(
     col_scales = _load_vector(col_scales_ref, tile.cols, tile.col_ok)
     if has_outliers:
         outlier_terms = functools.partial(
-            _outlier_terms, xq_ref, w_ref, x_ref, x_o_ref, xq_o_ref, w_o_ref, col_flags_ref,
+            _outlier_terms, xq_ref, w_ref, x_ref, x_o_ref, w_o_ref, col_flags_ref,
             overflow_ref, tile, col_scales, config=config, dense_fallback=dense_fallback,
         )
         zero_terms = lambda: (jnp.zeros((bm, bn), jnp.int32), jnp.zeros((bm, bn), jnp.float32))
@@ -213,7 +214,7 @@ def _stream_dot(x_part, w_deq, nk_layout):
 
 
 def _outlier_terms(
-    xq_ref, w_ref, x_ref, x_o_ref, xq_o_ref, w_o_ref, col_flags_ref, overflow_ref,
+    xq_ref, w_ref, x_ref, x_o_ref, w_o_ref, col_flags_ref, overflow_ref,
     tile, col_scales, *, config, dense_fallback,
 ):
     """(int32 correction, float32 outlier stream) of one output tile."""
@@ -222,11 +223,11 @@ def _outlier_terms(
 
     def gathered():  # the slots' operands, gathered once (zero past the live slots)
         slots = jnp.arange(x_o_ref.shape[1])
-        xq_o = _load(xq_o_ref, rows, slots, row_ok, None)
         x_o = _load(x_o_ref, rows, slots, row_ok, None)
         w_o = _load_weight(w_o_ref, slots, tile, None, nk_layout)
-        correction = _dot(xq_o, w_o, b_transposed=nk_layout, out_dtype=jnp.int32)
         w_deq = _dequantize(w_o, col_scales, x_ref.dtype, nk_layout)
+        # xq's columns in O are zero already: no int32 correction
+        correction = jnp.zeros((config.block_m, config.block_n), jnp.int32)
         return correction, _stream_dot(x_o, w_deq, nk_layout)
 
     if not dense_fallback:
@@ -261,20 +262,21 @@ def _outlier_terms(
                      "accumulator_only", "poison_output", "interpret"),
 )
 def int8_gemm(
-    xq, w, row_scales, col_scales, bias, x, x_o, xq_o, w_o, col_flags, overflow,
+    xq, w, row_scales, col_scales, bias, x, x_o, w_o, col_flags, overflow,
     accumulator=None, *, config: Config, out_dtype, has_bias: bool, has_outliers: bool,
     dense_fallback: bool, accumulator_only: bool = False, poison_output: bool = False, interpret: bool = False,
 ):
     """The fused GEMM.
 
     Args:
-      xq: [M, K] int8 from the activation pass (outlier columns not yet zeroed).
+      xq: [M, K] int8 from the activation pass, the live slots' columns zeroed
+        (pallas_triton_outliers; on an overflow the flagged columns past them are not).
       w: [K, N] int8 (config.weight_layout "kn") or [N, K] ("nk").
       row_scales: [M] f32; col_scales: [N] f32; bias: [N] (read only if has_bias).
       x: [M, K] the original activations (outlier stream and overflow sweep read them).
-      x_o, xq_o, w_o: the outlier slots' operands (pallas_triton_outliers.OutlierOperands):
-        x[:, O] [M, Cp], xq[:, O] [M, Cp] int8 and the weight rows [Cp, N] ("kn") or [N, Cp]
-        ("nk") int8, zero past the live slots; Cp a multiple of 32. Read only if has_outliers.
+      x_o, w_o: the outlier slots' operands (pallas_triton_outliers.OutlierOperands):
+        x[:, O] [M, Cp] and the weight rows [Cp, N] ("kn") or [N, Cp] ("nk") int8, zero past
+        the live slots; Cp a multiple of 32. Read only if has_outliers.
       col_flags: [K] int32, nonzero on outlier columns; overflow: [1] int32, nonzero when the
         batch has more outlier columns than the capacity (then the dense sweep runs).
       accumulator: optional [M, N] int32 xq @ w computed elsewhere (XLA's int8 GEMM, the
@@ -293,7 +295,7 @@ def int8_gemm(
         _gemm_kernel, config=config, has_bias=has_bias, has_outliers=has_outliers,
         dense_fallback=dense_fallback, accumulator_only=accumulator_only,
     )
-    operands = [xq, w, row_scales, col_scales, bias, x, x_o, xq_o, w_o, col_flags, overflow]
+    operands = [xq, w, row_scales, col_scales, bias, x, x_o, w_o, col_flags, overflow]
     if accumulator is not None:
         if config.split_k != 1 or accumulator.shape != (m, n) or accumulator.dtype != jnp.int32:
             raise ValueError(

@@ -1,14 +1,17 @@
 """The two-kernel routes' outlier operands in one small Pallas (Triton lowering) kernel.
 
-Between the activation pass (per-column outlier flags) and the GEMM's epilogue, the routes need
-the static-size list O of outlier columns and the operands of the outlier terms on it:
+Between the activation pass (per-column outlier flags) and the GEMM, the routes need the
+static-size list O of outlier columns and the operands of the outlier stream on it:
   x_o  = x[:, O]      [M, C]  the 16-bit outlier stream's activations
-  xq_o = xq[:, O]     [M, C]  int8, for the exact int32 correction (xq still holds them)
   w_o  = wq[O, :]     [C, N] ("kn") or [N, C] ("nk"), int8
-with 0 in the slots past the outlier count (or past the capacity), and the count and the
-capacity-overflow flag. Before, XLA formed O (jnp.nonzero: a broadcast, a cumulative sum, a
-scatter and a select, each a kernel) and every epilogue program gathered its own x_o, xq_o and
-w_o tiles from the scattered columns: at M = 256 on 8192x28672 that was 8 small XLA kernels
+with 0 in the slots past the outlier count (or past the capacity), the count and the
+capacity-overflow flag, and xq with the columns of O zeroed (in place: the activation pass
+cannot zero them, no row block of it knows the column mask), so the int8 GEMM that follows
+(Triton's K loop or XLA's) sums only the non-outlier columns and needs no correction. On a
+capacity overflow the flagged columns past O stay in xq: the GEMM's dense sweep subtracts their
+exact int32 share. Before, XLA formed O (jnp.nonzero: a broadcast, a cumulative sum, a
+scatter and a select, each a kernel), every epilogue program gathered its own x_o, xq_o and
+w_o tiles from the scattered columns and subtracted xq_o @ w_o: at M = 256 on 8192x28672 that was 8 small XLA kernels
 (~21 us) and 39 of the epilogue's 54 us (profile_op.py, 2026-11-24), since each x_o tile was
 gathered again by all N / block_n programs of its rows.
 
@@ -16,8 +19,8 @@ Here each program reads the [K] flags once, forms O with a prefix sum (the k-th 
 goes to slot cumsum - 1, in ascending column order as jnp.nonzero gives it), writes it to a
 [C + 1] scratch output (slot C takes the writes of unflagged lanes, so a masked scatter has no
 colliding live lanes in interpret mode either), waits on a block barrier, reads it back as a [C]
-vector and gathers one block: block_rows rows of x and xq (the first programs), or block_cols
-weight columns (the rest). Every program writes the same O, so the scratch holds the same
+vector and does one block: block_rows rows of x gathered and of xq zeroed on O (the first
+programs), or block_cols weight columns gathered (the rest). Every program writes the same O, so the scratch holds the same
 values whichever program wrote last. Program 0 writes the count and the overflow flag.
 """
 
@@ -41,7 +44,7 @@ class OutlierOperands(NamedTuple):
     """The outlier terms' operands on the static slot list (module docstring)."""
 
     x_o: jax.Array  # [M, C] x.dtype
-    xq_o: jax.Array  # [M, C] int8
+    xq: jax.Array  # [M, K] int8: the input xq with the live slots' columns zeroed
     w_o: jax.Array  # [C, N] ("kn") or [N, C] ("nk") int8
     slots: jax.Array  # [C] int32 column indices (0 past the count)
     count: jax.Array  # [1] int32: outlier columns in the batch
@@ -56,12 +59,13 @@ def outlier_operands_reference(x, xq, wq, col_flags, *, capacity: int, slots_n: 
     valid = valid & (jnp.arange(slots_n) < capacity)
     count = jnp.sum(col_mask, dtype=jnp.int32)
     x_o = jnp.where(valid[None, :], jnp.take(x, slots, axis=1), 0).astype(x.dtype)
-    xq_o = jnp.where(valid[None, :], jnp.take(xq, slots, axis=1), 0).astype(jnp.int8)
+    live = jnp.zeros(xq.shape[1], bool).at[slots].max(valid)  # the columns in live slots
+    xq = jnp.where(live[None, :], jnp.int8(0), xq)
     if weight_layout == "nk":
         w_o = jnp.where(valid[None, :], jnp.take(wq, slots, axis=1), 0)
     else:
         w_o = jnp.where(valid[:, None], jnp.take(wq, slots, axis=0), 0)
-    return OutlierOperands(x_o, xq_o, w_o.astype(jnp.int8), slots, count.reshape(1),
+    return OutlierOperands(x_o, xq, w_o.astype(jnp.int8), slots, count.reshape(1),
                            (count > capacity).astype(jnp.int32).reshape(1))
 
 
@@ -69,9 +73,10 @@ def _load(ref, index, mask):
     return plgpu.load(ref.at[index], mask=mask, other=0)
 
 
-def _operands_kernel(flags_ref, x_ref, xq_ref, w_ref, x_o_ref, xq_o_ref, w_o_ref, slots_ref,
+def _operands_kernel(flags_ref, x_ref, xq_in_ref, w_ref, x_o_ref, xq_ref, w_o_ref, slots_ref,
                      count_ref, overflow_ref, *, capacity: int, nk_layout: bool,
                      row_programs: int, block_rows: int, block_cols: int, interpret: bool):
+    del xq_in_ref  # aliased to xq_ref: the activation pass's xq on entry
     m, k = x_ref.shape
     n = w_ref.shape[0] if nk_layout else w_ref.shape[1]
     cp = x_o_ref.shape[1]
@@ -103,7 +108,12 @@ def _operands_kernel(flags_ref, x_ref, xq_ref, w_ref, x_o_ref, xq_o_ref, w_o_ref
         at = (rows[:, None], slots[None, :])
         out = (rows[:, None], slot[None, :])
         plgpu.store(x_o_ref.at[out], _load(x_ref, at, mask), mask=row_ok[:, None])
-        plgpu.store(xq_o_ref.at[out], _load(xq_ref, at, mask), mask=row_ok[:, None])
+        # Dead slots aim at the first live slot's column (zeroed anyway): interpret mode writes
+        # masked-off lanes back with the value they read, which must not land on a live one.
+        first = jnp.min(jnp.where(valid, slots, k))
+        target = (rows[:, None], jnp.where(valid, slots, first)[None, :])
+        live = row_ok[:, None] & (jnp.max(valid.astype(jnp.int32)) > 0)
+        plgpu.store(xq_ref.at[target], jnp.zeros((block_rows, cp), jnp.int8), mask=live)
 
     @pl.when(pid >= row_programs)
     def _weight_columns():
@@ -125,7 +135,8 @@ def outlier_operands(x, xq, wq, col_flags, *, capacity: int, slots_n: int, weigh
                      block_cols: int = BLOCK_COLS, num_warps=None) -> OutlierOperands:
     """x [M, K], xq [M, K] int8, wq [K, N] ("kn") or [N, K] ("nk") int8, col_flags [K] int32
     (nonzero on outlier columns) -> OutlierOperands with slots_n slots, the first
-    min(count, capacity) of them live: equal to outlier_operands_reference."""
+    min(count, capacity) of them live: equal to outlier_operands_reference. xq's buffer is
+    reused for the returned xq (XLA copies it first if the caller still uses it)."""
     m, k = x.shape
     nk_layout = weight_layout == "nk"
     n = wq.shape[0] if nk_layout else wq.shape[1]
@@ -138,19 +149,20 @@ def outlier_operands(x, xq, wq, col_flags, *, capacity: int, slots_n: int, weigh
                                block_cols=block_cols, interpret=interpret)
     w_shape = (n, slots_n) if nk_layout else (slots_n, n)
     warps = num_warps or max(4, min(16, (1 << (k - 1).bit_length()) // 2048))
-    x_o, xq_o, w_o, slots, count, overflow = pl.pallas_call(
+    x_o, xq, w_o, slots, count, overflow = pl.pallas_call(
         kernel,
         grid=(row_programs + pl.cdiv(n, block_cols),),
         out_shape=(
             jax.ShapeDtypeStruct((m, slots_n), x.dtype),
-            jax.ShapeDtypeStruct((m, slots_n), jnp.int8),
+            jax.ShapeDtypeStruct((m, k), jnp.int8),
             jax.ShapeDtypeStruct(w_shape, jnp.int8),
             jax.ShapeDtypeStruct((slots_n + 1,), jnp.int32),
             jax.ShapeDtypeStruct((1,), jnp.int32),
             jax.ShapeDtypeStruct((1,), jnp.int32),
         ),
+        input_output_aliases={2: 1},
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="jint8_outlier_operands",
     )(col_flags, x, xq, wq)
-    return OutlierOperands(x_o, xq_o, w_o, slots[:slots_n], count, overflow)
+    return OutlierOperands(x_o, xq, w_o, slots[:slots_n], count, overflow)
