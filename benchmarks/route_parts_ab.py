@@ -6,7 +6,7 @@ profile_op.py splits the route at M = 256 into cuBLAS's int8 GEMM and jint8's ke
 it; this times the whole op (bench_int8_matmul.time_op, the same inputs) with the table's plan
 first and last, and in between each variant that changes one part: the activation pass's
 QuantizeConfig (block_rows x block_cols / warps) and the epilogue kernel's tiles (block_m x
-block_n / warps). --hlo writes the compiled route's optimized HLO, to name the glue fusions.
+block_n [x block_k, the overflow sweep's step] / warps). --hlo writes the compiled route's optimized HLO, to name the glue fusions.
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ def quantize_variant(plan, spec):
 
 
 def epilogue_variant(plan, spec):
+    """block_m x block_n[x block_k] / warps (block_k: the overflow sweep's K step)."""
     tiles, warps = spec.split("/")
-    bm, bn = map(int, tiles.split("x"))
+    bm, bn, *bk = map(int, tiles.split("x"))
     return dataclasses.replace(plan, gemm=dataclasses.replace(
-        plan.gemm, block_m=bm, block_n=bn, num_warps=int(warps)))
+        plan.gemm, block_m=bm, block_n=bn, num_warps=int(warps),
+        block_k=bk[0] if bk else plan.gemm.block_k))
 
 
 def main(argv=None):
