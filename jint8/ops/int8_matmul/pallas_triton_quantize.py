@@ -11,10 +11,10 @@ The column mask is a reduction over *all* rows, so no row block can know it whil
 Instead of a second pass that zeroes xq[:, O] (or a grid-wide barrier), each program ORs its
 flags into a [K] int32 vector with atomics masked to the flagged lanes (real activations have a
 handful of outlier columns, so a handful of atomics per program). xq keeps the *non-outlier*
-elements of outlier columns; the GEMM removes them exactly in int32 by subtracting
-xq[:, O] @ wq[O, :] (the rows it gathers for the outlier stream anyway), which keeps the GEMM's
-inner loop a pure int8 dot. `quantize_rows` below applies the mask for callers that want
-reference.quantize_rows' exact outputs.
+elements of outlier columns: the routes' next kernel (pallas_triton_outliers) zeroes the
+columns of the outlier slot list in place, and on a capacity overflow the GEMM subtracts the
+rest exactly in int32, which keeps the GEMM's inner loop a pure int8 dot. `quantize_rows` below
+applies the mask for callers that want reference.quantize_rows' exact outputs.
 
 Bit-equal to reference.quantize_rows on the same device: 127 / s is rounded as XLA rounds it
 there (_inverse_scale; neither XLA:GPU nor XLA:CPU gives the IEEE quotient, and bf16 inputs hit
