@@ -9,19 +9,24 @@ capacity-overflow flag, and xq with the columns of O zeroed (in place: the activ
 cannot zero them, no row block of it knows the column mask), so the int8 GEMM that follows
 (Triton's K loop or XLA's) sums only the non-outlier columns and needs no correction. On a
 capacity overflow the flagged columns past O stay in xq: the GEMM's dense sweep subtracts their
-exact int32 share. Before, XLA formed O (jnp.nonzero: a broadcast, a cumulative sum, a
-scatter and a select, each a kernel), every epilogue program gathered its own x_o, xq_o and
-w_o tiles from the scattered columns and subtracted xq_o @ w_o: at M = 256 on 8192x28672 that was 8 small XLA kernels
+exact int32 share.
+
+Before, XLA formed O (jnp.nonzero: a broadcast, a cumulative sum, a scatter and a select, each a
+kernel), and every epilogue program gathered its own x_o, xq_o and w_o tiles from the scattered
+columns and subtracted xq_o @ w_o: at M = 256 on 8192x28672 that was 8 small XLA kernels
 (~21 us) and 39 of the epilogue's 54 us (profile_op.py, 2026-11-24), since each x_o tile was
-gathered again by all N / block_n programs of its rows.
+gathered again by all N / block_n programs of its rows. (Gathering w_o in the epilogue again,
+from this kernel's slot list, was 4 us faster at M = 256 and 84 us slower at M = 4096, where 64
+row tiles share each weight tile.)
 
 Here each program reads the [K] flags once, forms O with a prefix sum (the k-th flagged column
 goes to slot cumsum - 1, in ascending column order as jnp.nonzero gives it), writes it to a
 [C + 1] scratch output (slot C takes the writes of unflagged lanes, so a masked scatter has no
-colliding live lanes in interpret mode either), waits on a block barrier, reads it back as a [C]
-vector and does one block: block_rows rows of x gathered and of xq zeroed on O (the first
-programs), or block_cols weight columns gathered (the rest). Every program writes the same O, so the scratch holds the same
-values whichever program wrote last. Program 0 writes the count and the overflow flag.
+colliding live lanes in interpret mode either), waits on a block barrier, reads it back as a
+[C] vector and does one block: block_rows rows of x gathered and of xq zeroed on O (the first
+programs), or block_cols weight columns gathered (the rest). Every program writes the same O,
+so the scratch holds the same values whichever program wrote last. Program 0 writes the count
+and the overflow flag.
 """
 
 from __future__ import annotations
