@@ -1,4 +1,5 @@
-"""The benchmark helpers that interpret XLA output: decode_step_kernels.kernels_of."""
+"""The benchmark helpers that interpret XLA output and profiles: decode_step_kernels.kernels_of,
+profile_summary.gpu_kernel_times."""
 
 import pathlib
 import sys
@@ -150,3 +151,32 @@ def test_write_table_takes_a_correct_candidate_by_the_margin_or_any_with_negativ
     assert tune_decode_shapes.entry_to_write([wrong_fast, table], -1) is None
     nan = row("candidate", 0.010, error=float("nan"))  # a broken plan's NaN output
     assert tune_decode_shapes.entry_to_write([nan, table], -1) is None
+
+
+def test_gpu_kernel_times_sums_stream_events_by_kernel_name(tmp_path):
+    """profile_summary.gpu_kernel_times (behind profile_op.py and outlier_operands_probe.py):
+    complete events on the GPU's stream threads, summed by name with the numeric suffix
+    dropped; host events and the GPU's derived "XLA Ops" lines are not counted."""
+    import gzip
+    import json
+
+    from profile_summary import gpu_kernel_times
+
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 8, "args": {"name": "XLA Ops"}},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "jint8_int8_gemm", "ts": 100.0, "dur": 26.0},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "jint8_int8_gemm", "ts": 300.0, "dur": 27.0},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "loop_convert_fusion.1", "ts": 130.0, "dur": 1.0},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "loop_convert_fusion", "ts": 140.0, "dur": 2.0},
+        {"ph": "X", "pid": 2, "tid": 8, "name": "jint8_int8_gemm", "ts": 100.0, "dur": 26.0},
+        {"ph": "X", "pid": 1, "tid": 3, "name": "PjitFunction", "ts": 90.0, "dur": 500.0},
+    ]
+    path = tmp_path / "perfetto_trace.json.gz"
+    path.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    total, count, span = gpu_kernel_times(path)
+    assert dict(total) == {"jint8_int8_gemm": 53.0, "loop_convert_fusion": 3.0}
+    assert dict(count) == {"jint8_int8_gemm": 2, "loop_convert_fusion": 2}
+    assert span == 227.0  # first start 100, last end 327
