@@ -79,6 +79,14 @@ class WsConfig:
                    **options)
 
 
+def _transposed(ref):
+    """The [n, k] shared-memory tile as the wgmma's [k, n] B operand (int8 wgmma reads both
+    operands K-major): ref.transpose where the installed jax has it (0.11), else transpose_ref."""
+    if hasattr(ref, "transpose"):
+        return ref.transpose((1, 0))
+    return plgpu.transpose_ref(ref, (1, 0))
+
+
 def ws_gemm(a, b, prev, *, config: WsConfig, num_sms=None, interpret=False):
     """a [M, K] int8 @ b [N, K] int8 .T -> [M, N] int32 (prev: unused, see stream_probe)."""
     m, k = a.shape
@@ -89,13 +97,15 @@ def ws_gemm(a, b, prev, *, config: WsConfig, num_sms=None, interpret=False):
     cl_m = cta_m * (2 if c.cluster_dim == "M" else 1)
     cl_n = cta_n * (2 if c.cluster_dim == "N" else 1)
     if m % cl_m or n % cl_n or k % c.tile_k:
-        raise ValueError(f"{m}x{k}x{n} is not a multiple of the cluster tile {cl_m}x{c.tile_k}x{cl_n}")
+        raise ValueError(
+            f"{m}x{k}x{n} is not a multiple of the cluster tile {cl_m}x{c.tile_k}x{cl_n}")
     m_iters, n_iters, k_iters = m // cl_m, n // cl_n, k // c.tile_k
     swizzle = plgpu.find_swizzle(c.tile_k * 8)
     transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
     epi_m, epi_n = 64, c.epi_n
     out_swizzle = plgpu.find_swizzle(epi_n * 32)
-    out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)),
+                      plgpu.SwizzleTransform(out_swizzle))
     num_out_slots = min(2, (c.tile_m * c.tile_n) // (epi_m * epi_n))
     cluster_size = 2 if c.cluster_dim != "-" else 1
 
@@ -163,9 +173,7 @@ def ws_gemm(a, b, prev, *, config: WsConfig, num_sms=None, interpret=False):
                                     out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m, wg_n].at[em, en])
 
                 def mma_body(_, a_smem, b_smem, acc_ref):
-                    plgpu.wgmma(acc_ref, a_smem.at[wg_m],
-                                b_smem.at[wg_n].transpose((1, 0)) if hasattr(b_smem, "transpose") else
-                                plgpu.transpose_ref(b_smem.at[wg_n], (1, 0)))
+                    plgpu.wgmma(acc_ref, a_smem.at[wg_m], _transposed(b_smem.at[wg_n]))
                     plgpu.wgmma_wait(c.delay_release)
                     return acc_ref
 

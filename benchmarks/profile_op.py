@@ -4,9 +4,9 @@
 
 bench_int8_matmul.py times the whole jitted op; this traces --calls back-to-back calls of the
 same op on the same inputs (bench_int8_matmul's activations: 8 outlier columns, threshold 6
-unless --threshold, capacity 64; K-major int8 weights) and prints profile_summary's per-kernel table, so a route's
-time splits into its kernels (activation pass, index glue, GEMM, epilogue) and the gaps between
-them (GPU busy against the traced span).
+unless --threshold, capacity 64; K-major int8 weights) and prints profile_summary's per-kernel
+table, so a route's time splits into its kernels (activation pass, outlier operands, GEMM,
+epilogue) and the gaps between them (GPU busy against the traced span).
 """
 
 from __future__ import annotations

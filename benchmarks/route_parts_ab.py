@@ -6,7 +6,8 @@ profile_op.py splits the route at M = 256 into cuBLAS's int8 GEMM and jint8's ke
 it; this times the whole op (bench_int8_matmul.time_op, the same inputs) with the table's plan
 first and last, and in between each variant that changes one part: the activation pass's
 QuantizeConfig (block_rows x block_cols / warps) and the epilogue kernel's tiles (block_m x
-block_n [x block_k, the overflow sweep's step] / warps). --hlo writes the compiled route's optimized HLO, to name the glue fusions.
+block_n [x block_k, the overflow sweep's step] / warps). --hlo writes the compiled route's
+optimized HLO, to name the XLA fusions between the kernels.
 """
 
 from __future__ import annotations

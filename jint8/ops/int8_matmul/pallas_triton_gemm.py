@@ -11,8 +11,9 @@ O is the static, zero-padded list of outlier columns (capacity C rounded up to 3
 K step); x[:, O] and the C int8 weight rows come gathered, zero past the live slots, and xq with
 the columns of O zeroed, from pallas_triton_outliers (one small kernel, so no program gathers
 scattered columns itself), and no int32 matrix touches HBM: the K loop stays a pure int8 dot
-that Triton pipelines. (Measured: doing the outlier work inside the K loop, in the steps that hold outlier
-columns, put a branch in the loop that stopped the pipelining: 1.4x slower at M = 1..16.)
+that Triton pipelines. (Measured: doing the outlier work inside the K loop, in the steps that
+hold outlier columns, put a branch in the loop that stopped the pipelining: 1.4x slower at
+M = 1..16.)
 If the batch has more outlier columns than the capacity, a flag read in the kernel switches the
 outlier terms to an exact dense sweep over all of K (columns selected by the [K] flags): it
 subtracts xq's share of the flagged columns (those past O are still in xq) in int32 and streams
@@ -224,9 +225,9 @@ def _outlier_terms(
     rows, row_ok = tile.rows, tile.row_ok
 
     def gathered(acc):  # the slots' operands, gathered once (zero past the live slots)
-        slots = jnp.arange(x_o_ref.shape[1])
-        x_o = _load(x_o_ref, rows, slots, row_ok, None)
-        w_o = _load_weight(w_o_ref, slots, tile, None, nk_layout)
+        slot = jnp.arange(x_o_ref.shape[1])
+        x_o = _load(x_o_ref, rows, slot, row_ok, None)
+        w_o = _load_weight(w_o_ref, slot, tile, None, nk_layout)
         w_deq = _dequantize(w_o, col_scales, x_ref.dtype, nk_layout)
         # xq's columns in O are zero already: no int32 correction
         return acc, _stream_dot(x_o, w_deq, nk_layout)

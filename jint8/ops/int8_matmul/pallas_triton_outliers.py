@@ -145,7 +145,8 @@ def outlier_operands(x, xq, wq, col_flags, *, capacity: int, slots_n: int, weigh
     m, k = x.shape
     nk_layout = weight_layout == "nk"
     n = wq.shape[0] if nk_layout else wq.shape[1]
-    if xq.shape != (m, k) or col_flags.shape != (k,) or (wq.shape[1] if nk_layout else wq.shape[0]) != k:
+    wq_k = wq.shape[1] if nk_layout else wq.shape[0]
+    if xq.shape != (m, k) or col_flags.shape != (k,) or wq_k != k:
         raise ValueError(f"outlier_operands: x {x.shape}, xq {xq.shape}, wq {wq.shape} "
                          f"({weight_layout}) and col_flags {col_flags.shape} do not agree on K={k}")
     row_programs = pl.cdiv(m, block_rows)
