@@ -17,7 +17,6 @@ import functools
 import os
 import pathlib
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,6 +26,7 @@ import numpy as np  # noqa: E402
 
 import bench_int8_matmul as bench  # noqa: E402
 import profile_summary  # noqa: E402
+from profile_op import trace_calls  # noqa: E402
 from jint8.ops.int8_matmul.pallas_triton_outliers import (  # noqa: E402
     outlier_operands,
     outlier_operands_reference,
@@ -72,13 +72,7 @@ def main(argv=None):
 
 def kernel_micros(op, args, calls=20):
     """GPU kernel microseconds per call of op(*args), from a profile of `calls` calls."""
-    jax.block_until_ready(op(*args))
-    out = tempfile.mkdtemp(prefix="jint8_outlier_probe_")
-    with jax.profiler.trace(out, create_perfetto_trace=True):
-        for _ in range(calls):
-            result = op(*args)
-        jax.block_until_ready(result)
-    (path,) = pathlib.Path(out).rglob("*perfetto_trace.json.gz")
+    (path,) = pathlib.Path(trace_calls(op, args, calls)).rglob("*perfetto_trace.json.gz")
     total, _, _ = profile_summary.gpu_kernel_times(path)
     return sum(total.values()) / calls
 

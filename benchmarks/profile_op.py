@@ -26,6 +26,18 @@ import profile_summary  # noqa: E402
 from jint8.ops.int8_matmul.api import int8_matmul  # noqa: E402
 
 
+def trace_calls(op, args, calls, out=None) -> str:
+    """Traces `calls` back-to-back calls of op(*args) (compiled first) into the directory `out`
+    (default: a new temporary one), with a perfetto trace profile_summary reads; returns it."""
+    jax.block_until_ready(op(*args))
+    out = out or tempfile.mkdtemp(prefix="jint8_profile_op_")
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+        for _ in range(calls):
+            result = op(*args)
+        jax.block_until_ready(result)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--m", type=int, default=256)
@@ -43,12 +55,7 @@ def main(argv=None):
     op = jax.jit(lambda x, wq: int8_matmul(
         x, wq, col_scales, threshold=args.threshold, outlier_capacity=bench.CAPACITY,
         weight_layout="nk", backend="pallas_triton"))
-    jax.block_until_ready(op(x, wq))
-    out = args.out or tempfile.mkdtemp(prefix="jint8_profile_op_")
-    with jax.profiler.trace(out, create_perfetto_trace=True):
-        for _ in range(args.calls):
-            y = op(x, wq)
-        jax.block_until_ready(y)
+    out = trace_calls(op, (x, wq), args.calls, args.out)
     print(f"{jax.devices()[0].device_kind}: int8_matmul M={args.m} K={args.k} N={args.n}, "
           f"threshold {args.threshold}, "
           f"{args.calls} calls ('ms per token' below is per call)")

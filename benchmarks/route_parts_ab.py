@@ -56,12 +56,9 @@ def main(argv=None):
     parser.add_argument("--hlo", default=None)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
-    m, k, n = args.m, args.k, args.n
-    wq, col_scales = bench.weight_copies(rng, k, n)
-    wq_nk = [w.T.copy() for w in wq]
-    del wq
-    xs = bench.activations(rng, m, k, bench.sets_for(m, k, n))
-    table = configs.plan_for(jax.devices()[0].device_kind, m, k, n, "nk")
+    # the sweep's inputs and the table's plan for this one case
+    k, n, m, xs, wq_nk, col_scales, table = next(bench._sweep_cases(
+        rng, [(args.k, args.n)], [args.m]))
     print(f"{jax.devices()[0].device_kind}, M={m} K={k} N={n}; table: {table}", flush=True)
     if args.hlo:
         op = jax.jit(lambda x, w: int8_matmul_pallas(

@@ -331,3 +331,10 @@ def test_outlier_operands_equal_reference(rng, m, k, n, flagged, capacity, layou
     assert int(got.count[0]) == flagged and int(got.overflow[0]) == int(flagged > capacity)
     live = np.sort(columns)[:capacity]
     assert np.all(np.asarray(got.xq)[:, live] == 0)
+
+
+def test_outlier_operands_names_the_disagreeing_shapes():
+    x, xq = jnp.zeros((4, 64), jnp.bfloat16), jnp.zeros((4, 64), jnp.int8)
+    with pytest.raises(ValueError, match=r"wq \(40, 63\).*do not agree on K=64"):
+        outlier_operands(x, xq, jnp.zeros((40, 63), jnp.int8), jnp.zeros((64,), jnp.int32),
+                         capacity=8, slots_n=32, weight_layout="nk", interpret=True)
