@@ -40,7 +40,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jint8.ops.int8_matmul import reference
-from jint8.ops.int8_matmul.pallas_triton_gemm import _load, _load_vector
 
 BLOCK_ROWS = 32  # rows of x (and xq) per program
 BLOCK_COLS = 256  # weight columns (output features) per program
@@ -75,6 +74,10 @@ def outlier_operands_reference(x, xq, wq, col_flags, *, capacity: int, slots_n: 
                            (count > capacity).astype(jnp.int32).reshape(1))
 
 
+def _load(ref, index, mask):
+    return plgpu.load(ref.at[index], mask=mask, other=0)
+
+
 def _operands_kernel(flags_ref, x_ref, xq_in_ref, w_ref, x_o_ref, xq_ref, w_o_ref, slots_ref,
                      count_ref, overflow_ref, *, capacity: int, nk_layout: bool,
                      row_programs: int, block_rows: int, block_cols: int, interpret: bool):
@@ -83,7 +86,7 @@ def _operands_kernel(flags_ref, x_ref, xq_in_ref, w_ref, x_o_ref, xq_ref, w_o_re
     n = w_ref.shape[0] if nk_layout else w_ref.shape[1]
     cp = x_o_ref.shape[1]
     ks = jnp.arange(1 << (k - 1).bit_length())
-    flags = (_load_vector(flags_ref, ks, ks < k) > 0).astype(jnp.int32)
+    flags = (_load(flags_ref, ks, ks < k) > 0).astype(jnp.int32)
     prefix = jnp.cumsum(flags)
     count = jnp.sum(flags)
     slot = jnp.arange(cp)
@@ -106,27 +109,28 @@ def _operands_kernel(flags_ref, x_ref, xq_in_ref, w_ref, x_o_ref, xq_ref, w_o_re
     def _rows():
         rows = pid * block_rows + jnp.arange(block_rows)
         row_ok = rows < m
+        mask = row_ok[:, None] & valid[None, :]
+        at = (rows[:, None], slots[None, :])
         out = (rows[:, None], slot[None, :])
-        plgpu.store(x_o_ref.at[out], _load(x_ref, rows, slots, row_ok, valid),
-                    mask=row_ok[:, None])
+        plgpu.store(x_o_ref.at[out], _load(x_ref, at, mask), mask=row_ok[:, None])
         # Dead slots aim at the first live slot's column (zeroed anyway): interpret mode writes
         # masked-off lanes back with the value they read, which must not land on a live one.
         first = jnp.min(jnp.where(valid, slots, k))
         target = (rows[:, None], jnp.where(valid, slots, first)[None, :])
-        any_live = row_ok[:, None] & (jnp.max(valid.astype(jnp.int32)) > 0)
-        plgpu.store(xq_ref.at[target], jnp.zeros((block_rows, cp), jnp.int8), mask=any_live)
+        live = row_ok[:, None] & (jnp.max(valid.astype(jnp.int32)) > 0)
+        plgpu.store(xq_ref.at[target], jnp.zeros((block_rows, cp), jnp.int8), mask=live)
 
     @pl.when(pid >= row_programs)
     def _weight_columns():
         cols = (pid - row_programs) * block_cols + jnp.arange(block_cols)
         col_ok = cols < n
-        if nk_layout:  # w_o [N, C]
-            gathered = _load(w_ref, cols, slots, col_ok, valid)
-            out, store_mask = (cols[:, None], slot[None, :]), col_ok[:, None]
-        else:  # w_o [C, N]
-            gathered = _load(w_ref, slots, cols, valid, col_ok)
-            out, store_mask = (slot[:, None], cols[None, :]), col_ok[None, :]
-        plgpu.store(w_o_ref.at[out], gathered, mask=store_mask)
+        if nk_layout:
+            at, out = (cols[:, None], slots[None, :]), (cols[:, None], slot[None, :])
+            mask, store_mask = col_ok[:, None] & valid[None, :], col_ok[:, None]
+        else:
+            at, out = (slots[:, None], cols[None, :]), (slot[:, None], cols[None, :])
+            mask, store_mask = valid[:, None] & col_ok[None, :], col_ok[None, :]
+        plgpu.store(w_o_ref.at[out], _load(w_ref, at, mask), mask=store_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "slots_n", "weight_layout", "interpret",
