@@ -12,8 +12,9 @@ after block_until_ready, and the table shows the median of 7 samples. Inputs: x 
   --sweep: time candidate K-major plans on the K=8192, N=28672 layer (for data/<gpu>.json).
   --sweep-split-k: the fused kernel's split_k / block_n on the Llama layers at M = 1, 16.
   --shapes layer|llama|all (default all); --ms 1,16,256,4096.
-"In one jit" columns (M <= 16): all rotated calls inside one jitted executable, as a jitted
-model issues them (time_in_one_jit).
+"In one jit" columns: all rotated calls inside one jitted executable, as a jitted model issues
+them (time_in_one_jit): GPU time and in-executable launch gaps, without the host's per-call
+dispatch floor that sets the plain columns of the small layers.
 """
 
 from __future__ import annotations
@@ -177,9 +178,8 @@ def bench_table(shapes, rng, *, full_columns, ms=MS):
             times["naive_a8w8"] = time_op(naive_a8w8, xs, wq_nk)
             if bnb_time is not None:
                 times["bnb"] = bnb_time(xs)
-            if m <= 16:
-                times["jint8_in_jit"] = time_in_one_jit(jint8, xs, wq_nk)
-                times["bf16_in_jit"] = time_in_one_jit(lambda x, w: x @ w, xs, w_bf16)
+            times["jint8_in_jit"] = time_in_one_jit(jint8, xs, wq_nk)
+            times["bf16_in_jit"] = time_in_one_jit(lambda x, w: x @ w, xs, w_bf16)
             if full_columns and (k, n) == LAYER:
                 times["null_op"] = time_op(lambda x, w: x[:1, :1] + 1, xs, wq)
             plan = configs.plan_for(jax.devices()[0].device_kind, m, k, n, "nk")
@@ -247,12 +247,13 @@ def sweep_candidates(m, k=LAYER[0], n=LAYER[1]):
     return plans
 
 
-def _time_plan(m, plan, xs, weights, col_scales):
+def _time_plan(m, plan, xs, weights, col_scales, in_jit=False):
     op = lambda x, w, plan=plan: int8_matmul_pallas(
         x, w, col_scales, threshold=THRESHOLD, outlier_capacity=CAPACITY,
         weight_layout=plan.reads_layout(), plan=plan)[0]
     try:
-        seconds = time_op(op, xs, weights, samples=5)
+        seconds = (time_in_one_jit(op, xs, weights, samples=5) if in_jit
+                   else time_op(op, xs, weights, samples=5))
     except Exception as error:  # a candidate that does not compile is reported, skipped
         print(f"  M={m} {plan.gemm_path} {plan.gemm}: FAILED {type(error).__name__}: "
               f"{str(error)[:300]}", flush=True)
@@ -273,13 +274,15 @@ def _sweep_cases(rng, shapes, ms):
             yield k, n, m, xs, wq_nk, col_scales, table
 
 
-def sweep(rng, ms, shapes=(LAYER,), paths=configs.GEMM_PATHS):
-    """Times every K-major candidate (of these gemm paths) per shape; prints the best per M."""
+def sweep(rng, ms, shapes=(LAYER,), paths=configs.GEMM_PATHS, in_jit=False):
+    """Times every K-major candidate (of these gemm paths) per shape; prints the best per M.
+    in_jit: time each in one jitted executable (time_in_one_jit), not per call: the small
+    layers' per-call times are the host's dispatch floor."""
     for k, n, m, xs, wq_nk, col_scales, table in _sweep_cases(rng, shapes, ms):
         print(f"K={k} N={n}: the table's plan, then the candidates", flush=True)
         candidates = [table] + [p for p in sweep_candidates(m, k, n) if p.gemm_path in paths]
         results = [(s, p) for p in candidates
-                   if (s := _time_plan(m, p, xs, wq_nk, col_scales)) is not None]
+                   if (s := _time_plan(m, p, xs, wq_nk, col_scales, in_jit)) is not None]
         best_seconds, best = min(results, key=lambda r: r[0])
         print(f"BEST K={k} N={n} M={m}: {best_seconds * 1e3:.4f} ms {best}", flush=True)
 
@@ -304,6 +307,8 @@ def main():
     parser.add_argument("--sweep-ms", default="1,16,64,256,4096")
     parser.add_argument("--sweep-paths", default=",".join(configs.GEMM_PATHS),
                         help="gemm paths the sweep times (comma-separated)")
+    parser.add_argument("--sweep-in-jit", action="store_true",
+                        help="the sweep times candidates in one jit (time_in_one_jit)")
     parser.add_argument("--sweep-split-k", action="store_true",
                         help="time the fused kernel's split_k on the Llama layers")
     parser.add_argument("--shapes", default="all",
@@ -317,7 +322,7 @@ def main():
     shapes = named.get(args.shapes) or [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     if args.sweep:
         sweep(rng, [int(m) for m in args.sweep_ms.split(",")], shapes,
-              tuple(args.sweep_paths.split(",")))
+              tuple(args.sweep_paths.split(",")), in_jit=args.sweep_in_jit)
     if args.sweep_split_k:
         sweep_split_k(rng, LLAMA)
     if args.sweep or args.sweep_split_k:
