@@ -43,6 +43,7 @@ L2_BYTES = 50 * 2**20
 LAYER = (8192, 28672)
 LLAMA = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]
 MS = (1, 16, 256, 4096)
+SWEEP_MS = "1,16,64,256,4096"
 
 
 def activations(rng, m, k, count):
@@ -287,30 +288,34 @@ def sweep(rng, ms, shapes=(LAYER,), paths=configs.GEMM_PATHS, in_jit=False):
         print(f"BEST K={k} N={n} M={m}: {best_seconds * 1e3:.4f} ms {best}", flush=True)
 
 
-def sweep_split_k(rng, shapes, ms=(1, 16)):
-    """The fused kernel's split_k on the smaller layers (few output tiles)."""
+def sweep_split_k(rng, shapes, ms=(1, 16), in_jit=False):
+    """split_k / block_n / block_k of the table's fused or K-loop ("pallas") plan on the
+    smaller layers (few output tiles or long K loops)."""
     for k, n, m, xs, wq_nk, col_scales, base in _sweep_cases(rng, shapes, ms):
-        if base.gemm_path != "fused":
+        if base.gemm_path not in ("fused", "pallas"):
             continue
+        print(f"K={k} N={n} M={m}: the table's plan, then split_k x block_n x block_k", flush=True)
+        _time_plan(m, base, xs, wq_nk, col_scales, in_jit)
         for split_k, block_n, block_k in ((1, 32, 256), (1, 64, 256), (1, 128, 128),
                                           (2, 64, 256), (2, 128, 128), (4, 64, 256),
                                           (4, 128, 128)):
             plan = dataclasses.replace(base, gemm=dataclasses.replace(
                 base.gemm, split_k=split_k, block_n=block_n, block_k=block_k))
             print(f"  K={k} N={n}", end="")
-            _time_plan(m, plan, xs, wq_nk, col_scales)
+            _time_plan(m, plan, xs, wq_nk, col_scales, in_jit)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--sweep-ms", default="1,16,64,256,4096")
+    parser.add_argument("--sweep-ms", default=SWEEP_MS)
     parser.add_argument("--sweep-paths", default=",".join(configs.GEMM_PATHS),
                         help="gemm paths the sweep times (comma-separated)")
     parser.add_argument("--sweep-in-jit", action="store_true",
                         help="the sweep times candidates in one jit (time_in_one_jit)")
     parser.add_argument("--sweep-split-k", action="store_true",
-                        help="time the fused kernel's split_k on the Llama layers")
+                        help="time split_k on the Llama layers (fused or K-loop plans; at --sweep-ms"
+                        " when given, else M = 1, 16)")
     parser.add_argument("--shapes", default="all",
                         help="layer, llama, all, or comma-separated KxN (e.g. 4096x4096,8192x28672)")
     parser.add_argument("--ms", default=",".join(map(str, MS)))
@@ -324,7 +329,8 @@ def main():
         sweep(rng, [int(m) for m in args.sweep_ms.split(",")], shapes,
               tuple(args.sweep_paths.split(",")), in_jit=args.sweep_in_jit)
     if args.sweep_split_k:
-        sweep_split_k(rng, LLAMA)
+        split_ms = (1, 16) if args.sweep_ms == SWEEP_MS else tuple(map(int, args.sweep_ms.split(",")))
+        sweep_split_k(rng, shapes if args.shapes != "all" else LLAMA, split_ms, args.sweep_in_jit)
     if args.sweep or args.sweep_split_k:
         return
     try:

@@ -298,6 +298,7 @@ def main():
         table_case(16, 8192, 28672, jnp.bfloat16, 8, 64, False)
         table_case(40, 1000, 333, jnp.float16, 8, 64, True)
         table_case(256, 4096, 1024, jnp.bfloat16, 8, 64, False)
+        table_case(200, 14336, 4096, jnp.bfloat16, 8, 64, True)  # a per-shape split-K K loop
         table_case(300, 777, 513, jnp.bfloat16, 40, 16, True)  # overflow
         table_case(1024, 1024, 777, jnp.float32, 8, 64, False)
     elif args.norm:
