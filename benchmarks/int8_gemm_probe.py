@@ -1,19 +1,20 @@
 """Which int8 GEMM does the GPU run for xq @ wq.T, and how fast: XLA's (under this process's
 XLA_FLAGS) against cuBLASLt's through torch._int_mm, on the same shapes.
 
-    XLA_FLAGS=... python3 benchmarks/int8_gemm_probe.py [--ms 256,4096] [--k 8192] [--n 28672]
+    XLA_FLAGS=... python3 benchmarks/int8_gemm_probe.py [--ms 256,4096] [--k 8192] [--n 28672] [--torch]
 
 The xla_gemm route's GEMM is XLA's int8 dot (reference.int8_dot: int8 [M, K] x K-major int8
 [N, K] -> int32 [M, N]); at M = 256 on 8192x28672 it is 111 of the op's 165 busy us
 (profile_op.py). This prints, per M, the kernels XLA ran for it with their GPU time (a profile
-of --calls calls) and the wall-clock median per call, then the same for torch._int_mm (cuBLASLt's
-heuristic algorithm) when torch is importable with CUDA. Run it once per XLA_FLAGS setting.
+of --calls calls) and the wall-clock median per call, then with --torch the same for
+torch._int_mm (cuBLASLt's heuristic algorithm; CUDA events). Run it once per XLA_FLAGS setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 import time
 
@@ -28,17 +29,16 @@ import profile_summary  # noqa: E402
 from jint8.ops.int8_matmul import reference  # noqa: E402
 
 
-def wall_ms(call, calls: int) -> float:
-    call()
+def wall_ms(call, calls: int, wait) -> float:
+    """Median over 5 batches of wall ms per call, `calls` calls dispatched back to back, then
+    wait(last result)."""
+    wait(call())
     times = []
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(calls):
             result = call()
-        getattr(result, "block_until_ready", lambda: None)()
-        if hasattr(result, "device") and "cuda" in str(result.device):
-            import torch
-            torch.cuda.synchronize()
+        wait(result)
         times.append((time.perf_counter() - start) / calls * 1e3)
     return float(np.median(times))
 
@@ -52,8 +52,9 @@ def xla_case(m, k, n, calls):
     if not np.array_equal(np.asarray(dot(xq, wq))[:4], expected):
         raise SystemExit(f"M={m}: XLA's int8 dot is not exact")
     trace = profile_op.trace_calls(dot, (xq, wq), calls)
-    print(f"\nXLA int8 dot M={m} K={k} N={n}: wall {wall_ms(lambda: dot(xq, wq), calls):.4f} ms/call")
-    for path in sorted(__import__("pathlib").Path(trace).rglob("*perfetto_trace.json.gz")):
+    wall = wall_ms(lambda: dot(xq, wq), calls, jax.block_until_ready)
+    print(f"\nXLA int8 dot M={m} K={k} N={n}: wall {wall:.4f} ms/call")
+    for path in sorted(pathlib.Path(trace).rglob("*perfetto_trace.json.gz")):
         total, count, _ = profile_summary.gpu_kernel_times(path)
         for name, micros in total.most_common(4):
             print(f"  {name[:90]}: {micros / count[name]:.1f} us x {count[name]}")
@@ -73,7 +74,7 @@ def torch_case(m, k, n, calls):
     b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda", generator=gen)
     out = torch._int_mm(a, b.t())
     torch.cuda.synchronize()
-    ms = wall_ms(lambda: torch._int_mm(a, b.t()), calls)
+    ms = wall_ms(lambda: torch._int_mm(a, b.t()), calls, lambda _: torch.cuda.synchronize())
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(calls):
