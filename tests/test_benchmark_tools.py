@@ -81,15 +81,16 @@ def test_tuned_two_kernel_entry_is_what_dispatch_then_runs(tmp_path, monkeypatch
     assert tune_decode_shapes.route_plans("xla_gemm", candidate, 8, quantize) is None  # no K loop to split
 
     # jint8's entry for down_proj covers M = 1-16 and was tuned at M = 1: the M = 8 winner takes
-    # M = 2-16 and M = 1 keeps its plan.
+    # M = 2-16, M = 1 keeps its plan, and the M = 65-256 entry (split-K K loop) stays as it was.
     h100 = "NVIDIA H100 80GB HBM3"
     at_m1 = configs.plan_for(h100, 1, 14336, 4096, "nk")
     best = dict(gemm_path="pallas", gemm=candidate, ms=0.0401, device=h100)
     tune_decode_shapes._write_entry(str(table), 14336, 4096, 8, best)
     entries = [e for e in json.loads(table.read_text())["shapes_nk"] if (e["k"], e["n"]) == (14336, 4096)]
     assert [(e.get("min_m", 1), e["max_m"], e["gemm_path"]) for e in entries] == [
-        (1, 1, "fused"), (2, 16, "pallas")]
+        (1, 1, "fused"), (2, 16, "pallas"), (65, 256, "pallas")]
     assert entries[1]["measured_us_m8"] == 40.1
+    assert entries[2]["gemm"]["split_k"] == 2 and "measured_us_m8" not in entries[2]
 
     monkeypatch.setattr(configs, "_DATA_DIR", tmp_path)
     configs.clear_cache()
@@ -102,14 +103,14 @@ def test_tuned_two_kernel_entry_is_what_dispatch_then_runs(tmp_path, monkeypatch
         tune_decode_shapes._write_entry(str(table), 14336, 4096, 8, dict(best, ms=0.0388))
         entries = [e for e in json.loads(table.read_text())["shapes_nk"] if (e["k"], e["n"]) == (14336, 4096)]
         assert [(e.get("min_m", 1), e["max_m"], e.get("measured_us_m8")) for e in entries] == [
-            (1, 1, None), (2, 16, 38.8)]
+            (1, 1, None), (2, 16, 38.8), (65, 256, None)]
         # a shape whose only entry starts above the tuned M: the new one fills the gap below it
         data = json.loads(table.read_text())
         data["shapes_nk"] = [e for e in data["shapes_nk"] if (e["k"], e["n"]) != (14336, 4096) or e["max_m"] > 1]
         table.write_text(json.dumps(data))
         tune_decode_shapes._write_entry(str(table), 14336, 4096, 1, dict(best, gemm_path="fused"))
         entries = [e for e in json.loads(table.read_text())["shapes_nk"] if (e["k"], e["n"]) == (14336, 4096)]
-        assert [(e.get("min_m", 1), e["max_m"]) for e in entries] == [(1, 1), (2, 16)]
+        assert [(e.get("min_m", 1), e["max_m"]) for e in entries] == [(1, 1), (2, 16), (65, 256)]
     finally:
         configs.clear_cache()
 
