@@ -10,7 +10,9 @@ after block_until_ready, and the table shows the median of 7 samples. Inputs: x 
 (|x| in [6, 40], one row each), threshold 6, capacity 64; bf16 activations and output.
 
   --sweep: time candidate K-major plans on the K=8192, N=28672 layer (for data/<gpu>.json).
-  --sweep-split-k: the fused kernel's split_k / block_n on the Llama layers at M = 1, 16.
+  --sweep-split-k: split_k / block_n / block_k of the table's fused or K-loop plan on the Llama
+    layers (or --shapes) at M = 1, 16 (or --sweep-ms when given).
+  --sweep-in-jit: either sweep times its candidates in one jit (time_in_one_jit).
   --shapes layer|llama|all (default all); --ms 1,16,256,4096.
 "In one jit" columns: all rotated calls inside one jitted executable, as a jitted model issues
 them (time_in_one_jit): GPU time and in-executable launch gaps, without the host's per-call
