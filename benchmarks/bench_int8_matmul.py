@@ -65,6 +65,11 @@ def weight_copies(rng, k, n):
     return wq, col_scales
 
 
+def bf16_weights(wq, col_scales):
+    """XLA bf16's weights: each int8 [K, N] copy dequantized (the same values, 16-bit)."""
+    return [(w.astype(jnp.float32) * col_scales / 127).astype(jnp.bfloat16) for w in wq]
+
+
 def sets_for(m, k, n):
     """Activation sets to rotate: at least one per weight copy, at most ~2 GB of them."""
     copies = max(1, min(32, math.ceil(2 * L2_BYTES / (k * n))))
@@ -169,7 +174,7 @@ def bench_table(shapes, rng, *, full_columns, ms=MS):
     for k, n in shapes:
         wq, col_scales = weight_copies(rng, k, n)
         wq_nk = [w.T.copy() for w in wq]  # K-major copies, made once outside the timed calls
-        w_bf16 = [(w.astype(jnp.float32) * col_scales / 127).astype(jnp.bfloat16) for w in wq]
+        w_bf16 = bf16_weights(wq, col_scales)
         jint8, jint8_kn, naive_a8w8 = ops_for(col_scales)
         bnb_time = bnb_timer(k, n, len(wq))
         for m in ms:

@@ -16,7 +16,6 @@ import argparse
 import os
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,23 +23,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import bench_int8_matmul as bench  # noqa: E402
 import profile_op  # noqa: E402
 import profile_summary  # noqa: E402
 from jint8.ops.int8_matmul import reference  # noqa: E402
 
 
 def wall_ms(call, calls: int, wait) -> float:
-    """Median over 5 batches of wall ms per call, `calls` calls dispatched back to back, then
-    wait(last result)."""
-    wait(call())
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            result = call()
-        wait(result)
-        times.append((time.perf_counter() - start) / calls * 1e3)
-    return float(np.median(times))
+    """Median wall ms per call of call(), dispatched back to back (bench.time_calls)."""
+    return bench.time_calls(call, [()] * calls, wait, batch_seconds=0.03, samples=5) * 1e3
 
 
 def xla_case(m, k, n, calls):

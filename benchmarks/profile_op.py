@@ -75,8 +75,7 @@ def in_jit(rng, m, k, n, out=None, calls=4):
     """Per-kernel profile of bench_int8_matmul.time_in_one_jit's executable, jint8 then bf16."""
     wq, col_scales = bench.weight_copies(rng, k, n)
     wq_nk = [w.T.copy() for w in wq]
-    w_bf16 = [(w.astype(jax.numpy.float32) * col_scales / 127).astype(jax.numpy.bfloat16)
-              for w in wq]
+    w_bf16 = bench.bf16_weights(wq, col_scales)
     jint8 = bench.ops_for(col_scales)[0]
     xs = bench.activations(rng, m, k, bench.sets_for(m, k, n))
     for name, op, weights in (("jint8", jint8, wq_nk), ("XLA bf16", lambda x, w: x @ w, w_bf16)):
