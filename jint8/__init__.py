@@ -7,6 +7,7 @@
 """
 
 from jint8 import errors, functional, ops
+from jint8._version import __version__
 from jint8.calibration import calibrate, load_int8_config
 from jint8.export import export_bitsandbytes
 from jint8.generation import GenerationConfig, generate
@@ -22,8 +23,6 @@ from jint8.quantize import (
     quantize_params,
     quantize_vectorwise,
 )
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name):

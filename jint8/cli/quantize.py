@@ -1,0 +1,43 @@
+"""`jint8 quantize SRC OUT`: write an int8 (Orbax) checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from jint8.cli.common import Command, CommandError, int8_config_from_args
+
+
+def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="a transformers checkpoint directory or a .gguf file")
+    parser.add_argument("out", help="directory of the int8 checkpoint to write")
+    parser.add_argument("--threshold", type=float, default=6.0, help="int8 outlier threshold (default 6.0)")
+    parser.add_argument("--skip-modules", nargs="*", default=(), metavar="PATTERN",
+                        help="module paths kept in floating point (e.g. lm_head)")
+    parser.add_argument("--quantize-embeddings", action="store_true",
+                        help="int8 embedding tables too (one scale per token row; bitsandbytes keeps them 16-bit)")
+    parser.add_argument("--int8-config", metavar="FILE",
+                        help="Int8Config JSON (from `jint8 calibrate`); replaces --threshold and --skip-modules")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    import jint8
+
+    try:
+        from jint8.checkpoint import quantize_checkpoint
+    except ImportError:
+        raise CommandError("this build of jint8 cannot write quantized checkpoints yet "
+                           "(jint8.checkpoint.quantize_checkpoint is missing)") from None
+    config = int8_config_from_args(args) or jint8.Int8Config(threshold=args.threshold,
+                                                             skip_modules=tuple(args.skip_modules))
+    if args.quantize_embeddings:
+        config = dataclasses.replace(config, quantize_embeddings=True)
+    out = quantize_checkpoint(args.src, args.out, quant_config=config, progress=True, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMAND = Command(
+    "quantize", "write an int8 checkpoint (Orbax) from a checkpoint or GGUF file", _quantize_arguments,
+    _run_quantize, "Load SRC with LLM.int8() quantization and save the quantized parameters to OUT.")
