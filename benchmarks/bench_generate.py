@@ -6,10 +6,16 @@
         --kv-heads 2 --vocab 1024 --prompt 64 --new-tokens 16         # a smoke run on CPU
 
 Weights are drawn directly on the device, leaf by leaf; int8 kernels are drawn as int8 values and
-float32 scales, so the bf16 model is never materialised for the int8 run. A few hidden features
-get a large RMSNorm weight (--outlier-features, --outlier-gain) so the activations entering the
-q/k/v/gate/up projections have outlier columns above the threshold: the LLM.int8() outlier stream
-is live, as in real checkpoints.
+float32 scales, so the bf16 model is never materialised for the int8 run. Activations, by
+--activations:
+- "realistic" (default): what `jint8 inspect` measures on real checkpoints such as SmolLM2. A few
+  hidden features get a large RMSNorm weight (--outlier-features, --outlier-gain): systematic
+  outlier features in every q/k/v/gate/up input. And gate_proj / up_proj outputs get a spread
+  that grows with depth, so down_proj's input silu(gate) * up is heavy-tailed: at 512 tokens
+  the last layer has --down-outlier-fraction of its columns (default 0.15) above the threshold,
+  the first layer a tenth of that, and the count grows with the batch's rows as in real models.
+- "idealised": the planted features only; every projection output is held at std 0.5 so that
+  nothing else crosses the threshold (real checkpoints do not look like this: kept to compare).
 
 Per variant and batch size: prefill time (a call with max_new_tokens=1: prefill + first token;
 for jint8 the same compiled program, as max_new_tokens is traced), decode tokens/s
@@ -67,6 +73,11 @@ def parse_args(argv=None):
     quant.add_argument("--outlier-capacity", type=int, default=64)
     quant.add_argument("--outlier-features", type=int, default=8, help="hidden features with outlier activations")
     quant.add_argument("--outlier-gain", type=float, default=20.0, help="their RMSNorm weight")
+    quant.add_argument("--activations", choices=["realistic", "idealised"], default="realistic",
+                       help="activation statistics of the random model (module docstring)")
+    quant.add_argument("--down-outlier-fraction", type=float, default=0.15,
+                       help="realistic: last layer's share of down_proj input columns with |x| >= "
+                            "threshold at 512 tokens")
     quant.add_argument("--quantize-lm-head", action="store_true", help="int8 lm_head too (bitsandbytes skips it)")
     parser.add_argument("--fuse", action="store_true",
                         help="jint8 variants: fuse_projections (one q|k|v and one gate|up matmul per layer)")
@@ -75,6 +86,9 @@ def parse_args(argv=None):
     parser.add_argument("--json", help="append one JSON line per measurement to this file")
     parser.add_argument("--profile", metavar="DIR", help="also trace one full call per batch with jax.profiler")
     parser.add_argument("--in-process", action="store_true", help="run all variants in this process")
+    parser.add_argument("--inspect", action="store_true",
+                        help="only print the bf16 model's outlier columns per projection on one "
+                             "--prompt-token prompt (jint8.evaluation.inspect_outliers), then exit")
     return parser.parse_args(argv)
 
 
@@ -122,6 +136,38 @@ def _weight_std(fan_in: int, args) -> float:
     return 0.5 * energy**-0.5
 
 
+REFERENCE_ROWS = 512  # tokens at which --down-outlier-fraction holds
+
+
+@functools.cache
+def gated_output_std(fraction: float, threshold: float, rows: int = REFERENCE_ROWS) -> float:
+    """The std s of gate and up outputs for which silu(g) * u, g and u ~ N(0, s^2), has
+    `fraction` of its columns with |x| >= threshold in at least one of `rows` rows (bisection on
+    a fixed sample)."""
+    if fraction <= 0:
+        return 0.5
+    per_element = 1.0 - (1.0 - fraction) ** (1.0 / rows)
+    g, u = np.random.default_rng(0).standard_normal((2, 1_000_000))
+    lo, hi = 0.05, 8.0
+    for _ in range(25):
+        s = (lo + hi) / 2
+        x = s * g / (1.0 + np.exp(-s * g)) * (s * u)
+        lo, hi = (s, hi) if np.mean(np.abs(x) >= threshold) < per_element else (lo, s)
+    return hi
+
+
+def _projection_std(name: str, fan_in: int, args) -> float:
+    """A kernel's std: outputs at std 0.5 (_weight_std), except, with realistic activations,
+    gate_proj / up_proj, whose outputs get gated_output_std of their layer's share of down_proj
+    outlier columns (rising linearly from a tenth of --down-outlier-fraction to all of it)."""
+    std = _weight_std(fan_in, args)
+    if args.activations != "realistic" or not ("gate_proj" in name or "up_proj" in name):
+        return std
+    layer = int(name.split("layers_")[1].split("/")[0])
+    share = args.down_outlier_fraction * (0.1 + 0.9 * layer / max(args.layers - 1, 1))
+    return std * gated_output_std(share, args.threshold) / 0.5
+
+
 def _random_leaf(path, leaf, key, args):
     import jax
     import jax.numpy as jnp
@@ -132,7 +178,7 @@ def _random_leaf(path, leaf, key, args):
     if isinstance(leaf, jint8.Int8Weight):
         # uniform int8 in [-127, 127] has std ~73.3: scale so the dequantized std is _weight_std
         # leaf.shape is the float kernel's [in, out]; an int8 embedding table gets the float one's std 1
-        std = 1.0 if name.endswith("embedding") else _weight_std(leaf.shape[0], args)
+        std = 1.0 if name.endswith("embedding") else _projection_std(name, leaf.shape[0], args)
         qvalue, scale = _jit_by_shape(_int8_uniform)(key, leaf.qvalue.shape, leaf.scale.shape, 127.0 / 73.3 * std)
         return dataclasses.replace(leaf, qvalue=qvalue, scale=scale)
     shape, dtype = leaf.shape, leaf.dtype
@@ -140,7 +186,7 @@ def _random_leaf(path, leaf, key, args):
         gain = args.outlier_gain if ("layernorm" in name) else 1.0
         weights = jnp.ones(shape, dtype).at[: args.outlier_features].set(gain)
         return weights
-    std = 1.0 if "embed" in name else _weight_std(shape[0], args)
+    std = 1.0 if "embed" in name else _projection_std(name, shape[0], args)
     return _jit_by_shape(_normal)(key, shape, jnp.dtype(dtype), std)
 
 
@@ -200,6 +246,21 @@ def _phase(variant: str, what: str, since: float) -> None:
     print(f"[{variant}] {what}: {time.perf_counter() - since:.1f} s", file=sys.stderr, flush=True)
 
 
+def inspect_activations(args) -> None:
+    """The generator's activation statistics as `jint8 inspect` reports them for a checkpoint:
+    outlier columns (|x| >= threshold in any row) per projection input, one random prompt."""
+    import numpy as np
+
+    from jint8.evaluation import inspect_outliers
+
+    model, params = build_model(args, "bf16")
+    prompt = np.random.default_rng(1).integers(0, args.vocab, size=(1, args.prompt), dtype=np.int32)
+    print(f"outlier columns at {args.prompt} tokens, {args.activations} activations:")
+    for layer in inspect_outliers(model, params, [prompt[0]], threshold=args.threshold):
+        count = layer.max_outlier_columns
+        print(f"  {layer.path}: {count} of {layer.num_features} ({count / layer.num_features:.1%})")
+
+
 def run_variant(args, variant: str) -> list[dict]:
     import jax
     import numpy as np
@@ -243,6 +304,7 @@ def run_variant(args, variant: str) -> list[dict]:
             peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30 if stats else None,
             threshold=args.threshold if variant == "int8" else None,
             capacity_overflow_warnings=overflows.count, fused=bool(args.fuse),
+            activations=args.activations,
         ))
         print(json.dumps(rows[-1]), flush=True)
         if args.profile:  # one more full call under the profiler: GPU kernel times per op
@@ -271,7 +333,9 @@ def build_torch_model(args, variant: str):
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0.0, _weight_std(module.in_features, args))
+                # transformers' names (model.layers.3.mlp.gate_proj) in jint8's path form
+                path = name.replace("layers.", "layers_").replace(".", "/")
+                module.weight.normal_(0.0, _projection_std(path, module.in_features, args))
             elif name.endswith("layernorm"):
                 module.weight.fill_(1.0)[: args.outlier_features] = args.outlier_gain
         model.model.embed_tokens.weight.normal_(0.0, 1.0)
@@ -355,6 +419,9 @@ def _markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.inspect:
+        inspect_activations(args)
+        return 0
     rows: list[dict] = []
     if args.in_process or len(args.variants) == 1:
         for variant in args.variants:

@@ -13,6 +13,7 @@ after block_until_ready, and the table shows the median of 7 samples. Inputs: x 
   --sweep-split-k: split_k / block_n / block_k of the table's fused or K-loop plan on the Llama
     layers (or --shapes) at M = 1, 16 (or --sweep-ms when given).
   --sweep-in-jit: either sweep times its candidates in one jit (time_in_one_jit).
+  --outlier-sweep: the op at outlier column counts 0, 8, 64, 256, 1024, K/4 and K (--shapes, --ms).
   --shapes layer|llama|all (default all); --ms 1,16,256,4096.
 "In one jit" columns: all rotated calls inside one jitted executable, as a jitted model issues
 them (time_in_one_jit): GPU time and in-executable launch gaps, without the host's per-call
@@ -126,6 +127,51 @@ def time_in_one_jit(op, xs, ws, *, samples=7):
         jax.block_until_ready(out)
         results.append((time.perf_counter() - start) / (4 * len(pairs)))
     return statistics.median(results)
+
+
+def activations_with_outliers(rng, m, k, count, sets):
+    """`sets` x [M, K] ~ N(0, 1) with exactly `count` outlier columns (|x| >= THRESHOLD in at
+    least one row): each chosen column gets one element in [6, 40] in a random row, the rest of
+    the batch stays below the threshold (|x| < 6 is clipped to 5.9)."""
+    out = []
+    for _ in range(sets):
+        x = np.clip(rng.standard_normal((m, k), dtype=np.float32), -5.9, 5.9)
+        cols = rng.choice(k, count, replace=False)
+        x[rng.integers(0, m, count), cols] = rng.choice([-1.0, 1.0], count) * rng.uniform(6, 40, count)
+        out.append(jnp.asarray(x, jnp.bfloat16))
+    return out
+
+
+def outlier_counts(k):
+    return (0, 8, 64, 256, 1024, k // 4, k)
+
+
+def outlier_sweep(rng, shapes, ms):
+    """The op (public int8_matmul, K-major weights) at outlier column counts 0 .. K per shape
+    and M, against XLA bf16 on the same weights; one compiled op per shape and M serves every
+    count. Prints a markdown table: ms per call (ratio to bf16)."""
+    header = "| K x N | M | bf16 ms | " + " | ".join(f"c={c}" for c in ("0", "8", "64", "256",
+                                                                        "1024", "K/4", "K")) + " |"
+    print("\noutlier columns: ms per call (int8 / bf16)\n" + header)
+    print("|" + "---|" * 10, flush=True)
+    for k, n in shapes:
+        wq, col_scales = weight_copies(rng, k, n)
+        wq_nk = [w.T.copy() for w in wq]
+        bf16 = bf16_weights(wq, col_scales)
+        jint8, _, _ = ops_for(col_scales)
+        del wq
+        for m in ms:
+            # Large batches stream their activations anyway: two sets keep host setup short.
+            sets = 2 if m * k > 2**23 else min(sets_for(m, k, n), 8)
+            base = activations_with_outliers(rng, m, k, 0, sets)
+            t_bf16 = time_op(lambda x, w: x @ w, base, bf16)
+            cells = []
+            for count in outlier_counts(k):
+                xs = activations_with_outliers(rng, m, k, count, sets)
+                t = time_op(jint8, xs, wq_nk)
+                cells.append(f"{t * 1e3:.3f} ({t / t_bf16:.2f})")
+            print(f"| {k}x{n} | {m} | {t_bf16 * 1e3:.3f} | " + " | ".join(cells) + " |", flush=True)
+        del wq_nk, bf16
 
 
 def ops_for(col_scales):
@@ -327,6 +373,8 @@ def main():
                         help="layer, llama, all, or comma-separated KxN (e.g. 4096x4096,8192x28672)")
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--brief", action="store_true", help="leave out the null-op column")
+    parser.add_argument("--outlier-sweep", action="store_true",
+                        help="outlier column counts 0 .. K per shape and M (--shapes, --ms)")
     args = parser.parse_args()
     rng = np.random.default_rng(int(time.time_ns() % 2**31))
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
@@ -338,7 +386,9 @@ def main():
     if args.sweep_split_k:
         split_ms = (1, 16) if args.sweep_ms == SWEEP_MS else tuple(map(int, args.sweep_ms.split(",")))
         sweep_split_k(rng, shapes if args.shapes != "all" else LLAMA, split_ms, args.sweep_in_jit)
-    if args.sweep or args.sweep_split_k:
+    if args.outlier_sweep:
+        outlier_sweep(rng, shapes, tuple(int(m) for m in args.ms.split(",")))
+    if args.sweep or args.sweep_split_k or args.outlier_sweep:
         return
     try:
         import bitsandbytes

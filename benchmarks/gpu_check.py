@@ -9,9 +9,10 @@ Fresh random inputs every run (seed printed). For every shape (odd ones included
 - the whole op, its kernel writing into a NaN-poisoned buffer, is finite everywhere and within
   checks.output_error_bound of the recipe evaluated in float64 on the host (the fused kernel
   with checks.weight_rounding added);
-- the stats (outlier column count, overflow flag) equal the reference's (the fused route has no
-  capacity: it never overflows).
-Exits 1 on any failure. `--quick` runs a subset.
+- the stats' outlier column count equals the reference's, and the kernels' routes never report
+  a capacity overflow (they have no capacity).
+Exits 1 on any failure. `--quick` runs a subset; `--outliers` runs the op's shapes at outlier
+column counts from 0 to K (the gathered stream, the in-place sweep, every column an outlier).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from jint8.ops.int8_matmul.pallas_triton import (  # noqa: E402
     int8_accumulator_pallas,
 )
 from jint8.ops.int8_matmul.pallas_triton_outliers import (  # noqa: E402
+    SLOT_BLOCK,
+    gather_slots,
     outlier_operands,
     outlier_operands_reference,
 )
@@ -102,19 +105,18 @@ def plans_to_check(m, k, n, table_only=False):
     return plans
 
 
-def check_case(rng, m, k, n, dtype, num_outlier_cols, capacity, with_bias, failures,
+def check_case(rng, m, k, n, dtype, num_outlier_cols, with_bias, failures,
                interpret=False, extreme=False, table_only=False, special_rows=False):
     x, wq, col_scales, bias = make_inputs(rng, m, k, n, dtype, num_outlier_cols, with_bias,
                                           extreme, special_rows)
-    capacity = min(capacity, k)
     label = (f"M={m} K={k} N={n} {jnp.dtype(dtype).name} outliers={num_outlier_cols} "
-             f"cap={capacity} bias={with_bias}")
+             f"bias={with_bias}")
     ref_q = reference.quantize_rows(x, THRESHOLD)
     y64, magnitude = checks.float64_recipe(x, wq, col_scales, bias, threshold=THRESHOLD)
     rounding = checks.weight_rounding(x, wq, col_scales, threshold=THRESHOLD)
     ref_acc = np.asarray(reference.int8_dot(ref_q[0], wq))
     _, ref_stats = reference.int8_matmul_reference(
-        x, wq, col_scales, bias, threshold=THRESHOLD, outlier_capacity=capacity)
+        x, wq, col_scales, bias, threshold=THRESHOLD, outlier_capacity=k)
     num_outliers = int(ref_stats.num_outlier_columns)
     for plan in plans_to_check(m, k, n, table_only):
         tag = (f"{label} {plan.gemm_path}{' transposed' if plan.transpose_weight else ''} "
@@ -126,24 +128,23 @@ def check_case(rng, m, k, n, dtype, num_outlier_cols, capacity, with_bias, failu
                 if not np.array_equal(np.asarray(got), np.asarray(want)):
                     failures.append(f"{tag}: activation pass {name} differs from reference")
         w = wq.T if plan.reads_layout() == "nk" else wq
-        acc = int8_accumulator_pallas(x, w, threshold=THRESHOLD, outlier_capacity=capacity,
-                                      plan=plan, poison_output=True,
+        acc = int8_accumulator_pallas(x, w, threshold=THRESHOLD, plan=plan, poison_output=True,
                                       interpret=interpret)
         if not np.array_equal(np.asarray(acc), ref_acc):
             bad = int(np.sum(np.asarray(acc) != ref_acc))
             failures.append(f"{tag}: int32 accumulator differs from XLA in {bad} elements")
         y, stats = _int8_matmul_pallas(
-            x, w, col_scales, bias, threshold=THRESHOLD, outlier_capacity=capacity,
-            out_dtype=jnp.dtype(dtype), plan=plan, interpret=interpret, poison_output=True)
-        stream_terms = capacity + num_outliers + -(-k // plan.gemm.block_k) + 2
+            x, w, col_scales, bias, threshold=THRESHOLD, out_dtype=jnp.dtype(dtype), plan=plan,
+            interpret=interpret, poison_output=True)
+        # One term per outlier column, one partial per K step of the fused kernel or slot step.
+        stream_terms = num_outliers + -(-k // min(plan.gemm.block_k, SLOT_BLOCK)) + 2
         ratio = checks.max_bound_violation(y, y64, magnitude, dtype, stream_terms=stream_terms,
                                            split_k=plan.gemm.split_k,
                                            weight_rounding=rounding if fused else 0.0)
         if not ratio <= 1.0:
             failures.append(f"{tag}: output error {ratio:.3g} x the bound (inf: non-finite)")
-        want_overflow = bool(ref_stats.capacity_overflow) and not fused
         if (int(stats.num_outlier_columns), bool(stats.capacity_overflow)) != (
-                num_outliers, want_overflow):
+                num_outliers, False):
             failures.append(f"{tag}: stats {stats} != reference {ref_stats}")
         rel = float(np.linalg.norm(np.asarray(y, np.float64) - y64) / np.linalg.norm(y64))
         print(f"  ok? {ratio <= 1.0}  {tag}  err/bound={ratio:.3f}  rel_l2={rel:.2e}", flush=True)
@@ -237,32 +238,53 @@ def check_output_gate_case(rng, m, k, n, dtype, failures, interpret=False):
 
 
 def check_outlier_operands(rng, failures, interpret=False):
-    """The outlier-operands kernel (slot list, count, overflow, x / xq / weight gathered on the
-    slots) equals its jnp reference bit for bit: every program writes the shared slot list and
-    reads it back after a block barrier, so a race would show here first."""
-    cases = [(256, 8192, 28672, 8, 64, "nk"), (4096, 4096, 4096, 8, 64, "kn"),
-             (300, 777, 513, 40, 16, "nk"), (70, 1000, 333, 0, 64, "nk"),
-             (1024, 14336, 4096, 64, 64, "nk")]
+    """The outlier-operands kernel (column list, count, dense flag, xq zeroed on every outlier
+    column, x and weight compacted when the count fits) equals its jnp reference bit for bit
+    where it writes: every program writes the shared list and reads it back after a block
+    barrier, so a race would show here first."""
+    cases = [(256, 8192, 28672, 8, "nk"), (4096, 4096, 4096, 8, "kn"),
+             (300, 777, 513, 40, "nk"), (70, 1000, 333, 0, "nk"),
+             (1024, 14336, 4096, 64, "nk"), (512, 14336, 4096, 3584, "nk"),
+             (512, 4096, 14336, 1024, "nk"), (256, 14336, 4096, 14336, "nk"),
+             (512, 4096, 4096, 3000, "kn")]
     if interpret:
-        cases = [(70, 129, 300, 5, 64, "nk"), (3, 200, 33, 12, 4, "kn")]
-    for m, k, n, flagged, capacity, layout in cases:
+        cases = [(70, 129, 300, 5, "nk"), (3, 200, 33, 12, "kn"), (40, 300, 513, 150, "nk")]
+    for m, k, n, flagged, layout in cases:
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         xq = jnp.asarray(rng.integers(-127, 128, (m, k), dtype=np.int8))
         wq = jnp.asarray(rng.integers(-127, 128, (n, k) if layout == "nk" else (k, n),
                                       dtype=np.int8))
         flags = np.zeros(k, np.int32)
         flags[rng.choice(k, flagged, replace=False)] = 1
-        slots_n = -(-capacity // 32) * 32
         args = (x, xq, wq, jnp.asarray(flags))
-        kw = dict(capacity=capacity, slots_n=slots_n, weight_layout=layout)
+        kw = dict(gather_slots=gather_slots(k), weight_layout=layout)
         got = outlier_operands(*args, **kw, interpret=interpret)
         want = jax.jit(functools.partial(outlier_operands_reference, **kw))(*args)
-        bad = [name for name in got._fields
+        bad = [name for name in ("xq", "count", "dense")
                if not np.array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)))]
-        label = f"outlier operands M={m} K={k} N={n} {layout} flagged={flagged} cap={capacity}"
+        if not np.array_equal(np.asarray(got.slots)[:flagged], np.asarray(want.slots)[:flagged]):
+            bad.append("slots")
+        if flagged <= kw["gather_slots"]:
+            written = -(-flagged // SLOT_BLOCK) * SLOT_BLOCK
+            w_got, w_want = (np.asarray(a) if layout == "nk" else np.asarray(a).T
+                             for a in (got.w_o, want.w_o))
+            if not np.array_equal(np.asarray(got.x_o)[:, :written], np.asarray(want.x_o)[:, :written]):
+                bad.append("x_o")
+            if not np.array_equal(w_got[:, :written], w_want[:, :written]):
+                bad.append("w_o")
+        label = f"outlier operands M={m} K={k} N={n} {layout} flagged={flagged}"
         if bad:
             failures.append(f"{label}: {bad} differ")
         print(f"  ok? {not bad}  {label}", flush=True)
+
+
+# The op's shapes (Llama-3-8B's four projections and one 8192 x 28672 layer) and the outlier
+# column counts of its performance sweep (bench_int8_matmul.py --outlier-sweep).
+OUTLIER_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (8192, 28672)]
+
+
+def outlier_counts(k):
+    return (0, 8, 64, 256, 1024, k // 4, k)
 
 
 def main():
@@ -278,6 +300,8 @@ def main():
                         help="only the table's plans gating a gate|up product (Llama's gate_up)")
     parser.add_argument("--large-m", action="store_true",
                         help="only cases with M > 16 (the pallas and xla_gemm routes)")
+    parser.add_argument("--outliers", action="store_true",
+                        help="the op's shapes at outlier column counts 0 .. K, table plans only")
     parser.add_argument("--interpret", action="store_true",
                         help="dry run of this script on CPU: tiny shapes, Pallas interpret mode")
     args = parser.parse_args()
@@ -294,13 +318,13 @@ def main():
     start = time.time()
     if args.tables:
         table_case = functools.partial(case, table_only=True)
-        table_case(1, 4096, 1000, jnp.bfloat16, 8, 64, True)
-        table_case(16, 8192, 28672, jnp.bfloat16, 8, 64, False)
-        table_case(40, 1000, 333, jnp.float16, 8, 64, True)
-        table_case(256, 4096, 1024, jnp.bfloat16, 8, 64, False)
-        table_case(200, 14336, 4096, jnp.bfloat16, 8, 64, True)  # a per-shape split-K K loop
-        table_case(300, 777, 513, jnp.bfloat16, 40, 16, True)  # overflow
-        table_case(1024, 1024, 777, jnp.float32, 8, 64, False)
+        table_case(1, 4096, 1000, jnp.bfloat16, 8, True)
+        table_case(16, 8192, 28672, jnp.bfloat16, 8, False)
+        table_case(40, 1000, 333, jnp.float16, 8, True)
+        table_case(256, 4096, 1024, jnp.bfloat16, 8, False)
+        table_case(200, 14336, 4096, jnp.bfloat16, 8, True)  # a per-shape split-K K loop
+        table_case(300, 777, 513, jnp.bfloat16, 300, True)  # more than gathered: the in-place sweep
+        table_case(1024, 1024, 777, jnp.float32, 8, False)
     elif args.norm:
         for m, k, n in [(1, 4096, 6144), (1, 4096, 28672), (8, 4096, 6144), (16, 4096, 28672),
                         (1, 2048, 3072), (3, 77, 45)] if not args.interpret else [(3, 77, 45)]:
@@ -317,33 +341,41 @@ def main():
                         (1, 2048, 16384), (1, 77, 46)] if not args.interpret else [(3, 77, 46)]:
             for dtype in (jnp.bfloat16, jnp.float16):
                 check_output_gate_case(rng, m, k, n, dtype, failures, args.interpret)
+    elif args.outliers:
+        check_outlier_operands(rng, failures)
+        for k, n in OUTLIER_SHAPES:
+            for m in (1, 16, 256, 512):
+                # The fused route (M <= 16) has had no capacity all along: its ends only.
+                counts = outlier_counts(k) if m > configs.FUSED_MAX_M else (0, 64, k)
+                for count in counts:
+                    case(m, k, n, jnp.bfloat16, count, count % 2 == 0, table_only=True)
     elif args.large_m:
         check_outlier_operands(rng, failures)
-        case(70, 1000, 333, jnp.float16, 8, 64, True)
-        case(70, 1000, 333, jnp.float32, 8, 64, False)
-        case(70, 1000, 333, jnp.bfloat16, 0, 64, True)  # no outliers
-        case(256, 4096, 1024, jnp.bfloat16, 8, 64, False)
-        case(300, 777, 513, jnp.bfloat16, 40, 16, True)  # overflow
-        case(1024, 1024, 777, jnp.bfloat16, 8, 64, True)
-        case(4096, 4096, 4096, jnp.bfloat16, 8, 64, False)
+        case(70, 1000, 333, jnp.float16, 8, True)
+        case(70, 1000, 333, jnp.float32, 8, False)
+        case(70, 1000, 333, jnp.bfloat16, 0, True)  # no outliers
+        case(256, 4096, 1024, jnp.bfloat16, 8, False)
+        case(300, 777, 513, jnp.bfloat16, 300, True)  # more than gathered: the in-place sweep
+        case(1024, 1024, 777, jnp.bfloat16, 8, True)
+        case(4096, 4096, 4096, jnp.bfloat16, 8, False)
     elif args.interpret:
         check_outlier_operands(rng, failures, interpret=True)
-        case(3, 200, 129, jnp.bfloat16, 8, 64, True)
-        case(17, 100, 33, jnp.float32, 12, 4, False)
-        case(1, 77, 45, jnp.bfloat16, 3, 64, True, special_rows=True)
+        case(3, 200, 129, jnp.bfloat16, 8, True)
+        case(17, 100, 33, jnp.float32, 12, False)
+        case(1, 77, 45, jnp.bfloat16, 3, True, special_rows=True)
     else:
         for i, (m, k, n) in enumerate(shapes):
-            case(m, k, n, jnp.bfloat16, 8, 64, i % 2 == 0)  # outliers present
+            case(m, k, n, jnp.bfloat16, 8, i % 2 == 0)  # outliers present
         m, k, n = 70, 1000, 333
-        case(m, k, n, jnp.float16, 8, 64, True)
-        case(m, k, n, jnp.float32, 8, 64, False)
-        case(m, k, n, jnp.bfloat16, 0, 64, True)  # no outliers
-        case(16, 4096, 1000, jnp.bfloat16, 12, 4, False)  # capacity overflow
-        case(300, 777, 513, jnp.bfloat16, 40, 16, True)  # overflow, large M
-        case(64, 8192, 512, jnp.bfloat16, 0, 64, False, extreme=True)
-        case(64, 8192, 512, jnp.bfloat16, 3, 64, True, extreme=True)
-        case(1, 4096, 1024, jnp.bfloat16, 200, 64, False)  # many outlier columns, decode
-        case(7, 1000, 333, jnp.float16, 3, 64, True, special_rows=True)  # zero/all-outlier rows
+        case(m, k, n, jnp.float16, 8, True)
+        case(m, k, n, jnp.float32, 8, False)
+        case(m, k, n, jnp.bfloat16, 0, True)  # no outliers
+        case(16, 4096, 1000, jnp.bfloat16, 1024, False)  # many outlier columns, fused
+        case(300, 777, 513, jnp.bfloat16, 777, True)  # every column, large M
+        case(64, 8192, 512, jnp.bfloat16, 0, False, extreme=True)
+        case(64, 8192, 512, jnp.bfloat16, 3, True, extreme=True)
+        case(1, 4096, 1024, jnp.bfloat16, 200, False)  # many outlier columns, decode
+        case(7, 1000, 333, jnp.float16, 3, True, special_rows=True)  # zero/all-outlier rows
         check_outlier_operands(rng, failures)
     print(f"{len(failures)} failures in {time.time() - start:.0f} s")
     for failure in failures:

@@ -1,7 +1,8 @@
 """The Pallas (Triton lowering) int8 matmul kernels, run in Pallas interpret mode on the CPU.
 
 CI has no GPU: these tests exercise the kernels' logic (tiling, masking of odd shapes, split-K,
-the outlier correction and stream, the capacity-overflow sweep, both weight layouts) through
+the outlier stream over any number of outlier columns, gathered or swept in place, both weight
+layouts) through
 `interpret=True`; benchmarks/gpu_check.py runs the same checks compiled on a GPU.
 Fresh random inputs per run; the seed is in every failure message.
 
@@ -14,6 +15,7 @@ Held to (see jint8/ops/int8_matmul/checks.py for the derivation of the float bou
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,6 +29,8 @@ from jint8.ops.int8_matmul.pallas_triton import (
 )
 from jint8.ops.int8_matmul.pallas_triton_fused import fused_int8_matmul_reference
 from jint8.ops.int8_matmul.pallas_triton_outliers import (
+    SLOT_BLOCK,
+    gather_slots,
     outlier_operands,
     outlier_operands_reference,
 )
@@ -82,52 +86,52 @@ def test_activation_pass_zero_and_all_outlier_rows_give_zero_not_nan(rng):
 
 
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
-@pytest.mark.parametrize("m,k,n,outlier_cols,capacity", [
-    (1, 77, 45, 3, 8),       # odd K and N, M = 1
-    (3, 200, 129, 5, 64),
-    (70, 129, 33, 12, 4),    # capacity overflow: the in-kernel dense sweep
+@pytest.mark.parametrize("m,k,n,outlier_cols", [
+    (1, 77, 45, 3),       # odd K and N, M = 1
+    (3, 200, 129, 5),
+    (70, 129, 33, 12),
+    (70, 129, 33, 100),   # more than gathered (G = 64): the stream sweeps K in place
+    (3, 200, 129, 200),   # every column an outlier: xq all zero
 ])
-def test_int32_accumulator_equals_reference_int8_dot(rng, plan_name, m, k, n, outlier_cols,
-                                                      capacity):
+def test_int32_accumulator_equals_reference_int8_dot(rng, plan_name, m, k, n, outlier_cols):
     plan = PLANS[plan_name]
     x, wq, _, _ = _inputs(rng, m, k, n, jnp.bfloat16, outlier_cols)
-    acc = int8_accumulator_pallas(x, _weight_for(plan, wq), threshold=THRESHOLD,
-                                  outlier_capacity=capacity, plan=plan, interpret=True)
+    acc = int8_accumulator_pallas(x, _weight_for(plan, wq), threshold=THRESHOLD, plan=plan,
+                                  interpret=True)
     want = reference.int8_dot(reference.quantize_rows(x, THRESHOLD)[0], wq)
     np.testing.assert_array_equal(np.asarray(acc), np.asarray(want),
                                   err_msg=f"seed {rng.seed_value}")
 
 
-@pytest.mark.parametrize("m,k,n,dtype,outlier_cols,capacity,bias,plan_name", [
-    (1, 77, 45, jnp.bfloat16, 3, 64, True, "kn"),
-    (3, 200, 129, jnp.float16, 5, 64, False, "kn_split3"),
-    (70, 129, 33, jnp.float32, 4, 64, True, "kn"),
-    (16, 96, 64, jnp.bfloat16, 0, 64, False, "kn"),        # no outliers
-    (70, 129, 33, jnp.bfloat16, 12, 4, True, "kn"),         # capacity overflow
-    (3, 200, 129, jnp.bfloat16, 12, 4, False, "kn_split3"),  # overflow with split-K
-    (33, 100, 70, jnp.bfloat16, 5, 64, True, "nk"),
-    (5, 64, 40, jnp.float32, 5, 64, False, "kn_swap_ab"),
-    (9, 100, 50, jnp.bfloat16, 12, 4, True, "kn_transposed"),  # overflow, [K, N] transposed
-    (70, 129, 33, jnp.bfloat16, 5, 64, True, "nk_xla_gemm"),
-    (33, 100, 70, jnp.float32, 4, 64, False, "kn_xla_gemm"),
-    (70, 129, 33, jnp.float16, 12, 4, True, "nk_xla_gemm"),    # overflow on the XLA GEMM route
+@pytest.mark.parametrize("m,k,n,dtype,outlier_cols,bias,plan_name", [
+    (1, 77, 45, jnp.bfloat16, 3, True, "kn"),
+    (3, 200, 129, jnp.float16, 5, False, "kn_split3"),
+    (70, 129, 33, jnp.float32, 4, True, "kn"),
+    (16, 96, 64, jnp.bfloat16, 0, False, "kn"),          # no outliers
+    (70, 129, 33, jnp.bfloat16, 100, True, "kn"),        # more than gathered: swept in place
+    (3, 200, 129, jnp.bfloat16, 120, False, "kn_split3"),  # swept, with split-K
+    (33, 100, 70, jnp.bfloat16, 5, True, "nk"),
+    (20, 600, 40, jnp.bfloat16, 150, False, "nk"),       # gathered in 3 slot chunks (G = 192)
+    (5, 64, 40, jnp.float32, 5, False, "kn_swap_ab"),
+    (9, 100, 50, jnp.bfloat16, 70, True, "kn_transposed"),  # swept, [K, N] transposed
+    (70, 129, 33, jnp.bfloat16, 5, True, "nk_xla_gemm"),
+    (33, 100, 70, jnp.float32, 4, False, "kn_xla_gemm"),
+    (70, 129, 33, jnp.float16, 129, True, "nk_xla_gemm"),   # every column: a W8A16 matmul
 ])
 def test_output_within_derived_bound_of_float64_recipe(rng, m, k, n, dtype, outlier_cols,
-                                                       capacity, bias, plan_name):
+                                                       bias, plan_name):
     plan = PLANS[plan_name]
     x, wq, col_scales, b = _inputs(rng, m, k, n, dtype, outlier_cols, bias)
     y, stats = int8_matmul_pallas(x, _weight_for(plan, wq), col_scales, b, threshold=THRESHOLD,
-                                  outlier_capacity=capacity, weight_layout=plan.reads_layout(),
+                                  outlier_capacity=4, weight_layout=plan.reads_layout(),
                                   plan=plan, interpret=True)
-    _, want_stats = reference.int8_matmul_reference(x, wq, col_scales, b, threshold=THRESHOLD,
-                                                    outlier_capacity=capacity)
     assert y.dtype == dtype and y.shape == (m, n)
-    assert int(stats.num_outlier_columns) == int(want_stats.num_outlier_columns)
-    assert bool(stats.capacity_overflow) == bool(want_stats.capacity_overflow)
+    assert int(stats.num_outlier_columns) == outlier_cols
+    assert not bool(stats.capacity_overflow)  # no capacity on the kernels' routes
     y64, magnitude = checks.float64_recipe(x, wq, col_scales, b, threshold=THRESHOLD)
-    # Float terms the outlier dot sums per element: the slots, or on overflow every flagged
-    # column plus one partial per K step of the dense sweep.
-    stream_terms = capacity + outlier_cols + -(-k // plan.gemm.block_k)
+    # Float terms the outlier dot sums per element: one per outlier column (the zero-padded
+    # slots and masked columns add exact zeros) and one partial per SLOT_BLOCK step.
+    stream_terms = outlier_cols + -(-k // SLOT_BLOCK) + 2
     ratio = checks.max_bound_violation(y, y64, magnitude, dtype, stream_terms=stream_terms,
                                        split_k=plan.gemm.split_k)
     assert ratio <= 1.0, f"error {ratio:.3g} x the bound, seed {rng.seed_value}"
@@ -148,8 +152,8 @@ def test_fused_int32_accumulator_equals_reference_int8_dot(rng, variant, m, k, n
     x, wq, _, _ = _inputs(rng, m, k, n, jnp.bfloat16, outlier_cols)
     if rows:
         x = jnp.asarray(_special_rows(x, rows), jnp.bfloat16)
-    acc = int8_accumulator_pallas(x, _weight_for(plan, wq), threshold=THRESHOLD,
-                                  outlier_capacity=4, plan=plan, interpret=True)
+    acc = int8_accumulator_pallas(x, _weight_for(plan, wq), threshold=THRESHOLD, plan=plan,
+                                  interpret=True)
     want = reference.int8_dot(reference.quantize_rows(x, THRESHOLD)[0], wq)
     np.testing.assert_array_equal(np.asarray(acc), np.asarray(want),
                                   err_msg=f"seed {rng.seed_value}")
@@ -300,41 +304,88 @@ def test_consumer_split_partials_sum_to_the_op_result(rng, m, k, n, split_k, nor
     np.testing.assert_array_equal(np.asarray(whole[0], np.float32), np.asarray(y, np.float32), err_msg=msg)
 
 
-@pytest.mark.parametrize("m,k,n,flagged,capacity,layout", [
-    (70, 129, 300, 5, 64, "nk"),   # 3 row programs, 2 weight programs, odd K
-    (3, 200, 33, 12, 4, "kn"),     # capacity overflow: only the first 4 slots live
-    (1, 77, 45, 0, 8, "nk"),       # no outlier column: every slot 0
-    (40, 100, 513, 40, 40, "nk"),  # exactly at capacity, slots past it padded
-    (5, 64, 40, 3, 32, "kn"),      # column 0 flagged: the dead slots' index is a live column
+@pytest.mark.parametrize("m,k,n,flagged,layout", [
+    (70, 129, 300, 5, "nk"),    # 3 row programs, 2 weight programs, odd K
+    (3, 200, 33, 12, "kn"),
+    (1, 77, 45, 0, "nk"),       # no outlier column
+    (40, 300, 513, 70, "nk"),   # two slot chunks gathered (G = 128), the last one zero-padded
+    (5, 64, 40, 3, "kn"),       # column 0 flagged: the dead slots' index is a live column
+    (3, 200, 33, 150, "kn"),    # more than G = 64: nothing gathered, xq zeroed on all 150
+    (4, 256, 40, 256, "nk"),    # every column flagged
 ])
-def test_outlier_operands_equal_reference(rng, m, k, n, flagged, capacity, layout):
-    """The slot list, its gathered x and weight operands, xq with the live slots' columns
-    zeroed, the count and the overflow flag, bit for bit as the XLA formulation (jnp.nonzero,
-    take) gives them."""
+def test_outlier_operands_equal_reference(rng, m, k, n, flagged, layout):
+    """The outlier column list, xq with every outlier column zeroed, the count and the dense
+    flag, and (when the count fits G) the compacted x and weight operands up to the last
+    written chunk, bit for bit as the XLA formulation (jnp.nonzero, take) gives them."""
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     xq = jnp.asarray(rng.integers(-127, 128, (m, k), dtype=np.int8))
     wq = jnp.asarray(rng.integers(-127, 128, (n, k) if layout == "nk" else (k, n), dtype=np.int8))
     flags = np.zeros(k, np.int32)
-    columns = rng.choice(np.arange(1, k), flagged, replace=False)
+    # Column 0 only where a case asks for it (or all K are flagged).
+    columns = rng.choice(np.arange(0 if flagged == k else 1, k), flagged, replace=False)
     if (m, k) == (5, 64):
         columns[0] = 0
     flags[columns] = rng.integers(1, 3, flagged)  # any nonzero flag marks a column
-    slots_n = -(-capacity // 32) * 32
-    got = outlier_operands(x, xq, wq, jnp.asarray(flags), capacity=capacity, slots_n=slots_n,
-                           weight_layout=layout, interpret=True)
-    want = outlier_operands_reference(x, xq, wq, jnp.asarray(flags), capacity=capacity,
-                                      slots_n=slots_n, weight_layout=layout)
-    for name in got._fields:
+    g = gather_slots(k)
+    got = outlier_operands(x, xq, wq, jnp.asarray(flags), gather_slots=g, weight_layout=layout,
+                           interpret=True)
+    want = outlier_operands_reference(x, xq, wq, jnp.asarray(flags), gather_slots=g,
+                                      weight_layout=layout)
+    msg = f"seed {rng.seed_value}"
+    assert int(got.count[0]) == flagged and int(got.dense[0]) == int(flagged > g)
+    for name in ("xq", "count", "dense"):
         np.testing.assert_array_equal(np.asarray(getattr(got, name)),
-                                      np.asarray(getattr(want, name)),
-                                      err_msg=f"{name}, seed {rng.seed_value}")
-    assert int(got.count[0]) == flagged and int(got.overflow[0]) == int(flagged > capacity)
-    live = np.sort(columns)[:capacity]
-    assert np.all(np.asarray(got.xq)[:, live] == 0)
+                                      np.asarray(getattr(want, name)), err_msg=f"{name}, {msg}")
+    np.testing.assert_array_equal(np.asarray(got.slots)[:flagged], np.sort(columns), err_msg=msg)
+    assert np.all(np.asarray(got.xq)[:, columns] == 0)
+    if flagged <= g:  # the chunks the kernel wrote: zero-padded past the count
+        written = -(-flagged // SLOT_BLOCK) * SLOT_BLOCK
+        np.testing.assert_array_equal(np.asarray(got.x_o)[:, :written],
+                                      np.asarray(want.x_o)[:, :written], err_msg=f"x_o, {msg}")
+        w_o, w_want = (np.asarray(a) if layout == "nk" else np.asarray(a).T
+                       for a in (got.w_o, want.w_o))
+        np.testing.assert_array_equal(w_o[:, :written], w_want[:, :written],
+                                      err_msg=f"w_o, {msg}")
 
 
 def test_outlier_operands_names_the_disagreeing_shapes():
     x, xq = jnp.zeros((4, 64), jnp.bfloat16), jnp.zeros((4, 64), jnp.int8)
     with pytest.raises(ValueError, match=r"wq \(40, 63\).*do not agree on K=64"):
         outlier_operands(x, xq, jnp.zeros((40, 63), jnp.int8), jnp.zeros((64,), jnp.int32),
-                         capacity=8, slots_n=32, weight_layout="nk", interpret=True)
+                         gather_slots=64, weight_layout="nk", interpret=True)
+    with pytest.raises(ValueError, match="gather_slots=48"):
+        outlier_operands(x, xq, jnp.zeros((40, 64), jnp.int8), jnp.zeros((64,), jnp.int32),
+                         gather_slots=48, weight_layout="nk", interpret=True)
+
+
+@pytest.mark.parametrize("plan_name", ["nk", "nk_xla_gemm"])
+def test_changing_outlier_count_needs_no_recompilation_and_stays_exact(rng, plan_name):
+    """One compiled op takes batches with 0, a few, a gathered many, more than G and all K
+    outlier columns: it traces once, its int32 accumulator equals the reference's bit for bit
+    and its output stays within the derived bound at every count."""
+    m, k, n = 33, 256, 48  # G = 64 of K = 256
+    plan = PLANS[plan_name]
+    traces = []
+
+    def op(x, wq, col_scales):
+        traces.append(x.shape)
+        acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, plan=plan, interpret=True)
+        y, stats = int8_matmul_pallas(x, wq, col_scales, threshold=THRESHOLD,
+                                      outlier_capacity=4, weight_layout="nk", plan=plan,
+                                      interpret=True)
+        return acc, y, stats.num_outlier_columns
+
+    compiled = jax.jit(op)
+    for outlier_cols in (0, 5, 64, 65, 200, k):
+        x, wq, col_scales, _ = _inputs(rng, m, k, n, jnp.bfloat16, outlier_cols)
+        acc, y, count = compiled(x, wq.T, col_scales)
+        msg = f"{outlier_cols} outlier columns, seed {rng.seed_value}"
+        want = reference.int8_dot(reference.quantize_rows(x, THRESHOLD)[0], wq)
+        np.testing.assert_array_equal(np.asarray(acc), np.asarray(want), err_msg=msg)
+        assert int(count) == outlier_cols, msg
+        y64, magnitude = checks.float64_recipe(x, wq, col_scales, None, threshold=THRESHOLD)
+        ratio = checks.max_bound_violation(y, y64, magnitude, jnp.bfloat16,
+                                           stream_terms=outlier_cols + k // SLOT_BLOCK + 2,
+                                           split_k=plan.gemm.split_k)
+        assert ratio <= 1.0, f"error {ratio:.3g} x the bound, {msg}"
+    assert len(traces) == 1

@@ -40,7 +40,7 @@ def test_fused_kernel_folds_the_input_norm_exactly(rng, m, k, n, split_k, row_sc
     x, scale, wq = checks.exact_norm_inputs(rng, m, k, n, dtype)
     norm = reference.InputNorm(scale, 1e-5, unit_offset)
     plan = fused_plan(m, split_k=split_k, row_scales=row_scales)
-    acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64, plan=plan,
+    acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, plan=plan,
                                   norm=norm, interpret=True)
     xq, _, col_mask = reference.quantize_rows(norm(x), THRESHOLD)
     assert int(col_mask.sum()) >= 1
@@ -76,7 +76,7 @@ def test_fused_kernel_folds_the_input_gate_exactly(rng, m, k, n, split_k, outlie
     h = gate(x)
     assert x.shape == (m, 2 * k) and h.shape == (m, k)
     plan = fused_plan(m, split_k=split_k, row_scales=row_scales)
-    acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64, plan=plan,
+    acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, plan=plan,
                                   gate=gate, interpret=True)
     xq, _, col_mask = reference.quantize_rows(h, THRESHOLD)
     num_outliers = int(col_mask.sum())
@@ -109,7 +109,7 @@ def test_fused_kernel_gate_on_random_inputs_equals_gating_first(rng, m, dtype):
     wq = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8))
     gate = reference.InputGate("silu")
     plan = fused_plan(m)
-    acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64, plan=plan,
+    acc = int8_accumulator_pallas(x, wq, threshold=THRESHOLD, plan=plan,
                                   gate=gate, interpret=True)
     want = reference.int8_dot(reference.quantize_rows(gate(x), THRESHOLD)[0], wq, "nk")
     np.testing.assert_array_equal(np.asarray(acc), np.asarray(want), err_msg=f"seed {rng.seed_value}")

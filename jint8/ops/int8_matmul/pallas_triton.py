@@ -4,13 +4,14 @@ Computes reference.int8_matmul_reference's function. Per shape bucket the plan
 (configs.plan_for, tuned per GPU in data/*.json) picks one of two routes:
 - "fused" (M <= configs.FUSED_MAX_M, decode): one kernel does everything
   (pallas_triton_fused): no capacity, no index list, one launch per call;
-- "pallas": the activation-pass kernel, the outlier-operands kernel (the static, zero-padded
-  outlier column list, the count, x and the weight gathered on it, xq's columns on it zeroed:
-  pallas_triton_outliers) and the GEMM kernel with the whole epilogue fused; capacity overflow
-  is a flag the GEMM reads (exact dense sweep), never a lax.cond;
+- "pallas": the activation-pass kernel, the outlier-operands kernel (the list of every outlier
+  column, its count, x and the weight compacted on it, xq's columns on it zeroed:
+  pallas_triton_outliers) and the GEMM kernel with the whole epilogue fused. No capacity: the
+  outlier stream's length is the batch's count, read on the device, and past a quarter of K
+  the stream sweeps the weight in place (a flag the GEMM reads), never a lax.cond;
 - "xla_gemm" (large M): the same activation pass, XLA's own int8 GEMM (cuBLAS, int32 out) for
   xq @ wq, then the GEMM kernel's epilogue alone on that accumulator (int8_gemm(accumulator=)):
-  the outlier stream (and overflow correction), scales, bias and cast in one pass. It writes
+  the outlier stream, scales, bias and cast in one pass. It writes
   and reads the int32 [M, N] once, and is faster where cuBLAS's int8 GEMM beats the Triton K
   loop.
 [K, N] weights at M > 64 are transposed by XLA first where the plan says so (Triton's int8 MMA
@@ -29,8 +30,8 @@ from jint8.ops.int8_matmul import reference
 from jint8.ops.int8_matmul.api import Backend
 from jint8.ops.int8_matmul.configs import KernelPlan, plan_for
 from jint8.ops.int8_matmul.pallas_triton_fused import fused_int8_matmul
-from jint8.ops.int8_matmul.pallas_triton_gemm import OUTLIER_SLOT_MULTIPLE, int8_gemm
-from jint8.ops.int8_matmul.pallas_triton_outliers import outlier_operands
+from jint8.ops.int8_matmul.pallas_triton_gemm import int8_gemm
+from jint8.ops.int8_matmul.pallas_triton_outliers import gather_slots, outlier_operands
 from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows_unmasked
 
 BACKEND_NAME = "pallas_triton"
@@ -57,6 +58,8 @@ def int8_matmul_pallas(
     """LLM.int8() matmul, x: [M, K] float ([M, 2K] with a gate), wq: [K, N] int8, col_scales:
     [N] f32 -> [M, N].
 
+    outlier_capacity: the op's static gather size on the XLA reference; unused here: every
+      route of these kernels takes any number of outlier columns (stats never overflow).
     weight_layout: "kn" (wq[K, N]) or "nk" (wq[N, K], K-major, what Int8Weight stores).
     norm: an RMSNorm applied to x first: in the fused kernel's prologue, else by XLA.
     gate: x is [M, 2K] = gate | up, the op's input act(gate) * up: formed in the fused kernel's
@@ -81,30 +84,30 @@ def int8_matmul_pallas(
         )
     return _int8_matmul_pallas(
         x, wq, col_scales, bias, norm, gate, output_gate, threshold=float(threshold),
-        outlier_capacity=int(outlier_capacity), out_dtype=out_dtype, plan=plan,
+        out_dtype=out_dtype, plan=plan,
         interpret=interpret, poison_output=poison_output, split_partials=split_partials,
     )
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("threshold", "outlier_capacity", "out_dtype", "plan", "interpret",
+    static_argnames=("threshold", "out_dtype", "plan", "interpret",
                      "poison_output", "accumulator_only", "split_partials"),
 )
 def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, output_gate=None, *, threshold,
-                        outlier_capacity, out_dtype, plan, interpret, poison_output=False,
+                        out_dtype, plan, interpret, poison_output=False,
                         accumulator_only=False, split_partials=False):
     unsummed = (split_partials and plan.gemm_path == "fused" and plan.gemm.split_k > 1
                 and plan.gemm.split_reduce == "consumer" and output_gate is None)
     y, stats = _routes(x, wq, col_scales, bias, norm, gate, output_gate, threshold=threshold,
-                       outlier_capacity=outlier_capacity, out_dtype=out_dtype, plan=plan,
+                       out_dtype=out_dtype, plan=plan,
                        interpret=interpret, poison_output=poison_output,
                        accumulator_only=accumulator_only, sum_splits=not unsummed)
     return (y[None] if split_partials and not unsummed else y), stats
 
 
-def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, outlier_capacity,
-            out_dtype, plan, interpret, poison_output, accumulator_only, sum_splits):
+def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_dtype, plan,
+            interpret, poison_output, accumulator_only, sum_splits):
     if plan.gemm_path == "fused":
         # Stats in plain jnp: XLA drops them when the caller does not use them. No capacity
         # on this route, so it never overflows.
@@ -131,28 +134,26 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, outl
     xq, row_scales, col_flags = quantize_rows_unmasked(
         x, threshold=threshold, config=plan.quantize, interpret=interpret
     )
-    # Capacity overflow is handled inside the GEMM kernel (a flag it reads), so no lax.cond and
-    # no host round trip per call; unlike the reference it is reported through `stats` only,
-    # since a logging callback would cost a device-to-host sync on every call.
+    # These routes have no capacity (outlier_capacity sizes the XLA reference's gather only):
+    # any number of outlier columns is computed exactly, at a cost that follows the count.
+    no_overflow = jnp.zeros((), bool)
     if threshold > 0:
-        # The slot list, its gathered operands, and xq with the slots' columns zeroed: one
+        # Every outlier column, its compacted operands, and xq with its columns zeroed: one
         # small kernel (pallas_triton_outliers).
-        outliers = outlier_operands(
-            x, xq, wq, col_flags, capacity=outlier_capacity,
-            slots_n=_padded_capacity(outlier_capacity), weight_layout=layout,
-            interpret=interpret)
+        outliers = outlier_operands(x, xq, wq, col_flags, gather_slots=gather_slots(x.shape[1]),
+                                    weight_layout=layout, interpret=interpret)
         xq = outliers.xq
-        stats = reference.Int8MatmulStats(outliers.count[0], outliers.overflow[0] > 0)
-        outlier_args = (outliers.x_o, outliers.w_o, col_flags, outliers.overflow)
+        stats = reference.Int8MatmulStats(outliers.count[0], no_overflow)
+        outlier_args = (outliers.x_o, outliers.w_o, col_flags, outliers.count, outliers.dense)
     else:  # no outlier terms: the kernel reads none of these operands
-        stats = reference.Int8MatmulStats(jnp.zeros((), jnp.int32), jnp.zeros((), bool))
-        outlier_args = (x, wq, col_flags, col_flags)
+        stats = reference.Int8MatmulStats(jnp.zeros((), jnp.int32), no_overflow)
+        outlier_args = (x, wq, col_flags, col_flags, col_flags)
     accumulator = reference.int8_dot(xq, wq, layout) if plan.gemm_path == "xla_gemm" else None
     y = int8_gemm(
         xq, wq, row_scales, col_scales,
         _bias_operand(bias, col_scales), x, *outlier_args,
         accumulator, config=plan.gemm, out_dtype=out_dtype, has_bias=bias is not None,
-        has_outliers=threshold > 0, dense_fallback=outlier_capacity < x.shape[1],
+        has_outliers=threshold > 0, dense_fallback=gather_slots(x.shape[1]) < x.shape[1],
         accumulator_only=accumulator_only, poison_output=poison_output, interpret=interpret,
     )
     if output_gate is not None and not accumulator_only:
@@ -167,13 +168,7 @@ def _bias_operand(bias, col_scales):
     return col_scales if bias is None else bias
 
 
-def _padded_capacity(capacity: int) -> int:
-    """Outlier slots: the capacity rounded up to the int8 MMA's K step (at least one step)."""
-    return max(1, -(-capacity // OUTLIER_SLOT_MULTIPLE)) * OUTLIER_SLOT_MULTIPLE
-
-
-def int8_accumulator_pallas(x, wq, *, threshold: float, outlier_capacity: int,
-                            plan: KernelPlan, norm=None, gate=None, interpret: bool = False,
+def int8_accumulator_pallas(x, wq, *, threshold: float, plan: KernelPlan, norm=None, gate=None, interpret: bool = False,
                             poison_output=False):
     """[M, N] int32 accumulator of the plan's GEMM (checks): equals
     reference.int8_dot(*reference.quantize_rows(x, threshold)[:1], wq) exactly (with a norm or
@@ -181,7 +176,7 @@ def int8_accumulator_pallas(x, wq, *, threshold: float, outlier_capacity: int,
     n = wq.shape[1] if plan.reads_layout() == "kn" else wq.shape[0]
     acc, _ = _int8_matmul_pallas(
         x, wq, jnp.ones((n,), jnp.float32), None, norm, gate, threshold=float(threshold),
-        outlier_capacity=int(outlier_capacity), out_dtype=jnp.dtype(jnp.int32), plan=plan,
+        out_dtype=jnp.dtype(jnp.int32), plan=plan,
         interpret=interpret, poison_output=poison_output, accumulator_only=True,
     )
     return acc

@@ -7,17 +7,16 @@ One program computes out[block_m, block_n]:
   y    += bias[cols]
   y    += x[rows, O] @ (wq[O, cols] * s_w * (1/127)).astype(x.dtype)      the outlier stream
   out   = y.astype(out_dtype)
-O is the static, zero-padded list of outlier columns (capacity C rounded up to 32, the int8 MMA's
-K step); x[:, O] and the C int8 weight rows come gathered, zero past the live slots, and xq with
-the columns of O zeroed, from pallas_triton_outliers (one small kernel, so no program gathers
-scattered columns itself), and no int32 matrix touches HBM: the K loop stays a pure int8 dot
-that Triton pipelines. (Measured: doing the outlier work inside the K loop, in the steps that
+O is the list of all the batch's outlier columns, any number from 0 to K, with no capacity: for
+|O| <= G (pallas_triton_outliers.gather_slots) x[:, O] and O's int8 weight rows come compacted
+from pallas_triton_outliers and the stream runs ceil(|O| / SLOT_BLOCK) steps over them, a loop
+bound the kernel reads from the device count; for |O| > G the stream sweeps all of K with x
+masked to the flagged columns, reading the weight in place (a flag read in the kernel picks
+the way: no lax.cond outside, no host sync, no recompilation when |O| changes). xq arrives
+with the columns of O zeroed, so the K loop stays a pure int8 dot that Triton pipelines and no
+int32 correction is needed. (Doing the outlier work inside the int8 K loop, in the steps that
 hold outlier columns, put a branch in the loop that stopped the pipelining: 1.4x slower at
 M = 1..16.)
-If the batch has more outlier columns than the capacity, a flag read in the kernel switches the
-outlier terms to an exact dense sweep over all of K (columns selected by the [K] flags): it
-subtracts xq's share of the flagged columns (those past O are still in xq) in int32 and streams
-all of them, so the result stays exact to the recipe with no lax.cond and no host sync per call.
 
 weight_layout="nk" takes the weight transposed, wt[N, K] (bitsandbytes' layout, K-major):
 Triton's int8 MMAs (wgmma) want both operands K-major, and with wq[K, N] they fall back to a
@@ -42,11 +41,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jint8.ops.int8_matmul.configs import Config
+from jint8.ops.int8_matmul.pallas_triton_outliers import SLOT_BLOCK
 from jint8.ops.int8_matmul.reference import INV_127, INV_127_SQ
 
 # Rows of output tiles walked together so their weight columns stay in L2 (large M only).
 _GROUP_M = 8
-OUTLIER_SLOT_MULTIPLE = 32  # int8 MMA K step: the outlier list is padded to a multiple of it
 
 
 def _tile_coordinates(m: int, n: int, config: Config):
@@ -89,7 +88,7 @@ def _dot(a, b, *, b_transposed: bool, out_dtype):
 
 def _gemm_kernel(
     xq_ref, w_ref, row_scales_ref, col_scales_ref, bias_ref, x_ref,
-    x_o_ref, w_o_ref, col_flags_ref, overflow_ref, *accumulator_and_out,
+    x_o_ref, w_o_ref, col_flags_ref, count_ref, dense_ref, *accumulator_and_out,
     config: Config, has_bias: bool, has_outliers: bool, dense_fallback: bool,
     accumulator_only: bool,
 ):
@@ -128,14 +127,14 @@ def _gemm_kernel(
     col_scales = _load_vector(col_scales_ref, tile.cols, tile.col_ok)
     if has_outliers:
         outlier_terms = functools.partial(
-            _outlier_terms, xq_ref, w_ref, x_ref, x_o_ref, w_o_ref, col_flags_ref,
-            overflow_ref, tile, col_scales, config=config, dense_fallback=dense_fallback,
+            _outlier_terms, x_ref, w_ref, x_o_ref, w_o_ref, col_flags_ref, count_ref,
+            dense_ref, tile, col_scales, config=config, dense_fallback=dense_fallback,
         )
-        no_terms = lambda acc: (acc, jnp.zeros((bm, bn), jnp.float32))
         if config.split_k == 1:
-            acc, stream = outlier_terms(acc)
-        else:
-            acc, stream = jax.lax.cond(split == 0, outlier_terms, no_terms, acc)
+            stream = outlier_terms()
+        else:  # split 0 alone adds the stream
+            stream = jax.lax.cond(split == 0, outlier_terms,
+                                  lambda: jnp.zeros((bm, bn), jnp.float32))
 
     if accumulator_only:  # checks only: this program's exact int32 xq[:, not O] @ wq
         out.store(acc, tile, split)
@@ -213,49 +212,52 @@ def _stream_dot(x_part, w_deq, nk_layout):
                                preferred_element_type=jnp.float32)
 
 
-def _outlier_terms(
-    xq_ref, w_ref, x_ref, x_o_ref, w_o_ref, col_flags_ref, overflow_ref,
-    tile, col_scales, acc, *, config, dense_fallback,
-):
-    """(acc less the int32 share of outlier columns still in xq, float32 outlier stream) of one
-    output tile. The overflow sweep subtracts from acc itself rather than carrying a correction
-    beside it: one [block_m, block_n] tensor fewer live in the branch, which sets the kernel's
-    registers (its block_k 32 in the tables for the same reason: 7 us at M = 256, session 13)."""
+def _outlier_terms(x_ref, w_ref, x_o_ref, w_o_ref, col_flags_ref, count_ref, dense_ref, tile,
+                   col_scales, *, config, dense_fallback):
+    """The float32 outlier stream x[rows, O] @ dequant(wq[O, cols]) of one output tile, for any
+    |O| from 0 to K: over the compacted slots in SLOT_BLOCK steps, as many as the batch's count
+    needs (a loop bound read on the device), or, when the batch had more outlier columns than
+    were gathered (pallas_triton_outliers: `dense`), over all of K with x masked to the flagged
+    columns, reading the weight tiles in place. xq's columns in O arrive zeroed, so the int32
+    accumulator needs no correction either way."""
     nk_layout = config.weight_layout == "nk"
     rows, row_ok = tile.rows, tile.row_ok
+    bm, bn = config.block_m, config.block_n
+    first = jnp.arange(1)
 
-    def gathered(acc):  # the slots' operands, gathered once (zero past the live slots)
-        slot = jnp.arange(x_o_ref.shape[1])
-        x_o = _load(x_o_ref, rows, slot, row_ok, None)
-        w_o = _load_weight(w_o_ref, slot, tile, None, nk_layout)
-        w_deq = _dequantize(w_o, col_scales, x_ref.dtype, nk_layout)
-        # xq's columns in O are zero already: no int32 correction
-        return acc, _stream_dot(x_o, w_deq, nk_layout)
+    def gathered(_):
+        count = plgpu.load(count_ref.at[first])[0]
+
+        def slot_step(j, stream):
+            slot = j * SLOT_BLOCK + jnp.arange(SLOT_BLOCK)
+            x_o = _load(x_o_ref, rows, slot, row_ok, None)
+            w_o = _load_weight(w_o_ref, slot, tile, None, nk_layout)
+            w_deq = _dequantize(w_o, col_scales, x_ref.dtype, nk_layout)
+            return stream + _stream_dot(x_o, w_deq, nk_layout)
+
+        return jax.lax.fori_loop(0, pl.cdiv(count, SLOT_BLOCK), slot_step,
+                                 jnp.zeros((bm, bn), jnp.float32))
 
     if not dense_fallback:
-        return gathered(acc)
+        return gathered(None)
 
-    def dense(acc):
-        # Capacity overflow: every flagged column of K, in block_k steps (a second read of W).
-        k = xq_ref.shape[1]
-        bm, bn, bk = config.block_m, config.block_n, config.block_k
+    def dense(_):
+        k = x_ref.shape[1]
 
-        def k_step(i, carry):
-            acc, stream = carry
-            ks = i * bk + jnp.arange(bk)
+        def k_step(i, stream):
+            ks = i * SLOT_BLOCK + jnp.arange(SLOT_BLOCK)
+            k_ok = ks < k if k % SLOT_BLOCK else None
             flagged = plgpu.load(col_flags_ref.at[ks], mask=ks < k, other=0) > 0
-            xq = _load(xq_ref, rows, ks, row_ok, flagged)
-            x = _load(x_ref, rows, ks, row_ok, flagged)
-            w = _load_weight(w_ref, ks, tile, flagged, nk_layout)
-            acc = acc - _dot(xq, w, b_transposed=nk_layout, out_dtype=jnp.int32)
+            x = _load(x_ref, rows, ks, row_ok, flagged)  # 0 off the outlier columns
+            w = _load_weight(w_ref, ks, tile, k_ok, nk_layout)
             w_deq = _dequantize(w, col_scales, x_ref.dtype, nk_layout)
-            return acc, stream + _stream_dot(x, w_deq, nk_layout)
+            return stream + _stream_dot(x, w_deq, nk_layout)
 
-        init = (acc, jnp.zeros((bm, bn), jnp.float32))
-        return jax.lax.fori_loop(0, pl.cdiv(k, bk), k_step, init)
+        return jax.lax.fori_loop(0, pl.cdiv(k, SLOT_BLOCK), k_step,
+                                 jnp.zeros((bm, bn), jnp.float32))
 
-    overflow = plgpu.load(overflow_ref.at[jnp.arange(1)])[0] > 0
-    return jax.lax.cond(overflow, dense, gathered, acc)
+    is_dense = plgpu.load(dense_ref.at[first])[0] > 0
+    return jax.lax.cond(is_dense, dense, gathered, None)
 
 
 @functools.partial(
@@ -264,26 +266,28 @@ def _outlier_terms(
                      "accumulator_only", "poison_output", "interpret"),
 )
 def int8_gemm(
-    xq, w, row_scales, col_scales, bias, x, x_o, w_o, col_flags, overflow,
+    xq, w, row_scales, col_scales, bias, x, x_o, w_o, col_flags, count, dense,
     accumulator=None, *, config: Config, out_dtype, has_bias: bool, has_outliers: bool,
     dense_fallback: bool, accumulator_only: bool = False, poison_output: bool = False, interpret: bool = False,
 ):
     """The fused GEMM.
 
     Args:
-      xq: [M, K] int8 from the activation pass, the live slots' columns zeroed
-        (pallas_triton_outliers; on an overflow the flagged columns past them are not).
+      xq: [M, K] int8 from the activation pass, every outlier column zeroed
+        (pallas_triton_outliers).
       w: [K, N] int8 (config.weight_layout "kn") or [N, K] ("nk").
       row_scales: [M] f32; col_scales: [N] f32; bias: [N] (read only if has_bias).
-      x: [M, K] the original activations (outlier stream and overflow sweep read them).
-      x_o, w_o: the outlier slots' operands (pallas_triton_outliers.OutlierOperands):
-        x[:, O] [M, Cp] and the weight rows [Cp, N] ("kn") or [N, Cp] ("nk") int8, zero past
-        the live slots; Cp a multiple of 32. Read only if has_outliers.
-      col_flags: [K] int32, nonzero on outlier columns; overflow: [1] int32, nonzero when the
-        batch has more outlier columns than the capacity (then the dense sweep runs).
+      x: [M, K] the original activations (the dense outlier sweep reads them).
+      x_o, w_o: the compacted outlier operands (pallas_triton_outliers.OutlierOperands):
+        x[:, O] [M, G] and the weight rows [G, N] ("kn") or [N, G] ("nk") int8, zero past the
+        count in its last SLOT_BLOCK chunk; G a multiple of SLOT_BLOCK. Read only if
+        has_outliers.
+      col_flags: [K] int32, nonzero on outlier columns; count: [1] int32, the number of them;
+        dense: [1] int32, nonzero when count > G (x_o, w_o unwritten: the dense sweep runs).
+      dense_fallback: False when G covers all of K (the dense sweep is not compiled).
       accumulator: optional [M, N] int32 xq @ w computed elsewhere (XLA's int8 GEMM, the
-        "xla_gemm" route): the kernel then runs no K loop, only the epilogue on it (outlier
-        correction, scales, bias, outlier stream, cast). Needs config.split_k == 1.
+        "xla_gemm" route): the kernel then runs no K loop, only the epilogue on it (scales,
+        bias, outlier stream, cast). Needs config.split_k == 1.
       accumulator_only: return the int32 [M, N] accumulator xq[:, not O] @ wq instead (checks).
       poison_output: start from a NaN-filled (int32: INT32_MIN) output buffer, aliased into the
         kernel's output, so the GPU check sees any element the kernel did not write.
@@ -297,7 +301,7 @@ def int8_gemm(
         _gemm_kernel, config=config, has_bias=has_bias, has_outliers=has_outliers,
         dense_fallback=dense_fallback, accumulator_only=accumulator_only,
     )
-    operands = [xq, w, row_scales, col_scales, bias, x, x_o, w_o, col_flags, overflow]
+    operands = [xq, w, row_scales, col_scales, bias, x, x_o, w_o, col_flags, count, dense]
     if accumulator is not None:
         if config.split_k != 1 or accumulator.shape != (m, n) or accumulator.dtype != jnp.int32:
             raise ValueError(
