@@ -140,7 +140,7 @@ def check_case(rng, m, k, n, dtype, num_outlier_cols, with_bias, failures,
         stream_terms = num_outliers + -(-k // min(plan.gemm.block_k, SLOT_BLOCK)) + 2
         ratio = checks.max_bound_violation(y, y64, magnitude, dtype, stream_terms=stream_terms,
                                            split_k=plan.gemm.split_k,
-                                           weight_rounding=rounding if fused else 0.0)
+                                           weight_rounding=rounding)
         if not ratio <= 1.0:
             failures.append(f"{tag}: output error {ratio:.3g} x the bound (inf: non-finite)")
         if (int(stats.num_outlier_columns), bool(stats.capacity_overflow)) != (
@@ -302,6 +302,8 @@ def main():
                         help="only cases with M > 16 (the pallas and xla_gemm routes)")
     parser.add_argument("--outliers", action="store_true",
                         help="the op's shapes at outlier column counts 0 .. K, table plans only")
+    parser.add_argument("--outlier-ms", type=lambda v: [int(m) for m in v.split(",")],
+                        default=[1, 16, 256, 512], help="--outliers: the Ms (default 1,16,256,512)")
     parser.add_argument("--interpret", action="store_true",
                         help="dry run of this script on CPU: tiny shapes, Pallas interpret mode")
     args = parser.parse_args()
@@ -344,7 +346,7 @@ def main():
     elif args.outliers:
         check_outlier_operands(rng, failures)
         for k, n in OUTLIER_SHAPES:
-            for m in (1, 16, 256, 512):
+            for m in args.outlier_ms:
                 # The fused route (M <= 16) has had no capacity all along: its ends only.
                 counts = outlier_counts(k) if m > configs.FUSED_MAX_M else (0, 64, k)
                 for count in counts:

@@ -10,7 +10,8 @@ Held to (see jint8/ops/int8_matmul/checks.py for the derivation of the float bou
 - the activation pass: equal to reference.quantize_rows bit for bit;
 - the GEMM's int32 accumulator: equal to reference.int8_dot on reference-quantized inputs;
 - the output: |y - y64| <= u_out |y64| + (C + S + 8) 2^-24 T against the recipe in float64
-  (plus, for the one-launch fused kernel, the weight rounding it skips: checks.weight_rounding).
+  (plus the weight rounding to x.dtype that every kernel's outlier stream skips, scaling each
+  output column once instead: checks.weight_rounding).
 """
 
 from __future__ import annotations
@@ -132,8 +133,9 @@ def test_output_within_derived_bound_of_float64_recipe(rng, m, k, n, dtype, outl
     # Float terms the outlier dot sums per element: one per outlier column (the zero-padded
     # slots and masked columns add exact zeros) and one partial per SLOT_BLOCK step.
     stream_terms = outlier_cols + -(-k // SLOT_BLOCK) + 2
+    rounding = checks.weight_rounding(x, wq, col_scales, threshold=THRESHOLD)
     ratio = checks.max_bound_violation(y, y64, magnitude, dtype, stream_terms=stream_terms,
-                                       split_k=plan.gemm.split_k)
+                                       split_k=plan.gemm.split_k, weight_rounding=rounding)
     assert ratio <= 1.0, f"error {ratio:.3g} x the bound, seed {rng.seed_value}"
 
 
@@ -384,8 +386,9 @@ def test_changing_outlier_count_needs_no_recompilation_and_stays_exact(rng, plan
         np.testing.assert_array_equal(np.asarray(acc), np.asarray(want), err_msg=msg)
         assert int(count) == outlier_cols, msg
         y64, magnitude = checks.float64_recipe(x, wq, col_scales, None, threshold=THRESHOLD)
-        ratio = checks.max_bound_violation(y, y64, magnitude, jnp.bfloat16,
-                                           stream_terms=outlier_cols + k // SLOT_BLOCK + 2,
-                                           split_k=plan.gemm.split_k)
+        ratio = checks.max_bound_violation(
+            y, y64, magnitude, jnp.bfloat16, stream_terms=outlier_cols + k // SLOT_BLOCK + 2,
+            split_k=plan.gemm.split_k,
+            weight_rounding=checks.weight_rounding(x, wq, col_scales, threshold=THRESHOLD))
         assert ratio <= 1.0, f"error {ratio:.3g} x the bound, {msg}"
     assert len(traces) == 1

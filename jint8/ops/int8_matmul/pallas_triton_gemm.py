@@ -195,12 +195,6 @@ def _load_weight(w_ref, ks, tile, ks_ok, nk_layout):
     return _load(w_ref, ks, tile.cols, ks_ok, tile.col_ok)
 
 
-def _dequantize(w_int8, col_scales, dtype, nk_layout):
-    # reference.dequantize_weight_rows: float32 products, then one cast to the activation dtype.
-    scales = col_scales[:, None] if nk_layout else col_scales[None, :]
-    return (w_int8.astype(jnp.float32) * scales * INV_127).astype(dtype)
-
-
 def _stream_dot(x_part, w_deq, nk_layout):
     # float32 activations: full-precision FMA dot (jax 0.11's Triton lowering would use TF32).
     # An explicit transpose of the small [bn, C] tile: XLA:CPU (interpret mode) rounded a
@@ -219,7 +213,13 @@ def _outlier_terms(x_ref, w_ref, x_o_ref, w_o_ref, col_flags_ref, count_ref, den
     needs (a loop bound read on the device), or, when the batch had more outlier columns than
     were gathered (pallas_triton_outliers: `dense`), over all of K with x masked to the flagged
     columns, reading the weight tiles in place. xq's columns in O arrive zeroed, so the int32
-    accumulator needs no correction either way."""
+    accumulator needs no correction either way.
+
+    The loops multiply x by the int8 weight values themselves (exact in x's 16-bit dtype, and
+    each product exact in float32) and scale each output column by s_w / 127 once after the
+    loop, as the fused kernel does: a per-element dequantize-and-round of every weight tile in
+    the loop cost more ALU than the MMA it feeds. So the weight's rounding to x.dtype that the
+    recipe applies is skipped (checks.weight_rounding bounds the difference)."""
     nk_layout = config.weight_layout == "nk"
     rows, row_ok = tile.rows, tile.row_ok
     bm, bn = config.block_m, config.block_n
@@ -232,14 +232,10 @@ def _outlier_terms(x_ref, w_ref, x_o_ref, w_o_ref, col_flags_ref, count_ref, den
             slot = j * SLOT_BLOCK + jnp.arange(SLOT_BLOCK)
             x_o = _load(x_o_ref, rows, slot, row_ok, None)
             w_o = _load_weight(w_o_ref, slot, tile, None, nk_layout)
-            w_deq = _dequantize(w_o, col_scales, x_ref.dtype, nk_layout)
-            return stream + _stream_dot(x_o, w_deq, nk_layout)
+            return stream + _stream_dot(x_o, w_o.astype(x_ref.dtype), nk_layout)
 
         return jax.lax.fori_loop(0, pl.cdiv(count, SLOT_BLOCK), slot_step,
                                  jnp.zeros((bm, bn), jnp.float32))
-
-    if not dense_fallback:
-        return gathered(None)
 
     def dense(_):
         k = x_ref.shape[1]
@@ -250,14 +246,16 @@ def _outlier_terms(x_ref, w_ref, x_o_ref, w_o_ref, col_flags_ref, count_ref, den
             flagged = plgpu.load(col_flags_ref.at[ks], mask=ks < k, other=0) > 0
             x = _load(x_ref, rows, ks, row_ok, flagged)  # 0 off the outlier columns
             w = _load_weight(w_ref, ks, tile, k_ok, nk_layout)
-            w_deq = _dequantize(w, col_scales, x_ref.dtype, nk_layout)
-            return stream + _stream_dot(x, w_deq, nk_layout)
+            return stream + _stream_dot(x, w.astype(x_ref.dtype), nk_layout)
 
         return jax.lax.fori_loop(0, pl.cdiv(k, SLOT_BLOCK), k_step,
                                  jnp.zeros((bm, bn), jnp.float32))
 
+    weight_scale = (col_scales * INV_127)[None, :]  # reference.dequantize_weight_rows' factors
+    if not dense_fallback:
+        return gathered(None) * weight_scale
     is_dense = plgpu.load(dense_ref.at[first])[0] > 0
-    return jax.lax.cond(is_dense, dense, gathered, None)
+    return jax.lax.cond(is_dense, dense, gathered, None) * weight_scale
 
 
 @functools.partial(

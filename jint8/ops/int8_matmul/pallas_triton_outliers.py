@@ -41,7 +41,9 @@ from jax.experimental.pallas import triton as plgpu
 from jint8.ops.int8_matmul import reference
 
 BLOCK_ROWS = 32  # rows of x (and xq) per program
-BLOCK_COLS = 256  # weight columns (output features) per program
+# Weight columns (output features) per program: its gathers read single bytes, so many small
+# programs keep more loads in flight than a few wide ones.
+BLOCK_COLS = 64
 # Slots per chunk, here and in the GEMM's outlier loop: a multiple of the 16-bit MMA's K step.
 SLOT_BLOCK = 64
 # Up to this share of K is gathered; denser batches stream the weight in place (module docstring).
