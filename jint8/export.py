@@ -18,7 +18,8 @@ from flax.traverse_util import flatten_dict
 
 from jint8.errors import InvalidConfigError
 from jint8.loading.names import NameRules, expected_tensors, flax_path_to_hf
-from jint8.loading.pretrained import NAME_RULES
+from jint8.loading.pretrained import name_rules_for
+from jint8.models import llama, registered_fusions
 from jint8.quantize import Int8Weight
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -28,7 +29,7 @@ def hf_config_of(config):
     """A transformers config for a jint8 Llama-family config (Llama, Mistral, Qwen2, Qwen3)."""
     from transformers import AutoConfig
 
-    if config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+    if config.model_type not in llama.SPEC.model_types:
         raise InvalidConfigError(
             f"export_bitsandbytes: pass hf_config= for model_type={config.model_type!r} "
             "(only the Llama family's config is rebuilt automatically)"
@@ -55,7 +56,8 @@ def hf_config_of(config):
 def _tensors(params, rules: NameRules, float_dtype) -> dict[str, np.ndarray]:
     """{transformers name: numpy array} in PyTorch layout."""
     flat = flatten_dict(jax.device_get(params), is_leaf=lambda _, x: isinstance(x, Int8Weight))
-    fused = sorted({"/".join(p[:-1]) for p in flat if any(name in p for name in ("qkv_proj", "gate_up_proj"))})
+    fused_names = {fusion.fused for fusion in registered_fusions()}
+    fused = sorted({"/".join(p[:-1]) for p in flat if fused_names.intersection(p)})
     if fused:
         raise InvalidConfigError(
             f"export_bitsandbytes: {fused[0]} (and {len(fused) - 1} more) were fused by fuse_projections; "
@@ -121,7 +123,7 @@ def export_bitsandbytes(
         raise FileExistsError(f"export_bitsandbytes: {out} exists and is not empty (pass overwrite=True)")
     config = model.config
     hf_config = hf_config or hf_config_of(config)
-    rules = NAME_RULES.get(config.model_type, NameRules())
+    rules = name_rules_for(config.model_type)
     weights = [w for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight)) if isinstance(w, Int8Weight)]
     if not weights:
         raise InvalidConfigError("export_bitsandbytes: params hold no Int8Weight; quantize them first")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jint8.errors import InvalidConfigError, QuantizationError
-from jint8.ops.int8_matmul.reference import INV_127, quantization_multiplier
+from jint8.numerics import INV_127, quantization_multiplier
 
 
 @struct.dataclass

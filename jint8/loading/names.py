@@ -14,6 +14,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from jint8.models.spec import NameRules  # noqa: F401  (the family's rules; re-exported)
+
 # Flax leaf name -> transformers' suffix
 _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
@@ -26,22 +28,6 @@ class TensorTarget:
     path: tuple[str, ...]
     shape: tuple[int, ...]
     transpose: bool  # PyTorch Linear [out, in] -> Flax kernel [in, out]
-
-
-@dataclasses.dataclass(frozen=True)
-class NameRules:
-    """A family's deviations from the generic rule.
-
-    list_modules: Linen names "<name>_<i>" that stand for transformers' list "<name>.<i>".
-    conv1d_modules: Dense modules whose checkpoint weight is already [in, out] (GPT-2's Conv1D).
-    ignored: regexes of checkpoint tensors that are buffers or duplicates, not parameters.
-    optional_prefixes: prefixes a checkpoint may omit (GPT2LMHeadModel vs GPT2Model saves).
-    """
-
-    list_modules: tuple[str, ...] = ("layers",)
-    conv1d_modules: tuple[str, ...] = ()
-    ignored: tuple[str, ...] = (r"rotary_emb\.inv_freq$", r"\.masked_bias$")
-    optional_prefixes: tuple[str, ...] = ()
 
 
 def flax_path_to_hf(path: tuple[str, ...], rules: NameRules) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import types
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jint8.errors import CheckpointFileError, InvalidConfigError, WeightsMismatchError
+from jint8.errors import CheckpointFileError, InvalidConfigError, UnsupportedArchitectureError, WeightsMismatchError
 from jint8.loading import gguf_file, msgpack_file, safetensors_file
 from jint8.loading.bnb_int8 import bnb_int8_settings, read_int8_kernel, split_bnb_records
 from jint8.loading.names import (
@@ -35,20 +34,23 @@ from jint8.loading.names import (
 from jint8.loading.records import TensorRecord, on_host
 from jint8.loading.sharding import bytes_per_device, check_max_memory, kernel_spec
 from jint8.progress import progress_bar
-from jint8.models import config_from_hf, model_class_for
+from jint8.models import registered_specs, spec_for
+from jint8.models.spec import ShardingRules
 from jint8.quantize import EMBEDDING_NAME, Int8Config, Int8Weight, int8_weight_specs, quantize_params
 
 _logger = logging.getLogger("jint8")
 
-# model_type -> the family's name-map deviations (default: NameRules())
-NAME_RULES: dict[str, NameRules] = {
-    "gpt2": NameRules(
-        list_modules=("h",),
-        conv1d_modules=("c_attn", "c_proj", "c_fc"),
-        ignored=(r"\.attn\.bias$", r"\.attn\.masked_bias$"),  # causal-mask buffers of old checkpoints
-        optional_prefixes=("transformer.",),  # GPT2Model saves (the original "gpt2" files) lack it
-    ),
-}
+# model_type -> the family's name-map deviations, as the built-in families' ModelSpecs declare
+# them (name_rules_for reads the registry itself, so families registered later count too)
+NAME_RULES: dict[str, NameRules] = {t: spec.name_rules for spec in registered_specs() for t in spec.model_types}
+
+
+def name_rules_for(model_type: str) -> NameRules:
+    """The checkpoint name rules of a model_type's family (the generic rules if it has none)."""
+    try:
+        return spec_for(model_type).name_rules
+    except UnsupportedArchitectureError:
+        return NameRules()
 
 
 def _find_format(path: Path) -> tuple[str, Path]:
@@ -131,15 +133,15 @@ def _quantized_shapes(shapes: dict, quantization: Optional[Int8Config]) -> dict:
     return flatten_dict(tree, is_leaf=lambda _, x: isinstance(x, Int8Weight))
 
 
-def _leaf_layout(path, leaf, mesh):
+def _leaf_layout(path, leaf, mesh, sharding: Optional[ShardingRules]):
     """[(shape, dtype, spec)] of the arrays one parameter becomes (qvalue + scale for int8)."""
     if isinstance(leaf, Int8Weight):
         embedding = path[-1] == EMBEDDING_NAME  # the float table [V, H] is stored as it is
         float_shape = leaf.qvalue.shape if embedding else leaf.shape
-        spec = kernel_spec(path, float_shape, mesh) if mesh else jax.sharding.PartitionSpec()
+        spec = kernel_spec(path, float_shape, mesh, sharding) if mesh else jax.sharding.PartitionSpec()
         q_spec, s_spec = int8_weight_specs(spec, len(float_shape), leaf.in_ndim, embedding=embedding)
         return [(leaf.qvalue.shape, leaf.qvalue.dtype, q_spec), (leaf.scale.shape, leaf.scale.dtype, s_spec)]
-    spec = kernel_spec(path, leaf.shape, mesh) if mesh else jax.sharding.PartitionSpec()
+    spec = kernel_spec(path, leaf.shape, mesh, sharding) if mesh else jax.sharding.PartitionSpec()
     return [(leaf.shape, leaf.dtype, spec)]
 
 
@@ -152,6 +154,7 @@ def _place(array, mesh, spec):
 @dataclasses.dataclass(frozen=True)
 class _LoadSettings:
     rules: NameRules
+    sharding: Optional[ShardingRules]
     dtype: Any
     quantization: Optional[Int8Config]
     mesh: Optional[jax.sharding.Mesh]
@@ -177,7 +180,7 @@ def _bnb_weight(record: TensorRecord, scale: TensorRecord, target: TensorTarget,
 def _convert(record: TensorRecord, target: TensorTarget, planned, bnb_scale: Optional[TensorRecord],
              settings: _LoadSettings):
     """Read, lay out, quantize (host CPU) and place one tensor; returns the placed leaf."""
-    layout = _leaf_layout(target.path, planned, settings.mesh)
+    layout = _leaf_layout(target.path, planned, settings.mesh, settings.sharding)
     if bnb_scale is not None:
         return _place_int8(_bnb_weight(record, bnb_scale, target, settings), layout, settings.mesh)
     array = to_flax_layout(record.read(), target, record.flax_layout, settings.rules)
@@ -241,11 +244,12 @@ def from_pretrained(
         return _from_jint8_checkpoint(Path(path), quantization, mesh)
     kind, location = _find_format(Path(path))
     hf_config = _hf_config(kind, location)
-    config = config_from_hf(hf_config, dtype)
-    model = model_class_for(hf_config)(config)
+    spec = spec_for(getattr(hf_config, "model_type", None))
+    config = spec.config_from_hf(hf_config, dtype)
+    model = spec.model_class(config)
     dummy = jnp.zeros((1, 1), jnp.int32)
     shapes = flatten_dict(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["params"])
-    rules = NAME_RULES.get(config.model_type, NameRules())
+    rules = spec.name_rules
     table = expected_tensors({p: tuple(s.shape) for p, s in shapes.items()}, rules)
     records = _records(kind, location, hf_config, table)
     bnb = bnb_int8_settings(hf_config) if kind == "safetensors" else None
@@ -254,12 +258,12 @@ def from_pretrained(
 
     planned = _quantized_shapes(shapes, quantization)
     _plan_bnb_kernels(planned, bnb_scales, table)
-    layout = [entry for p, leaf in planned.items() for entry in _leaf_layout(p, leaf, mesh)]
+    layout = [entry for p, leaf in planned.items() for entry in _leaf_layout(p, leaf, mesh, spec.sharding)]
     needed = bytes_per_device(layout, mesh)
     check_max_memory(max_memory, needed, mesh)
     _logger.info("loading %s (%s): %d tensors, %.3f GiB per device", location, kind, len(plan), needed / 2**30)
 
-    settings = _LoadSettings(rules, dtype, quantization, mesh, bnb)
+    settings = _LoadSettings(rules, spec.sharding, dtype, quantization, mesh, bnb)
     placed: dict = {}
     try:
         with progress_bar(total=len(plan), progress=progress, desc=f"loading {Path(path).name}",
@@ -303,7 +307,6 @@ def _model_config_from_dict(class_path: str, fields: dict, location: Path):
 def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], mesh):
     """A directory written by save_quantized: restore as saved (no re-quantization) onto mesh."""
     from jint8 import checkpoint
-    from jint8.models import model_class_for
 
     info = checkpoint.load_metadata(location)
     if quantization is not None and quantization != info.quant_config:
@@ -312,10 +315,11 @@ def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], m
             "(load it without quantization=, or quantize the original checkpoint)"
         )
     config = _model_config_from_dict(info.model_config_class, info.model_config or {}, location)
-    model = model_class_for(types.SimpleNamespace(model_type=config.model_type))(config)
+    spec = spec_for(config.model_type)
+    model = spec.model_class(config)
 
     def place(path, kernel):
-        return kernel_spec(tuple(str(p) for p in path), tuple(kernel.shape), mesh)
+        return kernel_spec(tuple(str(p) for p in path), tuple(kernel.shape), mesh, spec.sharding)
 
     params, _ = checkpoint.load_quantized(location, mesh=mesh, shardings=place if mesh is not None else None)
     return model, params

@@ -1,11 +1,13 @@
-"""Device meshes, per-parameter sharding rules (Megatron-style tensor parallelism) and max_memory.
+"""Device meshes, per-parameter sharding (Megatron-style tensor parallelism) and max_memory.
 
-Column-parallel projections (q/k/v/gate/up, GPT-2 c_attn/c_fc, OPT fc1) split their output
-features over "model": kernel P(None, "model"), bias and int8 column scales P("model").
-Row-parallel ones (o/down, c_proj, fc2, out_proj) split the contracting features: kernel
-P("model", None), bias and scales replicated (XLA all-reduces the partial sums).
-Embeddings are vocab-parallel P("model", None), lm_head P(None, "model"); everything else is
-replicated. An axis that does not divide evenly is left replicated. "data" replicates params.
+Which modules are column-, row- or vocab-parallel is each family's ModelSpec.sharding
+(jint8.models.spec.ShardingRules): column-parallel projections (q/k/v/gate/up and their fused
+qkv_proj/gate_up_proj, GPT-2 c_attn/c_fc, OPT fc1, lm_head) split their output features over
+"model": kernel P(None, "model"), bias and int8 column scales P("model"). Row-parallel ones
+(o/down, c_proj, fc2, out_proj) split the contracting features: kernel P("model", None), bias
+and scales replicated (XLA all-reduces the partial sums). Embeddings are vocab-parallel
+P("model", None); everything else is replicated. An axis that does not divide evenly is left
+replicated. "data" replicates params.
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jint8.errors import InsufficientMemoryError, InvalidConfigError
+from jint8.models import registered_sharding
+from jint8.models.spec import ShardingRules
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc", "fc1", "lm_head")
-ROW_PARALLEL = ("o_proj", "down_proj", "c_proj", "fc2", "out_proj")
-VOCAB_PARALLEL = ("embed_tokens", "wte")
+# The built-in families' module names together (the registry's, as jint8 ships it); kernel_spec
+# reads the registry itself, so families registered later shard too.
+_BUILTIN = registered_sharding()
+COLUMN_PARALLEL = _BUILTIN.column_parallel
+ROW_PARALLEL = _BUILTIN.row_parallel
+VOCAB_PARALLEL = _BUILTIN.vocab_parallel
 MODEL_AXIS, DATA_AXIS = "model", "data"
 
 
@@ -45,20 +52,25 @@ def _model_axis_size(mesh: Mesh) -> int:
     return int(mesh.shape.get(MODEL_AXIS, 1))
 
 
-def kernel_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+def kernel_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh,
+                rules: Optional[ShardingRules] = None) -> P:
     """The PartitionSpec of a float parameter at `path` (for an int8 kernel: of the float kernel it
-    stands for, [*in, *out]; quantize.int8_weight_specs turns it into qvalue's and scale's)."""
+    stands for, [*in, *out]; quantize.int8_weight_specs turns it into qvalue's and scale's).
+
+    rules: the family's (ModelSpec.sharding); default every registered family's rules together.
+    """
+    rules = rules if rules is not None else registered_sharding()
     size = _model_axis_size(mesh)
     module, leaf = (path[-2] if len(path) > 1 else ""), path[-1]
     spec: tuple = (None,) * len(shape)
     if leaf == "kernel" and len(shape) == 2:
-        if module in COLUMN_PARALLEL:
+        if module in rules.column_parallel:
             spec = (None, MODEL_AXIS)
-        elif module in ROW_PARALLEL:
+        elif module in rules.row_parallel:
             spec = (MODEL_AXIS, None)
-    elif leaf == "bias" and module in COLUMN_PARALLEL:
+    elif leaf == "bias" and module in rules.column_parallel:
         spec = (MODEL_AXIS,)
-    elif leaf == "embedding" and module in VOCAB_PARALLEL:
+    elif leaf == "embedding" and module in rules.vocab_parallel:
         spec = (MODEL_AXIS, None)
     spec = tuple(axis if axis is None or shape[i] % size == 0 else None for i, axis in enumerate(spec))
     return P(*spec)
@@ -71,11 +83,11 @@ def scale_spec(kernel_spec: P, in_ndim: int, ndim: int) -> P:
     return int8_weight_specs(kernel_spec, ndim, in_ndim)[1]
 
 
-def sharding_for(path, shape, mesh: Optional[Mesh]):
-    """NamedSharding for a parameter (None without a mesh: the default device)."""
+def sharding_for(path, shape, mesh: Optional[Mesh], rules: Optional[ShardingRules] = None):
+    """NamedSharding for a parameter (None without a mesh: the default device); rules as kernel_spec's."""
     if mesh is None:
         return None
-    return NamedSharding(mesh, kernel_spec(tuple(path), tuple(shape), mesh))
+    return NamedSharding(mesh, kernel_spec(tuple(path), tuple(shape), mesh, rules))
 
 
 def cache_spec(num_kv_heads: int, batch_size: int, mesh: Mesh) -> P:

@@ -1,35 +1,43 @@
-"""Flax causal LMs with a static KV cache, one file per family, and the model_type registry."""
+"""Flax causal LMs with a static KV cache, one file per family, and the model_type registry built
+from the families' ModelSpecs (spec.py)."""
 
 from __future__ import annotations
 
 from jint8.errors import UnsupportedArchitectureError
+from jint8.models import gemma, gpt2, llama, opt
 from jint8.models.common import KVCache, RopeConfig, init_cache
 from jint8.models.fusion import fuse_projections
 from jint8.models.gemma import GemmaConfig, GemmaForCausalLM
 from jint8.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jint8.models.llama import LlamaConfig, LlamaForCausalLM
 from jint8.models.opt import OPTConfig, OPTForCausalLM
+from jint8.models.spec import Fusion, ModelSpec, ShardingRules
 
-# model_type -> (Flax module class, config class); every config class has from_hf_config.
-_REGISTRY: dict[str, tuple[type, type]] = {
-    "llama": (LlamaForCausalLM, LlamaConfig),
-    "mistral": (LlamaForCausalLM, LlamaConfig),
-    "qwen2": (LlamaForCausalLM, LlamaConfig),
-    "qwen3": (LlamaForCausalLM, LlamaConfig),
-    "gemma": (GemmaForCausalLM, GemmaConfig),
-    "gemma2": (GemmaForCausalLM, GemmaConfig),
-    "gpt2": (GPT2LMHeadModel, GPT2Config),
-    "opt": (OPTForCausalLM, OPTConfig),
-}
+# model_type -> the ModelSpec of the family that serves it
+_REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(model_type: str, model_class: type, config_class: type) -> None:
-    """Map a transformers model_type to a jint8 model class and its config class."""
-    _REGISTRY[model_type] = (model_class, config_class)
+def register_spec(spec: ModelSpec) -> None:
+    """Serve every model_type of `spec` with its family (replacing an earlier registration)."""
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"register_spec: spec must be a ModelSpec, got {type(spec).__name__}")
+    for model_type in spec.model_types:
+        _REGISTRY[model_type] = spec
 
 
-def _entry(hf_config) -> tuple[type, type]:
-    model_type = getattr(hf_config, "model_type", None)
+for _spec in (llama.SPEC, gemma.SPEC, gpt2.SPEC, opt.SPEC):
+    register_spec(_spec)
+
+
+def register_model(model_type: str, model_class: type, config_class: type, **spec_fields) -> None:
+    """Map a transformers model_type to a jint8 model class and its config class; spec_fields
+    (name_rules, sharding, fusions) as ModelSpec takes them."""
+    register_spec(ModelSpec(model_types=(model_type,), model_class=model_class, config_class=config_class,
+                            **spec_fields))
+
+
+def spec_for(model_type: str) -> ModelSpec:
+    """The ModelSpec registered for a transformers model_type."""
     if model_type not in _REGISTRY:
         raise UnsupportedArchitectureError(
             f"model_type={model_type!r} has no jint8 model (supported: {', '.join(sorted(_REGISTRY))})"
@@ -37,22 +45,38 @@ def _entry(hf_config) -> tuple[type, type]:
     return _REGISTRY[model_type]
 
 
+def registered_specs() -> tuple[ModelSpec, ...]:
+    """Every registered family's spec, once each, in registration order."""
+    return tuple(dict.fromkeys(_REGISTRY.values()))
+
+
+def registered_fusions() -> tuple[Fusion, ...]:
+    """Every registered family's fusions, once each (fuse_projections' default)."""
+    return tuple(dict.fromkeys(f for spec in registered_specs() for f in spec.fusions))
+
+
+def registered_sharding() -> ShardingRules:
+    """Every registered family's sharding rules as one (how a tree of unknown family is sharded)."""
+    return ShardingRules.union(*(spec.sharding for spec in registered_specs() if spec.sharding is not None))
+
+
 def model_class_for(hf_config) -> type:
     """The jint8 Flax model class for a transformers config, by its model_type."""
-    return _entry(hf_config)[0]
+    return spec_for(getattr(hf_config, "model_type", None)).model_class
 
 
 def config_class_for(hf_config) -> type:
     """The jint8 config dataclass for a transformers config, by its model_type."""
-    return _entry(hf_config)[1]
+    return spec_for(getattr(hf_config, "model_type", None)).config_class
 
 
 def config_from_hf(hf_config, dtype):
     """The jint8 config (compute dtype `dtype`) for a transformers config."""
-    return config_class_for(hf_config).from_hf_config(hf_config, dtype=dtype)
+    return spec_for(getattr(hf_config, "model_type", None)).config_from_hf(hf_config, dtype)
 
 
 __all__ = [
+    "Fusion",
     "GemmaConfig",
     "GemmaForCausalLM",
     "GPT2Config",
@@ -60,13 +84,20 @@ __all__ = [
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "ModelSpec",
     "OPTConfig",
     "OPTForCausalLM",
     "RopeConfig",
+    "ShardingRules",
     "config_class_for",
     "config_from_hf",
     "fuse_projections",
     "init_cache",
     "model_class_for",
     "register_model",
+    "register_spec",
+    "registered_fusions",
+    "registered_sharding",
+    "registered_specs",
+    "spec_for",
 ]

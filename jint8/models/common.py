@@ -17,8 +17,9 @@ from flax import struct
 
 from jint8.errors import UnsupportedArchitectureError
 from jint8.layers import Int8Dense, NormedInput
-from jint8.ops.int8_matmul.reference import InputNorm, rms_norm
+from jint8.numerics import rms_norm
 from jint8.ops import attention as attention_ops
+from jint8.ops.int8_matmul import InputNorm
 
 # ----------------------------------------------------------------------------- activations
 

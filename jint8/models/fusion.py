@@ -9,47 +9,57 @@ For LLM.int8() this is exact: the row scales and the outlier columns depend only
 input, and every output column keeps its own weight scale, so the fused layer computes the same
 int8 values and accumulators as the separate ones (only float32 summation order in the kernels'
 epilogues can differ). Kernels with different LLM.int8() settings (e.g. calibrated per-layer
-thresholds) are left separate. The models (jint8.models.llama) use `qkv_proj` / `gate_up_proj`
-when the params hold them; loaders and exporters see the checkpoint's own names, so fuse after
+thresholds) are left separate. Which projections fuse is each family's ModelSpec.fusions
+(llama.py declares q/k/v -> `qkv_proj` and gate/up -> `gate_up_proj`, which its modules use when
+the params hold them); loaders and exporters see the checkpoint's own names, so fuse after
 loading and keep the unfused tree for export_bitsandbytes.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 
+from jint8.models.spec import Fusion
 from jint8.quantize import Int8Weight
 
 _logger = logging.getLogger("jint8")
 
-# (parent module, fused name, parts in output order)
-FUSIONS = (
-    ("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
-    ("mlp", "gate_up_proj", ("gate_proj", "up_proj")),
-)
 
-
-def fuse_projections(params):
-    """A new param tree whose Llama-family attention/MLP blocks hold fused `qkv_proj` and
-    `gate_up_proj` instead of their parts, wherever the parts can be fused (same kind: all float
-    kernels or all Int8Weight with equal settings; biases on all or none). Pure; idempotent."""
+def fuse_projections(params, fusions: Optional[Sequence[Fusion]] = None):
+    """A new param tree whose attention/MLP blocks hold each fusion's fused module (Llama's
+    `qkv_proj` and `gate_up_proj`) instead of its parts, wherever the parts can be fused (same
+    kind: all float kernels or all Int8Weight with equal settings; biases on all or none). Pure;
+    idempotent. fusions: default every registered family's (jint8.models.registered_fusions)."""
     from flax.core import FrozenDict, freeze, unfreeze
 
+    if fusions is None:
+        from jint8.models import registered_fusions  # the registry imports this module
+
+        fusions = registered_fusions()
     if isinstance(params, FrozenDict):
-        return freeze(fuse_projections(unfreeze(params)))
+        return freeze(fuse_projections(unfreeze(params), fusions))
     if not isinstance(params, Mapping):
         raise TypeError(f"fuse_projections: params must be a Linen param dict, got {type(params).__name__}")
-    return _walk(dict(params), ())
+    return _walk(dict(params), (), tuple(fusions))
 
 
-def _walk(node: dict, path: tuple) -> dict:
+def __getattr__(name: str):
+    # FUSIONS, the old module constant, now derived from the registry (ModelSpec.fusions)
+    if name == "FUSIONS":
+        from jint8.models import registered_fusions
+
+        return registered_fusions()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _walk(node: dict, path: tuple, fusions: tuple[Fusion, ...]) -> dict:
     out = {}
     for key, child in node.items():
-        out[key] = _walk(dict(child), path + (key,)) if isinstance(child, Mapping) else child
-    for parent, fused, parts in FUSIONS:
+        out[key] = _walk(dict(child), path + (key,), fusions) if isinstance(child, Mapping) else child
+    for parent, fused, parts in fusions:
         if path and path[-1] == parent and all(p in out for p in parts):
             merged = _fuse([out[p] for p in parts], "/".join(path))
             if merged is not None:

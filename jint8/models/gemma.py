@@ -12,7 +12,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from jint8.models.llama import LlamaConfig, LlamaForCausalLM
+from jint8.models.llama import FUSIONS, SHARDING, LlamaConfig, LlamaForCausalLM
+from jint8.models.spec import ModelSpec
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,3 +47,13 @@ class GemmaForCausalLM(LlamaForCausalLM):
     """Gemma 1/2 causal LM; the same interface and parameter names as LlamaForCausalLM."""
 
     config: GemmaConfig
+
+
+# Gemma's modules and parameter names are Llama's: the same checkpoint names, sharding and fusions.
+SPEC = ModelSpec(
+    model_types=("gemma", "gemma2"),
+    model_class=GemmaForCausalLM,
+    config_class=GemmaConfig,
+    sharding=SHARDING,
+    fusions=FUSIONS,
+)

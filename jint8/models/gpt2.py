@@ -1,7 +1,7 @@
 """GPT-2: learned positions, pre-LayerNorm blocks, fused q/k/v (c_attn), GELU(tanh) MLP, tied head.
 
 transformers stores GPT-2's Conv1D weights as [in, out] (already Flax's kernel layout); the
-loader's name rules say so (NameRules.conv1d_modules).
+family's name rules (SPEC.name_rules.conv1d_modules) say so.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jint8.errors import InvalidConfigError, UnsupportedArchitectureError
 from jint8.layers import Int8Dense, Int8Embed
 from jint8.models.common import CausalLM, KVCache, activation, cached_attention
+from jint8.models.spec import ModelSpec, NameRules, ShardingRules
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -144,3 +145,22 @@ class GPT2LMHeadModel(CausalLM):
     BACKBONE = GPT2Model
     BACKBONE_NAME = "transformer"
     config: GPT2Config
+
+
+SPEC = ModelSpec(
+    model_types=("gpt2",),
+    model_class=GPT2LMHeadModel,
+    config_class=GPT2Config,
+    name_rules=NameRules(
+        list_modules=("h",),
+        conv1d_modules=("c_attn", "c_proj", "c_fc"),
+        ignored=(r"\.attn\.bias$", r"\.attn\.masked_bias$"),  # causal-mask buffers of old checkpoints
+        optional_prefixes=("transformer.",),  # GPT2Model saves (the original "gpt2" files) lack it
+    ),
+    # c_attn is q|k|v in one Conv1D; c_proj is the output projection of attention and MLP alike
+    sharding=ShardingRules(
+        column_parallel=("c_attn", "c_fc", "lm_head"),
+        row_parallel=("c_proj",),
+        vocab_parallel=("wte",),
+    ),
+)

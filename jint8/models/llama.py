@@ -26,7 +26,8 @@ from jint8.models.common import (
     rope_inverse_frequencies,
     rope_tables,
 )
-from jint8.ops.int8_matmul.reference import GATE_ACTIVATIONS, gated_activation
+from jint8.models.spec import Fusion, ModelSpec, ShardingRules
+from jint8.numerics import GATE_ACTIVATIONS, gated_activation
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -189,7 +190,7 @@ class LlamaMLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         down_proj = _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")
-        # silu: act(gate) * up with transformers' roundings (reference.gated_activation), the
+        # silu: act(gate) * up with transformers' roundings (numerics.gated_activation), the
         # same bits fused or not; other activations as jnp computes them in cfg.dtype.
         gated = cfg.hidden_act in GATE_ACTIVATIONS
         if self.has_variable("params", "gate_up_proj"):  # fuse_projections' one gate|up matmul
@@ -264,3 +265,27 @@ class LlamaForCausalLM(CausalLM):
             cap = self.config.final_logit_softcap
             logits = jnp.tanh(logits / cap) * cap
         return logits, cache
+
+
+# q|k|v and gate|up read the same normalised input (fusion.py says why fusing them is exact).
+FUSIONS = (
+    Fusion("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    Fusion("mlp", "gate_up_proj", ("gate_proj", "up_proj")),
+)
+
+# The fused q|k|v and gate|up kernels are their parts' output features side by side, so they
+# split over "model" as the parts do.
+SHARDING = ShardingRules(
+    column_parallel=("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj",
+                     "lm_head"),
+    row_parallel=("o_proj", "down_proj"),
+    vocab_parallel=("embed_tokens",),
+)
+
+SPEC = ModelSpec(
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    model_class=LlamaForCausalLM,
+    config_class=LlamaConfig,
+    sharding=SHARDING,
+    fusions=FUSIONS,
+)

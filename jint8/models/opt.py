@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jint8.errors import UnsupportedArchitectureError
 from jint8.layers import Int8Dense, Int8Embed
 from jint8.models.common import CausalLM, activation, cached_attention
+from jint8.models.spec import ModelSpec, ShardingRules
 
 # OPTLearnedPositionalEmbedding: row p + 2 holds position p (fairseq's padding offset)
 POSITION_OFFSET = 2
@@ -172,3 +173,15 @@ class OPTForCausalLM(CausalLM):
 
     BACKBONE = OPTModel
     config: OPTConfig
+
+
+SPEC = ModelSpec(
+    model_types=("opt",),
+    model_class=OPTForCausalLM,
+    config_class=OPTConfig,
+    sharding=ShardingRules(
+        column_parallel=("q_proj", "k_proj", "v_proj", "fc1", "lm_head"),
+        row_parallel=("out_proj", "fc2"),
+        vocab_parallel=("embed_tokens",),
+    ),
+)

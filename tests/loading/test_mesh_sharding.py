@@ -19,6 +19,7 @@ from jint8.errors import InvalidConfigError
 from jint8.loading import kernel_spec, parse_bytes, scale_spec
 
 SCRIPT = Path(__file__).with_name("sharded_loading_script.py")
+FUSED_SCRIPT = Path(__file__).with_name("fused_sharding_script.py")
 
 
 def test_sharded_logits_equal_unsharded_on_8_cpu_devices(tmp_path):
@@ -33,6 +34,16 @@ def test_sharded_logits_equal_unsharded_on_8_cpu_devices(tmp_path):
     assert result.stdout.strip().endswith("OK")
     assert "needs" in result.stdout
     assert "jint8 checkpoint restored onto the mesh" in result.stdout
+
+
+def test_fused_projections_are_column_parallel_on_8_cpu_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = Path(jint8.__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, str(FUSED_SCRIPT)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("OK")
 
 
 class _FakeMesh:
@@ -52,6 +63,14 @@ class _FakeMesh:
         (("lm_head", "kernel"), (64, 256), P(None, "model")),
         (("model", "norm", "scale"), (64,), P(None)),
         (("model", "layers_0", "self_attn", "k_proj", "kernel"), (64, 6), P(None, None)),  # 6 % 4 != 0
+        # fuse_projections' modules: q|k|v and gate|up output features side by side
+        (("model", "layers_0", "self_attn", "qkv_proj", "kernel"), (64, 128), P(None, "model")),
+        (("model", "layers_0", "self_attn", "qkv_proj", "bias"), (128,), P("model")),
+        (("model", "layers_0", "mlp", "gate_up_proj", "kernel"), (64, 256), P(None, "model")),
+        (("transformer", "h_0", "attn", "c_attn", "kernel"), (64, 192), P(None, "model")),
+        (("transformer", "h_0", "mlp", "c_proj", "kernel"), (256, 64), P("model", None)),
+        (("model", "decoder", "layers_0", "fc2", "kernel"), (256, 64), P("model", None)),
+        (("transformer", "wte", "embedding"), (256, 64), P("model", None)),
     ],
 )
 def test_sharding_rules(path, shape, expected):

@@ -20,10 +20,11 @@ Deliberate differences from bitsandbytes, all towards accuracy:
   (two roundings); we accumulate the outlier stream in float32 and add it before the one cast.
 - An all-zero row (or a row made only of outliers) has s_x = 0; bitsandbytes' default backend
   computes 0 * (127 / 0) = NaN there. We quantize such rows to 0, so they contribute exactly 0.
-- Under jit the number of outlier columns must be static: the outlier stream gathers at most
-  `outlier_capacity` columns. When a batch has more, a lax.cond switches to an exact dense
-  fallback (x masked to the outlier columns @ dequantized w) and the event is reported in the
-  returned stats and logged as a warning: never silent truncation.
+- Under jit this XLA formulation needs static shapes: its outlier stream gathers at most
+  `outlier_capacity` columns. When a batch has more, a lax.cond switches to an exact dense path
+  (x masked to the outlier columns @ dequantized w), reported in the returned stats and logged:
+  the same result, never silent truncation. The GPU kernels have no capacity at all
+  (pallas_triton_outliers): any count from 0 to K, read on the device per call.
 """
 
 from __future__ import annotations
@@ -37,11 +38,16 @@ import jax
 import jax.numpy as jnp
 
 from jint8.errors import InvalidConfigError
-from jint8.ops.rounding import round_to
-
-# bitsandbytes' literal constants, kept bit-for-bit: 1/127^2 and 1/127 as float32.
-INV_127_SQ = 6.200124e-05
-INV_127 = 7.874015718698502e-3
+# The shared numerics live in jint8.numerics; importing them here keeps reference.INV_127,
+# reference.rms_norm, reference.gated_activation, ... where the kernels and callers find them.
+from jint8.numerics import (  # noqa: F401  (re-exported)
+    GATE_ACTIVATIONS,
+    INV_127,
+    INV_127_SQ,
+    gated_activation,
+    quantization_multiplier,
+    rms_norm,
+)
 
 _logger = logging.getLogger("jint8")
 
@@ -69,28 +75,6 @@ class InputNorm:
         """rms_norm(x) in dtype (default x.dtype, what int8_matmul's norm= computes)."""
         return rms_norm(x, self.scale, eps=self.eps, unit_offset=self.unit_offset,
                         dtype=dtype or x.dtype)
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float, unit_offset: bool, dtype) -> jax.Array:
-    """x / rms(x) * scale in float32 like transformers; the one definition jint8's models use.
-
-    Llama casts the normalised activations to dtype first, then multiplies by scale in dtype;
-    Gemma (unit_offset) multiplies by (1 + scale) in float32, then casts.
-    """
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    if unit_offset:
-        return (xf * (1.0 + scale.astype(jnp.float32))).astype(dtype)
-    return scale.astype(dtype) * xf.astype(dtype)
-
-
-# transformers' hidden_act names of the gated activations an InputGate applies. silu's float32
-# ops (exp, an add, a division, a product) leave a compiler no multiply-add to contract into an
-# FMA: XLA gives the same bits under jit and op by op, and a kernel can give them too (a GPU's
-# exp or division may still differ between XLA and Triton in the last bit; gpu_check --gate
-# counts it). The tanh GELU is left out: XLA:CPU alone gives other bits for
-# x + 0.044715 * x**3 under jit (a contracted FMA) than op by op, so no kernel can match it.
-GATE_ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu}
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["activation"])
@@ -138,26 +122,6 @@ class OutputGate:
         return gated_activation(gate, up, self.activation, y.dtype)
 
 
-# XLA:GPU's jitted act(gate) * up dropped the float32 -> dtype -> float32 round trip of act in
-# about a quarter of the elements (benchmarks/gpu_check.py --gate, 2026-11-23) under its
-# excess-precision rule; reduce_precision is a rounding it keeps.
-_explicit_round = functools.partial(round_to, explicit=True)
-
-
-def gated_activation(gate: jax.Array, up: jax.Array, activation: str, dtype,
-                     rounding=_explicit_round) -> jax.Array:
-    """act(gate) * up with transformers' roundings in a 16-bit dtype: act in float32, rounded to
-    dtype (torch's opmath), then the product of the two dtype values rounded (exact in float32
-    before that one rounding). This rounds as torch's silu(gate) * up does (the same bits
-    wherever their float32 silu round alike); jnp's own bfloat16 silu(gate) * up rounds its
-    sigmoid and each product as well. rounding(value, dtype): how float32 is rounded to dtype
-    (default round_to(explicit=True), which XLA cannot drop; a kernel passes its own).
-    """
-    act = GATE_ACTIVATIONS[activation](gate.astype(jnp.float32))
-    act = rounding(act, dtype).astype(jnp.float32)
-    return rounding(act * up.astype(jnp.float32), dtype)
-
-
 def op_input(x: jax.Array, norm: Optional[InputNorm] = None,
              gate: Optional[InputGate] = None) -> jax.Array:
     """What the recipe quantizes: x through the call's InputNorm or InputGate (x without)."""
@@ -175,17 +139,6 @@ def outlier_column_mask(x: jax.Array, threshold: float) -> jax.Array:
     if threshold <= 0:
         return jnp.zeros(x.shape[-1], dtype=bool)
     return jnp.any(jnp.abs(x.astype(jnp.float32)) >= threshold, axis=0)
-
-
-def quantization_multiplier(scales: jax.Array) -> jax.Array:
-    """127 / s as bitsandbytes computes it, bit for bit; 0 where s == 0 (no NaN).
-
-    bitsandbytes writes `A * (127.0 / row_stats)`, and torch evaluates `127.0 / t` as
-    `t.reciprocal() * 127`: two float32 roundings. At exact ties (x / s == k + 0.5, common for
-    16-bit inputs) the last bit decides the int8 value, so we round the same way.
-    """
-    safe = jnp.where(scales > 0, scales, 1.0)
-    return jnp.where(scales > 0, (1.0 / safe) * 127.0, 0.0)
 
 
 def row_absmax(x: jax.Array, threshold: float) -> jax.Array:
@@ -294,8 +247,10 @@ def _dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _warn_overflow(num_outliers, capacity):
     _logger.warning(
-        "int8_matmul: %d outlier columns exceed outlier_capacity=%d; used the exact dense "
-        "fallback (slower). Raise Int8Config.outlier_capacity for this layer.",
+        "int8_matmul (XLA backend): %d outlier columns exceed outlier_capacity=%d, this "
+        "backend's static gather size; computed exactly by its dense path (more work, same "
+        "result). A larger Int8Config.outlier_capacity gathers more columns here; the GPU "
+        "kernels have no capacity.",
         int(num_outliers),
         capacity,
     )
