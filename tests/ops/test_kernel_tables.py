@@ -77,7 +77,7 @@ def test_a_bad_table_is_refused_naming_the_file_and_the_entry(tables, content, m
 
 def test_tuner_writes_a_new_table_for_a_gpu_jint8_has_none_for(tables):
     import sys
-    sys.path.insert(0, str(configs._DATA_DIR.parents[3] / "benchmarks"))
+    sys.path.insert(0, str(configs._DATA_DIR.parents[3] / "tools"))
     import tune_decode_shapes
 
     best = dict(gemm_path="fused", gemm=dict(block_n=128, block_k=256, split_k=1, split_reduce="xla",

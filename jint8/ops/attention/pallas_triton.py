@@ -21,7 +21,7 @@ with the slicing of the padded rows).
 
 Why: an XLA decode step ran attention as two dot fusions plus softmax fusions per layer, then (with
 the kernel but RoPE and the cache write outside it) 3 small XLA kernels for RoPE and the two cache
-updates plus 2 for the combine; benchmarks/RESULTS.md has the measurements.
+updates plus 2 for the combine; docs/decisions.md (D14) has the measurements.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def decode_attention_pallas(q_src, k_src, v_src, k_cache, v_cache, valid, cache_
       cos, sin: optional [B, H] RoPE tables in q's dtype: q and k are rotated first.
       block_s, num_warps, num_stages: a program's slots per step and Triton's launch parameters;
         target_programs: the programs to aim for, over batch x kv heads x slot ranges (the
-        defaults: benchmarks/attention_tiles.py).
+        defaults were the fastest tools/attention_tiles.py timed: docs/decisions.md, D14).
       dtype: the activation dtype (default q_src's): partials are rounded to it, and out is in it.
     Returns:
       (out [B, num_heads, H] in dtype, k_cache, v_cache).

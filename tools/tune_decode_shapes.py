@@ -1,6 +1,6 @@
 """Tune the int8 kernels on the decode shapes of a fused Llama-3-8B layer (or any K x N).
 
-    python3 benchmarks/tune_decode_shapes.py [--json OUT] [--m 1] [--routes fused pallas xla_gemm]
+    python3 tools/tune_decode_shapes.py [--json OUT] [--m 1] [--routes fused pallas xla_gemm]
 
 Per shape (K x N of qkv_proj, o_proj, gate_up_proj, down_proj, lm_head) and candidate tiles
 (block_n, block_k, split_k), times the public op as the model runs it, on each route asked for
@@ -178,8 +178,8 @@ def main(argv=None):
             if plan is not None:
                 plans.append((candidate, plan))
         # The table's plan is timed first and again last (the min is kept): the first timing
-        # of a process runs on a GPU that is still warming up, up to ~10 % slower (H200 run of
-        # session 10: the same tiles read 29.9 us as the table's plan and 26.3 as a candidate).
+        # of a process runs on a GPU that is still warming up, up to ~10 % slower (on an H200
+        # the same tiles read 29.9 us as the table's plan and 26.3 as a candidate: decisions D11).
         plans.append(("table", table_plan))
         results = []
         for label, plan in plans:

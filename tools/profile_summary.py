@@ -1,6 +1,6 @@
 """Summarise jax.profiler traces (perfetto_trace.json.gz) by GPU kernel: where decode time goes.
 
-    python3 benchmarks/profile_summary.py DIR [--tokens N] [--top 30]
+    python3 tools/profile_summary.py DIR [--tokens N] [--top 30]
 
 Reads every perfetto_trace.json.gz under DIR; per trace, sums the duration of the complete events
 on GPU streams (processes whose name mentions a GPU, not the host) by kernel name, and prints the

@@ -1,13 +1,13 @@
 """Where one int8_matmul call's GPU time goes: a profile of the public op, by kernel.
 
-    python3 benchmarks/profile_op.py [--m 256] [--k 8192] [--n 28672] [--calls 20] [--out DIR]
-    python3 benchmarks/profile_op.py --in-jit [--m 16 --k 4096 --n 4096]
+    python3 tools/profile_op.py [--m 256] [--k 8192] [--n 28672] [--calls 20] [--out DIR]
+    python3 tools/profile_op.py --in-jit [--m 16 --k 4096 --n 4096]
 
-bench_int8_matmul.py times the whole jitted op; this traces --calls back-to-back calls of the
-same op on the same inputs (bench_int8_matmul's activations: 8 outlier columns, threshold 6
-unless --threshold, capacity 64; K-major int8 weights) and prints profile_summary's per-kernel
-table, so a route's time splits into its kernels (activation pass, outlier operands, GEMM,
-epilogue) and the gaps between them (GPU busy against the traced span).
+benchmarks/bench_int8_matmul.py times the whole jitted op; this traces --calls back-to-back
+calls of the same op on the same inputs (bench_int8_matmul's activations: 8 outlier columns,
+threshold 6 unless --threshold, capacity 64; K-major int8 weights) and prints profile_summary's
+per-kernel table, so a route's time splits into its kernels (activation pass, outlier operands,
+GEMM, epilogue) and the gaps between them (GPU busy against the traced span).
 
 --in-jit profiles bench_int8_matmul's "in one jit" harness instead: its rotating activation sets
 and weight copies (so a layer that fits in L2 streams cold weights, as in a model) in one jitted
@@ -21,7 +21,8 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # profile_summary
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -1,6 +1,6 @@
 """Times the decode-attention kernel's launch parameters at Llama-3-8B's decode shape.
 
-    python3 benchmarks/attention_tiles.py [--batch 1 8] [--smoke]
+    python3 tools/attention_tiles.py [--batch 1 8] [--smoke]
 
 For each (block_s, num_warps, num_stages, target_programs) the decode step's attention (RoPE,
 cache write, flash-decoding kernel, XLA's combine) of 32 layers (32/8 heads, head_dim 128, a

@@ -1,5 +1,6 @@
-"""The benchmark helpers that interpret XLA output and profiles: decode_step_kernels.kernels_of,
-profile_summary.gpu_kernel_times."""
+"""The tools/ helpers that interpret XLA output, profiles and tuned tables:
+decode_step_kernels.kernels_of, profile_summary.gpu_kernel_times, tune_decode_shapes' table
+writer."""
 
 import pathlib
 import sys
@@ -7,7 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
 
 from decode_step_kernels import kernels_of  # noqa: E402
 
@@ -155,9 +156,9 @@ def test_write_table_takes_a_correct_candidate_by_the_margin_or_any_with_negativ
 
 
 def test_gpu_kernel_times_sums_stream_events_by_kernel_name(tmp_path):
-    """profile_summary.gpu_kernel_times (behind profile_op.py and outlier_operands_probe.py):
-    complete events on the GPU's stream threads, summed by name with the numeric suffix
-    dropped; host events and the GPU's derived "XLA Ops" lines are not counted."""
+    """profile_summary.gpu_kernel_times (behind profile_op.py and the summary of bench_generate.py
+    --profile traces): complete events on the GPU's stream threads, summed by name with the
+    numeric suffix dropped; host events and the GPU's derived "XLA Ops" lines are not counted."""
     import gzip
     import json
 

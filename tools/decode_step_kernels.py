@@ -1,8 +1,8 @@
 """Lists the kernels of one compiled decode step, to attribute a profile's small kernels.
 
-    python3 benchmarks/decode_step_kernels.py [--layers 2] [--variant int8|bf16] [--fuse]
+    python3 tools/decode_step_kernels.py [--layers 2] [--variant int8|bf16] [--fuse]
 
-Builds the Llama-3-8B-shaped model of bench_generate.py from abstract params (nothing is
+Builds the Llama-3-8B-shaped model of benchmarks/bench_generate.py from abstract params (nothing is
 materialised, so 2 layers compile in seconds), compiles one one-token step over a static KV cache
 on the default device, and prints every kernel XLA emits for it in program order: fusions (kind
 and root op: "loop multiply", "input reduce", ...), custom calls (the Pallas kernels, cuBLAS) and
@@ -21,7 +21,8 @@ import re
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench_generate's model shape
+# bench_generate's model shape
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # A result shape is one array shape (with its layout) or a tuple of them in parentheses (a
 # multi-output custom call such as the decode-attention kernel's).

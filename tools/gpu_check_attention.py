@@ -1,6 +1,6 @@
 """GPU check and timing of the decode-attention kernel (jint8/ops/attention).
 
-    python3 benchmarks/gpu_check_attention.py
+    python3 tools/gpu_check_attention.py
 
 For Llama-3-8B's decode shapes (32/8 heads, head_dim 128, a 640-slot cache, batch 1 and 8) and a
 few odd ones: the decode step (RoPE of q and k, the cache writes, attention) against
