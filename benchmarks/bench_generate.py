@@ -313,7 +313,7 @@ def run_variant(args, variant: str) -> list[dict]:
             jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
             jint8.generate(model, params, prompt, config=config)  # returns host arrays: synchronous
             jax.profiler.stop_trace()
-            print(f"profile of one call: {trace_dir} (summarise with benchmarks/profile_summary.py)", flush=True)
+            print(f"profile of one call: {trace_dir} (summarise with tools/profile_summary.py)", flush=True)
     return rows
 
 

@@ -5,7 +5,7 @@
 
 benchmarks/bench_int8_matmul.py times the whole jitted op; this traces --calls back-to-back
 calls of the same op on the same inputs (bench_int8_matmul's activations: 8 outlier columns,
-threshold 6 unless --threshold, capacity 64; K-major int8 weights) and prints profile_summary's
+threshold 6 unless --threshold; --outliers C: exactly C outlier columns; K-major int8 weights) and prints profile_summary's
 per-kernel table, so a route's time splits into its kernels (activation pass, outlier operands,
 GEMM, epilogue) and the gaps between them (GPU busy against the traced span).
 
@@ -52,6 +52,9 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--threshold", type=float, default=bench.THRESHOLD,
                         help="0: no outlier decomposition (the route without its outlier terms)")
+    parser.add_argument("--outliers", type=int, default=None,
+                        help="exactly this many outlier columns (bench_int8_matmul's "
+                             "--outlier-sweep inputs) instead of the 8 of its default inputs")
     parser.add_argument("--out", default=None, help="trace directory (default: a temporary one)")
     parser.add_argument("--in-jit", action="store_true",
                         help="profile bench_int8_matmul's in-one-jit harness, jint8 and bf16")
@@ -59,7 +62,10 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     if args.in_jit:
         return in_jit(rng, args.m, args.k, args.n, args.out)
-    x = bench.activations(rng, args.m, args.k, 1)[0]
+    if args.outliers is None:
+        x = bench.activations(rng, args.m, args.k, 1)[0]
+    else:
+        x = bench.activations_with_outliers(rng, args.m, args.k, args.outliers, 1)[0]
     wq = jax.numpy.asarray(rng.integers(-127, 128, (args.n, args.k), dtype=np.int8))
     col_scales = jax.numpy.asarray(rng.uniform(0.01, 0.1, args.n).astype(np.float32))
     op = jax.jit(lambda x, wq: int8_matmul(
@@ -67,7 +73,8 @@ def main(argv=None):
         weight_layout="nk", backend="pallas_triton"))
     out = trace_calls(op, (x, wq), args.calls, args.out)
     print(f"{jax.devices()[0].device_kind}: int8_matmul M={args.m} K={args.k} N={args.n}, "
-          f"threshold {args.threshold}, "
+          f"threshold {args.threshold}, {args.outliers if args.outliers is not None else 'up to 8'} "
+          f"outlier columns, "
           f"{args.calls} calls ('ms per token' below is per call)")
     profile_summary.main([out, "--tokens", str(args.calls)])
 

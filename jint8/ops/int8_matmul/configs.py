@@ -1,7 +1,7 @@
 """Tile configurations of the Pallas int8 matmul kernels, per shape bucket and GPU, as data.
 
 The tuned tables live in data/<device>.json (one file per GPU kind, written from measurements on
-that GPU; see benchmarks/NOTES_int8_matmul.md), with one bucket list for the op's wq[K, N]
+that GPU; docs/decisions.md records why each entry is what it is), with one bucket list for the op's wq[K, N]
 ("buckets") and one for K-major weights wq.T[N, K] ("buckets_nk"). Buckets are ordered by `max_m`;
 the first bucket whose `max_m` covers the call's M gives the GEMM tiles (split-K is added for
 shapes with too few output tiles unless the bucket says "auto_split_k": false), the
@@ -13,7 +13,7 @@ heuristic that is safe (small tiles, modest shared memory) everywhere.
 Tables of your own: a directory named by the JINT8_KERNEL_TABLES environment variable is
 searched first, for <name>.json where name is device_table_name(device kind) ("nvidia_h100",
 "nvidia_h200", else the kind in lower case with non-alphanumerics as "_", e.g.
-"nvidia_a100_sxm4_80gb"): a table tuned on another GPU (benchmarks/tune_decode_shapes.py
+"nvidia_a100_sxm4_80gb"): a table tuned on another GPU (tools/tune_decode_shapes.py
 --write-table writes one), or an H100 table with other tiles for an A/B run. Set it before the
 first int8 call, or call clear_cache() after changing it.
 """
@@ -36,18 +36,18 @@ _DATA_DIR = pathlib.Path(__file__).parent / "data"
 # measured on K=8192, N=28672 (112 tiles of 256 columns), split_k=2 was slower than 1.
 _MIN_PROGRAMS = 66
 # Largest M the one-launch fused kernel takes: one program holds all M rows (flags need them).
-# Measured on the H100 (8192x28672, NOTES_int8_matmul.md): fused 0.095 / 0.101 / 0.121 ms at
+# Measured on the H100 (8192x28672, docs/decisions.md D3): fused 0.095 / 0.101 / 0.121 ms at
 # M = 1 / 8 / 16 against 0.113 / 0.115 / 0.116 for the two-kernel route, 0.26-0.29 against
 # 0.12 at M = 32 / 64 (each program re-reads all M rows of x from L2).
 FUSED_MAX_M = 16
 # Largest M (rows) for which Int8Dense folds a deferred RMSNorm into int8_matmul (norm=); larger
 # M normalise first. The fused kernel itself takes a norm at any M.
-# Measured end to end on the H100 (Llama-3-8B shape, int8 fused, 2026-11-23): batch 1 272.3
+# Measured end to end on the H100 (Llama-3-8B shape, int8 fused): batch 1 272.3
 # tok/s folded vs 266.9 not; batch 8 1640 folded vs 1723 not (every program sweeps 8 rows twice).
 FUSED_NORM_MAX_M = 1
 # Largest M for which Int8Dense folds a deferred gated activation (GatedInput: silu(gate) * up
 # of a fused gate_up output) into down_proj's int8_matmul (gate=); larger M apply it first.
-# 0: measured slower on the H100 (Llama-3-8B shape, int8 fused, batch 1, 2026-11-23, one run,
+# 0: measured slower on the H100 (Llama-3-8B shape, int8 fused, batch 1, one run,
 # best of 3 each): 272.9 tok/s folded at M = 1 against 275.8 not. The profile agrees: the
 # multiply kernel it removes took 1.5 us per layer, and down_proj's kernel grew by ~2.8 us (its
 # absmax sweep, which runs before the first weight load, reads gate and up and computes silu).
@@ -82,10 +82,10 @@ class Config:
       all of x first: M x K elements read from L2 per program, before its first weight load)
       or "input" (one XLA reduction before the kernel, read once; the same bits, a max is exact
       in any order). Calls with an InputNorm or InputGate sweep in the kernel either way.
-      Measured at M = 1 (session 4): "input" 1.2-1.5 us slower per call (one more launch). At
+      Measured at M = 1 (docs/decisions.md D6): "input" 1.2-1.5 us slower per call (one more launch). At
       M = 8 the sweep reads 8 rows per program (down_proj: 229 KB x 256 programs of L2
       traffic, as much as its weights), which "input" avoids: faster on every Llama-3-8B decode
-      shape at M = 8 on the H100 (session 8) and the H200 (session 10), so the tables take it
+      shape at M = 8 on the H100 and the H200, so the tables take it
       for M = 2-16.
     """
 
@@ -198,7 +198,7 @@ def fused_block_m(m: int) -> int:
 def _default_quantize(m: int, k: int) -> QuantizeConfig:
     # M <= 256: one program per row holding the whole row (one load of X); else 4 rows in
     # 2048-column chunks, whose second sweep re-reads the block from L2. At M = 256 on the
-    # H100 (8192x28672, route_parts_ab.py, 2026-11-24) whole rows took the op from 0.200 to
+    # H100 (8192x28672) whole rows took the op from 0.200 to
     # 0.193 ms (the pass ran 64 programs of 4 rows, 10.9 us); at M = 4096 the two were even.
     whole_row = max(16, 1 << (k - 1).bit_length())
     if m <= 256 and whole_row <= 16384:
@@ -211,7 +211,7 @@ def _fit_fused(config: Config, k: int, n: int) -> Config:
     """The fused kernel's tiles for this shape: block_n narrowed (to 64 at least) until about
     _MIN_PROGRAMS programs run, then K split while still too few (keeping >= 8 K steps each).
 
-    Measured in one jit on the H100 (device run 3): with block_n = 32 and no split the
+    Measured in one jit on the H100: with block_n = 32 and no split the
     4096-wide Llama layers ran 0.03-0.07 ms at M = 1 (long serial K loops, 1.5x bf16); split-K
     costs one small XLA reduction of the [S, M, N] float32 partials.
     """
@@ -300,7 +300,7 @@ def _load_table(name: str, weight_layout: str) -> tuple[dict, ...]:
 
 def _load_shapes(name: str, weight_layout: str) -> tuple[dict, ...]:
     """Per-shape entries ("shapes_nk": exact K x N, up to max_m) tuned on the decode shapes of
-    real models (benchmarks/tune_decode_shapes.py, bench_int8_matmul.py --sweep), for
+    real models (tools/tune_decode_shapes.py, benchmarks/bench_int8_matmul.py --sweep), for
     min_m (default 1) <= M <= max_m; they win over the M buckets."""
     if weight_layout != "nk":
         return ()

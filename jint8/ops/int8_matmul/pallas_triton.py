@@ -15,7 +15,7 @@ Computes reference.int8_matmul_reference's function. Per shape bucket the plan
   and reads the int32 [M, N] once, and is faster where cuBLAS's int8 GEMM beats the Triton K
   loop.
 [K, N] weights at M > 64 are transposed by XLA first where the plan says so (Triton's int8 MMA
-wants K-major operands). benchmarks/NOTES_int8_matmul.md records which bucket uses what and why.
+wants K-major operands). docs/decisions.md records which bucket uses what and why.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ M = 1..16.)
 
 weight_layout="nk" takes the weight transposed, wt[N, K] (bitsandbytes' layout, K-major):
 Triton's int8 MMAs (wgmma) want both operands K-major, and with wq[K, N] they fall back to a
-slow path (measured 2-4x slower from M = 64 up; see benchmarks/NOTES_int8_matmul.md).
+slow path (measured 2-4x slower from M = 64 up; docs/decisions.md D1).
 swap_ab computes the transposed tile out.T = w_tile.T @ xq_tile.T (the weight becomes the A
 operand, which the MMA may take from registers in any layout); tried for the [K, N] layout.
 
