@@ -31,8 +31,9 @@ class Int8Weight:
     2-D kernel that is [N, K], bitsandbytes' layout, because int8 tensor-core MMAs (wgmma) read
     both operands K-major and a [K, N] weight measured 2-4x slower from M = 64 up
     (benchmarks/RESULTS.md). scale has shape out_shape (one float32 absmax per output feature).
-    threshold and outlier_capacity are the layer's LLM.int8() settings; they are static so they
-    survive jit as part of the tree structure.
+    threshold and outlier_capacity are the layer's LLM.int8() settings (outlier_capacity sizes
+    the XLA backend's static gather only; the GPU kernels take any count); they are static so
+    they survive jit as part of the tree structure.
     """
 
     qvalue: jax.Array
@@ -166,10 +167,13 @@ class Int8Config:
     """How to quantize a parameter tree with LLM.int8().
 
     threshold: |x| >= threshold marks an outlier input feature (16-bit path); 0 disables it.
-    outlier_capacity: static number of outlier columns gathered per call (more fall back exactly).
+    outlier_capacity: columns the XLA backend (CPU, JINT8_BACKEND=xla) gathers per call under jit;
+      more take its exact dense path. A speed setting there only: the GPU kernels have no
+      capacity (any count 0..K, read on the device per call), and results never depend on it.
     skip_modules: module-path patterns left in floating point (e.g. "lm_head", "re:.*gate").
     min_size: kernels with fewer elements stay in floating point (tiny matrices gain nothing).
-    capacity_overrides: {pattern: capacity} per-layer outlier capacities, first match wins.
+    capacity_overrides: {pattern: capacity} per-layer outlier capacities (XLA backend), first
+      match wins.
     threshold_overrides: {pattern: threshold} per-layer outlier thresholds, first match wins
       (small models whose activations never reach 6.0 need a lower one; see docs/ACCURACY.md).
     in_ndim_overrides: {pattern: n} contracting-axis count for >2-D kernels, first match wins
@@ -344,44 +348,63 @@ def _keep_sharding(original, weight: Int8Weight, *, embedding: bool = False) -> 
     )
 
 
+EMBEDDING_NAME = "embedding"
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafQuantization:
+    """What quantize_params does with one leaf, decided from its path and shape alone.
+
+    Every such leaf is checked (floating dtype, no NaN/Inf); a quantized one becomes an
+    Int8Weight with these settings. embedding: an [V, H] table, already K-major (no transpose).
+    """
+
+    quantized: bool
+    embedding: bool = False
+    in_ndim: int = 1
+    threshold: float = 6.0
+    outlier_capacity: int = 64
+
+
+def leaf_quantization(names: Sequence[str], shape: Sequence[int], config: Int8Config) -> Optional[LeafQuantization]:
+    """How quantize_params treats the leaf at `names` of `shape` (None: left as it is, unchecked)."""
+    names, shape = tuple(names), tuple(shape)
+    if not names:
+        return None
+    embedding = names[-1] == EMBEDDING_NAME and config.quantize_embeddings
+    if embedding:
+        if len(shape) != 2:
+            return None
+    elif names[-1] not in config.kernel_names or len(shape) not in (2, 3):
+        return None  # not Dense-like (conv kernels, vectors): left untouched
+    module = names[:-1]
+    if math.prod(shape) < config.min_size or config.is_skipped(module):
+        return LeafQuantization(quantized=False, embedding=embedding)
+    in_ndim = 1 if embedding else config.in_ndim_for(module, shape)
+    return LeafQuantization(True, embedding, in_ndim, config.threshold_for(module), config.capacity_for(module))
+
+
+def quantize_leaf(w: jax.Array, plan: LeafQuantization) -> Int8Weight:
+    """The Int8Weight quantize_params makes of w (a kernel [*in, *out] or an embedding [V, H])."""
+    if plan.embedding:
+        # an embedding table [V, H] is already K-major for its attend() matmul (logits = x @ E.T):
+        # qvalue = the int8 table, scale [V] = each row's absmax
+        return quantize_kmajor(w, in_ndim=1, threshold=plan.threshold, outlier_capacity=plan.outlier_capacity)
+    return quantize_vectorwise(w, in_ndim=plan.in_ndim, threshold=plan.threshold,
+                               outlier_capacity=plan.outlier_capacity)
+
+
 def _quantize_leaf(key_path, leaf, config: Int8Config):
     if isinstance(leaf, Int8Weight):
         return leaf  # idempotent: an already quantized kernel is kept as it is
     names = _path_names(key_path)
-    if names and names[-1] == EMBEDDING_NAME and config.quantize_embeddings:
-        return _quantize_embedding(names, leaf, config)
-    if not names or names[-1] not in config.kernel_names:
-        return leaf
-    path = "/".join(names)
-    ndim = getattr(leaf, "ndim", 0)
-    if ndim not in (2, 3):
-        return leaf  # not Dense-like (conv kernels, vectors): left untouched
-    _check_kernel(path, leaf)
-    if leaf.size < config.min_size or config.is_skipped(names[:-1]):
-        return leaf
-    weight = quantize_vectorwise(
-        leaf,
-        in_ndim=config.in_ndim_for(names[:-1], leaf.shape),
-        threshold=config.threshold_for(names[:-1]),
-        outlier_capacity=config.capacity_for(names[:-1]),
-    )
-    return _keep_sharding(leaf, weight)
-
-
-EMBEDDING_NAME = "embedding"
-
-
-def _quantize_embedding(names, leaf, config: Int8Config):
-    """An embedding table [V, H] is already K-major for its attend() matmul (logits = x @ E.T):
-    qvalue = the int8 table, scale [V] = each row's absmax."""
-    if getattr(leaf, "ndim", 0) != 2:
+    plan = leaf_quantization(names, getattr(leaf, "shape", ()), config)
+    if plan is None:
         return leaf
     _check_kernel("/".join(names), leaf)
-    if leaf.size < config.min_size or config.is_skipped(names[:-1]):
+    if not plan.quantized:
         return leaf
-    weight = quantize_kmajor(leaf, in_ndim=1, threshold=config.threshold_for(names[:-1]),
-                             outlier_capacity=config.capacity_for(names[:-1]))
-    return _keep_sharding(leaf, weight, embedding=True)
+    return _keep_sharding(leaf, quantize_leaf(leaf, plan), embedding=plan.embedding)
 
 
 def dequantize_embedding(weight: Int8Weight, dtype=jnp.float32) -> jax.Array:
