@@ -407,13 +407,14 @@ def run_torch_variant(args, variant: str) -> list[dict]:
 
 
 def _markdown(rows: list[dict]) -> str:
-    lines = ["| variant | batch | weights GiB | prefill ms | prefill tok/s | decode tok/s | peak GiB | software |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | activations | batch | weights GiB | prefill ms | prefill tok/s | decode tok/s | whole call s | peak GiB | software |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         software = r["jax"] if r["jax"].startswith("torch") else f"jint8, jax {r['jax']}"
-        lines.append(f"| {r['variant']}{' fused' if r.get('fused') else ''} | {r['batch']} | {r['weight_gib']:.3f} | {r['prefill_ms']:.1f} | "
-                     f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | {peak} | {software} |")
+        lines.append(f"| {r['variant']}{' fused' if r.get('fused') else ''} | {r.get('activations', '-')} | {r['batch']} | "
+                     f"{r['weight_gib']:.3f} | {r['prefill_ms']:.1f} | {r['prefill_tokens_per_s']:.0f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {r['total_s']:.3f} | {peak} | {software} |")
     return "\n".join(lines)
 
 
