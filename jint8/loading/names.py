@@ -12,8 +12,6 @@ import dataclasses
 import re
 from typing import Mapping, Optional
 
-import numpy as np
-
 from jint8.models.spec import NameRules  # noqa: F401  (the family's rules; re-exported)
 
 # Flax leaf name -> transformers' suffix
@@ -72,10 +70,6 @@ def needs_transpose(target: TensorTarget, flax_layout: bool, rules: NameRules) -
         return target.transpose
     module = target.path[-2] if len(target.path) > 1 else ""
     return target.path[-1] == "kernel" and module in rules.conv1d_modules
-
-
-def to_flax_layout(array: np.ndarray, target: TensorTarget, flax_layout: bool, rules: NameRules) -> np.ndarray:
-    return np.ascontiguousarray(array.T) if needs_transpose(target, flax_layout, rules) else array
 
 
 def stored_shape(target: TensorTarget, flax_layout: bool, rules: NameRules) -> tuple[int, ...]:

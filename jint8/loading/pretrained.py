@@ -1,15 +1,18 @@
 """from_pretrained: checkpoint -> (Flax model, params) quantized while loading, placed on a mesh.
 
-One tensor at a time: read on the host, convert to Flax layout, quantize on the host CPU with
-Int8Config's rules (quantize_params on a one-leaf tree, so the semantics are the library's),
-then jax.device_put with its final NamedSharding. The full-precision model never sits on an
-accelerator. Names and shapes are checked against the model before anything is placed; if a
-later step fails, what was placed is deleted before the error propagates.
+Each tensor is read once (a view of the memory-mapped file for safetensors), moved to the
+device(s) as stored, each device receiving only its shard, and laid out, cast and quantized
+there by a jitted conversion compiled once per distinct shape (device_convert); reads, compiles
+and device work overlap (streaming). Quantization follows Int8Config's rules with quantize_params'
+own functions, so the numbers are the library's. The full-precision model never sits on an
+accelerator. Names, shapes and dtypes are checked against the model before anything is placed;
+if a later step fails, what was placed is deleted before the error propagates.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from pathlib import Path
@@ -20,23 +23,39 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jint8.errors import CheckpointFileError, InvalidConfigError, UnsupportedArchitectureError, WeightsMismatchError
+from jint8.errors import (
+    CheckpointFileError,
+    InvalidConfigError,
+    QuantizationError,
+    UnsupportedArchitectureError,
+    WeightsMismatchError,
+)
 from jint8.loading import gguf_file, msgpack_file, safetensors_file
 from jint8.loading.bnb_int8 import bnb_int8_settings, read_int8_kernel, split_bnb_records
+from jint8.loading.device_convert import plan_conversion, stage
 from jint8.loading.names import (
     NameRules,
     TensorTarget,
     expected_tensors,
     match_checkpoint_name,
+    needs_transpose,
     stored_shape,
-    to_flax_layout,
 )
-from jint8.loading.records import TensorRecord, on_host
+from jint8.loading.records import TensorRecord
 from jint8.loading.sharding import bytes_per_device, check_max_memory, kernel_spec
-from jint8.progress import progress_bar
+from jint8.loading.streaming import TensorJob, delete_arrays, run_jobs
 from jint8.models import registered_specs, spec_for
 from jint8.models.spec import ShardingRules
-from jint8.quantize import EMBEDDING_NAME, Int8Config, Int8Weight, int8_weight_specs, quantize_params
+from jint8.progress import progress_bar
+from jint8.quantize import (
+    EMBEDDING_NAME,
+    Int8Config,
+    Int8Weight,
+    LeafQuantization,
+    int8_weight_specs,
+    leaf_quantization,
+    storage_permutation,
+)
 
 _logger = logging.getLogger("jint8")
 
@@ -125,30 +144,45 @@ def _match(records, table: Mapping[str, TensorTarget], rules: NameRules, tied: b
     return plan
 
 
-def _quantized_shapes(shapes: dict, quantization: Optional[Int8Config]) -> dict:
-    """Flat {path: ShapeDtypeStruct | Int8Weight of ShapeDtypeStructs} after quantization."""
-    tree = unflatten_dict(shapes)
-    if quantization is not None:
-        tree = jax.eval_shape(lambda p: quantize_params(p, quantization), tree)
-    return flatten_dict(tree, is_leaf=lambda _, x: isinstance(x, Int8Weight))
+def _planned_leaves(shapes: dict, quantization: Optional[Int8Config]) -> tuple[dict, dict]:
+    """({path: ShapeDtypeStruct | Int8Weight of ShapeDtypeStructs} after quantization,
+    {path: LeafQuantization} of the quantized leaves): quantize_params' decisions, made from
+    paths and shapes alone (no tracing)."""
+    planned, decisions = dict(shapes), {}
+    if quantization is None:
+        return planned, decisions
+    for path, leaf in shapes.items():
+        decision = leaf_quantization(path, leaf.shape, quantization)
+        if decision is None or not decision.quantized:
+            continue
+        ndim = len(leaf.shape)
+        stored = tuple(leaf.shape) if decision.embedding else tuple(
+            leaf.shape[i] for i in storage_permutation(ndim, decision.in_ndim))
+        planned[path] = Int8Weight(jax.ShapeDtypeStruct(stored, jnp.int8),
+                                   jax.ShapeDtypeStruct(stored[: ndim - decision.in_ndim], jnp.float32),
+                                   decision.in_ndim, decision.threshold, decision.outlier_capacity)
+        decisions[path] = decision
+    return planned, decisions
+
+
+def _float_spec(path, leaf, mesh, sharding: Optional[ShardingRules]) -> jax.sharding.PartitionSpec:
+    """The PartitionSpec of the float parameter a planned leaf stands for ([*in, *out] for a kernel)."""
+    if mesh is None:
+        return jax.sharding.PartitionSpec()
+    if isinstance(leaf, Int8Weight):
+        embedding = path[-1] == EMBEDDING_NAME  # the float table [V, H] is stored as it is
+        return kernel_spec(path, leaf.qvalue.shape if embedding else leaf.shape, mesh, sharding)
+    return kernel_spec(path, leaf.shape, mesh, sharding)
 
 
 def _leaf_layout(path, leaf, mesh, sharding: Optional[ShardingRules]):
     """[(shape, dtype, spec)] of the arrays one parameter becomes (qvalue + scale for int8)."""
+    spec = _float_spec(path, leaf, mesh, sharding)
     if isinstance(leaf, Int8Weight):
-        embedding = path[-1] == EMBEDDING_NAME  # the float table [V, H] is stored as it is
-        float_shape = leaf.qvalue.shape if embedding else leaf.shape
-        spec = kernel_spec(path, float_shape, mesh, sharding) if mesh else jax.sharding.PartitionSpec()
-        q_spec, s_spec = int8_weight_specs(spec, len(float_shape), leaf.in_ndim, embedding=embedding)
+        embedding = path[-1] == EMBEDDING_NAME
+        q_spec, s_spec = int8_weight_specs(spec, leaf.qvalue.ndim, leaf.in_ndim, embedding=embedding)
         return [(leaf.qvalue.shape, leaf.qvalue.dtype, q_spec), (leaf.scale.shape, leaf.scale.dtype, s_spec)]
-    spec = kernel_spec(path, leaf.shape, mesh, sharding) if mesh else jax.sharding.PartitionSpec()
     return [(leaf.shape, leaf.dtype, spec)]
-
-
-def _place(array, mesh, spec):
-    if mesh is None:
-        return jax.device_put(array)
-    return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +195,10 @@ class _LoadSettings:
     bnb: Optional[Int8Config]  # a bitsandbytes checkpoint's own settings
 
 
-def _place_int8(weight: Int8Weight, layout, mesh) -> Int8Weight:
-    return weight.replace(qvalue=_place(weight.qvalue, mesh, layout[0][2]), scale=_place(weight.scale, mesh, layout[1][2]))
+def _place(array, mesh, spec):
+    if mesh is None:
+        return jax.device_put(array)
+    return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
 
 
 def _bnb_weight(record: TensorRecord, scale: TensorRecord, target: TensorTarget, settings: _LoadSettings) -> Int8Weight:
@@ -177,26 +213,60 @@ def _bnb_weight(record: TensorRecord, scale: TensorRecord, target: TensorTarget,
     return Int8Weight(qvalue, col_scales, 1, config.threshold_for(module_path), config.capacity_for(module_path))
 
 
-def _convert(record: TensorRecord, target: TensorTarget, planned, bnb_scale: Optional[TensorRecord],
-             settings: _LoadSettings):
-    """Read, lay out, quantize (host CPU) and place one tensor; returns the placed leaf."""
-    layout = _leaf_layout(target.path, planned, settings.mesh, settings.sharding)
-    if bnb_scale is not None:
-        return _place_int8(_bnb_weight(record, bnb_scale, target, settings), layout, settings.mesh)
-    array = to_flax_layout(record.read(), target, record.flax_layout, settings.rules)
-    if tuple(array.shape) != target.shape:
+def _is_float(dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name == "bfloat16"
+
+
+def _non_float_error(record: TensorRecord, dtype) -> CheckpointFileError:
+    return CheckpointFileError(f"{record.file}: tensor {record.stored_name!r} has non-float dtype {dtype}")
+
+
+def _read_stored(record: TensorRecord, target: TensorTarget, rules: NameRules) -> np.ndarray:
+    """Read one tensor (a view of the file where the format allows) and check it against the target."""
+    array = record.read()
+    if tuple(array.shape) != stored_shape(target, record.flax_layout, rules):
+        got = tuple(reversed(array.shape)) if needs_transpose(target, record.flax_layout, rules) else array.shape
         raise WeightsMismatchError(
-            f"{record.file}: tensor {record.stored_name!r} has shape {tuple(array.shape)}, model expects {target.shape}"
-        )
-    if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
-        raise CheckpointFileError(f"{record.file}: tensor {record.stored_name!r} has non-float dtype {array.dtype}")
-    if isinstance(planned, Int8Weight):
-        with on_host():
-            one_leaf = unflatten_dict({target.path: jnp.asarray(array)})
-            weight = flatten_dict(quantize_params(one_leaf, settings.quantization),
-                                  is_leaf=lambda _, x: isinstance(x, Int8Weight))[target.path]
-        return _place_int8(weight, layout, settings.mesh)
-    return _place(np.asarray(array).astype(jnp.dtype(settings.dtype)), settings.mesh, layout[0][2])
+            f"{record.file}: tensor {record.stored_name!r} has shape {tuple(got)}, model expects {target.shape}")
+    if not _is_float(array.dtype):
+        raise _non_float_error(record, array.dtype)
+    return array
+
+
+def _tensor_job(record: TensorRecord, target: TensorTarget, planned, decision: Optional[LeafQuantization],
+                bnb_scale: Optional[TensorRecord], settings: _LoadSettings) -> TensorJob:
+    """How one checkpoint tensor is read, moved and converted (nothing is read here)."""
+    if bnb_scale is not None:
+        layout = _leaf_layout(target.path, planned, settings.mesh, settings.sharding)
+
+        def stage_bnb():
+            weight = _bnb_weight(record, bnb_scale, target, settings)
+            # copies: the arrays view the memory-mapped file, and a CPU device_put would keep them
+            qvalue, scale = np.array(weight.qvalue), np.array(weight.scale)
+            placed = weight.replace(qvalue=_place(qvalue, settings.mesh, layout[0][2]),
+                                    scale=_place(scale, settings.mesh, layout[1][2]))
+            return placed, qvalue.nbytes + scale.nbytes, None
+
+        return TensorJob(target.path, stage_bnb, None, lambda outputs: outputs, record.release)
+    if record.dtype is not None and not _is_float(record.dtype):
+        raise _non_float_error(record, record.dtype)
+    conversion_for = functools.partial(
+        plan_conversion, stored_shape(target, record.flax_layout, settings.rules),
+        transpose=needs_transpose(target, record.flax_layout, settings.rules), quantization=decision,
+        out_dtype=jnp.dtype(settings.dtype), mesh=settings.mesh,
+        float_spec=_float_spec(target.path, planned, settings.mesh, settings.sharding))
+    # formats whose headers give no dtype (msgpack, GGUF) plan their conversion once read
+    expected = conversion_for(record.dtype) if record.dtype is not None else None
+
+    def stage_stored():
+        array = _read_stored(record, target, settings.rules)
+        conversion = expected if expected is not None and array.dtype == record.dtype else conversion_for(array.dtype)
+        return stage(array, conversion), array.nbytes, conversion
+
+    if decision is None or not decision.quantized:
+        return TensorJob(target.path, stage_stored, expected, lambda outputs: outputs[0], record.release)
+    return TensorJob(target.path, stage_stored, expected,
+                     lambda outputs: planned.replace(qvalue=outputs[0], scale=outputs[1]), record.release)
 
 
 def _plan_bnb_kernels(planned: dict, bnb_scales: dict, table) -> None:
@@ -210,10 +280,17 @@ def _plan_bnb_kernels(planned: dict, bnb_scales: dict, table) -> None:
                                           jax.ShapeDtypeStruct(target.shape[1:], jnp.float32))
 
 
-def _delete_placed(placed: dict) -> None:
-    for leaf in jax.tree.leaves(list(placed.values())):
-        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
-            leaf.delete()
+def _raise_on_nonfinite(flags, records: Mapping[tuple, TensorRecord]) -> None:
+    """quantize_params' NaN/Inf check, on the flags the conversions left on the device (one transfer
+    of a few scalars); a tensor found bad is read again on the host to count its bad values."""
+    values = jax.device_get([flag for _, _, flag in flags])
+    for (path, conversion, _), nonfinite in zip(flags, values):
+        if nonfinite:
+            shape = conversion.shape[::-1] if conversion.transpose else conversion.shape
+            record = records[path]
+            bad = int(np.sum(~np.isfinite(record.read())))
+            raise QuantizationError(f"{'/'.join(path)}: kernel of shape {tuple(shape)} holds {bad} NaN/Inf values "
+                                    f"({record.stored_name!r} in {record.file})")
 
 
 def from_pretrained(
@@ -234,7 +311,8 @@ def from_pretrained(
     {"params": ...}-less parameter tree, int8 where `quantization` says so, placed on `mesh`
     (column/row/vocab-parallel over its "model" axis) or on the default device.
     max_memory: {device id: bytes or "20GiB"}, checked before anything is read.
-    progress: a tqdm bar over tensors (default: when stderr is a terminal).
+    progress: a tqdm bar over the bytes read (with MB/s); default: shown when stderr is a
+      terminal; False silences it.
     """
     if quantization is not None and not isinstance(quantization, Int8Config):
         raise InvalidConfigError(f"quantization must be an Int8Config or None, got {type(quantization).__name__}")
@@ -256,7 +334,7 @@ def from_pretrained(
     records, bnb_scales = split_bnb_records(records) if bnb is not None else (records, {})
     plan = _match(records, table, rules, config.tie_word_embeddings)
 
-    planned = _quantized_shapes(shapes, quantization)
+    planned, decisions = _planned_leaves(shapes, quantization)
     _plan_bnb_kernels(planned, bnb_scales, table)
     layout = [entry for p, leaf in planned.items() for entry in _leaf_layout(p, leaf, mesh, spec.sharding)]
     needed = bytes_per_device(layout, mesh)
@@ -264,17 +342,21 @@ def from_pretrained(
     _logger.info("loading %s (%s): %d tensors, %.3f GiB per device", location, kind, len(plan), needed / 2**30)
 
     settings = _LoadSettings(rules, spec.sharding, dtype, quantization, mesh, bnb)
-    placed: dict = {}
+    jobs = [_tensor_job(record, target, planned[target.path], decisions.get(target.path),
+                        bnb_scales.get(record.name), settings) for record, target in plan]
+    sizes = [record.nbytes for record, _ in plan]
+    total = sum(sizes) if all(size is not None for size in sizes) else None
+    with progress_bar(total=total, progress=progress, desc=f"loading {Path(path).name}", unit="B",
+                      unit_scale=True) as bar:
+        placed, flags = run_jobs(jobs, on_bytes=bar.update)
     try:
-        with progress_bar(total=len(plan), progress=progress, desc=f"loading {Path(path).name}",
-                          unit="tensor") as bar:
-            for record, target in plan:
-                placed[target.path] = _convert(record, target, planned[target.path], bnb_scales.get(record.name),
-                                               settings)
-                bar.update(1)
+        _raise_on_nonfinite(flags, {target.path: record for record, target in plan})
     except BaseException:
-        _delete_placed(placed)
+        delete_arrays([list(placed.values()), [flag for _, _, flag in flags]])
         raise
+    delete_arrays([flag for _, _, flag in flags])
+    # the parameter tree in the model's order, whatever order the files gave the tensors in
+    placed = {path: placed[path] for path in planned if path in placed}
     return model, unflatten_dict(placed)
 
 

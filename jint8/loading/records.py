@@ -8,7 +8,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -23,7 +23,12 @@ class TensorRecord:
     name: its transformers name ("model.layers.0.self_attn.q_proj.weight"), the key of the name map.
     file / stored_name: where it lives, for error messages.
     shape: the stored shape (PyTorch layout unless flax_layout).
-    read: returns the tensor as a host numpy array (float types; bfloat16 via ml_dtypes).
+    read: returns the tensor as a host numpy array (float types; bfloat16 via ml_dtypes), as
+      stored: a reader may return a read-only view of a memory-mapped file.
+    dtype / nbytes: the stored dtype and size where the file's header says them (None otherwise),
+      so a wrong dtype is refused and progress is counted in bytes before anything is read.
+    release: called once the tensor is converted and its read no longer needed (a memory-mapped
+      reader drops the pages from the process); None where there is nothing to release.
     """
 
     name: str
@@ -32,6 +37,9 @@ class TensorRecord:
     shape: tuple[int, ...]
     flax_layout: bool
     read: Callable[[], np.ndarray]
+    dtype: Optional[np.dtype] = None
+    nbytes: Optional[int] = None
+    release: Optional[Callable[[], None]] = None
 
 
 @functools.cache

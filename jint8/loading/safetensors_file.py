@@ -1,20 +1,37 @@
-"""safetensors checkpoints: model.safetensors or a sharded model.safetensors.index.json."""
+"""safetensors checkpoints: model.safetensors or a sharded model.safetensors.index.json.
+
+Tensors are read as read-only numpy views of one memory map per file: nothing is copied on the
+host, the page cache is the only buffer and the device transfer reads straight from it.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import mmap
 import os
+import struct
+import threading
 from pathlib import Path
+from typing import Optional
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from jint8.errors import CheckpointFileError
-from jint8.loading.records import TensorRecord, read_weight_map, on_host
+from jint8.loading.records import TensorRecord, on_host, read_weight_map
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# numpy has no bfloat16 / float8: those are read through the flax backend onto the host CPU
-_NUMPY_DTYPES = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+# safetensors dtype -> numpy (bfloat16 / float8 from ml_dtypes); any other dtype is read through
+# safetensors' flax backend onto the host CPU, as before
+_NUMPY_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -30,12 +47,51 @@ def safetensors_files(directory: Path) -> list[Path]:
     return [directory / SINGLE_FILE]
 
 
-def _reader(file: Path, name: str, stored_dtype: str):
+class _MappedFile:
+    """One file's memory map, opened on the first read (by whichever thread reads first)."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self._map: Optional[mmap.mmap] = None
+        self._lock = threading.Lock()
+
+    def view(self, dtype, shape: tuple[int, ...], offset: int) -> np.ndarray:
+        with self._lock:
+            if self._map is None:
+                with open(self.file, "rb") as handle:
+                    self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        count = int(np.prod(shape, dtype=np.int64))
+        # not closed explicitly: arrays (and zero-copy device buffers on a CPU backend) may still
+        # view it; the map goes when the last of them does
+        return np.frombuffer(self._map, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """Drop a converted tensor's pages from this process (its resident set), so that a load
+        holds a few tensors of the file mapped, not the whole file; a later read of the range
+        faults the same bytes back in from the page cache or the file."""
+        page = mmap.PAGESIZE
+        start, end = -(-offset // page) * page, (offset + nbytes) // page * page
+        with self._lock:
+            if self._map is not None and end > start and hasattr(mmap, "MADV_DONTNEED"):
+                self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    """(byte offset of the data section, {name: header entry}); safe_open has validated the file."""
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def _reader(mapped: _MappedFile, name: str, entry: dict, data_start: int):
+    file, stored_dtype, shape = mapped.file, entry["dtype"], tuple(int(d) for d in entry["shape"])
+
     def read() -> np.ndarray:
         try:
             if stored_dtype in _NUMPY_DTYPES:
-                with safe_open(file, framework="np") as handle:
-                    return handle.get_tensor(name)
+                return mapped.view(_NUMPY_DTYPES[stored_dtype], shape, data_start + int(entry["data_offsets"][0]))
             with on_host(), safe_open(file, framework="flax") as handle:
                 return np.asarray(handle.get_tensor(name))
         except (SafetensorError, OSError, ValueError) as e:
@@ -45,15 +101,25 @@ def _reader(file: Path, name: str, stored_dtype: str):
 
 
 def safetensors_records(directory: Path) -> list[TensorRecord]:
-    """Records of every tensor of every file; headers are parsed (and validated) here, data later."""
+    """Records of every tensor of every file, in each file's data order (sequential reads);
+    headers are parsed (and validated) here, data later."""
     records = []
     for file in safetensors_files(directory):
         try:
             with safe_open(file, framework="np") as handle:
-                for name in handle.keys():
-                    view = handle.get_slice(name)
-                    shape, dtype = tuple(int(d) for d in view.get_shape()), view.get_dtype()
-                    records.append(TensorRecord(name, os.fspath(file), name, shape, False, _reader(file, name, dtype)))
-        except (SafetensorError, OSError) as e:
+                names = set(handle.keys())
+            data_start, header = _header(file)
+        except (SafetensorError, OSError, ValueError, struct.error) as e:
             raise CheckpointFileError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        mapped = _MappedFile(file)
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            if name not in names:
+                continue
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+            dtype = _NUMPY_DTYPES.get(entry["dtype"])
+            records.append(TensorRecord(name, os.fspath(file), name, shape, False,
+                                        _reader(mapped, name, entry, data_start),
+                                        np.dtype(dtype) if dtype is not None else None, end - begin,
+                                        functools.partial(mapped.release, data_start + begin, end - begin)))
     return records

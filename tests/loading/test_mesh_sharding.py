@@ -20,6 +20,7 @@ from jint8.loading import kernel_spec, parse_bytes, scale_spec
 
 SCRIPT = Path(__file__).with_name("sharded_loading_script.py")
 FUSED_SCRIPT = Path(__file__).with_name("fused_sharding_script.py")
+PLACEMENT_SCRIPT = Path(__file__).with_name("placement_script.py")
 
 
 def test_sharded_logits_equal_unsharded_on_8_cpu_devices(tmp_path):
@@ -34,6 +35,19 @@ def test_sharded_logits_equal_unsharded_on_8_cpu_devices(tmp_path):
     assert result.stdout.strip().endswith("OK")
     assert "needs" in result.stdout
     assert "jint8 checkpoint restored onto the mesh" in result.stdout
+
+
+def test_load_places_every_tensor_with_its_final_sharding_on_4_and_8_cpu_devices(tmp_path):
+    require_module("torch")
+    save_checkpoint("llama", tmp_path)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = Path(jint8.__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, str(PLACEMENT_SCRIPT), str(tmp_path)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("OK")
+    assert result.stdout.count("arrays split") == 6
 
 
 def test_fused_projections_are_column_parallel_on_8_cpu_devices():

@@ -155,9 +155,16 @@ def test_max_memory_too_small_says_how_much_is_needed(llama_dir):
     jint8.from_pretrained(directory, dtype=jnp.float32, max_memory={0: "1GiB"}, progress=False)
 
 
-def test_progress_bar_over_tensors(llama_dir, capsys):
+def test_progress_bar_counts_the_checkpoint_bytes(llama_dir, capsys):
+    from tqdm import tqdm
+
     directory, _ = llama_dir
+    stored = sum(tensor.nbytes for tensor in _load_tensors(directory).values())
     jint8.from_pretrained(directory, dtype=jnp.float32, progress=True)
-    assert "tensor" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    done = tqdm.format_sizeof(stored)
+    assert f"{done}/{done}" in err and "B/s" in err, err
     jint8.from_pretrained(directory, dtype=jnp.float32, progress=False)
+    assert capsys.readouterr().err == ""
+    jint8.from_pretrained(directory, dtype=jnp.float32)  # default: only when stderr is a terminal
     assert capsys.readouterr().err == ""

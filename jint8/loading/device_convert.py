@@ -1,0 +1,119 @@
+"""Checkpoint tensors converted on the device: stored arrays in, placed parameters out.
+
+A tensor goes to the device as it is stored (16-bit stays 16-bit, PyTorch's [out, in] stays
+[out, in]), each device of a mesh receiving only its own shard of it. The layout change, the
+dtype cast and the int8 quantization then run there, in one jitted function per distinct
+Conversion (stored shape and dtype, layout, output, shardings), compiled once and cached; the
+outputs carry their final shardings, so nothing is moved again and nothing comes back to the host.
+
+Quantization calls quantize.quantize_leaf, the function quantize_params uses, so the int8 values
+are quantize_params' own (tests/loading/test_device_conversion.py holds them equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from jint8.quantize import LeafQuantization, int8_weight_specs, quantize_leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+    """How one stored tensor becomes its parameter's arrays; hashable, the compile cache's key.
+
+    shape / dtype: the array sent to the device (as stored, [out, in] for a PyTorch Linear).
+    transpose: stored [out, in] -> Flax [in, out] (2-D only).
+    quantization: the int8 settings of a quantized leaf (None: a float leaf).
+    out_dtype: a float leaf's dtype (int8 when quantized).
+    source: where the stored array is placed; outputs: the final sharding of each output array:
+      the array of a float leaf; qvalue, scale and a scalar flag, true where the source holds a
+      NaN or Inf (quantize_params' check, read once after the load), of a quantized one.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    transpose: bool
+    quantization: Optional[LeafQuantization]
+    out_dtype: np.dtype
+    source: jax.sharding.Sharding
+    outputs: tuple[jax.sharding.Sharding, ...]
+
+
+def _default_device() -> jax.Device:
+    """The device jax.device_put(x) would use (honours jax.default_device)."""
+    device = jax.config.jax_default_device
+    if isinstance(device, str):
+        return jax.devices(device)[0]
+    return device if device is not None else jax.devices()[0]
+
+
+def plan_conversion(shape, dtype, *, transpose: bool, quantization: Optional[LeafQuantization], out_dtype,
+                    float_spec: PartitionSpec, mesh: Optional[jax.sharding.Mesh]) -> Conversion:
+    """The Conversion of a stored tensor whose parameter (Flax layout, float) is sharded by float_spec."""
+    shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+    if quantization is not None and not quantization.quantized:
+        quantization = None
+    if dtype == np.float64 and not jax.config.jax_enable_x64:
+        # jax would canonicalise a float64 array on the host anyway: cast it where the host loader
+        # did (straight to a float leaf's dtype, to float32 for quantization)
+        dtype = np.dtype(np.float32 if quantization is not None else out_dtype)
+    ndim = len(shape)
+    spec = tuple(float_spec) + (None,) * (ndim - len(tuple(float_spec)))
+    source_spec = spec[::-1] if transpose else spec
+    if quantization is not None:
+        out_specs = int8_weight_specs(PartitionSpec(*spec), ndim, quantization.in_ndim,
+                                      embedding=quantization.embedding) + (PartitionSpec(),)
+    else:
+        out_specs = (PartitionSpec(*spec),)
+    if mesh is None:
+        device = SingleDeviceSharding(_default_device())
+        source, outputs = device, (device,) * len(out_specs)
+    else:
+        source = NamedSharding(mesh, PartitionSpec(*source_spec))
+        outputs = tuple(NamedSharding(mesh, s) for s in out_specs)
+    out_dtype = np.dtype(np.int8 if quantization is not None else out_dtype)
+    return Conversion(shape, dtype, bool(transpose), quantization, out_dtype, source, outputs)
+
+
+def _convert(conversion: Conversion, stored: jax.Array) -> tuple[jax.Array, ...]:
+    w = stored.T if conversion.transpose else stored  # Flax layout, the source dtype
+    if conversion.quantization is not None:
+        # for a PyTorch [out, in] weight the two transposes (to Flax, then to the K-major
+        # storage) cancel in XLA: the quantization reads the stored array as it is
+        weight = quantize_leaf(w, conversion.quantization)
+        # quantize_params' NaN/Inf check as one flag: w * 0 is 0, or NaN where w is NaN or +-Inf,
+        # and a sum propagates NaN (a max need not: XLA:CPU's vectorised max drops it). Fused
+        # with the absmax pass; the exact count is taken on the host if the flag is ever set. Taken
+        # of the stored array: the same values, and no transposed copy for the reduction to read.
+        nonfinite = jnp.isnan(jnp.sum(stored.astype(jnp.float32) * 0.0))
+        return weight.qvalue, weight.scale, nonfinite
+    if w.dtype == conversion.out_dtype and not conversion.transpose:
+        return (jnp.copy(w),)  # a new buffer: the source may be a view of the memory-mapped file
+    return (w.astype(conversion.out_dtype),)
+
+
+@functools.lru_cache(maxsize=256)
+def compiled_conversion(conversion: Conversion):
+    """The compiled converter of one Conversion: f(stored array) -> tuple of placed arrays.
+
+    Cached (compiled_conversion.cache_clear() empties it): a model's many layers share a few
+    shapes, and loading the same model again compiles nothing.
+    """
+    converter = jax.jit(functools.partial(_convert, conversion), in_shardings=conversion.source,
+                        out_shardings=conversion.outputs)
+    return converter.lower(jax.ShapeDtypeStruct(conversion.shape, conversion.dtype,
+                                                sharding=conversion.source)).compile()
+
+
+def stage(host_array: np.ndarray, conversion: Conversion) -> jax.Array:
+    """The stored array on the device(s), each device holding only its shard of conversion.source."""
+    if host_array.dtype != conversion.dtype:
+        host_array = host_array.astype(conversion.dtype)  # float64 sources only (plan_conversion)
+    return jax.device_put(host_array, conversion.source)

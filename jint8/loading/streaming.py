@@ -1,0 +1,105 @@
+"""The loading pipeline: host reads, compiles and device work overlapped, memory bounded.
+
+Three things run at once: a reader thread maps the next tensors and puts them on the device(s)
+as stored (device_convert.stage), a compiler thread compiles each distinct Conversion ahead of
+its first use, and the calling thread dispatches the conversions (asynchronous: jax returns
+before the device is done). At most `prefetch` staged tensors wait and at most `in_flight`
+conversions run unfinished, so host and device memory hold a few tensors beyond the placed
+parameters. If anything fails, every array made so far is deleted before the error propagates.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+
+from jint8.loading.device_convert import Conversion, compiled_conversion
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorJob:
+    """One parameter to load.
+
+    stage: run on the reader thread; returns (the stored array on the device, bytes read, its
+      Conversion), or (the finished leaf, bytes read, None).
+    conversion: the Conversion stage is expected to return, compiled ahead (None: not known
+      before the read, or none needed).
+    leaf: the leaf from the conversion's outputs.
+    release: called once the conversion has finished (the read's memory may go).
+    """
+
+    path: tuple[str, ...]
+    stage: Callable[[], tuple[Any, int, Optional[Conversion]]]
+    conversion: Optional[Conversion]
+    leaf: Callable[[tuple], Any]
+    release: Optional[Callable[[], None]] = None
+
+
+def delete_arrays(tree) -> None:
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            leaf.delete()
+
+
+def _drain(futures) -> None:
+    """Cancel what has not started; wait for the rest and delete what it made."""
+    for future in futures:
+        future.cancel()
+    for future in futures:
+        if not future.cancelled() and future.exception() is None:
+            delete_arrays(future.result())
+
+
+def _finish(outputs, release) -> None:
+    jax.block_until_ready(outputs)
+    if release is not None:
+        release()
+
+
+def run_jobs(jobs: Sequence[TensorJob], *, on_bytes: Callable[[int], None], prefetch: int = 2,
+             in_flight: int = 4) -> tuple[dict, list[tuple[tuple[str, ...], Conversion, jax.Array]]]:
+    """({path: placed leaf}, [(path, conversion, its NaN/Inf flag on the device)] of the quantized leaves)."""
+    placed: dict = {}
+    flags: list[tuple[tuple[str, ...], Conversion, jax.Array]] = []
+    staged: collections.deque[Future] = collections.deque()
+    running: collections.deque = collections.deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="jint8-compile") as compiler, \
+            ThreadPoolExecutor(1, thread_name_prefix="jint8-read") as reader:
+        # in the order of first use, so the first tensor waits for one compile only
+        compiled = {c: compiler.submit(compiled_conversion, c)
+                    for c in dict.fromkeys(job.conversion for job in jobs if job.conversion is not None)}
+        submitted = 0
+        try:
+            for job in jobs:
+                while submitted < len(jobs) and len(staged) < prefetch:
+                    staged.append(reader.submit(jobs[submitted].stage))
+                    submitted += 1
+                value, nbytes, conversion = staged.popleft().result()
+                if conversion is None:
+                    placed[job.path] = value
+                    if job.release is not None:
+                        job.release()
+                else:
+                    converter = compiled[conversion].result() if conversion in compiled else compiled_conversion(conversion)
+                    outputs = converter(value)
+                    del value  # freed once the conversion has read it
+                    placed[job.path] = job.leaf(outputs)
+                    if conversion.quantization is not None:
+                        flags.append((job.path, conversion, outputs[-1]))
+                    running.append((outputs, job.release))
+                    if len(running) > in_flight:
+                        _finish(*running.popleft())
+                on_bytes(nbytes)
+            while running:
+                _finish(*running.popleft())
+        except BaseException:
+            _drain(staged)
+            for future in compiled.values():
+                future.cancel()
+            delete_arrays([list(placed.values()), [flag for _, _, flag in flags]])
+            raise
+    return placed, flags
