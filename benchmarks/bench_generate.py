@@ -424,7 +424,8 @@ def main(argv=None) -> int:
         inspect_activations(args)
         return 0
     rows: list[dict] = []
-    if args.in_process or len(args.variants) == 1:
+    in_process = args.in_process or len(args.variants) == 1
+    if in_process:
         for variant in args.variants:
             rows += (run_torch_variant if variant in TORCH_VARIANTS else run_variant)(args, variant)
     else:  # one process per variant: peak_bytes_in_use cannot be reset inside a process
@@ -435,7 +436,7 @@ def main(argv=None) -> int:
             rows += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
             if done.returncode != 0:  # e.g. out of memory, or a baseline package missing: go on
                 print(f"variant {variant} failed with exit status {done.returncode}", file=sys.stderr)
-    if args.json:
+    if args.json and in_process:  # a child process has written its own rows
         with open(args.json, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
