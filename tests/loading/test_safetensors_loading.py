@@ -138,6 +138,27 @@ def test_truncated_safetensors_names_the_file_and_places_nothing(broken_copy):
     assert len(jax.live_arrays()) == before
 
 
+def test_non_float_tensor_is_named_before_anything_is_placed(broken_copy):
+    tensors = _load_tensors(broken_copy)
+    weight = tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros(weight.shape, np.int32)
+    _save_tensors(broken_copy, tensors)
+    before = len(jax.live_arrays())
+    with pytest.raises(CheckpointFileError, match=r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.up_proj\.weight' "
+                                                  r"has non-float dtype int32"):
+        jint8.from_pretrained(broken_copy, quantization=jint8.Int8Config(), progress=False)
+    assert len(jax.live_arrays()) == before
+
+
+def test_index_naming_a_missing_shard_is_refused(llama_dir, tmp_path):
+    _, torch_model = llama_dir
+    torch_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="60KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(CheckpointFileError, match=rf"index\.json: names shard files that do not exist: .*{shards[-1].name}"):
+        jint8.from_pretrained(tmp_path, progress=False)
+
+
 def test_nan_found_mid_load_deletes_what_was_placed(broken_copy):
     tensors = _load_tensors(broken_copy)
     tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = np.nan
