@@ -140,7 +140,7 @@ def quantize_checkpoint(
     """Load any source jint8.from_pretrained reads (safetensors, msgpack, GGUF), quantized while loading
     with quant_config (default Int8Config()), and save it to out with its model config.
 
-    progress: from_pretrained's progress bar over tensors. Returns the checkpoint path.
+    progress: from_pretrained's progress bar (over the bytes read). Returns the checkpoint path.
     """
     import jint8
 
