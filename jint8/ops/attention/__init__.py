@@ -5,7 +5,6 @@ JINT8_BACKEND=xla (the int8 op's switch) turns the kernel off too."""
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import jax
@@ -13,16 +12,14 @@ import jax.numpy as jnp
 
 from jint8.errors import ShapeError
 from jint8.ops.attention.reference import decode_attention_reference, decode_step_reference, rotate
-from jint8.ops.int8_matmul.api import BACKEND_ENV_VAR
+from jint8.ops._platform import BACKEND_ENV_VAR, requested_backend, triton_gpu_unsupported_reason
 
 
 def unsupported_reason(q: jax.Array, k_cache: jax.Array) -> Optional[str]:
     """None when decode_attention_step's kernel runs q [B, N, H] over k_cache [L, B, S, K, H]."""
-    from jint8.ops.int8_matmul.pallas_triton import unsupported_reason as gpu_reason
-
-    if os.environ.get(BACKEND_ENV_VAR) == "xla":
+    if requested_backend() == "xla":
         return f"{BACKEND_ENV_VAR}=xla"
-    reason = gpu_reason(q, k_cache)
+    reason = triton_gpu_unsupported_reason()
     if reason is not None:
         return reason
     if q.dtype not in (jnp.bfloat16, jnp.float16):

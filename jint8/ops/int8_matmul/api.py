@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Callable, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from jint8.errors import BackendUnavailableError, InvalidConfigError, ShapeError
+from jint8.ops._platform import BACKEND_ENV_VAR, requested_backend  # noqa: F401 (re-exported)
 from jint8.ops.int8_matmul.reference import (
     InputGate, InputNorm, Int8MatmulStats, OutputGate, int8_matmul_reference,
 )
 
 _logger = logging.getLogger("jint8")
 
-BACKEND_ENV_VAR = "JINT8_BACKEND"
 
 
 class Int8MatmulImpl(Protocol):
@@ -76,7 +75,7 @@ def available_backends() -> tuple[str, ...]:
 
 def select_backend(x: jax.Array, wq: jax.Array, backend: Optional[str] = None) -> Backend:
     """The backend that will run int8_matmul(x, wq): the requested one, or the first that can."""
-    requested = backend or os.environ.get(BACKEND_ENV_VAR) or None
+    requested = backend or requested_backend()
     if requested is not None:
         match = [b for b in _BACKENDS if b.name == requested]
         if not match:
