@@ -15,6 +15,7 @@ from jint8.layers import GatedInput, Int8Dense, Int8Embed, Int8Linear, NormedInp
 from jint8.loading import from_pretrained, make_mesh
 from jint8.models.fusion import fuse_projections
 from jint8.ops import int8_matmul
+from jint8.quant4 import Int4Config, Int4Weight
 from jint8.quantize import (
     Int8Config,
     Int8Weight,
@@ -36,6 +37,8 @@ def __getattr__(name):
 __all__ = [
     "GatedInput",
     "GenerationConfig",
+    "Int4Config",
+    "Int4Weight",
     "Int8Config",
     "Int8Dense",
     "Int8Embed",

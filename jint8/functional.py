@@ -1,4 +1,4 @@
-"""bitsandbytes' LLM.int8() building blocks under bitsandbytes' names, in JAX.
+"""bitsandbytes' LLM.int8() and 4-bit building blocks under bitsandbytes' names, in JAX.
 
 A drop-in surface for bitsandbytes users, thin over jint8.ops.int8_matmul.reference (the code the
 layers run). Layouts follow bitsandbytes, not Flax: weights are row-major [N, K] (torch Linear),
@@ -15,6 +15,12 @@ Deliberate differences from bitsandbytes 0.50 (functional.py, backends/default/o
 - an all-zero row: bitsandbytes computes round(0 * 127/0) = NaN and casts it to int8 (0 on x86);
   we define it as 0 explicitly, which is what bitsandbytes returns there.
 - bitsandbytes mutates A in place while quantizing (and restores it); JAX arrays are immutable.
+- 4-bit (thin over jint8.quant4): the quant state is an Int4Weight (its packed field is the
+  returned codes); no absmax=/out= buffers, so dequantize_4bit without a quant state takes
+  shape= and dtype= where bitsandbytes reads them off `out`. bitsandbytes' CPU kernel returns a
+  1-D tensor as [1, n] and a [1, m] packed input transposed; here the result always has the
+  quantized shape. compress_statistics' offset is jnp's float32 mean of the absmax, which can
+  differ from torch's in the last bit (summation order; see jint8.quant4.quantize_4bit).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jint8 import quant4
 from jint8.errors import InvalidConfigError
 from jint8.ops.int8_matmul.reference import (
     INV_127,
@@ -131,11 +138,57 @@ def int8_mixed_scaled_mm(
     return (y + contribution).astype(A.dtype), sub_a
 
 
+def quantize_4bit(
+    A: jax.Array, *, blocksize: Optional[int] = None, compress_statistics: bool = False, quant_type: str = "fp4"
+) -> tuple[jax.Array, quant4.Int4Weight]:
+    """A (any shape) -> (packed uint8 [(numel + 1) // 2, 1], quant_state), bitsandbytes' defaults.
+
+    compress_statistics is double quantization (absmax to 8 bits in blocks of 256).
+    """
+    state = quant4.quantize_4bit(
+        A, quant_type=quant_type, blocksize=64 if blocksize is None else blocksize, double_quant=compress_statistics
+    )
+    return state.packed, state
+
+
+def dequantize_4bit(
+    A: jax.Array,
+    quant_state: Optional[quant4.Int4Weight] = None,
+    absmax: Optional[jax.Array] = None,
+    *,
+    blocksize: Optional[int] = None,
+    quant_type: str = "fp4",
+    shape: Optional[tuple[int, ...]] = None,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """packed uint8 A -> floats of quant_state.shape in quant_state.dtype.
+
+    Without a quant state: float32 absmax per block, with shape, dtype, blocksize and quant_type.
+    """
+    if quant_state is None:
+        if absmax is None or shape is None:
+            raise InvalidConfigError("dequantize_4bit needs quant_state, or absmax and shape")
+        quant_state = quant4.Int4Weight(
+            packed=A,
+            absmax=jnp.asarray(absmax, jnp.float32),
+            shape=tuple(shape),
+            quant_type=quant_type,
+            blocksize=64 if blocksize is None else blocksize,
+            dtype=jnp.dtype(dtype),
+        )
+    else:
+        quant_state = quant_state.replace(packed=A)
+    quant4.validate_int4_weight(quant_state, "dequantize_4bit")
+    return quant4.dequantize_4bit(quant_state)
+
+
 __all__ = [
+    "dequantize_4bit",
     "int8_linear_matmul",
     "int8_mixed_scaled_mm",
     "int8_mm_dequant",
     "int8_scaled_mm",
     "int8_vectorwise_dequant",
     "int8_vectorwise_quant",
+    "quantize_4bit",
 ]
