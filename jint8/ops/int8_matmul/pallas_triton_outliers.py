@@ -1,4 +1,4 @@
-"""The two-kernel routes' outlier operands in one small Pallas (Triton lowering) kernel.
+"""The two-kernel routes' outlier operands from two small Pallas (Triton lowering) kernels.
 
 Between the activation pass (per-column outlier flags) and the GEMM, the routes need the list O
 of every outlier column of the batch, xq with the columns of O zeroed, and the operands of the
@@ -174,10 +174,10 @@ def _operands_kernel(slots_ref, count_ref, x_ref, xq_in_ref, w_ref, x_o_ref, xq_
 
 
 @functools.partial(jax.jit, static_argnames=("gather_slots", "weight_layout", "interpret",
-                                             "block_rows", "block_cols", "num_warps"))
+                                             "block_rows", "block_cols"))
 def outlier_operands(x, xq, wq, col_flags, *, gather_slots: int, weight_layout: str,
                      interpret: bool = False, block_rows: int = BLOCK_ROWS,
-                     block_cols: int = BLOCK_COLS, num_warps=None) -> OutlierOperands:
+                     block_cols: int = BLOCK_COLS) -> OutlierOperands:
     """x [M, K], xq [M, K] int8, wq [K, N] ("kn") or [N, K] ("nk") int8, col_flags [K] int32
     (nonzero on outlier columns) -> OutlierOperands with G = gather_slots compacted slots (a
     multiple of SLOT_BLOCK): equal to outlier_operands_reference where the kernel writes.
@@ -194,7 +194,7 @@ def outlier_operands(x, xq, wq, col_flags, *, gather_slots: int, weight_layout: 
         raise ValueError(f"outlier_operands: gather_slots={gather_slots} must be a positive "
                          f"multiple of SLOT_BLOCK={SLOT_BLOCK}")
     # The prefix sum holds all K flags in one program: more warps for longer K.
-    warps = num_warps or max(4, min(16, (1 << (k - 1).bit_length()) // 1024))
+    warps = max(4, min(16, (1 << (k - 1).bit_length()) // 1024))
     slots, count, dense = pl.pallas_call(
         functools.partial(_slots_kernel, gathered_max=gather_slots),
         grid=(1,),
