@@ -23,41 +23,34 @@ FUSED_SCRIPT = Path(__file__).with_name("fused_sharding_script.py")
 PLACEMENT_SCRIPT = Path(__file__).with_name("placement_script.py")
 
 
-def test_sharded_logits_equal_unsharded_on_8_cpu_devices(tmp_path):
-    require_module("torch")
-    save_checkpoint("llama", tmp_path)
+def _run_on_8_cpu_devices(script: Path, *args: str) -> str:
+    """Runs script in a fresh process with 8 fake CPU devices; its stdout, which must end "OK"."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     root = Path(jint8.__file__).resolve().parent.parent
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("OK")
-    assert "needs" in result.stdout
-    assert "jint8 checkpoint restored onto the mesh" in result.stdout
+    return result.stdout
+
+
+def test_sharded_logits_equal_unsharded_on_8_cpu_devices(tmp_path):
+    require_module("torch")
+    save_checkpoint("llama", tmp_path)
+    stdout = _run_on_8_cpu_devices(SCRIPT, str(tmp_path))
+    assert "needs" in stdout
+    assert "jint8 checkpoint restored onto the mesh" in stdout
 
 
 def test_load_places_every_tensor_with_its_final_sharding_on_4_and_8_cpu_devices(tmp_path):
     require_module("torch")
     save_checkpoint("llama", tmp_path)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    root = Path(jint8.__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, str(PLACEMENT_SCRIPT), str(tmp_path)], env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith("OK")
-    assert result.stdout.count("arrays split") == 6
+    assert _run_on_8_cpu_devices(PLACEMENT_SCRIPT, str(tmp_path)).count("arrays split") == 6
 
 
 def test_fused_projections_are_column_parallel_on_8_cpu_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    root = Path(jint8.__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, str(FUSED_SCRIPT)], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith("OK")
+    _run_on_8_cpu_devices(FUSED_SCRIPT)
 
 
 class _FakeMesh:
