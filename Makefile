@@ -25,11 +25,12 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 
 # The reference tests (torch, bitsandbytes, transformers) must run here, never skip silently.
+# Two workers (pytest-xdist): most tests spend their time in single-threaded XLA compiles.
 test: $(VENV)/.installed-test
-	JAX_PLATFORMS=cpu JINT8_REQUIRE_REFERENCE=1 $(PY) -m pytest -q -m "not heavy" tests
+	JAX_PLATFORMS=cpu JINT8_REQUIRE_REFERENCE=1 $(PY) -m pytest -q -n 2 -m "not heavy" tests
 
 test-all: $(VENV)/.installed-test
-	JAX_PLATFORMS=cpu JINT8_REQUIRE_REFERENCE=1 $(PY) -m pytest -q tests
+	JAX_PLATFORMS=cpu JINT8_REQUIRE_REFERENCE=1 $(PY) -m pytest -q -n 2 tests
 
 demo: $(VENV)/.installed
 	$(PY) -m jint8.cli demo
