@@ -46,6 +46,8 @@ from jint8.ops.int8_matmul.reference import INV_127, INV_127_SQ
 
 # Rows of output tiles walked together so their weight columns stay in L2 (large M only).
 _GROUP_M = 8
+# Columns per step of the dense outlier sweep in the epilogue-only kernel (_outlier_terms).
+EPILOGUE_SWEEP_STEP = 128
 
 
 def _tile_coordinates(m: int, n: int, config: Config):
@@ -129,6 +131,7 @@ def _gemm_kernel(
         outlier_terms = functools.partial(
             _outlier_terms, x_ref, w_ref, x_o_ref, w_o_ref, col_flags_ref, count_ref,
             dense_ref, tile, col_scales, config=config, dense_fallback=dense_fallback,
+            sweep_step=EPILOGUE_SWEEP_STEP if accumulator_ref else SLOT_BLOCK,
         )
         if config.split_k == 1:
             stream = outlier_terms()
@@ -207,7 +210,7 @@ def _stream_dot(x_part, w_deq, nk_layout):
 
 
 def _outlier_terms(x_ref, w_ref, x_o_ref, w_o_ref, col_flags_ref, count_ref, dense_ref, tile,
-                   col_scales, *, config, dense_fallback):
+                   col_scales, *, config, dense_fallback, sweep_step):
     """The float32 outlier stream x[rows, O] @ dequant(wq[O, cols]) of one output tile, for any
     |O| from 0 to K: over the compacted slots in SLOT_BLOCK steps, as many as the batch's count
     needs (a loop bound read on the device), or, when the batch had more outlier columns than
@@ -219,7 +222,13 @@ def _outlier_terms(x_ref, w_ref, x_o_ref, w_o_ref, col_flags_ref, count_ref, den
     each product exact in float32) and scale each output column by s_w / 127 once after the
     loop, as the fused kernel does: a per-element dequantize-and-round of every weight tile in
     the loop cost more ALU than the MMA it feeds. So the weight's rounding to x.dtype that the
-    recipe applies is skipped (checks.weight_rounding bounds the difference)."""
+    recipe applies is skipped (checks.weight_rounding bounds the difference).
+
+    The dense sweep loads x unmasked by the flags and zeroes the unflagged columns after the
+    load: a load masked by the flags (a data-dependent mask) made the sweep 2-3x slower at every
+    M (H100, 8192x28672, all K flagged: M = 256 1.84 -> 1.08 ms, docs/decisions.md D18). It
+    steps sweep_step columns: EPILOGUE_SWEEP_STEP in the epilogue-only kernel (no K loop to
+    share registers with), SLOT_BLOCK after a K loop (128 there slowed the no-outlier case)."""
     nk_layout = config.weight_layout == "nk"
     rows, row_ok = tile.rows, tile.row_ok
     bm, bn = config.block_m, config.block_n
@@ -241,14 +250,14 @@ def _outlier_terms(x_ref, w_ref, x_o_ref, w_o_ref, col_flags_ref, count_ref, den
         k = x_ref.shape[1]
 
         def k_step(i, stream):
-            ks = i * SLOT_BLOCK + jnp.arange(SLOT_BLOCK)
-            k_ok = ks < k if k % SLOT_BLOCK else None
+            ks = i * sweep_step + jnp.arange(sweep_step)
+            k_ok = ks < k if k % sweep_step else None
             flagged = plgpu.load(col_flags_ref.at[ks], mask=ks < k, other=0) > 0
-            x = _load(x_ref, rows, ks, row_ok, flagged)  # 0 off the outlier columns
+            x = jnp.where(flagged[None, :], _load(x_ref, rows, ks, row_ok, k_ok), 0)
             w = _load_weight(w_ref, ks, tile, k_ok, nk_layout)
             return stream + _stream_dot(x, w.astype(x_ref.dtype), nk_layout)
 
-        return jax.lax.fori_loop(0, pl.cdiv(k, SLOT_BLOCK), k_step,
+        return jax.lax.fori_loop(0, pl.cdiv(k, sweep_step), k_step,
                                  jnp.zeros((bm, bn), jnp.float32))
 
     weight_scale = (col_scales * INV_127)[None, :]  # reference.dequantize_weight_rows' factors
