@@ -41,7 +41,7 @@ from jint8.loading.names import (
     needs_transpose,
     stored_shape,
 )
-from jint8.loading.records import TensorRecord
+from jint8.loading.records import TensorRecord, check_readable
 from jint8.loading.sharding import bytes_per_device, check_max_memory, kernel_spec
 from jint8.loading.streaming import TensorJob, delete_arrays, run_jobs
 from jint8.models import registered_specs, spec_for
@@ -55,6 +55,7 @@ from jint8.quantize import (
     int8_weight_specs,
     leaf_quantization,
     storage_permutation,
+    warn_unmatched_patterns,
 )
 
 _logger = logging.getLogger("jint8")
@@ -101,6 +102,7 @@ def _hf_config(kind: str, location: Path):
 
     if not (location / "config.json").exists():
         raise CheckpointFileError(f"{location}: no config.json")
+    check_readable(location / "config.json")
     try:
         return AutoConfig.from_pretrained(os.fspath(location))
     except (ValueError, KeyError, OSError) as e:
@@ -151,6 +153,7 @@ def _planned_leaves(shapes: dict, quantization: Optional[Int8Config]) -> tuple[d
     planned, decisions = dict(shapes), {}
     if quantization is None:
         return planned, decisions
+    warn_unmatched_patterns(quantization, [path[:-1] for path in shapes])
     for path, leaf in shapes.items():
         decision = leaf_quantization(path, leaf.shape, quantization)
         if decision is None or not decision.quantized:
@@ -289,7 +292,8 @@ def _raise_on_nonfinite(flags, records: Mapping[tuple, TensorRecord]) -> None:
             shape = conversion.shape[::-1] if conversion.transpose else conversion.shape
             record = records[path]
             bad = int(np.sum(~np.isfinite(record.read())))
-            raise QuantizationError(f"{'/'.join(path)}: kernel of shape {tuple(shape)} holds {bad} NaN/Inf values "
+            what = "kernel" if conversion.quantization is not None else "tensor"
+            raise QuantizationError(f"{'/'.join(path)}: {what} of shape {tuple(shape)} holds {bad} NaN/Inf values "
                                     f"({record.stored_name!r} in {record.file})")
 
 
@@ -301,6 +305,7 @@ def from_pretrained(
     mesh: Optional[jax.sharding.Mesh] = None,
     max_memory: Optional[Mapping] = None,
     progress: Optional[bool] = None,
+    verify_checksums: bool = True,
 ):
     """Load a transformers checkpoint directory (safetensors, v4 Flax msgpack) or GGUF file.
 
@@ -313,13 +318,16 @@ def from_pretrained(
     max_memory: {device id: bytes or "20GiB"}, checked before anything is read.
     progress: a tqdm bar over the bytes read (with MB/s); default: shown when stderr is a
       terminal; False silences it.
+    verify_checksums: for jint8 checkpoints, compare each array with its CRC-32C recorded at save
+      (load_quantized's argument); False skips it for trusted storage.
     """
     if quantization is not None and not isinstance(quantization, Int8Config):
         raise InvalidConfigError(f"quantization must be an Int8Config or None, got {type(quantization).__name__}")
     from jint8 import checkpoint
 
-    if Path(path).is_dir() and checkpoint.is_jint8_checkpoint(path):
-        return _from_jint8_checkpoint(Path(path), quantization, mesh)
+    if Path(path).is_dir() and (checkpoint.is_jint8_checkpoint(path) or _looks_like_jint8_checkpoint(Path(path))):
+        # a damaged jint8 checkpoint gets load_quantized's error, not "no model.safetensors"
+        return _from_jint8_checkpoint(Path(path), quantization, mesh, verify_checksums)
     kind, location = _find_format(Path(path))
     hf_config = _hf_config(kind, location)
     spec = spec_for(getattr(hf_config, "model_type", None))
@@ -386,7 +394,49 @@ def _model_config_from_dict(class_path: str, fields: dict, location: Path):
     return config_class(**values)
 
 
-def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], mesh):
+def _looks_like_jint8_checkpoint(path: Path) -> bool:
+    from jint8.checkpoint.metadata import _ARRAYS_ITEM, _METADATA_ITEM
+
+    return (path / _METADATA_ITEM).is_dir() and (path / _ARRAYS_ITEM).is_dir()
+
+
+def _check_config_against_leaves(location: Path, model, leaves) -> None:
+    """The stored arrays must be the parameters the stored model config builds (an edited
+    num_layers would otherwise load and silently drop a layer). Projections a fusion merges are
+    compared by their block only, as the tree may have been saved fused."""
+    from jint8.models import registered_fusions
+
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    shapes = flatten_dict(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["params"])
+    fusing = {name for fusion in registered_fusions() for name in (fusion.fused, *fusion.parts)}
+    blocks = set()
+
+    def key(path):
+        path = tuple(str(p) for p in path)
+        if len(path) >= 2 and path[-2] in fusing:
+            blocks.add(path[:-2])
+            return path[:-2]
+        return path
+
+    expected, stored = {}, {}
+    for path, leaf in shapes.items():
+        expected.setdefault(key(path), set()).add(tuple(leaf.shape))
+    for leaf in leaves:
+        if leaf.kind != "empty":
+            stored.setdefault(key(leaf.path), set()).add(tuple(leaf.kernel_shape))
+    missing = sorted("/".join(p) for p in set(expected) - set(stored))
+    extra = sorted("/".join(p) for p in set(stored) - set(expected))
+    wrong = sorted(f"{'/'.join(p)}: stored {sorted(stored[p])[0]} != config {sorted(expected[p])[0]}"
+                   for p in set(expected) & set(stored) if p not in blocks and stored[p] != expected[p])
+    problems = ([f"{len(missing)} parameters missing {missing[:5]}"] if missing else []) + (
+        [f"{len(extra)} arrays the config has no parameter for {extra[:5]}"] if extra else []) + (
+        [f"{len(wrong)} shapes differ {wrong[:5]}"] if wrong else [])
+    if problems:
+        raise WeightsMismatchError(f"{location}: the stored model_config does not match the stored arrays: "
+                                   f"{'; '.join(problems)}")
+
+
+def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], mesh, verify_checksums: bool = True):
     """A directory written by save_quantized: restore as saved (no re-quantization) onto mesh."""
     from jint8 import checkpoint
 
@@ -399,9 +449,12 @@ def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], m
     config = _model_config_from_dict(info.model_config_class, info.model_config or {}, location)
     spec = spec_for(config.model_type)
     model = spec.model_class(config)
+    _check_config_against_leaves(location, model, checkpoint.restore._parse_metadata(
+        checkpoint.restore._read_raw_metadata(checkpoint.restore._check_directory(location)), str(location))[1])
 
     def place(path, kernel):
         return kernel_spec(tuple(str(p) for p in path), tuple(kernel.shape), mesh, spec.sharding)
 
-    params, _ = checkpoint.load_quantized(location, mesh=mesh, shardings=place if mesh is not None else None)
+    params, _ = checkpoint.load_quantized(location, mesh=mesh, shardings=place if mesh is not None else None,
+                                          verify_checksums=verify_checksums)
     return model, params
