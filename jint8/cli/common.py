@@ -104,6 +104,8 @@ def tokenizer_for(path):
     reported at once rather than after the load."""
     from jint8.loading import load_tokenizer
 
+    if not Path(path).exists():
+        raise CommandError(f"{path}: no such file or directory")
     try:
         return load_tokenizer(path)
     except (OSError, ValueError, TypeError) as e:
