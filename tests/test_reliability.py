@@ -281,3 +281,22 @@ def test_patterns_matching_nothing_are_reported_when_applied(caplog):
         jint8.quantize_params(params, config)
     assert "skip_modules: 'lm_haed'" in caplog.text and "capacity_overrides: 're:k_prj'" in caplog.text
     assert "'q_proj'" not in caplog.text
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "opt"])
+def test_config_check_shapes_extended_from_few_traced_layers_equal_the_whole_init(family):
+    require_module("transformers")
+    from models.tiny_checkpoints import hf_config
+
+    from jint8.loading import pretrained
+    from jint8.models import spec_for
+
+    hf = hf_config(family)
+    setattr(hf, "n_layer" if family == "gpt2" else "num_hidden_layers", 4)
+    if family == "gemma2":
+        hf.layer_types = ["sliding_attention", "full_attention"] * 2
+    spec = spec_for(hf.model_type)
+    model = spec.model_class(spec.config_from_hf(hf, jnp.float32))
+    assert model.config.num_layers == 4
+    whole, fast = pretrained._init_shapes(model), pretrained._abstract_params(model)
+    assert {p: (s.shape, s.dtype) for p, s in fast.items()} == {p: (s.shape, s.dtype) for p, s in whole.items()}

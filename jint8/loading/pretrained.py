@@ -400,14 +400,54 @@ def _looks_like_jint8_checkpoint(path: Path) -> bool:
     return (path / _METADATA_ITEM).is_dir() and (path / _ARRAYS_ITEM).is_dir()
 
 
+def _init_shapes(model) -> dict:
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return flatten_dict(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["params"])
+
+
+def _abstract_params(model) -> dict:
+    """{path: ShapeDtypeStruct} of model's params. Tracing the init of every layer of a deep model
+    takes seconds, so the shapes are traced for 1, 2 and 3 layers and the layer list extended to
+    config.num_layers; where 1 and 2 layers do not predict the 3-layer tree exactly (or the config
+    has no num_layers), the whole model is traced."""
+    config = model.config
+    layers = getattr(config, "num_layers", None)
+    if not dataclasses.is_dataclass(config) or not isinstance(layers, int) or layers <= 3:
+        return _init_shapes(model)
+
+    def with_layers(n):
+        fields = {"num_layers": n}
+        if getattr(config, "sliding_layers", None):
+            fields["sliding_layers"] = tuple(config.sliding_layers[:n])
+        return _init_shapes(type(model)(dataclasses.replace(config, **fields)))
+
+    one, two = with_layers(1), with_layers(2)
+    if _extend_layers(one, two, 3) != with_layers(3):
+        return _init_shapes(model)
+    return _extend_layers(one, two, layers)
+
+
+def _extend_layers(one: dict, two: dict, layers: int) -> dict:
+    """The n-layer tree from the 1- and 2-layer ones: the paths the second layer added ("x_1"),
+    repeated for x_2 ... x_{n-1}."""
+    shapes = dict(two)
+    for path in set(two) - set(one):
+        for i, key in enumerate(path):
+            if str(key).endswith("_1"):
+                prefix = str(key)[: -len("_1")]
+                for layer in range(2, layers):
+                    shapes[path[:i] + (f"{prefix}_{layer}",) + path[i + 1:]] = two[path]
+                break
+    return shapes
+
+
 def _check_config_against_leaves(location: Path, model, leaves) -> None:
     """The stored arrays must be the parameters the stored model config builds (an edited
     num_layers would otherwise load and silently drop a layer). Projections a fusion merges are
     compared by their block only, as the tree may have been saved fused."""
     from jint8.models import registered_fusions
 
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    shapes = flatten_dict(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["params"])
+    shapes = _abstract_params(model)
     fusing = {name for fusion in registered_fusions() for name in (fusion.fused, *fusion.parts)}
     blocks = set()
 
