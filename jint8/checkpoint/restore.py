@@ -59,6 +59,14 @@ def load_metadata(directory: PathLike) -> CheckpointMetadata:
     return _parse_metadata(_read_raw_metadata(path), str(path))[0]
 
 
+def stored_parameter_shapes(directory: PathLike) -> dict[tuple, tuple]:
+    """{leaf path: the float parameter's shape} of every stored leaf, from the metadata alone
+    (an int8 kernel's [*in, *out], an embedding's [V, H])."""
+    path = _check_directory(directory)
+    _, leaves = _parse_metadata(_read_raw_metadata(path), str(path))
+    return {leaf.path: tuple(leaf.kernel_shape) for leaf in leaves if leaf.kind != "empty"}
+
+
 def is_jint8_checkpoint(directory: PathLike) -> bool:
     """True if directory holds a finalized jint8 quantized checkpoint (of any format version)."""
     try:

@@ -142,6 +142,8 @@ def _source_assets(src: pathlib.Path):
     from jint8.loading import load_tokenizer
 
     tokenizer = generation_config = None
+    if not src.exists():  # not a local checkpoint: never let transformers look it up on the hub
+        return tokenizer, generation_config
     try:
         tokenizer = load_tokenizer(src)
     except (OSError, ValueError, TypeError) as e:  # transformers' ways of saying "no tokenizer here"

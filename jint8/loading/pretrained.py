@@ -32,6 +32,7 @@ from jint8.errors import (
 )
 from jint8.loading import gguf_file, msgpack_file, safetensors_file
 from jint8.loading.bnb_int8 import bnb_int8_settings, read_int8_kernel, split_bnb_records
+from jint8.loading.config_check import check_config_against_arrays
 from jint8.loading.device_convert import plan_conversion, stage
 from jint8.loading.names import (
     NameRules,
@@ -400,82 +401,6 @@ def _looks_like_jint8_checkpoint(path: Path) -> bool:
     return (path / _METADATA_ITEM).is_dir() and (path / _ARRAYS_ITEM).is_dir()
 
 
-def _init_shapes(model) -> dict:
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    return flatten_dict(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["params"])
-
-
-def _abstract_params(model) -> dict:
-    """{path: ShapeDtypeStruct} of model's params. Tracing the init of every layer of a deep model
-    takes seconds, so the shapes are traced for 1, 2 and 3 layers and the layer list extended to
-    config.num_layers; where 1 and 2 layers do not predict the 3-layer tree exactly (or the config
-    has no num_layers), the whole model is traced."""
-    config = model.config
-    layers = getattr(config, "num_layers", None)
-    if not dataclasses.is_dataclass(config) or not isinstance(layers, int) or layers <= 3:
-        return _init_shapes(model)
-
-    def with_layers(n):
-        fields = {"num_layers": n}
-        if getattr(config, "sliding_layers", None):
-            fields["sliding_layers"] = tuple(config.sliding_layers[:n])
-        return _init_shapes(type(model)(dataclasses.replace(config, **fields)))
-
-    one, two = with_layers(1), with_layers(2)
-    if _extend_layers(one, two, 3) != with_layers(3):
-        return _init_shapes(model)
-    return _extend_layers(one, two, layers)
-
-
-def _extend_layers(one: dict, two: dict, layers: int) -> dict:
-    """The n-layer tree from the 1- and 2-layer ones: the paths the second layer added ("x_1"),
-    repeated for x_2 ... x_{n-1}."""
-    shapes = dict(two)
-    for path in set(two) - set(one):
-        for i, key in enumerate(path):
-            if str(key).endswith("_1"):
-                prefix = str(key)[: -len("_1")]
-                for layer in range(2, layers):
-                    shapes[path[:i] + (f"{prefix}_{layer}",) + path[i + 1:]] = two[path]
-                break
-    return shapes
-
-
-def _check_config_against_leaves(location: Path, model, leaves) -> None:
-    """The stored arrays must be the parameters the stored model config builds (an edited
-    num_layers would otherwise load and silently drop a layer). Projections a fusion merges are
-    compared by their block only, as the tree may have been saved fused."""
-    from jint8.models import registered_fusions
-
-    shapes = _abstract_params(model)
-    fusing = {name for fusion in registered_fusions() for name in (fusion.fused, *fusion.parts)}
-    blocks = set()
-
-    def key(path):
-        path = tuple(str(p) for p in path)
-        if len(path) >= 2 and path[-2] in fusing:
-            blocks.add(path[:-2])
-            return path[:-2]
-        return path
-
-    expected, stored = {}, {}
-    for path, leaf in shapes.items():
-        expected.setdefault(key(path), set()).add(tuple(leaf.shape))
-    for leaf in leaves:
-        if leaf.kind != "empty":
-            stored.setdefault(key(leaf.path), set()).add(tuple(leaf.kernel_shape))
-    missing = sorted("/".join(p) for p in set(expected) - set(stored))
-    extra = sorted("/".join(p) for p in set(stored) - set(expected))
-    wrong = sorted(f"{'/'.join(p)}: stored {sorted(stored[p])[0]} != config {sorted(expected[p])[0]}"
-                   for p in set(expected) & set(stored) if p not in blocks and stored[p] != expected[p])
-    problems = ([f"{len(missing)} parameters missing {missing[:5]}"] if missing else []) + (
-        [f"{len(extra)} arrays the config has no parameter for {extra[:5]}"] if extra else []) + (
-        [f"{len(wrong)} shapes differ {wrong[:5]}"] if wrong else [])
-    if problems:
-        raise WeightsMismatchError(f"{location}: the stored model_config does not match the stored arrays: "
-                                   f"{'; '.join(problems)}")
-
-
 def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], mesh, verify_checksums: bool = True):
     """A directory written by save_quantized: restore as saved (no re-quantization) onto mesh."""
     from jint8 import checkpoint
@@ -489,8 +414,7 @@ def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], m
     config = _model_config_from_dict(info.model_config_class, info.model_config or {}, location)
     spec = spec_for(config.model_type)
     model = spec.model_class(config)
-    _check_config_against_leaves(location, model, checkpoint.restore._parse_metadata(
-        checkpoint.restore._read_raw_metadata(checkpoint.restore._check_directory(location)), str(location))[1])
+    check_config_against_arrays(location, model, checkpoint.restore.stored_parameter_shapes(location))
 
     def place(path, kernel):
         return kernel_spec(tuple(str(p) for p in path), tuple(kernel.shape), mesh, spec.sharding)
