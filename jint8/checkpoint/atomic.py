@@ -22,7 +22,7 @@ import zlib
 from typing import Callable, Iterator
 
 from jint8.checkpoint.metadata import _PREVIOUS_MARK, _STAGING_MARK
-from jint8.errors import CheckpointError, CheckpointExistsError
+from jint8.errors import CheckpointError, CheckpointExistsError, Jint8Error
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,8 @@ def staged_directory(target: pathlib.Path, what: str, owned: Callable[[str], boo
             if kept:
                 logger.info("%s: kept %s from the directory it replaces", target, kept)
         _publish(content, target)
+    except Jint8Error:
+        raise
     except OSError as e:
         raise CheckpointError(f"{what}: writing {target} failed: {_os_message(e)}") from None
     finally:
