@@ -236,9 +236,14 @@ def load_int8_config(path: str | Path) -> Int8Config:
     """Read an Int8Config JSON file (as written by config_to_json / `jint8 calibrate`)."""
     try:
         fields = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InvalidConfigError(f"{path}: an Int8Config JSON must be UTF-8 text (byte {e.start}: {e.reason})") from None
     except (OSError, json.JSONDecodeError) as e:
         raise InvalidConfigError(f"{path}: cannot read an Int8Config JSON: {e}") from None
-    return config_from_dict(fields)
+    try:
+        return config_from_dict(fields)
+    except (TypeError, ValueError) as e:  # the config's own field checks name the field, not the file
+        raise InvalidConfigError(f"{path}: {e}") from None
 
 
 def default_calibration_text() -> str:

@@ -61,6 +61,10 @@ class CheckpointFormatError(CheckpointError, ValueError):
     """A checkpoint's metadata is unreadable, incomplete, of an unknown format or disagrees with its arrays."""
 
 
+class CheckpointIntegrityError(CheckpointFormatError):
+    """A checkpoint's array bytes do not match the checksums written at save (damaged files)."""
+
+
 class CheckpointVersionError(CheckpointFormatError):
     """A checkpoint was written with a newer format version than this jint8 reads."""
 

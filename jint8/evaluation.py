@@ -80,11 +80,23 @@ def perplexity(
     progress: Optional[bool] = None,
 ) -> PerplexityResult:
     """Perplexity of token_ids under the model with strided sliding windows (HF's recipe)."""
-    tokens = np.asarray(token_ids, dtype=np.int32).reshape(-1)
+    tokens = np.asarray(token_ids).reshape(-1)
     if tokens.size < 2:
         raise InvalidConfigError(f"perplexity needs at least 2 tokens, got {tokens.size}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise InvalidConfigError(f"token_ids must be integer token ids, got dtype {tokens.dtype}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    # checked before the int32 cast, which would wrap 2**32 + 5 to token 5
+    if vocab is not None and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise InvalidConfigError(f"token_ids hold ids outside [0, vocab_size={vocab}): min {tokens.min()}, "
+                                 f"max {tokens.max()}")
+    tokens = tokens.astype(np.int32)
     if not 0 < stride <= max_length or max_length < 2:
         raise InvalidConfigError(f"need 0 < stride={stride} <= max_length={max_length} and max_length >= 2")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and max_length > context:
+        raise InvalidConfigError(f"max_length={max_length} exceeds the model's context "
+                                 f"max_position_embeddings={context}")
     max_length = min(max_length, tokens.size)
     token_nll = token_nll_fn(model)
     windows = list(_windows(tokens.size, max_length, stride))

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
+
 import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from jint8.checkpoint.atomic import refuse_foreign_directory, staged_directory
 from jint8.errors import InvalidConfigError
 from jint8.loading.names import NameRules, expected_tensors, flax_path_to_hf
 from jint8.loading.pretrained import name_rules_for
@@ -118,9 +121,9 @@ def export_bitsandbytes(
     model); float kernels are listed in llm_int8_skip_modules. Shards above max_shard_bytes go
     to model-0000i-of-0000n.safetensors with model.safetensors.index.json.
     """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"export_bitsandbytes: {out} exists and is not empty (pass overwrite=True)")
+    out = Path(out_dir).absolute()
+    if not (out.is_dir() and not any(out.iterdir())):  # an empty directory is written into as it is
+        refuse_foreign_directory(out, overwrite, _is_export_dir, "an exported checkpoint (config.json + safetensors)")
     config = model.config
     hf_config = hf_config or hf_config_of(config)
     rules = name_rules_for(config.model_type)
@@ -135,7 +138,15 @@ def export_bitsandbytes(
     skipped = sorted({name.rsplit(".", 2)[-2] for name in tensors if name.endswith(".weight")
                       and tensors[name].ndim == 2 and tensors[name].dtype != np.int8 and "embed" not in name})
 
-    out.mkdir(parents=True, exist_ok=True)
+    # written into a staging sibling and renamed onto out: a crash leaves the previous export,
+    # and shards or an index of an earlier export never survive beside the new files
+    with staged_directory(out, "export_bitsandbytes", _owned_by_export) as staged:
+        staged.mkdir()
+        _write_export(staged, tensors, max_shard_bytes, hf_config, float_dtype, thresholds, skipped)
+    return out
+
+
+def _write_export(out: Path, tensors, max_shard_bytes: int, hf_config, float_dtype, thresholds, skipped) -> None:
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         _save(shards[0], out / "model.safetensors")
@@ -160,7 +171,18 @@ def export_bitsandbytes(
         "llm_int8_has_fp16_weight": False,
     }
     (out / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
-    return out
+
+
+_SHARD_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
+
+
+def _owned_by_export(name: str) -> bool:
+    """Files an export writes; anything else in a directory it replaces (a tokenizer) is kept."""
+    return name in ("config.json", INDEX_FILE) or _SHARD_FILE.fullmatch(name) is not None
+
+
+def _is_export_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(_SHARD_FILE.fullmatch(p.name) for p in path.iterdir())
 
 
 __all__ = ["export_bitsandbytes", "hf_config_of"]

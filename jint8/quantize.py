@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 import math
 import re
 from typing import Any, Mapping, Optional, Sequence
@@ -20,6 +21,8 @@ from flax import struct
 
 from jint8.errors import InvalidConfigError, QuantizationError
 from jint8.numerics import INV_127, quantization_multiplier
+
+_logger = logging.getLogger("jint8")
 
 
 @struct.dataclass
@@ -154,12 +157,40 @@ def _compile_pattern(pattern: str, field: str):
     return lambda path: any(tuple(path[i : i + n]) == parts for i in range(len(path) - n + 1))
 
 
-def _as_pairs(value, field: str) -> tuple[tuple[str, int], ...]:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or (
+        hasattr(value, "dtype") and getattr(value, "shape", None) == () and jnp.issubdtype(value.dtype, jnp.integer))
+
+
+def _as_pairs(value, field: str, minimum: int) -> tuple[tuple[str, int], ...]:
     items = value.items() if isinstance(value, Mapping) else value
-    pairs = tuple((str(k), int(v)) for k, v in items)
-    for pattern, _ in pairs:
+    try:
+        pairs = tuple((k, v) for k, v in items)
+    except (TypeError, ValueError):
+        raise InvalidConfigError(f"{field}={value!r} must be a mapping or (pattern, value) pairs") from None
+    for pattern, number in pairs:
         _compile_pattern(pattern, field)
-    return pairs
+        if not _is_int(number) or number < minimum:
+            raise InvalidConfigError(f"{field}[{pattern!r}]={number!r} must be an int >= {minimum}")
+    return tuple((str(k), int(v)) for k, v in pairs)
+
+
+def unmatched_patterns(config: "Int8Config", module_paths) -> list[str]:
+    """The skip / override patterns of config that match none of module_paths (tuples of names),
+    nor any of their prefixes: a typo there would otherwise pass unseen."""
+    candidates = {tuple(path[:i]) for path in module_paths for i in range(1, len(path) + 1)}
+    fields = [("skip_modules", p) for p in config.skip_modules] + [
+        (name, pattern) for name in ("capacity_overrides", "threshold_overrides", "in_ndim_overrides")
+        for pattern, _ in getattr(config, name)]
+    return [f"{name}: {pattern!r}" for name, pattern in fields
+            if not any(_compile_pattern(pattern, name)(path) for path in candidates)]
+
+
+def warn_unmatched_patterns(config: "Int8Config", module_paths) -> None:
+    """Log a warning naming each pattern of config that matches no module of the tree."""
+    unmatched = unmatched_patterns(config, module_paths)
+    if unmatched:
+        _logger.warning("Int8Config patterns match no module of the model (a typo?): %s", "; ".join(unmatched))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -197,39 +228,45 @@ class Int8Config:
     quantize_embeddings: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
+        # bool is an int subclass: True would pass as threshold 1.0 or a capacity of 1
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
             raise InvalidConfigError(f"Int8Config.threshold={self.threshold!r} must be a finite number")
         if self.threshold < 0:
             raise InvalidConfigError(f"Int8Config.threshold={self.threshold} must be >= 0")
-        if int(self.outlier_capacity) != self.outlier_capacity or self.outlier_capacity < 0:
+        if not _is_int(self.outlier_capacity) or self.outlier_capacity < 0:
             raise InvalidConfigError(
                 f"Int8Config.outlier_capacity={self.outlier_capacity!r} must be an int >= 0"
             )
-        if self.min_size < 0:
-            raise InvalidConfigError(f"Int8Config.min_size={self.min_size} must be >= 0")
+        if not _is_int(self.min_size) or self.min_size < 0:
+            raise InvalidConfigError(f"Int8Config.min_size={self.min_size!r} must be an int >= 0")
+        if not isinstance(self.quantize_embeddings, bool):
+            raise InvalidConfigError(f"Int8Config.quantize_embeddings={self.quantize_embeddings!r} must be a bool")
         if isinstance(self.skip_modules, str):
             object.__setattr__(self, "skip_modules", (self.skip_modules,))
         object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
         if isinstance(self.kernel_names, str):
             object.__setattr__(self, "kernel_names", (self.kernel_names,))
         object.__setattr__(self, "kernel_names", tuple(self.kernel_names))  # JSON gives lists
+        if not self.kernel_names or not all(isinstance(n, str) and n for n in self.kernel_names):
+            raise InvalidConfigError(
+                f"Int8Config.kernel_names={self.kernel_names!r} must be non-empty parameter names (empty quantizes nothing)")
         for pattern in self.skip_modules:
             _compile_pattern(pattern, "Int8Config.skip_modules")
         object.__setattr__(
             self,
             "capacity_overrides",
-            _as_pairs(self.capacity_overrides, "Int8Config.capacity_overrides"),
+            _as_pairs(self.capacity_overrides, "Int8Config.capacity_overrides", 0),
         )
         object.__setattr__(
-            self, "in_ndim_overrides", _as_pairs(self.in_ndim_overrides, "Int8Config.in_ndim_overrides")
+            self, "in_ndim_overrides", _as_pairs(self.in_ndim_overrides, "Int8Config.in_ndim_overrides", 1)
         )
         items = self.threshold_overrides.items() if isinstance(self.threshold_overrides, Mapping) else self.threshold_overrides
-        thresholds = tuple((str(k), float(v)) for k, v in items)
+        thresholds = tuple((k, v) for k, v in items)
         for pattern, value in thresholds:
             _compile_pattern(pattern, "Int8Config.threshold_overrides")
-            if not math.isfinite(value) or value < 0:
-                raise InvalidConfigError(f"Int8Config.threshold_overrides[{pattern!r}]={value} must be finite and >= 0")
-        object.__setattr__(self, "threshold_overrides", thresholds)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise InvalidConfigError(f"Int8Config.threshold_overrides[{pattern!r}]={value!r} must be a finite number >= 0")
+        object.__setattr__(self, "threshold_overrides", tuple((str(k), float(v)) for k, v in thresholds))
 
     @classmethod
     def from_bitsandbytes(cls, bnb_config, **overrides) -> "Int8Config":
@@ -448,7 +485,15 @@ def quantize_params(params, config: Optional[Int8Config] = None):
     config = config or Int8Config()
     if not isinstance(config, Int8Config):
         raise InvalidConfigError(f"config must be an Int8Config, got {type(config).__name__}")
-    return _map_tree(params, lambda kp, leaf: _quantize_leaf(kp, leaf, config))
+    modules = []
+
+    def quantize(key_path, leaf):
+        modules.append(_path_names(key_path)[:-1])
+        return _quantize_leaf(key_path, leaf, config)
+
+    quantized = _map_tree(params, quantize)
+    warn_unmatched_patterns(config, modules)
+    return quantized
 
 
 def dequantize_params(params, dtype=jnp.float32):

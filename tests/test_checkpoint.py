@@ -26,9 +26,10 @@ import jint8
 from reference import require_module
 from jint8 import checkpoint
 from jint8.checkpoint import metadata as checkpoint_metadata
-from jint8.checkpoint import save as checkpoint_save
+from jint8.checkpoint import atomic as checkpoint_atomic
 from jint8.checkpoint import is_jint8_checkpoint, load_metadata, load_quantized, save_quantized
 from jint8.errors import (
+    CheckpointError,
     CheckpointExistsError,
     CheckpointFormatError,
     CheckpointMismatchError,
@@ -282,7 +283,7 @@ def test_save_raising_mid_way_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     save_quantized(tmp_path / "ckpt", old, quant_config=CONFIG)
     written: list = []
     monkeypatch.setattr(ocp.CompositeCheckpointHandler, "finalize", failing_finalize(written))
-    with pytest.raises(RuntimeError, match="disk unplugged"):
+    with pytest.raises(CheckpointError, match="disk unplugged"):
         save_quantized(tmp_path / "ckpt", new, quant_config=CONFIG, overwrite=True)
     assert written, "the patched step ran before any array was written"
     monkeypatch.undo()
@@ -292,7 +293,7 @@ def test_save_raising_mid_way_keeps_the_previous_checkpoint(tmp_path, monkeypatc
 
 def test_fresh_save_raising_mid_way_leaves_no_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ocp.CompositeCheckpointHandler, "finalize", failing_finalize([]))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(CheckpointError):
         save_quantized(tmp_path / "ckpt", random_params(), quant_config=CONFIG)
     monkeypatch.undo()
     assert not is_jint8_checkpoint(tmp_path / "ckpt")
@@ -325,8 +326,12 @@ def test_killed_save_keeps_the_previous_checkpoint_loadable(tmp_path):
     assert any(".jint8-staging-" in p.name for p in tmp_path.iterdir())  # the killed save's leftovers
     assert is_jint8_checkpoint(tmp_path / "ckpt")
     assert_bit_identical(load_quantized(tmp_path / "ckpt")[0], old)
+    live = tmp_path / f".other.jint8-staging-{checkpoint_atomic._host_tag()}-{os.getpid()}-0000abcd"
+    live.mkdir()  # a save still running (this process) keeps its staging directory
     save_quantized(tmp_path / "ckpt", random_params(1), quant_config=CONFIG, overwrite=True)
     assert_bit_identical(load_quantized(tmp_path / "ckpt")[0], random_params(1))
+    # the next save to the same parent removed the dead writer's staging directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "ckpt"])
 
 
 # ----------------------------------------------------------------------------- overwrite rules
@@ -344,7 +349,7 @@ def test_existing_checkpoint_is_kept_unless_overwrite(tmp_path):
 
 
 def test_overwrite_without_atomic_exchange_falls_back_to_two_renames(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint_save, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(checkpoint_atomic, "_exchange", lambda a, b: False)
     save_quantized(tmp_path / "ckpt", random_params(0), quant_config=CONFIG)
     save_quantized(tmp_path / "ckpt", random_params(1), quant_config=CONFIG, overwrite=True)
     assert_bit_identical(load_quantized(tmp_path / "ckpt")[0], random_params(1))

@@ -117,6 +117,40 @@ def test_quantize_writes_a_loadable_checkpoint(tiny_checkpoint, tmp_path, capsys
     assert any(isinstance(leaf, jint8.Int8Weight) for leaf in leaves)
 
 
+def test_quantized_checkpoint_is_self_contained_and_overwrite_keeps_user_files(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "int8"
+    assert cli.main(["quantize", str(tiny_checkpoint), str(out)]) == 0
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    capsys.readouterr()
+    # generate needs nothing but the quantized checkpoint: its tokenizer came with it
+    assert cli.main(["generate", "--model", str(out), "--prompt", "ca ce", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
+    (out / "notes.md").write_text("mine")
+    assert cli.main(["quantize", str(tiny_checkpoint), str(out), "--overwrite"]) == 0
+    assert (out / "notes.md").read_text() == "mine" and (out / "tokenizer.json").is_file()
+
+
+def test_bad_files_and_options_are_refused_with_the_file_named(tiny_checkpoint, tmp_path, capsys):
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    assert cli.main(["eval-ppl", "--model", str(tiny_checkpoint), "--int8-config", str(binary)]) == 2
+    err = capsys.readouterr().err
+    assert str(binary) in err and "UTF-8" in err
+    config = tmp_path / "int8.json"
+    config.write_text('{"threshold": true}')
+    assert cli.main(["eval-ppl", "--model", str(tiny_checkpoint), "--int8-config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and "threshold" in err
+    assert cli.main(["eval-ppl", "--model", str(tiny_checkpoint), "--text", str(binary)]) == 2
+    err = capsys.readouterr().err
+    assert str(binary) in err and "not UTF-8" in err
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(WORDS * 4))
+    argv = ["eval-ppl", "--model", str(tiny_checkpoint), "--quantize", "none", "--text", str(text), "--max-length", "1000"]
+    assert cli.main(argv) == 2
+    assert "exceeds" in capsys.readouterr().err
+
+
 def test_quantize_with_int8_embeddings(tiny_checkpoint, tmp_path, capsys):
     import jint8
 

@@ -8,7 +8,9 @@ One Orbax composite checkpoint directory holds two items:
   metadata/  a JSON item: format name and version, jint8 version, the Int8Config, the model
              config, the tree's kind (Linen dict, FrozenDict, nnx.State) and one record per leaf
              (path, shape, dtype, nnx Variable type, and an Int8Weight's static in_ndim,
-             threshold and outlier_capacity, which are not arrays and so live here).
+             threshold and outlier_capacity, which are not arrays and so live here, and the
+             CRC-32C of each stored array, compared after every restore unless
+             verify_checksums=False).
 Restore reads each array straight into its target sharding (TensorStore reads only each
 device's shard): no full-precision weight is materialised and nothing is re-quantized.
 
@@ -16,11 +18,14 @@ Saving is atomic at two levels: Orbax writes into a temporary directory and rena
 finalized, and that happens inside a hidden sibling staging directory which is then renamed
 onto the destination (or, with overwrite=True, swapped with the old checkpoint by
 renameat2(RENAME_EXCHANGE)), so a crash at any point leaves the previous checkpoint loadable.
+Staging directories of writers that died are removed by the next save to the same parent.
+Files of a replaced checkpoint that Orbax does not own (tokenizer files) are carried over.
 Single-process saving only (jax.process_count() == 1); restoring works in any process layout.
 
 Modules: metadata (format version, leaf records, the metadata JSON, the Orbax items), tree
-(params tree <-> stored arrays), shardings (restore targets), save (save_quantized,
-quantize_checkpoint, atomic publish), restore (load_quantized, load_metadata).
+(params tree <-> stored arrays), integrity (per-array checksums), atomic (staged publish, stale
+staging cleanup, shared with export_bitsandbytes), shardings (restore targets), save
+(save_quantized, quantize_checkpoint), restore (load_quantized, load_metadata).
 """
 
 from jint8.checkpoint.metadata import FORMAT_NAME, FORMAT_VERSION, CheckpointMetadata, PathLike

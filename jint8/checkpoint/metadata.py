@@ -56,6 +56,9 @@ class _Leaf:
     in_ndim: int = 1
     threshold: float = 0.0
     outlier_capacity: int = 0
+    # ((stored array, CRC-32C of its bytes), ...): ("", crc) for an array, ("qvalue", ..),
+    # ("scale", ..) for an int8 weight; empty for checkpoints written before checksums
+    checksums: tuple = ()
 
     def to_json(self) -> dict:
         record = {"path": list(self.path), "kind": self.kind}
@@ -63,6 +66,8 @@ class _Leaf:
             record.update(shape=list(self.shape), dtype=self.dtype, variable=self.variable)
         if self.kind == "int8_weight":
             record.update(in_ndim=self.in_ndim, threshold=self.threshold, outlier_capacity=self.outlier_capacity)
+        if self.checksums:
+            record["crc32c"] = {part: crc for part, crc in self.checksums}
         return record
 
     @property
@@ -158,8 +163,14 @@ def _parse_leaf(record: Mapping, index: int, directory: str) -> _Leaf:
             raise ValueError(f"kind={kind!r}, path={path!r}")
         if kind == "empty":
             return _Leaf(path, kind)
+        sums = record.get("crc32c", {})
+        if not isinstance(sums, Mapping) or not all(isinstance(v, int) and not isinstance(v, bool) for v in sums.values()):
+            raise ValueError(f"crc32c={sums!r}")
+        parts = ("",) if kind == "array" else ("qvalue", "scale")
+        if sums and sorted(sums) != sorted(parts):
+            raise ValueError(f"crc32c has entries {sorted(sums)}, expected {list(parts)}")
         common = dict(shape=tuple(int(d) for d in record["shape"]), dtype=str(jnp.dtype(record["dtype"])),
-                      variable=record.get("variable"))  # fmt: skip
+                      variable=record.get("variable"), checksums=tuple((p, int(sums[p])) for p in parts if p in sums))  # fmt: skip
         if kind == "array":
             return _Leaf(path, kind, **common)
         return _Leaf(path, kind, in_ndim=int(record["in_ndim"]), threshold=float(record["threshold"]),

@@ -11,6 +11,7 @@ from typing import Optional
 import jax
 import orbax.checkpoint as ocp
 
+from jint8.checkpoint.integrity import verify_checksums
 from jint8.checkpoint.metadata import (
     _ARRAYS_ITEM,
     _METADATA_ITEM,
@@ -58,6 +59,14 @@ def load_metadata(directory: PathLike) -> CheckpointMetadata:
     return _parse_metadata(_read_raw_metadata(path), str(path))[0]
 
 
+def stored_parameter_shapes(directory: PathLike) -> dict[tuple, tuple]:
+    """{leaf path: the float parameter's shape} of every stored leaf, from the metadata alone
+    (an int8 kernel's [*in, *out], an embedding's [V, H])."""
+    path = _check_directory(directory)
+    _, leaves = _parse_metadata(_read_raw_metadata(path), str(path))
+    return {leaf.path: tuple(leaf.kernel_shape) for leaf in leaves if leaf.kind != "empty"}
+
+
 def is_jint8_checkpoint(directory: PathLike) -> bool:
     """True if directory holds a finalized jint8 quantized checkpoint (of any format version)."""
     try:
@@ -68,9 +77,23 @@ def is_jint8_checkpoint(directory: PathLike) -> bool:
     return isinstance(raw, Mapping) and raw.get("format") == FORMAT_NAME
 
 
+def _damaged(path: pathlib.Path, error: Exception) -> CheckpointFormatError:
+    """One error naming the checkpoint instead of TensorStore's multi-page spec dumps."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    # TensorStore messages end with the spec JSON; keep the part that says what failed
+    first = first.split(" [source locations=")[0].split("; spec=")[0][:400]
+    return CheckpointFormatError(
+        f"{path}: the arrays item is damaged or incomplete (a file missing or truncated?): "
+        f"{type(error).__name__}: {first}")
+
+
 def _check_stored_arrays(path: pathlib.Path, checkpointer, leaves: list[_Leaf]) -> None:
     """The arrays item must hold exactly the arrays the metadata records, with their shapes."""
-    tree = checkpointer.metadata(path).item_metadata[_ARRAYS_ITEM]
+    try:
+        tree = checkpointer.metadata(path).item_metadata[_ARRAYS_ITEM]
+    except Exception as e:  # Orbax/TensorStore raise ValueError, FileNotFoundError, KeyError ...
+        raise _damaged(path, e) from None
     tree = getattr(tree, "tree", tree) or {}
     stored: dict = {}
 
@@ -78,8 +101,10 @@ def _check_stored_arrays(path: pathlib.Path, checkpointer, leaves: list[_Leaf]) 
         if isinstance(node, Mapping):
             for key, child in node.items():
                 walk(child, prefix + (str(key),))
-        else:
+        elif hasattr(node, "shape"):
             stored[prefix] = tuple(node.shape)
+        else:  # an empty sub-tree
+            stored[prefix] = None
 
     walk(tree, ())
     expected = {}
@@ -90,15 +115,18 @@ def _check_stored_arrays(path: pathlib.Path, checkpointer, leaves: list[_Leaf]) 
             expected[leaf.storage_path + ("qvalue",)] = leaf.shape
             expected[leaf.storage_path + ("scale",)] = leaf.scale_shape
     missing = sorted("/".join(p) for p in set(expected) - set(stored))
+    unrecorded = sorted("/".join(p) for p in set(stored) - set(expected) if stored[p] is not None)
     wrong = sorted(f"{'/'.join(p)}: {stored[p]} != {s}" for p, s in expected.items() if p in stored and stored[p] != s)
     problems = ([f"{len(missing)} arrays missing {missing[:5]}"] if missing else []) + (
-        [f"{len(wrong)} shapes differ (stored != recorded) {wrong[:5]}"] if wrong else []
+        [f"{len(wrong)} shapes differ (stored != recorded) {wrong[:5]}"] if wrong else []) + (
+        [f"{len(unrecorded)} stored arrays have no leaf record {unrecorded[:5]}"] if unrecorded else []
     )
     if problems:
         raise CheckpointFormatError(f"{path}: arrays item disagrees with the metadata: {'; '.join(problems)}")
 
 
-def load_quantized(directory: PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, shardings: ShardingsArg = None):
+def load_quantized(directory: PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, shardings: ShardingsArg = None,
+                   verify_checksums: bool = True):
     """Restore (params, CheckpointMetadata) written by save_quantized, bit-identical, onto a sharding.
 
     shardings: where each array goes, one of
@@ -112,14 +140,48 @@ def load_quantized(directory: PathLike, *, mesh: Optional[jax.sharding.Mesh] = N
       - a callable (path: tuple, kernel: jax.ShapeDtypeStruct) -> one such entry (for an int8
         leaf, kernel has the float parameter's shape: [*in, *out], or [V, H] for an embedding).
     mesh alone replicates everything on mesh; neither puts everything on jax.devices()[0].
-    Arrays are read straight into their shards: no float weights, no re-quantization.
+    verify_checksums: compare every array with the CRC-32C recorded at save (CheckpointIntegrityError
+      names the arrays that differ); False skips it for trusted storage (it costs one read of the
+      arrays on the host).
+    Arrays are read straight into their shards: no float weights, no re-quantization. A load that
+    races with an overwrite of the same path (which swaps directories) is retried once.
     """
-    path = _check_directory(directory)
+    path = pathlib.Path(directory).absolute()
+    identity = _identity(path)
+    try:
+        return _load(path, mesh, shardings, verify_checksums)
+    except CheckpointError:
+        if identity is None or _identity(path) == identity:
+            raise
+    return _load(path, mesh, shardings, verify_checksums)  # replaced while being read: read the new one
+
+
+def _identity(path: pathlib.Path):
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _load(path: pathlib.Path, mesh, shardings, verify: bool):
+    path = _check_directory(path)
     info, leaves = _parse_metadata(_read_raw_metadata(path), str(path))
     target = _abstract_arrays(leaves, _resolve_shardings(leaves, mesh, shardings, str(path)))
     with _checkpointer() as checkpointer:
         _check_stored_arrays(path, checkpointer, leaves)
-        restored = checkpointer.restore(
-            path, args=ocp.args.Composite(**{_ARRAYS_ITEM: ocp.args.StandardRestore(target)})
-        )[_ARRAYS_ITEM]
+        try:
+            restored = checkpointer.restore(
+                path, args=ocp.args.Composite(**{_ARRAYS_ITEM: ocp.args.StandardRestore(target)})
+            )[_ARRAYS_ITEM]
+        except CheckpointError:
+            raise
+        except Exception as e:  # a missing or truncated array file surfaces as a TensorStore error
+            raise _damaged(path, e) from None
+    if verify:
+        try:
+            verify_checksums(path, leaves, restored)
+        except CheckpointError:
+            jax.tree.map(lambda a: a.delete() if isinstance(a, jax.Array) else None, restored)
+            raise
     return _rebuild(info.tree_kind, leaves, restored), info

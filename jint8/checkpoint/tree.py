@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jint8.checkpoint.integrity import array_checksum
 from jint8.checkpoint.metadata import _Leaf
 from jint8.errors import CheckpointError
 from jint8.quantize import Int8Weight, validate_int8_weight
@@ -79,14 +80,16 @@ def _to_storage(params) -> tuple[str, list[_Leaf], dict]:
             continue
         if isinstance(value, Int8Weight):
             validate_int8_weight(value, name)
-            leaf = _Leaf(path, "int8_weight", tuple(value.qvalue.shape), "int8", variable, int(value.in_ndim),
-                         float(value.threshold), int(value.outlier_capacity))  # fmt: skip
             stored = {"qvalue": value.qvalue, "scale": value.scale}
+            leaf = _Leaf(path, "int8_weight", tuple(value.qvalue.shape), "int8", variable, int(value.in_ndim),
+                         float(value.threshold), int(value.outlier_capacity),
+                         tuple((part, array_checksum(stored[part])) for part in ("qvalue", "scale")))  # fmt: skip
         elif isinstance(value, (jax.Array, np.ndarray, np.generic, int, float, bool)):
             stored = value if isinstance(value, (jax.Array, np.ndarray)) else jnp.asarray(value)
             if jnp.issubdtype(stored.dtype, jax.dtypes.extended):
                 raise CheckpointError(f"{name}: arrays of dtype {stored.dtype} (e.g. PRNG keys) cannot be saved")
-            leaf = _Leaf(path, "array", tuple(stored.shape), str(jnp.dtype(stored.dtype)), variable)
+            leaf = _Leaf(path, "array", tuple(stored.shape), str(jnp.dtype(stored.dtype)), variable,
+                         checksums=(("", array_checksum(stored)),))
         else:
             raise CheckpointError(f"{name}: leaf of type {type(value).__name__} is not an array or Int8Weight")
         leaves.append(leaf)

@@ -7,7 +7,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from jint8.cli.common import DTYPE_CHOICES, Command, CommandError, compute_dtype, load_model
+from jint8.cli.common import (
+    DTYPE_CHOICES,
+    Command,
+    CommandError,
+    check_output_file,
+    compute_dtype,
+    load_model,
+    read_text_file,
+    tokenizer_for,
+)
 
 SKIP_GRANULARITIES = ("layer", "group")  # jint8.sensitivity.SKIP_GRANULARITIES, without importing jax here
 
@@ -53,7 +62,6 @@ def _calibration_options(args: argparse.Namespace) -> dict:
 def _run_calibrate(args: argparse.Namespace) -> int:
     from jint8.assets import smollm2_gguf_path
     from jint8.calibration import calibrate_model, config_to_json, default_calibration_text
-    from jint8.loading import load_tokenizer
 
     if args.text and not Path(args.text).is_file():
         raise CommandError(f"--text {args.text}: no such file")
@@ -61,10 +69,13 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         raise CommandError(f"--skip-budget {args.skip_budget} must be in [0, 1]")
     if args.sensitivity_windows < 1:
         raise CommandError(f"--sensitivity-windows {args.sensitivity_windows} must be >= 1")
+    if args.out:
+        check_output_file(args.out, "--out")
     path = Path(args.model) if args.model else Path(smollm2_gguf_path())
-    text = Path(args.text).read_text(encoding="utf-8") if args.text else default_calibration_text()
+    text = read_text_file(args.text, "--text") if args.text else default_calibration_text()
+    tokenizer = tokenizer_for(path)
     model, params = load_model(path, "none", compute_dtype(args.dtype))
-    ids = load_tokenizer(path)(text, add_special_tokens=False)["input_ids"][: args.max_tokens]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]
     if len(ids) < args.window:
         raise CommandError(f"the calibration text has {len(ids)} tokens, fewer than --window {args.window}")
     result = calibrate_model(model, params, ids, **_calibration_options(args))

@@ -67,7 +67,51 @@ def int8_config_from_args(args: argparse.Namespace):
         raise CommandError(f"--int8-config needs --quantize int8, got --quantize {args.quantize}")
     from jint8.calibration import load_int8_config
 
-    return load_int8_config(args.int8_config)
+    try:
+        return load_int8_config(args.int8_config)
+    except ValueError as e:  # InvalidConfigError, and the config's own field checks
+        message = str(e)
+        raise CommandError(message if args.int8_config in message else f"--int8-config {args.int8_config}: {message}") from None
+
+
+def read_text_file(path, option: str) -> str:
+    """A UTF-8 text file named by a command-line option; CommandError naming it otherwise."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CommandError(f"{option} {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise CommandError(f"{option} {path}: cannot read: {e.strerror or e}") from None
+
+
+def check_output_file(path, option: str) -> None:
+    """Refuse an output file that cannot be written before any slow loading."""
+    import tempfile
+
+    parent = Path(path).absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".jint8-probe-"):
+            pass
+    except OSError as e:
+        raise CommandError(f"{option} {path}: cannot write to {parent}: {e.strerror or e}") from None
+    if Path(path).is_dir():
+        raise CommandError(f"{option} {path}: is a directory")
+
+
+def tokenizer_for(path):
+    """The tokenizer of a model path, loaded before the model so a checkpoint without one is
+    reported at once rather than after the load."""
+    from jint8.loading import load_tokenizer
+
+    if not Path(path).exists():
+        raise CommandError(f"{path}: no such file or directory")
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CommandError(f"{path}: no usable tokenizer ({first}); a checkpoint needs its tokenizer files "
+                           "(`jint8 quantize` copies them from the source)") from None
 
 
 def load_model(path, quantize: str, dtype, threshold: float = 6.0, outlier_capacity: int = 64, int8_config=None,
@@ -99,11 +143,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model_and_tokenizer(args: argparse.Namespace):
     """The model, params, tokenizer and path named by add_model_arguments' options."""
     from jint8.assets import smollm2_gguf_path
-    from jint8.loading import load_tokenizer
 
     path = Path(args.model) if args.model else Path(smollm2_gguf_path())
     threshold = 0.0 if args.quantize == "int8-no-outliers" else args.threshold
     quantize = "none" if args.quantize == "none" else "int8"
+    int8_config = int8_config_from_args(args)
+    tokenizer = tokenizer_for(path)
     model, params = load_model(path, quantize, compute_dtype(args.dtype), threshold, args.outlier_capacity,
-                               int8_config=int8_config_from_args(args))
-    return model, params, load_tokenizer(path), path
+                               int8_config=int8_config)
+    return model, params, tokenizer, path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jint8.cli.common import Command, CommandError, add_model_arguments, load_model_and_tokenizer
+from jint8.cli.common import Command, CommandError, add_model_arguments, load_model_and_tokenizer, read_text_file
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +22,13 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.text and not Path(args.text).is_file():
         raise CommandError(f"--text {args.text}: no such file")
-    text = Path(args.text).read_text(encoding="utf-8") if args.text else default_eval_text()
+    text = read_text_file(args.text, "--text") if args.text else default_eval_text()
+    if args.max_length < 2:
+        raise CommandError(f"--max-length {args.max_length} must be >= 2")
     model, params, tokenizer, path = load_model_and_tokenizer(args)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and args.max_length > context:
+        raise CommandError(f"--max-length {args.max_length} exceeds {path.name}'s context of {context} positions")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]
     result = perplexity(model, params, ids, max_length=args.max_length, stride=args.stride)
     setting = f"{args.quantize} from {Path(args.int8_config).name}" if args.int8_config else args.quantize

@@ -15,6 +15,7 @@ from jint8.cli.common import (
     eos_ids,
     int8_config_from_args,
     load_model,
+    tokenizer_for,
 )
 
 
@@ -53,20 +54,20 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_generate(args: argparse.Namespace) -> int:
     import jint8
-    from jint8.loading import load_tokenizer
 
     config = jint8.GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, prompt_lookup_num_tokens=args.prompt_lookup,
         num_assistant_tokens=args.assistant_tokens)  # validates before the slow load
+    int8_config = int8_config_from_args(args)
+    tokenizer = tokenizer_for(args.model)
     model, params = load_model(args.model, args.quantize, compute_dtype(args.dtype), args.threshold,
-                               int8_config=int8_config_from_args(args), fuse=True)
+                               int8_config=int8_config, fuse=True)
     assistant = {}
     if args.assistant:
         assistant_model, assistant_params = load_model(args.assistant, args.quantize, compute_dtype(args.dtype),
                                                        args.threshold, fuse=True)
         assistant = dict(assistant_model=assistant_model, assistant_params=assistant_params)
-    tokenizer = load_tokenizer(args.model)
     config = dataclasses.replace(config, eos_token_id=eos_ids(tokenizer))
     ids, mask = chat_inputs(tokenizer, args.prompt, args.chat)
 

@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jint8.cli.common import DEMO_PROMPTS, Command, CommandError, add_model_arguments, load_model_and_tokenizer
+from jint8.cli.common import (
+    DEMO_PROMPTS,
+    Command,
+    CommandError,
+    add_model_arguments,
+    check_output_file,
+    load_model_and_tokenizer,
+    read_text_file,
+)
 
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +28,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
     if args.prompts and not Path(args.prompts).is_file():
         raise CommandError(f"--prompts {args.prompts}: no such file")
-    prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()] if args.prompts else list(DEMO_PROMPTS)
+    check_output_file(args.png, "--png")
+    prompts = ([line for line in read_text_file(args.prompts, "--prompts").splitlines() if line.strip()]
+               if args.prompts else list(DEMO_PROMPTS))
     threshold = args.threshold if args.threshold > 0 else 6.0
     model, params, tokenizer, path = load_model_and_tokenizer(args)
     ids = [tokenizer(p)["input_ids"] for p in prompts]

@@ -48,10 +48,12 @@ def _prepare_prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
             f"prompt rows {right_padded.tolist()} are right-padded; generate needs left padding "
             "(tokenizer.padding_side = 'left')"
         )
-    return ids.astype(np.int32), mask
+    return ids, mask
 
 
-def _check_model_limits(model, ids, mask, config: GenerationConfig, assistant_model) -> None:
+def _check_model_limits(model, ids, mask, config: GenerationConfig, assistant_model) -> np.ndarray:
+    """Check the prompt against the model; returns the ids as int32 (cast only once they are
+    known to lie in the vocabulary, so 2**32 + 5 cannot wrap to token 5)."""
     vocab = model.config.vocab_size
     context = getattr(model.config, "max_position_embeddings", None)
     longest = int(mask.sum(axis=1).max())
@@ -71,6 +73,7 @@ def _check_model_limits(model, ids, mask, config: GenerationConfig, assistant_mo
             f"assistant vocab_size={assistant_model.config.vocab_size} != model vocab_size={vocab}; "
             "speculative decoding needs the same tokenizer"
         )
+    return ids.astype(np.int32)
 
 
 def _plan_for(config: GenerationConfig, assistant_model, streaming: bool) -> _Plan:
@@ -122,7 +125,7 @@ def generate(
     if (assistant_model is None) != (assistant_params is None):
         raise InvalidConfigError("assistant_model and assistant_params must be given together")
     ids, mask = _prepare_prompt(input_ids, attention_mask)
-    _check_model_limits(model, ids, mask, config, assistant_model)
+    ids = _check_model_limits(model, ids, mask, config, assistant_model)
     plan = _plan_for(config, assistant_model, stream is not None)
     pad_id = config.resolved_pad_token_id
 

@@ -33,8 +33,8 @@ class Conversion:
     quantization: the int8 settings of a quantized leaf (None: a float leaf).
     out_dtype: a float leaf's dtype (int8 when quantized).
     source: where the stored array is placed; outputs: the final sharding of each output array:
-      the array of a float leaf; qvalue, scale and a scalar flag, true where the source holds a
-      NaN or Inf (quantize_params' check, read once after the load), of a quantized one.
+      the array of a float leaf, or qvalue and scale of a quantized one, then a scalar flag,
+      true where the source holds a NaN or Inf (read once after the load).
     """
 
     shape: tuple[int, ...]
@@ -71,7 +71,7 @@ def plan_conversion(shape, dtype, *, transpose: bool, quantization: Optional[Lea
         out_specs = int8_weight_specs(PartitionSpec(*spec), ndim, quantization.in_ndim,
                                       embedding=quantization.embedding) + (PartitionSpec(),)
     else:
-        out_specs = (PartitionSpec(*spec),)
+        out_specs = (PartitionSpec(*spec), PartitionSpec())
     if mesh is None:
         device = SingleDeviceSharding(_default_device())
         source, outputs = device, (device,) * len(out_specs)
@@ -84,19 +84,20 @@ def plan_conversion(shape, dtype, *, transpose: bool, quantization: Optional[Lea
 
 def _convert(conversion: Conversion, stored: jax.Array) -> tuple[jax.Array, ...]:
     w = stored.T if conversion.transpose else stored  # Flax layout, the source dtype
+    # quantize_params' NaN/Inf check, for float leaves too (a NaN norm weight or embedding row
+    # would load silently), as one flag: w * 0 is 0, or NaN where w is NaN or +-Inf, and a sum
+    # propagates NaN (a max need not: XLA:CPU's vectorised max drops it). Fused with the absmax
+    # pass or the cast; the exact count is taken on the host if the flag is ever set. Taken of the
+    # stored array: the same values, and no transposed copy for the reduction to read.
+    nonfinite = jnp.isnan(jnp.sum(stored.astype(jnp.float32) * 0.0))
     if conversion.quantization is not None:
         # for a PyTorch [out, in] weight the two transposes (to Flax, then to the K-major
         # storage) cancel in XLA: the quantization reads the stored array as it is
         weight = quantize_leaf(w, conversion.quantization)
-        # quantize_params' NaN/Inf check as one flag: w * 0 is 0, or NaN where w is NaN or +-Inf,
-        # and a sum propagates NaN (a max need not: XLA:CPU's vectorised max drops it). Fused
-        # with the absmax pass; the exact count is taken on the host if the flag is ever set. Taken
-        # of the stored array: the same values, and no transposed copy for the reduction to read.
-        nonfinite = jnp.isnan(jnp.sum(stored.astype(jnp.float32) * 0.0))
         return weight.qvalue, weight.scale, nonfinite
     if w.dtype == conversion.out_dtype and not conversion.transpose:
-        return (jnp.copy(w),)  # a new buffer: the source may be a view of the memory-mapped file
-    return (w.astype(conversion.out_dtype),)
+        return jnp.copy(w), nonfinite  # a new buffer: the source may be a view of the memory-mapped file
+    return w.astype(conversion.out_dtype), nonfinite
 
 
 @functools.lru_cache(maxsize=256)

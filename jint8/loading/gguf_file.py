@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from jint8.errors import CheckpointFileError, UnsupportedArchitectureError, UnsupportedQuantTypeError
-from jint8.loading.records import TensorRecord
+from jint8.loading.records import TensorRecord, check_readable
 
 
 def _supported_types():
@@ -27,12 +27,24 @@ def _supported_types():
 
 def open_gguf(file: Path):
     """A gguf.GGUFReader, with parse failures of a truncated or corrupt file as CheckpointFileError."""
+    import struct
+
     from gguf import GGUFReader
 
+    check_readable(file)
     try:
         return GGUFReader(file)
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad bytes
-        raise CheckpointFileError(f"{file}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+    except (struct.error, IndexError, ValueError) as e:
+        message = str(e)
+        # reads past the end of the mapped file: a header cut short (struct / index errors) or
+        # tensor data shorter than the header declares (the reader's reshape of a short slice)
+        if isinstance(e, (struct.error, IndexError)) or "reshape" in message or "buffer" in message:
+            raise CheckpointFileError(
+                f"{file}: GGUF file is truncated ({file.stat().st_size} bytes end before the header or "
+                f"tensor data it declares): {type(e).__name__}: {message}") from None
+        raise CheckpointFileError(f"{file}: not a readable GGUF file (corrupt?): {type(e).__name__}: {message}") from None
+    except Exception as e:  # the reader raises other types on garbage bytes (bad enum values, UTF-8)
+        raise CheckpointFileError(f"{file}: not a readable GGUF file (corrupt?): {type(e).__name__}: {e}") from None
 
 
 def gguf_architecture(reader) -> str:
@@ -116,6 +128,7 @@ def gguf_hf_config(file: Path):
     from transformers import AutoConfig
 
     _require_torch_for_gguf(file)
+    open_gguf(file)  # jint8's own error for a truncated or corrupt file, before transformers' reader
     try:
         return AutoConfig.from_pretrained(os.fspath(file.parent), gguf_file=file.name)
     except (ValueError, KeyError, OSError) as e:
@@ -140,6 +153,7 @@ def load_tokenizer(path):
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         _require_torch_for_gguf(path)
+        open_gguf(path)
         return AutoTokenizer.from_pretrained(os.fspath(path.parent), gguf_file=path.name)
     ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
     if ggufs and not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from jint8.errors import CheckpointFileError
-from jint8.loading.records import TensorRecord, read_weight_map
+from jint8.loading.records import TensorRecord, check_readable, read_weight_map
 
 SINGLE_FILE = "flax_model.msgpack"
 INDEX_FILE = "flax_model.msgpack.index.json"
@@ -31,6 +31,7 @@ def _read_shard(file: Path) -> dict[str, np.ndarray]:
     from flax.serialization import msgpack_restore
     from flax.traverse_util import flatten_dict
 
+    check_readable(file)
     try:
         tree = msgpack_restore(file.read_bytes())
         return {k: np.asarray(v) for k, v in flatten_dict(tree, sep="/").items()}

@@ -32,6 +32,7 @@ from jint8.errors import (
 )
 from jint8.loading import gguf_file, msgpack_file, safetensors_file
 from jint8.loading.bnb_int8 import bnb_int8_settings, read_int8_kernel, split_bnb_records
+from jint8.loading.config_check import check_config_against_arrays
 from jint8.loading.device_convert import plan_conversion, stage
 from jint8.loading.names import (
     NameRules,
@@ -41,7 +42,7 @@ from jint8.loading.names import (
     needs_transpose,
     stored_shape,
 )
-from jint8.loading.records import TensorRecord
+from jint8.loading.records import TensorRecord, check_readable
 from jint8.loading.sharding import bytes_per_device, check_max_memory, kernel_spec
 from jint8.loading.streaming import TensorJob, delete_arrays, run_jobs
 from jint8.models import registered_specs, spec_for
@@ -55,6 +56,7 @@ from jint8.quantize import (
     int8_weight_specs,
     leaf_quantization,
     storage_permutation,
+    warn_unmatched_patterns,
 )
 
 _logger = logging.getLogger("jint8")
@@ -101,6 +103,7 @@ def _hf_config(kind: str, location: Path):
 
     if not (location / "config.json").exists():
         raise CheckpointFileError(f"{location}: no config.json")
+    check_readable(location / "config.json")
     try:
         return AutoConfig.from_pretrained(os.fspath(location))
     except (ValueError, KeyError, OSError) as e:
@@ -151,6 +154,7 @@ def _planned_leaves(shapes: dict, quantization: Optional[Int8Config]) -> tuple[d
     planned, decisions = dict(shapes), {}
     if quantization is None:
         return planned, decisions
+    warn_unmatched_patterns(quantization, [path[:-1] for path in shapes])
     for path, leaf in shapes.items():
         decision = leaf_quantization(path, leaf.shape, quantization)
         if decision is None or not decision.quantized:
@@ -289,7 +293,8 @@ def _raise_on_nonfinite(flags, records: Mapping[tuple, TensorRecord]) -> None:
             shape = conversion.shape[::-1] if conversion.transpose else conversion.shape
             record = records[path]
             bad = int(np.sum(~np.isfinite(record.read())))
-            raise QuantizationError(f"{'/'.join(path)}: kernel of shape {tuple(shape)} holds {bad} NaN/Inf values "
+            what = "kernel" if conversion.quantization is not None else "tensor"
+            raise QuantizationError(f"{'/'.join(path)}: {what} of shape {tuple(shape)} holds {bad} NaN/Inf values "
                                     f"({record.stored_name!r} in {record.file})")
 
 
@@ -301,6 +306,7 @@ def from_pretrained(
     mesh: Optional[jax.sharding.Mesh] = None,
     max_memory: Optional[Mapping] = None,
     progress: Optional[bool] = None,
+    verify_checksums: bool = True,
 ):
     """Load a transformers checkpoint directory (safetensors, v4 Flax msgpack) or GGUF file.
 
@@ -313,13 +319,16 @@ def from_pretrained(
     max_memory: {device id: bytes or "20GiB"}, checked before anything is read.
     progress: a tqdm bar over the bytes read (with MB/s); default: shown when stderr is a
       terminal; False silences it.
+    verify_checksums: for jint8 checkpoints, compare each array with its CRC-32C recorded at save
+      (load_quantized's argument); False skips it for trusted storage.
     """
     if quantization is not None and not isinstance(quantization, Int8Config):
         raise InvalidConfigError(f"quantization must be an Int8Config or None, got {type(quantization).__name__}")
     from jint8 import checkpoint
 
-    if Path(path).is_dir() and checkpoint.is_jint8_checkpoint(path):
-        return _from_jint8_checkpoint(Path(path), quantization, mesh)
+    if Path(path).is_dir() and (checkpoint.is_jint8_checkpoint(path) or _looks_like_jint8_checkpoint(Path(path))):
+        # a damaged jint8 checkpoint gets load_quantized's error, not "no model.safetensors"
+        return _from_jint8_checkpoint(Path(path), quantization, mesh, verify_checksums)
     kind, location = _find_format(Path(path))
     hf_config = _hf_config(kind, location)
     spec = spec_for(getattr(hf_config, "model_type", None))
@@ -386,7 +395,13 @@ def _model_config_from_dict(class_path: str, fields: dict, location: Path):
     return config_class(**values)
 
 
-def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], mesh):
+def _looks_like_jint8_checkpoint(path: Path) -> bool:
+    from jint8.checkpoint.metadata import _ARRAYS_ITEM, _METADATA_ITEM
+
+    return (path / _METADATA_ITEM).is_dir() and (path / _ARRAYS_ITEM).is_dir()
+
+
+def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], mesh, verify_checksums: bool = True):
     """A directory written by save_quantized: restore as saved (no re-quantization) onto mesh."""
     from jint8 import checkpoint
 
@@ -399,9 +414,11 @@ def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], m
     config = _model_config_from_dict(info.model_config_class, info.model_config or {}, location)
     spec = spec_for(config.model_type)
     model = spec.model_class(config)
+    check_config_against_arrays(location, model, checkpoint.restore.stored_parameter_shapes(location))
 
     def place(path, kernel):
         return kernel_spec(tuple(str(p) for p in path), tuple(kernel.shape), mesh, spec.sharding)
 
-    params, _ = checkpoint.load_quantized(location, mesh=mesh, shardings=place if mesh is not None else None)
+    params, _ = checkpoint.load_quantized(location, mesh=mesh, shardings=place if mesh is not None else None,
+                                          verify_checksums=verify_checksums)
     return model, params

@@ -58,6 +58,24 @@ def on_host():
     return jax.default_device(device) if device is not None else contextlib.nullcontext()
 
 
+def check_readable(file) -> None:
+    """CheckpointFileError naming file if it is missing or this user may not read it (libraries
+    report the latter as "No such file or directory" or as corruption)."""
+    import os
+
+    try:
+        with open(file, "rb"):
+            pass
+    except PermissionError:
+        raise CheckpointFileError(f"{file}: permission denied (the current user cannot read this file)") from None
+    except FileNotFoundError:
+        raise CheckpointFileError(f"{file}: no such file") from None
+    except IsADirectoryError:
+        raise CheckpointFileError(f"{file}: is a directory, expected a file") from None
+    if not os.access(file, os.R_OK):
+        raise CheckpointFileError(f"{file}: permission denied (the current user cannot read this file)")
+
+
 def read_weight_map(index: Path, kind: str) -> dict[str, str]:
     """{tensor name: shard file} of a sharded checkpoint's index JSON (safetensors or msgpack)."""
     try:

@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from jint8.errors import CheckpointFileError
-from jint8.loading.records import TensorRecord, on_host, read_weight_map
+from jint8.loading.records import TensorRecord, check_readable, on_host, read_weight_map
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -105,6 +105,7 @@ def safetensors_records(directory: Path) -> list[TensorRecord]:
     headers are parsed (and validated) here, data later."""
     records = []
     for file in safetensors_files(directory):
+        check_readable(file)
         try:
             with safe_open(file, framework="np") as handle:
                 names = set(handle.keys())

@@ -62,7 +62,7 @@ def _finish(outputs, release) -> None:
 
 def run_jobs(jobs: Sequence[TensorJob], *, on_bytes: Callable[[int], None], prefetch: int = 2,
              in_flight: int = 4) -> tuple[dict, list[tuple[tuple[str, ...], Conversion, jax.Array]]]:
-    """({path: placed leaf}, [(path, conversion, its NaN/Inf flag on the device)] of the quantized leaves)."""
+    """({path: placed leaf}, [(path, conversion, its NaN/Inf flag on the device)] of every converted leaf)."""
     placed: dict = {}
     flags: list[tuple[tuple[str, ...], Conversion, jax.Array]] = []
     staged: collections.deque[Future] = collections.deque()
@@ -88,8 +88,7 @@ def run_jobs(jobs: Sequence[TensorJob], *, on_bytes: Callable[[int], None], pref
                     outputs = converter(value)
                     del value  # freed once the conversion has read it
                     placed[job.path] = job.leaf(outputs)
-                    if conversion.quantization is not None:
-                        flags.append((job.path, conversion, outputs[-1]))
+                    flags.append((job.path, conversion, outputs[-1]))
                     running.append((outputs, job.release))
                     if len(running) > in_flight:
                         _finish(*running.popleft())

@@ -115,7 +115,8 @@ def test_device_cast_and_transpose_equal_the_host_cast(dtype, out_dtype, transpo
     w = rng.standard_normal((24, 40)).astype(np.float32)
     w[0, :6] = [1e-30, -3e-39, 65504.0, 1.00390625, 1.0 + 2**-9, 1e-6]  # tiny, subnormal, ties
     stored = w.astype(DTYPES[dtype])
-    conversion, (placed,) = _convert(stored, transpose, None, out_dtype)
+    conversion, (placed, nonfinite) = _convert(stored, transpose, None, out_dtype)
+    assert not bool(nonfinite)  # float leaves carry the NaN/Inf flag too
     with np.errstate(over="ignore"):  # bfloat16 65504 rounds to 65536: inf in float16, on both paths
         host = np.asarray(stored.T if transpose else stored).astype(jnp.dtype(out_dtype))  # the old host path
     assert placed.dtype == out_dtype and placed.shape == host.shape
