@@ -185,6 +185,7 @@ class Int4Weight:
         nested_code scaled by nested_absmax float32 [ceil(blocks / 256)], plus offset float32 [].
       nested_absmax, nested_code (float32 [256]), offset: None without double quantization.
     dtype: the source dtype, dequantize's default output (bitsandbytes' quant_state.dtype).
+    compute_dtype: the matmul dtype the layers use (bnb_4bit_compute_dtype); None: the input's.
     """
 
     packed: jax.Array
@@ -196,6 +197,7 @@ class Int4Weight:
     quant_type: str = struct.field(pytree_node=False, default="nf4")
     blocksize: int = struct.field(pytree_node=False, default=64)
     dtype: Any = struct.field(pytree_node=False, default=jnp.dtype(jnp.float32))
+    compute_dtype: Any = struct.field(pytree_node=False, default=None)
 
     @property
     def double_quant(self) -> bool:
