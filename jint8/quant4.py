@@ -354,6 +354,8 @@ class Int4Config:
         from jint8.quantize import _compile_pattern  # quantize.py imports this module
 
         skip = (self.skip_modules,) if isinstance(self.skip_modules, str) else tuple(self.skip_modules)
+        if not all(isinstance(pattern, str) for pattern in skip):
+            raise InvalidConfigError(f"Int4Config.skip_modules={self.skip_modules!r} must be strings")
         for pattern in skip:
             _compile_pattern(pattern, "Int4Config.skip_modules")
         object.__setattr__(self, "skip_modules", skip)

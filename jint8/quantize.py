@@ -247,7 +247,7 @@ class Int8Config:
             raise InvalidConfigError(f"quantization_config.quant_method={method!r} is not 'bitsandbytes'")
         if options.get("load_in_4bit"):
             raise InvalidConfigError(
-                "BitsAndBytesConfig(load_in_4bit=True): 4-bit (NF4/FP4) is not supported by jint8 yet; use load_in_8bit=True"
+                "BitsAndBytesConfig(load_in_4bit=True) is 4-bit (NF4/FP4): use jint8.Int4Config.from_bitsandbytes"
             )
         if not options.get("load_in_8bit"):
             raise InvalidConfigError("BitsAndBytesConfig.load_in_8bit must be True for an Int8Config")

@@ -66,6 +66,8 @@ def test_int4_config_from_bitsandbytes_follows_transformers():
             config.min_size) == ("nf4", 64, True, jnp.bfloat16, ("mlp",), 0)
     defaults = Int4Config.from_bitsandbytes(transformers.BitsAndBytesConfig(load_in_4bit=True))
     assert (defaults.quant_type, defaults.double_quant, defaults.skip_modules) == ("fp4", False, ("lm_head",))
+    with pytest.raises(InvalidConfigError, match="use jint8.Int4Config.from_bitsandbytes"):
+        Int8Config.from_bitsandbytes(bnb)
     with pytest.raises(InvalidConfigError, match="load_in_4bit must be True"):
         Int4Config.from_bitsandbytes(transformers.BitsAndBytesConfig(load_in_8bit=True))
     with pytest.raises(InvalidConfigError, match="bnb_4bit_quant_storage='bfloat16'"):
