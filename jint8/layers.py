@@ -370,10 +370,10 @@ def _int8_interceptor(next_fun, args, kwargs, context):
         if isinstance(module, nn.DenseGeneral) and (module.batch_dims or tuple(a % x.ndim for a in axes) != (x.ndim - 1,)):
             raise ShapeError(f"{module.name}: a 4-bit DenseGeneral must contract the last input axis only, "
                              f"got axis={module.axis}, batch_dims={module.batch_dims}")
-        n = weight.shape[0]
-        y = int4_weight_apply(x, weight, bias, dtype=module.dtype or jnp.result_type(x))
         features = module.features if isinstance(module.features, tuple) else (module.features,)
-        return y.reshape(*y.shape[:-1], *features) if math.prod(features) == n else y
+        _check_int4_kernel(module.name, weight, x.shape[-1], math.prod(features))
+        y = int4_weight_apply(x, weight, bias, dtype=module.dtype or jnp.result_type(x))
+        return y.reshape(*y.shape[:-1], *features)
     if isinstance(module, nn.DenseGeneral):
         _dense_general_in_ndim(module, x, weight)
     y, stats = int8_weight_apply(x, weight, bias, dtype=module.dtype or jnp.result_type(x))
