@@ -75,6 +75,21 @@ def test_int4_matmul_matches_bitsandbytes_linear4bit(rng, dtype_name, quant_type
         int4_matmul(x_jax.astype(jnp.bfloat16), w).astype(jnp.float32)))
 
 
+def test_functional_matmul_4bit_equals_bitsandbytes_matmul_4bit(rng):
+    from jint8 import functional as F
+
+    weight = torch.from_numpy(rng.standard_normal((40, 128)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((6, 128)).astype(np.float32))
+    packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    with torch.no_grad():
+        theirs = bnb.matmul_4bit(x, packed.t(), state).numpy()  # Linear4bit passes the weight transposed
+    w = _stored(_linear4bit(weight, None, "nf4", True, torch.float32))
+    ours = np.asarray(F.matmul_4bit(jnp.asarray(x.numpy()), jnp.asarray(packed.numpy()), w))
+    # float32 dots of the same dequantized weight (bit-identical): summation order only
+    magnitude = np.abs(x.numpy()) @ np.abs(np.asarray(w.dequantize())).T
+    assert np.all(np.abs(ours - theirs) <= 2 * 128 * 2.0**-24 * magnitude)
+
+
 def test_int4_matmul_refuses_bad_input(monkeypatch):
     w = quant4.quantize_4bit(jnp.ones((8, 64), jnp.float32))
     with pytest.raises(ShapeError, match=r"x.shape=\(2, 32\) does not contract with the weight \[N, K\] = \(8, 64\)"):
