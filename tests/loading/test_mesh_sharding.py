@@ -54,7 +54,6 @@ def test_fused_projections_are_column_parallel_on_8_cpu_devices():
     _run_on_8_cpu_devices(FUSED_SCRIPT)
 
 
-@pytest.mark.heavy  # ~1 min on 2 cores; test_max_memory_counts_4bit_bytes places a 4-bit load on a 1-device mesh
 def test_4bit_load_is_replicated_on_8_cpu_devices(tmp_path):
     require_module("torch")
     save_checkpoint("llama", tmp_path)
