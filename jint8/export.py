@@ -5,6 +5,10 @@ The files are what transformers' save_pretrained writes for a `load_in_8bit` mod
 Linear `<module>.weight` int8 [out, in] (Int8Weight.qvalue as it is; bitsandbytes' CB),
 `<module>.SCB` float32 [out] (the scale) and `<module>.weight_format` (uint8 0, row-major);
 every other tensor in the model's float dtype; config.json with a `quantization_config` block.
+A 4-bit tree (Int4Weight kernels) becomes a `load_in_4bit` checkpoint: per Linear the packed
+codes `<module>.weight` uint8 [(out * in + 1) // 2, 1] and their quant state (`.absmax`,
+`.quant_map`, `.nested_absmax`, `.nested_quant_map`, `.quant_state.bitsandbytes__<nf4|fp4>`
+JSON), as bitsandbytes' QuantState.as_dict(packed=True) writes them (jint8/loading/bnb_int4.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from jint8.errors import InvalidConfigError
 from jint8.loading.names import NameRules, expected_tensors, flax_path_to_hf
 from jint8.loading.pretrained import name_rules_for
 from jint8.models import llama, registered_fusions
+from jint8.loading.bnb_int4 import QUANT_STATE
+from jint8.quant4 import NESTED_BLOCKSIZE, Int4Weight, code_book
 from jint8.quantize import Int8Weight
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -58,19 +64,22 @@ def hf_config_of(config):
 
 def _tensors(params, rules: NameRules, float_dtype) -> dict[str, np.ndarray]:
     """{transformers name: numpy array} in PyTorch layout."""
-    flat = flatten_dict(jax.device_get(params), is_leaf=lambda _, x: isinstance(x, Int8Weight))
+    flat = flatten_dict(jax.device_get(params), is_leaf=lambda _, x: isinstance(x, (Int8Weight, Int4Weight)))
     fused_names = {fusion.fused for fusion in registered_fusions()}
     fused = sorted({"/".join(p[:-1]) for p in flat if fused_names.intersection(p)})
     if fused:
         raise InvalidConfigError(
             f"export_bitsandbytes: {fused[0]} (and {len(fused) - 1} more) were fused by fuse_projections; "
             "transformers has no such modules: export the params as loaded, before fusing")
-    table = expected_tensors({p: tuple(x.shape) if isinstance(x, Int8Weight) else np.shape(x) for p, x in flat.items()}, rules)
+    table = expected_tensors({p: tuple(x.shape[::-1]) if isinstance(x, Int4Weight) else tuple(x.shape)
+                              if isinstance(x, Int8Weight) else np.shape(x) for p, x in flat.items()}, rules)
     transpose = {target.path: target.transpose for target in table.values()}
     out = {}
     for path, leaf in flat.items():
         name = flax_path_to_hf(path, rules)
-        if isinstance(leaf, Int8Weight):
+        if isinstance(leaf, Int4Weight):
+            out.update(_int4_tensors(name, leaf))
+        elif isinstance(leaf, Int8Weight):
             if path[-1] == "embedding":
                 raise InvalidConfigError(
                     f"export_bitsandbytes: {'/'.join(path)} is an int8 embedding; bitsandbytes keeps embeddings "
@@ -85,6 +94,48 @@ def _tensors(params, rules: NameRules, float_dtype) -> dict[str, np.ndarray]:
             array = np.asarray(leaf).astype(float_dtype)
             out[name] = np.ascontiguousarray(array.T) if transpose[path] else array
     return out
+
+
+def _int4_tensors(name: str, w: Int4Weight) -> dict[str, np.ndarray]:
+    """The tensors transformers' save_pretrained writes for one bitsandbytes 4-bit Linear."""
+    state = {"quant_type": w.quant_type, "blocksize": int(w.blocksize), "dtype": jax.numpy.dtype(w.dtype).name,
+             "shape": [int(d) for d in w.shape]}
+    out = {name: np.ascontiguousarray(np.asarray(w.packed, np.uint8)), name + ".absmax": np.asarray(w.absmax),
+           name + ".quant_map": code_book(w.quant_type).copy()}
+    if w.double_quant:
+        state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=float(w.offset))
+        out[name + ".nested_absmax"] = np.asarray(w.nested_absmax, np.float32)
+        out[name + ".nested_quant_map"] = np.asarray(w.nested_code, np.float32)
+    out[name + QUANT_STATE + w.quant_type] = np.frombuffer(json.dumps(state).encode(), np.uint8).copy()
+    return out
+
+
+def _quantization_config(params, float_dtype) -> dict:
+    """config.json's quantization_config for the tree's int8 or 4-bit kernels (one setting each)."""
+    is_quantized = lambda x: isinstance(x, (Int8Weight, Int4Weight))  # noqa: E731
+    weights = [w for w in jax.tree.leaves(params, is_leaf=is_quantized) if is_quantized(w)]
+    if not weights:
+        raise InvalidConfigError("export_bitsandbytes: params hold no Int8Weight or Int4Weight; quantize them first")
+    kinds = {type(w) for w in weights}
+    if len(kinds) > 1:
+        raise InvalidConfigError("export_bitsandbytes: params mix int8 and 4-bit kernels; a bitsandbytes "
+                                 "checkpoint is one or the other")
+    common = {"quant_method": "bitsandbytes", "llm_int8_enable_fp32_cpu_offload": False,
+              "llm_int8_has_fp16_weight": False}
+    if Int8Weight in kinds:
+        thresholds = {w.threshold for w in weights}
+        if len(thresholds) > 1:
+            raise InvalidConfigError(f"export_bitsandbytes: int8 kernels use several thresholds {sorted(thresholds)}; bitsandbytes has one")
+        return {**common, "load_in_8bit": True, "load_in_4bit": False, "llm_int8_threshold": float(thresholds.pop())}
+    settings = {(w.quant_type, w.double_quant, w.compute_dtype) for w in weights}
+    if len(settings) > 1:
+        raise InvalidConfigError(f"export_bitsandbytes: 4-bit kernels differ in (quant_type, double_quant, "
+                                 f"compute_dtype) {sorted(settings, key=str)}; bitsandbytes has one setting per model")
+    quant_type, double_quant, compute_dtype = settings.pop()
+    compute = jax.numpy.dtype(compute_dtype).name if compute_dtype is not None else float_dtype.name
+    return {**common, "load_in_8bit": False, "load_in_4bit": True, "bnb_4bit_quant_type": quant_type,
+            "bnb_4bit_use_double_quant": bool(double_quant), "bnb_4bit_compute_dtype": compute,
+            "bnb_4bit_quant_storage": "uint8"}
 
 
 def _save(tensors: dict[str, np.ndarray], path: Path) -> None:
@@ -115,10 +166,12 @@ def export_bitsandbytes(
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
 ) -> Path:
-    """Write params as a transformers+bitsandbytes 8-bit checkpoint directory; returns it.
+    """Write params as a transformers+bitsandbytes 8-bit (Int8Weight kernels) or 4-bit
+    (Int4Weight kernels) checkpoint directory; returns it.
 
     Every int8 kernel must carry the same threshold (bitsandbytes has one llm_int8_threshold per
-    model); float kernels are listed in llm_int8_skip_modules. Shards above max_shard_bytes go
+    model), every 4-bit kernel the same quant_type, double quantization and compute dtype; float
+    kernels are listed in llm_int8_skip_modules. Shards above max_shard_bytes go
     to model-0000i-of-0000n.safetensors with model.safetensors.index.json.
     """
     out = Path(out_dir).absolute()
@@ -127,16 +180,12 @@ def export_bitsandbytes(
     config = model.config
     hf_config = hf_config or hf_config_of(config)
     rules = name_rules_for(config.model_type)
-    weights = [w for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight)) if isinstance(w, Int8Weight)]
-    if not weights:
-        raise InvalidConfigError("export_bitsandbytes: params hold no Int8Weight; quantize them first")
-    thresholds = {w.threshold for w in weights}
-    if len(thresholds) > 1:
-        raise InvalidConfigError(f"export_bitsandbytes: int8 kernels use several thresholds {sorted(thresholds)}; bitsandbytes has one")
     float_dtype = np.dtype(jax.numpy.dtype(config.dtype))
+    quantization_config = _quantization_config(params, float_dtype)
     tensors = _tensors(params, rules, float_dtype)
     skipped = sorted({name.rsplit(".", 2)[-2] for name in tensors if name.endswith(".weight")
-                      and tensors[name].ndim == 2 and tensors[name].dtype != np.int8 and "embed" not in name})
+                      and tensors[name].ndim == 2
+                      and tensors[name].dtype not in (np.int8, np.uint8) and "embed" not in name})
 
     # written into a staging sibling and renamed onto out: a crash leaves the previous export,
     # and shards or an index of an earlier export never survive beside the new files
@@ -161,15 +210,7 @@ def _write_export(out: Path, tensors, max_shard_bytes: int, hf_config, float_dty
 
     config_dict = hf_config.to_dict()
     config_dict["torch_dtype"] = config_dict["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[float_dtype.name]
-    config_dict["quantization_config"] = {
-        "quant_method": "bitsandbytes",
-        "load_in_8bit": True,
-        "load_in_4bit": False,
-        "llm_int8_threshold": float(thresholds.pop()),
-        "llm_int8_skip_modules": skipped or None,
-        "llm_int8_enable_fp32_cpu_offload": False,
-        "llm_int8_has_fp16_weight": False,
-    }
+    config_dict["quantization_config"] = {**quantization_config, "llm_int8_skip_modules": skipped or None}
     (out / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
 
 

@@ -182,6 +182,16 @@ def dequantize_4bit(
     return quant4.dequantize_4bit(quant_state)
 
 
+def matmul_4bit(A: jax.Array, B: jax.Array, quant_state: quant4.Int4Weight, bias: Optional[jax.Array] = None):
+    """A [..., K] @ dequantize(B, quant_state).T + bias -> [..., N] in A.dtype (bitsandbytes.matmul_4bit
+    for inference): quant_state.shape is the weight's [N, K], B its packed codes."""
+    from jint8.ops.int4_matmul import int4_matmul
+
+    state = quant_state.replace(packed=B)
+    quant4.validate_int4_weight(state, "matmul_4bit")
+    return int4_matmul(A, state, bias, dtype=A.dtype)
+
+
 __all__ = [
     "dequantize_4bit",
     "int8_linear_matmul",
@@ -190,5 +200,6 @@ __all__ = [
     "int8_scaled_mm",
     "int8_vectorwise_dequant",
     "int8_vectorwise_quant",
+    "matmul_4bit",
     "quantize_4bit",
 ]

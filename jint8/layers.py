@@ -1,7 +1,8 @@
 """Int8Dense (Linen), Int8Linear (NNX) and intercept() for unmodified Linen models.
 
 The layers are thin shells: a float kernel behaves exactly like nn.Dense / nnx.Linear; an
-Int8Weight kernel (from quantize_params) runs jint8.ops.int8_matmul.
+Int8Weight kernel (from quantize_params) runs jint8.ops.int8_matmul, an Int4Weight kernel (NF4 /
+FP4, Int4Config) jint8.ops.int4_matmul.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jint8.errors import ShapeError
+from jint8.ops.int4_matmul import int4_matmul
 from jint8.ops.int8_matmul import Int8MatmulStats, int8_matmul
 from jint8.ops.int8_matmul.configs import FUSED_GATE_MAX_M, FUSED_NORM_MAX_M
 from jint8.ops.int8_matmul.reference import INV_127, InputGate, InputNorm, OutputGate
+from jint8.quant4 import Int4Weight
 from jint8.quantize import Int8Weight
 
 STATS_COLLECTION = "int8_stats"
@@ -135,6 +138,26 @@ def int8_weight_apply(
     return y.reshape(*y.shape[:y.ndim - len(batch_shape) - 1], *batch_shape, *out_shape), stats
 
 
+def int4_weight_apply(x: jax.Array, weight: Int4Weight, bias: Optional[jax.Array] = None, *, dtype=None,
+                      backend: Optional[str] = None) -> jax.Array:
+    """x [..., K] times an Int4Weight of a kernel [K, N] (stored as [N, K]) -> [..., N] in dtype
+    (default x's): bitsandbytes' Linear4bit, computed in weight.compute_dtype if set, else dtype."""
+    n, k = weight.shape
+    if x.shape[-1:] != (k,):
+        raise ShapeError(f"input shape {x.shape} does not end with the kernel's input size {k} "
+                         f"(Int4Weight of [out, in] = {weight.shape})")
+    dtype = dtype or x.dtype
+    flat_bias = None if bias is None else jnp.reshape(bias, (-1,))
+    return int4_matmul(x.astype(dtype), weight, flat_bias, dtype=weight.compute_dtype or dtype, out_dtype=dtype,
+                       backend=backend)
+
+
+def _check_int4_kernel(name: str, kernel: Int4Weight, in_features: int, features: int) -> None:
+    if kernel.shape != (features, in_features):
+        raise ShapeError(f"{name}: Int4Weight stands for a kernel of shape {kernel.shape[::-1]} ([in, out]; "
+                         f"stored [out, in] = {kernel.shape}), this layer needs {(in_features, features)}")
+
+
 def _folded_prologue(inputs, kernel: Int8Weight, dtype) -> dict:
     """int8_matmul's norm= or gate= for a deferred input Int8Dense folds into the op, else {}:
     same dtype in and out of the norm or gate, a 1-D input feature axis, and at most
@@ -196,7 +219,10 @@ class Int8Dense(nn.Module):
         over S in float32, cast to dtype, is the result (int8_matmul(split_partials=True): the
         int8 decode kernel's split-K partials where its plan leaves them to the consumer, else
         the result as S = 1)."""
-        if self.has_variable("params", "kernel") and isinstance(self.get_variable("params", "kernel"), Int8Weight):
+        if self.has_variable("params", "kernel") and isinstance(self.get_variable("params", "kernel"), Int4Weight):
+            kernel = self.get_variable("params", "kernel")  # stored [out, in]: Flax's param() would refuse it
+            _check_int4_kernel(self.name, kernel, jnp.shape(inputs)[-1], self.features)
+        elif self.has_variable("params", "kernel") and isinstance(self.get_variable("params", "kernel"), Int8Weight):
             # Flax's param() would compare the init shape [K, N] with qvalue's K-major [N, K].
             kernel = self.get_variable("params", "kernel")
             if kernel.shape != (jnp.shape(inputs)[-1], self.features):
@@ -219,6 +245,11 @@ class Int8Dense(nn.Module):
                                          **prologue)
             _sow_stats(self, stats)
             return y
+        if isinstance(kernel, Int4Weight):
+            # the 4-bit op has no folded norm, gate or split-K partials: apply them around it
+            y = int4_weight_apply(as_array(inputs), kernel, bias, dtype=self.dtype, backend=self.backend)
+            y = y if self.output_gate is None else OutputGate(self.output_gate)(y)
+            return y[None] if split_partials else y
         inputs = as_array(inputs)
         inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
@@ -255,6 +286,9 @@ class Int8Linear(nnx.Module):
         if isinstance(kernel, Int8Weight):
             y, _ = int8_weight_apply(inputs, kernel, bias, dtype=self.dtype, backend=self.backend)
             return y
+        if isinstance(kernel, Int4Weight):
+            _check_int4_kernel(type(self).__name__, kernel, self.in_features, self.out_features)
+            return int4_weight_apply(inputs, kernel, bias, dtype=self.dtype, backend=self.backend)
         inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
         return y if bias is None else y + bias
@@ -300,11 +334,12 @@ class Int8Embed(nn.Module):
 # ----------------------------------------------------------------------------- intercept
 
 
-def _quantized_kernel(module: nn.Module) -> Optional[Int8Weight]:
+def _quantized_kernel(module: nn.Module):
+    """The module's Int8Weight or Int4Weight kernel, else None."""
     if not module.has_variable("params", "kernel"):
         return None
     kernel = module.get_variable("params", "kernel")
-    return kernel if isinstance(kernel, Int8Weight) else None
+    return kernel if isinstance(kernel, (Int8Weight, Int4Weight)) else None
 
 
 def _dense_general_in_ndim(module: nn.DenseGeneral, x: jax.Array, weight: Int8Weight) -> None:
@@ -329,9 +364,18 @@ def _int8_interceptor(next_fun, args, kwargs, context):
     if weight is None:
         return next_fun(*args, **kwargs)
     (x,) = args
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    if isinstance(weight, Int4Weight):
+        axes = module.axis if isinstance(getattr(module, "axis", -1), tuple) else (getattr(module, "axis", -1),)
+        if isinstance(module, nn.DenseGeneral) and (module.batch_dims or tuple(a % x.ndim for a in axes) != (x.ndim - 1,)):
+            raise ShapeError(f"{module.name}: a 4-bit DenseGeneral must contract the last input axis only, "
+                             f"got axis={module.axis}, batch_dims={module.batch_dims}")
+        features = module.features if isinstance(module.features, tuple) else (module.features,)
+        _check_int4_kernel(module.name, weight, x.shape[-1], math.prod(features))
+        y = int4_weight_apply(x, weight, bias, dtype=module.dtype or jnp.result_type(x))
+        return y.reshape(*y.shape[:-1], *features)
     if isinstance(module, nn.DenseGeneral):
         _dense_general_in_ndim(module, x, weight)
-    bias = module.get_variable("params", "bias") if module.use_bias else None
     y, stats = int8_weight_apply(x, weight, bias, dtype=module.dtype or jnp.result_type(x))
     _sow_stats(module, stats)
     return y
@@ -339,7 +383,8 @@ def _int8_interceptor(next_fun, args, kwargs, context):
 
 @contextlib.contextmanager
 def intercept():
-    """Run any Linen model's nn.Dense / nn.DenseGeneral with Int8Weight params through int8_matmul.
+    """Run any Linen model's nn.Dense / nn.DenseGeneral with Int8Weight params through int8_matmul
+    (Int4Weight params through int4_matmul).
 
         with jint8.intercept():
             logits = model.apply({"params": quantize_params(params)}, ids)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +185,7 @@ class Int4Weight:
         nested_code scaled by nested_absmax float32 [ceil(blocks / 256)], plus offset float32 [].
       nested_absmax, nested_code (float32 [256]), offset: None without double quantization.
     dtype: the source dtype, dequantize's default output (bitsandbytes' quant_state.dtype).
+    compute_dtype: the matmul dtype the layers use (bnb_4bit_compute_dtype); None: the input's.
     """
 
     packed: jax.Array
@@ -196,6 +197,7 @@ class Int4Weight:
     quant_type: str = struct.field(pytree_node=False, default="nf4")
     blocksize: int = struct.field(pytree_node=False, default=64)
     dtype: Any = struct.field(pytree_node=False, default=jnp.dtype(jnp.float32))
+    compute_dtype: Any = struct.field(pytree_node=False, default=None)
 
     @property
     def double_quant(self) -> bool:
@@ -314,7 +316,13 @@ class Int4Config:
     blocksize: values sharing one absmax, one of BLOCKSIZES (bitsandbytes' default 64).
     double_quant: quantize the absmax again to 8 bits (bnb_4bit_use_double_quant).
     compute_dtype: the matmul dtype (bnb_4bit_compute_dtype); None keeps the input's.
-    skip_modules: module-path patterns left in floating point.
+    skip_modules: module-path patterns left in floating point (Int8Config's syntax: a plain name
+      matches a path component, "glob:", "re:").
+    min_size: kernels with fewer elements stay in floating point (from_bitsandbytes: 0, as
+      bitsandbytes quantizes every Linear).
+    kernel_names: parameter names treated as Dense-like kernels. Only 2-D kernels are quantized:
+      bitsandbytes' format is a torch Linear's [out, in] weight; 3-D DenseGeneral kernels stay float.
+    Embeddings stay in floating point, as in bitsandbytes.
     """
 
     quant_type: str = "nf4"
@@ -322,6 +330,8 @@ class Int4Config:
     double_quant: bool = True
     compute_dtype: Any = None
     skip_modules: tuple[str, ...] = ("lm_head",)
+    min_size: int = 1024
+    kernel_names: tuple[str, ...] = ("kernel",)
 
     def __post_init__(self):
         try:
@@ -341,7 +351,71 @@ class Int4Config:
                     f"Int4Config.compute_dtype={self.compute_dtype!r} must be None, float32, float16 or bfloat16"
                 )
             object.__setattr__(self, "compute_dtype", dtype)
+        from jint8.quantize import _compile_pattern  # quantize.py imports this module
+
         skip = (self.skip_modules,) if isinstance(self.skip_modules, str) else tuple(self.skip_modules)
         if not all(isinstance(pattern, str) for pattern in skip):
             raise InvalidConfigError(f"Int4Config.skip_modules={self.skip_modules!r} must be strings")
+        for pattern in skip:
+            _compile_pattern(pattern, "Int4Config.skip_modules")
         object.__setattr__(self, "skip_modules", skip)
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, (int, np.integer)) or self.min_size < 0:
+            raise InvalidConfigError(f"Int4Config.min_size={self.min_size!r} must be an int >= 0")
+        names = (self.kernel_names,) if isinstance(self.kernel_names, str) else tuple(self.kernel_names)
+        if not names or not all(isinstance(name, str) and name for name in names):
+            raise InvalidConfigError(f"Int4Config.kernel_names={self.kernel_names!r} must be non-empty strings")
+        object.__setattr__(self, "kernel_names", names)
+
+    def is_skipped(self, path) -> bool:
+        from jint8.quantize import _compile_pattern
+
+        return any(_compile_pattern(p, "skip_modules")(path) for p in self.skip_modules)
+
+    @classmethod
+    def from_bitsandbytes(cls, bnb_config, **overrides) -> "Int4Config":
+        """The Int4Config equivalent to a transformers.BitsAndBytesConfig (or its dict) for 4-bit.
+
+        bnb_4bit_quant_type -> quant_type (transformers' default "fp4"), bnb_4bit_use_double_quant
+        -> double_quant, bnb_4bit_compute_dtype -> compute_dtype, llm_int8_skip_modules ->
+        skip_modules (transformers reads that one for 4-bit too; None means its default, the
+        output head); blocksize 64 (transformers has no option for it); every Linear quantized
+        (min_size=0). Options jint8 cannot honour raise, naming the field.
+        """
+        options = _bnb_options(bnb_config)
+        if not options.get("load_in_4bit"):
+            raise InvalidConfigError("BitsAndBytesConfig.load_in_4bit must be True for an Int4Config")
+        storage = str(options.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")
+        if storage != "uint8":
+            raise InvalidConfigError(
+                f"bnb_4bit_quant_storage={storage!r}: jint8 reads and writes bitsandbytes' uint8 storage only")
+        if options.get("llm_int8_enable_fp32_cpu_offload"):
+            raise InvalidConfigError(
+                "llm_int8_enable_fp32_cpu_offload=True has no jint8 equivalent: place the model on a "
+                "mesh with from_pretrained(mesh=..., max_memory=...) instead")
+        compute = options.get("bnb_4bit_compute_dtype")
+        skip = options.get("llm_int8_skip_modules")
+        fields = dict(
+            quant_type=options.get("bnb_4bit_quant_type") or "fp4",
+            blocksize=64,
+            double_quant=bool(options.get("bnb_4bit_use_double_quant", False)),
+            compute_dtype=None if compute is None else str(compute).removeprefix("torch."),
+            skip_modules=("lm_head",) if skip is None else tuple(skip),
+            min_size=0,
+        )
+        fields.update(overrides)
+        try:
+            return cls(**fields)
+        except InvalidConfigError as e:
+            raise InvalidConfigError(f"BitsAndBytesConfig: {e}") from None
+
+
+def _bnb_options(bnb_config) -> dict:
+    """A BitsAndBytesConfig (or its dict) as a plain dict, its quant_method checked."""
+    options = dict(bnb_config if isinstance(bnb_config, Mapping) else bnb_config.to_dict())
+    method = options.get("quant_method", "bitsandbytes")
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+    if str(method).lower().rsplit(".", 1)[-1] != "bitsandbytes":
+        raise InvalidConfigError(f"quantization_config.quant_method={method!r} is not 'bitsandbytes'")
+    options.setdefault("load_in_8bit", options.get("_load_in_8bit", False))
+    options.setdefault("load_in_4bit", options.get("_load_in_4bit", False))
+    return options

@@ -21,6 +21,7 @@ from flax import struct
 
 from jint8.errors import InvalidConfigError, QuantizationError
 from jint8.numerics import INV_127, quantization_multiplier
+from jint8.quant4 import Int4Config, Int4Weight, quantize_4bit
 
 _logger = logging.getLogger("jint8")
 
@@ -175,22 +176,23 @@ def _as_pairs(value, field: str, minimum: int) -> tuple[tuple[str, int], ...]:
     return tuple((str(k), int(v)) for k, v in pairs)
 
 
-def unmatched_patterns(config: "Int8Config", module_paths) -> list[str]:
+def unmatched_patterns(config, module_paths) -> list[str]:
     """The skip / override patterns of config that match none of module_paths (tuples of names),
     nor any of their prefixes: a typo there would otherwise pass unseen."""
     candidates = {tuple(path[:i]) for path in module_paths for i in range(1, len(path) + 1)}
     fields = [("skip_modules", p) for p in config.skip_modules] + [
         (name, pattern) for name in ("capacity_overrides", "threshold_overrides", "in_ndim_overrides")
-        for pattern, _ in getattr(config, name)]
+        for pattern, _ in getattr(config, name, ())]  # Int4Config has no overrides
     return [f"{name}: {pattern!r}" for name, pattern in fields
             if not any(_compile_pattern(pattern, name)(path) for path in candidates)]
 
 
-def warn_unmatched_patterns(config: "Int8Config", module_paths) -> None:
+def warn_unmatched_patterns(config, module_paths) -> None:
     """Log a warning naming each pattern of config that matches no module of the tree."""
     unmatched = unmatched_patterns(config, module_paths)
     if unmatched:
-        _logger.warning("Int8Config patterns match no module of the model (a typo?): %s", "; ".join(unmatched))
+        _logger.warning("%s patterns match no module of the model (a typo?): %s", type(config).__name__,
+                        "; ".join(unmatched))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -283,7 +285,7 @@ class Int8Config:
             raise InvalidConfigError(f"quantization_config.quant_method={method!r} is not 'bitsandbytes'")
         if options.get("load_in_4bit"):
             raise InvalidConfigError(
-                "BitsAndBytesConfig(load_in_4bit=True): 4-bit (NF4/FP4) is not supported by jint8 yet; use load_in_8bit=True"
+                "BitsAndBytesConfig(load_in_4bit=True) is 4-bit (NF4/FP4): use jint8.Int4Config.from_bitsandbytes"
             )
         if not options.get("load_in_8bit"):
             raise InvalidConfigError("BitsAndBytesConfig.load_in_8bit must be True for an Int8Config")
@@ -393,7 +395,9 @@ class LeafQuantization:
     """What quantize_params does with one leaf, decided from its path and shape alone.
 
     Every such leaf is checked (floating dtype, no NaN/Inf); a quantized one becomes an
-    Int8Weight with these settings. embedding: an [V, H] table, already K-major (no transpose).
+    Int8Weight with these settings, or with int4 set an Int4Weight of the kernel transposed to
+    a torch Linear's [out, in] (bitsandbytes' layout). embedding: an [V, H] table, already
+    K-major (no transpose).
     """
 
     quantized: bool
@@ -401,14 +405,16 @@ class LeafQuantization:
     in_ndim: int = 1
     threshold: float = 6.0
     outlier_capacity: int = 64
+    int4: Optional[Int4Config] = None
 
 
-def leaf_quantization(names: Sequence[str], shape: Sequence[int], config: Int8Config) -> Optional[LeafQuantization]:
-    """How quantize_params treats the leaf at `names` of `shape` (None: left as it is, unchecked)."""
+def leaf_quantization(names: Sequence[str], shape: Sequence[int], config) -> Optional[LeafQuantization]:
+    """How quantize_params treats the leaf at `names` of `shape` (None: left as it is, unchecked);
+    config an Int8Config or Int4Config, whose kernel_names / min_size / skip_modules rules agree."""
     names, shape = tuple(names), tuple(shape)
     if not names:
         return None
-    embedding = names[-1] == EMBEDDING_NAME and config.quantize_embeddings
+    embedding = names[-1] == EMBEDDING_NAME and getattr(config, "quantize_embeddings", False)
     if embedding:
         if len(shape) != 2:
             return None
@@ -417,12 +423,21 @@ def leaf_quantization(names: Sequence[str], shape: Sequence[int], config: Int8Co
     module = names[:-1]
     if math.prod(shape) < config.min_size or config.is_skipped(module):
         return LeafQuantization(quantized=False, embedding=embedding)
+    if isinstance(config, Int4Config):
+        # bitsandbytes' 4-bit format is a torch Linear's [out, in] weight: 3-D kernels stay float
+        return LeafQuantization(quantized=len(shape) == 2, int4=config)
     in_ndim = 1 if embedding else config.in_ndim_for(module, shape)
     return LeafQuantization(True, embedding, in_ndim, config.threshold_for(module), config.capacity_for(module))
 
 
-def quantize_leaf(w: jax.Array, plan: LeafQuantization) -> Int8Weight:
-    """The Int8Weight quantize_params makes of w (a kernel [*in, *out] or an embedding [V, H])."""
+def quantize_leaf(w: jax.Array, plan: LeafQuantization):
+    """The Int8Weight (Int4Weight with plan.int4) quantize_params makes of w (a kernel [*in, *out]
+    or an embedding [V, H])."""
+    if plan.int4 is not None:
+        cfg = plan.int4
+        weight = quantize_4bit(jnp.transpose(w), quant_type=cfg.quant_type, blocksize=cfg.blocksize,
+                               double_quant=cfg.double_quant)
+        return weight.replace(compute_dtype=cfg.compute_dtype)
     if plan.embedding:
         # an embedding table [V, H] is already K-major for its attend() matmul (logits = x @ E.T):
         # qvalue = the int8 table, scale [V] = each row's absmax
@@ -431,8 +446,8 @@ def quantize_leaf(w: jax.Array, plan: LeafQuantization) -> Int8Weight:
                                outlier_capacity=plan.outlier_capacity)
 
 
-def _quantize_leaf(key_path, leaf, config: Int8Config):
-    if isinstance(leaf, Int8Weight):
+def _quantize_leaf(key_path, leaf, config):
+    if isinstance(leaf, (Int8Weight, Int4Weight)):
         return leaf  # idempotent: an already quantized kernel is kept as it is
     names = _path_names(key_path)
     plan = leaf_quantization(names, getattr(leaf, "shape", ()), config)
@@ -441,7 +456,20 @@ def _quantize_leaf(key_path, leaf, config: Int8Config):
     _check_kernel("/".join(names), leaf)
     if not plan.quantized:
         return leaf
+    if plan.int4 is not None:
+        return _replicate_like(leaf, quantize_leaf(leaf, plan))
     return _keep_sharding(leaf, quantize_leaf(leaf, plan), embedding=plan.embedding)
+
+
+def _replicate_like(original, weight: Int4Weight) -> Int4Weight:
+    """An Int4Weight of a kernel with a NamedSharding, replicated over that mesh: its packed codes
+    run in blocks over the flattened [out, in] weight, so an input-feature split would cut blocks
+    (and the double-quantized absmax's 256-block groups); jint8 does not split them."""
+    sharding = getattr(original, "sharding", None)
+    if _is_tracer(original) or not isinstance(sharding, jax.sharding.NamedSharding):
+        return weight
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda a: jax.device_put(a, replicated), weight)
 
 
 def dequantize_embedding(weight: Int8Weight, dtype=jnp.float32) -> jax.Array:
@@ -450,6 +478,8 @@ def dequantize_embedding(weight: Int8Weight, dtype=jnp.float32) -> jax.Array:
 
 
 def _dequantize_leaf(key_path, leaf, dtype):
+    if isinstance(leaf, Int4Weight):
+        return jnp.transpose(leaf.dequantize(dtype))  # stored [out, in]: the kernel is [in, out]
     if not isinstance(leaf, Int8Weight):
         return leaf
     names = _path_names(key_path)
@@ -470,12 +500,14 @@ def _map_tree(params, fn):
         return result
     if isinstance(params, FrozenDict):
         return freeze(_map_tree(unfreeze(params), fn))
-    is_weight = lambda x: isinstance(x, Int8Weight)  # noqa: E731
+    is_weight = lambda x: isinstance(x, (Int8Weight, Int4Weight))  # noqa: E731
     return jax.tree_util.tree_map_with_path(fn, params, is_leaf=is_weight)
 
 
-def quantize_params(params, config: Optional[Int8Config] = None):
-    """Replace every Dense-like kernel in a Linen param dict or nnx.State by an Int8Weight.
+def quantize_params(params, config=None):
+    """Replace every Dense-like kernel in a Linen param dict or nnx.State by an Int8Weight
+    (config an Int8Config, the default) or an Int4Weight (an Int4Config: NF4/FP4 of the kernel
+    as a torch Linear's [out, in] weight, exactly what bitsandbytes' load_in_4bit stores).
 
     Pure: returns a new tree; the input is unchanged. Embeddings, norms, biases, skipped modules
     and kernels smaller than config.min_size stay as they are. Idempotent: Int8Weight leaves of
@@ -483,8 +515,8 @@ def quantize_params(params, config: Optional[Int8Config] = None):
     cannot run) and keeps a NamedSharding of the input kernels.
     """
     config = config or Int8Config()
-    if not isinstance(config, Int8Config):
-        raise InvalidConfigError(f"config must be an Int8Config, got {type(config).__name__}")
+    if not isinstance(config, (Int8Config, Int4Config)):
+        raise InvalidConfigError(f"config must be an Int8Config or Int4Config, got {type(config).__name__}")
     modules = []
 
     def quantize(key_path, leaf):
@@ -497,11 +529,13 @@ def quantize_params(params, config: Optional[Int8Config] = None):
 
 
 def dequantize_params(params, dtype=jnp.float32):
-    """Replace every Int8Weight by the float kernel it stands for (Wq * s_w / 127), in dtype."""
+    """Replace every Int8Weight / Int4Weight by the float kernel it stands for (Wq * s_w / 127, or
+    bitsandbytes' dequantize_4bit transposed back to [in, out]), in dtype."""
     return _map_tree(params, lambda kp, leaf: _dequantize_leaf(kp, leaf, dtype))
 
 
 def param_bytes(params) -> int:
-    """Total bytes of a parameter tree (int8 values + scales for quantized kernels)."""
+    """Total bytes of a parameter tree (int8 values + scales, or 4-bit codes + absmax, for
+    quantized kernels)."""
     leaves = jax.tree.leaves(params)
     return int(sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in leaves))

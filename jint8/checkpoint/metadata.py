@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from jint8._version import __version__
 from jint8.errors import CheckpointFormatError, CheckpointVersionError, InvalidConfigError
+from jint8.quant4 import Int4Config
 from jint8.quantize import EMBEDDING_NAME, Int8Config
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class CheckpointMetadata:
     directory: str
     format_version: int
     jint8_version: str
-    quant_config: Int8Config
+    quant_config: Union[Int8Config, Int4Config]
     model_config: Optional[dict]
     model_config_class: Optional[str]
     tree_kind: str  # "dict" (Linen), "frozen_dict" or "nnx_state"
@@ -59,6 +60,7 @@ class _Leaf:
     # ((stored array, CRC-32C of its bytes), ...): ("", crc) for an array, ("qvalue", ..),
     # ("scale", ..) for an int8 weight; empty for checkpoints written before checksums
     checksums: tuple = ()
+    int4: Optional[dict] = None  # an int4_weight's static fields (jint8.checkpoint.int4)
 
     def to_json(self) -> dict:
         record = {"path": list(self.path), "kind": self.kind}
@@ -68,6 +70,8 @@ class _Leaf:
             record.update(in_ndim=self.in_ndim, threshold=self.threshold, outlier_capacity=self.outlier_capacity)
         if self.checksums:
             record["crc32c"] = {part: crc for part, crc in self.checksums}
+        if self.kind == "int4_weight":
+            record["int4"] = self.int4
         return record
 
     @property
@@ -99,6 +103,10 @@ class _Leaf:
     def nbytes(self) -> int:
         if self.kind == "empty":
             return 0
+        if self.kind == "int4_weight":
+            from jint8.checkpoint.int4 import array_shapes
+
+            return sum(math.prod(s) * jnp.dtype(d).itemsize for s, d in array_shapes(self.int4).values())
         size = math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
         return size + (4 * math.prod(self.scale_shape) if self.kind == "int8_weight" else 0)
 
@@ -144,6 +152,7 @@ def _metadata_json(kind, leaves, quant_config, model_config) -> dict:
         "orbax_version": getattr(ocp, "__version__", "unknown"),
         "tree_kind": kind,
         "quant_config": quant_dict,
+        "quant_config_type": "int4" if isinstance(quant_config, Int4Config) else "int8",
         "model_config": model_dict,
         "model_config_class": model_class,
         "leaves": [leaf.to_json() for leaf in leaves],
@@ -159,7 +168,7 @@ def _parse_leaf(record: Mapping, index: int, directory: str) -> _Leaf:
     try:
         kind = record["kind"]
         path = tuple(record["path"])
-        if kind not in ("array", "int8_weight", "empty") or not all(isinstance(k, (str, int)) for k in path):
+        if kind not in ("array", "int8_weight", "int4_weight", "empty") or not all(isinstance(k, (str, int)) for k in path):
             raise ValueError(f"kind={kind!r}, path={path!r}")
         if kind == "empty":
             return _Leaf(path, kind)
@@ -173,6 +182,12 @@ def _parse_leaf(record: Mapping, index: int, directory: str) -> _Leaf:
                       variable=record.get("variable"), checksums=tuple((p, int(sums[p])) for p in parts if p in sums))  # fmt: skip
         if kind == "array":
             return _Leaf(path, kind, **common)
+        if kind == "int4_weight":
+            from jint8.checkpoint.int4 import array_shapes
+
+            int4 = dict(record["int4"])
+            array_shapes(int4)  # every field it needs is there
+            return _Leaf(path, kind, int4=int4, **common)
         return _Leaf(path, kind, in_ndim=int(record["in_ndim"]), threshold=float(record["threshold"]),
                      outlier_capacity=int(record["outlier_capacity"]), **common)  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
@@ -199,14 +214,15 @@ def _parse_metadata(raw, directory: str) -> tuple[CheckpointMetadata, list[_Leaf
     missing = [k for k in ("tree_kind", "quant_config", "leaves") if k not in raw]
     if missing or raw["tree_kind"] not in ("dict", "frozen_dict", "nnx_state") or not isinstance(raw["leaves"], list):
         raise CheckpointFormatError(f"{directory}: metadata is incomplete (missing {missing}) or of unknown tree_kind")
-    known = {f.name for f in dataclasses.fields(Int8Config)}
+    config_class = Int4Config if raw.get("quant_config_type") == "int4" else Int8Config
+    known = {f.name for f in dataclasses.fields(config_class)}
     quant = raw["quant_config"] or {}
     if not isinstance(quant, Mapping):
         raise CheckpointFormatError(f"{directory}: stored quant_config {quant!r} is not a mapping")
     if unknown := sorted(set(quant) - known):
-        logger.warning("%s: ignoring unknown Int8Config fields %s", directory, unknown)
+        logger.warning("%s: ignoring unknown %s fields %s", directory, config_class.__name__, unknown)
     try:
-        quant_config = Int8Config(**{k: _tuples(v) for k, v in quant.items() if k in known})
+        quant_config = config_class(**{k: _tuples(v) for k, v in quant.items() if k in known})
     except (TypeError, ValueError) as e:
         raise CheckpointFormatError(f"{directory}: stored quant_config is invalid: {e}") from None
     leaves = [_parse_leaf(record, i, directory) for i, record in enumerate(raw["leaves"])]

@@ -111,6 +111,10 @@ def _check_stored_arrays(path: pathlib.Path, checkpointer, leaves: list[_Leaf]) 
     for leaf in leaves:
         if leaf.kind == "array":
             expected[leaf.storage_path] = leaf.shape
+        elif leaf.kind == "int4_weight":
+            from jint8.checkpoint.int4 import array_shapes
+
+            expected.update({leaf.storage_path + (field,): shape for field, (shape, _) in array_shapes(leaf.int4).items()})
         elif leaf.kind == "int8_weight":
             expected[leaf.storage_path + ("qvalue",)] = leaf.shape
             expected[leaf.storage_path + ("scale",)] = leaf.scale_shape

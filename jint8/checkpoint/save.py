@@ -19,7 +19,8 @@ from jint8.checkpoint.metadata import (
     _metadata_json,
 )
 from jint8.checkpoint.tree import _to_storage
-from jint8.errors import CheckpointError, InvalidConfigError
+from jint8.errors import CheckpointError, CheckpointExistsError, InvalidConfigError
+from jint8.quant4 import Int4Config
 from jint8.quantize import Int8Config
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def save_quantized(
     directory: PathLike,
     params,
     *,
-    quant_config: Int8Config,
+    quant_config,
     model_config=None,
     overwrite: bool = False,
     tokenizer=None,
@@ -66,7 +67,8 @@ def save_quantized(
 ) -> pathlib.Path:
     """Write a quantized params tree (Linen dict, FrozenDict or nnx.State) as an Orbax checkpoint.
 
-    quant_config: the Int8Config params were quantized with (stored, returned by load_quantized).
+    quant_config: the Int8Config or Int4Config params were quantized with (stored, returned by
+      load_quantized). Int4Weight leaves are stored as they are and restored replicated.
     model_config: a dataclass (stored as dataclasses.asdict plus its class name), a dict, or None.
     overwrite: replace an existing jint8 checkpoint at directory, atomically; without it an
       existing path raises CheckpointExistsError. Files of the old checkpoint that this save does
@@ -75,8 +77,8 @@ def save_quantized(
       save_pretrained (tokenizer files and chat template, generation_config.json).
     Every array's CRC-32C is recorded in the metadata; load_quantized checks it.
     """
-    if not isinstance(quant_config, Int8Config):
-        raise InvalidConfigError(f"quant_config must be an Int8Config, got {type(quant_config).__name__}")
+    if not isinstance(quant_config, (Int8Config, Int4Config)):
+        raise InvalidConfigError(f"quant_config must be an Int8Config or Int4Config, got {type(quant_config).__name__}")
     if jax.process_count() > 1:
         raise CheckpointError(f"{directory}: save_quantized supports one process, not {jax.process_count()}")
     target = pathlib.Path(directory).absolute()

@@ -92,6 +92,8 @@ def _leaf_shardings(leaf: _Leaf, spec, mesh, default, directory: str) -> dict:
         sharding = _as_sharding(spec, mesh, default, leaf, directory)
         _check_fits(sharding, leaf.shape, leaf.name, directory)
         return {"": sharding}
+    if leaf.kind == "int4_weight":
+        return {"": default}  # replicated, whatever the float kernel's sharding (checkpoint/int4.py)
     if isinstance(spec, Int8Weight):  # explicit shardings for both stored arrays
         qvalue = _as_sharding(spec.qvalue, mesh, default, leaf, directory)
         scale_leaf = dataclasses.replace(leaf, shape=leaf.scale_shape)
@@ -159,6 +161,10 @@ def _abstract_arrays(leaves: list[_Leaf], shardings: list[dict]) -> dict:
             value = {}  # Orbax records empty subtrees and wants them in the target too
         elif leaf.kind == "array":
             value = jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(leaf.dtype), sharding=next(placed)[""])
+        elif leaf.kind == "int4_weight":
+            from jint8.checkpoint.int4 import abstract_arrays
+
+            value = abstract_arrays(leaf.int4, next(placed)[""])
         else:
             sharding = next(placed)
             value = {

@@ -14,6 +14,8 @@ import numpy as np
 from jint8.checkpoint.integrity import array_checksum
 from jint8.checkpoint.metadata import _Leaf
 from jint8.errors import CheckpointError
+from jint8.checkpoint import int4
+from jint8.quant4 import Int4Weight
 from jint8.quantize import Int8Weight, validate_int8_weight
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,10 @@ def _to_storage(params) -> tuple[str, list[_Leaf], dict]:
             leaves.append(_Leaf(path, "empty"))
             _insert(arrays, tuple(map(str, path)), {}, name)
             continue
-        if isinstance(value, Int8Weight):
+        if isinstance(value, Int4Weight):
+            stored = int4.stored_arrays(value, name)
+            leaf = _Leaf(path, int4.KIND, tuple(value.packed.shape), "uint8", variable, int4=int4.static_fields(value))
+        elif isinstance(value, Int8Weight):
             validate_int8_weight(value, name)
             stored = {"qvalue": value.qvalue, "scale": value.scale}
             leaf = _Leaf(path, "int8_weight", tuple(value.qvalue.shape), "int8", variable, int(value.in_ndim),
@@ -127,6 +132,8 @@ def _rebuild(kind: str, leaves: list[_Leaf], arrays: Mapping):
             node[leaf.path[-1]] = {}
             continue
         value = _lookup(arrays, leaf.storage_path)
+        if leaf.kind == int4.KIND:
+            value = int4.rebuild(leaf.int4, value)
         if leaf.kind == "int8_weight":
             value = Int8Weight(value["qvalue"], value["scale"], leaf.in_ndim, leaf.threshold, leaf.outlier_capacity)
         if kind == "nnx_state" and leaf.variable is not None:

@@ -1,4 +1,4 @@
-"""`jint8 quantize SRC OUT`: write an int8 (Orbax) checkpoint."""
+"""`jint8 quantize SRC OUT`: write an int8 or 4-bit (Orbax) checkpoint."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from jint8.cli.common import Command, CommandError, int8_config_from_args
 
 def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="a transformers checkpoint directory or a .gguf file")
-    parser.add_argument("out", help="directory of the int8 checkpoint to write")
+    parser.add_argument("out", help="directory of the quantized checkpoint to write")
+    parser.add_argument("--bits", type=int, choices=(8, 4), default=8,
+                        help="8: LLM.int8() (default); 4: bitsandbytes' NF4/FP4 with double quantization")
+    parser.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit code book (default nf4)")
     parser.add_argument("--threshold", type=float, default=6.0, help="int8 outlier threshold (default 6.0)")
     parser.add_argument("--skip-modules", nargs="*", default=(), metavar="PATTERN",
                         help="module paths kept in floating point (e.g. lm_head)")
@@ -29,6 +32,14 @@ def _run_quantize(args: argparse.Namespace) -> int:
     except ImportError:
         raise CommandError("this build of jint8 cannot write quantized checkpoints yet "
                            "(jint8.checkpoint.quantize_checkpoint is missing)") from None
+    if args.bits == 4:
+        if args.int8_config or args.quantize_embeddings:
+            raise CommandError("--int8-config and --quantize-embeddings are int8 options; not with --bits 4")
+        skip = {"skip_modules": tuple(args.skip_modules)} if args.skip_modules else {}  # default: lm_head
+        config = jint8.Int4Config(quant_type=args.quant_type, **skip)
+        out = quantize_checkpoint(args.src, args.out, quant_config=config, progress=True, overwrite=args.overwrite)
+        print(f"wrote {out}")
+        return 0
     config = int8_config_from_args(args) or jint8.Int8Config(threshold=args.threshold,
                                                              skip_modules=tuple(args.skip_modules))
     if args.quantize_embeddings:
@@ -39,5 +50,6 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 COMMAND = Command(
-    "quantize", "write an int8 checkpoint (Orbax) from a checkpoint or GGUF file", _quantize_arguments,
-    _run_quantize, "Load SRC with LLM.int8() quantization and save the quantized parameters to OUT.")
+    "quantize", "write an int8 or 4-bit checkpoint (Orbax) from a checkpoint or GGUF file", _quantize_arguments,
+    _run_quantize, "Load SRC with LLM.int8() (or --bits 4: NF4/FP4) quantization and save the quantized "
+                   "parameters to OUT.")

@@ -29,7 +29,7 @@ def bnb_int8_settings(hf_config) -> Optional[Int8Config]:
     if method.lower().rsplit(".", 1)[-1] != "bitsandbytes":
         raise CheckpointFileError(
             f"config.json: quantization_config.quant_method={method!r}: jint8 reads float checkpoints and "
-            "bitsandbytes 8-bit ones only"
+            "bitsandbytes 8-bit and 4-bit ones only"
         )
     quant.setdefault("load_in_8bit", quant.get("_load_in_8bit", False))
     quant.setdefault("load_in_4bit", quant.get("_load_in_4bit", False))

@@ -31,7 +31,7 @@ class Conversion:
     shape / dtype: the array sent to the device (as stored, [out, in] for a PyTorch Linear).
     transpose: stored [out, in] -> Flax [in, out] (2-D only).
     quantization: the int8 settings of a quantized leaf (None: a float leaf).
-    out_dtype: a float leaf's dtype (int8 when quantized).
+    out_dtype: a float leaf's dtype (int8 when quantized to int8; a 4-bit leaf is quantized from it).
     source: where the stored array is placed; outputs: the final sharding of each output array:
       the array of a float leaf, or qvalue and scale of a quantized one, then a scalar flag,
       true where the source holds a NaN or Inf (read once after the load).
@@ -67,7 +67,12 @@ def plan_conversion(shape, dtype, *, transpose: bool, quantization: Optional[Lea
     ndim = len(shape)
     spec = tuple(float_spec) + (None,) * (ndim - len(tuple(float_spec)))
     source_spec = spec[::-1] if transpose else spec
-    if quantization is not None:
+    if quantization is not None and quantization.int4 is not None:
+        # every array of an Int4Weight replicated (its blocks run over the flattened weight), and
+        # the source too: the quantization reads the whole weight
+        source_spec = (None,) * ndim
+        out_specs = (PartitionSpec(),) * (5 if quantization.int4.double_quant else 2) + (PartitionSpec(),)
+    elif quantization is not None:
         out_specs = int8_weight_specs(PartitionSpec(*spec), ndim, quantization.in_ndim,
                                       embedding=quantization.embedding) + (PartitionSpec(),)
     else:
@@ -78,7 +83,9 @@ def plan_conversion(shape, dtype, *, transpose: bool, quantization: Optional[Lea
     else:
         source = NamedSharding(mesh, PartitionSpec(*source_spec))
         outputs = tuple(NamedSharding(mesh, s) for s in out_specs)
-    out_dtype = np.dtype(np.int8 if quantization is not None else out_dtype)
+    # a 4-bit kernel is quantized from the weight in out_dtype (transformers casts to torch_dtype
+    # before bitsandbytes quantizes); an int8 one from the stored precision
+    out_dtype = np.dtype(np.int8 if quantization is not None and quantization.int4 is None else out_dtype)
     return Conversion(shape, dtype, bool(transpose), quantization, out_dtype, source, outputs)
 
 
@@ -90,6 +97,9 @@ def _convert(conversion: Conversion, stored: jax.Array) -> tuple[jax.Array, ...]
     # pass or the cast; the exact count is taken on the host if the flag is ever set. Taken of the
     # stored array: the same values, and no transposed copy for the reduction to read.
     nonfinite = jnp.isnan(jnp.sum(stored.astype(jnp.float32) * 0.0))
+    if conversion.quantization is not None and conversion.quantization.int4 is not None:
+        weight = quantize_leaf(w.astype(conversion.out_dtype), conversion.quantization)
+        return (*jax.tree.leaves(weight), nonfinite)
     if conversion.quantization is not None:
         # for a PyTorch [out, in] weight the two transposes (to Flax, then to the K-major
         # storage) cancel in XLA: the quantization reads the stored array as it is

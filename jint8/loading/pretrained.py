@@ -31,6 +31,7 @@ from jint8.errors import (
     WeightsMismatchError,
 )
 from jint8.loading import gguf_file, msgpack_file, safetensors_file
+from jint8.loading.bnb_int4 import QuantStateRecords, bnb_int4_settings, read_int4_kernel, split_bnb4_records
 from jint8.loading.bnb_int8 import bnb_int8_settings, read_int8_kernel, split_bnb_records
 from jint8.loading.config_check import check_config_against_arrays
 from jint8.loading.device_convert import plan_conversion, stage
@@ -48,6 +49,7 @@ from jint8.loading.streaming import TensorJob, delete_arrays, run_jobs
 from jint8.models import registered_specs, spec_for
 from jint8.models.spec import ShardingRules
 from jint8.progress import progress_bar
+from jint8.quant4 import Int4Config, Int4Weight, NESTED_BLOCKSIZE
 from jint8.quantize import (
     EMBEDDING_NAME,
     Int8Config,
@@ -159,6 +161,10 @@ def _planned_leaves(shapes: dict, quantization: Optional[Int8Config]) -> tuple[d
         decision = leaf_quantization(path, leaf.shape, quantization)
         if decision is None or not decision.quantized:
             continue
+        if decision.int4 is not None:
+            planned[path] = _planned_int4(tuple(leaf.shape[::-1]), decision.int4, leaf.dtype)
+            decisions[path] = decision
+            continue
         ndim = len(leaf.shape)
         stored = tuple(leaf.shape) if decision.embedding else tuple(
             leaf.shape[i] for i in storage_permutation(ndim, decision.in_ndim))
@@ -169,9 +175,24 @@ def _planned_leaves(shapes: dict, quantization: Optional[Int8Config]) -> tuple[d
     return planned, decisions
 
 
+def _planned_int4(shape: tuple[int, ...], config: Int4Config, dtype) -> Int4Weight:
+    """The Int4Weight of ShapeDtypeStructs that quantize_4bit makes of a weight [out, in]."""
+    n = shape[0] * shape[1]
+    blocks = -(-n // config.blocksize)
+    sds = jax.ShapeDtypeStruct
+    nested = {}
+    if config.double_quant:
+        nested = dict(nested_absmax=sds((-(-blocks // NESTED_BLOCKSIZE),), jnp.float32),
+                      nested_code=sds((256,), jnp.float32), offset=sds((), jnp.float32))
+    return Int4Weight(sds(((n + 1) // 2, 1), jnp.uint8), sds((blocks,), jnp.uint8 if config.double_quant else jnp.float32),
+                      shape, quant_type=config.quant_type, blocksize=config.blocksize, dtype=jnp.dtype(dtype),
+                      compute_dtype=config.compute_dtype, **nested)
+
+
 def _float_spec(path, leaf, mesh, sharding: Optional[ShardingRules]) -> jax.sharding.PartitionSpec:
-    """The PartitionSpec of the float parameter a planned leaf stands for ([*in, *out] for a kernel)."""
-    if mesh is None:
+    """The PartitionSpec of the float parameter a planned leaf stands for ([*in, *out] for a kernel);
+    replicated for a 4-bit kernel (its blocks run over the flattened weight; jint8 does not split them)."""
+    if mesh is None or isinstance(leaf, Int4Weight):
         return jax.sharding.PartitionSpec()
     if isinstance(leaf, Int8Weight):
         embedding = path[-1] == EMBEDDING_NAME  # the float table [V, H] is stored as it is
@@ -182,6 +203,8 @@ def _float_spec(path, leaf, mesh, sharding: Optional[ShardingRules]) -> jax.shar
 def _leaf_layout(path, leaf, mesh, sharding: Optional[ShardingRules]):
     """[(shape, dtype, spec)] of the arrays one parameter becomes (qvalue + scale for int8)."""
     spec = _float_spec(path, leaf, mesh, sharding)
+    if isinstance(leaf, Int4Weight):  # every array replicated: 4-bit bytes counted on each device
+        return [(a.shape, a.dtype, jax.sharding.PartitionSpec()) for a in jax.tree.leaves(leaf)]
     if isinstance(leaf, Int8Weight):
         embedding = path[-1] == EMBEDDING_NAME
         q_spec, s_spec = int8_weight_specs(spec, leaf.qvalue.ndim, leaf.in_ndim, embedding=embedding)
@@ -197,6 +220,7 @@ class _LoadSettings:
     quantization: Optional[Int8Config]
     mesh: Optional[jax.sharding.Mesh]
     bnb: Optional[Int8Config]  # a bitsandbytes checkpoint's own settings
+    bnb4: Optional[Int4Config] = None  # a bitsandbytes 4-bit checkpoint's own settings
 
 
 def _place(array, mesh, spec):
@@ -215,6 +239,45 @@ def _bnb_weight(record: TensorRecord, scale: TensorRecord, target: TensorTarget,
     config = settings.quantization or settings.bnb
     module_path = target.path[:-1]
     return Int8Weight(qvalue, col_scales, 1, config.threshold_for(module_path), config.capacity_for(module_path))
+
+
+def _bnb4_job(record: TensorRecord, state: QuantStateRecords, target: TensorTarget, settings: _LoadSettings):
+    """A bitsandbytes 4-bit kernel as stored; the compute dtype from `quantization` if given."""
+    compute_dtype = (settings.quantization or settings.bnb4).compute_dtype
+
+    def stage_bnb4():
+        weight = read_int4_kernel(record, state, compute_dtype)
+        if weight.shape != target.shape[::-1]:
+            raise WeightsMismatchError(f"{record.file}: 4-bit weight {record.stored_name!r} is {weight.shape} "
+                                       f"([out, in]), model expects {target.shape[::-1]}")
+        replicated = jax.sharding.PartitionSpec()
+        # copies: the arrays view the memory-mapped file, and a CPU device_put would keep them
+        placed = jax.tree.map(lambda a: _place(np.array(a), settings.mesh, replicated), weight)
+        return placed, sum(int(np.asarray(a).nbytes) for a in jax.tree.leaves(weight)), None
+
+    def release():
+        if record.release is not None:
+            record.release()
+        state.release()
+
+    return TensorJob(target.path, stage_bnb4, None, lambda outputs: outputs, release)
+
+
+def _plan_bnb4_kernels(planned: dict, states: Mapping[str, QuantStateRecords], table) -> None:
+    """Mark the kernels stored as bitsandbytes 4-bit as Int4Weight (array shapes as stored)."""
+    for name, state in states.items():
+        if name not in table:
+            record = state.parts["quant_state"]
+            raise WeightsMismatchError(f"{record.file}: {record.stored_name!r} belongs to no kernel of the model")
+        target = table[name]
+        arrays = {field: jax.ShapeDtypeStruct(state.parts[suffix].shape, state.parts[suffix].dtype or np.float32)
+                  for field, suffix in (("absmax", ".absmax"), ("nested_absmax", ".nested_absmax"),
+                                        ("nested_code", ".nested_quant_map")) if suffix in state.parts}
+        if "nested_absmax" in arrays:
+            arrays["offset"] = jax.ShapeDtypeStruct((), jnp.float32)
+        n = int(np.prod(target.shape))
+        planned[target.path] = Int4Weight(jax.ShapeDtypeStruct(((n + 1) // 2, 1), jnp.uint8), shape=target.shape[::-1],
+                                          **arrays)
 
 
 def _is_float(dtype) -> bool:
@@ -238,8 +301,11 @@ def _read_stored(record: TensorRecord, target: TensorTarget, rules: NameRules) -
 
 
 def _tensor_job(record: TensorRecord, target: TensorTarget, planned, decision: Optional[LeafQuantization],
-                bnb_scale: Optional[TensorRecord], settings: _LoadSettings) -> TensorJob:
+                bnb_scale: Optional[TensorRecord], settings: _LoadSettings,
+                bnb4_state: Optional[QuantStateRecords] = None) -> TensorJob:
     """How one checkpoint tensor is read, moved and converted (nothing is read here)."""
+    if bnb4_state is not None:
+        return _bnb4_job(record, bnb4_state, target, settings)
     if bnb_scale is not None:
         layout = _leaf_layout(target.path, planned, settings.mesh, settings.sharding)
 
@@ -269,6 +335,10 @@ def _tensor_job(record: TensorRecord, target: TensorTarget, planned, decision: O
 
     if decision is None or not decision.quantized:
         return TensorJob(target.path, stage_stored, expected, lambda outputs: outputs[0], record.release)
+    if decision.int4 is not None:  # the outputs are the Int4Weight's arrays, then the NaN/Inf flag
+        structure = jax.tree.structure(planned)
+        return TensorJob(target.path, stage_stored, expected,
+                         lambda outputs: jax.tree.unflatten(structure, outputs[:-1]), record.release)
     return TensorJob(target.path, stage_stored, expected,
                      lambda outputs: planned.replace(qvalue=outputs[0], scale=outputs[1]), record.release)
 
@@ -311,7 +381,12 @@ def from_pretrained(
     """Load a transformers checkpoint directory (safetensors, v4 Flax msgpack) or GGUF file.
 
     bitsandbytes 8-bit checkpoints keep their int8 kernels as they are (threshold from the
-    checkpoint's llm_int8_threshold unless `quantization` is given).
+    checkpoint's llm_int8_threshold unless `quantization` is given); 4-bit ones (NF4/FP4, with or
+    without double quantization) their packed codes and absmax (compute dtype from
+    bnb_4bit_compute_dtype unless an Int4Config is given). quantization=Int4Config(...) of a
+    float checkpoint quantizes each kernel to 4 bits while loading, from the weight cast to
+    `dtype` (as transformers casts to torch_dtype before bitsandbytes quantizes); 4-bit kernels
+    are replicated on a mesh.
 
     Returns (model, params): model a jint8 Flax module (compute dtype `dtype`), params the
     {"params": ...}-less parameter tree, int8 where `quantization` says so, placed on `mesh`
@@ -322,8 +397,9 @@ def from_pretrained(
     verify_checksums: for jint8 checkpoints, compare each array with its CRC-32C recorded at save
       (load_quantized's argument); False skips it for trusted storage.
     """
-    if quantization is not None and not isinstance(quantization, Int8Config):
-        raise InvalidConfigError(f"quantization must be an Int8Config or None, got {type(quantization).__name__}")
+    if quantization is not None and not isinstance(quantization, (Int8Config, Int4Config)):
+        raise InvalidConfigError(
+            f"quantization must be an Int8Config, an Int4Config or None, got {type(quantization).__name__}")
     from jint8 import checkpoint
 
     if Path(path).is_dir() and (checkpoint.is_jint8_checkpoint(path) or _looks_like_jint8_checkpoint(Path(path))):
@@ -339,20 +415,29 @@ def from_pretrained(
     rules = spec.name_rules
     table = expected_tensors({p: tuple(s.shape) for p, s in shapes.items()}, rules)
     records = _records(kind, location, hf_config, table)
-    bnb = bnb_int8_settings(hf_config) if kind == "safetensors" else None
+    bnb4 = bnb_int4_settings(hf_config) if kind == "safetensors" else None
+    bnb = bnb_int8_settings(hf_config) if kind == "safetensors" and bnb4 is None else None
+    _check_bnb_quantization(location, quantization, bnb, bnb4)
     records, bnb_scales = split_bnb_records(records) if bnb is not None else (records, {})
-    plan = _match(records, table, rules, config.tie_word_embeddings)
+    records, bnb4_states = split_bnb4_records(records) if bnb4 is not None else (records, {})
+    if bnb4 is not None and not bnb4_states:
+        raise CheckpointFileError(f"{location / 'config.json'}: quantization_config says bitsandbytes 4-bit "
+                                  "(load_in_4bit), but no tensor has a 4-bit quant state (absmax, quant_state)")
+    # packed 4-bit codes have their own shape; read_int4_kernel checks them against the model
+    plan = _match([dataclasses.replace(r, shape=None) if r.name in bnb4_states else r for r in records],
+                  table, rules, config.tie_word_embeddings)
 
-    planned, decisions = _planned_leaves(shapes, quantization)
+    planned, decisions = _planned_leaves(shapes, quantization if bnb4 is None else None)
     _plan_bnb_kernels(planned, bnb_scales, table)
+    _plan_bnb4_kernels(planned, bnb4_states, table)
     layout = [entry for p, leaf in planned.items() for entry in _leaf_layout(p, leaf, mesh, spec.sharding)]
     needed = bytes_per_device(layout, mesh)
     check_max_memory(max_memory, needed, mesh)
     _logger.info("loading %s (%s): %d tensors, %.3f GiB per device", location, kind, len(plan), needed / 2**30)
 
-    settings = _LoadSettings(rules, spec.sharding, dtype, quantization, mesh, bnb)
+    settings = _LoadSettings(rules, spec.sharding, dtype, quantization, mesh, bnb, bnb4)
     jobs = [_tensor_job(record, target, planned[target.path], decisions.get(target.path),
-                        bnb_scales.get(record.name), settings) for record, target in plan]
+                        bnb_scales.get(record.name), settings, bnb4_states.get(record.name)) for record, target in plan]
     sizes = [record.nbytes for record, _ in plan]
     total = sum(sizes) if all(size is not None for size in sizes) else None
     with progress_bar(total=total, progress=progress, desc=f"loading {Path(path).name}", unit="B",
@@ -367,6 +452,16 @@ def from_pretrained(
     # the parameter tree in the model's order, whatever order the files gave the tensors in
     placed = {path: placed[path] for path in planned if path in placed}
     return model, unflatten_dict(placed)
+
+
+def _check_bnb_quantization(location: Path, quantization, bnb: Optional[Int8Config], bnb4: Optional[Int4Config]):
+    """A bitsandbytes checkpoint keeps its own bit width: its codes are taken as stored."""
+    if bnb4 is not None and isinstance(quantization, Int8Config):
+        raise InvalidConfigError(f"{location} is a bitsandbytes 4-bit checkpoint; quantization=Int8Config cannot "
+                                 "re-quantize it (pass an Int4Config, or none, or quantize a float checkpoint)")
+    if bnb is not None and isinstance(quantization, Int4Config):
+        raise InvalidConfigError(f"{location} is a bitsandbytes 8-bit checkpoint; quantization=Int4Config cannot "
+                                 "re-quantize it (pass an Int8Config, or none, or quantize a float checkpoint)")
 
 
 def _model_config_from_dict(class_path: str, fields: dict, location: Path):

@@ -23,6 +23,7 @@ from typing import Mapping, Optional, Sequence
 import jax.numpy as jnp
 
 from jint8.models.spec import Fusion
+from jint8.quant4 import Int4Weight
 from jint8.quantize import Int8Weight
 
 _logger = logging.getLogger("jint8")
@@ -77,7 +78,11 @@ def _fuse(modules: list, where: str):
     if any(has_bias) and not all(has_bias):
         return None
     kernels = [m["kernel"] for m in modules]
-    if all(isinstance(k, Int8Weight) for k in kernels):
+    if any(isinstance(k, Int4Weight) for k in kernels):
+        kernel = _fuse_int4(kernels, where)
+        if kernel is None:
+            return None
+    elif all(isinstance(k, Int8Weight) for k in kernels):
         first = kernels[0]
         settings = {(k.in_ndim, k.threshold, k.outlier_capacity) for k in kernels}
         if len(settings) != 1 or any(k.qvalue.ndim != 2 for k in kernels):
@@ -95,3 +100,29 @@ def _fuse(modules: list, where: str):
     if all(has_bias):
         fused["bias"] = jnp.concatenate([m["bias"] for m in modules], axis=0)
     return fused
+
+
+def _fuse_int4(kernels: list, where: str):
+    """The Int4Weight of the parts' [out, in] weights stacked along out, or None (logged) when that
+    is not exact: 4-bit blocks run over the flattened weight, so each part must hold whole blocks.
+    Doubly quantized parts each have their own offset and 256-block groups: the fused weight
+    keeps their float32 block absmax instead (the values dequantize uses; 4 bytes a block)."""
+    if not all(isinstance(k, Int4Weight) for k in kernels):
+        _logger.warning("fuse_projections: %s kept separate (4-bit and other kernels mixed)", where)
+        return None
+    first = kernels[0]
+    settings = {(k.shape[1], k.quant_type, k.blocksize, k.dtype, k.compute_dtype) for k in kernels}
+    if len(settings) != 1:
+        _logger.warning("fuse_projections: %s kept separate (4-bit settings differ: %s)", where, settings)
+        return None
+    if any(k.numel % k.blocksize for k in kernels):
+        _logger.warning("fuse_projections: %s kept separate: a part's %s weight is not a whole number of "
+                        "%d-value 4-bit blocks, so concatenating would move block boundaries",
+                        where, [k.shape for k in kernels], first.blocksize)
+        return None
+    nested = any(k.double_quant for k in kernels)
+    absmax = [k.block_absmax() if nested else k.absmax for k in kernels]
+    return Int4Weight(packed=jnp.concatenate([k.packed for k in kernels], axis=0),
+                      absmax=jnp.concatenate(absmax, axis=0),
+                      shape=(sum(k.shape[0] for k in kernels), first.shape[1]), quant_type=first.quant_type,
+                      blocksize=first.blocksize, dtype=first.dtype, compute_dtype=first.compute_dtype)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 from reference import require_module
@@ -51,6 +52,27 @@ def test_load_places_every_tensor_with_its_final_sharding_on_4_and_8_cpu_devices
 
 def test_fused_projections_are_column_parallel_on_8_cpu_devices():
     _run_on_8_cpu_devices(FUSED_SCRIPT)
+
+
+def test_4bit_load_is_replicated_on_8_cpu_devices(tmp_path):
+    require_module("torch")
+    save_checkpoint("llama", tmp_path)
+    _run_on_8_cpu_devices(Path(__file__).with_name("int4_mesh_script.py"), str(tmp_path))
+
+
+def test_max_memory_counts_4bit_bytes(tmp_path):
+    require_module("torch")
+    save_checkpoint("llama", tmp_path)
+    _, params = jint8.from_pretrained(tmp_path, quantization=jint8.Int4Config(min_size=0), progress=False)
+    needed = jint8.param_bytes(params)  # bf16 float leaves + every Int4Weight array
+    with pytest.raises(jint8.errors.InsufficientMemoryError, match=rf"\({needed} bytes\)"):
+        jint8.from_pretrained(tmp_path, quantization=jint8.Int4Config(min_size=0), max_memory={0: needed - 1},
+                              progress=False)
+    _, placed = jint8.from_pretrained(tmp_path, quantization=jint8.Int4Config(min_size=0), max_memory={0: needed},
+                                      mesh=jint8.make_mesh(model=1), progress=False)
+    q = placed["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert all(tuple(a.sharding.spec) == () for a in jax.tree.leaves(q))  # 4-bit arrays replicated on a mesh
+    np.testing.assert_array_equal(np.asarray(q.packed), np.asarray(params["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].packed))
 
 
 class _FakeMesh:

@@ -1,0 +1,33 @@
+"""The model families run 4-bit (NF4) trees end to end: forward, fuse_projections, generate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import require_module
+from tiny_checkpoints import random_ids, save_checkpoint
+
+import jint8
+from jint8 import Int4Config, Int4Weight, dequantize_params, quantize_params
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2", "opt"])
+def test_model_families_run_4bit_trees(tmp_path, family):
+    require_module("torch")
+    save_checkpoint(family, tmp_path)
+    model, params = jint8.from_pretrained(tmp_path, dtype=jnp.float32, progress=False)
+    q = quantize_params(params, Int4Config(min_size=0))
+    assert any(isinstance(leaf, Int4Weight) for leaf in jax.tree.leaves(q, is_leaf=lambda x: isinstance(x, Int4Weight)))
+    ids = jnp.asarray(random_ids(2, 7))
+    logits = np.asarray(model.apply({"params": q}, ids)[0])
+    back = dequantize_params(q)
+    # the 4-bit tree computes what the float model does with bitsandbytes' dequantized weights
+    # (float32 both ways; only the dot's summation order differs)
+    np.testing.assert_allclose(logits, np.asarray(model.apply({"params": back}, ids)[0]), rtol=1e-5, atol=1e-5)
+    if family == "llama":
+        config = jint8.GenerationConfig(max_new_tokens=4)
+        fused = jint8.fuse_projections(q)
+        assert isinstance(fused["model"]["layers_0"]["self_attn"]["qkv_proj"]["kernel"], Int4Weight)
+        out = np.asarray(jint8.generate(model, fused, np.asarray(ids), config=config).sequences)
+        assert out.shape == (2, 7 + 4)
+        np.testing.assert_array_equal(out[:, 7], np.argmax(logits[:, -1], axis=-1))  # greedy's first token
