@@ -191,11 +191,12 @@ def export_bitsandbytes(
     # and shards or an index of an earlier export never survive beside the new files
     with staged_directory(out, "export_bitsandbytes", _owned_by_export) as staged:
         staged.mkdir()
-        _write_export(staged, tensors, max_shard_bytes, hf_config, float_dtype, thresholds, skipped)
+        _write_export(staged, tensors, max_shard_bytes, hf_config, float_dtype, quantization_config, skipped)
     return out
 
 
-def _write_export(out: Path, tensors, max_shard_bytes: int, hf_config, float_dtype, thresholds, skipped) -> None:
+def _write_export(out: Path, tensors, max_shard_bytes: int, hf_config, float_dtype, quantization_config,
+                  skipped) -> None:
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         _save(shards[0], out / "model.safetensors")
