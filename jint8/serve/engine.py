@@ -155,6 +155,10 @@ class Engine:
     def compile_count(self) -> int:
         return len(self.compiled_shapes)
 
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
     def start(self) -> "Engine":
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="jint8-engine", daemon=True)
