@@ -205,9 +205,10 @@ class Engine:
         self._wake.set()
         return sequence.id
 
-    def cancel(self, request_id: int) -> None:
-        """End a request at the next step ("abort"): its slot and blocks are freed. Unknown ids are ignored."""
-        self._inbox.put(request_id)
+    def cancel(self, request_id: int, reason: str = "abort") -> None:
+        """End a request at the next step: its slot and blocks are freed and its sink gets ([], reason)
+        ("stop" when the caller found a stop string). Unknown or finished ids are ignored."""
+        self._inbox.put((request_id, reason))
         self._wake.set()
 
     def generate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions = SamplingOptions(),
@@ -282,8 +283,8 @@ class Engine:
             if isinstance(item, _Sequence):
                 self._by_id[item.id] = item
                 self._waiting.append(item)
-            elif item in self._by_id:
-                self._finish(self._by_id[item], "abort")
+            elif item[0] in self._by_id:
+                self._finish(self._by_id[item[0]], item[1])
 
     def _iteration(self) -> None:
         self._admit()

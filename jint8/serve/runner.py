@@ -48,11 +48,12 @@ class ServerThread:
         self._server = uvicorn.Server(_config(app, host, port, graceful_timeout))
         self._server.install_signal_handlers = lambda: None  # signals belong to the main thread
         self._thread: Optional[threading.Thread] = None
+        self._url = ""
 
     @property
     def url(self) -> str:
-        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
-        return f"http://{host}:{port}"
+        """http://host:port, the port the server bound (known once started)."""
+        return self._url
 
     def start(self, timeout: float = 60.0) -> "ServerThread":
         self._thread = threading.Thread(target=self._server.run, name="jint8-http", daemon=True)
@@ -62,6 +63,8 @@ class ServerThread:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the jint8 server did not start")
             time.sleep(0.01)
+        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+        self._url = f"http://{host}:{port}"
         return self
 
     def stop(self, timeout: float = 30.0) -> None:

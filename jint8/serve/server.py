@@ -61,7 +61,7 @@ class _Generation:
             piece = self.text.add(tokens)
             if self.text.stopped:
                 self.finish_reason = "stop"
-                self._engine.cancel(self.id)
+                self._engine.cancel(self.id, "stop")
             elif reason == "abort":
                 raise _Aborted("the request was cancelled by the server (shutting down)")
             elif reason is not None:
