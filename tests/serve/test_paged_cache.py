@@ -10,9 +10,14 @@ from hypothesis import strategies as st
 
 from jint8.errors import InvalidConfigError
 from jint8.models.common import attention_mask, dot_product_attention
-from jint8.ops.attention import paged_attention, paged_write
+from jint8.ops.attention import paged_attention as _paged_attention
+from jint8.ops.attention import paged_write as _paged_write
 from jint8.ops.attention.paged import SCRATCH_BLOCK
 from jint8.serve.paged_cache import BlockAllocator
+
+# jitted: one compilation each instead of one per eager op
+paged_attention = jax.jit(_paged_attention, static_argnames=("layer", "scale", "sliding_window"))
+paged_write = jax.jit(_paged_write, static_argnames=("layer",))
 
 # one event: (join, tokens reserved) | (grow, which, tokens) | (finish, which)
 _EVENTS = st.lists(st.one_of(
@@ -89,3 +94,6 @@ def test_paged_attention_over_scattered_blocks_equals_dense_attention(rng, windo
     expected = dot_product_attention(q, keys, values, mask, scale=0.3)
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(k_pool[0, SCRATCH_BLOCK]).max()) == 99.0
+    # a padding query (position -1) gives zeros, whatever the blocks hold
+    padding_out = paged_attention(q[:, :1], k_pool, v_pool, blocks, padded, layer=0, scale=0.3)
+    assert not np.any(np.asarray(padding_out))

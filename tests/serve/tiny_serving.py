@@ -29,5 +29,7 @@ def tiny_model(vocab_size: int, dtype=jnp.float32, seed: int = 0):
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=16, max_position_embeddings=CONTEXT, dtype=dtype)
     model = LlamaForCausalLM(config)
-    params = model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
-    return model, jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
+    # one compiled init rather than a compilation per eager op
+    init = jax.jit(lambda key: jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x,
+                                            model.init(key, jnp.zeros((1, 4), jnp.int32))["params"]))
+    return model, init(jax.random.key(seed))

@@ -8,8 +8,9 @@ fixed-shape scatter (no data-dependent shapes under jit).
 
 Queries q [B, T, N, H] carry their positions [B, T] (-1: padding); query (b, t) sees the
 sequence's positions s <= positions[b, t] (and s > positions[b, t] - window with a sliding
-window). Logits and softmax in float32, probabilities cast to the value dtype for the second
-product, as decode_attention_reference does, so a paged decode kernel can be held to this.
+window); a padding query's output is zero. Logits and softmax in float32, probabilities cast to
+the value dtype for the second product, as decode_attention_reference does, so a paged decode
+kernel can be held to this.
 """
 
 from __future__ import annotations
@@ -65,4 +66,8 @@ def paged_attention_reference(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array
     logits = jnp.where(visible[:, None, None], logits, MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, values, preferred_element_type=jnp.float32)
+    # Padding queries see nothing; their output is zero rather than an average of whatever the
+    # blocks held before, so what padding rows feed into a batch (LLM.int8's outlier columns are
+    # a union over rows) does not depend on the pool's history.
+    out = jnp.where((positions >= 0)[:, :, None, None, None], out, 0.0)
     return out.reshape(b, t, n, h).astype(q.dtype)
