@@ -19,7 +19,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8-config", metavar="FILE", help="Int8Config JSON (from `jint8 calibrate`)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16", help="compute dtype (default bfloat16)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--max-batch", type=int, default=32, metavar="N", help="sequences decoded together (default 32)")
     engine.add_argument("--max-context", type=int, metavar="T",

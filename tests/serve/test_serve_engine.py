@@ -124,3 +124,13 @@ def test_shutdown_finishes_requests_in_flight(tiny, engine):
     engine.shutdown(timeout=60)  # not cancel: the request runs to its end
     assert done.is_set() and results[-1] == "length" and len(results) == 10
     np.testing.assert_array_equal(results[:-1], _reference(tiny, PROMPTS[1], 9))
+
+
+def test_cli_serve_refuses_bad_options_before_loading(tmp_path, capsys):
+    from jint8 import cli
+
+    assert cli.main(["serve", "--model", str(tmp_path / "missing.gguf")]) == 2
+    assert "missing.gguf: no such file" in capsys.readouterr().err
+    (tmp_path / "model.gguf").write_bytes(b"")
+    assert cli.main(["serve", "--model", str(tmp_path / "model.gguf"), "--max-batch", "0"]) == 2
+    assert "EngineConfig.max_batch=0 must be >= 1" in capsys.readouterr().err
