@@ -134,3 +134,18 @@ def test_cli_serve_refuses_bad_options_before_loading(tmp_path, capsys):
     (tmp_path / "model.gguf").write_bytes(b"")
     assert cli.main(["serve", "--model", str(tmp_path / "model.gguf"), "--max-batch", "0"]) == 2
     assert "EngineConfig.max_batch=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_int8_without_outlier_columns_does_not_depend_on_batch_mates(tiny):
+    """The README's rule, the side that holds exactly: without the outlier decomposition
+    (threshold 0) LLM.int8's scales are per row, so an int8 request's greedy output is the same
+    alone and beside others (with outliers the columns are a union over the batch's rows)."""
+    model, params = tiny
+    config = EngineConfig(max_batch=4, batch_buckets=(4,), prefill_chunk=16, chunk_buckets=(16,))
+    engine = Engine(model, jint8.quantize_params(params, jint8.Int8Config(threshold=0.0)), config).start()
+    options = SamplingOptions(max_tokens=8)
+    try:
+        together = engine.generate(PROMPTS, options, timeout=120)
+        assert together == [engine.generate([p], options, timeout=60)[0] for p in PROMPTS]
+    finally:
+        engine.shutdown(cancel=True)
