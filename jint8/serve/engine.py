@@ -2,8 +2,8 @@
 
 Every iteration of the engine thread (1) takes new and cancelled requests in, (2) admits waiting
 requests into free batch slots while the cache can hold their worst case (prompt + max_tokens),
-(3) runs one prefill chunk (up to `prefill_chunk` tokens of the oldest admitted prompt) and
-(4) one decode step of every sequence past its prompt. Requests join and leave the batch at every
+(3) prefills up to `prefill_chunk` prompt tokens (chunks of the oldest admitted prompts, one
+call each) and (4) runs one decode step of every sequence past its prompt. Requests join and leave the batch at every
 step; a long prompt is spread over several iterations so running streams keep getting tokens.
 Shapes are rounded up to the batch and chunk buckets: after each has run once nothing compiles.
 
@@ -132,6 +132,8 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks, config.block_size, max_blocks)
         self._pool_dtype = cache_dtype or model.config.dtype
         self.k_pool, self.v_pool = init_paged_pool(model.config, num_blocks, config.block_size, self._pool_dtype)
+        logger.info("KV cache: %d blocks of %d positions (%.2f GiB for keys and values)", num_blocks,
+                    config.block_size, 2 * self.k_pool.nbytes / 2**30)
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.metrics = ServeMetrics(config.max_batch)
         self.compiled_shapes: list[tuple] = []
@@ -288,8 +290,14 @@ class Engine:
 
     def _iteration(self) -> None:
         self._admit()
-        if self._prefilling:
-            self._prefill_chunk(self._prefilling[0])
+        # Up to prefill_chunk prompt tokens per iteration, oldest prompt first: several short
+        # prompts start in one iteration, a long one is spread over several, and the running
+        # streams wait for at most that many prefill tokens between two of their tokens.
+        budget = self.config.prefill_chunk
+        for sequence in list(self._prefilling):
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(sequence, budget)
         if self._decoding:
             self._decode_step()
 
@@ -307,9 +315,10 @@ class Engine:
             self._reserved_tokens += worst_case
             self._prefilling.append(sequence)
 
-    def _prefill_chunk(self, sequence: _Sequence) -> None:
+    def _prefill_chunk(self, sequence: _Sequence, budget: int) -> int:
+        """Prefill the next (at most budget) prompt tokens of sequence; how many it took."""
         start = sequence.computed
-        count = min(len(sequence.prompt) - start, self.config.prefill_chunk)
+        count = min(len(sequence.prompt) - start, budget)
         width = bucket_for(count, self.chunk_buckets)
         ids = np.zeros((1, width), np.int32)
         positions = np.full((1, width), -1, np.int32)
@@ -323,6 +332,7 @@ class Engine:
             self._prefilling.remove(sequence)
             self._decoding.append(sequence)
             self._emit(sequence, int(tokens[0]))
+        return count
 
     def _decode_step(self) -> None:
         running = list(self._decoding)
