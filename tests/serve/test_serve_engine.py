@@ -61,6 +61,32 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(engine):
     assert other_seed[0] != alone and all(0 <= t < VOCAB for t in alone)
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_of_running_streams(engine):
+    """A 40-token prompt takes three 16-token chunks; a stream already running gets a token after
+    each, so it keeps flowing while the new request prefills."""
+    events, lock = [], threading.Lock()
+    a_started, done = threading.Event(), threading.Semaphore(0)
+
+    def sink_for(name):
+        def sink(tokens, reason):
+            with lock:
+                events.extend([name] * len(tokens))
+            a_started.set()
+            if reason is not None:
+                done.release()
+        return sink
+
+    engine.submit(PROMPTS[0], SamplingOptions(max_tokens=30), sink_for("a"))
+    assert a_started.wait(60)
+    with lock:
+        mark = len(events)
+    engine.submit(PROMPTS[2], SamplingOptions(max_tokens=4), sink_for("b"))
+    assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    after = events[mark:]
+    assert after.index("b") >= 2, after  # a's tokens between b's prefill chunks
+    assert events.count("a") == 30 and events.count("b") == 4
+
+
 def test_eos_and_stop_token_ids_end_a_request(tiny, engine):
     expected = _reference(tiny, PROMPTS[3], 12)
     stop_at = expected[4]
