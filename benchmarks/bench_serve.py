@@ -48,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", type=int, help="prompt tokens per request (default 512)")
     parser.add_argument("--new-tokens", type=int, help="generated tokens per request (default 128)")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--prefill-tokens-per-step", type=int,
+                        help="prompt tokens prefilled between two decode steps (default: one prompt)")
     parser.add_argument("--json", help="append one JSON line per (variant, streams) to this file")
     parser.add_argument("--in-process", action="store_true", help="run all variants in this process")
     args, model_argv = parser.parse_known_args(argv)
@@ -76,6 +78,7 @@ def _engine(args, variant: str):
     streams = sorted(set(args.streams))
     config = EngineConfig(max_batch=streams[-1], max_context=context, block_size=args.block_size,
                           num_blocks=streams[-1] * blocks_per_sequence + 1, prefill_chunk=args.prompt,
+                          prefill_tokens_per_step=args.prefill_tokens_per_step,
                           chunk_buckets=(args.prompt,), batch_buckets=tuple(streams), max_queue=streams[-1])
     return Engine(model, params, config), jint8.param_bytes(params)
 
@@ -123,7 +126,7 @@ def run_variant(args, variant: str) -> list[dict]:
     device = jax.devices()[0]
     rows = []
     for streams in args.streams:
-        row = dict(variant=variant, prompt=args.prompt, new_tokens=args.new_tokens, layers=args.model.layers,
+        row = dict(variant=variant, prompt=args.prompt, prefill_tokens_per_step=engine.config.prefill_tokens_per_step, new_tokens=args.new_tokens, layers=args.model.layers,
                    hidden=args.model.hidden, activations=args.model.activations, device=device.device_kind,
                    platform=device.platform, jax=jax.__version__, date=datetime.date.today().isoformat(),
                    weight_gib=weight_bytes / 2**30, build_and_compile_s=compile_s, **_run_streams(engine, args, streams))

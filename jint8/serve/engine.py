@@ -45,6 +45,10 @@ class EngineConfig:
     model's max_position_embeddings). num_blocks: the pool's blocks of block_size positions
     (default: max_batch full contexts, + the scratch block). max_tokens_in_flight: caps what
     admitted requests may reserve (prompt + max_tokens summed), below the pool's capacity.
+    prefill_chunk: the longest prefill call. prefill_tokens_per_step: prompt tokens prefilled
+    between two decode steps, in calls of at most prefill_chunk (default prefill_chunk): more
+    starts queued prompts sooner (time to first token) and delays running streams longer
+    (inter-token latency).
     max_queue: requests waiting for a slot before submit raises QueueFullError.
     batch_buckets / chunk_buckets: the compiled decode batch sizes and prefill chunk lengths
     (default powers of two up to max_batch / prefill_chunk)."""
@@ -55,6 +59,7 @@ class EngineConfig:
     num_blocks: Optional[int] = None
     max_tokens_in_flight: Optional[int] = None
     prefill_chunk: int = 256
+    prefill_tokens_per_step: Optional[int] = None
     max_queue: int = 256
     batch_buckets: tuple[int, ...] = ()
     chunk_buckets: tuple[int, ...] = ()
@@ -63,7 +68,7 @@ class EngineConfig:
         for name in ("max_batch", "block_size", "prefill_chunk", "max_queue"):
             if int(getattr(self, name)) < 1:
                 raise InvalidConfigError(f"EngineConfig.{name}={getattr(self, name)} must be >= 1")
-        for name in ("max_context", "num_blocks", "max_tokens_in_flight"):
+        for name in ("max_context", "num_blocks", "max_tokens_in_flight", "prefill_tokens_per_step"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise InvalidConfigError(f"EngineConfig.{name}={value} must be >= 1")
@@ -290,10 +295,10 @@ class Engine:
 
     def _iteration(self) -> None:
         self._admit()
-        # Up to prefill_chunk prompt tokens per iteration, oldest prompt first: several short
-        # prompts start in one iteration, a long one is spread over several, and the running
-        # streams wait for at most that many prefill tokens between two of their tokens.
-        budget = self.config.prefill_chunk
+        # Up to prefill_tokens_per_step prompt tokens per iteration, oldest prompt first: several
+        # short prompts start in one iteration, a long one is spread over several, and the
+        # running streams wait for at most that many prefill tokens between two of their tokens.
+        budget = self.config.prefill_tokens_per_step or self.config.prefill_chunk
         for sequence in list(self._prefilling):
             if budget <= 0:
                 break
@@ -318,7 +323,7 @@ class Engine:
     def _prefill_chunk(self, sequence: _Sequence, budget: int) -> int:
         """Prefill the next (at most budget) prompt tokens of sequence; how many it took."""
         start = sequence.computed
-        count = min(len(sequence.prompt) - start, budget)
+        count = min(len(sequence.prompt) - start, budget, self.config.prefill_chunk)
         width = bucket_for(count, self.chunk_buckets)
         ids = np.zeros((1, width), np.int32)
         positions = np.full((1, width), -1, np.int32)

@@ -39,7 +39,8 @@ def paged_write(pool: jax.Array, new: jax.Array, block_tables: jax.Array, positi
 
 def gather_sequences(pool: jax.Array, block_tables: jax.Array, *, layer: int) -> jax.Array:
     """Layer `layer`'s slots of each sequence in position order: [B, M * Z, K, H]."""
-    gathered = pool[layer][block_tables]  # [B, M, Z, K, H]
+    # one gather with the layer as an index: no copy of the layer's slice of the pool first
+    gathered = pool[layer, block_tables]  # [B, M, Z, K, H]
     b, m, z = gathered.shape[:3]
     return gathered.reshape(b, m * z, *gathered.shape[3:])
 
