@@ -6,7 +6,8 @@ The HTTP side needs the `serve` extra (fastapi, uvicorn) and loads on first use;
 only jint8.
 """
 
-from jint8.serve.engine import Engine, EngineConfig, SamplingOptions
+from jint8.serve.config import EngineConfig, SamplingOptions
+from jint8.serve.engine import Engine
 from jint8.serve.paged_cache import BlockAllocator
 
 _HTTP_NAMES = {"serve": "runner", "ServerThread": "runner", "build_app": "runner", "create_app": "server"}

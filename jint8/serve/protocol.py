@@ -11,7 +11,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from jint8.errors import InvalidRequestError
-from jint8.serve.engine import SamplingOptions
+from jint8.serve.config import SamplingOptions
 
 
 class StreamOptions(BaseModel):

@@ -22,7 +22,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from jint8.errors import EngineStoppedError, InvalidRequestError, QueueFullError
-from jint8.serve.engine import Engine, SamplingOptions
+from jint8.serve.config import SamplingOptions
+from jint8.serve.engine import Engine
 from jint8.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
