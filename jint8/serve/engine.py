@@ -99,6 +99,11 @@ class Engine:
         return len(self.compiled_shapes)
 
     @property
+    def max_request_tokens(self) -> int:
+        """The most positions (prompt + max_tokens) one request can have."""
+        return min(self.max_context, self._token_capacity)
+
+    @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 

@@ -142,7 +142,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, queue_full_status:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         prompt_ids = _chat_prompt_ids(tokenizer, body)
-        options = body.sampling(max(1, engine.max_context - len(prompt_ids)))
+        options = body.sampling(max(1, engine.max_request_tokens - len(prompt_ids)))
         engine.check_prompt(prompt_ids, options, "messages")
         generation = _Generation(engine, tokenizer, prompt_ids, options, body.stop_strings())
         return await _respond(generation, body, request, "chat.completion", model_name)
