@@ -32,6 +32,10 @@ def __getattr__(name):
         from jint8 import checkpoint
 
         return getattr(checkpoint, name)
+    if name == "serve":  # `jint8.serve.Engine` without an import line; the HTTP stack loads on its own use
+        import jint8.serve
+
+        return jint8.serve
     raise AttributeError(f"module 'jint8' has no attribute {name!r}")
 
 __all__ = [
@@ -64,4 +68,5 @@ __all__ = [
     "quantize_params",
     "quantize_vectorwise",
     "save_quantized",
+    "serve",
 ]

@@ -91,3 +91,24 @@ class ContextLengthError(PromptError):
 
 class AssistantMismatchError(Jint8Error, ValueError):
     """The assistant model of speculative decoding does not share the target model's vocabulary."""
+
+
+class ServeError(Jint8Error):
+    """A request to the serving engine cannot be taken."""
+
+
+class InvalidRequestError(ServeError, ValueError):
+    """A request field is out of its domain or the prompt does not fit the context; `param` names
+    the field (OpenAI's error body carries it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(ServeError, RuntimeError):
+    """The engine's waiting queue is at its limit; the request was not taken (HTTP 429/503)."""
+
+
+class EngineStoppedError(ServeError, RuntimeError):
+    """The engine is shutting down or stopped and takes no new requests."""

@@ -42,11 +42,11 @@ def test_help_lists_every_command(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "generate", "quantize", "eval-ppl", "inspect"):
+    for command in ("demo", "generate", "serve", "quantize", "eval-ppl", "inspect"):
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["generate", "quantize", "demo", "eval-ppl", "inspect"])
+@pytest.mark.parametrize("command", ["generate", "serve", "quantize", "demo", "eval-ppl", "inspect"])
 def test_each_command_has_help(command, capsys):
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])

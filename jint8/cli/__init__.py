@@ -2,6 +2,7 @@
 
     jint8 demo                                   # SmolLM2-135M-Instruct, bf16 vs int8, side by side
     jint8 generate --model PATH_OR_GGUF --prompt "Hello" [--quantize int8|none] ...
+    jint8 serve [--model PATH_OR_GGUF] [--port 8000] [--max-batch N]   # OpenAI-compatible HTTP server
     jint8 quantize SRC OUT                       # write an int8 (Orbax) checkpoint
     jint8 eval-ppl [--model ...] [--quantize none|int8|int8-no-outliers]   # perplexity
     jint8 inspect [--model ...] [--prompts FILE]  # outlier features per layer, PNG heat-map
@@ -19,7 +20,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from jint8.cli import calibrate, demo, eval_ppl, generate, inspect_outliers, quantize
+from jint8.cli import calibrate, demo, eval_ppl, generate, inspect_outliers, quantize, serve
 from jint8.cli.common import Command, CommandError
 
 _COMMANDS: dict[str, Command] = {}
@@ -30,7 +31,7 @@ def register_command(command: Command) -> None:
     _COMMANDS[command.name] = command
 
 
-for _module in (demo, generate, quantize, eval_ppl, inspect_outliers, calibrate):  # the order of `jint8 --help`
+for _module in (demo, generate, serve, quantize, eval_ppl, inspect_outliers, calibrate):  # the order of `jint8 --help`
     register_command(_module.COMMAND)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from jint8.errors import UnsupportedArchitectureError
 from jint8.models import gemma, gpt2, llama, opt
-from jint8.models.common import KVCache, RopeConfig, init_cache
+from jint8.models.common import KVCache, PagedKVCache, RopeConfig, init_cache, init_paged_pool
 from jint8.models.fusion import fuse_projections
 from jint8.models.gemma import GemmaConfig, GemmaForCausalLM
 from jint8.models.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -82,6 +82,7 @@ __all__ = [
     "GPT2Config",
     "GPT2LMHeadModel",
     "KVCache",
+    "PagedKVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
     "ModelSpec",
@@ -93,6 +94,7 @@ __all__ = [
     "config_from_hf",
     "fuse_projections",
     "init_cache",
+    "init_paged_pool",
     "model_class_for",
     "register_model",
     "register_spec",

@@ -1,4 +1,4 @@
-"""Pieces every causal-LM family shares: norms, RoPE, masked attention, the static KV cache.
+"""Pieces every causal-LM family shares: norms, RoPE, masked attention, the static and paged KV caches.
 
 Shapes: B batch, T new tokens, S cache slots, N query heads, K key/value heads, H head dim.
 """
@@ -157,6 +157,40 @@ def update_layer_cache(
     return KVCache(new_k, new_v), new_k[layer], new_v[layer]
 
 
+@struct.dataclass
+class PagedKVCache:
+    """Keys and values of many sequences in fixed-size blocks (jint8/ops/attention/paged.py):
+    k, v [L, P, Z, K, H]; block_tables [B, M] (sequence b's blocks in order); positions [B, T] of
+    this call's tokens (-1: padding). A model called with one writes each token at its position
+    and attends over its own sequence's positions up to it; cache_index and kv_mask are unused."""
+
+    k: jax.Array
+    v: jax.Array
+    block_tables: jax.Array
+    positions: jax.Array
+
+    @property
+    def block_size(self) -> int:
+        return int(self.k.shape[2])
+
+
+def init_paged_pool(config, num_blocks: int, block_size: int, dtype=None) -> tuple[jax.Array, jax.Array]:
+    """Zero k, v block pools [L, num_blocks, block_size, K, H] for `config` (block 0 is scratch)."""
+    dtype = dtype or config.dtype
+    shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def _paged_attention(q, k, v, *, layer, cache: PagedKVCache, scale, sliding_window, logit_softcap, rope):
+    if rope is not None:
+        q, k = attention_ops.rotate(q, *rope), attention_ops.rotate(k, *rope)
+    new_k = attention_ops.paged_write(cache.k, k, cache.block_tables, cache.positions, layer=layer)
+    new_v = attention_ops.paged_write(cache.v, v, cache.block_tables, cache.positions, layer=layer)
+    out = attention_ops.paged_attention(q, new_k, new_v, cache.block_tables, cache.positions, layer=layer,
+                                        scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap)
+    return out, cache.replace(k=new_k, v=new_v)
+
+
 # ----------------------------------------------------------------------------- attention
 
 
@@ -223,12 +257,16 @@ def cached_attention(
     packed: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, Optional[KVCache]]:
     """Attention of q [B, T, N, H] over this step's k/v [B, T, K, H] (no cache) or, with a cache,
-    over the layer's slots after writing k/v at cache_index. Returns ([B, T, N, H], cache).
+    over the layer's slots after writing k/v at cache_index (a PagedKVCache: at each token's
+    position in its sequence's blocks). Returns ([B, T, N, H], cache).
 
     rope: (cos, sin) [B, T, H] (rope_tables) to rotate q and k by first. packed: the [P, B, T, W]
     split-K partials of the array q, k, v were split from (q|k|v, a fused projection;
     Int8Dense(split_partials=True), P = 1: that array), for the decode kernel to read.
     """
+    if isinstance(cache, PagedKVCache):
+        return _paged_attention(q, k, v, layer=layer, cache=cache, scale=scale, sliding_window=sliding_window,
+                                logit_softcap=logit_softcap, rope=rope)
     b, t = q.shape[:2]
     if cache is not None and t == 1 and logit_softcap is None and (
             cache.k.dtype == q.dtype and attention_ops.unsupported_reason(q[:, 0], cache.k) is None):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jint8.errors import ShapeError
+from jint8.ops.attention.paged import paged_attention_reference, paged_write
 from jint8.ops.attention.reference import decode_attention_reference, decode_step_reference, rotate
 from jint8.ops._platform import BACKEND_ENV_VAR, requested_backend, triton_gpu_unsupported_reason
 
@@ -67,5 +68,16 @@ def decode_attention_step(q, k, v, k_cache, v_cache, valid, cache_index, *, laye
                                    dtype=q.dtype, interpret=interpret)
 
 
-__all__ = ["decode_attention_reference", "decode_attention_step", "decode_step_reference", "rotate",
-           "unsupported_reason"]
+def paged_attention(q, k_pool, v_pool, block_tables, positions, *, layer: int, scale: float,
+                    sliding_window=None, logit_softcap=None):
+    """Attention of q [B, T, N, H] over a paged cache (paged.py states the layout).
+
+    The one entry point the models call: the plain-jnp gather is the only implementation so far
+    and the truth; a paged decode kernel goes behind it the way decode_attention_step does, asked
+    with its own unsupported_reason and falling back here."""
+    return paged_attention_reference(q, k_pool, v_pool, block_tables, positions, layer=layer, scale=scale,
+                                     sliding_window=sliding_window, logit_softcap=logit_softcap)
+
+
+__all__ = ["decode_attention_reference", "decode_attention_step", "decode_step_reference", "paged_attention",
+           "paged_attention_reference", "paged_write", "rotate", "unsupported_reason"]

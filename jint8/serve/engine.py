@@ -1,0 +1,364 @@
+"""The continuous-batching engine: a scheduler thread that runs the compiled step over a paged KV cache.
+
+Every iteration of the engine thread (1) takes new and cancelled requests in, (2) admits waiting
+requests into free batch slots while the cache can hold their worst case (prompt + max_tokens),
+(3) prefills up to `prefill_chunk` prompt tokens (chunks of the oldest admitted prompts, one
+call each) and (4) runs one decode step of every sequence past its prompt. Requests join and leave the batch at every
+step; a long prompt is spread over several iterations so running streams keep getting tokens.
+Shapes are rounded up to the batch and chunk buckets: after each has run once nothing compiles.
+
+Callers submit token ids and get tokens back through a callback `sink(tokens, finish_reason)`
+that runs on the engine thread (finish_reason None while the request runs, then "stop",
+"length" or "abort").
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import math
+import queue
+import secrets
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from jint8.errors import EngineStoppedError, InvalidRequestError, QueueFullError
+from jint8.models.common import init_paged_pool
+from jint8.serve.config import EngineConfig, SamplingOptions
+from jint8.serve.metrics import ServeMetrics
+from jint8.serve.paged_cache import BlockAllocator
+from jint8.serve.step import RowSampling, bucket_for, build_step, default_buckets
+
+logger = logging.getLogger("jint8.serve")
+
+Sink = Callable[[list, Optional[str]], None]
+
+
+@dataclasses.dataclass(eq=False)
+class _Sequence:
+    id: int
+    prompt: list
+    options: SamplingOptions
+    sink: Sink
+    seed: int
+    arrival: float
+    computed: int = 0  # positions already in the cache
+    generated: list = dataclasses.field(default_factory=list)
+    last_token_time: float = 0.0
+    cancelled: bool = False
+
+
+class Engine:
+    """Continuous batching of one model over a paged KV cache, the compiled step on one thread.
+
+    engine = Engine(model, params, EngineConfig(max_batch=16), eos_token_ids=(2,)); engine.start()
+    request_id = engine.submit(prompt_ids, SamplingOptions(max_tokens=64), sink)
+    engine.generate([[1, 2, 3]], SamplingOptions(max_tokens=8))  # blocking, for scripts and tests
+    """
+
+    def __init__(self, model, params, config: EngineConfig = EngineConfig(), *,
+                 eos_token_ids: Sequence[int] = (), cache_dtype=None):
+        self.model, self.params, self.config = model, params, config
+        self.max_context = int(config.max_context or model.config.max_position_embeddings)
+        self.batch_buckets = config.batch_buckets or default_buckets(config.max_batch)
+        self.chunk_buckets = config.chunk_buckets or default_buckets(config.prefill_chunk, min(16, config.prefill_chunk))
+        max_blocks = math.ceil(self.max_context / config.block_size)
+        num_blocks = config.num_blocks or config.max_batch * max_blocks + 1
+        self.allocator = BlockAllocator(num_blocks, config.block_size, max_blocks)
+        self._pool_dtype = cache_dtype or model.config.dtype
+        self.k_pool, self.v_pool = init_paged_pool(model.config, num_blocks, config.block_size, self._pool_dtype)
+        logger.info("KV cache: %d blocks of %d positions (%.2f GiB for keys and values)", num_blocks,
+                    config.block_size, 2 * self.k_pool.nbytes / 2**30)
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.metrics = ServeMetrics(config.max_batch)
+        self.compiled_shapes: list[tuple] = []
+        self._step = build_step(model, self.compiled_shapes.append)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._queued = 0  # submitted, not yet admitted (guarded by _lock)
+        self._ids = itertools.count()
+        self._by_id: dict[int, _Sequence] = {}
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._prefilling: list[_Sequence] = []
+        self._decoding: list[_Sequence] = []
+        self._reserved_tokens = 0
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self._cancel_on_stop = False
+
+    # ------------------------------------------------------------------ public API (any thread)
+    @property
+    def compile_count(self) -> int:
+        return len(self.compiled_shapes)
+
+    @property
+    def max_request_tokens(self) -> int:
+        """The most positions (prompt + max_tokens) one request can have."""
+        return min(self.max_context, self._token_capacity)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="jint8-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, *, cancel: bool = False, timeout: Optional[float] = None) -> None:
+        """Stop taking requests; finish the ones in flight (cancel=True: end them with "abort")."""
+        self._stopping, self._cancel_on_stop = True, cancel or self._cancel_on_stop
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def check_prompt(self, prompt_ids: Sequence[int], options: SamplingOptions, param: str = "prompt") -> None:
+        """Raise InvalidRequestError (naming `param`) if the prompt cannot run with these options."""
+        if len(prompt_ids) == 0:
+            raise InvalidRequestError(f"{param} is empty", param)
+        vocab = self.model.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise InvalidRequestError(f"{param} has token ids outside [0, {vocab})", param)
+        total = len(prompt_ids) + options.max_tokens
+        if total > self.max_context:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_context} tokens; the request has "
+                f"{len(prompt_ids)} in {param} and max_tokens={options.max_tokens} ({total} in all)", param)
+        if total > self._token_capacity:
+            raise InvalidRequestError(f"{total} tokens (prompt + max_tokens) exceed the engine's "
+                                      f"max_tokens_in_flight={self._token_capacity}", "max_tokens")
+
+    def submit(self, prompt_ids: Sequence[int], options: SamplingOptions, sink: Sink) -> int:
+        """Queue a request; its tokens go to sink on the engine thread. Returns its id (for cancel)."""
+        prompt = [int(t) for t in prompt_ids]
+        self.check_prompt(prompt, options)
+        if self._stopping:
+            raise EngineStoppedError("the engine is shutting down")
+        with self._lock:
+            if self._queued >= self.config.max_queue:
+                self.metrics.rejected.inc()
+                raise QueueFullError(f"{self._queued} requests are waiting (max_queue={self.config.max_queue})")
+            self._queued += 1
+        seed = options.seed if options.seed is not None else secrets.randbits(32)
+        sequence = _Sequence(next(self._ids), prompt, options, sink, seed, time.perf_counter())
+        self._inbox.put(sequence)
+        self._wake.set()
+        return sequence.id
+
+    def cancel(self, request_id: int, reason: str = "abort") -> None:
+        """End a request at the next step: its slot and blocks are freed and its sink gets ([], reason)
+        ("stop" when the caller found a stop string). Unknown or finished ids are ignored."""
+        self._inbox.put((request_id, reason))
+        self._wake.set()
+
+    def generate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions = SamplingOptions(),
+                 timeout: Optional[float] = None) -> list[list[int]]:
+        """Run prompts as concurrent requests and wait for all: their generated token ids."""
+        done = [threading.Event() for _ in prompts]
+        outputs: list[list[int]] = [[] for _ in prompts]
+
+        def sink_for(i):
+            def sink(tokens, finish_reason):
+                outputs[i].extend(tokens)
+                if finish_reason is not None:
+                    done[i].set()
+            return sink
+
+        for i, prompt in enumerate(prompts):
+            self.submit(prompt, options, sink_for(i))
+        for event in done:
+            if not event.wait(timeout):
+                raise TimeoutError(f"generate: no result within {timeout} s")
+        return outputs
+
+    def warmup(self) -> None:
+        """Compile every bucket now (all-padding calls), so no request waits for a compilation."""
+        shapes = [(b, 1) for b in self.batch_buckets] + [(1, t) for t in self.chunk_buckets]
+        for rows, width in shapes:
+            positions = np.full((rows, width), -1, np.int32)
+            self._run_step(np.zeros((rows, width), np.int32), positions,
+                           np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32), [])
+
+    @property
+    def load(self) -> dict:
+        return dict(waiting=self._queued, running=len(self._prefilling) + len(self._decoding),
+                    blocks_used=self.allocator.used_blocks, free_blocks=self.allocator.free_blocks)
+
+    # ------------------------------------------------------------------ the engine thread
+    @property
+    def _token_capacity(self) -> int:
+        capacity = self.allocator.usable_blocks * self.allocator.block_size
+        limit = self.config.max_tokens_in_flight
+        return capacity if limit is None else min(capacity, limit)
+
+    def _run(self) -> None:
+        while True:
+            self._take_inbox()
+            if self._stopping and self._cancel_on_stop:
+                for sequence in list(self._by_id.values()):
+                    self._finish(sequence, "abort")
+            if not self._by_id:
+                if self._stopping:
+                    return
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                self._iteration()
+            except Exception:  # a failed step poisons the donated pools: end every request, start clean
+                logger.exception("engine step failed; ending the requests in flight")
+                for sequence in list(self._by_id.values()):
+                    self._finish(sequence, "abort")
+                self.k_pool, self.v_pool = init_paged_pool(self.model.config, self.allocator.num_blocks,
+                                                           self.allocator.block_size, self._pool_dtype)
+            self.metrics.set_load(self._queued, len(self._prefilling) + len(self._decoding),
+                                  self.allocator.used_blocks)
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Sequence):
+                self._by_id[item.id] = item
+                self._waiting.append(item)
+            elif item[0] in self._by_id:
+                self._finish(self._by_id[item[0]], item[1])
+
+    def _iteration(self) -> None:
+        self._admit()
+        # Up to prefill_tokens_per_step prompt tokens per iteration, oldest prompt first: several
+        # short prompts start in one iteration, a long one is spread over several, and the
+        # running streams wait for at most that many prefill tokens between two of their tokens.
+        budget = self.config.prefill_tokens_per_step or self.config.prefill_chunk
+        for sequence in list(self._prefilling):
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(sequence, budget)
+        if self._decoding:
+            self._decode_step()
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._prefilling) + len(self._decoding) < self.config.max_batch:
+            sequence = self._waiting[0]
+            worst_case = len(sequence.prompt) + sequence.options.max_tokens
+            if (not self.allocator.can_reserve(worst_case)
+                    or self._reserved_tokens + worst_case > self._token_capacity):
+                return  # first come, first served: later requests wait behind this one
+            self._waiting.popleft()
+            with self._lock:
+                self._queued -= 1
+            self.allocator.reserve(sequence.id, worst_case)
+            self._reserved_tokens += worst_case
+            self._prefilling.append(sequence)
+
+    def _prefill_chunk(self, sequence: _Sequence, budget: int) -> int:
+        """Prefill the next (at most budget) prompt tokens of sequence; how many it took."""
+        start = sequence.computed
+        count = min(len(sequence.prompt) - start, budget, self.config.prefill_chunk)
+        width = bucket_for(count, self.chunk_buckets)
+        ids = np.zeros((1, width), np.int32)
+        positions = np.full((1, width), -1, np.int32)
+        ids[0, width - count:] = sequence.prompt[start:start + count]  # left padding: the last column is real
+        positions[0, width - count:] = np.arange(start, start + count)
+        self.allocator.ensure(sequence.id, start + count)
+        tokens = self._run_step(ids, positions, self.allocator.table(sequence.id)[None], [sequence])
+        sequence.computed += count
+        self.metrics.prompt_tokens.inc(count)
+        if sequence.computed == len(sequence.prompt):
+            self._prefilling.remove(sequence)
+            self._decoding.append(sequence)
+            self._emit(sequence, int(tokens[0]))
+        return count
+
+    def _decode_step(self) -> None:
+        running = list(self._decoding)
+        rows = bucket_for(len(running), self.batch_buckets)
+        ids = np.zeros((rows, 1), np.int32)
+        positions = np.full((rows, 1), -1, np.int32)
+        tables = np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32)
+        for row, sequence in enumerate(running):
+            ids[row, 0] = sequence.generated[-1]
+            positions[row, 0] = sequence.computed
+            self.allocator.ensure(sequence.id, sequence.computed + 1)
+            tables[row] = self.allocator.table(sequence.id)
+        tokens = self._run_step(ids, positions, tables, running)
+        for row, sequence in enumerate(running):
+            sequence.computed += 1
+            self._emit(sequence, int(tokens[row]))
+
+    def _run_step(self, ids, positions, tables, sequences: list) -> np.ndarray:
+        rows = ids.shape[0]
+        pad = rows - len(sequences)
+
+        def column(values, dtype, fill=0):  # padding rows: greedy, filters off
+            return np.asarray(list(values) + [fill] * pad, dtype)
+
+        sampling = RowSampling(
+            temperature=column((s.options.temperature for s in sequences), np.float32),
+            top_k=column((s.options.top_k for s in sequences), np.int32),
+            top_p=column((s.options.top_p for s in sequences), np.float32, 1.0),
+            seed=column((s.seed for s in sequences), np.uint32),
+            counter=column((len(s.generated) for s in sequences), np.int32))
+        tokens, self.k_pool, self.v_pool = self._step(self.params, self.k_pool, self.v_pool, ids, positions,
+                                                      tables, sampling)
+        return np.asarray(jax.device_get(tokens))
+
+    def _emit(self, sequence: _Sequence, token: int) -> None:
+        now = time.perf_counter()
+        if not sequence.generated:
+            self.metrics.ttft.observe(now - sequence.arrival)
+        else:
+            self.metrics.itl.observe(now - sequence.last_token_time)
+        sequence.last_token_time = now
+        sequence.generated.append(token)
+        self.metrics.generation_tokens.inc()
+        if token in self.eos_token_ids or token in sequence.options.stop_token_ids:
+            reason = "stop"
+        elif len(sequence.generated) >= sequence.options.max_tokens:
+            reason = "length"
+        else:
+            reason = None
+        if not self._deliver(sequence, [token], reason):
+            reason = "abort"
+        if reason is not None:
+            self._release(sequence, reason)
+
+    @staticmethod
+    def _deliver(sequence: _Sequence, tokens: list, reason: Optional[str]) -> bool:
+        """Hand tokens to the request's sink; False if the sink failed (its reader is gone)."""
+        try:
+            sequence.sink(tokens, reason)
+            return True
+        except Exception:
+            logger.exception("request %d: its sink failed; ending the request", sequence.id)
+            return False
+
+    def _finish(self, sequence: _Sequence, reason: str) -> None:
+        """End a request from outside the decode path (cancel, shutdown, a failed step)."""
+        self._deliver(sequence, [], reason)
+        self._release(sequence, reason)
+
+    def _release(self, sequence: _Sequence, reason: str) -> None:
+        self._by_id.pop(sequence.id, None)
+        if sequence in self._waiting:
+            self._waiting.remove(sequence)
+            with self._lock:
+                self._queued -= 1
+        else:
+            for group in (self._prefilling, self._decoding):
+                if sequence in group:
+                    group.remove(sequence)
+                    self._reserved_tokens -= len(sequence.prompt) + sequence.options.max_tokens
+        self.allocator.free(sequence.id)
+        self.metrics.requests.labels(finish_reason=reason).inc()
+        self.metrics.e2e.observe(time.perf_counter() - sequence.arrival)

@@ -1,0 +1,177 @@
+"""The continuous-batching engine on a tiny float32 Llama: greedy output equal to jint8.generate's
+alone and beside others (chunked prefill included), a bounded set of compiled shapes, seeded
+sampling independent of batch-mates, blocks freed, cancellation, a full queue, shutdown."""
+
+import threading
+
+import numpy as np
+import pytest
+from tiny_serving import tiny_model
+
+import jint8
+from jint8.errors import EngineStoppedError, InvalidConfigError, InvalidRequestError, QueueFullError
+from jint8.serve import Engine, EngineConfig, SamplingOptions
+
+VOCAB = 97
+# prompts shorter than, equal to and longer than the 16-token chunk (the longest takes 3 chunks)
+PROMPTS = [[5, 9, 13], list(range(1, 17)), [(7 * i) % VOCAB for i in range(40)], [3, 14, 15, 92, 65, 35]]
+CONFIG = EngineConfig(max_batch=4, block_size=8, prefill_chunk=16, batch_buckets=(2, 4), chunk_buckets=(8, 16))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(VOCAB)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    engine = Engine(*tiny, CONFIG).start()
+    yield engine
+    engine.shutdown(cancel=True, timeout=10)
+
+
+def _reference(tiny, prompt, max_new):
+    model, params = tiny
+    config = jint8.GenerationConfig(max_new_tokens=max_new, prompt_length_bucket=64, new_tokens_bucket=32)
+    return [int(t) for t in jint8.generate(model, params, [prompt], config=config).sequences[0][len(prompt):]]
+
+
+def test_greedy_equals_generate_alone_and_in_a_batch_without_recompiling(tiny, engine):
+    options = SamplingOptions(max_tokens=12)
+    expected = [_reference(tiny, p, 12) for p in PROMPTS]
+    together = engine.generate(PROMPTS, options, timeout=120)
+    assert together == expected
+    assert set(engine.compiled_shapes) <= {(2, 1), (4, 1), (1, 8), (1, 16)}
+    compiled = engine.compile_count
+    # churn: more requests than slots, joining while others run; every shape has been seen
+    alone = [engine.generate([p], options, timeout=60)[0] for p in PROMPTS]
+    churn = engine.generate(PROMPTS * 3, SamplingOptions(max_tokens=7), timeout=120)
+    assert alone == expected
+    assert churn == [e[:7] for e in expected] * 3
+    assert engine.compile_count == compiled == len(set(engine.compiled_shapes))
+    assert engine.load == dict(waiting=0, running=0, blocks_used=0, free_blocks=engine.allocator.usable_blocks)
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mates(engine):
+    options = SamplingOptions(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=1234)
+    alone = engine.generate([PROMPTS[0]], options, timeout=60)[0]
+    beside = engine.generate([PROMPTS[0], PROMPTS[1], PROMPTS[3]], options, timeout=60)
+    assert beside[0] == alone
+    other_seed = engine.generate([PROMPTS[0]], SamplingOptions(max_tokens=10, temperature=1.0, seed=99), timeout=60)
+    assert other_seed[0] != alone and all(0 <= t < VOCAB for t in alone)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_of_running_streams(engine):
+    """A 40-token prompt takes three 16-token chunks; a stream already running gets a token after
+    each, so it keeps flowing while the new request prefills."""
+    events, lock = [], threading.Lock()
+    a_started, done = threading.Event(), threading.Semaphore(0)
+
+    def sink_for(name):
+        def sink(tokens, reason):
+            with lock:
+                events.extend([name] * len(tokens))
+            a_started.set()
+            if reason is not None:
+                done.release()
+        return sink
+
+    engine.submit(PROMPTS[0], SamplingOptions(max_tokens=30), sink_for("a"))
+    assert a_started.wait(60)
+    with lock:
+        mark = len(events)
+    engine.submit(PROMPTS[2], SamplingOptions(max_tokens=4), sink_for("b"))
+    assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    after = events[mark:]
+    assert after.index("b") >= 2, after  # a's tokens between b's prefill chunks
+    assert events.count("a") == 30 and events.count("b") == 4
+
+
+def test_eos_and_stop_token_ids_end_a_request(tiny, engine):
+    expected = _reference(tiny, PROMPTS[3], 12)
+    stop_at = expected[4]
+    out = engine.generate([PROMPTS[3]], SamplingOptions(max_tokens=12, stop_token_ids=(stop_at,)), timeout=60)[0]
+    assert out == expected[: expected.index(stop_at) + 1]
+
+
+def test_cancel_frees_the_slot_and_its_blocks(engine):
+    events, first = [], threading.Event()
+    finished = threading.Event()
+
+    def sink(tokens, reason):
+        events.append((tokens, reason))
+        first.set()
+        if reason is not None:
+            finished.set()
+
+    request = engine.submit(PROMPTS[2], SamplingOptions(max_tokens=80), sink)
+    assert first.wait(60)
+    engine.cancel(request)
+    assert finished.wait(60)
+    assert events[-1] == ([], "abort") and len(events) < 80
+    assert engine.load["blocks_used"] == 0 and engine.load["running"] == 0
+
+
+def test_bad_requests_and_a_full_queue_are_refused_with_the_field_named(tiny):
+    engine = Engine(*tiny, EngineConfig(max_batch=2, max_queue=2, max_context=64, batch_buckets=(2,),
+                                        prefill_chunk=16, chunk_buckets=(16,)))  # not started: nothing runs
+    sink = lambda tokens, reason: None  # noqa: E731
+    with pytest.raises(InvalidRequestError, match="maximum context length is 64") as error:
+        engine.submit(list(range(60)), SamplingOptions(max_tokens=8), sink)
+    assert error.value.param == "prompt"
+    with pytest.raises(InvalidRequestError, match="outside") as error:
+        engine.submit([VOCAB], SamplingOptions(), sink)
+    for field, value in (("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("seed", -1)):
+        with pytest.raises(InvalidRequestError, match=field) as error:
+            SamplingOptions(**{field: value})
+        assert error.value.param == field
+    engine.submit([1, 2], SamplingOptions(), sink)
+    engine.submit([1, 2], SamplingOptions(), sink)
+    with pytest.raises(QueueFullError, match="max_queue=2"):
+        engine.submit([1, 2], SamplingOptions(), sink)
+    engine.shutdown(cancel=True)
+    with pytest.raises(EngineStoppedError):
+        engine.submit([1, 2], SamplingOptions(), sink)
+    with pytest.raises(InvalidConfigError, match="batch_buckets"):
+        EngineConfig(max_batch=4, batch_buckets=(1, 2))
+
+
+def test_shutdown_finishes_requests_in_flight(tiny, engine):
+    results = []
+    done = threading.Event()
+
+    def sink(tokens, reason):
+        results.extend(tokens)
+        if reason is not None:
+            results.append(reason)
+            done.set()
+
+    engine.submit(PROMPTS[1], SamplingOptions(max_tokens=9), sink)
+    engine.shutdown(timeout=60)  # not cancel: the request runs to its end
+    assert done.is_set() and results[-1] == "length" and len(results) == 10
+    np.testing.assert_array_equal(results[:-1], _reference(tiny, PROMPTS[1], 9))
+
+
+def test_cli_serve_refuses_bad_options_before_loading(tmp_path, capsys):
+    from jint8 import cli
+
+    assert cli.main(["serve", "--model", str(tmp_path / "missing.gguf")]) == 2
+    assert "missing.gguf: no such file" in capsys.readouterr().err
+    (tmp_path / "model.gguf").write_bytes(b"")
+    assert cli.main(["serve", "--model", str(tmp_path / "model.gguf"), "--max-batch", "0"]) == 2
+    assert "EngineConfig.max_batch=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_int8_without_outlier_columns_does_not_depend_on_batch_mates(tiny):
+    """The README's rule, the side that holds exactly: without the outlier decomposition
+    (threshold 0) LLM.int8's scales are per row, so an int8 request's greedy output is the same
+    alone and beside others (with outliers the columns are a union over the batch's rows)."""
+    model, params = tiny
+    config = EngineConfig(max_batch=4, batch_buckets=(4,), prefill_chunk=16, chunk_buckets=(16,))
+    engine = Engine(model, jint8.quantize_params(params, jint8.Int8Config(threshold=0.0)), config).start()
+    options = SamplingOptions(max_tokens=8)
+    try:
+        together = engine.generate(PROMPTS, options, timeout=120)
+        assert together == [engine.generate([p], options, timeout=60)[0] for p in PROMPTS]
+    finally:
+        engine.shutdown(cancel=True)
