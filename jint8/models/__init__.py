@@ -4,12 +4,14 @@ from the families' ModelSpecs (spec.py)."""
 from __future__ import annotations
 
 from jint8.errors import UnsupportedArchitectureError
-from jint8.models import gemma, gpt2, llama, opt
+from jint8.models import bloom, falcon, gemma, gpt2, llama, opt
+from jint8.models.bloom import BloomConfig, BloomForCausalLM
 from jint8.models.common import KVCache, RopeConfig, init_cache
 from jint8.models.fusion import fuse_projections
 from jint8.models.gemma import GemmaConfig, GemmaForCausalLM
 from jint8.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jint8.models.llama import LlamaConfig, LlamaForCausalLM
+from jint8.models.falcon import FalconConfig, FalconForCausalLM
 from jint8.models.opt import OPTConfig, OPTForCausalLM
 from jint8.models.spec import Fusion, ModelSpec, ShardingRules
 
@@ -25,7 +27,7 @@ def register_spec(spec: ModelSpec) -> None:
         _REGISTRY[model_type] = spec
 
 
-for _spec in (llama.SPEC, gemma.SPEC, gpt2.SPEC, opt.SPEC):
+for _spec in (llama.SPEC, gemma.SPEC, gpt2.SPEC, opt.SPEC, bloom.SPEC, falcon.SPEC):
     register_spec(_spec)
 
 
@@ -76,6 +78,10 @@ def config_from_hf(hf_config, dtype):
 
 
 __all__ = [
+    "BloomConfig",
+    "BloomForCausalLM",
+    "FalconConfig",
+    "FalconForCausalLM",
     "Fusion",
     "GemmaConfig",
     "GemmaForCausalLM",
