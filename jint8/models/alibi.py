@@ -22,14 +22,15 @@ import numpy as np
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
     """[num_heads] float32 slopes, transformers' _get_alibi_slopes (geometric in 2^(-8/n), with
-    the interleaved extra slopes of the next power of two when num_heads is not one)."""
+    the odd powers of the next power of two's base when num_heads is not one). Powers of its
+    float32 base, correctly rounded (torch's vectorised powf can differ by one ulp)."""
     closest = 2 ** math.floor(math.log2(num_heads))
-    base = np.float32(2.0 ** (-(2.0 ** -(math.log2(closest) - 3))))
-    slopes = base ** np.arange(1, 1 + closest, dtype=np.float32)
+    base = np.float64(np.float32(2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))))
+    slopes = base ** np.arange(1, 1 + closest)
     if closest != num_heads:
-        extra_base = np.float32(2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3))))
+        extra_base = np.float64(np.float32(2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))))
         remaining = min(closest, num_heads - closest)
-        slopes = np.concatenate([slopes, extra_base ** np.arange(1, 1 + 2 * remaining, 2, dtype=np.float32)])
+        slopes = np.concatenate([slopes, extra_base ** np.arange(1, 1 + 2 * remaining, 2)])
     return slopes.astype(np.float32)
 
 
