@@ -14,9 +14,9 @@ from jint8.errors import InvalidConfigError
 from jint8.loading import NAME_RULES, kernel_spec, sharding
 from jint8.loading.names import NameRules
 from jint8.models import Fusion, LlamaConfig, LlamaForCausalLM, ModelSpec, ShardingRules, fusion
-from jint8.models import gemma, gpt2, llama, opt
+from jint8.models import bloom, falcon, gemma, gpt2, llama, opt
 
-FAMILIES = [llama, gemma, gpt2, opt]
+FAMILIES = [llama, gemma, gpt2, opt, bloom, falcon]
 
 
 class _FakeMesh:
@@ -49,6 +49,13 @@ def test_kernel_spec_takes_a_family_rules():
     path = ("model", "layers_0", "self_attn", "q_proj", "kernel")
     assert kernel_spec(path, (64, 64), _FakeMesh(), llama.SPEC.sharding) == P(None, "model")
     assert kernel_spec(path, (64, 64), _FakeMesh(), gpt2.SPEC.sharding) == P(None, None)
+    # BLOOM / Falcon: the fused query_key_value splits its output features (whole heads: BLOOM's
+    # per-head [q, k, v] rows, Falcon's per-key/value-head groups), dense its input features
+    qkv = ("transformer", "h_0", "self_attention", "query_key_value", "kernel")
+    dense = ("transformer", "h_0", "self_attention", "dense", "kernel")
+    for family in (bloom, falcon):
+        assert kernel_spec(qkv, (64, 192), _FakeMesh(), family.SPEC.sharding) == P(None, "model")
+        assert kernel_spec(dense, (64, 64), _FakeMesh(), family.SPEC.sharding) == P("model", None)
 
 
 def test_spec_requires_fused_column_parallel_parts_to_be_column_parallel():
