@@ -69,16 +69,21 @@ def _gguf_to_hf_names(reader, architecture: str, hf_names: Iterable[str], num_la
     if arch is None:
         raise UnsupportedArchitectureError(f"GGUF architecture {architecture!r} is unknown to the gguf package")
     name_map = gguf.get_tensor_name_map(arch, num_layers)
-    table = {}
+    table, unmapped = {}, []
     for hf_name in hf_names:
         base, _, suffix = hf_name.rpartition(".")
         gguf_base = name_map.get_name(base)
-        if gguf_base is None and "." in base:
-            # gguf's map knows some families' tensors by their base-model names only (BLOOM's
-            # "h.{bid}.post_attention_layernorm", not "transformer.h.{bid}...")
-            gguf_base = name_map.get_name(base.split(".", 1)[1])
         if gguf_base is not None:
             table[f"{gguf_base}.{suffix}"] = hf_name
+        elif "." in base:
+            unmapped.append((base.split(".", 1)[1], suffix, hf_name))
+    # gguf's map knows some families' tensors by their base-model names only (BLOOM's
+    # "h.{bid}.post_attention_layernorm", not "transformer.h.{bid}..."); such a name never takes
+    # a GGUF name another tensor already maps to
+    for base, suffix, hf_name in unmapped:
+        gguf_base = name_map.get_name(base)
+        if gguf_base is not None:
+            table.setdefault(f"{gguf_base}.{suffix}", hf_name)
     return table
 
 
