@@ -1,6 +1,6 @@
 """What jint8 knows about a model family, in one place: a ModelSpec per family file.
 
-Each family file (llama.py, gemma.py, gpt2.py, opt.py) ends with `SPEC = ModelSpec(...)`, and
+Each family file (llama.py, gemma.py, gpt2.py, opt.py, bloom.py, falcon.py) ends with `SPEC = ModelSpec(...)`, and
 everything that depends on the family reads it from there: the model_type registry
 (jint8.models), the checkpoint name map (loading.pretrained, export), the tensor-parallel rules
 (loading.sharding) and the projections fuse_projections may concatenate (models.fusion).
