@@ -17,7 +17,7 @@ from tiny_checkpoints import random_ids, torch_logits, torch_model
 import jint8
 from jint8 import GenerationConfig, generate
 from jint8.errors import UnsupportedArchitectureError
-from jint8.models import BloomForCausalLM, FalconConfig, FalconForCausalLM
+from jint8.models import BloomForCausalLM, FalconConfig
 from jint8.models.alibi import alibi_slopes
 
 PROMPTS = [[5, 9, 13, 5, 9, 22, 7], [3, 14, 15, 92, 65], [17, 2, 71, 8, 28, 18, 28, 45, 90, 45]]
