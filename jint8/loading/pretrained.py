@@ -115,6 +115,11 @@ def _records(kind: str, location: Path, hf_config, table) -> list[TensorRecord]:
     return safetensors_file.safetensors_records(location)
 
 
+def _stores_lm_head(records) -> bool:
+    """Whether a checkpoint holds its own output head (an lm_head.weight tensor)."""
+    return any(record.name == "lm_head.weight" or record.name.endswith(".lm_head.weight") for record in records)
+
+
 def _match(records, table: Mapping[str, TensorTarget], rules: NameRules, tied: bool):
     """[(record, target)] for every expected tensor; WeightsMismatchError naming files and tensors."""
     plan, seen, unknown, wrong_shape = [], {}, [], []
@@ -330,6 +335,13 @@ def from_pretrained(
     rules = spec.name_rules
     table = expected_tensors({p: tuple(s.shape) for p, s in shapes.items()}, rules)
     records = _records(kind, location, hf_config, table)
+    if kind != "gguf" and getattr(config, "tie_word_embeddings", False) and _stores_lm_head(records):
+        # the file decides: transformers 5 writes tie_word_embeddings=True for checkpoints whose
+        # head is its own matrix (T5 v1.1, FLAN-T5, mT5), and a stored lm_head.weight is that head
+        config = dataclasses.replace(config, tie_word_embeddings=False)
+        model = spec.model_class(config)
+        shapes = flatten_dict(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["params"])
+        table = expected_tensors({p: tuple(s.shape) for p, s in shapes.items()}, rules)
     bnb = bnb_int8_settings(hf_config) if kind == "safetensors" else None
     records, bnb_scales = split_bnb_records(records) if bnb is not None else (records, {})
     plan = _match(records, table, rules, config.tie_word_embeddings)
