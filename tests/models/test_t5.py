@@ -1,0 +1,155 @@
+"""T5 (original, tied head scaled by d_model**-0.5) and T5 v1.1 (gated-GELU, own lm_head): logits
+equal transformers' PyTorch forward, encoder-decoder greedy generation equal to transformers'
+generate, incremental decoder steps equal to the full decoder forward, int8 within the families'
+bound with an Orbax round trip, a bitsandbytes 8-bit T5 checkpoint, and refused configs."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import require_module
+from test_model_parity import FLOAT_RTOL, INT8_RTOL, relative_error
+
+import jint8
+from jint8 import GenerationConfig, generate
+from jint8.errors import UnsupportedArchitectureError
+from jint8.models import T5Config, T5ForConditionalGeneration
+
+VOCAB = 96
+# the stored duplicates of `shared` that transformers' state_dict lists (the file holds `shared`)
+_EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def _hf_config(variant: str, **fields):
+    transformers = require_module("transformers")
+    gated = variant == "t5_v1_1"
+    return transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=20,
+        feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated,
+        decoder_start_token_id=0, **fields)
+
+
+def _torch_t5(variant: str, directory, weight_scale: float = 4.0, **fields):
+    """A random T5 (matrices scaled by weight_scale: 4 gives greedy decoding clear argmax margins,
+    so float32 summation-order differences cannot flip a token), saved as transformers 5
+    saves it: config.json says tie_word_embeddings=true for both variants, and v1.1's file carries
+    its own lm_head.weight."""
+    torch = require_module("torch")
+    from safetensors.torch import save_file
+
+    transformers = require_module("transformers")
+    torch.manual_seed(0)
+    config = _hf_config(variant, **fields)
+    config._attn_implementation = "eager"
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(weight_scale) if param.ndim == 2 else param.add_(0.1 * torch.randn_like(param))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in _EMBED_COPIES}
+    if variant == "t5_v1_1":
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight))
+        state["lm_head.weight"] = model.lm_head.weight.detach().clone()
+    else:
+        state.pop("lm_head.weight")
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(directory)
+    return model
+
+
+def _inputs():
+    rng = np.random.RandomState(0)
+    ids = rng.randint(2, VOCAB, (2, 9)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0  # right padding, as T5's tokenizer pads
+    return ids, mask
+
+
+@pytest.fixture(scope="module", params=["t5", "t5_v1_1"])
+def t5_checkpoint(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    torch_model = _torch_t5(request.param, directory)
+    model, params = jint8.from_pretrained(directory, dtype=jnp.float32, progress=False)
+    return request.param, directory, torch_model, model, params
+
+
+def _torch_logits(torch_model, ids, mask, decoder_ids):
+    torch = require_module("torch")
+    with torch.no_grad():
+        return torch_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                           decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long)).logits.numpy()
+
+
+def test_t5_forward_generate_and_cache_equal_transformers(t5_checkpoint):
+    torch = require_module("torch")
+    variant, directory, torch_model, model, params = t5_checkpoint
+    # transformers 5 writes tie_word_embeddings=true for v1.1 too: the stored lm_head decides
+    assert json.loads((directory / "config.json").read_text())["tie_word_embeddings"] is True
+    assert model.config.tie_word_embeddings is (variant == "t5")
+    assert ("lm_head" in params) is (variant == "t5_v1_1")
+    assert model.config.scale_decoder_outputs is (variant == "t5")
+    ids, mask = _inputs()
+    with torch.no_grad():
+        greedy = torch_model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                                      max_new_tokens=16, do_sample=False).numpy()
+    result = generate(model, params, ids, mask, GenerationConfig(max_new_tokens=16))
+    assert greedy.shape == (2, 17)  # no eos within 16 tokens: both ran the whole loop
+    np.testing.assert_array_equal(result.sequences, greedy)
+    # sampling restricted to the top token is greedy again (the sampled route through the loop)
+    sampled = generate(model, params, ids, mask, GenerationConfig(max_new_tokens=16, do_sample=True, top_k=1, seed=3))
+    np.testing.assert_array_equal(sampled.sequences, greedy)
+
+    decoder_ids = greedy[:, :10]
+    forward = jax.jit(lambda p, *args: model.apply({"params": p}, *args))
+    full = np.asarray(forward(params, jnp.asarray(ids), jnp.asarray(decoder_ids), jnp.asarray(mask)))
+    assert relative_error(full, _torch_logits(torch_model, ids, mask, decoder_ids)) <= FLOAT_RTOL
+    # one decoder token per step through the static cache (cross-attention keys/values projected
+    # once by init_cache) equals the full decoder forward at every position
+    variables = {"params": params}
+    encoded = model.apply(variables, jnp.asarray(ids), jnp.asarray(mask), method="encode")
+    cache = model.apply(variables, encoded, jnp.asarray(mask), 16, method="init_cache")
+    step_fn = jax.jit(lambda p, token, cache, index: model.apply({"params": p}, token, cache, index, method="decode"))
+    for step in range(decoder_ids.shape[1]):
+        step_logits, cache = step_fn(params, jnp.asarray(decoder_ids[:, step:step + 1]), cache, step)
+        assert relative_error(step_logits[:, 0], full[:, step]) <= FLOAT_RTOL, step
+
+
+def test_t5_int8_within_bound_and_orbax_round_trip(t5_checkpoint, tmp_path):
+    variant = t5_checkpoint[0]
+    # unscaled weights (transformers' init): the 4x weights the generation test uses make T5's
+    # unscaled attention logits 16x larger and its softmax nearly one-hot, where one int8 rounding
+    # can move a whole attention row; the families' bound is derived for weights like these
+    torch_model = _torch_t5(variant, tmp_path, weight_scale=1.0)
+    quantization = jint8.Int8Config(threshold=6.0)
+    model, params = jint8.from_pretrained(tmp_path, dtype=jnp.float32, progress=False, quantization=quantization)
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, jint8.Int8Weight))
+    # encoder 2 x (q, k, v, o, wi or wi_0 + wi_1, wo), decoder 2 x (8 attention + the feed-forward),
+    # v1.1's own lm_head
+    ff = 3 if variant == "t5_v1_1" else 2
+    assert sum(isinstance(leaf, jint8.Int8Weight) for leaf in leaves) == 2 * (4 + ff) + 2 * (8 + ff) + (variant == "t5_v1_1")
+    ids, mask = _inputs()
+    decoder_ids = np.random.RandomState(2).randint(2, VOCAB, (2, 5)).astype(np.int32)
+    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(ids), jnp.asarray(decoder_ids), jnp.asarray(mask))
+    assert relative_error(logits, _torch_logits(torch_model, ids, mask, decoder_ids)) <= INT8_RTOL
+    jint8.save_quantized(tmp_path / "ckpt", params, quant_config=quantization, model_config=model.config)
+    restored_model, restored = jint8.from_pretrained(tmp_path / "ckpt")
+    assert isinstance(restored_model, T5ForConditionalGeneration) and restored_model.config == model.config
+    assert jax.tree.structure(restored) == jax.tree.structure(params)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("feed_forward_proj", "gated-mish", "feed_forward_proj='gated-mish'"),
+    ("feed_forward_proj", "relu-gated", "feed_forward_proj='relu-gated'"),
+    ("is_decoder", True, "is_decoder=True"),
+])
+def test_unsupported_t5_configs_are_refused_naming_the_field(field, value, message):
+    hf = _hf_config("t5_v1_1")
+    setattr(hf, field, value)  # after __post_init__, as a config.json would set it
+    with pytest.raises(UnsupportedArchitectureError, match=message):
+        T5Config.from_hf_config(hf)
