@@ -255,10 +255,13 @@ def _tensor_job(record: TensorRecord, target: TensorTarget, planned, decision: O
         return TensorJob(target.path, stage_bnb, None, lambda outputs: outputs, record.release)
     if record.dtype is not None and not _is_float(record.dtype):
         raise _non_float_error(record, record.dtype)
+    # a float leaf takes the dtype the model declares for it: `dtype` unless the family keeps a
+    # module in float32 (T5's wo in a float16 model, as transformers' _keep_in_fp32_modules)
+    out_dtype = planned.dtype if isinstance(planned, jax.ShapeDtypeStruct) else settings.dtype
     conversion_for = functools.partial(
         plan_conversion, stored_shape(target, record.flax_layout, settings.rules),
         transpose=needs_transpose(target, record.flax_layout, settings.rules), quantization=decision,
-        out_dtype=jnp.dtype(settings.dtype), mesh=settings.mesh,
+        out_dtype=jnp.dtype(out_dtype), mesh=settings.mesh,
         float_spec=_float_spec(target.path, planned, settings.mesh, settings.sharding))
     # formats whose headers give no dtype (msgpack, GGUF) plan their conversion once read
     expected = conversion_for(record.dtype) if record.dtype is not None else None

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 from reference import require_module
 from test_model_parity import FLOAT_RTOL, INT8_RTOL, relative_error
 
@@ -141,6 +142,54 @@ def test_t5_int8_within_bound_and_orbax_round_trip(t5_checkpoint, tmp_path):
     assert jax.tree.structure(restored) == jax.tree.structure(params)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_bnb_int8_t5_checkpoint_loads_as_stored(tmp_path):
+    require_module("bitsandbytes")
+    transformers = require_module("transformers")
+    float_dir, bnb_dir = tmp_path / "float", tmp_path / "bnb8"
+    float_dir.mkdir()
+    _torch_t5("t5", float_dir, weight_scale=1.0)
+    bnb_model = transformers.T5ForConditionalGeneration.from_pretrained(
+        float_dir, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
+    stored_q = bnb_model.encoder.block[0].layer[0].SelfAttention.q.weight
+    stored_int8, stored_scale = stored_q.data.numpy().copy(), stored_q.SCB.numpy().copy()
+    bnb_model.save_pretrained(bnb_dir)
+    model, params = jint8.from_pretrained(bnb_dir, dtype=jnp.float32, progress=False)
+    q = params["encoder"]["block_0"]["layer_0"]["SelfAttention"]["q"]["kernel"]
+    assert isinstance(q, jint8.Int8Weight) and q.threshold == 6.0
+    np.testing.assert_array_equal(q.qvalue, stored_int8)
+    np.testing.assert_array_equal(q.scale, stored_scale)
+    # transformers leaves _keep_in_fp32_modules ("wo") out of the 8-bit conversion: stored float
+    wo = params["encoder"]["block_0"]["layer_1"]["DenseReluDense"]["wo"]["kernel"]
+    assert not isinstance(wo, jint8.Int8Weight) and wo.dtype == jnp.float32
+    ids, mask = _inputs()
+    decoder_ids = np.random.RandomState(2).randint(2, VOCAB, (2, 5)).astype(np.int32)
+    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(ids), jnp.asarray(decoder_ids), jnp.asarray(mask))
+    # bitsandbytes' own LLM.int8() forward of the same int8 weights (the BLOOM test's bound: float
+    # summation order and activations rounded to 1/127 differently where bitsandbytes casts to float16)
+    assert relative_error(logits, _torch_logits(bnb_model, ids, mask, decoder_ids)) <= 1e-2
+
+
+def test_float16_t5_keeps_wo_in_float32_and_clamps(tmp_path):
+    """transformers' float16 T5: wo's parameters (as loaded) and matmul in float32, hidden states
+    clamped to the float16 range after each sub-layer (an overflow becomes finfo.max - 1000).
+    XLA:CPU has no float16 dot, so the float16 forward itself runs on GPUs only."""
+    from jint8.models.t5 import _clamp_fp16
+
+    _torch_t5("t5_v1_1", tmp_path)
+    model, params = jint8.from_pretrained(tmp_path, dtype=jnp.float16, progress=False)
+    dtypes = {path: leaf.dtype for path, leaf in flatten_dict(params).items()}
+    assert {d for path, d in dtypes.items() if "wo" in path} == {jnp.dtype(jnp.float32)}
+    assert {d for path, d in dtypes.items() if "wo" not in path} == {jnp.dtype(jnp.float16)}
+    torch = require_module("torch")
+    for values in ([np.inf, -np.inf, 1.0, 65504.0], [65504.0, -65504.0, 2.0, 3.0]):
+        hidden = torch.tensor(values, dtype=torch.float16)
+        # T5Block's clamp as transformers writes it (max - 1000 rounds to 64512 in float16)
+        limit = torch.where(torch.isinf(hidden).any(), torch.finfo(torch.float16).max - 1000,
+                            torch.finfo(torch.float16).max)
+        expected = torch.clamp(hidden, min=-limit, max=limit).numpy()
+        np.testing.assert_array_equal(np.asarray(_clamp_fp16(jnp.asarray(values, jnp.float16))), expected)
 
 
 @pytest.mark.parametrize("field, value, message", [
