@@ -192,6 +192,32 @@ def test_float16_t5_keeps_wo_in_float32_and_clamps(tmp_path):
         np.testing.assert_array_equal(np.asarray(_clamp_fp16(jnp.asarray(values, jnp.float16))), expected)
 
 
+def test_jint8_generate_command_on_a_t5_checkpoint(tmp_path, capsys):
+    tokenizers = require_module("tokenizers")
+    transformers = require_module("transformers")
+    from jint8 import cli
+
+    _torch_t5("t5_v1_1", tmp_path)
+    words = [c + v for c in "bcdfghjklmnpqrstvwxz" for v in "aeiou"][:VOCAB]
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[2]))
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    word_level.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    # T5's tokenizer closes every input with </s> (here words[1], the config's eos_token_id)
+    word_level.post_processor = tokenizers.processors.TemplateProcessing(single=f"$A {words[1]}",
+                                                                         special_tokens=[(words[1], 1)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token=words[0], eos_token=words[1],
+                                         unk_token=words[2]).save_pretrained(tmp_path)
+    prompt_ids = [3, 14, 15, 92, 65]
+    argv = ["generate", "--model", str(tmp_path), "--prompt", " ".join(words[i] for i in prompt_ids),
+            "--quantize", "none", "--dtype", "float32", "--max-new-tokens", "6"]
+    assert cli.main(argv) == 0
+    model, params = jint8.from_pretrained(tmp_path, dtype=jnp.float32, progress=False)
+    result = generate(model, params, [prompt_ids + [1]], config=GenerationConfig(max_new_tokens=6))
+    new = result.sequences[0, 1:1 + int(result.num_new_tokens[0])]
+    expected = " ".join(words[t] for t in new if t not in (0, 1))
+    assert expected and capsys.readouterr().out.strip() == expected
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("feed_forward_proj", "gated-mish", "feed_forward_proj='gated-mish'"),
     ("feed_forward_proj", "relu-gated", "feed_forward_proj='relu-gated'"),
