@@ -6,6 +6,10 @@ bound with an Orbax round trip, a bitsandbytes 8-bit T5 checkpoint, and refused 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -216,6 +220,17 @@ def test_jint8_generate_command_on_a_t5_checkpoint(tmp_path, capsys):
     new = result.sequences[0, 1:1 + int(result.num_new_tokens[0])]
     expected = " ".join(words[t] for t in new if t not in (0, 1))
     assert expected and capsys.readouterr().out.strip() == expected
+
+
+def test_t5_int8_sharded_over_a_mesh_equals_the_unsharded_load(tmp_path):
+    _torch_t5("t5_v1_1", tmp_path, weight_scale=1.0)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = Path(jint8.__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("t5_sharded_script.py")), str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("OK")
 
 
 @pytest.mark.parametrize("field, value, message", [
