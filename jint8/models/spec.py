@@ -1,6 +1,6 @@
 """What jint8 knows about a model family, in one place: a ModelSpec per family file.
 
-Each family file (llama.py, gemma.py, gpt2.py, opt.py, bloom.py, falcon.py) ends with `SPEC = ModelSpec(...)`, and
+Each family file (llama.py, gemma.py, gpt2.py, opt.py, bloom.py, falcon.py, t5.py) ends with `SPEC = ModelSpec(...)`, and
 everything that depends on the family reads it from there: the model_type registry
 (jint8.models), the checkpoint name map (loading.pretrained, export), the tensor-parallel rules
 (loading.sharding) and the projections fuse_projections may concatenate (models.fusion).
@@ -75,7 +75,7 @@ class ModelSpec:
     """One model family: the transformers model_types it serves and how jint8 builds, loads,
     shards and fuses it.
 
-    model_class: the Flax module (a CausalLM) built from a config_class instance.
+    model_class: the Flax module (a CausalLM, or T5's encoder-decoder) built from a config_class instance.
     config_class: a frozen config dataclass with from_hf_config(hf_config, dtype=...).
     name_rules: the family's deviations from the generic checkpoint name map.
     sharding: None shards by every registered family's rules (what a family registered with
