@@ -38,15 +38,16 @@ def _encoder_inputs(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndar
     return np.where(mask, ids, 0).astype(np.int32), mask
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "do_sample"))
-def _seq2seq_program(model, params, ids, mask, eos_ids, pad_id, start_id, key, sampling, *, max_new_tokens: int,
-                     do_sample: bool):
-    """-> tokens [B, 1 + max_new_tokens] (start token first, pad after eos) and the steps run."""
+@functools.partial(jax.jit, static_argnames=("model", "capacity", "do_sample"))
+def _seq2seq_program(model, params, ids, mask, max_new_tokens, eos_ids, pad_id, start_id, key, sampling, *,
+                     capacity: int, do_sample: bool):
+    """-> tokens [B, 1 + capacity] (start token first, pad after eos and past max_new_tokens) and
+    the steps run. capacity: the decoder cache's slots, max_new_tokens rounded up to its bucket."""
     variables = {"params": params}
     batch = ids.shape[0]
     encoded = model.apply(variables, ids, mask, method="encode")
-    cache = model.apply(variables, encoded, mask, max_new_tokens, method="init_cache")
-    tokens = jnp.full((batch, 1 + max_new_tokens), pad_id, jnp.int32).at[:, 0].set(start_id)
+    cache = model.apply(variables, encoded, mask, capacity, method="init_cache")
+    tokens = jnp.full((batch, 1 + capacity), pad_id, jnp.int32).at[:, 0].set(start_id)
     finished = jnp.zeros((batch,), bool)
 
     def running(state):
@@ -77,6 +78,8 @@ def generate_seq2seq(model, params, input_ids, attention_mask=None, config=None)
 
     Returns a GenerationResult whose sequences are the decoder's [B, 1 + max_new_tokens]: the
     start token, then the new tokens (pad after eos), as transformers' generate returns them.
+    Compiled shapes are bucketed like generate's (prompt_length_bucket, new_tokens_bucket), so
+    max_new_tokens, eos, pad and the sampling values are traced.
     """
     config = config or GenerationConfig()
     if not isinstance(config, GenerationConfig):
@@ -86,15 +89,22 @@ def generate_seq2seq(model, params, input_ids, attention_mask=None, config=None)
                                  "supported for encoder-decoder models")
     model_config = model.config
     ids, mask = _encoder_inputs(input_ids, attention_mask, model_config.vocab_size)
+    # compiled shapes are bucketed as generate's: masked encoder slots change no result (keys
+    # outside the mask get no weight, and the position bias depends on distances only)
+    batch, length = ids.shape
+    padded = -(-length // config.prompt_length_bucket) * config.prompt_length_bucket
+    ids = np.pad(ids, ((0, 0), (0, padded - length)))
+    mask = np.pad(mask, ((0, 0), (0, padded - length)))
+    capacity = -(-config.max_new_tokens // config.new_tokens_bucket) * config.new_tokens_bucket
     eos_tuple = config.eos_token_id or (() if model_config.eos_token_id is None else (model_config.eos_token_id,))
     pad_id = config.pad_token_id if config.pad_token_id is not None else model_config.pad_token_id
     eos = np.full((MAX_EOS_IDS,), -1, np.int32)
     eos[: len(eos_tuple)] = eos_tuple
     tokens, steps = _seq2seq_program(
-        model, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(eos), jnp.int32(pad_id),
-        jnp.int32(model_config.decoder_start_token_id), jax.random.key(config.seed),
-        SamplingParams.from_config(config), max_new_tokens=config.max_new_tokens, do_sample=config.sampling)
-    tokens, steps = np.asarray(tokens), int(steps)
+        model, params, jnp.asarray(ids), jnp.asarray(mask), jnp.int32(config.max_new_tokens), jnp.asarray(eos),
+        jnp.int32(pad_id), jnp.int32(model_config.decoder_start_token_id), jax.random.key(config.seed),
+        SamplingParams.from_config(config), capacity=capacity, do_sample=config.sampling)
+    tokens, steps = np.asarray(tokens)[:, : 1 + config.max_new_tokens], int(steps)
     new = tokens[:, 1:]
     is_eos = np.isin(new, np.asarray(eos_tuple, np.int64)) if eos_tuple else np.zeros_like(new, bool)
     num_new = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, steps)
