@@ -16,10 +16,10 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from jint8.errors import InvalidConfigError
+from jint8.errors import InvalidConfigError, UnsupportedArchitectureError
 from jint8.loading.names import NameRules, expected_tensors, flax_path_to_hf
 from jint8.loading.pretrained import name_rules_for
-from jint8.models import llama, registered_fusions
+from jint8.models import llama, registered_fusions, spec_for
 from jint8.quantize import Int8Weight
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -51,6 +51,23 @@ def hf_config_of(config):
     if config.sliding_window is not None:
         fields["sliding_window"] = config.sliding_window
     return AutoConfig.for_model(config.model_type, **fields)
+
+
+def _refuse_kept_float_modules(params, model_type: str) -> None:
+    """transformers + bitsandbytes keep a family's _keep_in_fp32_modules float: an int8 kernel
+    exported under one would be read into a float Linear."""
+    try:
+        keep = spec_for(model_type).keep_float_modules
+    except UnsupportedArchitectureError:
+        return
+    flat = flatten_dict(params, is_leaf=lambda _, x: isinstance(x, Int8Weight))
+    quantized = sorted("/".join(path) for path, leaf in flat.items()
+                       if isinstance(leaf, Int8Weight) and len(path) > 1 and path[-2] in keep)
+    if quantized:
+        raise InvalidConfigError(
+            f"export_bitsandbytes: {quantized[0]} (and {len(quantized) - 1} more) is int8, but transformers keeps "
+            f"{list(keep)} of model_type={model_type!r} in float (_keep_in_fp32_modules) and cannot load it "
+            f"quantized; quantize with Int8Config(skip_modules=({keep[0]!r},))")
 
 
 def _tensors(params, rules: NameRules, float_dtype) -> dict[str, np.ndarray]:
@@ -127,6 +144,7 @@ def export_bitsandbytes(
     weights = [w for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight)) if isinstance(w, Int8Weight)]
     if not weights:
         raise InvalidConfigError("export_bitsandbytes: params hold no Int8Weight; quantize them first")
+    _refuse_kept_float_modules(params, config.model_type)
     thresholds = {w.threshold for w in weights}
     if len(thresholds) > 1:
         raise InvalidConfigError(f"export_bitsandbytes: int8 kernels use several thresholds {sorted(thresholds)}; bitsandbytes has one")

@@ -81,6 +81,9 @@ class ModelSpec:
     sharding: None shards by every registered family's rules (what a family registered with
       register_model alone gets).
     fusions: what fuse_projections may fuse in this family's params.
+    keep_float_modules: modules transformers leaves out of its bitsandbytes 8-bit conversion
+      (its `_keep_in_fp32_modules`, T5's "wo"): transformers would load an int8 weight of one
+      into a float Linear, so export_bitsandbytes refuses them quantized.
     """
 
     model_types: tuple[str, ...]
@@ -89,6 +92,7 @@ class ModelSpec:
     name_rules: NameRules = NameRules()
     sharding: Optional[ShardingRules] = None
     fusions: tuple[Fusion, ...] = ()
+    keep_float_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.model_types or not all(isinstance(t, str) and t for t in self.model_types):

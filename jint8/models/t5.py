@@ -444,4 +444,5 @@ SPEC = ModelSpec(
         row_parallel=("o", "wo"),
         vocab_parallel=("shared",),
     ),
+    keep_float_modules=("wo",),
 )

@@ -21,7 +21,7 @@ from test_model_parity import FLOAT_RTOL, INT8_RTOL, relative_error
 
 import jint8
 from jint8 import GenerationConfig, generate
-from jint8.errors import UnsupportedArchitectureError
+from jint8.errors import InvalidConfigError, UnsupportedArchitectureError
 from jint8.models import T5Config, T5ForConditionalGeneration
 
 VOCAB = 96
@@ -140,6 +140,9 @@ def test_t5_int8_within_bound_and_orbax_round_trip(t5_checkpoint, tmp_path):
     decoder_ids = np.random.RandomState(2).randint(2, VOCAB, (2, 5)).astype(np.int32)
     logits = jax.jit(model.apply)({"params": params}, jnp.asarray(ids), jnp.asarray(decoder_ids), jnp.asarray(mask))
     assert relative_error(logits, _torch_logits(torch_model, ids, mask, decoder_ids)) <= INT8_RTOL
+    # transformers + bitsandbytes keep wo float (_keep_in_fp32_modules) and could not read an int8 one
+    with pytest.raises(InvalidConfigError, match=r"wo.*skip_modules=\('wo',\)"):
+        jint8.export_bitsandbytes(model, params, tmp_path / "bnb", hf_config=_hf_config(variant))
     jint8.save_quantized(tmp_path / "ckpt", params, quant_config=quantization, model_config=model.config)
     restored_model, restored = jint8.from_pretrained(tmp_path / "ckpt")
     assert isinstance(restored_model, T5ForConditionalGeneration) and restored_model.config == model.config
