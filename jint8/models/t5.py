@@ -34,7 +34,7 @@ from jint8.errors import InvalidConfigError, UnsupportedArchitectureError
 from jint8.layers import Int8Dense, Int8Embed
 from jint8.models.common import ACTIVATIONS, KVCache, RMSNorm, update_layer_cache
 from jint8.models.common import attention_mask as causal_slot_mask
-from jint8.models.spec import ModelSpec, NameRules, ShardingRules
+from jint8.models.spec import Fusion, ModelSpec, NameRules, ShardingRules
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -206,7 +206,16 @@ class T5Attention(nn.Module):
     def setup(self):
         cfg = self.config
         inner = cfg.num_heads * cfg.d_kv
-        self.q, self.k, self.v = _dense(cfg, inner), _dense(cfg, inner), _dense(cfg, inner)
+        # fuse_projections' one matmul for q|k|v (self-attention) or k|v (cross-attention: both
+        # read the encoder output), else transformers' separate projections
+        if self.has_variable("params", "qkv"):
+            self.qkv = _dense(cfg, 3 * inner)
+        else:
+            self.q = _dense(cfg, inner)
+            if self.has_variable("params", "kv"):
+                self.kv = _dense(cfg, 2 * inner)
+            else:
+                self.k, self.v = _dense(cfg, inner), _dense(cfg, inner)
         self.o = _dense(cfg, cfg.d_model)
         if self.has_relative_attention_bias:
             self.relative_attention_bias = Int8Embed(cfg.relative_attention_num_buckets, cfg.num_heads,
@@ -215,9 +224,22 @@ class T5Attention(nn.Module):
     def heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
 
+    def query(self, h: jax.Array) -> jax.Array:
+        """h [B, T, D] -> queries [B, T, N, H] (cross-attention)."""
+        return self.heads(self.q(h))
+
     def project_kv(self, states: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """states [B, S, D] -> keys, values [B, S, N, H]."""
+        """states [B, S, D] -> keys, values [B, S, N, H] (cross-attention)."""
+        if self.has_variable("params", "kv"):
+            k, v = jnp.split(self.kv(states), 2, axis=-1)
+            return self.heads(k), self.heads(v)
         return self.heads(self.k(states)), self.heads(self.v(states))
+
+    def project_qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """h [B, T, D] -> queries, keys, values [B, T, N, H] (self-attention)."""
+        if self.has_variable("params", "qkv"):
+            return tuple(self.heads(part) for part in jnp.split(self.qkv(h), 3, axis=-1))
+        return self.query(h), self.heads(self.k(h)), self.heads(self.v(h))
 
     def compute_bias(self, query_positions: jax.Array, num_keys: int) -> jax.Array:
         """[1, N, T, S] bias of queries at query_positions [T] over key positions 0..S-1."""
@@ -228,12 +250,11 @@ class T5Attention(nn.Module):
                                            max_distance=cfg.relative_attention_max_distance)
         return jnp.transpose(self.relative_attention_bias(buckets), (2, 0, 1))[None]
 
-    def __call__(self, h, keys, values, mask, bias):
-        """h [B, T, D]; keys, values [B, S, N, H]; mask [B|1, 1, T|1, S]; bias [1, N, T, S] or None."""
-        q = self.heads(self.q(h))
+    def __call__(self, q, keys, values, mask, bias):
+        """q [B, T, N, H]; keys, values [B, S, N, H]; mask [B|1, 1, T|1, S]; bias [1, N, T, S] or None."""
         out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), bias=bias,
                                            mask=mask, scale=1.0)
-        return self.o(out.reshape(*h.shape[:-1], -1))
+        return self.o(out.reshape(*q.shape[:-2], -1))
 
 
 class T5FeedForward(nn.Module):
@@ -245,7 +266,10 @@ class T5FeedForward(nn.Module):
     def __call__(self, h):
         cfg = self.config
         act = ACTIVATIONS[cfg.dense_act_fn]
-        if cfg.gated:
+        if cfg.gated and self.has_variable("params", "wi_01"):  # fuse_projections' one wi_0|wi_1 matmul
+            gate, linear = jnp.split(_dense(cfg, 2 * cfg.d_ff, "wi_01")(h), 2, axis=-1)
+            h = act(gate) * linear
+        elif cfg.gated:
             h = act(_dense(cfg, cfg.d_ff, "wi_0")(h)) * _dense(cfg, cfg.d_ff, "wi_1")(h)
         else:
             h = act(_dense(cfg, cfg.d_ff, "wi")(h))
@@ -274,9 +298,10 @@ class T5LayerAttention(nn.Module):
     def normed(self, x):
         return self.layer_norm(x)
 
-    def __call__(self, x, h, keys, values, mask, bias):
-        """x: the residual stream; h = normed(x), from which keys/values were projected by the caller."""
-        return x + self.attention(h, keys, values, mask, bias)
+    def __call__(self, x, q, keys, values, mask, bias):
+        """x: the residual stream; q, keys, values projected by the caller (from normed(x), or the
+        encoder output's keys/values)."""
+        return x + self.attention(q, keys, values, mask, bias)
 
 
 class T5LayerFF(nn.Module):
@@ -309,15 +334,14 @@ class T5Block(nn.Module):
         keys/values written at cache_index of layer layer_index, attention over the slots.
         cross: (keys, values, mask) of the encoder output (decoder only)."""
         self_layer = self.layer[0]
-        h = self_layer.normed(x)
-        keys, values = self_layer.attention.project_kv(h)
+        q, keys, values = self_layer.attention.project_qkv(self_layer.normed(x))
         if cache is not None:
             cache, keys, values = update_layer_cache(cache, layer_index, keys, values, cache_index)
-        x = _clamp_fp16(self_layer(x, h, keys, values, self_mask, bias))
+        x = _clamp_fp16(self_layer(x, q, keys, values, self_mask, bias))
         if self.is_decoder:
             cross_layer = self.layer[1]
-            h = cross_layer.normed(x)
-            x = _clamp_fp16(cross_layer(x, h, *cross, None))
+            q = cross_layer.attention.query(cross_layer.normed(x))
+            x = _clamp_fp16(cross_layer(x, q, *cross, None))
         return _clamp_fp16(self.layer[-1](x)), cache
 
 
@@ -440,9 +464,14 @@ SPEC = ModelSpec(
         ),
     ),
     sharding=ShardingRules(
-        column_parallel=("q", "k", "v", "wi", "wi_0", "wi_1", "lm_head"),
+        column_parallel=("q", "k", "v", "qkv", "kv", "wi", "wi_0", "wi_1", "wi_01", "lm_head"),
         row_parallel=("o", "wo"),
         vocab_parallel=("shared",),
+    ),
+    fusions=(
+        Fusion("SelfAttention", "qkv", ("q", "k", "v")),
+        Fusion("EncDecAttention", "kv", ("k", "v")),
+        Fusion("DenseReluDense", "wi_01", ("wi_0", "wi_1")),
     ),
     keep_float_modules=("wo",),
 )

@@ -40,7 +40,8 @@ def test_fused_modules_are_column_parallel_like_their_parts(family):
 
 def test_old_names_are_derived_from_the_specs():
     assert NAME_RULES["gpt2"] == gpt2.SPEC.name_rules and NAME_RULES["llama"] == NameRules()
-    assert fusion.FUSIONS == llama.SPEC.fusions
+    assert fusion.FUSIONS == models.registered_fusions()
+    assert fusion.FUSIONS[: len(llama.SPEC.fusions)] == llama.SPEC.fusions and set(t5.SPEC.fusions) <= set(fusion.FUSIONS)
     assert {"qkv_proj", "gate_up_proj", "c_attn", "fc1"} <= set(sharding.COLUMN_PARALLEL)
     assert {"o_proj", "c_proj", "out_proj"} <= set(sharding.ROW_PARALLEL)
 

@@ -138,8 +138,17 @@ def test_t5_int8_within_bound_and_orbax_round_trip(t5_checkpoint, tmp_path):
     assert sum(isinstance(leaf, jint8.Int8Weight) for leaf in leaves) == 2 * (4 + ff) + 2 * (8 + ff) + (variant == "t5_v1_1")
     ids, mask = _inputs()
     decoder_ids = np.random.RandomState(2).randint(2, VOCAB, (2, 5)).astype(np.int32)
-    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(ids), jnp.asarray(decoder_ids), jnp.asarray(mask))
+    forward = jax.jit(model.apply)
+    logits = forward({"params": params}, jnp.asarray(ids), jnp.asarray(decoder_ids), jnp.asarray(mask))
     assert relative_error(logits, _torch_logits(torch_model, ids, mask, decoder_ids)) <= INT8_RTOL
+    # self-attention q|k|v, cross-attention k|v and v1.1's wi_0|wi_1 fused: one matmul each reads
+    # the same input, so LLM.int8()'s row scales and outlier columns are the parts' own: exact
+    fused = jint8.fuse_projections(params)
+    assert {"qkv", "o"} <= set(fused["decoder"]["block_1"]["layer_0"]["SelfAttention"])
+    assert set(fused["decoder"]["block_1"]["layer_1"]["EncDecAttention"]) == {"q", "kv", "o"}
+    assert ("wi_01" in fused["encoder"]["block_0"]["layer_1"]["DenseReluDense"]) is (variant == "t5_v1_1")
+    np.testing.assert_array_equal(
+        forward({"params": fused}, jnp.asarray(ids), jnp.asarray(decoder_ids), jnp.asarray(mask)), logits)
     # transformers + bitsandbytes keep wo float (_keep_in_fp32_modules) and could not read an int8 one
     with pytest.raises(InvalidConfigError, match=r"wo.*skip_modules=\('wo',\)"):
         jint8.export_bitsandbytes(model, params, tmp_path / "bnb", hf_config=_hf_config(variant))
