@@ -123,8 +123,9 @@ def test_t5_forward_generate_and_cache_equal_transformers(t5_checkpoint):
         assert relative_error(step_logits[:, 0], full[:, step]) <= FLOAT_RTOL, step
 
 
-def test_t5_int8_within_bound_and_orbax_round_trip(t5_checkpoint, tmp_path):
-    variant = t5_checkpoint[0]
+def test_t5_int8_within_bound_fused_and_orbax_round_trip(tmp_path):
+    # v1.1: every projection kind (gated feed-forward, own lm_head) and every fusion
+    variant = "t5_v1_1"
     # unscaled weights (transformers' init): the 4x weights the generation test uses make T5's
     # unscaled attention logits 16x larger and its softmax nearly one-hot, where one int8 rounding
     # can move a whole attention row; the families' bound is derived for weights like these
@@ -132,10 +133,8 @@ def test_t5_int8_within_bound_and_orbax_round_trip(t5_checkpoint, tmp_path):
     quantization = jint8.Int8Config(threshold=6.0)
     model, params = jint8.from_pretrained(tmp_path, dtype=jnp.float32, progress=False, quantization=quantization)
     leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, jint8.Int8Weight))
-    # encoder 2 x (q, k, v, o, wi or wi_0 + wi_1, wo), decoder 2 x (8 attention + the feed-forward),
-    # v1.1's own lm_head
-    ff = 3 if variant == "t5_v1_1" else 2
-    assert sum(isinstance(leaf, jint8.Int8Weight) for leaf in leaves) == 2 * (4 + ff) + 2 * (8 + ff) + (variant == "t5_v1_1")
+    # encoder 2 x (q, k, v, o, wi_0, wi_1, wo), decoder 2 x (8 attention + the feed-forward), lm_head
+    assert sum(isinstance(leaf, jint8.Int8Weight) for leaf in leaves) == 2 * (4 + 3) + 2 * (8 + 3) + 1
     ids, mask = _inputs()
     decoder_ids = np.random.RandomState(2).randint(2, VOCAB, (2, 5)).astype(np.int32)
     forward = jax.jit(model.apply)
@@ -146,7 +145,7 @@ def test_t5_int8_within_bound_and_orbax_round_trip(t5_checkpoint, tmp_path):
     fused = jint8.fuse_projections(params)
     assert {"qkv", "o"} <= set(fused["decoder"]["block_1"]["layer_0"]["SelfAttention"])
     assert set(fused["decoder"]["block_1"]["layer_1"]["EncDecAttention"]) == {"q", "kv", "o"}
-    assert ("wi_01" in fused["encoder"]["block_0"]["layer_1"]["DenseReluDense"]) is (variant == "t5_v1_1")
+    assert set(fused["encoder"]["block_0"]["layer_1"]["DenseReluDense"]) == {"wi_01", "wo"}
     np.testing.assert_array_equal(
         forward({"params": fused}, jnp.asarray(ids), jnp.asarray(decoder_ids), jnp.asarray(mask)), logits)
     # transformers + bitsandbytes keep wo float (_keep_in_fp32_modules) and could not read an int8 one
