@@ -156,8 +156,9 @@ def relative_position_bucket(relative_position: jax.Array, *, bidirectional: boo
     max_exact = num_buckets // 2
     is_small = relative_position < max_exact
     # float32 log like torch's .float(); the small distances' log(0) is masked by is_small
-    large = max_exact + (jnp.log(jnp.maximum(relative_position, 1).astype(jnp.float32) / max_exact)
-                         / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(relative_position.dtype)
+    log_ratio = jnp.log(jnp.maximum(relative_position, 1).astype(jnp.float32) / max_exact)
+    large = max_exact + (log_ratio / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(relative_position.dtype)
     large = jnp.minimum(large, num_buckets - 1)
     return buckets + jnp.where(is_small, relative_position, large)
 

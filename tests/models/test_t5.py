@@ -214,7 +214,8 @@ def test_jint8_generate_command_on_a_t5_checkpoint(tmp_path, capsys):
 
     _torch_t5("t5_v1_1", tmp_path)
     words = [c + v for c in "bcdfghjklmnpqrstvwxz" for v in "aeiou"][:VOCAB]
-    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[2]))
+    vocabulary = {w: i for i, w in enumerate(words)}
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token=words[2]))
     word_level.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     word_level.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
     # T5's tokenizer closes every input with </s> (here words[1], the config's eos_token_id)
