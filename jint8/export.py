@@ -23,11 +23,11 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from jint8.checkpoint.atomic import refuse_foreign_directory, staged_directory
-from jint8.errors import InvalidConfigError
+from jint8.errors import InvalidConfigError, UnsupportedArchitectureError
+from jint8.loading.bnb_int4 import QUANT_STATE
 from jint8.loading.names import NameRules, expected_tensors, flax_path_to_hf
 from jint8.loading.pretrained import name_rules_for
-from jint8.models import llama, registered_fusions
-from jint8.loading.bnb_int4 import QUANT_STATE
+from jint8.models import llama, registered_fusions, spec_for
 from jint8.quant4 import NESTED_BLOCKSIZE, Int4Weight, code_book
 from jint8.quantize import Int8Weight
 
@@ -60,6 +60,24 @@ def hf_config_of(config):
     if config.sliding_window is not None:
         fields["sliding_window"] = config.sliding_window
     return AutoConfig.for_model(config.model_type, **fields)
+
+
+def _refuse_kept_float_modules(params, model_type: str) -> None:
+    """transformers + bitsandbytes keep a family's _keep_in_fp32_modules float: an int8 kernel
+    exported under one would be read into a float Linear."""
+    try:
+        keep = spec_for(model_type).keep_float_modules
+    except UnsupportedArchitectureError:
+        return
+    quantized_leaf = (Int8Weight, Int4Weight)
+    flat = flatten_dict(params, is_leaf=lambda _, x: isinstance(x, quantized_leaf))
+    quantized = sorted("/".join(path) for path, leaf in flat.items()
+                       if isinstance(leaf, quantized_leaf) and len(path) > 1 and path[-2] in keep)
+    if quantized:
+        raise InvalidConfigError(
+            f"export_bitsandbytes: {quantized[0]} (and {len(quantized) - 1} more) is int8, but transformers keeps "
+            f"{list(keep)} of model_type={model_type!r} in float (_keep_in_fp32_modules) and cannot load it "
+            f"quantized; quantize with skip_modules=({keep[0]!r},)")
 
 
 def _tensors(params, rules: NameRules, float_dtype) -> dict[str, np.ndarray]:
@@ -180,6 +198,7 @@ def export_bitsandbytes(
     config = model.config
     hf_config = hf_config or hf_config_of(config)
     rules = name_rules_for(config.model_type)
+    _refuse_kept_float_modules(params, config.model_type)
     float_dtype = np.dtype(jax.numpy.dtype(config.dtype))
     quantization_config = _quantization_config(params, float_dtype)
     tensors = _tensors(params, rules, float_dtype)

@@ -1,4 +1,5 @@
-"""`jint8 generate`: text from a checkpoint or GGUF file, streamed for one prompt, batched for several."""
+"""`jint8 generate`: text from a checkpoint or GGUF file, streamed for one prompt, batched for several;
+an encoder-decoder checkpoint (T5) takes the prompt as its encoder input."""
 
 from __future__ import annotations
 
@@ -69,11 +70,19 @@ def _run_generate(args: argparse.Namespace) -> int:
                                                        args.threshold, fuse=True)
         assistant = dict(assistant_model=assistant_model, assistant_params=assistant_params)
     config = dataclasses.replace(config, eos_token_id=eos_ids(tokenizer))
-    ids, mask = chat_inputs(tokenizer, args.prompt, args.chat)
+    encoder_decoder = getattr(model, "IS_ENCODER_DECODER", False)
+    if encoder_decoder:
+        # T5: the prompt is the encoder's input, with the tokenizer's own special tokens (its
+        # closing </s>); the output sequences are the decoder's, after its start token
+        encoded = tokenizer(list(args.prompt), padding=True, return_tensors="np")
+        ids, mask, first_new = encoded["input_ids"], encoded["attention_mask"], 1
+    else:
+        ids, mask = chat_inputs(tokenizer, args.prompt, args.chat)
+        first_new = ids.shape[1]
 
     streamed: list = []
     stream = None
-    if len(args.prompt) == 1:  # one prompt: print text as the compiled loop produces it
+    if len(args.prompt) == 1 and not encoder_decoder:  # one prompt: print text as the compiled loop produces it
         def stream(tokens):
             before = tokenizer.decode(sum(streamed, []), skip_special_tokens=True)
             streamed.append(tokens[0].tolist())
@@ -85,9 +94,11 @@ def _run_generate(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     if stream is not None:
         print()
+    elif len(args.prompt) == 1:
+        print(tokenizer.decode(result.sequences[0, first_new:], skip_special_tokens=True))
     else:
         for prompt, row in zip(args.prompt, result.sequences):
-            print(f"### {prompt}\n{tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True)}\n")
+            print(f"### {prompt}\n{tokenizer.decode(row[first_new:], skip_special_tokens=True)}\n")
     speculation = ""
     if args.assistant or args.prompt_lookup:
         speculation = f", {result.accepted_tokens_per_step:.2f} drafted tokens accepted per step"

@@ -23,7 +23,8 @@ rows that batching and bucketing add; float models are batch-invariant up to rou
 
 Modules: config (GenerationConfig, GenerationResult), sampling (filter_logits, choose_tokens),
 state (the program's plan, controls and loop carry), drafting (prompt-lookup and assistant
-drafts, verification), loop (the compiled program), api (generate).
+drafts, verification), loop (the compiled program), api (generate), seq2seq (encoder-decoder
+models: the encoder once, then the decoder loop; generate_seq2seq).
 """
 
 from jint8.generation.api import generate
@@ -31,6 +32,7 @@ from jint8.generation.config import MAX_EOS_IDS, StreamCallback  # noqa: F401  (
 from jint8.generation.config import GenerationConfig, GenerationResult
 from jint8.generation.loop import clear_compiled_programs, compile_count
 from jint8.generation.sampling import SamplingParams, choose_tokens, filter_logits
+from jint8.generation.seq2seq import generate_seq2seq
 
 __all__ = [
     "GenerationConfig",
@@ -41,4 +43,5 @@ __all__ = [
     "compile_count",
     "filter_logits",
     "generate",
+    "generate_seq2seq",
 ]

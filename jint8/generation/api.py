@@ -19,6 +19,7 @@ from jint8.errors import (
 from jint8.generation.config import MAX_EOS_IDS, GenerationConfig, GenerationResult, StreamCallback
 from jint8.generation.loop import _generation_program, _stream_ids, _streams
 from jint8.generation.sampling import SamplingParams
+from jint8.generation.seq2seq import generate_seq2seq
 from jint8.generation.state import _Controls, _Plan
 
 
@@ -118,12 +119,19 @@ def generate(
       compiled loop runs; chunks arrive in order and together make up the new tokens.
     assistant_model, assistant_params: a smaller model with the same vocabulary for speculative
       decoding (K = config.num_assistant_tokens drafts per step).
+    An encoder-decoder model (T5) goes to generate_seq2seq: input_ids feed the encoder and the
+    result's sequences are the decoder's (start token, then the new tokens).
     """
     config = config or GenerationConfig()
     if not isinstance(config, GenerationConfig):
         raise InvalidConfigError(f"config must be a GenerationConfig, got {type(config).__name__}")
     if (assistant_model is None) != (assistant_params is None):
         raise InvalidConfigError("assistant_model and assistant_params must be given together")
+    if getattr(model, "IS_ENCODER_DECODER", False):
+        if stream is not None or assistant_model is not None:
+            raise InvalidConfigError(f"{type(model).__name__} is an encoder-decoder model: generate takes no "
+                                     "stream or assistant_model for it")
+        return generate_seq2seq(model, params, input_ids, attention_mask, config)
     ids, mask = _prepare_prompt(input_ids, attention_mask)
     ids = _check_model_limits(model, ids, mask, config, assistant_model)
     plan = _plan_for(config, assistant_model, stream is not None)

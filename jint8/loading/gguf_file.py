@@ -4,6 +4,11 @@ llama.cpp's converter permutes the rows of attn_q / attn_k of "llama"-architectu
 (interleaved rotary pairs instead of transformers' rotate_half halves); the reverse permutation
 here is transformers' LlamaTensorProcessor._reverse_permute_weights (modeling_gguf_pytorch_utils).
 Gemma GGUFs store norm weights + 1 (transformers' Gemma2TensorProcessor subtracts it again).
+BLOOM's fused attn_qkv is stored as q | k | v, not BLOOM's per-head [q, k, v] interleave
+(transformers' BloomTensorProcessor undoes that; so does `bloom_qkv_from_llama_cpp`). Falcon
+GGUFs of the multi-query (7B) layout store attn_qkv as Falcon does; transformers' GGUF config
+reader cannot describe the new decoder architecture (no new_decoder_architecture, ln_attn), so
+those files are refused.
 """
 
 from __future__ import annotations
@@ -61,6 +66,14 @@ def reverse_rotary_permutation(weights: np.ndarray, num_heads: int) -> np.ndarra
     return w.swapaxes(2, 1).reshape(weights.shape)
 
 
+def bloom_qkv_from_llama_cpp(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp's q | k | v rows ([3 * D, ...] PyTorch layout, weight or bias) back to BLOOM's
+    per-head [head][q, k, v][head_dim] interleave."""
+    q, k, v = np.split(weights, 3, axis=0)
+    per_head = [x.reshape(num_heads, x.shape[0] // num_heads, *x.shape[1:]) for x in (q, k, v)]
+    return np.stack(per_head, axis=1).reshape(weights.shape)
+
+
 def _gguf_to_hf_names(reader, architecture: str, hf_names: Iterable[str], num_layers: int) -> dict[str, str]:
     import gguf
 
@@ -68,12 +81,21 @@ def _gguf_to_hf_names(reader, architecture: str, hf_names: Iterable[str], num_la
     if arch is None:
         raise UnsupportedArchitectureError(f"GGUF architecture {architecture!r} is unknown to the gguf package")
     name_map = gguf.get_tensor_name_map(arch, num_layers)
-    table = {}
+    table, unmapped = {}, []
     for hf_name in hf_names:
         base, _, suffix = hf_name.rpartition(".")
         gguf_base = name_map.get_name(base)
         if gguf_base is not None:
             table[f"{gguf_base}.{suffix}"] = hf_name
+        elif "." in base:
+            unmapped.append((base.split(".", 1)[1], suffix, hf_name))
+    # gguf's map knows some families' tensors by their base-model names only (BLOOM's
+    # "h.{bid}.post_attention_layernorm", not "transformer.h.{bid}..."); such a name never takes
+    # a GGUF name another tensor already maps to
+    for base, suffix, hf_name in unmapped:
+        gguf_base = name_map.get_name(base)
+        if gguf_base is not None:
+            table.setdefault(f"{gguf_base}.{suffix}", hf_name)
     return table
 
 
@@ -95,6 +117,8 @@ def _reader(file: Path, tensor, hf_name: str, architecture: str, hf_config):
             weights = reverse_rotary_permutation(weights, heads)
         if architecture.startswith("gemma") and hf_name.endswith("norm.weight"):
             weights = weights - 1.0
+        if architecture == "bloom" and ".attn_qkv." in tensor.name:
+            weights = bloom_qkv_from_llama_cpp(weights, hf_config.n_head)
         return weights
 
     return read
@@ -107,6 +131,10 @@ def gguf_records(file: Path, hf_config, hf_names: Iterable[str]) -> list[TensorR
     """
     reader = open_gguf(file)
     architecture = gguf_architecture(reader)
+    if architecture == "falcon" and any(t.name.endswith("attn_norm_2.weight") for t in reader.tensors):
+        raise UnsupportedArchitectureError(
+            f"{file}: a Falcon new-decoder-architecture GGUF (attn_norm_2 tensors); transformers' GGUF config "
+            "reader has no new_decoder_architecture, so jint8 reads multi-query (7B-style) Falcon GGUFs only")
     names = _gguf_to_hf_names(reader, architecture, hf_names, hf_config.num_hidden_layers)
     supported = _supported_types()
     records = []

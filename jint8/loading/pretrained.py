@@ -120,6 +120,11 @@ def _records(kind: str, location: Path, hf_config, table) -> list[TensorRecord]:
     return safetensors_file.safetensors_records(location)
 
 
+def _stores_lm_head(records) -> bool:
+    """Whether a checkpoint holds its own output head (an lm_head.weight tensor)."""
+    return any(record.name == "lm_head.weight" or record.name.endswith(".lm_head.weight") for record in records)
+
+
 def _match(records, table: Mapping[str, TensorTarget], rules: NameRules, tied: bool):
     """[(record, target)] for every expected tensor; WeightsMismatchError naming files and tensors."""
     plan, seen, unknown, wrong_shape = [], {}, [], []
@@ -320,10 +325,13 @@ def _tensor_job(record: TensorRecord, target: TensorTarget, planned, decision: O
         return TensorJob(target.path, stage_bnb, None, lambda outputs: outputs, record.release)
     if record.dtype is not None and not _is_float(record.dtype):
         raise _non_float_error(record, record.dtype)
+    # a float leaf takes the dtype the model declares for it: `dtype` unless the family keeps a
+    # module in float32 (T5's wo in a float16 model, as transformers' _keep_in_fp32_modules)
+    out_dtype = planned.dtype if isinstance(planned, jax.ShapeDtypeStruct) else settings.dtype
     conversion_for = functools.partial(
         plan_conversion, stored_shape(target, record.flax_layout, settings.rules),
         transpose=needs_transpose(target, record.flax_layout, settings.rules), quantization=decision,
-        out_dtype=jnp.dtype(settings.dtype), mesh=settings.mesh,
+        out_dtype=jnp.dtype(out_dtype), mesh=settings.mesh,
         float_spec=_float_spec(target.path, planned, settings.mesh, settings.sharding))
     # formats whose headers give no dtype (msgpack, GGUF) plan their conversion once read
     expected = conversion_for(record.dtype) if record.dtype is not None else None
@@ -415,6 +423,13 @@ def from_pretrained(
     rules = spec.name_rules
     table = expected_tensors({p: tuple(s.shape) for p, s in shapes.items()}, rules)
     records = _records(kind, location, hf_config, table)
+    if kind != "gguf" and getattr(config, "tie_word_embeddings", False) and _stores_lm_head(records):
+        # the file decides: transformers 5 writes tie_word_embeddings=True for checkpoints whose
+        # head is its own matrix (T5 v1.1, FLAN-T5, mT5), and a stored lm_head.weight is that head
+        config = dataclasses.replace(config, tie_word_embeddings=False)
+        model = spec.model_class(config)
+        shapes = flatten_dict(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["params"])
+        table = expected_tensors({p: tuple(s.shape) for p, s in shapes.items()}, rules)
     bnb4 = bnb_int4_settings(hf_config) if kind == "safetensors" else None
     bnb = bnb_int8_settings(hf_config) if kind == "safetensors" and bnb4 is None else None
     _check_bnb_quantization(location, quantization, bnb, bnb4)

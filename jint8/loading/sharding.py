@@ -2,9 +2,9 @@
 
 Which modules are column-, row- or vocab-parallel is each family's ModelSpec.sharding
 (jint8.models.spec.ShardingRules): column-parallel projections (q/k/v/gate/up and their fused
-qkv_proj/gate_up_proj, GPT-2 c_attn/c_fc, OPT fc1, lm_head) split their output features over
-"model": kernel P(None, "model"), bias and int8 column scales P("model"). Row-parallel ones
-(o/down, c_proj, fc2, out_proj) split the contracting features: kernel P("model", None), bias
+qkv_proj/gate_up_proj, GPT-2 c_attn/c_fc, OPT fc1, BLOOM/Falcon query_key_value/dense_h_to_4h,
+lm_head) split their output features over "model": kernel P(None, "model"), bias and int8 column
+scales P("model"). Row-parallel ones (o/down, c_proj, fc2, out_proj, dense/dense_4h_to_h) split the contracting features: kernel P("model", None), bias
 and scales replicated (XLA all-reduces the partial sums). Embeddings are vocab-parallel
 P("model", None); everything else is replicated. An axis that does not divide evenly is left
 replicated. "data" replicates params.

@@ -1,17 +1,20 @@
-"""Flax causal LMs with a static KV cache, one file per family, and the model_type registry built
+"""Flax causal LMs with a static KV cache and the encoder-decoder T5, one file per family, and the model_type registry built
 from the families' ModelSpecs (spec.py)."""
 
 from __future__ import annotations
 
 from jint8.errors import UnsupportedArchitectureError
-from jint8.models import gemma, gpt2, llama, opt
+from jint8.models import bloom, falcon, gemma, gpt2, llama, opt, t5
+from jint8.models.bloom import BloomConfig, BloomForCausalLM
 from jint8.models.common import KVCache, PagedKVCache, RopeConfig, init_cache, init_paged_pool
 from jint8.models.fusion import fuse_projections
 from jint8.models.gemma import GemmaConfig, GemmaForCausalLM
 from jint8.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jint8.models.llama import LlamaConfig, LlamaForCausalLM
+from jint8.models.falcon import FalconConfig, FalconForCausalLM
 from jint8.models.opt import OPTConfig, OPTForCausalLM
 from jint8.models.spec import Fusion, ModelSpec, ShardingRules
+from jint8.models.t5 import T5Cache, T5Config, T5ForConditionalGeneration
 
 # model_type -> the ModelSpec of the family that serves it
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -25,7 +28,7 @@ def register_spec(spec: ModelSpec) -> None:
         _REGISTRY[model_type] = spec
 
 
-for _spec in (llama.SPEC, gemma.SPEC, gpt2.SPEC, opt.SPEC):
+for _spec in (llama.SPEC, gemma.SPEC, gpt2.SPEC, opt.SPEC, bloom.SPEC, falcon.SPEC, t5.SPEC):
     register_spec(_spec)
 
 
@@ -76,6 +79,10 @@ def config_from_hf(hf_config, dtype):
 
 
 __all__ = [
+    "BloomConfig",
+    "BloomForCausalLM",
+    "FalconConfig",
+    "FalconForCausalLM",
     "Fusion",
     "GemmaConfig",
     "GemmaForCausalLM",
@@ -90,6 +97,9 @@ __all__ = [
     "OPTForCausalLM",
     "RopeConfig",
     "ShardingRules",
+    "T5Cache",
+    "T5Config",
+    "T5ForConditionalGeneration",
     "config_class_for",
     "config_from_hf",
     "fuse_projections",

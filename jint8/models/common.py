@@ -17,6 +17,7 @@ from flax import struct
 
 from jint8.errors import UnsupportedArchitectureError
 from jint8.layers import Int8Dense, NormedInput
+from jint8.models.alibi import alibi_bias
 from jint8.numerics import rms_norm
 from jint8.ops import attention as attention_ops
 from jint8.ops.int8_matmul import InputNorm
@@ -223,14 +224,18 @@ def dot_product_attention(
     *,
     scale: float,
     logit_softcap: Optional[float] = None,
+    bias: Optional[jax.Array] = None,
 ) -> jax.Array:
-    """softmax(q k^T * scale) v with GQA: q [B, T, N, H], k/v [B, S, K, H], mask [B|1, 1, T, S].
+    """softmax(q k^T * scale + bias) v with GQA: q [B, T, N, H], k/v [B, S, K, H], mask and
+    bias [B|1, 1 or N, T, S].
 
     jax.nn.dot_product_attention (cuDNN on GPU where it applies, XLA elsewhere); Gemma 2's logit
     soft-capping is not one of its options, so that case is written out in jnp.
     """
     if logit_softcap is None:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=None)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=None)
+    if bias is not None:
+        raise UnsupportedArchitectureError("attention with both a logit soft-cap and a bias is not supported")
     b, t, n, h = q.shape
     groups = n // k.shape[2]
     qg = q.reshape(b, t, k.shape[2], groups, h)
@@ -255,6 +260,7 @@ def cached_attention(
     logit_softcap: Optional[float] = None,
     rope: Optional[tuple[jax.Array, jax.Array]] = None,
     packed: Optional[jax.Array] = None,
+    alibi_slopes: Optional[np.ndarray] = None,
 ) -> tuple[jax.Array, Optional[KVCache]]:
     """Attention of q [B, T, N, H] over this step's k/v [B, T, K, H] (no cache) or, with a cache,
     over the layer's slots after writing k/v at cache_index (a PagedKVCache: at each token's
@@ -263,12 +269,14 @@ def cached_attention(
     rope: (cos, sin) [B, T, H] (rope_tables) to rotate q and k by first. packed: the [P, B, T, W]
     split-K partials of the array q, k, v were split from (q|k|v, a fused projection;
     Int8Dense(split_partials=True), P = 1: that array), for the decode kernel to read.
+    alibi_slopes: [N] per-head ALiBi slopes (alibi.py): the bias follows the slots' kv_mask, in
+    decode steps too (through XLA: the decode kernel takes no bias).
     """
     if isinstance(cache, PagedKVCache):
         return _paged_attention(q, k, v, layer=layer, cache=cache, scale=scale, sliding_window=sliding_window,
                                 logit_softcap=logit_softcap, rope=rope)
     b, t = q.shape[:2]
-    if cache is not None and t == 1 and logit_softcap is None and (
+    if cache is not None and t == 1 and logit_softcap is None and alibi_slopes is None and (
             cache.k.dtype == q.dtype and attention_ops.unsupported_reason(q[:, 0], cache.k) is None):
         # Decode on an NVIDIA GPU: one Pallas kernel rotates q and k, writes the cache slot and
         # attends over the slots in use (no XLA kernels for RoPE or the cache update).
@@ -289,7 +297,11 @@ def cached_attention(
         keys, values, index = keys.astype(q.dtype), values.astype(q.dtype), cache_index
     mask = attention_mask(q.shape[1], keys.shape[1], cache_index=index, kv_mask=kv_mask,
                           sliding_window=sliding_window)
-    return dot_product_attention(q, keys, values, mask, scale=scale, logit_softcap=logit_softcap), cache
+    bias = None
+    if alibi_slopes is not None:
+        bias = alibi_bias(alibi_slopes, q.shape[1], keys.shape[1], cache_index=index, kv_mask=kv_mask)
+    return dot_product_attention(q, keys, values, mask, scale=scale, logit_softcap=logit_softcap,
+                                 bias=bias), cache
 
 
 def causal_lm_logits(backbone, lm_head, input_ids, positions, cache, cache_index, kv_mask, logits_to_keep=0):

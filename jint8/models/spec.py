@@ -1,6 +1,6 @@
 """What jint8 knows about a model family, in one place: a ModelSpec per family file.
 
-Each family file (llama.py, gemma.py, gpt2.py, opt.py) ends with `SPEC = ModelSpec(...)`, and
+Each family file (llama.py, gemma.py, gpt2.py, opt.py, bloom.py, falcon.py, t5.py) ends with `SPEC = ModelSpec(...)`, and
 everything that depends on the family reads it from there: the model_type registry
 (jint8.models), the checkpoint name map (loading.pretrained, export), the tensor-parallel rules
 (loading.sharding) and the projections fuse_projections may concatenate (models.fusion).
@@ -75,12 +75,15 @@ class ModelSpec:
     """One model family: the transformers model_types it serves and how jint8 builds, loads,
     shards and fuses it.
 
-    model_class: the Flax module (a CausalLM) built from a config_class instance.
+    model_class: the Flax module (a CausalLM, or T5's encoder-decoder) built from a config_class instance.
     config_class: a frozen config dataclass with from_hf_config(hf_config, dtype=...).
     name_rules: the family's deviations from the generic checkpoint name map.
     sharding: None shards by every registered family's rules (what a family registered with
       register_model alone gets).
     fusions: what fuse_projections may fuse in this family's params.
+    keep_float_modules: modules transformers leaves out of its bitsandbytes 8-bit conversion
+      (its `_keep_in_fp32_modules`, T5's "wo"): transformers would load an int8 weight of one
+      into a float Linear, so export_bitsandbytes refuses them quantized.
     """
 
     model_types: tuple[str, ...]
@@ -89,6 +92,7 @@ class ModelSpec:
     name_rules: NameRules = NameRules()
     sharding: Optional[ShardingRules] = None
     fusions: tuple[Fusion, ...] = ()
+    keep_float_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.model_types or not all(isinstance(t, str) and t for t in self.model_types):

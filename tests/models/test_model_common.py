@@ -10,6 +10,8 @@ from reference import require_module
 
 from jint8.errors import InvalidConfigError, UnsupportedArchitectureError
 from jint8.models import (
+    BloomForCausalLM,
+    FalconForCausalLM,
     GemmaForCausalLM,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -92,7 +94,7 @@ def test_config_validation_names_the_field():
 @pytest.mark.parametrize("model_type, expected", [
     ("llama", LlamaForCausalLM), ("mistral", LlamaForCausalLM), ("qwen2", LlamaForCausalLM),
     ("qwen3", LlamaForCausalLM), ("gemma", GemmaForCausalLM), ("gemma2", GemmaForCausalLM),
-    ("gpt2", GPT2LMHeadModel), ("opt", OPTForCausalLM),
+    ("gpt2", GPT2LMHeadModel), ("opt", OPTForCausalLM), ("bloom", BloomForCausalLM), ("falcon", FalconForCausalLM),
 ])
 def test_registry_by_model_type(model_type, expected):
     class Config:

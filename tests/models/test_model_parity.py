@@ -13,7 +13,8 @@ from tiny_checkpoints import random_ids, save_checkpoint, torch_logits
 import jint8
 from jint8.models import init_cache
 
-FAMILIES = ["llama", "llama3_rope", "mistral", "qwen2", "qwen3", "smollm2", "gemma", "gemma2", "gpt2", "opt"]
+FAMILIES = ["llama", "llama3_rope", "mistral", "qwen2", "qwen3", "smollm2", "gemma", "gemma2", "gpt2", "opt",
+            "bloom", "falcon_7b", "falcon_new", "falcon_rw"]
 
 # float32 vs float32: both sides sum the same products in different orders; 2 layers of width
 # 64 leave ~1e-6 relative differences, 1e-4 is the bar.

@@ -14,9 +14,9 @@ from jint8.errors import InvalidConfigError
 from jint8.loading import NAME_RULES, kernel_spec, sharding
 from jint8.loading.names import NameRules
 from jint8.models import Fusion, LlamaConfig, LlamaForCausalLM, ModelSpec, ShardingRules, fusion
-from jint8.models import gemma, gpt2, llama, opt
+from jint8.models import bloom, falcon, gemma, gpt2, llama, opt, t5
 
-FAMILIES = [llama, gemma, gpt2, opt]
+FAMILIES = [llama, gemma, gpt2, opt, bloom, falcon, t5]
 
 
 class _FakeMesh:
@@ -40,7 +40,8 @@ def test_fused_modules_are_column_parallel_like_their_parts(family):
 
 def test_old_names_are_derived_from_the_specs():
     assert NAME_RULES["gpt2"] == gpt2.SPEC.name_rules and NAME_RULES["llama"] == NameRules()
-    assert fusion.FUSIONS == llama.SPEC.fusions
+    assert fusion.FUSIONS == models.registered_fusions()
+    assert fusion.FUSIONS[: len(llama.SPEC.fusions)] == llama.SPEC.fusions and set(t5.SPEC.fusions) <= set(fusion.FUSIONS)
     assert {"qkv_proj", "gate_up_proj", "c_attn", "fc1"} <= set(sharding.COLUMN_PARALLEL)
     assert {"o_proj", "c_proj", "out_proj"} <= set(sharding.ROW_PARALLEL)
 
@@ -49,6 +50,24 @@ def test_kernel_spec_takes_a_family_rules():
     path = ("model", "layers_0", "self_attn", "q_proj", "kernel")
     assert kernel_spec(path, (64, 64), _FakeMesh(), llama.SPEC.sharding) == P(None, "model")
     assert kernel_spec(path, (64, 64), _FakeMesh(), gpt2.SPEC.sharding) == P(None, None)
+    # BLOOM / Falcon: the fused query_key_value splits its output features (whole heads: BLOOM's
+    # per-head [q, k, v] rows, Falcon's per-key/value-head groups), dense its input features
+    qkv = ("transformer", "h_0", "self_attention", "query_key_value", "kernel")
+    dense = ("transformer", "h_0", "self_attention", "dense", "kernel")
+    for family in (bloom, falcon):
+        assert kernel_spec(qkv, (64, 192), _FakeMesh(), family.SPEC.sharding) == P(None, "model")
+        assert kernel_spec(dense, (64, 64), _FakeMesh(), family.SPEC.sharding) == P("model", None)
+    # T5: q/k/v and the feed-forward's wi / wi_0 / wi_1 split their output features (whole heads:
+    # the heads are contiguous runs of d_kv features), o and wo their input features
+    attention = ("decoder", "block_0", "layer_1", "EncDecAttention")
+    feed_forward = ("encoder", "block_1", "layer_1", "DenseReluDense")
+    for path in [attention + (name, "kernel") for name in "qkv"] + [feed_forward + (n, "kernel") for n in ("wi", "wi_0")]:
+        assert kernel_spec(path, (64, 128), _FakeMesh(), t5.SPEC.sharding) == P(None, "model"), path
+    for path in (attention + ("o", "kernel"), feed_forward + ("wo", "kernel")):
+        assert kernel_spec(path, (128, 64), _FakeMesh(), t5.SPEC.sharding) == P("model", None), path
+    assert kernel_spec(("shared", "embedding"), (96, 64), _FakeMesh(), t5.SPEC.sharding) == P("model", None)
+    bias = ("encoder", "block_0", "layer_0", "SelfAttention", "relative_attention_bias", "embedding")
+    assert kernel_spec(bias, (32, 4), _FakeMesh(), t5.SPEC.sharding) == P(None, None)
 
 
 def test_spec_requires_fused_column_parallel_parts_to_be_column_parallel():

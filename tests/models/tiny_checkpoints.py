@@ -40,6 +40,16 @@ def hf_config(family: str):
     if family == "opt":
         return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                             vocab_size=256, max_position_embeddings=64, word_embed_proj_dim=64)
+    if family == "bloom":
+        return tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=256)
+    falcon = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256, ffn_hidden_size=128)
+    if family == "falcon_7b":  # multi-query, parallel attention + MLP off one input_layernorm, rotary
+        return tf.FalconConfig(**falcon, multi_query=True, parallel_attn=True)
+    if family == "falcon_new":  # grouped KV heads, ln_attn / ln_mlp, rotary, biases
+        return tf.FalconConfig(**falcon, new_decoder_architecture=True, num_kv_heads=2, bias=True,
+                               tie_word_embeddings=False)
+    if family == "falcon_rw":  # per-head q/k/v, sequential LayerNorms, ALiBi, biases
+        return tf.FalconConfig(**falcon, multi_query=False, parallel_attn=False, alibi=True, bias=True)
     raise ValueError(family)
 
 
