@@ -2,6 +2,8 @@
 
 - perplexity(): HF-style strided sliding windows; every token after the first is scored exactly
   once, with up to `max_length - 1` tokens of context; one jit-compiled scoring step.
+- compare_to_reference(): a tree against a reference tree on the same windows, token by token: the
+  mean NLL difference and mean KL(ref || tree), each with a per-window (block) standard error.
 - kl_divergence(): mean per-token KL divergence between two parameter trees of one model.
 - inspect_outliers(): per Int8Dense/nn.Dense input, which input features reach the LLM.int8()
   threshold on given prompts (the paper's emergent features), and how often capacity is exceeded.
@@ -40,6 +42,40 @@ class PerplexityResult:
     num_windows: int
 
 
+@dataclasses.dataclass(frozen=True)
+class PairedComparison:
+    """A tree against a reference tree of one model, scored token by token on the same windows.
+
+    mean_nll_diff: mean over scored tokens of NLL(tree) - NLL(reference), in nats.
+    nll_diff_stderr / kl_stderr: per-window (block) standard errors. Tokens of one window share
+    their context, so they are correlated and a per-token s.e. would understate the noise; each
+    window's sum is one observation instead (the delta-method s.e. of a ratio mean, weighting
+    windows by their token count). Windows overlap only in context, never in scored tokens, and
+    are treated as independent.
+    mean_kl: mean over scored tokens of KL(reference || tree) of the predicted distributions.
+    """
+
+    perplexity: PerplexityResult  # the compared tree
+    reference: PerplexityResult
+    mean_nll_diff: float
+    nll_diff_stderr: float
+    perplexity_ratio: float  # exp(mean_nll_diff) = perplexity / reference perplexity
+    mean_kl: float
+    kl_stderr: float
+    num_tokens: int
+    num_windows: int
+
+    @property
+    def percent_diff(self) -> float:
+        """The perplexity difference to the reference, in percent."""
+        return 100.0 * (self.perplexity_ratio - 1.0)
+
+    @property
+    def percent_diff_stderr(self) -> float:
+        """s.e. of percent_diff: d ratio / d mean_nll_diff = ratio (delta method)."""
+        return 100.0 * self.perplexity_ratio * self.nll_diff_stderr
+
+
 def _windows(num_tokens: int, max_length: int, stride: int):
     """(begin, first_scored, end) per window; tokens [first_scored, end) are predicted."""
     scored_until = 1
@@ -53,33 +89,8 @@ def _windows(num_tokens: int, max_length: int, stride: int):
             break
 
 
-def token_nll_fn(model: nn.Module) -> Callable:
-    """jit(params, ids [B, L], score_mask [B, L]) -> per-token NLL [B, L] (0 where not scored).
-
-    score_mask[b, j] says whether token j is predicted (from tokens < j) and counted.
-    """
-
-    @jax.jit
-    def token_nll(params, ids, score_mask):
-        logits, _ = model.apply({"params": params}, ids)
-        logprobs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        target = jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
-        nll = jnp.where(score_mask[:, 1:], -target, 0.0)
-        return jnp.pad(nll, ((0, 0), (1, 0)))
-
-    return token_nll
-
-
-def perplexity(
-    model: nn.Module,
-    params,
-    token_ids: Sequence[int],
-    *,
-    max_length: int = 512,
-    stride: int = 256,
-    progress: Optional[bool] = None,
-) -> PerplexityResult:
-    """Perplexity of token_ids under the model with strided sliding windows (HF's recipe)."""
+def _window_batches(model: nn.Module, token_ids, max_length: int, stride: int) -> list:
+    """The validated token ids cut into windows: (ids [1, L], score_mask [1, L]) each."""
     tokens = np.asarray(token_ids).reshape(-1)
     if tokens.size < 2:
         raise InvalidConfigError(f"perplexity needs at least 2 tokens, got {tokens.size}")
@@ -98,23 +109,130 @@ def perplexity(
         raise InvalidConfigError(f"max_length={max_length} exceeds the model's context "
                                  f"max_position_embeddings={context}")
     max_length = min(max_length, tokens.size)
-    token_nll = token_nll_fn(model)
-    windows = list(_windows(tokens.size, max_length, stride))
-    window_sums, window_counts = [], []
-    for begin, first, end in progress_bar(windows, progress=progress, desc="perplexity", unit="window"):
+    batches = []
+    for begin, first, end in _windows(tokens.size, max_length, stride):
         ids = np.zeros((1, max_length), np.int32)
         ids[0, : end - begin] = tokens[begin:end]
         mask = np.zeros((1, max_length), bool)
         mask[0, first - begin : end - begin] = True
-        nll = np.asarray(token_nll(params, ids, mask), np.float64)
-        window_sums.append(nll.sum())
-        window_counts.append(int(mask.sum()))
-    sums, counts = np.asarray(window_sums), np.asarray(window_counts)
+        batches.append((ids, mask))
+    return batches
+
+
+def _token_nll(logits, ids, score_mask):
+    """Per-token NLL [B, L] of ids under logits [B, L, V]; 0 where score_mask is False."""
+    logprobs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    target = jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
+    nll = jnp.where(score_mask[:, 1:], -target, 0.0)
+    return jnp.pad(nll, ((0, 0), (1, 0)))
+
+
+def _position_kl(ref_logits, logits):
+    """KL(ref || logits) [B, L] of the next-token distribution at each position."""
+    ref = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
+    got = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(ref) * (ref - got), axis=-1)
+
+
+def token_nll_fn(model: nn.Module) -> Callable:
+    """jit(params, ids [B, L], score_mask [B, L]) -> per-token NLL [B, L] (0 where not scored).
+
+    score_mask[b, j] says whether token j is predicted (from tokens < j) and counted.
+    """
+
+    @jax.jit
+    def token_nll(params, ids, score_mask):
+        logits, _ = model.apply({"params": params}, ids)
+        return _token_nll(logits, ids, score_mask)
+
+    return token_nll
+
+
+def _perplexity_result(sums: np.ndarray, counts: np.ndarray) -> PerplexityResult:
+    """Perplexity and its s.e. from per-window NLL sums and scored-token counts."""
     mean_nll = float(sums.sum() / counts.sum())
     ppl = math.exp(mean_nll)
     window_means = sums / counts
-    se_nll = float(window_means.std(ddof=1) / math.sqrt(len(windows))) if len(windows) > 1 else float("nan")
-    return PerplexityResult(ppl, ppl * se_nll, mean_nll, int(counts.sum()), len(windows))
+    se_nll = float(window_means.std(ddof=1) / math.sqrt(len(sums))) if len(sums) > 1 else float("nan")
+    return PerplexityResult(ppl, ppl * se_nll, mean_nll, int(counts.sum()), len(sums))
+
+
+def _block_stderr(sums: np.ndarray, counts: np.ndarray) -> float:
+    """s.e. of sum(sums) / sum(counts) with each window one observation (cluster-robust ratio mean)."""
+    if len(sums) < 2:
+        return float("nan")
+    residuals = sums - counts * (sums.sum() / counts.sum())
+    return float(math.sqrt(len(sums) / (len(sums) - 1) * np.sum(residuals**2)) / counts.sum())
+
+
+def perplexity(
+    model: nn.Module,
+    params,
+    token_ids: Sequence[int],
+    *,
+    max_length: int = 512,
+    stride: int = 256,
+    progress: Optional[bool] = None,
+) -> PerplexityResult:
+    """Perplexity of token_ids under the model with strided sliding windows (HF's recipe)."""
+    batches = _window_batches(model, token_ids, max_length, stride)
+    token_nll = token_nll_fn(model)
+    window_sums, window_counts = [], []
+    for ids, mask in progress_bar(batches, progress=progress, desc="perplexity", unit="window"):
+        window_sums.append(np.asarray(token_nll(params, ids, mask), np.float64).sum())
+        window_counts.append(int(mask.sum()))
+    return _perplexity_result(np.asarray(window_sums), np.asarray(window_counts))
+
+
+def compare_to_reference(
+    model: nn.Module,
+    params,
+    ref_params,
+    token_ids: Sequence[int],
+    *,
+    ref_model: Optional[nn.Module] = None,
+    max_length: int = 512,
+    stride: int = 256,
+    progress: Optional[bool] = None,
+) -> PairedComparison:
+    """params (e.g. quantized) against ref_params (e.g. float32) on perplexity()'s windows, token by token.
+
+    ref_model: the module of ref_params when it differs from model's (another compute dtype);
+    the windows and scored tokens are the same for both.
+    """
+    ref_model = model if ref_model is None else ref_model
+    batches = _window_batches(model, token_ids, max_length, stride)
+    # one jitted forward per tree, so identical trees give bit-identical logits (difference and KL exactly 0)
+    logits_of = jax.jit(lambda params, ids: model.apply({"params": params}, ids)[0])
+    ref_logits_of = logits_of if ref_model is model else jax.jit(lambda p, ids: ref_model.apply({"params": p}, ids)[0])
+
+    @jax.jit
+    def token_stats(ref_logits, logits, ids, mask):
+        kl = jnp.where(mask[:, 1:], _position_kl(ref_logits[:, :-1], logits[:, :-1]), 0.0)
+        return _token_nll(ref_logits, ids, mask), _token_nll(logits, ids, mask), jnp.pad(kl, ((0, 0), (1, 0)))
+
+    sums = {"ref": [], "nll": [], "diff": [], "kl": []}
+    counts = []
+    for ids, mask in progress_bar(batches, progress=progress, desc="paired perplexity", unit="window"):
+        ref_nll, nll, kl = (np.asarray(a, np.float64) for a in
+                            token_stats(ref_logits_of(ref_params, ids), logits_of(params, ids), ids, mask))
+        for key, value in (("ref", ref_nll), ("nll", nll), ("diff", nll - ref_nll), ("kl", kl)):
+            sums[key].append(value.sum())
+        counts.append(int(mask.sum()))
+    sums = {key: np.asarray(value) for key, value in sums.items()}
+    counts = np.asarray(counts)
+    mean_diff = float(sums["diff"].sum() / counts.sum())
+    return PairedComparison(
+        perplexity=_perplexity_result(sums["nll"], counts),
+        reference=_perplexity_result(sums["ref"], counts),
+        mean_nll_diff=mean_diff,
+        nll_diff_stderr=_block_stderr(sums["diff"], counts),
+        perplexity_ratio=math.exp(mean_diff),
+        mean_kl=float(sums["kl"].sum() / counts.sum()),
+        kl_stderr=_block_stderr(sums["kl"], counts),
+        num_tokens=int(counts.sum()),
+        num_windows=len(counts),
+    )
 
 
 def kl_divergence(model: nn.Module, ref_params, params, windows: Sequence) -> float:
@@ -128,9 +246,7 @@ def kl_divergence(model: nn.Module, ref_params, params, windows: Sequence) -> fl
     def token_kl(ref_params, params, ids):
         ref, _ = model.apply({"params": ref_params}, ids)
         got, _ = model.apply({"params": params}, ids)
-        ref = jax.nn.log_softmax(ref.astype(jnp.float32), axis=-1)
-        got = jax.nn.log_softmax(got.astype(jnp.float32), axis=-1)
-        return jnp.sum(jnp.exp(ref) * (ref - got)), ids.size
+        return jnp.sum(_position_kl(ref, got)), ids.size
 
     total, count = 0.0, 0
     for ids in windows:

@@ -197,6 +197,51 @@ def test_eval_ppl_prints_the_perplexity_of_the_python_api(tiny_checkpoint, tmp_p
     assert cli.main(["eval-ppl", "--model", str(tiny_checkpoint), "--text", str(tmp_path / "nope.txt")]) == 2
 
 
+def test_eval_ppl_reference_f32_reports_each_text_paired_with_float32(tiny_checkpoint, tmp_path, capsys):
+    import re
+
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text(" ".join(WORDS[(7 * i) % len(WORDS)] for i in range(60)))
+    second.write_text(" ".join(WORDS[(3 * i + 1) % len(WORDS)] for i in range(40)))
+    common = ["eval-ppl", "--model", str(tiny_checkpoint), "--max-length", "32", "--stride", "16"]
+    texts = ["--text", str(first), "--text", str(second)]
+    assert cli.main(common + ["--dtype", "float32"] + texts + ["--reference", "f32"]) == 0
+    out = capsys.readouterr().out
+    for path, tokens in ((first, 59), (second, 39)):
+        assert f"text {path}: {tokens} tokens in" in out
+    number = r"([0-9.]+) ± ([0-9.]+)"
+    quantized = [float(q) for q, _ in re.findall(r"quantized \(int8, float32\): perplexity " + number, out)]
+    reference = [float(r) for r, _ in re.findall(r"reference \(none, float32\): perplexity " + number, out)]
+    differences = re.findall(r"paired difference ([+-][0-9.]+) % ± ([0-9.]+) %", out)
+    kls = re.findall(r"mean KL\(reference \|\| quantized\) " + number + " nats/token", out)
+    assert len(quantized) == len(reference) == len(differences) == len(kls) == 2
+    for q, r, (percent, _), (kl, kl_se) in zip(quantized, reference, differences, kls):
+        assert float(percent) == pytest.approx(100 * (q / r - 1), abs=2e-3)
+        assert float(kl) > 0 and float(kl_se) > 0
+    # the reference is the checkpoint in float32, and each side's perplexity the one plain eval-ppl prints
+    assert cli.main(common + ["--dtype", "float32"] + texts + ["--quantize", "none"]) == 0
+    plain = capsys.readouterr().out
+    assert f"on {first}: perplexity {reference[0]:.4f}" in plain and f"on {second}: perplexity {reference[1]:.4f}" in plain
+    assert cli.main(common + ["--dtype", "float32"] + texts) == 0
+    plain = capsys.readouterr().out
+    assert f"on {first}: perplexity {quantized[0]:.4f}" in plain and f"on {second}: perplexity {quantized[1]:.4f}" in plain
+
+
+@pytest.mark.parametrize("option, value, named", [
+    ("--reference", "bf16", "--reference"), ("--stride", "0", "--stride"), ("--max-tokens", "1", "--max-tokens"),
+    ("--text", "missing.txt", "missing.txt"),
+])
+def test_eval_ppl_refuses_bad_option_values_naming_the_option(tiny_checkpoint, tmp_path, capsys, option, value, named):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(WORDS))
+    argv = ["eval-ppl", "--model", str(tiny_checkpoint), "--text", str(text), "--reference", "f32", option, value]
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit_info:  # argparse refuses a value outside --reference's choices
+        status = exit_info.code
+    assert status == 2 and named in capsys.readouterr().err
+
+
 def test_inspect_prints_a_table_and_writes_a_png(tiny_checkpoint, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("ca ce ci\nco cu ba be\n")

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import jint8
-from jint8.evaluation import amplify_outlier_features, format_outlier_table, inspect_outliers, perplexity
+from jint8.errors import InvalidConfigError
+from jint8.evaluation import (amplify_outlier_features, compare_to_reference, format_outlier_table, inspect_outliers,
+                              perplexity)
 from jint8.models import LlamaConfig, LlamaForCausalLM
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -57,6 +59,68 @@ def test_perplexity_strided_windows_score_each_token_once(rng, tiny_llama):
     assert result.num_tokens == 9 and result.num_windows == 4
     np.testing.assert_allclose(result.mean_nll, nll.mean(), rtol=1e-5)
     assert result.stderr > 0
+
+
+def _log_softmax64(logits):
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(-1, keepdims=True)
+    return logits - (np.log(np.exp(logits - top).sum(-1, keepdims=True)) + top)
+
+
+def test_paired_comparison_equals_a_direct_numpy_computation_with_window_stderr(rng, tiny_llama):
+    model, params = tiny_llama
+    quantized = jint8.quantize_params(params, jint8.Int8Config(min_size=0))
+    ids = rng.integers(0, CONFIG.vocab_size, 20)
+    result = compare_to_reference(model, quantized, params, ids, max_length=8, stride=4, progress=False)
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0][0])
+    # windows [0,8) score tokens 1..7, then [4,12) 8..11, [8,16) 12..15, [12,20) 16..19: 7, 4, 4, 4 tokens
+    nlls, ref_nlls, kls = [], [], []
+    for begin, first in ((0, 1), (4, 8), (8, 12), (12, 16)):
+        window = jnp.asarray(ids[begin : begin + 8], jnp.int32)[None]
+        ref, got = (_log_softmax64(forward(p, window))[:-1] for p in (params, quantized))
+        scored = slice(first - begin - 1, None)
+        targets = np.asarray(window[0, 1:])
+        ref_nlls.append(-ref[np.arange(7), targets][scored])
+        nlls.append(-got[np.arange(7), targets][scored])
+        kls.append((np.exp(ref) * (ref - got)).sum(-1)[scored])
+    diffs = [n - r for n, r in zip(nlls, ref_nlls)]
+
+    def window_stderr(per_window):
+        # each window one observation: its mean, weighted by its token count, around the token mean
+        counts = np.array([len(w) for w in per_window])
+        means = np.array([w.mean() for w in per_window])
+        total = np.concatenate(per_window).mean()
+        return np.sqrt(len(counts) / (len(counts) - 1) * np.sum((counts * (means - total)) ** 2)) / counts.sum()
+
+    assert result.num_tokens == 19 and result.num_windows == 4
+    # float32 log-softmax against float64: ~1e-7 relative on NLLs of ~4.6 nats, so ~1e-6 absolute on differences
+    np.testing.assert_allclose(result.perplexity.mean_nll, np.concatenate(nlls).mean(), rtol=1e-5)
+    np.testing.assert_allclose(result.reference.mean_nll, np.concatenate(ref_nlls).mean(), rtol=1e-5)
+    np.testing.assert_allclose(result.mean_nll_diff, np.concatenate(diffs).mean(), atol=2e-6)
+    np.testing.assert_allclose(result.nll_diff_stderr, window_stderr(diffs), rtol=1e-3, atol=2e-6)
+    np.testing.assert_allclose(result.mean_kl, np.concatenate(kls).mean(), rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(result.kl_stderr, window_stderr(kls), rtol=1e-2, atol=1e-7)
+    assert result.perplexity_ratio == pytest.approx(result.perplexity.perplexity / result.reference.perplexity)
+
+
+def test_identical_trees_compare_to_exactly_zero_and_a_perturbed_tree_to_positive_kl(rng, tiny_llama):
+    model, params = tiny_llama
+    ids = rng.integers(0, CONFIG.vocab_size, 24)
+    same = compare_to_reference(model, params, params, ids, max_length=8, stride=4, progress=False)
+    assert same.mean_nll_diff == 0.0 and same.nll_diff_stderr == 0.0 and same.perplexity_ratio == 1.0
+    assert same.mean_kl == 0.0 and same.kl_stderr == 0.0
+    perturbed = jax.tree.map(lambda x: x * (1 + 0.05 * jax.random.normal(jax.random.key(1), x.shape)), params)
+    moved = compare_to_reference(model, perturbed, params, ids, max_length=8, stride=4, progress=False)
+    assert moved.mean_kl > 0 and moved.kl_stderr > 0 and moved.nll_diff_stderr > 0
+
+
+@pytest.mark.parametrize("option, value", [("stride", 0), ("max_length", 1)])
+def test_paired_comparison_refuses_bad_windows_naming_the_option(rng, tiny_llama, option, value):
+    model, params = tiny_llama
+    ids = rng.integers(0, CONFIG.vocab_size, 24)
+    options = {"max_length": 8, "stride": 4, option: value}
+    with pytest.raises(InvalidConfigError, match=option):
+        compare_to_reference(model, params, params, ids, **options)
 
 
 def test_amplification_preserves_float_logits(rng, tiny_llama):
