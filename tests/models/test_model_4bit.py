@@ -1,4 +1,5 @@
-"""The model families run 4-bit (NF4) trees end to end: forward, fuse_projections, generate."""
+"""The model families run 4-bit (NF4) trees end to end: forward, fuse_projections, generate (T5:
+tests/models/test_t5.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import jint8
 from jint8 import Int4Config, Int4Weight, dequantize_params, quantize_params
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2", "opt", "bloom", "falcon_7b", "falcon_new"])
 def test_model_families_run_4bit_trees(tmp_path, family):
     require_module("torch")
     save_checkpoint(family, tmp_path)

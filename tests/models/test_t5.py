@@ -255,3 +255,21 @@ def test_unsupported_t5_configs_are_refused_naming_the_field(field, value, messa
     setattr(hf, field, value)  # after __post_init__, as a config.json would set it
     with pytest.raises(UnsupportedArchitectureError, match=message):
         T5Config.from_hf_config(hf)
+
+
+def test_t5_runs_4bit_trees_as_their_dequantized_float_model(tmp_path):
+    """NF4 on every T5 projection (loaded from the float checkpoint, quantized while loading)
+    computes what the float model does with bitsandbytes' dequantized weights, and generates."""
+    _torch_t5("t5_v1_1", tmp_path, weight_scale=1.0)
+    model, params = jint8.from_pretrained(tmp_path, dtype=jnp.float32, progress=False,
+                                          quantization=jint8.Int4Config(min_size=0))
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, jint8.Int4Weight))
+    assert sum(isinstance(leaf, jint8.Int4Weight) for leaf in leaves) == 2 * (4 + 3) + 2 * (8 + 3)
+    ids, mask = _inputs()
+    decoder_ids = np.random.RandomState(3).randint(2, VOCAB, (2, 5)).astype(np.int32)
+    args = (jnp.asarray(ids), jnp.asarray(decoder_ids), jnp.asarray(mask))
+    logits = np.asarray(model.apply({"params": params}, *args))
+    want = np.asarray(model.apply({"params": jint8.dequantize_params(params)}, *args))
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+    result = generate(model, params, ids, mask, GenerationConfig(max_new_tokens=3))
+    assert result.sequences.shape == (2, 4)
