@@ -18,6 +18,7 @@ from jint8.errors import (
 )
 from jint8.generation.config import MAX_EOS_IDS, GenerationConfig, GenerationResult, StreamCallback
 from jint8.generation.loop import _generation_program, _stream_ids, _streams
+from jint8.generation.prompts import checked_ids_and_mask
 from jint8.generation.sampling import SamplingParams
 from jint8.generation.seq2seq import generate_seq2seq
 from jint8.generation.state import _Controls, _Plan
@@ -28,21 +29,7 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _prepare_prompt(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None, :]
-    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise EmptyPromptError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise EmptyPromptError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
-    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    if mask.ndim == 1:
-        mask = mask[None, :]
-    if mask.shape != ids.shape:
-        raise PromptPaddingError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
-    empty = np.flatnonzero(mask.sum(axis=1) == 0)
-    if empty.size:
-        raise EmptyPromptError(f"prompt rows {empty.tolist()} have no tokens (attention_mask all 0)")
+    ids, mask = checked_ids_and_mask(input_ids, attention_mask)
     right_padded = np.flatnonzero(np.any(mask[:, :-1] & ~mask[:, 1:], axis=1))
     if right_padded.size:
         raise PromptPaddingError(

@@ -10,29 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jint8.errors import EmptyPromptError, InvalidConfigError, PromptPaddingError
+from jint8.errors import EmptyPromptError, InvalidConfigError
 from jint8.generation.config import MAX_EOS_IDS, GenerationConfig, GenerationResult
+from jint8.generation.prompts import checked_ids_and_mask
 from jint8.generation.sampling import SamplingParams, choose_tokens
 
 
 def _encoder_inputs(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """[B, E] ids and mask; either padding side is fine (the encoder is bidirectional and its
     position bias depends on distances only)."""
-    ids = np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None, :]
-    if ids.ndim != 2 or 0 in ids.shape:
-        raise EmptyPromptError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise EmptyPromptError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
-    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    if mask.ndim == 1:
-        mask = mask[None, :]
-    if mask.shape != ids.shape:
-        raise PromptPaddingError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
-    empty = np.flatnonzero(mask.sum(axis=1) == 0)
-    if empty.size:
-        raise EmptyPromptError(f"input rows {empty.tolist()} have no tokens (attention_mask all 0)")
+    ids, mask = checked_ids_and_mask(input_ids, attention_mask)
     if np.any(ids[mask] < 0) or np.any(ids[mask] >= vocab_size):
         raise EmptyPromptError(f"input_ids hold token ids outside [0, vocab_size={vocab_size})")
     return np.where(mask, ids, 0).astype(np.int32), mask
