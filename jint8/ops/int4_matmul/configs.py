@@ -128,7 +128,7 @@ def default_config(m: int, k: int, n: int, blocksize: int) -> Config:
     if m <= DECODE_MAX_M:
         base = Config(block_m=1, block_n=128, block_k=256, num_warps=4, num_stages=4, dot="fma") if m == 1 else \
             Config(block_m=16, block_n=128, block_k=256, num_warps=4, num_stages=4, dot="mma")
-        return _spread(fit_to_shape(base, m, k, n, blocksize), k, n)
+        return spread_programs(fit_to_shape(base, m, k, n, blocksize), k, n)
     if m >= 2048:
         return fit_to_shape(Config(block_m=128, block_n=128, block_k=256, num_warps=4, num_stages=2,
                                    route="xla_dot"), m, k, n, blocksize)
@@ -142,7 +142,7 @@ def default_config(m: int, k: int, n: int, blocksize: int) -> Config:
     return dataclasses.replace(config, split_k=split_k)
 
 
-def _spread(config: Config, k: int, n: int) -> Config:
+def spread_programs(config: Config, k: int, n: int) -> Config:
     """Decode: narrow block_n (to 32 at least), then split K (>= 4 steps per program), until about
     _TARGET_PROGRAMS programs run."""
     block_n = config.block_n
