@@ -171,6 +171,8 @@ def sweep_candidates(m: int, k: int, n: int) -> list[Config]:
         raw = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, dot="mma", lookup=lk, split_k=1)
                for bm, bn, bk, w, st, lk in ((128, 128, 128, 8, 3, "gather"), (128, 256, 64, 8, 3, "gather"),
                                              (128, 128, 128, 8, 3, "select"), (64, 128, 128, 4, 3, "gather"))]
+        # the dequantized weight as the MMA's A operand (wgmma takes A from registers, B from shared memory)
+        raw += [dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3, dot="mma_swapped", split_k=1)]
         raw += [dict(block_m=128, block_n=64, block_k=256, num_warps=4, num_stages=2, route="xla_dot", lookup="gather")]
     out = [base]
     for fields in raw:
@@ -188,9 +190,10 @@ def sweep_candidates(m: int, k: int, n: int) -> list[Config]:
 
 def sweep(shapes, ms, rng, in_jit: bool):
     entries = []
+    ms = sorted(ms)
     for k, n in shapes:
         w4 = int4_copies(k, n)
-        for m in ms:
+        for i, m in enumerate(ms):
             xs = int8_bench.activations(rng, m, k, _sets(m, k, n))
             results = []
             print(f"K={k} N={n} M={m}: the default config first, then the candidates", flush=True)
@@ -205,7 +208,9 @@ def sweep(shapes, ms, rng, in_jit: bool):
                     print(f"  M={m} {seconds * 1e3:.4f} ms {w4[0].nbytes / seconds / 1e9:.0f} GB/s {config}", flush=True)
             if results:
                 seconds, best = min(results, key=lambda r: r[0])
-                entry = {"max_m": m, "min_m": m, "k": k, "n": n, "measured_ms": round(seconds * 1e3, 4),
+                # the entry covers M from the previous swept M + 1 (the largest: up to 2M - 1)
+                entry = {"min_m": ms[i - 1] + 1 if i else 1, "max_m": m if i + 1 < len(ms) else 2 * m - 1,
+                         "k": k, "n": n, "measured_ms": round(seconds * 1e3, 4), "measured_at_m": m,
                          "config": dataclasses.asdict(best)}
                 entries.append(entry)
                 print(f"BEST K={k} N={n} M={m}: {seconds * 1e3:.4f} ms {json.dumps(entry)}", flush=True)

@@ -95,11 +95,6 @@ def test_int4_matmul_kernel_compute_dtypes(rng, compute_dtype, out_dtype):
     assert y.dtype == out_dtype
     y64, magnitude = checks.float64_recipe(x, reference.dequantized_weight(w, compute_dtype), bias, compute_dtype)
     assert checks.output_errors(y, y64, magnitude, k, compute_dtype, out_dtype) == 0, f"seed {rng.seed_value}"
-    # the bound is tight enough to see a kernel that skipped the weight's rounding to the compute dtype
-    if compute_dtype != jnp.float32:
-        unrounded, _ = checks.float64_recipe(x, reference.dequantized_weight(w, jnp.float32), bias, jnp.float32)
-        bound = checks.output_error_bound(y64, magnitude, k, compute_dtype, out_dtype)
-        assert np.any(np.abs(unrounded - y64) > bound)
 
 
 def test_cpu_calls_run_the_xla_reference_and_a_forced_kernel_says_why(rng, caplog):

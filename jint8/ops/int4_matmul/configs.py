@@ -10,9 +10,10 @@ A Config names the route and its tiles:
 
 Tables: data/<device>.json (device_table_name: "nvidia_h100", "nvidia_h200", ...), or a file
 int4_<device>.json in the directory JINT8_KERNEL_TABLES names (searched first), hold
-{"entries": [{"max_m": M, "k": K, "n": N, "config": {...}}, ...]}; "k"/"n" may be left out (any
-shape). The first entry (sorted by max_m, exact shapes before shape-less ones) whose max_m covers
-the call's M and whose k/n match gives the Config; benchmarks/bench_int4_matmul.py --sweep
+{"entries": [{"min_m": M0, "max_m": M1, "k": K, "n": N, "config": {...}}, ...]}; "k"/"n" may be
+left out (any shape), "min_m" (default 1) too. The first entry (sorted by max_m, exact shapes
+before shape-less ones) whose [min_m, max_m] holds the call's M, whose k/n match and whose config
+can run M rows gives the Config; benchmarks/bench_int4_matmul.py --sweep
 prints such entries. Without a table: default_config, a heuristic.
 """
 
@@ -32,9 +33,13 @@ TABLES_ENV_VAR = "JINT8_KERNEL_TABLES"  # shared with int8_matmul: one directory
 ROUTES = ("fused", "xla_dot")
 LOOKUPS = ("gather", "select")
 DOTS = ("mma", "mma_swapped", "fma")
-# Programs wanted in flight at decode: an H100 / H200 has 132 SMs. Output tiles are narrowed,
-# then K is split, until about this many programs run.
-_TARGET_PROGRAMS = 128
+# Programs wanted at decode: an H100 / H200 has 132 SMs, and one 4-warp program per SM keeps too
+# few loads in flight to stream the weight (the dequantization's table loads depend on the code
+# loads, so the pipeline alone does not hide them): about two per SM. Output tiles are narrowed,
+# then K is split, until about this many programs run. An estimate until a table says.
+_TARGET_PROGRAMS = 256
+# Prefill splits K only while fewer than ~half the SMs would get an output tile (int8's rule).
+_PREFILL_MIN_PROGRAMS = 66
 # Largest M run with decode tiles (one block_m of all rows); the prefill tiles take larger M.
 DECODE_MAX_M = 16
 
@@ -121,7 +126,7 @@ def default_config(m: int, k: int, n: int, blocksize: int) -> Config:
 
     Decode (M <= 16): the one-row FMA path at M = 1, MMA tiles of all rows above; block_n
     narrowed and K split until ~_TARGET_PROGRAMS programs stream the weight (N = 4096 at M = 1:
-    64 tiles of 64 rows, split 2). Prefill: 128 x 128 MMA tiles (64 rows up to M = 128); the
+    128 tiles of 32 rows, split 2). Prefill: 128 x 128 MMA tiles (64 rows up to M = 128); the
     xla_dot route from M = 2048, where the fused kernel's re-dequantization (once per M tile)
     costs more than one dequantization pass plus XLA's GEMM (an estimate until a table says).
     """
@@ -137,7 +142,7 @@ def default_config(m: int, k: int, n: int, blocksize: int) -> Config:
     config = fit_to_shape(base, m, k, n, blocksize)
     tiles = -(-m // block_m) * -(-n // config.block_n)
     split_k, steps = 1, k // config.block_k
-    while tiles * split_k < _TARGET_PROGRAMS // 2 and steps // (2 * split_k) >= 4:
+    while tiles * split_k < _PREFILL_MIN_PROGRAMS and steps // (2 * split_k) >= 4:
         split_k *= 2
     return dataclasses.replace(config, split_k=split_k)
 

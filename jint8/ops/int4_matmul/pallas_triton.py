@@ -139,6 +139,8 @@ class _Dequantizer:
         self.nested_absmax_ref, self.nested_code_ref, self.offset_ref = nested_absmax_ref, nested_code_ref, offset_ref
         self.layout, self.lookup, self.interpret = layout, lookup, interpret
         self.book = CODE_BOOKS[layout.quant_type]
+        # double quantization's offset: loaded once per program, not per sub-block
+        self.offset = plgpu.load(offset_ref.at[jnp.arange(1)]) if layout.double_quant else None
 
     def block_absmax(self, cols, col_ok, block):
         """[block_n] float32 absmax of column block `block` of these weight rows (quant4's
@@ -149,8 +151,7 @@ class _Dequantizer:
             return stored.astype(jnp.float32)
         code = plgpu.load(self.nested_code_ref.at[stored.astype(jnp.int32)])
         nested = _load_vector(self.nested_absmax_ref, flat // NESTED_BLOCKSIZE, col_ok)
-        offset = plgpu.load(self.offset_ref.at[jnp.arange(1)])
-        return mul_then_add(code, nested, offset)
+        return mul_then_add(code, nested, self.offset)
 
     def __call__(self, cols, col_ok, code0, size: int):
         """(w_hi, w_lo): [block_n, size / 2] in the compute dtype, the weights at K positions
