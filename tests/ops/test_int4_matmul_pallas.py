@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,15 +26,18 @@ from jint8.ops.int4_matmul.pallas_triton import dequantize_pallas, int4_matmul_p
 
 
 N, K = 45, 384  # N odd (a masked last tile); K = 3 x 128: uneven split-K slices; 270 blocks of 64
-_WEIGHTS = {}  # one weight per format for the whole module: eager quantize_4bit compiles per shape
+_WEIGHTS = {}  # one weight per format for the whole module
+# jitted: op-by-op they compile one small program per operation (seconds per format on 2 cores)
+_quantize = jax.jit(quant4.quantize_4bit, static_argnames=("quant_type", "blocksize", "double_quant"))
+_dequantized = jax.jit(reference.dequantized_weight, static_argnums=1)
 
 
 def _weight(rng, quant_type, double_quant, blocksize):
     key = (quant_type, double_quant, blocksize)
     if key not in _WEIGHTS:
         w = rng.standard_normal((N, K)).astype(np.float32) * rng.uniform(0.01, 3.0, (N, 1)).astype(np.float32)
-        _WEIGHTS[key] = quant4.quantize_4bit(jnp.asarray(w), quant_type=quant_type, blocksize=blocksize,
-                                             double_quant=double_quant)
+        _WEIGHTS[key] = _quantize(jnp.asarray(w), quant_type=quant_type, blocksize=blocksize,
+                                  double_quant=double_quant)
     return _WEIGHTS[key]
 
 
@@ -50,7 +54,7 @@ def test_dequantized_weight_is_bit_identical_to_reference(rng, quant_type, doubl
     w = _weight(rng, quant_type, double_quant, blocksize)  # blocksize 64: two nested absmax blocks
     config = Config(block_m=128, block_n=32, block_k=128, route="xla_dot", lookup=lookup)
     got = dequantize_pallas(w, dtype, config=config, interpret=True)
-    want = reference.dequantized_weight(w, dtype)
+    want = _dequantized(w, dtype)
     assert got.dtype == want.dtype and got.shape == (N, K)
     np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=f"seed {rng.seed_value}")
 
@@ -78,7 +82,7 @@ def test_int4_matmul_kernel_within_bound_of_float64_recipe(rng, m, quant_type, d
     y = int4_matmul_pallas(x, w, bias, compute_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16, config=config,
                            interpret=True)
     assert y.shape == (m, N) and y.dtype == jnp.bfloat16
-    y64, magnitude = checks.float64_recipe(x, reference.dequantized_weight(w, jnp.bfloat16), bias, jnp.bfloat16)
+    y64, magnitude = checks.float64_recipe(x, _dequantized(w, jnp.bfloat16), bias, jnp.bfloat16)
     bad = checks.output_errors(y, y64, magnitude, K, jnp.bfloat16, jnp.bfloat16)
     assert bad == 0, f"{bad} elements outside the bound, seed {rng.seed_value}"
 
@@ -93,7 +97,7 @@ def test_int4_matmul_kernel_compute_dtypes(rng, compute_dtype, out_dtype):
     y = int4_matmul_pallas(x, w, bias, compute_dtype=compute_dtype, out_dtype=out_dtype, config=config,
                            interpret=True)
     assert y.dtype == out_dtype
-    y64, magnitude = checks.float64_recipe(x, reference.dequantized_weight(w, compute_dtype), bias, compute_dtype)
+    y64, magnitude = checks.float64_recipe(x, _dequantized(w, compute_dtype), bias, compute_dtype)
     assert checks.output_errors(y, y64, magnitude, k, compute_dtype, out_dtype) == 0, f"seed {rng.seed_value}"
 
 
