@@ -8,12 +8,14 @@ default config, named in the last column), "nf4 xla" the same op on the XLA refe
 bandwidth of the 4-bit weight (packed codes + absmax + nested absmax bytes / time). Timing is
 bench_int8_matmul's: calls rotate over activation sets and over enough weight copies that twice
 the L2 streams, dispatched back to back; the median of 7 batches of ~30 ms. "in one jit": all
-rotated calls inside one jitted executable (time_in_one_jit), as a decode step launches them.
+rotated calls inside one jitted executable (time_in_one_jit), as a decode step launches them:
+always taken for M <= 16 (a decode projection takes microseconds, under the host's per-call
+dispatch floor), and there the ratios and the bandwidth are of those times.
 Random weights (uniform codes and absmax codes): the kernels' speed does not depend on values.
 
-  --sweep: time candidate Configs per shape and M (--shapes, --ms; default M = 1, 16, 512) and
-    print the best of each as a table entry; the last line is a whole table (JSON) for
-    jint8/ops/int4_matmul/data/<gpu>.json.
+  --sweep: time candidate Configs per shape and M (--shapes, --ms; default M = 1, 16, 512; in
+    one jit for M <= 16) and print the best of each as a table entry; the last line is a whole
+    table (JSON) for jint8/ops/int4_matmul/data/<gpu>.json (--write-table PATH writes it).
   --check: correctness of the kernels compiled on this GPU (tests/ops/test_int4_matmul_pallas.py's
     checks): the dequantized weight bit-identical to the reference's (XLA on the same GPU),
     outputs written into NaN-poisoned buffers within checks.output_error_bound of the float64
@@ -52,6 +54,9 @@ from jint8.ops.int4_matmul.pallas_triton import dequantize_pallas, int4_matmul_p
 LLAMA = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (8192, 28672)]  # K x N
 MS = (1, 16, 256, 512, 4096)
 SWEEP_MS = (1, 16, 512)
+# Up to this M every op is also timed in one jit (and the sweep times only that way): a decode
+# projection takes a few microseconds, under the host's per-call dispatch floor.
+IN_JIT_MAX_M = 16
 L2_BYTES = 50 * 2**20
 
 
@@ -83,10 +88,11 @@ def bf16_copies(k, n):
     return [jax.random.normal(key, (k, n), jnp.bfloat16) * 0.02 for key in keys]
 
 
-def _sets(m, k, n):
-    """Activation sets to rotate: bench_int8_matmul's count, two where a set is large (they
-    stream anyway, and drawing 16 of 4096 x 14336 takes the host longer than the timing)."""
-    return 2 if m * k > 2**23 else min(int8_bench.sets_for(m, k, n), 16)
+def _sets(m, k, n, copies):
+    """Activation sets to rotate: one per weight copy at least (every copy streams), two where a
+    set is large (they stream anyway, and drawing 16 of 4096 x 14336 takes the host longer than
+    the timing)."""
+    return 2 if m * k > 2**23 else max(copies, min(int8_bench.sets_for(m, k, n), 16))
 
 
 def _safe(label, fn):
@@ -110,7 +116,7 @@ def bench_table(shapes, ms, rng, in_jit: bool):
         int8_op, _, _ = int8_bench.ops_for(col_scales)
         weight_bytes = w4[0].nbytes
         for m in ms:
-            xs = int8_bench.activations(rng, m, k, _sets(m, k, n))
+            xs = int8_bench.activations(rng, m, k, _sets(m, k, n, len(w4)))
             backend = select_backend(xs[0], w4[0]).name
             config = configs.config_for(kind, m, k, n, 64) if backend == "pallas_triton" else None
             t = {}
@@ -119,12 +125,14 @@ def bench_table(shapes, ms, rng, in_jit: bool):
                 lambda x, w: int4_matmul(x, w, backend="xla"), xs, w4))
             t["bf16"] = _safe(f"K={k} N={n} M={m} bf16", lambda: int8_bench.time_op(lambda x, w: x @ w, xs, w16))
             t["int8"] = _safe(f"K={k} N={n} M={m} int8", lambda: int8_bench.time_op(int8_op, xs, wq_nk))
-            if in_jit:
+            if in_jit or m <= IN_JIT_MAX_M:
                 t["nf4_in_jit"] = _safe("nf4 in one jit", lambda: int8_bench.time_in_one_jit(
                     lambda x, w: int4_matmul(x, w), xs, w4))
                 t["bf16_in_jit"] = _safe("bf16 in one jit", lambda: int8_bench.time_in_one_jit(
                     lambda x, w: x @ w, xs, w16))
-            gbps = weight_bytes / t["nf4"] / 1e9 if m == 1 and t["nf4"] else None
+                t["int8_in_jit"] = _safe("int8 in one jit", lambda: int8_bench.time_in_one_jit(int8_op, xs, wq_nk))
+            seconds = t.get("nf4_in_jit") or t["nf4"]
+            gbps = weight_bytes / seconds / 1e9 if m == 1 and seconds else None
             rows.append((k, n, m, t, gbps, backend, config))
             print(f"K={k:5d} N={n:5d} M={m:4d} " + " ".join(
                 f"{name}={v * 1e3:.4f}ms" for name, v in t.items() if v is not None)
@@ -134,7 +142,7 @@ def bench_table(shapes, ms, rng, in_jit: bool):
 
 
 COLUMNS = [("nf4", "jint8 nf4"), ("nf4_xla", "nf4, xla backend"), ("bf16", "XLA bf16"), ("int8", "jint8 int8"),
-           ("nf4_in_jit", "nf4, in one jit"), ("bf16_in_jit", "bf16, in one jit")]
+           ("nf4_in_jit", "nf4, in one jit"), ("bf16_in_jit", "bf16, in one jit"), ("int8_in_jit", "int8, in one jit")]
 
 
 def print_markdown(rows):
@@ -142,15 +150,17 @@ def print_markdown(rows):
           "median ms per call\n")
     used = [(key, title) for key, title in COLUMNS if any(key in r[3] for r in rows)]
     print("| K x N | M | " + " | ".join(title for _, title in used)
-          + " | nf4 / bf16 | int8 / nf4 | 4-bit weight GB/s (M=1) | nf4 route |")
+          + " | nf4 / bf16 | int8 / nf4 | 4-bit weight GB/s (M=1, in one jit) | nf4 route |")
     print("|---|---|" + "---|" * (len(used) + 4))
     fmt = lambda v: "-" if v is None else f"{v * 1e3:.4f}"  # noqa: E731
     ratio = lambda a, b: "-" if not (a and b) else f"{a / b:.2f}x"  # noqa: E731
     for k, n, m, t, gbps, backend, config in rows:
+        # ratios of the in-one-jit times where there are some (decode), else of the per-call ones
+        nf4, bf16, int8 = (t.get(f"{key}_in_jit") or t.get(key) for key in ("nf4", "bf16", "int8"))
         route = backend if config is None else f"{config.route} {config.dot} {config.lookup} bn{config.block_n} " \
                                                f"bk{config.block_k} s{config.split_k}"
         print(f"| {k}x{n} | {m} | " + " | ".join(fmt(t.get(key)) for key, _ in used)
-              + f" | {ratio(t.get('nf4'), t.get('bf16'))} | {ratio(t.get('int8'), t.get('nf4'))} | "
+              + f" | {ratio(nf4, bf16)} | {ratio(int8, nf4)} | "
               + (f"{gbps:.0f}" if gbps else "-") + f" | {route} |")
 
 
@@ -188,20 +198,20 @@ def sweep_candidates(m: int, k: int, n: int) -> list[Config]:
     return out
 
 
-def sweep(shapes, ms, rng, in_jit: bool):
+def sweep(shapes, ms, rng, in_jit: bool, write_table=None):
     entries = []
     ms = sorted(ms)
     for k, n in shapes:
         w4 = int4_copies(k, n)
         for i, m in enumerate(ms):
-            xs = int8_bench.activations(rng, m, k, _sets(m, k, n))
+            xs = int8_bench.activations(rng, m, k, _sets(m, k, n, len(w4)))
             results = []
             print(f"K={k} N={n} M={m}: the default config first, then the candidates", flush=True)
             for config in sweep_candidates(m, k, n):
                 def op(x, w, config=config):
                     return int4_matmul_pallas(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16, config=config)
 
-                timer = int8_bench.time_in_one_jit if in_jit else int8_bench.time_op
+                timer = int8_bench.time_in_one_jit if in_jit or m <= IN_JIT_MAX_M else int8_bench.time_op
                 seconds = _safe(f"M={m} {config}", lambda: timer(op, xs, w4, samples=5))
                 if seconds is not None:
                     results.append((seconds, config))
@@ -220,6 +230,10 @@ def sweep(shapes, ms, rng, in_jit: bool):
              "source": "benchmarks/bench_int4_matmul.py --sweep (nf4, double quant, blocksize 64, bf16)",
              "entries": entries}
     print("\nTABLE " + json.dumps(table), flush=True)
+    if write_table:
+        pathlib.Path(write_table).write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {write_table} (jint8/ops/int4_matmul/data/{configs.device_table_name(table['device_kind'])}"
+              ".json reads it)", flush=True)
 
 
 def _check_configs(m, k, n, blocksize):
@@ -291,6 +305,7 @@ def main():
     parser.add_argument("--shapes", default="llama", help="llama, or comma-separated KxN (e.g. 4096x4096)")
     parser.add_argument("--ms", help="comma-separated M (default 1,16,256,512,4096; --sweep 1,16,512)")
     parser.add_argument("--in-jit", action="store_true", help="also time in one jit (time_in_one_jit)")
+    parser.add_argument("--write-table", metavar="PATH", help="--sweep: also write the table (JSON) to PATH")
     parser.add_argument("--interpret", action="store_true",
                         help="--check / --sweep run the kernels in Pallas interpret mode (a CPU smoke run)")
     args = parser.parse_args()
@@ -307,7 +322,7 @@ def main():
     ms = tuple(int(m) for m in args.ms.split(",")) if args.ms else (SWEEP_MS if args.sweep else MS)
     try:
         if args.sweep:
-            sweep(shapes, ms, rng, args.in_jit)
+            sweep(shapes, ms, rng, args.in_jit, args.write_table)
         else:
             print_markdown(bench_table(shapes, ms, rng, args.in_jit))
     except Exception:  # noqa: BLE001 (the rows so far are printed above; say where it stopped)
