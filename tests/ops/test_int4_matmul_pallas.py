@@ -52,18 +52,20 @@ def _bits(a):
 ])
 def test_dequantized_weight_is_bit_identical_to_reference(rng, quant_type, double_quant, blocksize, dtype, lookup):
     w = _weight(rng, quant_type, double_quant, blocksize)  # blocksize 64: two nested absmax blocks
-    config = Config(block_m=128, block_n=32, block_k=128, route="xla_dot", lookup=lookup)
+    # two sub-blocks (absmax) per K step at blocksize 64; at 128, two K steps per absmax block
+    config = Config(block_m=128, block_n=32, block_k=128 if blocksize == 64 else 64, route="xla_dot", lookup=lookup)
     got = dequantize_pallas(w, dtype, config=config, interpret=True)
     want = _dequantized(w, dtype)
     assert got.dtype == want.dtype and got.shape == (N, K)
     np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=f"seed {rng.seed_value}")
 
 
-# (M, config): the decode paths at M = 1 (CUDA-core FMA, both lookups; MMA), small-M MMA tiles
-# with split-K and the swapped MMA, prefill tiles (de-interleaved x) and the xla_dot route.
+# (M, format, config): the decode paths at M = 1 (CUDA-core FMA, both lookups, a K step shorter
+# than the absmax block; MMA), small-M MMA tiles with split-K and the swapped MMA, prefill tiles
+# (de-interleaved x) and the xla_dot route.
 CASES = [
     (1, "nf4", True, 64, Config(block_m=1, block_n=16, block_k=128, dot="fma")),
-    (1, "fp4", False, 128, Config(block_m=1, block_n=32, block_k=128, dot="fma", lookup="select", split_k=2)),
+    (1, "fp4", False, 128, Config(block_m=1, block_n=32, block_k=64, dot="fma", lookup="select", split_k=2)),
     (1, "fp4", True, 64, Config(block_m=16, block_n=16, block_k=64, dot="mma", split_k=3)),
     (5, "nf4", False, 128, Config(block_m=16, block_n=32, block_k=128, dot="mma_swapped", lookup="select")),
     (16, "nf4", True, 64, Config(block_m=16, block_n=16, block_k=128, dot="mma", split_k=2)),
