@@ -70,8 +70,10 @@ def parse_args(argv=None):
     work.add_argument("--prompt", type=int, default=512, help="prompt tokens per sequence")
     work.add_argument("--new-tokens", type=int, default=128)
     work.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (best of)")
-    work.add_argument("--variants", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8", *INT4_VARIANTS, *TORCH_VARIANTS],
-                      help="jint8 bf16 / int8 / nf4 / fp4 (4-bit: Int4Config, double quantization), and the PyTorch baselines: hf-bf16 (transformers eager), "
+    work.add_argument("--variants", nargs="+", default=["bf16", "int8"],
+                      choices=["bf16", "int8", *INT4_VARIANTS, *TORCH_VARIANTS],
+                      help="jint8 bf16 / int8 / nf4 / fp4 (4-bit: Int4Config, double quantization), and the "
+                      "PyTorch baselines: hf-bf16 (transformers eager), "
                       "hf-compile (static cache + torch.compile), bnb-int8 (bitsandbytes LLM.int8, threshold)")
     quant = parser.add_argument_group("LLM.int8")
     quant.add_argument("--threshold", type=float, default=6.0)

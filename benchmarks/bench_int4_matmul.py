@@ -120,7 +120,8 @@ def bench_table(shapes, ms, rng, in_jit: bool):
             backend = select_backend(xs[0], w4[0]).name
             config = configs.config_for(kind, m, k, n, 64) if backend == "pallas_triton" else None
             t = {}
-            t["nf4"] = _safe(f"K={k} N={n} M={m} nf4", lambda: int8_bench.time_op(lambda x, w: int4_matmul(x, w), xs, w4))
+            t["nf4"] = _safe(f"K={k} N={n} M={m} nf4", lambda: int8_bench.time_op(
+                lambda x, w: int4_matmul(x, w), xs, w4))
             t["nf4_xla"] = _safe(f"K={k} N={n} M={m} nf4 xla", lambda: int8_bench.time_op(
                 lambda x, w: int4_matmul(x, w, backend="xla"), xs, w4))
             t["bf16"] = _safe(f"K={k} N={n} M={m} bf16", lambda: int8_bench.time_op(lambda x, w: x @ w, xs, w16))
@@ -170,13 +171,16 @@ def sweep_candidates(m: int, k: int, n: int) -> list[Config]:
     if m == 1:
         raw = [dict(block_m=1, block_n=bn, block_k=bk, num_warps=w, num_stages=4, dot="fma", lookup=lk, split_k=s)
                for bn, bk, w, lk, s in ((32, 256, 4, "gather", 0), (64, 512, 4, "gather", 0),
-                                        (128, 256, 8, "gather", 0), (64, 256, 4, "select", 0), (64, 256, 4, "gather", 1))]
-        raw += [dict(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4, dot=dot, lookup="gather", split_k=0)
+                                        (128, 256, 8, "gather", 0), (64, 256, 4, "select", 0),
+                                        (64, 256, 4, "gather", 1))]
+        raw += [dict(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4, dot=dot, lookup="gather",
+                     split_k=0)
                 for dot in ("mma", "mma_swapped")]
     elif m <= 16:
         raw = [dict(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=st, dot=dot, lookup=lk, split_k=0)
                for bn, bk, w, st, dot, lk in ((64, 256, 4, 4, "mma", "gather"), (128, 128, 4, 4, "mma", "gather"),
-                                              (64, 256, 4, 4, "mma_swapped", "gather"), (64, 256, 4, 4, "mma", "select"))]
+                                              (64, 256, 4, 4, "mma_swapped", "gather"),
+                                              (64, 256, 4, 4, "mma", "select"))]
     else:
         raw = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, dot="mma", lookup=lk, split_k=1)
                for bm, bn, bk, w, st, lk in ((128, 128, 128, 8, 3, "gather"), (128, 256, 64, 8, 3, "gather"),
@@ -215,7 +219,8 @@ def sweep(shapes, ms, rng, in_jit: bool, write_table=None):
                 seconds = _safe(f"M={m} {config}", lambda: timer(op, xs, w4, samples=5))
                 if seconds is not None:
                     results.append((seconds, config))
-                    print(f"  M={m} {seconds * 1e3:.4f} ms {w4[0].nbytes / seconds / 1e9:.0f} GB/s {config}", flush=True)
+                    gbps = w4[0].nbytes / seconds / 1e9
+                    print(f"  M={m} {seconds * 1e3:.4f} ms {gbps:.0f} GB/s {config}", flush=True)
             if results:
                 seconds, best = min(results, key=lambda r: r[0])
                 # the entry covers M from the previous swept M + 1 (the largest: up to 2M - 1)

@@ -155,7 +155,8 @@ def test_config_and_table_errors_name_the_field(tmp_path, monkeypatch):
         assert configs.config_for("NVIDIA H100 80GB HBM3", 1, 4096, 4096, 64).split_k == 4
         assert configs.config_for("NVIDIA H100 80GB HBM3", 8, 4096, 1024, 64).block_n == 32
         assert configs.config_for("NVIDIA H100 80GB HBM3", 1, 4096, 1024, 64).block_n == 32  # shape-less entry
-        (tmp_path / "int4_nvidia_h100.json").write_text(json.dumps({"entries": [{"max_m": 1, "config": {"block_m": 3}}]}))
+        bad_entry = {"entries": [{"max_m": 1, "config": {"block_m": 3}}]}
+        (tmp_path / "int4_nvidia_h100.json").write_text(json.dumps(bad_entry))
         configs.clear_cache()
         with pytest.raises(InvalidConfigError, match=r"int4_nvidia_h100.json: entries\[0\]"):
             configs.config_for("NVIDIA H100 80GB HBM3", 1, 4096, 4096, 64)

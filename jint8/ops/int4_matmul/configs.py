@@ -14,7 +14,8 @@ int4_<device>.json in the directory JINT8_KERNEL_TABLES names (searched first), 
 left out (any shape), "min_m" (default 1) too. The first entry (sorted by max_m, exact shapes
 before shape-less ones) whose [min_m, max_m] holds the call's M, whose k/n match and whose config
 can run M rows gives the Config; benchmarks/bench_int4_matmul.py --sweep
-prints such entries. Without a table: default_config, a heuristic.
+prints such entries (--write-table writes a whole table). Without a table (none ships yet: they
+come from that sweep on each GPU): default_config, a heuristic.
 """
 
 from __future__ import annotations
