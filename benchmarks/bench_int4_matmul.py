@@ -185,8 +185,10 @@ def sweep_candidates(m: int, k: int, n: int) -> list[Config]:
         raw = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, dot="mma", lookup=lk, split_k=1)
                for bm, bn, bk, w, st, lk in ((128, 128, 128, 8, 3, "gather"), (128, 256, 64, 8, 3, "gather"),
                                              (128, 128, 128, 8, 3, "select"), (64, 128, 128, 4, 3, "gather"))]
-        # the dequantized weight as the MMA's A operand (wgmma takes A from registers, B from shared memory)
-        raw += [dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3, dot="mma_swapped", split_k=1)]
+        # the dequantized weight as the MMA's A operand (wgmma takes A from registers, B from shared
+        # memory); 256-row tiles dequantize each weight tile half as often
+        raw += [dict(block_m=bm, block_n=128, block_k=bk, num_warps=8, num_stages=3, dot=dot, split_k=1)
+                for bm, bk, dot in ((128, 128, "mma_swapped"), (256, 64, "mma"), (256, 64, "mma_swapped"))]
         raw += [dict(block_m=128, block_n=64, block_k=256, num_warps=4, num_stages=2, route="xla_dot", lookup="gather")]
     out = [base]
     for fields in raw:

@@ -43,6 +43,9 @@ _TARGET_PROGRAMS = 256
 _PREFILL_MIN_PROGRAMS = 66
 # Largest M run with decode tiles (one block_m of all rows); the prefill tiles take larger M.
 DECODE_MAX_M = 16
+# Largest M whose default tiles are spread like decode ones (one M tile of all rows, block_n
+# narrowed and K split to ~_TARGET_PROGRAMS programs): batched decode, still weight-bound.
+SKINNY_MAX_M = 64
 
 
 def _check_pow2(name: str, value, lo: int, hi: int) -> None:
@@ -125,15 +128,16 @@ def fit_to_shape(config: Config, m: int, k: int, n: int, blocksize: int) -> Conf
 def default_config(m: int, k: int, n: int, blocksize: int) -> Config:
     """Heuristic tiles for GPUs without a tuned table (and shapes a table does not list).
 
-    Decode (M <= 16): the one-row FMA path at M = 1, MMA tiles of all rows above; block_n
+    Decode (M <= 64): the one-row FMA path at M = 1, MMA tiles of all rows above; block_n
     narrowed and K split until ~_TARGET_PROGRAMS programs stream the weight (N = 4096 at M = 1:
     128 tiles of 32 rows, split 2). Prefill: 128 x 128 MMA tiles (64 rows up to M = 128); the
     xla_dot route from M = 2048, where the fused kernel's re-dequantization (once per M tile)
     costs more than one dequantization pass plus XLA's GEMM (an estimate until a table says).
     """
-    if m <= DECODE_MAX_M:
+    if m <= SKINNY_MAX_M:  # streaming the weight dominates: spread it over the SMs
         base = Config(block_m=1, block_n=128, block_k=256, num_warps=4, num_stages=4, dot="fma") if m == 1 else \
-            Config(block_m=16, block_n=128, block_k=256, num_warps=4, num_stages=4, dot="mma")
+            Config(block_m=max(16, 1 << (m - 1).bit_length()), block_n=128, block_k=256, num_warps=4, num_stages=4,
+                   dot="mma")
         return spread_programs(fit_to_shape(base, m, k, n, blocksize), k, n)
     if m >= 2048:
         return fit_to_shape(Config(block_m=128, block_n=128, block_k=256, num_warps=4, num_stages=2,
