@@ -15,7 +15,8 @@ Random weights (uniform codes and absmax codes): the kernels' speed does not dep
 
   --sweep: time candidate Configs per shape and M (--shapes, --ms; default M = 1, 16, 512; in
     one jit for M <= 16) and print the best of each as a table entry; the last line is a whole
-    table (JSON) for jint8/ops/int4_matmul/data/<gpu>.json (--write-table PATH writes it).
+    table (JSON) for jint8/ops/int4_matmul/data/<gpu>.json (--write-table PATH writes it, keeping
+    the entries of an existing PATH that this run does not re-measure).
   --check: correctness of the kernels compiled on this GPU (tests/ops/test_int4_matmul_pallas.py's
     checks): the dequantized weight bit-identical to the reference's (XLA on the same GPU),
     outputs written into NaN-poisoned buffers within checks.output_error_bound of the float64
@@ -204,12 +205,34 @@ def sweep_candidates(m: int, k: int, n: int) -> list[Config]:
     return out
 
 
+def entry_range(m: int) -> tuple[int, int]:
+    """The M a config measured at M serves: M = 1 alone, 2-16 (decode tiles), 17-64 (batched
+    decode), else M / 2 + 1 .. 2M - 1 (prefill tiles)."""
+    if m == 1:
+        return 1, 1
+    if m <= 16:
+        return 2, 16
+    if m <= 64:
+        return 17, 64
+    return max(65, m // 2 + 1), 2 * m - 1
+
+
+def merged_table(path: pathlib.Path, table: dict) -> dict:
+    """table with the entries of the table already at path (if any) that it does not re-measure
+    (same k, n and measured_at_m), so separate sweeps (--ms 1,16 then --ms 512) build one file."""
+    if not path.is_file():
+        return table
+    new = {(e["k"], e["n"], e["measured_at_m"]) for e in table["entries"]}
+    kept = [e for e in json.loads(path.read_text()).get("entries", ())
+            if (e.get("k"), e.get("n"), e.get("measured_at_m")) not in new]
+    return dict(table, entries=kept + table["entries"])
+
+
 def sweep(shapes, ms, rng, in_jit: bool, write_table=None):
     entries = []
-    ms = sorted(ms)
     for k, n in shapes:
         w4 = int4_copies(k, n)
-        for i, m in enumerate(ms):
+        for m in ms:
             xs = int8_bench.activations(rng, m, k, _sets(m, k, n, len(w4)))
             results = []
             print(f"K={k} N={n} M={m}: the default config first, then the candidates", flush=True)
@@ -225,9 +248,9 @@ def sweep(shapes, ms, rng, in_jit: bool, write_table=None):
                     print(f"  M={m} {seconds * 1e3:.4f} ms {gbps:.0f} GB/s {config}", flush=True)
             if results:
                 seconds, best = min(results, key=lambda r: r[0])
-                # the entry covers M from the previous swept M + 1 (the largest: up to 2M - 1)
-                entry = {"min_m": ms[i - 1] + 1 if i else 1, "max_m": m if i + 1 < len(ms) else 2 * m - 1,
-                         "k": k, "n": n, "measured_ms": round(seconds * 1e3, 4), "measured_at_m": m,
+                min_m, max_m = entry_range(m)
+                entry = {"min_m": min_m, "max_m": max_m, "k": k, "n": n, "measured_ms": round(seconds * 1e3, 4),
+                         "measured_at_m": m,
                          "config": dataclasses.asdict(best)}
                 entries.append(entry)
                 print(f"BEST K={k} N={n} M={m}: {seconds * 1e3:.4f} ms {json.dumps(entry)}", flush=True)
@@ -238,7 +261,8 @@ def sweep(shapes, ms, rng, in_jit: bool, write_table=None):
              "entries": entries}
     print("\nTABLE " + json.dumps(table), flush=True)
     if write_table:
-        pathlib.Path(write_table).write_text(json.dumps(table, indent=1) + "\n")
+        path = pathlib.Path(write_table)
+        path.write_text(json.dumps(merged_table(path, table), indent=1) + "\n")
         print(f"wrote {write_table} (jint8/ops/int4_matmul/data/{configs.device_table_name(table['device_kind'])}"
               ".json reads it)", flush=True)
 
