@@ -339,7 +339,8 @@ def _tensor_job(record: TensorRecord, target: TensorTarget, planned, decision: O
     def stage_stored():
         array = _read_stored(record, target, settings.rules)
         conversion = expected if expected is not None and array.dtype == record.dtype else conversion_for(array.dtype)
-        return stage(array, conversion), array.nbytes, conversion
+        # the bytes the file held (what the progress total counts), not a dequantized GGUF tensor's
+        return stage(array, conversion), record.nbytes if record.nbytes is not None else array.nbytes, conversion
 
     if decision is None or not decision.quantized:
         return TensorJob(target.path, stage_stored, expected, lambda outputs: outputs[0], record.release)
