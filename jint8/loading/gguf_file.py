@@ -8,7 +8,8 @@ BLOOM's fused attn_qkv is stored as q | k | v, not BLOOM's per-head [q, k, v] in
 (transformers' BloomTensorProcessor undoes that; so does `bloom_qkv_from_llama_cpp`). Falcon
 GGUFs of the multi-query (7B) layout store attn_qkv as Falcon does; transformers' GGUF config
 reader cannot describe the new decoder architecture (no new_decoder_architecture, ln_attn), so
-those files are refused.
+those files are refused. T5 GGUFs (llama.cpp's "t5": enc.blk.* / dec.blk.*, token_embd = shared)
+take the feed-forward kind and the head tying from their tensors (_t5_config_from_tensors).
 
 The gguf reader parses the header only. Tensors stored as F32 / F16 / BF16 are read as views of a
 memory map of the file and go to the device as stored (cast and quantized there, as safetensors
@@ -171,7 +172,9 @@ def gguf_records(file: Path, hf_config, hf_names: Iterable[str]) -> list[TensorR
         raise UnsupportedArchitectureError(
             f"{file}: a Falcon new-decoder-architecture GGUF (attn_norm_2 tensors); transformers' GGUF config "
             "reader has no new_decoder_architecture, so jint8 reads multi-query (7B-style) Falcon GGUFs only")
-    names = _gguf_to_hf_names(reader, architecture, hf_names, hf_config.num_hidden_layers)
+    # an encoder-decoder's decoder may be deeper than its encoder (T5's num_decoder_layers)
+    blocks = max(hf_config.num_hidden_layers, getattr(hf_config, "num_decoder_layers", None) or 0)
+    names = _gguf_to_hf_names(reader, architecture, hf_names, blocks)
     supported = _supported_types()
     mapped = MappedFile(file)
     records = []
@@ -196,11 +199,38 @@ def gguf_hf_config(file: Path):
     from transformers import AutoConfig
 
     _require_torch_for_gguf(file)
-    open_gguf(file)  # jint8's own error for a truncated or corrupt file, before transformers' reader
+    reader = open_gguf(file)  # jint8's own error for a truncated or corrupt file, before transformers' reader
+    architecture = gguf_architecture(reader)
+    if architecture == "t5encoder":
+        raise UnsupportedArchitectureError(f"{file}: a T5 encoder-only GGUF (t5encoder); jint8 builds the "
+                                           "encoder-decoder T5 only")
     try:
-        return AutoConfig.from_pretrained(os.fspath(file.parent), gguf_file=file.name)
+        config = AutoConfig.from_pretrained(os.fspath(file.parent), gguf_file=file.name)
     except (ValueError, KeyError, OSError) as e:
         raise CheckpointFileError(f"{file}: cannot build a config from its GGUF metadata: {e}") from None
+    if architecture == "t5":
+        _t5_config_from_tensors(config, reader)
+    return config
+
+
+def _t5_config_from_tensors(config, reader) -> None:
+    """What transformers' GGUF reader leaves out of a T5 config, taken as llama.cpp takes it.
+
+    transformers marks every T5 GGUF gated (is_gated_act) but keeps feed_forward_proj "relu";
+    llama.cpp runs a block gated GELU (v1.1 / FLAN-T5: wi_0 -> ffn_gate, wi_1 -> ffn_up) where the
+    file has ffn_gate tensors and ReLU (T5: wi -> ffn_up) where it has none. The head is the shared
+    embedding only where the file has no output.weight (transformers 5 records that flag as
+    scale_decoder_outputs and sets tie_word_embeddings regardless). A decoder of another depth is
+    stored as decoder_block_count, which transformers does not read.
+    """
+    names = {tensor.name for tensor in reader.tensors}
+    gated = any(name.endswith(".ffn_gate.weight") for name in names)
+    config.feed_forward_proj = "gated-gelu" if gated else "relu"
+    config.dense_act_fn, config.is_gated_act = ("gelu_new" if gated else "relu"), gated
+    config.tie_word_embeddings = "output.weight" not in names
+    field = reader.fields.get("t5.decoder_block_count")
+    if field is not None:
+        config.num_decoder_layers = int(field.parts[field.data[0]][0])
 
 
 def _require_torch_for_gguf(file: Path) -> None:
