@@ -35,7 +35,7 @@ from jint8.loading import gguf_file, msgpack_file, safetensors_file
 from jint8.loading.bnb_int4 import QuantStateRecords, bnb_int4_settings, read_int4_kernel, split_bnb4_records
 from jint8.loading.bnb_int8 import bnb_int8_settings, read_int8_kernel, split_bnb_records
 from jint8.loading.config_check import check_config_against_arrays
-from jint8.loading.device_convert import _default_device, plan_conversion, stage
+from jint8.loading.device_convert import default_device, plan_conversion, stage
 from jint8.loading.names import (
     NameRules,
     TensorTarget,
@@ -233,7 +233,7 @@ def _place_stored(array: np.ndarray, mesh, spec):
     """An array read as stored (a view of the memory-mapped file), placed as it is: an accelerator's
     device_put copies it to the device, each device only its shard; a CPU device_put may keep
     viewing host memory (the file would stay mapped), so for CPU devices it is copied first."""
-    sharding = SingleDeviceSharding(_default_device()) if mesh is None else NamedSharding(mesh, spec)
+    sharding = SingleDeviceSharding(default_device()) if mesh is None else NamedSharding(mesh, spec)
     if all(device.platform == "cpu" for device in sharding.device_set):
         array = np.array(array)
     return jax.device_put(array, sharding)
