@@ -117,7 +117,7 @@ def _llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def write_checkpoint(directory: Path, config: dict, shards: int) -> None:
-    """Random bf16 weights, N(0, 0.02) tiled from one 32 MiB block at a per-tensor offset (norms
+    """Random bf16 weights, N(0, 0.02) tiled from one 32 MiB block from a per-tensor offset (norms
     ones), in `shards` files of about equal size with transformers' index and config.json."""
     import ml_dtypes
     import numpy as np
@@ -137,6 +137,7 @@ def write_checkpoint(directory: Path, config: dict, shards: int) -> None:
             current = []
     groups.append(current)
     block = (np.random.default_rng(0).standard_normal(1 << 24, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    twice = np.concatenate([block, block])  # a window of it at any offset is a view: no copy per tensor
     weight_map = {}
     for number, names in enumerate(groups):
         file = f"model-{number + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -146,7 +147,9 @@ def write_checkpoint(directory: Path, config: dict, shards: int) -> None:
             if len(shape) == 1:
                 tensors[name] = np.ones(shape, ml_dtypes.bfloat16)
             else:
-                tensors[name] = np.resize(np.roll(block, 7919 * len(weight_map) + len(tensors)), shape)
+                offset, count = (7919 * (len(weight_map) + len(tensors))) % block.size, int(np.prod(shape))
+                window = twice[offset:offset + min(count, block.size)]
+                tensors[name] = (window if count <= block.size else np.resize(window, count)).reshape(shape)
         save_file(tensors, str(directory / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, file))
         del tensors
