@@ -16,8 +16,9 @@ SCRIPT = Path(__file__).with_name("rss_script.py")
 # bound) plus this: the tensors staged or converting at once (the pipeline holds at most
 # prefetch + in_flight = 6; an int8 conversion of an 8 MiB bf16 kernel uses float32 temporaries
 # of 16-32 MiB) and XLA's compiled conversions. Measured here (2026-12-07, jax 0.10.2 CPU): bf16
-# ~75 MiB, int8 ~130 MiB in all, below the 96 MiB largest shard alone
-CONSTANT = 96 * 2**20
+# 75-90 MiB, int8 130-140 MiB in all, so the whole bound (96 + 128 MiB) has ~85 MiB of margin;
+# holding the checkpoint (224 MiB) on the host as well would exceed it
+CONSTANT = 128 * 2**20
 # Llama-shaped, 6 layers of hidden 1024 / MLP 4096, 8k vocab, untied: 117 M parameters, 235 MB bf16
 CONFIG = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=8,
               num_key_value_heads=8, vocab_size=8192, max_position_embeddings=128, tie_word_embeddings=False)
