@@ -1,18 +1,27 @@
-"""Load time of a Llama-shaped bf16 safetensors checkpoint: transformers against jint8 bf16 and int8.
+"""Load time of a Llama-shaped bf16 safetensors checkpoint: transformers against jint8 bf16, int8
+and the restore of a saved jint8 int8 checkpoint.
 
-    python benchmarks/bench_load.py [--dir DIR] [--repeats 3] [--shard-size 300MB] [--bnb]
+    python benchmarks/bench_load.py --preset llama3-8b --device cuda   # one GPU, ~15 GiB, ~4 min
+    python benchmarks/bench_load.py                                    # CPU, 0.39 B (RESULTS.md)
+    python benchmarks/bench_load.py --preset tiny --repeats 1          # a quick check of the script
 
-Writes a random ~0.39B-parameter Llama checkpoint with transformers' own save_pretrained (bf16,
-sharded with an index) once, reads every file once so the page cache is warm for every system
-alike, then times each system in a fresh subprocess per run and prints the best of --repeats as
-a markdown table, two numbers per system:
-- call: the from_pretrained call alone. Every process imports torch and transformers (and jax and
-  jint8 for jint8) before the clock starts; what a call imports lazily (transformers' modeling
-  code, its config classes) is counted, as is jax compilation. jint8's call ends when the weights
-  are usable (jax.block_until_ready).
-- process: the whole `python -c "import ...; from_pretrained(...)"` run, interpreter start and
-  every import included: what a script pays.
---bnb adds transformers + bitsandbytes load_in_8bit (slow on a CPU; off by default).
+Writes a random bf16 Llama checkpoint (safetensors shards + index; numpy random values tiled from
+one block, written by safetensors: seconds, where transformers' init takes minutes for 8B), saves
+the int8 tree of it once with jint8.save_quantized, reads every file once so the page cache is
+warm for every system alike, then times each system in a fresh subprocess per run and prints the
+best of --repeats as a markdown table:
+- call: the load call alone. Every process imports torch and transformers (and jax and jint8 for
+  jint8) before the clock starts; what a call imports lazily (transformers' modeling code, its
+  config classes) is counted, as is jax compilation. A call ends when the weights are usable
+  (torch.cuda.synchronize / jax.block_until_ready).
+- GB/s: the bytes read (the bf16 files, or the int8 checkpoint's) over the call.
+- process: the whole `python -c "import ...; load(...)"` run, interpreter start and imports included.
+- peak device memory: torch.cuda.max_memory_allocated / jax's peak_bytes_in_use (GPU only).
+Systems: transformers from_pretrained(dtype=bfloat16[, device_map="cuda"]); jint8 bf16; jint8 int8
+(Int8Config(skip_modules=("lm_head",))); jint8 restore of the saved int8 checkpoint
+(from_pretrained of its directory, CRC-32C checked, and again with verify_checksums=False);
+--bnb adds transformers + bitsandbytes load_in_8bit. What this run wrote is deleted at the end
+unless --keep (the 8B preset needs ~24 GiB of disk: 15 GiB bf16 + 8 GiB int8).
 """
 
 from __future__ import annotations
@@ -20,111 +29,237 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-# ~0.39B parameters: 24 layers of hidden 1024 / MLP 3584 with GQA (4 KV heads), untied 32k vocab
-CONFIG = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=16,
-              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
-              tie_word_embeddings=False)
+PRESETS = {
+    # Llama-3-8B: 8.03 B parameters, 14.96 GiB bf16
+    "llama3-8b": dict(shards=4, config=dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=False)),
+    # the CPU row of RESULTS.md: 0.39 B parameters, 24 layers of hidden 1024 / MLP 3584, GQA, 32k vocab
+    "0.4b": dict(shards=3, config=dict(
+        hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        tie_word_embeddings=False)),
+    # seconds on a CPU: checks the script, measures nothing
+    "tiny": dict(shards=2, config=dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1024, max_position_embeddings=256, rms_norm_eps=1e-5,
+        tie_word_embeddings=False)),
+}
+INT8_CONFIG = 'jint8.Int8Config(skip_modules=("lm_head",))'
 
+_TORCH_SYNC = "torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
+_TORCH_PEAK = "peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None\n"
+_JAX_PEAK = "peak = (jax.devices()[0].memory_stats() or {}).get('peak_bytes_in_use')\n"
 _TIMED = {
-    "transformers bf16": """
+    "transformers bf16": ("bf16", """
 t0 = time.perf_counter()
-model = transformers.AutoModelForCausalLM.from_pretrained(DIR, dtype=torch.bfloat16)
-seconds = time.perf_counter() - t0
-""",
-    "transformers + bitsandbytes int8": """
+model = transformers.AutoModelForCausalLM.from_pretrained(DIR, dtype=torch.bfloat16, **DEVICE_MAP)
+""" + _TORCH_SYNC + "seconds = time.perf_counter() - t0\n" + _TORCH_PEAK),
+    "transformers + bitsandbytes int8": ("bf16", """
 t0 = time.perf_counter()
 model = transformers.AutoModelForCausalLM.from_pretrained(
-    DIR, dtype=torch.bfloat16, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True))
-seconds = time.perf_counter() - t0
-""",
-    "jint8 bf16": """
+    DIR, dtype=torch.bfloat16, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), **DEVICE_MAP)
+""" + _TORCH_SYNC + "seconds = time.perf_counter() - t0\n" + _TORCH_PEAK),
+    "jint8 bf16": ("bf16", """
 t0 = time.perf_counter()
 model, params = jint8.from_pretrained(DIR, dtype=jnp.bfloat16, progress=False)
 jax.block_until_ready(params)
 seconds = time.perf_counter() - t0
-""",
-    "jint8 int8": """
+""" + _JAX_PEAK),
+    "jint8 int8": ("bf16", f"""
 t0 = time.perf_counter()
-model, params = jint8.from_pretrained(DIR, dtype=jnp.bfloat16, quantization=jint8.Int8Config(), progress=False)
+model, params = jint8.from_pretrained(DIR, dtype=jnp.bfloat16, quantization={INT8_CONFIG}, progress=False)
 jax.block_until_ready(params)
 seconds = time.perf_counter() - t0
-""",
+""" + _JAX_PEAK),
+    "jint8 int8 restore (save_quantized checkpoint)": ("int8", """
+t0 = time.perf_counter()
+model, params = jint8.from_pretrained(CKPT, progress=False)
+jax.block_until_ready(params)
+seconds = time.perf_counter() - t0
+""" + _JAX_PEAK),
+    "jint8 int8 restore, verify_checksums=False": ("int8", """
+t0 = time.perf_counter()
+model, params = jint8.from_pretrained(CKPT, progress=False, verify_checksums=False)
+jax.block_until_ready(params)
+seconds = time.perf_counter() - t0
+""" + _JAX_PEAK),
 }
 
+_SAVE_INT8 = f"""
+model, params = jint8.from_pretrained(DIR, dtype=jnp.bfloat16, quantization={INT8_CONFIG}, progress=False)
+jint8.save_quantized(CKPT, params, quant_config={INT8_CONFIG}, model_config=model.config)
+"""
 
-def write_checkpoint(directory: Path, shard_size: str) -> None:
-    """A random bf16 LlamaForCausalLM saved by transformers (safetensors shards + index)."""
-    import torch
+
+def _llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """transformers' LlamaForCausalLM state dict: name -> shape, in its order."""
+    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * (d // config["num_attention_heads"])
+    shapes = {"model.embed_tokens.weight": (v, d)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv, d),
+                       p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, d),
+                       p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                       p + "mlp.down_proj.weight": (d, f), p + "input_layernorm.weight": (d,),
+                       p + "post_attention_layernorm.weight": (d,)})
+    shapes.update({"model.norm.weight": (d,), "lm_head.weight": (v, d)})
+    return shapes
+
+
+def write_checkpoint(directory: Path, config: dict, shards: int) -> None:
+    """Random bf16 weights, N(0, 0.02) tiled from one 32 MiB block from a per-tensor offset (norms
+    ones), in `shards` files of about equal size with transformers' index and config.json."""
+    import ml_dtypes
+    import numpy as np
     import transformers
+    from safetensors.numpy import save_file
 
-    if (directory / "config.json").exists():
-        return
-    config = transformers.LlamaConfig(**CONFIG)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(directory, safe_serialization=True, max_shard_size=shard_size)
+    directory.mkdir(parents=True, exist_ok=True)
+    shapes = _llama_shapes(config)
+    sizes = {name: 2 * int(np.prod(shape)) for name, shape in shapes.items()}
+    total = sum(sizes.values())
+    groups, current, filled = [], [], 0
+    for name in shapes:  # contiguous groups in model order, a new one past each 1/shards of the bytes
+        current.append(name)
+        filled += sizes[name]
+        if filled >= total * (len(groups) + 1) / shards and len(groups) < shards - 1:
+            groups.append(current)
+            current = []
+    groups.append(current)
+    block = (np.random.default_rng(0).standard_normal(1 << 24, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    twice = np.concatenate([block, block])  # a window of it at any offset is a view: no copy per tensor
+    weight_map = {}
+    for number, names in enumerate(groups):
+        file = f"model-{number + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            shape = shapes[name]
+            if len(shape) == 1:
+                tensors[name] = np.ones(shape, ml_dtypes.bfloat16)
+            else:
+                offset, count = (7919 * (len(weight_map) + len(tensors))) % block.size, int(np.prod(shape))
+                window = twice[offset:offset + min(count, block.size)]
+                tensors[name] = (window if count <= block.size else np.resize(window, count)).reshape(shape)
+        save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+        del tensors
+    index = {"metadata": {"total_size": total, "total_parameters": total // 2}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    transformers.LlamaConfig(**config).save_pretrained(directory)
 
 
 def warm_page_cache(directory: Path) -> int:
+    """Read every file under directory once; returns the bytes read."""
     total = 0
-    for file in sorted(directory.glob("*.safetensors")):
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
         with open(file, "rb") as handle:
             while chunk := handle.read(1 << 24):
                 total += len(chunk)
     return total
 
 
-def time_once(directory: Path, system: str) -> tuple[float, float]:
-    """(call seconds, process seconds) of one run in a fresh interpreter."""
-    imports = "import torch, transformers\n" + ("import jax, jax.numpy as jnp, jint8\n" if "jint8" in system else "")
-    code = f"import time\n{imports}DIR = {str(directory)!r}\n" + _TIMED[system] + "print('SECONDS', seconds)\n"
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+def _environment(device: str) -> dict:
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu" if device == "cpu" else env.get("JAX_PLATFORMS", "cuda")
+    return env
+
+
+def _run(code: str, device: str, what: str) -> tuple[str, float]:
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    process = time.perf_counter() - start
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_environment(device))
+    seconds = time.perf_counter() - start
     if result.returncode != 0:
-        raise RuntimeError(f"{system} failed:\n{result.stderr[-3000:]}")
-    line = next(line for line in result.stdout.splitlines() if line.startswith("SECONDS"))
-    return float(line.split()[1]), process
+        raise RuntimeError(f"{what} failed:\n{result.stderr[-3000:]}")
+    return result.stdout, seconds
+
+
+def _prelude(system: str, directory: Path, checkpoint: Path, device: str) -> str:
+    imports = "import torch, transformers\n"
+    if "jint8" in system:
+        imports += "import jax, jax.numpy as jnp, jint8\n"
+    device_map = "dict(device_map='cuda')" if device == "cuda" else "dict()"
+    return (f"import time\n{imports}DIR = {str(directory)!r}\nCKPT = {str(checkpoint)!r}\n"
+            f"DEVICE_MAP = {device_map}\n")
+
+
+def time_once(directory: Path, checkpoint: Path, system: str, device: str) -> tuple[float, float, int | None]:
+    """(call seconds, process seconds, peak device bytes or None) of one run in a fresh interpreter."""
+    code = _prelude(system, directory, checkpoint, device) + _TIMED[system][1] + "print('RESULT', seconds, peak)\n"
+    stdout, process = _run(code, device, system)
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT"))
+    _, seconds, peak = line.split()
+    return float(seconds), process, None if peak == "None" else int(peak)
+
+
+def _gib(n) -> str:
+    return f"{n / 2**30:.2f} GiB" if n else "-"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "jint8-bench-load-0.4b")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--shard-size", default="300MB")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="0.4b")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: transformers loads with device_map='cuda', jax runs on its CUDA backend")
+    parser.add_argument("--dir", type=Path, default=None, help="where the checkpoints go (default: a new temp dir)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per system (default 1 for llama3-8b, else 3)")
     parser.add_argument("--bnb", action="store_true", help="also time transformers + bitsandbytes 8-bit")
     parser.add_argument("--systems", nargs="*", default=None, help=f"a subset of {list(_TIMED)}")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints (reused by a later run with --dir)")
     args = parser.parse_args()
-
-    t0 = time.perf_counter()
-    write_checkpoint(args.dir, args.shard_size)
-    files = sorted(args.dir.glob("*.safetensors"))
-    size = warm_page_cache(args.dir)
-    params = json.loads((args.dir / "model.safetensors.index.json").read_text())["metadata"].get("total_parameters")
-    print(f"checkpoint {args.dir}: {len(files)} shards, {size / 1e9:.2f} GB bf16"
-          + (f", {int(params) / 1e9:.2f} B parameters" if params else "")
-          + f" (ready in {time.perf_counter() - t0:.0f} s)")
+    preset = PRESETS[args.preset]
+    repeats = args.repeats or (1 if args.preset == "llama3-8b" else 3)
     systems = args.systems or [s for s in _TIMED if args.bnb or "bitsandbytes" not in s]
-    best = {}
-    for system in systems:
-        runs = [time_once(args.dir, system) for _ in range(args.repeats)]
-        best[system] = (min(call for call, _ in runs), min(process for _, process in runs))
-        print(f"{system}: call " + ", ".join(f"{c:.2f}" for c, _ in runs) + " s; process "
-              + ", ".join(f"{p:.2f}" for _, p in runs) + " s", file=sys.stderr)
+    unknown = [s for s in systems if s not in _TIMED]
+    if unknown:
+        parser.error(f"unknown systems {unknown}; choose from {list(_TIMED)}")
+
+    root = args.dir or Path(tempfile.mkdtemp(prefix="jint8-bench-load-"))
+    directory, checkpoint = root / f"{args.preset}-bf16", root / f"{args.preset}-int8"
+    wrote = []
+    try:
+        t0 = time.perf_counter()
+        if not (directory / "config.json").exists():
+            write_checkpoint(directory, preset["config"], preset["shards"])
+            wrote.append(directory)
+        written = time.perf_counter() - t0
+        if any(_TIMED[s][0] == "int8" for s in systems) and not checkpoint.exists():
+            _run(_prelude("jint8", directory, checkpoint, args.device) + _SAVE_INT8, args.device, "save_quantized")
+            wrote.append(checkpoint)
+        saved = time.perf_counter() - t0 - written
+        sizes = {"bf16": warm_page_cache(directory), "int8": warm_page_cache(checkpoint) if checkpoint.exists() else 0}
+        print(f"checkpoint {directory}: {preset['shards']} shards, {sizes['bf16'] / 2**30:.2f} GiB bf16 "
+              f"(written in {written:.0f} s); int8 checkpoint {sizes['int8'] / 2**30:.2f} GiB (saved in {saved:.0f} s); "
+              f"device {args.device}", flush=True)
+        best = {}
+        for system in systems:
+            runs = [time_once(directory, checkpoint, system, args.device) for _ in range(repeats)]
+            best[system] = min(runs)
+            print(f"{system}: call " + ", ".join(f"{c:.2f}" for c, _, _ in runs) + " s; process "
+                  + ", ".join(f"{p:.2f}" for _, p, _ in runs) + " s", file=sys.stderr, flush=True)
+    finally:
+        if not args.keep:
+            for path in wrote:
+                shutil.rmtree(path, ignore_errors=True)
+            if args.dir is None:
+                shutil.rmtree(root, ignore_errors=True)
     reference = best.get("transformers bf16")
-    print(f"\n| system (best of {args.repeats}, a fresh process each) | call | vs transformers bf16 | process "
-          "| vs transformers bf16 |")
-    print("|---|---|---|---|---|")
-    for system, (call, process) in best.items():
-        ratios = (f"{call / reference[0]:.2f}x", f"{process / reference[1]:.2f}x") if reference else ("-", "-")
-        print(f"| {system} | {call:.2f} s | {ratios[0]} | {process:.2f} s | {ratios[1]} |")
+    print(f"\n{args.preset}, {args.device}, best of {repeats} (a fresh process each):\n")
+    print("| system | call | GB/s | vs transformers bf16 | process | peak device memory |")
+    print("|---|---|---|---|---|---|")
+    for system, (call, process, peak) in best.items():
+        ratio = f"{call / reference[0]:.2f}x" if reference else "-"
+        rate = sizes[_TIMED[system][0]] / call / 1e9
+        print(f"| {system} | {call:.2f} s | {rate:.3g} | {ratio} | {process:.2f} s | {_gib(peak)} |")
 
 
 if __name__ == "__main__":

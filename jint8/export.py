@@ -14,9 +14,11 @@ JSON), as bitsandbytes' QuantState.as_dict(packed=True) writes them (jint8/loadi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 import jax
 import numpy as np
@@ -30,6 +32,8 @@ from jint8.loading.pretrained import name_rules_for
 from jint8.models import llama, registered_fusions, spec_for
 from jint8.quant4 import NESTED_BLOCKSIZE, Int4Weight, code_book
 from jint8.quantize import Int8Weight
+
+_logger = logging.getLogger("jint8")
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -60,6 +64,51 @@ def hf_config_of(config):
     if config.sliding_window is not None:
         fields["sliding_window"] = config.sliding_window
     return AutoConfig.for_model(config.model_type, **fields)
+
+
+def _bnb_converts(linear_class: str) -> Optional[bool]:
+    """Whether transformers' bitsandbytes integration (replace_with_bnb_linear, which loading a
+    bitsandbytes checkpoint runs) converts modules of linear_class ("module:Class"); None where
+    it cannot be asked here (torch, transformers or the class missing)."""
+    import importlib
+
+    module_name, _, class_name = linear_class.partition(":")
+    try:
+        import torch
+        from transformers import BitsAndBytesConfig
+        from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+        layer_class = getattr(importlib.import_module(module_name), class_name)
+        holder = torch.nn.Module()
+        with torch.device("meta"):
+            holder.proj = layer_class(8, 8, bias=False)
+        quiet = logging.getLogger("transformers.integrations.bitsandbytes")  # its "no linear modules" warning
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            replace_with_bnb_linear(holder, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+        finally:
+            quiet.setLevel(level)
+    except (ImportError, AttributeError, TypeError, ValueError, RuntimeError) as e:  # not installed, another API
+        _logger.info("export_bitsandbytes: cannot ask transformers whether it converts %s: %s", linear_class, e)
+        return None
+    return type(holder.proj) is not layer_class
+
+
+def _refuse_unconverted_linears(model_type: str) -> None:
+    """A family whose projections transformers' bitsandbytes integration leaves float (it converts
+    torch.nn.Linear itself, not subclasses like Falcon's FalconLinear) cannot be loaded back
+    from an 8-bit or 4-bit checkpoint: transformers would read the int8 codes into float layers."""
+    try:
+        linear_class = spec_for(model_type).hf_linear_class
+    except UnsupportedArchitectureError:
+        return
+    if linear_class is not None and _bnb_converts(linear_class) is False:
+        raise InvalidConfigError(
+            f"export_bitsandbytes: transformers cannot load a bitsandbytes checkpoint of model_type={model_type!r}: "
+            f"its bitsandbytes integration does not convert {linear_class.rpartition(':')[2]} layers (it replaces "
+            "torch.nn.Linear itself only), so it would read the quantized weights into float layers; keep this "
+            "model as a jint8 checkpoint (save_quantized) instead")
 
 
 def _refuse_kept_float_modules(params, model_type: str) -> None:
@@ -198,6 +247,7 @@ def export_bitsandbytes(
     config = model.config
     hf_config = hf_config or hf_config_of(config)
     rules = name_rules_for(config.model_type)
+    _refuse_unconverted_linears(config.model_type)
     _refuse_kept_float_modules(params, config.model_type)
     float_dtype = np.dtype(jax.numpy.dtype(config.dtype))
     quantization_config = _quantization_config(params, float_dtype)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import crc32c
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jint8.errors import CheckpointIntegrityError
@@ -19,10 +20,23 @@ logger = logging.getLogger(__name__)
 ALGORITHM = "crc32c"
 
 
+def _host_copy(array) -> np.ndarray:
+    """The array's values on the host, gathered shard by shard, without jax keeping that copy: an
+    accelerator array caches the host copy np.asarray / device_get made of it for its lifetime (a
+    verified model would hold a second copy of its weights in host memory). Each shard is copied on
+    its device first and the copy fetched, so only the temporary holds the cached host value."""
+    if not isinstance(array, jax.Array):
+        return np.ascontiguousarray(np.asarray(array))
+    host = np.empty(array.shape, array.dtype)
+    for shard in array.addressable_shards:
+        if shard.replica_id == 0:
+            host[shard.index] = np.asarray(jnp.copy(shard.data))
+    return host
+
+
 def array_checksum(array) -> int:
     """CRC-32C of an array's bytes in C order (a sharded jax.Array is gathered to the host first)."""
-    host = np.ascontiguousarray(np.asarray(jax.device_get(array)))
-    return int(crc32c.crc32c(host.reshape(-1).view(np.uint8)))
+    return int(crc32c.crc32c(_host_copy(array).reshape(-1).view(np.uint8)))
 
 
 def _verifiable(array) -> bool:

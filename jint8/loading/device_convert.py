@@ -46,7 +46,7 @@ class Conversion:
     outputs: tuple[jax.sharding.Sharding, ...]
 
 
-def _default_device() -> jax.Device:
+def default_device() -> jax.Device:
     """The device jax.device_put(x) would use (honours jax.default_device)."""
     device = jax.config.jax_default_device
     if isinstance(device, str):
@@ -78,7 +78,7 @@ def plan_conversion(shape, dtype, *, transpose: bool, quantization: Optional[Lea
     else:
         out_specs = (PartitionSpec(*spec), PartitionSpec())
     if mesh is None:
-        device = SingleDeviceSharding(_default_device())
+        device = SingleDeviceSharding(default_device())
         source, outputs = device, (device,) * len(out_specs)
     else:
         source = NamedSharding(mesh, PartitionSpec(*source_spec))

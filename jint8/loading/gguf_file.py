@@ -8,19 +8,27 @@ BLOOM's fused attn_qkv is stored as q | k | v, not BLOOM's per-head [q, k, v] in
 (transformers' BloomTensorProcessor undoes that; so does `bloom_qkv_from_llama_cpp`). Falcon
 GGUFs of the multi-query (7B) layout store attn_qkv as Falcon does; transformers' GGUF config
 reader cannot describe the new decoder architecture (no new_decoder_architecture, ln_attn), so
-those files are refused.
+those files are refused. T5 GGUFs (llama.cpp's "t5": enc.blk.* / dec.blk.*, token_embd = shared)
+take the feed-forward kind and the head tying from their tensors (_t5_config_from_tensors).
+
+The gguf reader parses the header only. Tensors stored as F32 / F16 / BF16 are read as views of a
+memory map of the file and go to the device as stored (cast and quantized there, as safetensors
+tensors are); llama.cpp's block-quantized types are dequantized to float32 on the host one tensor
+at a time, in the loader's reader thread. Each tensor's pages are released once it is converted.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Iterable
 
+import ml_dtypes
 import numpy as np
 
 from jint8.errors import CheckpointFileError, UnsupportedArchitectureError, UnsupportedQuantTypeError
-from jint8.loading.records import TensorRecord, check_readable
+from jint8.loading.records import MappedFile, TensorRecord, check_readable
 
 
 def _supported_types():
@@ -99,25 +107,52 @@ def _gguf_to_hf_names(reader, architecture: str, hf_names: Iterable[str], num_la
     return table
 
 
-def _reader(file: Path, tensor, hf_name: str, architecture: str, hf_config):
+def _stored_float_dtype(tensor_type):
+    """The numpy dtype of a tensor stored unquantized (read as a view, sent to the device as stored);
+    None for llama.cpp's block-quantized types (dequantized to float32 on the host, tensor by tensor)."""
+    from gguf import GGMLQuantizationType as Q
+
+    return {Q.F32: np.dtype(np.float32), Q.F16: np.dtype(np.float16),
+            Q.BF16: np.dtype(ml_dtypes.bfloat16)}.get(tensor_type)
+
+
+def _read_dtype(tensor_type, hf_name: str, architecture: str) -> np.dtype:
+    """The dtype _reader returns: as stored for float types (Gemma's norms, shifted by 1 on the
+    host, in float32 as before), float32 for dequantized ones."""
+    stored = _stored_float_dtype(tensor_type)
+    if stored is None or (architecture.startswith("gemma") and hf_name.endswith("norm.weight")):
+        return np.dtype(np.float32)
+    return stored
+
+
+def _reader(mapped: MappedFile, tensor, hf_name: str, architecture: str, hf_config):
+    """read() of one tensor: a view of the mapped file (float types) or its dequantized float32
+    values, in PyTorch layout, with the llama.cpp layout changes undone (copies of those tensors)."""
+    name, tensor_type, offset = tensor.name, tensor.tensor_type, int(tensor.data_offset)
+    shape = tuple(reversed([int(d) for d in tensor.shape]))
+    stored_shape, stored = tuple(int(d) for d in tensor.data.shape), _stored_float_dtype(tensor_type)
+
     def read() -> np.ndarray:
         from gguf.quants import dequantize
 
         try:
-            weights = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+            if stored is not None:
+                weights = mapped.view(stored, shape, offset)
+            else:
+                weights = np.asarray(dequantize(mapped.view(np.uint8, stored_shape, offset), tensor_type),
+                                     dtype=np.float32).reshape(shape)
         except (NotImplementedError, ValueError) as e:
             raise UnsupportedQuantTypeError(
-                f"{file}: tensor {tensor.name!r} of type {tensor.tensor_type.name} cannot be dequantized: {e}"
+                f"{mapped.file}: tensor {name!r} of type {tensor_type.name} cannot be dequantized: {e}"
             ) from None
-        weights = weights.reshape(tuple(reversed([int(d) for d in tensor.shape])))
-        if architecture == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+        if architecture == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = hf_config.num_attention_heads
-            if "attn_k" in tensor.name:
+            if "attn_k" in name:
                 heads = getattr(hf_config, "num_key_value_heads", None) or heads
             weights = reverse_rotary_permutation(weights, heads)
         if architecture.startswith("gemma") and hf_name.endswith("norm.weight"):
-            weights = weights - 1.0
-        if architecture == "bloom" and ".attn_qkv." in tensor.name:
+            weights = weights.astype(np.float32) - 1.0
+        if architecture == "bloom" and ".attn_qkv." in name:
             weights = bloom_qkv_from_llama_cpp(weights, hf_config.n_head)
         return weights
 
@@ -128,6 +163,8 @@ def gguf_records(file: Path, hf_config, hf_names: Iterable[str]) -> list[TensorR
     """Records for every tensor; names unknown to the name map keep their GGUF name (reported later).
 
     hf_names: the transformers names the model expects (they give the GGUF names to look for).
+    The reader parses the header only; each tensor is read from one memory map of the file when
+    its turn comes, and its pages released once converted.
     """
     reader = open_gguf(file)
     architecture = gguf_architecture(reader)
@@ -135,8 +172,11 @@ def gguf_records(file: Path, hf_config, hf_names: Iterable[str]) -> list[TensorR
         raise UnsupportedArchitectureError(
             f"{file}: a Falcon new-decoder-architecture GGUF (attn_norm_2 tensors); transformers' GGUF config "
             "reader has no new_decoder_architecture, so jint8 reads multi-query (7B-style) Falcon GGUFs only")
-    names = _gguf_to_hf_names(reader, architecture, hf_names, hf_config.num_hidden_layers)
+    # an encoder-decoder's decoder may be deeper than its encoder (T5's num_decoder_layers)
+    blocks = max(hf_config.num_hidden_layers, getattr(hf_config, "num_decoder_layers", None) or 0)
+    names = _gguf_to_hf_names(reader, architecture, hf_names, blocks)
     supported = _supported_types()
+    mapped = MappedFile(file)
     records = []
     for tensor in reader.tensors:
         if tensor.tensor_type not in supported:
@@ -146,8 +186,11 @@ def gguf_records(file: Path, hf_config, hf_names: Iterable[str]) -> list[TensorR
             )
         hf_name = names.get(tensor.name, tensor.name)
         shape = tuple(reversed([int(d) for d in tensor.shape]))
+        offset, nbytes = int(tensor.data_offset), int(tensor.n_bytes)
         records.append(TensorRecord(hf_name, os.fspath(file), tensor.name, shape, False,
-                                    _reader(file, tensor, hf_name, architecture, hf_config)))
+                                    _reader(mapped, tensor, hf_name, architecture, hf_config),
+                                    _read_dtype(tensor.tensor_type, hf_name, architecture), nbytes,
+                                    functools.partial(mapped.release, offset, nbytes)))
     return records
 
 
@@ -156,11 +199,38 @@ def gguf_hf_config(file: Path):
     from transformers import AutoConfig
 
     _require_torch_for_gguf(file)
-    open_gguf(file)  # jint8's own error for a truncated or corrupt file, before transformers' reader
+    reader = open_gguf(file)  # jint8's own error for a truncated or corrupt file, before transformers' reader
+    architecture = gguf_architecture(reader)
+    if architecture == "t5encoder":
+        raise UnsupportedArchitectureError(f"{file}: a T5 encoder-only GGUF (t5encoder); jint8 builds the "
+                                           "encoder-decoder T5 only")
     try:
-        return AutoConfig.from_pretrained(os.fspath(file.parent), gguf_file=file.name)
+        config = AutoConfig.from_pretrained(os.fspath(file.parent), gguf_file=file.name)
     except (ValueError, KeyError, OSError) as e:
         raise CheckpointFileError(f"{file}: cannot build a config from its GGUF metadata: {e}") from None
+    if architecture == "t5":
+        _t5_config_from_tensors(config, reader)
+    return config
+
+
+def _t5_config_from_tensors(config, reader) -> None:
+    """What transformers' GGUF reader leaves out of a T5 config, taken as llama.cpp takes it.
+
+    transformers marks every T5 GGUF gated (is_gated_act) but keeps feed_forward_proj "relu";
+    llama.cpp runs a block gated GELU (v1.1 / FLAN-T5: wi_0 -> ffn_gate, wi_1 -> ffn_up) where the
+    file has ffn_gate tensors and ReLU (T5: wi -> ffn_up) where it has none. The head is the shared
+    embedding only where the file has no output.weight (transformers 5 records that flag as
+    scale_decoder_outputs and sets tie_word_embeddings regardless). A decoder of another depth is
+    stored as decoder_block_count, which transformers does not read.
+    """
+    names = {tensor.name for tensor in reader.tensors}
+    gated = any(name.endswith(".ffn_gate.weight") for name in names)
+    config.feed_forward_proj = "gated-gelu" if gated else "relu"
+    config.dense_act_fn, config.is_gated_act = ("gelu_new" if gated else "relu"), gated
+    config.tie_word_embeddings = "output.weight" not in names
+    field = reader.fields.get("t5.decoder_block_count")
+    if field is not None:
+        config.num_decoder_layers = int(field.parts[field.data[0]][0])
 
 
 def _require_torch_for_gguf(file: Path) -> None:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from jint8.errors import (
     CheckpointFileError,
@@ -34,7 +35,7 @@ from jint8.loading import gguf_file, msgpack_file, safetensors_file
 from jint8.loading.bnb_int4 import QuantStateRecords, bnb_int4_settings, read_int4_kernel, split_bnb4_records
 from jint8.loading.bnb_int8 import bnb_int8_settings, read_int8_kernel, split_bnb_records
 from jint8.loading.config_check import check_config_against_arrays
-from jint8.loading.device_convert import plan_conversion, stage
+from jint8.loading.device_convert import default_device, plan_conversion, stage
 from jint8.loading.names import (
     NameRules,
     TensorTarget,
@@ -228,10 +229,14 @@ class _LoadSettings:
     bnb4: Optional[Int4Config] = None  # a bitsandbytes 4-bit checkpoint's own settings
 
 
-def _place(array, mesh, spec):
-    if mesh is None:
-        return jax.device_put(array)
-    return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
+def _place_stored(array: np.ndarray, mesh, spec):
+    """An array read as stored (a view of the memory-mapped file), placed as it is: an accelerator's
+    device_put copies it to the device, each device only its shard; a CPU device_put may keep
+    viewing host memory (the file would stay mapped), so for CPU devices it is copied first."""
+    sharding = SingleDeviceSharding(default_device()) if mesh is None else NamedSharding(mesh, spec)
+    if all(device.platform == "cpu" for device in sharding.device_set):
+        array = np.array(array)
+    return jax.device_put(array, sharding)
 
 
 def _bnb_weight(record: TensorRecord, scale: TensorRecord, target: TensorTarget, settings: _LoadSettings) -> Int8Weight:
@@ -256,8 +261,7 @@ def _bnb4_job(record: TensorRecord, state: QuantStateRecords, target: TensorTarg
             raise WeightsMismatchError(f"{record.file}: 4-bit weight {record.stored_name!r} is {weight.shape} "
                                        f"([out, in]), model expects {target.shape[::-1]}")
         replicated = jax.sharding.PartitionSpec()
-        # copies: the arrays view the memory-mapped file, and a CPU device_put would keep them
-        placed = jax.tree.map(lambda a: _place(np.array(a), settings.mesh, replicated), weight)
+        placed = jax.tree.map(lambda a: _place_stored(np.asarray(a), settings.mesh, replicated), weight)
         return placed, sum(int(np.asarray(a).nbytes) for a in jax.tree.leaves(weight)), None
 
     def release():
@@ -316,11 +320,9 @@ def _tensor_job(record: TensorRecord, target: TensorTarget, planned, decision: O
 
         def stage_bnb():
             weight = _bnb_weight(record, bnb_scale, target, settings)
-            # copies: the arrays view the memory-mapped file, and a CPU device_put would keep them
-            qvalue, scale = np.array(weight.qvalue), np.array(weight.scale)
-            placed = weight.replace(qvalue=_place(qvalue, settings.mesh, layout[0][2]),
-                                    scale=_place(scale, settings.mesh, layout[1][2]))
-            return placed, qvalue.nbytes + scale.nbytes, None
+            placed = weight.replace(qvalue=_place_stored(weight.qvalue, settings.mesh, layout[0][2]),
+                                    scale=_place_stored(weight.scale, settings.mesh, layout[1][2]))
+            return placed, weight.qvalue.nbytes + weight.scale.nbytes, None
 
         return TensorJob(target.path, stage_bnb, None, lambda outputs: outputs, record.release)
     if record.dtype is not None and not _is_float(record.dtype):
@@ -339,7 +341,8 @@ def _tensor_job(record: TensorRecord, target: TensorTarget, planned, decision: O
     def stage_stored():
         array = _read_stored(record, target, settings.rules)
         conversion = expected if expected is not None and array.dtype == record.dtype else conversion_for(array.dtype)
-        return stage(array, conversion), array.nbytes, conversion
+        # the bytes the file held (what the progress total counts), not a dequantized GGUF tensor's
+        return stage(array, conversion), record.nbytes if record.nbytes is not None else array.nbytes, conversion
 
     if decision is None or not decision.quantized:
         return TensorJob(target.path, stage_stored, expected, lambda outputs: outputs[0], record.release)

@@ -7,6 +7,8 @@ import dataclasses
 import functools
 import json
 import logging
+import mmap
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -40,6 +42,40 @@ class TensorRecord:
     dtype: Optional[np.dtype] = None
     nbytes: Optional[int] = None
     release: Optional[Callable[[], None]] = None
+
+
+class MappedFile:
+    """One file's memory map, opened on the first read (by whichever thread reads first); the
+    readers of safetensors, msgpack and GGUF files take their tensors from it as views."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self._map: Optional[mmap.mmap] = None
+        self._lock = threading.Lock()
+
+    def buffer(self) -> mmap.mmap:
+        """The whole file, mapped read-only (an empty file cannot be mapped: ValueError)."""
+        with self._lock:
+            if self._map is None:
+                with open(self.file, "rb") as handle:
+                    self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            return self._map
+
+    def view(self, dtype, shape: tuple[int, ...], offset: int) -> np.ndarray:
+        count = int(np.prod(shape, dtype=np.int64))
+        # not closed explicitly: arrays (and zero-copy device buffers on a CPU backend) may still
+        # view it; the map goes when the last of them does
+        return np.frombuffer(self.buffer(), dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """Drop a converted tensor's pages from this process (its resident set), so that a load
+        holds a few tensors of the file mapped, not the whole file; a later read of the range
+        faults the same bytes back in from the page cache or the file."""
+        page = mmap.PAGESIZE
+        start, end = -(-offset // page) * page, (offset + nbytes) // page * page
+        with self._lock:
+            if self._map is not None and end > start and hasattr(mmap, "MADV_DONTNEED"):
+                self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 @functools.cache

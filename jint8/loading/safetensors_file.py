@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import functools
 import json
-import mmap
 import os
 import struct
-import threading
 from pathlib import Path
-from typing import Optional
 
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from jint8.errors import CheckpointFileError
-from jint8.loading.records import TensorRecord, check_readable, on_host, read_weight_map
+from jint8.loading.records import MappedFile, TensorRecord, check_readable, on_host, read_weight_map
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -47,35 +44,6 @@ def safetensors_files(directory: Path) -> list[Path]:
     return [directory / SINGLE_FILE]
 
 
-class _MappedFile:
-    """One file's memory map, opened on the first read (by whichever thread reads first)."""
-
-    def __init__(self, file: Path):
-        self.file = file
-        self._map: Optional[mmap.mmap] = None
-        self._lock = threading.Lock()
-
-    def view(self, dtype, shape: tuple[int, ...], offset: int) -> np.ndarray:
-        with self._lock:
-            if self._map is None:
-                with open(self.file, "rb") as handle:
-                    self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        count = int(np.prod(shape, dtype=np.int64))
-        # not closed explicitly: arrays (and zero-copy device buffers on a CPU backend) may still
-        # view it; the map goes when the last of them does
-        return np.frombuffer(self._map, dtype=dtype, count=count, offset=offset).reshape(shape)
-
-    def release(self, offset: int, nbytes: int) -> None:
-        """Drop a converted tensor's pages from this process (its resident set), so that a load
-        holds a few tensors of the file mapped, not the whole file; a later read of the range
-        faults the same bytes back in from the page cache or the file."""
-        page = mmap.PAGESIZE
-        start, end = -(-offset // page) * page, (offset + nbytes) // page * page
-        with self._lock:
-            if self._map is not None and end > start and hasattr(mmap, "MADV_DONTNEED"):
-                self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
-
-
 def _header(file: Path) -> tuple[int, dict]:
     """(byte offset of the data section, {name: header entry}); safe_open has validated the file."""
     with open(file, "rb") as handle:
@@ -85,7 +53,7 @@ def _header(file: Path) -> tuple[int, dict]:
     return 8 + length, header
 
 
-def _reader(mapped: _MappedFile, name: str, entry: dict, data_start: int):
+def _reader(mapped: MappedFile, name: str, entry: dict, data_start: int):
     file, stored_dtype, shape = mapped.file, entry["dtype"], tuple(int(d) for d in entry["shape"])
 
     def read() -> np.ndarray:
@@ -112,7 +80,7 @@ def safetensors_records(directory: Path) -> list[TensorRecord]:
             data_start, header = _header(file)
         except (SafetensorError, OSError, ValueError, struct.error) as e:
             raise CheckpointFileError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-        mapped = _MappedFile(file)
+        mapped = MappedFile(file)
         for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             if name not in names:
                 continue

@@ -246,4 +246,5 @@ SPEC = ModelSpec(
         row_parallel=("dense", "dense_4h_to_h"),
         vocab_parallel=("word_embeddings",),
     ),
+    hf_linear_class="transformers.models.falcon.modeling_falcon:FalconLinear",
 )

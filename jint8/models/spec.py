@@ -84,6 +84,10 @@ class ModelSpec:
     keep_float_modules: modules transformers leaves out of its bitsandbytes 8-bit conversion
       (its `_keep_in_fp32_modules`, T5's "wo"): transformers would load an int8 weight of one
       into a float Linear, so export_bitsandbytes refuses them quantized.
+    hf_linear_class: "module:Class" of the transformers layer the family's projections are, where
+      it is not torch.nn.Linear itself (Falcon's FalconLinear): export_bitsandbytes asks
+      transformers' bitsandbytes integration whether it converts that class, and refuses a
+      quantized export it could not load back.
     """
 
     model_types: tuple[str, ...]
@@ -93,6 +97,7 @@ class ModelSpec:
     sharding: Optional[ShardingRules] = None
     fusions: tuple[Fusion, ...] = ()
     keep_float_modules: tuple[str, ...] = ()
+    hf_linear_class: Optional[str] = None
 
     def __post_init__(self):
         if not self.model_types or not all(isinstance(t, str) and t for t in self.model_types):

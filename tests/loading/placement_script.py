@@ -1,6 +1,6 @@
 """Every tensor of a load onto a mesh is placed with its final sharding and staged shard by shard.
 
-usage: python placement_script.py CHECKPOINT_DIR
+usage: python placement_script.py CHECKPOINT_DIR [GGUF_FILE]
 8 fake CPU devices (run in a subprocess: XLA_FLAGS must be set before jax starts). For meshes of
 4 and 8 devices and float and int8 loads: each leaf's sharding is the NamedSharding the sharding
 rules give it, each device holds only its shard, the values equal the unsharded load's, and each
@@ -78,12 +78,16 @@ def staged_split() -> int:
     return split
 
 
-def main(directory):
+def main(directory, gguf=None):
     assert jax.device_count() == 8, jax.devices()
     pretrained.stage = _record_stage(pretrained.stage)
-    for quantization in (None, jint8.Int8Config(quantize_embeddings=True)):
+    runs = [(directory, None, ((1, 8), (2, 4), (1, 4))),
+            (directory, jint8.Int8Config(quantize_embeddings=True), ((1, 8), (2, 4), (1, 4)))]
+    if gguf is not None:  # another format through the same staging: GGUF tensors read as views of its map
+        runs.append((gguf, jint8.Int8Config(), ((1, 8), (1, 4))))
+    for directory, quantization, meshes in runs:
         _, reference = jint8.from_pretrained(directory, dtype=jnp.bfloat16, quantization=quantization, progress=False)
-        for data, model_axis in ((1, 8), (2, 4), (1, 4)):
+        for data, model_axis in meshes:
             mesh = jint8.make_mesh(data=data, model=model_axis, devices=jax.devices()[: data * model_axis])
             STAGED.clear()
             _, params = jint8.from_pretrained(directory, dtype=jnp.bfloat16, quantization=quantization, mesh=mesh,
@@ -91,10 +95,11 @@ def main(directory):
             split, split_leaves = check_placement(params, reference, mesh)
             # a tensor whose parameter is sharded went to the devices already split, never whole
             assert staged_split() == split_leaves > 0, (staged_split(), split_leaves)
-            print(f"quantization={quantization is not None} mesh=({data},{model_axis}): {split} arrays split, "
+            print(f"{os.path.basename(directory)} quantization={quantization is not None} mesh=({data},{model_axis}): "
+                  f"{split} arrays split, "
                   f"{split_leaves} of {len(STAGED)} tensors staged split")
     print("OK")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -81,6 +81,9 @@ def main(directory, gpu: bool):
             jint8.save_quantized(saved, params, quant_config=quantization, model_config=model.config)
             restored_model, restored = jint8.from_pretrained(saved, mesh=mesh, progress=False)
             check_int8_layout(restored)
+            # the checksum pass gathered every array to the host: jax keeps np.asarray's host copy
+            # of a sharded (or accelerator) array on the array, and none may stay behind
+            assert all(getattr(a, "_npy_value", None) is None for a in jax.tree.leaves(restored))
             restored_logits, _ = logits_and_decode(restored_model, restored, ids, mesh)
             assert np.max(np.abs(restored_logits - expected)) <= 1e-5 * scale
             print("jint8 checkpoint restored onto the mesh")

@@ -64,3 +64,27 @@ def test_export_refuses_float_params_and_existing_dirs(tmp_path):
     q = jint8.quantize_params(params, jint8.Int8Config(min_size=0))
     with pytest.raises(FileExistsError, match="busy"):
         export_bitsandbytes(model, q, tmp_path / "busy")
+
+
+def test_falcon_export_is_refused_where_transformers_cannot_load_it_back(tmp_path):
+    """transformers' bitsandbytes integration converts torch.nn.Linear itself, not Falcon's
+    FalconLinear subclass: its 8-bit Falcon keeps every projection float, and an exported int8
+    Falcon would be read into float layers. Where a transformers version converts them, the export
+    must load back instead."""
+    require_module("torch")
+    bnb = require_module("bitsandbytes")
+    transformers = require_module("transformers")
+    save_checkpoint("falcon_new", tmp_path / "float")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
+    converts = any(isinstance(module, bnb.nn.Linear8bitLt) for module in theirs.modules())
+    model, params = jint8.from_pretrained(tmp_path / "float", dtype=jnp.float32, quantization=jint8.Int8Config(),
+                                          progress=False)
+    hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "float")
+    if converts:
+        out = export_bitsandbytes(model, params, tmp_path / "bnb", hf_config=hf_config)
+        transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+        return
+    with pytest.raises(jint8.errors.InvalidConfigError, match=r"model_type='falcon'.*FalconLinear.*save_quantized"):
+        export_bitsandbytes(model, params, tmp_path / "bnb", hf_config=hf_config)
+    assert not (tmp_path / "bnb").exists()

@@ -46,6 +46,36 @@ def test_gguf_logits_equal_transformers_gguf_loading_and_are_bounded_vs_float(ti
     assert relative_error(logits, torch_logits(tiny_llama, ids)) <= FILE_BOUND[quant]
 
 
+@pytest.mark.parametrize("quant", ["F16", "BF16", "Q8_0"])
+def test_gguf_float_tensors_go_to_the_device_as_stored_views(tiny_llama, quant, tmp_path, monkeypatch):
+    """F16 / BF16 projections reach the device in their stored dtype, as views of the mapped file
+    (the rotary-permuted attn_q / attn_k as copies); block-quantized ones dequantized to float32.
+    A BF16 file loads bit for bit as the bfloat16 safetensors checkpoint of the same model."""
+    import ml_dtypes
+
+    import jint8.loading.pretrained as pretrained
+
+    path = tmp_path / f"tiny-{quant}.gguf"
+    write_llama_gguf(tiny_llama, path, quant=quant)
+    staged, stage = [], pretrained.stage
+    monkeypatch.setattr(pretrained, "stage", lambda array, conversion: staged.append(array) or stage(array, conversion))
+    _, params = jint8.from_pretrained(path, dtype=jnp.bfloat16, progress=False)
+    kernels = [a for a in staged if a.ndim == 2 and a.shape[0] != tiny_llama.config.vocab_size]  # no embedding
+    stored = {"F16": np.float16, "BF16": ml_dtypes.bfloat16, "Q8_0": np.float32}[quant]
+    assert kernels and all(a.dtype == stored for a in kernels)
+    views = [a for a in kernels if not a.flags.writeable]  # the map is read-only; a host copy is not
+    if quant == "Q8_0":
+        assert not views
+    else:  # all but the 2 permuted projections per layer
+        assert len(views) == len(kernels) - 2 * tiny_llama.config.num_hidden_layers
+    if quant == "BF16":
+        torch = require_module("torch")
+        tiny_llama.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
+        tiny_llama.to(torch.float32)
+        _, expected = jint8.from_pretrained(tmp_path / "bf16", dtype=jnp.bfloat16, progress=False)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, expected)
+
+
 def test_qwen2_gguf_without_rotary_permutation_equals_transformers(tmp_path):
     torch = require_module("torch")
     transformers = require_module("transformers")

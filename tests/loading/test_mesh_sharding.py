@@ -46,8 +46,13 @@ def test_sharded_logits_equal_unsharded_on_8_cpu_devices(tmp_path):
 
 def test_load_places_every_tensor_with_its_final_sharding_on_4_and_8_cpu_devices(tmp_path):
     require_module("torch")
-    save_checkpoint("llama", tmp_path)
-    assert _run_on_8_cpu_devices(PLACEMENT_SCRIPT, str(tmp_path)).count("arrays split") == 6
+    from tiny_checkpoints import torch_model
+    from tiny_gguf import write_llama_gguf
+
+    save_checkpoint("llama", tmp_path / "safetensors")
+    write_llama_gguf(torch_model("smollm2"), tmp_path / "tiny.gguf", quant="F16")  # no biases: GGUF's llama has none
+    stdout = _run_on_8_cpu_devices(PLACEMENT_SCRIPT, str(tmp_path / "safetensors"), str(tmp_path / "tiny.gguf"))
+    assert stdout.count("arrays split") == 8 and stdout.count("tiny.gguf") == 2
 
 
 def test_fused_projections_are_column_parallel_on_8_cpu_devices():

@@ -82,3 +82,35 @@ def test_truncated_msgpack_names_the_file(tiny_llama, tmp_path):
     (tmp_path / "flax_model.msgpack").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointFileError, match=r"flax_model\.msgpack"):
         jint8.from_pretrained(tmp_path, dtype=jnp.float32, progress=False)
+
+
+def test_msgpack_tensors_are_views_of_the_mapped_file_and_chunked_arrays_load(tiny_llama, tmp_path, monkeypatch):
+    """The file's structure is scanned, not decoded: each tensor is a read-only view of the map,
+    its dtype and size known before the read; flax's chunks of a large array are joined."""
+    import flax.serialization
+
+    from jint8.loading.msgpack_file import msgpack_records
+
+    monkeypatch.setattr(flax.serialization, "MAX_CHUNK_SIZE", 4096)  # flax chunks the arrays above it
+    write_v4_msgpack(tiny_llama, tmp_path)
+    records = msgpack_records(tmp_path)
+    assert all(r.dtype == np.float32 and r.nbytes == 4 * int(np.prod(r.shape)) for r in records)
+    chunked = [r for r in records if r.release is None]
+    assert chunked and len(chunked) < len(records)
+    views = [r.read() for r in records if r.release is not None]
+    assert all(not v.flags.writeable and not v.flags.owndata for v in views)
+    model, params = jint8.from_pretrained(tmp_path, dtype=jnp.float32, progress=False)
+    ids = random_ids(2, 7)
+    logits, _ = model.apply({"params": params}, jnp.asarray(ids))
+    expected = torch_logits(tiny_llama, ids)
+    assert np.max(np.abs(np.asarray(logits) - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
+def test_index_naming_a_tensor_its_shard_lacks_names_both(tiny_llama, tmp_path):
+    write_v4_msgpack(tiny_llama, tmp_path, shards=2)
+    index = json.loads((tmp_path / "flax_model.msgpack.index.json").read_text())
+    shard = next(iter(index["weight_map"].values()))
+    index["weight_map"]["model/ghost/kernel"] = shard
+    (tmp_path / "flax_model.msgpack.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointFileError, match=rf"{shard}.*model/ghost/kernel.*not in the shard"):
+        jint8.from_pretrained(tmp_path, dtype=jnp.float32, progress=False)

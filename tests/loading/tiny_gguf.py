@@ -19,8 +19,8 @@ def _gguf_name(hf_name: str, name_map) -> str:
 
 
 def write_llama_gguf(torch_model, path, *, quant: str = "Q8_0", tokens: bool = True, arch: str = "llama") -> None:
-    """Projections in `quant` (Q8_0 / F16 / F32 / Q4_0 / Q4_1), embeddings F16 (F32 files: F32),
-    norms and biases F32. arch "llama" permutes Q/K rows like llama.cpp; "qwen2" does not."""
+    """Projections in `quant` (Q8_0 / F16 / BF16 / F32 / Q4_0 / Q4_1), embeddings F16 (F32 and BF16
+    files: as the projections), norms and biases F32. arch "llama" permutes Q/K rows like llama.cpp; "qwen2" does not."""
     import gguf
 
     cfg = torch_model.config
@@ -57,7 +57,7 @@ def write_llama_gguf(torch_model, path, *, quant: str = "Q8_0", tokens: bool = T
         name = _gguf_name(hf_name, name_map)
         if data.ndim == 1:
             writer.add_tensor(name, data.astype(np.float32))
-        elif "embed_tokens" in hf_name:
+        elif "embed_tokens" in hf_name and quant != "BF16":
             writer.add_tensor(name, data.astype(np.float32 if quant == "F32" else np.float16))
         elif quant in ("F32", "F16"):
             writer.add_tensor(name, data.astype(np.float32 if quant == "F32" else np.float16))
