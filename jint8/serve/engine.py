@@ -2,10 +2,12 @@
 
 Every iteration of the engine thread (1) takes new and cancelled requests in, (2) admits waiting
 requests into free batch slots while the cache can hold their worst case (prompt + max_tokens),
-(3) prefills up to `prefill_chunk` prompt tokens (chunks of the oldest admitted prompts, one
-call each) and (4) runs one decode step of every sequence past its prompt. Requests join and leave the batch at every
-step; a long prompt is spread over several iterations so running streams keep getting tokens.
-Shapes are rounded up to the batch and chunk buckets: after each has run once nothing compiles.
+(3) runs one prefill call: the next chunks of the oldest admitted prompts, several sequences as
+rows of one [P, T] call while rows x chunk fit `prefill_tokens_per_step`, and (4) runs one
+decode step of every sequence past its prompt. Requests join and leave the batch at every step;
+a long prompt is spread over several iterations so running streams keep getting tokens.
+Shapes are rounded up to the batch, prefill-row and chunk buckets: after each has run once
+nothing compiles.
 
 Callers submit token ids and get tokens back through a callback `sink(tokens, finish_reason)`
 that runs on the engine thread (finish_reason None while the request runs, then "stop",
@@ -68,6 +70,9 @@ class Engine:
         self.max_context = int(config.max_context or model.config.max_position_embeddings)
         self.batch_buckets = config.batch_buckets or default_buckets(config.max_batch)
         self.chunk_buckets = config.chunk_buckets or default_buckets(config.prefill_chunk, min(16, config.prefill_chunk))
+        self.prefill_batch = config.prefill_batch or config.max_batch
+        self.prefill_batch_buckets = config.prefill_batch_buckets or default_buckets(self.prefill_batch)
+        self.prefill_budget = config.prefill_tokens_per_step or config.prefill_chunk
         max_blocks = math.ceil(self.max_context / config.block_size)
         num_blocks = config.num_blocks or config.max_batch * max_blocks + 1
         self.allocator = BlockAllocator(num_blocks, config.block_size, max_blocks)
@@ -179,10 +184,21 @@ class Engine:
                 raise TimeoutError(f"generate: no result within {timeout} s")
         return outputs
 
+    @property
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """The [rows, chunk] shapes a prefill call can take: one row of any chunk bucket, several
+        rows where rows x chunk <= prefill_tokens_per_step."""
+        return [(rows, width) for rows in self.prefill_batch_buckets for width in self.chunk_buckets
+                if rows == 1 or rows * width <= self.prefill_budget]
+
+    @property
+    def step_shapes(self) -> list[tuple[int, int]]:
+        """Every input shape the compiled step can see: decode [B, 1] and the prefill shapes."""
+        return [(b, 1) for b in self.batch_buckets] + self.prefill_shapes
+
     def warmup(self) -> None:
         """Compile every bucket now (all-padding calls), so no request waits for a compilation."""
-        shapes = [(b, 1) for b in self.batch_buckets] + [(1, t) for t in self.chunk_buckets]
-        for rows, width in shapes:
+        for rows, width in self.step_shapes:
             positions = np.full((rows, width), -1, np.int32)
             self._run_step(np.zeros((rows, width), np.int32), positions,
                            np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32), [])
@@ -236,14 +252,8 @@ class Engine:
 
     def _iteration(self) -> None:
         self._admit()
-        # Up to prefill_tokens_per_step prompt tokens per iteration, oldest prompt first: several
-        # short prompts start in one iteration, a long one is spread over several, and the
-        # running streams wait for at most that many prefill tokens between two of their tokens.
-        budget = self.config.prefill_tokens_per_step or self.config.prefill_chunk
-        for sequence in list(self._prefilling):
-            if budget <= 0:
-                break
-            budget -= self._prefill_chunk(sequence, budget)
+        if self._prefilling:
+            self._prefill_step()
         if self._decoding:
             self._decode_step()
 
@@ -261,24 +271,56 @@ class Engine:
             self._reserved_tokens += worst_case
             self._prefilling.append(sequence)
 
-    def _prefill_chunk(self, sequence: _Sequence, budget: int) -> int:
-        """Prefill the next (at most budget) prompt tokens of sequence; how many it took."""
-        start = sequence.computed
-        count = min(len(sequence.prompt) - start, budget, self.config.prefill_chunk)
-        width = bucket_for(count, self.chunk_buckets)
-        ids = np.zeros((1, width), np.int32)
-        positions = np.full((1, width), -1, np.int32)
-        ids[0, width - count:] = sequence.prompt[start:start + count]  # left padding: the last column is real
-        positions[0, width - count:] = np.arange(start, start + count)
-        self.allocator.ensure(sequence.id, start + count)
-        tokens = self._run_step(ids, positions, self.allocator.table(sequence.id)[None], [sequence])
-        sequence.computed += count
-        self.metrics.prompt_tokens.inc(count)
-        if sequence.computed == len(sequence.prompt):
-            self._prefilling.remove(sequence)
-            self._decoding.append(sequence)
-            self._emit(sequence, int(tokens[0]))
-        return count
+    def _plan_prefill(self) -> list[tuple[_Sequence, int]]:
+        """This iteration's prefill rows, (sequence, prompt tokens), oldest prompt first. The first
+        row takes up to min(prefill_chunk, budget) tokens; each further row joins while the call's
+        compiled area (row bucket x chunk bucket) stays within prefill_tokens_per_step, its chunk
+        cut to the widest bucket that keeps it there. Several short prompts start in one call, a
+        long one is spread over several iterations, and running streams wait for at most one
+        call of that size between two of their tokens."""
+        budget, chunk = self.prefill_budget, self.config.prefill_chunk
+        rows: list[tuple[_Sequence, int]] = []
+        widest = 0
+        for sequence in self._prefilling[: self.prefill_batch]:
+            remaining = len(sequence.prompt) - sequence.computed
+            if not rows:
+                count = min(remaining, chunk, budget)
+            else:
+                row_bucket = bucket_for(len(rows) + 1, self.prefill_batch_buckets)
+                fitting = [w for w in self.chunk_buckets if w >= widest and row_bucket * w <= budget]
+                if not fitting:
+                    break  # a later prompt would not fit either: first come, first served
+                count = min(remaining, chunk, fitting[-1])
+            rows.append((sequence, count))
+            widest = bucket_for(max(widest, count), self.chunk_buckets)
+        return rows
+
+    def _prefill_step(self) -> None:
+        """One [P, T] call over the planned rows, each left-padded so that its last real token is
+        the last column (the head computes that position only), with its own positions and block
+        table; padding rows and columns have position -1. Rows whose prompt is done get their
+        first token."""
+        plan = self._plan_prefill()
+        rows = bucket_for(len(plan), self.prefill_batch_buckets)
+        width = bucket_for(max(count for _, count in plan), self.chunk_buckets)
+        ids = np.zeros((rows, width), np.int32)
+        positions = np.full((rows, width), -1, np.int32)
+        tables = np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32)
+        for row, (sequence, count) in enumerate(plan):
+            start = sequence.computed
+            ids[row, width - count:] = sequence.prompt[start:start + count]
+            positions[row, width - count:] = np.arange(start, start + count)
+            self.allocator.ensure(sequence.id, start + count)
+            tables[row] = self.allocator.table(sequence.id)
+        tokens = self._run_step(ids, positions, tables, [sequence for sequence, _ in plan])
+        self.metrics.prefill_sequences.observe(len(plan))
+        for row, (sequence, count) in enumerate(plan):
+            sequence.computed += count
+            self.metrics.prompt_tokens.inc(count)
+            if sequence.computed == len(sequence.prompt):
+                self._prefilling.remove(sequence)
+                self._decoding.append(sequence)
+                self._emit(sequence, int(tokens[row]))
 
     def _decode_step(self) -> None:
         running = list(self._decoding)

@@ -1,10 +1,11 @@
 """The engine's one compiled program: a forward pass over the paged cache and a per-row token choice.
 
 Every call has the same arguments whatever it is for: a decode step is [B, 1] (one token for each
-running sequence, rows past the running count padded), a prefill chunk is [1, T] of one prompt,
-left-padded so that its last real token is the last column and one position of logits is all the
-head computes. Padding tokens have position -1: they write to the scratch block and see nothing.
-The compiled shapes are therefore the batch buckets x 1 plus 1 x the chunk buckets, no more.
+running sequence, rows past the running count padded), a prefill call is [P, T]: a chunk of P
+prompts, each row left-padded so that its last real token is the last column and one position
+of logits is all the head computes. Padding tokens have position -1: they write to the scratch
+block and see nothing. The compiled shapes are therefore the batch buckets x 1 plus the
+engine's prefill shapes (row bucket x chunk bucket within its token budget), no more.
 """
 
 from __future__ import annotations
