@@ -53,19 +53,37 @@ def choose_row_tokens(logits: jax.Array, sampling: RowSampling) -> jax.Array:
     return jax.lax.cond(jnp.any(sampling.temperature > 0), sample, lambda _: greedy, None)
 
 
+@struct.dataclass
+class TokenSlots:
+    """Where a call's rows take and leave tokens in the engine's device token buffer [S] (one
+    entry per batch slot), so a decode step reads the previous step's tokens without a trip
+    through the host. read [B]: the slot whose token is row b's input (-1: input_ids[b, -1], as
+    prompts and padding rows are); write [B]: the slot row b's chosen token goes to (S, out of
+    range: dropped, for padding rows)."""
+
+    read: jax.Array
+    write: jax.Array
+
+
 def build_step(model, on_trace: Callable[[tuple], None]):
-    """The jitted step(params, k_pool, v_pool, input_ids [B, T], positions [B, T], block_tables [B, M],
-    sampling) -> (tokens [B], k_pool, v_pool), the pools donated (updated in place).
+    """The jitted step(params, k_pool, v_pool, token_buffer [S], input_ids [B, T], positions [B, T],
+    block_tables [B, M], slots: TokenSlots, sampling) -> (tokens [B], k_pool, v_pool, token_buffer),
+    the pools and the buffer donated (updated in place).
     on_trace(shape) runs once per compilation, which is how the engine counts them."""
 
-    def step(params, k_pool, v_pool, input_ids, positions, block_tables, sampling: RowSampling):
+    def step(params, k_pool, v_pool, token_buffer, input_ids, positions, block_tables, slots: TokenSlots,
+             sampling: RowSampling):
         on_trace(tuple(input_ids.shape))
+        from_buffer = token_buffer[jnp.maximum(slots.read, 0)]
+        last = jnp.where(slots.read >= 0, from_buffer, input_ids[:, -1])
+        input_ids = input_ids.at[:, -1].set(last)
         cache = PagedKVCache(k_pool, v_pool, block_tables, positions)
         logits, cache = _apply(model, params, input_ids, jnp.maximum(positions, 0), cache, None, None,
                                last_logits_only=True)
-        return choose_row_tokens(logits[:, -1], sampling), cache.k, cache.v
+        tokens = choose_row_tokens(logits[:, -1], sampling)
+        return tokens, cache.k, cache.v, token_buffer.at[slots.write].set(tokens, mode="drop")
 
-    return jax.jit(step, donate_argnums=(1, 2))
+    return jax.jit(step, donate_argnums=(1, 2, 3))
 
 
 @functools.lru_cache(maxsize=None)
