@@ -163,6 +163,15 @@ def test_eos_and_stop_token_ids_end_a_request(tiny, engine):
     stop_at = expected[4]
     out = engine.generate([PROMPTS[3]], SamplingOptions(max_tokens=12, stop_token_ids=(stop_at,)), timeout=60)[0]
     assert out == expected[: expected.index(stop_at) + 1]
+    # beside a stream that runs on: the steps dispatched past the stop token deliver nothing
+    both = engine.generate([PROMPTS[3], PROMPTS[1]], SamplingOptions(max_tokens=12, stop_token_ids=(stop_at,)),
+                           timeout=60)
+    other = _reference(tiny, PROMPTS[1], 12)
+    assert both == [out, other[: other.index(stop_at) + 1] if stop_at in other else other]
+    # a request whose one token comes from its prefill call never decodes
+    assert engine.generate([PROMPTS[0], PROMPTS[3]], SamplingOptions(max_tokens=1), timeout=60) == [
+        [_reference(tiny, PROMPTS[0], 1)[0]], [expected[0]]]
+    assert engine.load["blocks_used"] == 0
 
 
 def test_cancel_frees_the_slot_and_its_blocks(engine):
