@@ -54,6 +54,8 @@ def parse_args(argv=None):
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--prefill-batch", type=int, default=8,
                         help="prompts prefilled together in one call (default 8)")
+    parser.add_argument("--compile-threads", type=int,
+                        help="threads compiling the engine's shapes before timing (default: one per shape)")
     parser.add_argument("--json", help="append one JSON line per (variant, streams) to this file")
     parser.add_argument("--in-process", action="store_true", help="run all variants in this process")
     args, model_argv = parser.parse_known_args(argv)
@@ -143,7 +145,7 @@ def run_variant(args, variant: str) -> list[dict]:
 
     start = time.perf_counter()
     engine, weight_bytes = _engine(args, variant)
-    engine.warmup()
+    engine.warmup(threads=args.compile_threads)
     compile_s = time.perf_counter() - start
     compiled = engine.compile_count
     engine.start()
