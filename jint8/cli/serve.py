@@ -33,8 +33,10 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--prefill-chunk", type=int, default=256, metavar="T",
                         help="the longest prefill call in tokens (default 256)")
     engine.add_argument("--prefill-tokens-per-step", type=int, metavar="T",
-                        help="prompt tokens prefilled between two decode steps, in chunks of at most "
-                             "--prefill-chunk (default: --prefill-chunk)")
+                        help="size of the one prefill call between two decode steps, rows x chunk as "
+                             "compiled: several prompts share it while they fit (default: --prefill-chunk)")
+    engine.add_argument("--prefill-batch", type=int, metavar="N",
+                        help="the most prompts in one prefill call (default: --max-batch)")
     engine.add_argument("--max-queue", type=int, default=256, metavar="N",
                         help="requests waiting for a slot before new ones are refused (default 256)")
     engine.add_argument("--queue-full-status", type=int, choices=(429, 503), default=429,
@@ -56,7 +58,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch, max_context=args.max_context, block_size=args.block_size,
         num_blocks=args.num_blocks, max_tokens_in_flight=args.max_tokens_in_flight,
         prefill_chunk=args.prefill_chunk, prefill_tokens_per_step=args.prefill_tokens_per_step,
-        max_queue=args.max_queue)  # validates before the slow load
+        prefill_batch=args.prefill_batch, max_queue=args.max_queue)  # validates before the slow load
     model, params = load_model(path, args.quantize, compute_dtype(args.dtype), args.threshold,
                                int8_config=int8_config_from_args(args), fuse=True)
     tokenizer = load_tokenizer(path)

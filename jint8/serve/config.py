@@ -15,13 +15,17 @@ class EngineConfig:
     model's max_position_embeddings). num_blocks: the pool's blocks of block_size positions
     (default: max_batch full contexts, + the scratch block). max_tokens_in_flight: caps what
     admitted requests may reserve (prompt + max_tokens summed), below the pool's capacity.
-    prefill_chunk: the longest prefill call. prefill_tokens_per_step: prompt tokens prefilled
-    between two decode steps, in calls of at most prefill_chunk (default prefill_chunk): more
-    starts queued prompts sooner (time to first token) and delays running streams longer
-    (inter-token latency).
+    prefill_chunk: the most prompt tokens of one sequence in one prefill call.
+    prefill_tokens_per_step: the size of the one prefill call between two decode steps, rows x
+    chunk columns as compiled (padding included; default prefill_chunk): several prompts'
+    chunks share the call while they fit. More starts queued prompts sooner (time to first
+    token, throughput) and delays running streams longer (inter-token latency).
+    prefill_batch: the most sequences in one prefill call (default max_batch).
     max_queue: requests waiting for a slot before submit raises QueueFullError.
-    batch_buckets / chunk_buckets: the compiled decode batch sizes and prefill chunk lengths
-    (default powers of two up to max_batch / prefill_chunk)."""
+    batch_buckets / chunk_buckets / prefill_batch_buckets: the compiled decode batch sizes,
+    prefill chunk lengths and prefill row counts (default powers of two up to max_batch /
+    prefill_chunk / prefill_batch); a prefill shape of several rows is compiled only where
+    rows x chunk <= prefill_tokens_per_step."""
 
     max_batch: int = 8
     max_context: Optional[int] = None
@@ -30,19 +34,25 @@ class EngineConfig:
     max_tokens_in_flight: Optional[int] = None
     prefill_chunk: int = 256
     prefill_tokens_per_step: Optional[int] = None
+    prefill_batch: Optional[int] = None
     max_queue: int = 256
     batch_buckets: tuple[int, ...] = ()
     chunk_buckets: tuple[int, ...] = ()
+    prefill_batch_buckets: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("max_batch", "block_size", "prefill_chunk", "max_queue"):
             if int(getattr(self, name)) < 1:
                 raise InvalidConfigError(f"EngineConfig.{name}={getattr(self, name)} must be >= 1")
-        for name in ("max_context", "num_blocks", "max_tokens_in_flight", "prefill_tokens_per_step"):
+        for name in ("max_context", "num_blocks", "max_tokens_in_flight", "prefill_tokens_per_step", "prefill_batch"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise InvalidConfigError(f"EngineConfig.{name}={value} must be >= 1")
-        for name, largest in (("batch_buckets", self.max_batch), ("chunk_buckets", self.prefill_chunk)):
+        if self.prefill_batch is not None and self.prefill_batch > self.max_batch:
+            raise InvalidConfigError(f"EngineConfig.prefill_batch={self.prefill_batch} must be <= "
+                                     f"max_batch={self.max_batch} (only admitted sequences prefill)")
+        for name, largest in (("batch_buckets", self.max_batch), ("chunk_buckets", self.prefill_chunk),
+                              ("prefill_batch_buckets", self.prefill_batch or self.max_batch)):
             buckets = getattr(self, name)
             if buckets and (list(buckets) != sorted(set(buckets)) or buckets[0] < 1 or buckets[-1] != largest):
                 raise InvalidConfigError(f"EngineConfig.{name}={buckets} must be ascending, >= 1 and end at "

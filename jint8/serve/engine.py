@@ -2,10 +2,19 @@
 
 Every iteration of the engine thread (1) takes new and cancelled requests in, (2) admits waiting
 requests into free batch slots while the cache can hold their worst case (prompt + max_tokens),
-(3) prefills up to `prefill_chunk` prompt tokens (chunks of the oldest admitted prompts, one
-call each) and (4) runs one decode step of every sequence past its prompt. Requests join and leave the batch at every
-step; a long prompt is spread over several iterations so running streams keep getting tokens.
-Shapes are rounded up to the batch and chunk buckets: after each has run once nothing compiles.
+(3) runs one prefill call: the next chunks of the oldest admitted prompts, several sequences as
+rows of one [P, T] call while rows x chunk fit `prefill_tokens_per_step`, and (4) runs one
+decode step of every sequence past its prompt. Requests join and leave the batch at every step;
+a long prompt is spread over several iterations so running streams keep getting tokens.
+Shapes are rounded up to the batch, prefill-row and chunk buckets: after each has run once
+nothing compiles.
+
+The host does not wait for a call before preparing and dispatching the next: chosen tokens stay
+in a device buffer (one entry per batch slot) that the next decode step reads its inputs from,
+and each call's tokens are copied to the host while the next call runs, then delivered. A
+sequence that ends on a stop token has therefore already been dispatched one more step; that
+step's token is dropped (its write stays within the sequence's reserved blocks, and a block
+freed meanwhile is rewritten by a later call only after it, in the device's call order).
 
 Callers submit token ids and get tokens back through a callback `sink(tokens, finish_reason)`
 that runs on the engine thread (finish_reason None while the request runs, then "stop",
@@ -15,10 +24,12 @@ that runs on the engine thread (finish_reason None while the request runs, then 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
 import math
+import os
 import queue
 import secrets
 import threading
@@ -26,6 +37,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jint8.errors import EngineStoppedError, InvalidRequestError, QueueFullError
@@ -33,7 +45,7 @@ from jint8.models.common import init_paged_pool
 from jint8.serve.config import EngineConfig, SamplingOptions
 from jint8.serve.metrics import ServeMetrics
 from jint8.serve.paged_cache import BlockAllocator
-from jint8.serve.step import RowSampling, bucket_for, build_step, default_buckets
+from jint8.serve.step import RowSampling, TokenSlots, bucket_for, build_step, default_buckets
 
 logger = logging.getLogger("jint8.serve")
 
@@ -48,10 +60,20 @@ class _Sequence:
     sink: Sink
     seed: int
     arrival: float
-    computed: int = 0  # positions already in the cache
-    generated: list = dataclasses.field(default_factory=list)
+    computed: int = 0  # positions in the cache once the calls dispatched so far have run
+    sampled: int = 0  # tokens chosen by the calls dispatched so far (delivered or in flight)
+    slot: int = -1  # its entry in the device token buffer while admitted
+    generated: list = dataclasses.field(default_factory=list)  # delivered tokens
     last_token_time: float = 0.0
-    cancelled: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+    """A dispatched call whose tokens are not yet delivered: tokens [B] on the device and, per
+    row, the sequence that gets its token (None: a padding row or a prompt not yet done)."""
+
+    tokens: jax.Array
+    receivers: list
 
 
 class Engine:
@@ -68,6 +90,9 @@ class Engine:
         self.max_context = int(config.max_context or model.config.max_position_embeddings)
         self.batch_buckets = config.batch_buckets or default_buckets(config.max_batch)
         self.chunk_buckets = config.chunk_buckets or default_buckets(config.prefill_chunk, min(16, config.prefill_chunk))
+        self.prefill_batch = config.prefill_batch or config.max_batch
+        self.prefill_batch_buckets = config.prefill_batch_buckets or default_buckets(self.prefill_batch)
+        self.prefill_budget = config.prefill_tokens_per_step or config.prefill_chunk
         max_blocks = math.ceil(self.max_context / config.block_size)
         num_blocks = config.num_blocks or config.max_batch * max_blocks + 1
         self.allocator = BlockAllocator(num_blocks, config.block_size, max_blocks)
@@ -79,6 +104,11 @@ class Engine:
         self.metrics = ServeMetrics(config.max_batch)
         self.compiled_shapes: list[tuple] = []
         self._step = build_step(model, self.compiled_shapes.append)
+        # The chosen tokens stay on the device for the next decode step; the host reads them a
+        # call later, while the device runs the next one (_InFlight), to deliver them.
+        self._token_buffer = jnp.zeros((config.max_batch,), jnp.int32)
+        self._free_slots = list(range(config.max_batch - 1, -1, -1))
+        self._in_flight: collections.deque[_InFlight] = collections.deque()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -179,13 +209,30 @@ class Engine:
                 raise TimeoutError(f"generate: no result within {timeout} s")
         return outputs
 
-    def warmup(self) -> None:
-        """Compile every bucket now (all-padding calls), so no request waits for a compilation."""
-        shapes = [(b, 1) for b in self.batch_buckets] + [(1, t) for t in self.chunk_buckets]
-        for rows, width in shapes:
-            positions = np.full((rows, width), -1, np.int32)
-            self._run_step(np.zeros((rows, width), np.int32), positions,
-                           np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32), [])
+    @property
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """The [rows, chunk] shapes a prefill call can take: one row of any chunk bucket, several
+        rows where rows x chunk <= prefill_tokens_per_step."""
+        return [(rows, width) for rows in self.prefill_batch_buckets for width in self.chunk_buckets
+                if rows == 1 or rows * width <= self.prefill_budget]
+
+    @property
+    def step_shapes(self) -> list[tuple[int, int]]:
+        """Every input shape the compiled step can see: decode [B, 1] and the prefill shapes."""
+        return [(b, 1) for b in self.batch_buckets] + self.prefill_shapes
+
+    def warmup(self, threads: Optional[int] = None) -> None:
+        """Compile every shape now, so no request waits for a compilation: each is traced on
+        this thread and compiled on one of `threads` (default: one per shape, at most the CPU
+        count), as XLA compiles in parallel; the step's calls then find them compiled."""
+        lowered = []
+        for rows, width in self.step_shapes:
+            arguments = self._step_arguments(np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32),
+                                             np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32), [])
+            lowered.append(self._step.lower(*arguments))
+        workers = threads or max(1, min(len(lowered), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jint8-compile") as pool:
+            list(pool.map(lambda computation: computation.compile(), lowered))
 
     @property
     def load(self) -> dict:
@@ -215,10 +262,12 @@ class Engine:
                 self._iteration()
             except Exception:  # a failed step poisons the donated pools: end every request, start clean
                 logger.exception("engine step failed; ending the requests in flight")
+                self._in_flight.clear()
                 for sequence in list(self._by_id.values()):
                     self._finish(sequence, "abort")
                 self.k_pool, self.v_pool = init_paged_pool(self.model.config, self.allocator.num_blocks,
                                                            self.allocator.block_size, self._pool_dtype)
+                self._token_buffer = jnp.zeros((self.config.max_batch,), jnp.int32)
             self.metrics.set_load(self._queued, len(self._prefilling) + len(self._decoding),
                                   self.allocator.used_blocks)
 
@@ -235,17 +284,26 @@ class Engine:
                 self._finish(self._by_id[item[0]], item[1])
 
     def _iteration(self) -> None:
+        """Dispatch this iteration's calls, then deliver the tokens of every call before the last
+        one: the device runs that one while this thread delivers and prepares the next
+        iteration. An iteration with nothing to dispatch (every running sequence's last token
+        is in flight) delivers everything."""
         self._admit()
-        # Up to prefill_tokens_per_step prompt tokens per iteration, oldest prompt first: several
-        # short prompts start in one iteration, a long one is spread over several, and the
-        # running streams wait for at most that many prefill tokens between two of their tokens.
-        budget = self.config.prefill_tokens_per_step or self.config.prefill_chunk
-        for sequence in list(self._prefilling):
-            if budget <= 0:
-                break
-            budget -= self._prefill_chunk(sequence, budget)
+        dispatched = False
+        if self._prefilling:
+            dispatched |= self._prefill_step()
         if self._decoding:
-            self._decode_step()
+            dispatched |= self._decode_step()
+        self._deliver_in_flight(keep=1 if dispatched else 0)
+
+    def _deliver_in_flight(self, keep: int) -> None:
+        while len(self._in_flight) > keep:
+            call = self._in_flight.popleft()
+            tokens = np.asarray(call.tokens)
+            for row, sequence in enumerate(call.receivers):
+                # a sequence that ended meanwhile (a stop token, cancel) drops what it was dispatched
+                if sequence is not None and sequence.id in self._by_id:
+                    self._emit(sequence, int(tokens[row]))
 
     def _admit(self) -> None:
         while self._waiting and len(self._prefilling) + len(self._decoding) < self.config.max_batch:
@@ -259,59 +317,110 @@ class Engine:
                 self._queued -= 1
             self.allocator.reserve(sequence.id, worst_case)
             self._reserved_tokens += worst_case
+            sequence.slot = self._free_slots.pop()
             self._prefilling.append(sequence)
 
-    def _prefill_chunk(self, sequence: _Sequence, budget: int) -> int:
-        """Prefill the next (at most budget) prompt tokens of sequence; how many it took."""
-        start = sequence.computed
-        count = min(len(sequence.prompt) - start, budget, self.config.prefill_chunk)
-        width = bucket_for(count, self.chunk_buckets)
-        ids = np.zeros((1, width), np.int32)
-        positions = np.full((1, width), -1, np.int32)
-        ids[0, width - count:] = sequence.prompt[start:start + count]  # left padding: the last column is real
-        positions[0, width - count:] = np.arange(start, start + count)
-        self.allocator.ensure(sequence.id, start + count)
-        tokens = self._run_step(ids, positions, self.allocator.table(sequence.id)[None], [sequence])
-        sequence.computed += count
-        self.metrics.prompt_tokens.inc(count)
-        if sequence.computed == len(sequence.prompt):
-            self._prefilling.remove(sequence)
-            self._decoding.append(sequence)
-            self._emit(sequence, int(tokens[0]))
-        return count
+    def _plan_prefill(self) -> list[tuple[_Sequence, int]]:
+        """This iteration's prefill rows, (sequence, prompt tokens), oldest prompt first. The first
+        row takes up to min(prefill_chunk, budget) tokens; each further row joins while the call's
+        compiled area (row bucket x chunk bucket) stays within prefill_tokens_per_step, its chunk
+        cut to the widest bucket that keeps it there. Several short prompts start in one call, a
+        long one is spread over several iterations, and running streams wait for at most one
+        call of that size between two of their tokens."""
+        budget, chunk = self.prefill_budget, self.config.prefill_chunk
+        rows: list[tuple[_Sequence, int]] = []
+        widest = 0
+        for sequence in self._prefilling[: self.prefill_batch]:
+            remaining = len(sequence.prompt) - sequence.computed
+            if not rows:
+                count = min(remaining, chunk, budget)
+            else:
+                row_bucket = bucket_for(len(rows) + 1, self.prefill_batch_buckets)
+                fitting = [w for w in self.chunk_buckets if w >= widest and row_bucket * w <= budget]
+                if not fitting:
+                    break  # a later prompt would not fit either: first come, first served
+                count = min(remaining, chunk, fitting[-1])
+            rows.append((sequence, count))
+            widest = bucket_for(max(widest, count), self.chunk_buckets)
+        return rows
 
-    def _decode_step(self) -> None:
-        running = list(self._decoding)
+    def _prefill_step(self) -> bool:
+        """Dispatch one [P, T] call over the planned rows, each left-padded so that its last real
+        token is the last column (the head computes that position only), with its own positions
+        and block table; padding rows and columns have position -1. Rows whose prompt is done
+        leave their first token in their slot and join the decoding sequences."""
+        plan = self._plan_prefill()
+        rows = bucket_for(len(plan), self.prefill_batch_buckets)
+        width = bucket_for(max(count for _, count in plan), self.chunk_buckets)
+        ids = np.zeros((rows, width), np.int32)
+        positions = np.full((rows, width), -1, np.int32)
+        tables = np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32)
+        call_rows = []
+        for row, (sequence, count) in enumerate(plan):
+            start = sequence.computed
+            ids[row, width - count:] = sequence.prompt[start:start + count]
+            positions[row, width - count:] = np.arange(start, start + count)
+            self.allocator.ensure(sequence.id, start + count)
+            tables[row] = self.allocator.table(sequence.id)
+            call_rows.append((sequence, -1, sequence if start + count == len(sequence.prompt) else None))
+        self._dispatch(ids, positions, tables, call_rows)
+        self.metrics.prefill_sequences.observe(len(plan))
+        for sequence, count in plan:
+            sequence.computed += count
+            self.metrics.prompt_tokens.inc(count)
+            if sequence.computed == len(sequence.prompt):
+                sequence.sampled = 1
+                self._prefilling.remove(sequence)
+                self._decoding.append(sequence)
+        return True
+
+    def _decode_step(self) -> bool:
+        """Dispatch one [B, 1] step of every decoding sequence that has tokens to go, its input
+        the token its last call left in its slot (on the device: none of it crosses the host)."""
+        running = [s for s in self._decoding if s.sampled < s.options.max_tokens]
+        if not running:
+            return False
         rows = bucket_for(len(running), self.batch_buckets)
         ids = np.zeros((rows, 1), np.int32)
         positions = np.full((rows, 1), -1, np.int32)
         tables = np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32)
         for row, sequence in enumerate(running):
-            ids[row, 0] = sequence.generated[-1]
             positions[row, 0] = sequence.computed
             self.allocator.ensure(sequence.id, sequence.computed + 1)
             tables[row] = self.allocator.table(sequence.id)
-        tokens = self._run_step(ids, positions, tables, running)
-        for row, sequence in enumerate(running):
+        self._dispatch(ids, positions, tables, [(s, s.slot, s) for s in running])
+        for sequence in running:
             sequence.computed += 1
-            self._emit(sequence, int(tokens[row]))
+            sequence.sampled += 1
+        return True
 
-    def _run_step(self, ids, positions, tables, sequences: list) -> np.ndarray:
-        rows = ids.shape[0]
-        pad = rows - len(sequences)
+    def _step_arguments(self, ids, positions, tables, rows: list) -> tuple:
+        """The step's arguments; rows: (sequence, read slot, receiver or None) per real row, the
+        rest of the call padding (greedy, filters off, its token dropped)."""
+        pad = ids.shape[0] - len(rows)
+        sequences = [sequence for sequence, _, _ in rows]
 
-        def column(values, dtype, fill=0):  # padding rows: greedy, filters off
+        def column(values, dtype, fill=0):
             return np.asarray(list(values) + [fill] * pad, dtype)
 
+        dropped = self.config.max_batch  # out of the buffer's range
+        slots = TokenSlots(read=column((read for _, read, _ in rows), np.int32, -1),
+                           write=column((dropped if r is None else r.slot for _, _, r in rows), np.int32, dropped))
         sampling = RowSampling(
             temperature=column((s.options.temperature for s in sequences), np.float32),
             top_k=column((s.options.top_k for s in sequences), np.int32),
             top_p=column((s.options.top_p for s in sequences), np.float32, 1.0),
             seed=column((s.seed for s in sequences), np.uint32),
-            counter=column((len(s.generated) for s in sequences), np.int32))
-        tokens, self.k_pool, self.v_pool = self._step(self.params, self.k_pool, self.v_pool, ids, positions,
-                                                      tables, sampling)
-        return np.asarray(jax.device_get(tokens))
+            counter=column((s.sampled for s in sequences), np.int32))
+        return (self.params, self.k_pool, self.v_pool, self._token_buffer, ids, positions, tables, slots, sampling)
+
+    def _dispatch(self, ids, positions, tables, rows: list) -> None:
+        """Queue one call on the device (it runs while this thread goes on) and its tokens'
+        delivery; the device-to-host copy of its tokens starts at once."""
+        tokens, self.k_pool, self.v_pool, self._token_buffer = self._step(
+            *self._step_arguments(ids, positions, tables, rows))
+        tokens.copy_to_host_async()
+        self._in_flight.append(_InFlight(tokens, [receiver for _, _, receiver in rows]))
 
     def _emit(self, sequence: _Sequence, token: int) -> None:
         now = time.perf_counter()
@@ -360,5 +469,8 @@ class Engine:
                     group.remove(sequence)
                     self._reserved_tokens -= len(sequence.prompt) + sequence.options.max_tokens
         self.allocator.free(sequence.id)
+        if sequence.slot >= 0:
+            self._free_slots.append(sequence.slot)
+            sequence.slot = -1
         self.metrics.requests.labels(finish_reason=reason).inc()
         self.metrics.e2e.observe(time.perf_counter() - sequence.arrival)

@@ -8,6 +8,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+def _powers_of_two(largest: int) -> tuple[int, ...]:
+    return tuple(2**i for i in range(max(1, largest).bit_length()))
+
+
 class ServeMetrics:
     """Counters and histograms the engine updates on its thread; `render()` is the /metrics body."""
 
@@ -28,6 +32,8 @@ class ServeMetrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("jint8_inter_token_latency_seconds", "Between consecutive generated tokens",
                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefill_sequences = Histogram("jint8_prefill_sequences_per_call", "Sequences prefilled in one call",
+                                           buckets=_powers_of_two(max_batch), registry=r)
         self.e2e = Histogram("jint8_request_latency_seconds", "Arrival to finish", buckets=_LATENCY_BUCKETS,
                              registry=r)
         self._max_batch = max_batch

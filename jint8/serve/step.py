@@ -1,10 +1,11 @@
 """The engine's one compiled program: a forward pass over the paged cache and a per-row token choice.
 
 Every call has the same arguments whatever it is for: a decode step is [B, 1] (one token for each
-running sequence, rows past the running count padded), a prefill chunk is [1, T] of one prompt,
-left-padded so that its last real token is the last column and one position of logits is all the
-head computes. Padding tokens have position -1: they write to the scratch block and see nothing.
-The compiled shapes are therefore the batch buckets x 1 plus 1 x the chunk buckets, no more.
+running sequence, rows past the running count padded), a prefill call is [P, T]: a chunk of P
+prompts, each row left-padded so that its last real token is the last column and one position
+of logits is all the head computes. Padding tokens have position -1: they write to the scratch
+block and see nothing. The compiled shapes are therefore the batch buckets x 1 plus the
+engine's prefill shapes (row bucket x chunk bucket within its token budget), no more.
 """
 
 from __future__ import annotations
@@ -52,19 +53,37 @@ def choose_row_tokens(logits: jax.Array, sampling: RowSampling) -> jax.Array:
     return jax.lax.cond(jnp.any(sampling.temperature > 0), sample, lambda _: greedy, None)
 
 
+@struct.dataclass
+class TokenSlots:
+    """Where a call's rows take and leave tokens in the engine's device token buffer [S] (one
+    entry per batch slot), so a decode step reads the previous step's tokens without a trip
+    through the host. read [B]: the slot whose token is row b's input (-1: input_ids[b, -1], as
+    prompts and padding rows are); write [B]: the slot row b's chosen token goes to (S, out of
+    range: dropped, for padding rows)."""
+
+    read: jax.Array
+    write: jax.Array
+
+
 def build_step(model, on_trace: Callable[[tuple], None]):
-    """The jitted step(params, k_pool, v_pool, input_ids [B, T], positions [B, T], block_tables [B, M],
-    sampling) -> (tokens [B], k_pool, v_pool), the pools donated (updated in place).
+    """The jitted step(params, k_pool, v_pool, token_buffer [S], input_ids [B, T], positions [B, T],
+    block_tables [B, M], slots: TokenSlots, sampling) -> (tokens [B], k_pool, v_pool, token_buffer),
+    the pools and the buffer donated (updated in place).
     on_trace(shape) runs once per compilation, which is how the engine counts them."""
 
-    def step(params, k_pool, v_pool, input_ids, positions, block_tables, sampling: RowSampling):
+    def step(params, k_pool, v_pool, token_buffer, input_ids, positions, block_tables, slots: TokenSlots,
+             sampling: RowSampling):
         on_trace(tuple(input_ids.shape))
+        from_buffer = token_buffer[jnp.maximum(slots.read, 0)]
+        last = jnp.where(slots.read >= 0, from_buffer, input_ids[:, -1])
+        input_ids = input_ids.at[:, -1].set(last)
         cache = PagedKVCache(k_pool, v_pool, block_tables, positions)
         logits, cache = _apply(model, params, input_ids, jnp.maximum(positions, 0), cache, None, None,
                                last_logits_only=True)
-        return choose_row_tokens(logits[:, -1], sampling), cache.k, cache.v
+        tokens = choose_row_tokens(logits[:, -1], sampling)
+        return tokens, cache.k, cache.v, token_buffer.at[slots.write].set(tokens, mode="drop")
 
-    return jax.jit(step, donate_argnums=(1, 2))
+    return jax.jit(step, donate_argnums=(1, 2, 3))
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,9 +1,11 @@
 """The continuous-batching engine on a tiny float32 Llama: greedy output equal to jint8.generate's
-alone and beside others (chunked prefill included), a bounded set of compiled shapes, seeded
-sampling independent of batch-mates, blocks freed, cancellation, a full queue, shutdown."""
+alone and beside others (chunked prefill and prompts of different lengths prefilled together in
+one call included), a bounded set of compiled shapes, seeded sampling independent of
+batch-mates, blocks freed, cancellation, a full queue, shutdown."""
 
 import threading
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny_serving import tiny_model
@@ -15,7 +17,10 @@ from jint8.serve import Engine, EngineConfig, SamplingOptions
 VOCAB = 97
 # prompts shorter than, equal to and longer than the 16-token chunk (the longest takes 3 chunks)
 PROMPTS = [[5, 9, 13], list(range(1, 17)), [(7 * i) % VOCAB for i in range(40)], [3, 14, 15, 92, 65, 35]]
-CONFIG = EngineConfig(max_batch=4, block_size=8, prefill_chunk=16, batch_buckets=(2, 4), chunk_buckets=(8, 16))
+# a prefill call holds up to 64 tokens (rows x chunk): up to four prompts' chunks in one call
+CONFIG = EngineConfig(max_batch=4, block_size=8, prefill_chunk=16, prefill_tokens_per_step=64, batch_buckets=(2, 4),
+                      chunk_buckets=(8, 16))
+SHAPES = {(2, 1), (4, 1), (1, 8), (1, 16), (2, 8), (2, 16), (4, 8), (4, 16)}
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +28,45 @@ def tiny():
     return tiny_model(VOCAB)
 
 
+def _prefill_calls(engine) -> tuple[float, float]:
+    """(prefill calls, sequences in them) so far."""
+    value = engine.metrics.registry.get_sample_value
+    return value("jint8_prefill_sequences_per_call_count"), value("jint8_prefill_sequences_per_call_sum")
+
+
+def _run_queued_before_start(engine, prompts, options) -> list[list[int]]:
+    """Submit every prompt, then start the engine: its first iteration sees them all waiting."""
+    outputs = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+
+    def sink_for(i):
+        def sink(tokens, reason):
+            outputs[i].extend(tokens)
+            if reason is not None:
+                done.release()
+        return sink
+
+    for i, prompt in enumerate(prompts):
+        engine.submit(prompt, options, sink_for(i))
+    engine.start()
+    assert all(done.acquire(timeout=120) for _ in prompts)
+    return outputs
+
+
 @pytest.fixture(scope="module")
-def engine(tiny):
-    engine = Engine(*tiny, CONFIG).start()
-    yield engine
-    engine.shutdown(cancel=True, timeout=10)
+def started(tiny):
+    """The module's engine, started with PROMPTS queued: (engine, their tokens, prefill calls)."""
+    engine = Engine(*tiny, CONFIG)
+    try:
+        outputs = _run_queued_before_start(engine, PROMPTS, SamplingOptions(max_tokens=12))
+        yield engine, outputs, _prefill_calls(engine)
+    finally:
+        engine.shutdown(cancel=True, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def engine(started):
+    return started[0]
 
 
 def _reference(tiny, prompt, max_new):
@@ -36,19 +75,51 @@ def _reference(tiny, prompt, max_new):
     return [int(t) for t in jint8.generate(model, params, [prompt], config=config).sequences[0][len(prompt):]]
 
 
-def test_greedy_equals_generate_alone_and_in_a_batch_without_recompiling(tiny, engine):
+@pytest.fixture(scope="module")
+def expected(tiny):
+    return [_reference(tiny, p, 12) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prompts_of_different_lengths_prefilled_in_one_call_equal_generate_and_running_alone(started, expected,
+                                                                                             dtype):
+    """All four prompts queued before the engine starts share its first prefill call, [4, 16]
+    (3, 16, 16 of 40 and 6 tokens, left-padded); the 40-token one finishes in two more calls.
+    Their greedy tokens equal jint8.generate's and the same engine's with each prompt alone."""
+    engine, outputs, calls = started
     options = SamplingOptions(max_tokens=12)
-    expected = [_reference(tiny, p, 12) for p in PROMPTS]
+    if dtype == "bfloat16":
+        tiny = tiny_model(VOCAB, jnp.bfloat16)
+        expected = [_reference(tiny, p, 12) for p in PROMPTS]
+        engine = Engine(*tiny, CONFIG)
+        try:
+            outputs = _run_queued_before_start(engine, PROMPTS, options)
+            calls = _prefill_calls(engine)
+            alone = [engine.generate([p], options, timeout=60)[0] for p in PROMPTS]
+        finally:
+            engine.shutdown(cancel=True, timeout=10)
+    else:
+        alone = [engine.generate([p], options, timeout=60)[0] for p in PROMPTS]
+    assert set(engine.step_shapes) == SHAPES
+    assert calls == (3, 6)
+    assert outputs == expected
+    assert alone == expected
+
+
+def test_greedy_equals_generate_alone_and_in_a_batch_without_recompiling(tiny, engine, expected):
+    options = SamplingOptions(max_tokens=12)
+    engine.warmup()
+    compiled = engine.compile_count
+    assert set(engine.compiled_shapes) == SHAPES and compiled == len(SHAPES)
     together = engine.generate(PROMPTS, options, timeout=120)
     assert together == expected
-    assert set(engine.compiled_shapes) <= {(2, 1), (4, 1), (1, 8), (1, 16)}
     compiled = engine.compile_count
     # churn: more requests than slots, joining while others run; every shape has been seen
     alone = [engine.generate([p], options, timeout=60)[0] for p in PROMPTS]
     churn = engine.generate(PROMPTS * 3, SamplingOptions(max_tokens=7), timeout=120)
     assert alone == expected
     assert churn == [e[:7] for e in expected] * 3
-    assert engine.compile_count == compiled == len(set(engine.compiled_shapes))
+    assert engine.compile_count == compiled
     assert engine.load == dict(waiting=0, running=0, blocks_used=0, free_blocks=engine.allocator.usable_blocks)
 
 
@@ -92,6 +163,15 @@ def test_eos_and_stop_token_ids_end_a_request(tiny, engine):
     stop_at = expected[4]
     out = engine.generate([PROMPTS[3]], SamplingOptions(max_tokens=12, stop_token_ids=(stop_at,)), timeout=60)[0]
     assert out == expected[: expected.index(stop_at) + 1]
+    # beside a stream that runs on: the steps dispatched past the stop token deliver nothing
+    both = engine.generate([PROMPTS[3], PROMPTS[1]], SamplingOptions(max_tokens=12, stop_token_ids=(stop_at,)),
+                           timeout=60)
+    other = _reference(tiny, PROMPTS[1], 12)
+    assert both == [out, other[: other.index(stop_at) + 1] if stop_at in other else other]
+    # a request whose one token comes from its prefill call never decodes
+    assert engine.generate([PROMPTS[0], PROMPTS[3]], SamplingOptions(max_tokens=1), timeout=60) == [
+        [_reference(tiny, PROMPTS[0], 1)[0]], [expected[0]]]
+    assert engine.load["blocks_used"] == 0
 
 
 def test_cancel_frees_the_slot_and_its_blocks(engine):
@@ -134,6 +214,8 @@ def test_bad_requests_and_a_full_queue_are_refused_with_the_field_named(tiny):
         engine.submit([1, 2], SamplingOptions(), sink)
     with pytest.raises(InvalidConfigError, match="batch_buckets"):
         EngineConfig(max_batch=4, batch_buckets=(1, 2))
+    with pytest.raises(InvalidConfigError, match="prefill_batch=8 must be <= max_batch=4"):
+        EngineConfig(max_batch=4, prefill_batch=8)
 
 
 def test_shutdown_finishes_requests_in_flight(tiny, engine):
