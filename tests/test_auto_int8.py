@@ -146,12 +146,11 @@ def test_auto_calibration_is_deterministic_and_migrates_planted_outliers(planted
         for site in ("attn_in", "mlp_in"):
             choice = by_site[f"model/layers_{layer}/{site}"]
             assert choice.alpha is not None and choice.errors[choice.alpha] < choice.errors[None]
-    norm = _tree(first.params, "model/layers_0/input_layernorm/scale")
-    others = np.delete(np.arange(CONFIG.hidden_size), PLANTED)
-    assert np.abs(norm[PLANTED]).min() < np.abs(norm[others]).max()  # the planted norm weights shrank
+    norm = np.asarray(_tree(first.params, "model/layers_0/input_layernorm/scale"))
+    assert (np.abs(norm[PLANTED]) <= 64 / 8).all()  # the planted 64x norm weights were divided by >= 8
     # every quantized projection has its own threshold and capacity, and the result is better
     # than LLM.int8() at bitsandbytes' threshold 6
-    assert len(first.config.threshold_overrides) == 7 * CONFIG.num_layers
+    assert len(first.config.threshold_overrides) == 7 * CONFIG.num_layers + 1  # and the untied lm_head
     windows = [tokens[i:i + 64][None].astype(np.int32) for i in range(0, 192, 64)]
     auto_kl = kl_divergence(model, params, jint8.quantize_params(first.params, first.config), windows)
     default_kl = kl_divergence(model, params, jint8.quantize_params(params, jint8.Int8Config()), windows)
@@ -212,8 +211,6 @@ def test_cli_int8_auto_eval_quantize_and_reload_without_recalibrating(tiny_check
     _, plain = jint8.from_pretrained(out)
     jax.tree.map(np.testing.assert_array_equal, saved, plain)
     assert cli.main(["eval-ppl", "--quantize", "int8-auto", *common[2:], "--model", str(out)]) == 0
-    assert cli.main(["generate", "--model", str(out), "--quantize", "int8-auto", "--prompt", WORDS[5],
-                     "--max-new-tokens", "2", "--no-chat"]) == 0
 
 
 def test_cli_int8_auto_rejects_conflicting_options(tiny_checkpoint, tmp_path, capsys):  # noqa: F811
