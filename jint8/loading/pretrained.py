@@ -394,7 +394,9 @@ def from_pretrained(
     bnb_4bit_compute_dtype unless an Int4Config is given). quantization=Int4Config(...) of a
     float checkpoint quantizes each kernel to 4 bits while loading, from the weight cast to
     `dtype` (as transformers casts to torch_dtype before bitsandbytes quantizes); 4-bit kernels
-    are replicated on a mesh.
+    are replicated on a mesh. quantization=Int8Config(mode="auto") of a float checkpoint loads it
+    in float32, calibrates per-layer settings on jint8's built-in text and quantizes
+    (jint8.auto_int8.load_auto_int8); of a checkpoint that mode "auto" saved, restores it as saved.
 
     Returns (model, params): model a jint8 Flax module (compute dtype `dtype`), params the
     {"params": ...}-less parameter tree, int8 where `quantization` says so, placed on `mesh`
