@@ -88,8 +88,8 @@ def _side_by_side(left: str, right: str, width: int) -> str:
 
 
 def _choice_gap(model, params, prompt_ids, shared, ours, theirs) -> float:
-    """bf16's logit of its own next token minus that of int8's choice, after the shared prefix:
-    how near a tie the step where the answers part was."""
+    """bf16's logit of its own next token minus that of int8's choice, after the shared prefix
+    (one unpadded sequence): how near a tie the step where the answers part was."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -130,8 +130,8 @@ def _run_demo(args: argparse.Namespace) -> int:
             agreement = f"same first {shared} tokens, then one answer stops"
         else:
             gap = _choice_gap(bf16_model, bf16_params, ids[row][mask[row].astype(bool)], a[:shared], a[shared], b[shared])
-            gaps.append(gap)
-            agreement = f"same first {shared} tokens; there bf16's top choice led int8's by {gap:.2f} logits"
+            gaps.append(abs(gap))  # recomputed outside the padded batch: bf16 itself may rank them the other way
+            agreement = f"same first {shared} tokens; there bf16's logits for the two tokens differ by {abs(gap):.2f}"
         print(f"> {prompt}   ({agreement})")
         print(_side_by_side(f"[bf16] {left}", f"[{int8.label}] {right}", args.width))
     print("=" * args.width)
