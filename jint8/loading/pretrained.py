@@ -397,7 +397,9 @@ def from_pretrained(
     bnb_4bit_compute_dtype unless an Int4Config is given). quantization=Int4Config(...) of a
     float checkpoint quantizes each kernel to 4 bits while loading, from the weight cast to
     `dtype` (as transformers casts to torch_dtype before bitsandbytes quantizes); 4-bit kernels
-    are replicated on a mesh.
+    are replicated on a mesh. quantization=Int8Config(mode="auto") of a float checkpoint loads it
+    in float32, calibrates per-layer settings on jint8's built-in text and quantizes
+    (jint8.auto_int8.load_auto_int8); of a checkpoint that mode "auto" saved, restores it as saved.
 
     Returns (model, params): model a jint8 Flax module (compute dtype `dtype`), params the
     {"params": ...}-less parameter tree, int8 where `quantization` says so, placed on `mesh`
@@ -416,6 +418,12 @@ def from_pretrained(
     if Path(path).is_dir() and (checkpoint.is_jint8_checkpoint(path) or _looks_like_jint8_checkpoint(Path(path))):
         # a damaged jint8 checkpoint gets load_quantized's error, not "no model.safetensors"
         return _from_jint8_checkpoint(Path(path), quantization, mesh, verify_checksums)
+    if isinstance(quantization, Int8Config) and quantization.mode == "auto":
+        from jint8.auto_int8 import load_auto_int8
+
+        model, params, _ = load_auto_int8(path, quantization, dtype=dtype, mesh=mesh, max_memory=max_memory,
+                                          progress=progress)
+        return model, params
     kind, location = _find_format(Path(path))
     hf_config = _hf_config(kind, location)
     spec = spec_for(getattr(hf_config, "model_type", None))
@@ -514,11 +522,19 @@ def _looks_like_jint8_checkpoint(path: Path) -> bool:
     return (path / _METADATA_ITEM).is_dir() and (path / _ARRAYS_ITEM).is_dir()
 
 
+def _auto_checkpoint(requested, stored) -> bool:
+    """Whether Int8Config(mode="auto") asks for a checkpoint that mode "auto" wrote."""
+    return (isinstance(requested, Int8Config) and requested.mode == "auto" and isinstance(stored, Int8Config)
+            and stored.calibration.startswith("auto"))
+
+
 def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], mesh, verify_checksums: bool = True):
     """A directory written by save_quantized: restore as saved (no re-quantization) onto mesh."""
     from jint8 import checkpoint
 
     info = checkpoint.load_metadata(location)
+    if _auto_checkpoint(quantization, info.quant_config):
+        quantization = None  # calibrated when it was saved: restored as it is
     if quantization is not None and quantization != info.quant_config:
         raise InvalidConfigError(
             f"{location} was quantized with {info.quant_config}; it cannot be re-quantized with {quantization} "

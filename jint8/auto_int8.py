@@ -1,0 +1,254 @@
+"""`Int8Config(mode="auto")`: per-layer LLM.int8() settings chosen at load, from built-in text.
+
+Steps (calibrate_auto), all on the float model in float32:
+1. run the built-in calibration text (jint8/data/calibration_text.txt: written for jint8, not any
+   evaluation text) through the model once, keeping every projection group's input;
+2. at each scale-migration site (jint8.smoothing: the norms before q/k/v and gate/up, v_proj
+   before o_proj, up_proj before down_proj) try SmoothQuant's power-of-two scales for a few
+   alphas, and no migration, and keep the one whose simulated LLM.int8() output (that site's
+   budget threshold, vector-wise int8, 16-bit outlier columns) is closest to the float output:
+   the sum over the site's projections of |y_int8 - y|^2 / |y|^2 on the calibration tokens;
+3. fold the chosen scales into the float params (exact: the float model is unchanged), then
+   choose each projection's threshold on the migrated activations (calibration.calibrate_layers:
+   the lowest threshold that keeps at most `outlier_budget` of the input features per call in
+   16 bits, at most 6.0).
+
+The result is the migrated float params and a plain Int8Config (mode "fixed", thresholds and
+capacities per exact module path, `calibration` naming the method) that quantize_params and
+save_quantized use as any other: a saved checkpoint reloads as it is, without recalibrating.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import logging
+import math
+import time
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jint8.calibration import budget_threshold, calibrate_layers, layers_to_config
+from jint8.errors import InvalidConfigError
+from jint8.layers import Int8Dense, as_array
+from jint8.quantize import Int8Config
+from jint8.sensitivity import token_windows
+from jint8.smoothing import MigrationSite, fold_scales, llama_sites, smoothing_exponents
+
+_logger = logging.getLogger("jint8")
+
+AUTO_METHOD = "auto-v1"  # Int8Config.calibration of a resolved auto config: this method, this text
+ALPHAS = (0.3, 0.5, 0.7)  # SmoothQuant migration strengths tried per site, besides no migration
+WINDOW = 512  # tokens per calibration call (the outlier columns of a call are its tokens' union)
+OUTLIER_BUDGET = 0.05  # fraction of a projection's input features allowed through 16 bits per call
+MAX_THRESHOLD = 6.0  # bitsandbytes' default: never a higher threshold than it
+SCORE_STRIDE = 8  # the search scores every 8th calibration token (its cost; thresholds see all)
+_CAPTURE = "auto_int8_inputs"
+
+
+def builtin_calibration_text() -> str:
+    """The calibration text shipped with jint8 (prose, dialogue, a recipe, code, SQL, notes)."""
+    return importlib.resources.files("jint8").joinpath("data/calibration_text.txt").read_text(encoding="utf-8")
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteChoice:
+    """What calibrate_auto chose at one migration site: alpha (None: no migration) and the
+    simulated relative output error of each candidate tried ({alpha or None: error})."""
+
+    site: str
+    alpha: Optional[float]
+    errors: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoCalibration:
+    """calibrate_auto's result: params (float, migrated) with config quantize exactly as chosen."""
+
+    params: object
+    config: Int8Config
+    sites: tuple[SiteChoice, ...]
+    num_tokens: int
+
+
+def _capture_inputs(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and args and isinstance(context.module, (nn.Dense, Int8Dense)):
+        context.module.sow(_CAPTURE, "x", as_array(args[0]).astype(jnp.float32))
+    return next_fun(*args, **kwargs)
+
+
+def _site_inputs(model: nn.Module, params, windows, sites: Sequence[MigrationSite]) -> dict[str, list[np.ndarray]]:
+    """{site name: [window's consumer input [T, K] float32]}: one float forward per window."""
+    wanted = {site.consumers[0]: site.name for site in sites}
+
+    @jax.jit
+    def forward(params, ids):
+        with nn.intercept_methods(_capture_inputs):
+            _, state = model.apply({"params": params}, ids, mutable=[_CAPTURE])
+        return state[_CAPTURE]
+
+    inputs = {site.name: [] for site in sites}
+    for window in windows:
+        captured = forward(params, jnp.asarray(window))
+        for key_path, x in jax.tree_util.tree_flatten_with_path(captured)[0]:
+            names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path]
+            module = "/".join(names[: names.index("x")])
+            if module in wanted:
+                inputs[wanted[module]].append(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
+    return inputs
+
+
+def simulated_int8_output(x: np.ndarray, w: np.ndarray, threshold: float,
+                          outliers: Optional[np.ndarray] = None) -> np.ndarray:
+    """LLM.int8() of x [T, K] and w [K, N] as jint8.ops.int8_matmul computes it (float32, up to
+    summation order): outlier columns ([K] bool; default: those with any |x| >= threshold, the
+    rows of this call) in 16 bits against the dequantized int8 weight rows; the rest vector-wise
+    int8, each row's scale its max |x| over the elements below the threshold."""
+    if outliers is None:
+        outliers = (np.abs(x) >= threshold).any(axis=0) if threshold > 0 else np.zeros(x.shape[1], bool)
+    w_scale = np.abs(w).max(axis=0)
+    wq = np.rint(w * (127.0 / np.where(w_scale > 0, w_scale, np.inf))).astype(np.float32)
+    magnitude = np.abs(x)
+    x_scale = np.where(magnitude >= threshold, 0, magnitude).max(axis=1, keepdims=True) if threshold > 0 \
+        else magnitude.max(axis=1, keepdims=True)
+    xq = np.rint(x * (127.0 / np.where(x_scale > 0, x_scale, np.inf))).astype(np.float32)
+    xq[:, outliers] = 0
+    y = (xq @ wq) * (x_scale * (w_scale / np.float32(127.0 * 127.0)))
+    if outliers.any():
+        y += x[:, outliers] @ (wq[outliers] * (w_scale / np.float32(127.0)))
+    return y
+
+
+def _site_error(windows_x, weights, references, threshold, outliers) -> float:
+    """Sum over the site's projections of |y_int8 - y|^2 / |y|^2 on the scored tokens."""
+    error = 0.0
+    for w, refs in zip(weights, references):
+        num = sum(float(np.square(simulated_int8_output(x, w, threshold, o) - y).sum())
+                  for x, y, o in zip(windows_x, refs, outliers))
+        den = sum(float(np.square(y).sum()) for y in refs)
+        error += num / max(den, float(np.finfo(np.float32).tiny))
+    return error
+
+
+def choose_site(site: MigrationSite, windows_x: Sequence[np.ndarray], kernels: Sequence[np.ndarray],
+                alphas: Sequence[float] = ALPHAS) -> tuple[np.ndarray, SiteChoice]:
+    """The exponents (and the record) of the candidate with the least simulated int8 error.
+
+    windows_x: per calibration window the consumers' input [T, K]; kernels: the consumers'
+    float kernels [K, N_j]. Ties keep the earlier candidate, no migration first."""
+    k = windows_x[0].shape[1]
+    capacity = min(k, max(1, math.ceil(OUTLIER_BUDGET * k)))
+    # the error is scored on every SCORE_STRIDE-th token (the cost of the search), while each
+    # window's threshold and outlier columns come from all its tokens, as in the real call
+    scored = [x[::SCORE_STRIDE] for x in windows_x]
+    references = [[x @ w for x in scored] for w in kernels]
+    column_absmax = np.stack([np.abs(x).max(axis=0) for x in windows_x])  # [windows, K]
+    act_absmax = column_absmax.max(axis=0)
+    weight_absmax = np.max([np.abs(w).max(axis=1) for w in kernels], axis=0)
+    best, best_error, errors = None, math.inf, {}
+    for alpha in (None, *alphas):
+        e = (np.zeros(site.num_scales, np.int8) if alpha is None
+             else smoothing_exponents(act_absmax, weight_absmax, alpha, site.expand))
+        s = np.ldexp(np.float32(1), e[site.expand].astype(np.int32))
+        threshold = min(budget_threshold(column_absmax / s, capacity), MAX_THRESHOLD)
+        outliers = list(column_absmax / s >= np.float32(threshold))
+        error = _site_error([x / s for x in scored], [w * s[:, None] for w in kernels], references,
+                            threshold, outliers)
+        errors[alpha] = error
+        if error < best_error:
+            best, best_error = (alpha, e), error
+    return best[1], SiteChoice(site.name, best[0], errors)
+
+
+def _kernel(params, path: str) -> np.ndarray:
+    node = params
+    for name in path.split("/"):
+        node = node[name]
+    return np.asarray(node["kernel"], np.float32)
+
+
+def calibrate_auto(model: nn.Module, params, base: Optional[Int8Config] = None,
+                   text: Optional[str] = None, tokenizer=None, token_ids: Optional[Sequence[int]] = None,
+                   alphas: Sequence[float] = ALPHAS) -> AutoCalibration:
+    """Int8Config(mode="auto")'s calibration of a float model: migrated float params and the
+    resolved config (see the module docstring). token_ids, else `tokenizer(text)` (default: the
+    built-in text), are the calibration tokens; base: the config whose other fields are kept."""
+    from jint8.sensitivity import _with_compute_dtype
+
+    base = dataclasses.replace(base or Int8Config(), mode="fixed", calibration="")
+    if token_ids is None:
+        if tokenizer is None:
+            raise InvalidConfigError("calibrate_auto needs token_ids or a tokenizer for the calibration text")
+        token_ids = tokenizer(text or builtin_calibration_text(), add_special_tokens=False)["input_ids"]
+    window = min(WINDOW, len(token_ids), getattr(model.config, "max_position_embeddings", WINDOW))
+    windows = token_windows(token_ids, window)
+    f32_model, f32_params = _with_compute_dtype(model, params, jnp.float32)
+    sites = llama_sites(f32_params, model.config) if _is_llama(model) else []
+    choices, exponents = [], {}
+    if sites:
+        inputs = _site_inputs(f32_model, f32_params, windows, sites)
+        for site in sites:
+            e, choice = choose_site(site, inputs[site.name], [_kernel(f32_params, p) for p in site.consumers], alphas)
+            choices.append(choice)
+            if choice.alpha is not None:
+                exponents[site.name] = e
+        del inputs
+    else:
+        _logger.info("int8-auto: %s has no scale-migration sites; per-layer thresholds only", type(model).__name__)
+    migrated = fold_scales(params, sites, exponents)
+    layers = calibrate_layers(f32_model, fold_scales(f32_params, sites, exponents), token_ids,
+                              window=window, outlier_budget=OUTLIER_BUDGET,
+                              max_threshold=MAX_THRESHOLD, base=base)
+    # capacity only sizes the XLA backend's gather (CPU); room for twice the calibration count
+    # keeps unseen text off its dense fallback (same result, more work, a warning) in most calls
+    layers = [dataclasses.replace(layer, capacity=min(layer.num_features, 2 * layer.capacity)) for layer in layers]
+    config = dataclasses.replace(layers_to_config(layers, base), calibration=AUTO_METHOD)
+    _logger.info("int8-auto: %d tokens, %d of %d sites migrated, thresholds %s", len(token_ids), len(exponents),
+                 len(sites), _threshold_summary(layers))
+    return AutoCalibration(migrated, config, tuple(choices), len(token_ids))
+
+
+def _is_llama(model) -> bool:
+    from jint8.models.llama import LlamaForCausalLM
+
+    return isinstance(model, LlamaForCausalLM)
+
+
+def _threshold_summary(layers) -> str:
+    values = np.array([layer.threshold for layer in layers])
+    return f"median {np.median(values):.2f} (range {values.min():.2f}-{values.max():.2f})"
+
+
+def load_auto_int8(path, config: Int8Config, *, dtype=jnp.bfloat16, mesh=None, max_memory=None,
+                   progress: Optional[bool] = None):
+    """from_pretrained(quantization=Int8Config(mode="auto")) of a float checkpoint: (model,
+    params, resolved config). The float model is loaded in float32 (twice bf16's memory while
+    calibrating), calibrated, quantized from the migrated float32 kernels, and its remaining
+    float parameters cast to dtype."""
+    from jint8.loading import load_tokenizer
+    from jint8.loading.pretrained import from_pretrained
+    from jint8.quantize import Int8Weight, quantize_params
+    from jint8.quant4 import Int4Weight
+    from jint8.sensitivity import _with_compute_dtype
+
+    if config.mode != "auto":
+        raise InvalidConfigError(f"load_auto_int8 needs Int8Config(mode='auto'), got mode={config.mode!r}")
+    model, params = from_pretrained(path, quantization=None, dtype=jnp.float32, mesh=mesh, max_memory=max_memory,
+                                    progress=progress)
+    quantized = lambda x: isinstance(x, (Int8Weight, Int4Weight))  # noqa: E731
+    if any(quantized(leaf) for leaf in jax.tree.leaves(params, is_leaf=quantized)):
+        raise InvalidConfigError(f"{path} holds quantized (bitsandbytes) kernels; Int8Config(mode='auto') "
+                                 "calibrates a float checkpoint")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    calibration = calibrate_auto(model, params, config, tokenizer=load_tokenizer(path))
+    _logger.info("int8-auto: calibrated in %.1f s (%.1f s of CPU time in this process)", time.perf_counter() - start,
+                 time.process_time() - cpu_start)
+    del params
+    int8 = quantize_params(calibration.params, calibration.config)
+    cast = lambda x: x if quantized(x) or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)  # noqa: E731
+    model, _ = _with_compute_dtype(model, {}, dtype)
+    return model, jax.tree.map(cast, int8, is_leaf=quantized), calibration.config
