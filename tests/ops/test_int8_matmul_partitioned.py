@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jint8.ops.int8_matmul import checks, reference
-from jint8.ops.int8_matmul.partitioned import Policy, bucket_index, buckets
+from jint8.ops.int8_matmul.partitioned import ENV_VAR, Policy, bucket_index, buckets, default_policy
 from jint8.ops.int8_matmul.pallas_triton import int8_accumulator_pallas, int8_matmul_pallas
 from jint8.ops.int8_matmul.pallas_triton_outliers import SLOT_BLOCK
 from int8_plans import PLANS, THRESHOLD
@@ -97,3 +97,12 @@ def test_output_within_derived_bound_in_every_bucket(rng, dtype, bias, plan_name
         assert ratio <= 1.0, f"{count} columns: error {ratio:.3g} x the bound, seed {rng.seed_value}"
     # One compiled program served every bucket: the count is read on the device.
     assert run._cache_size() == 1
+
+
+def test_the_gemms_are_opt_in_through_the_environment(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert default_policy() is None
+    monkeypatch.setenv(ENV_VAR, "0")
+    assert default_policy() is None
+    monkeypatch.setenv(ENV_VAR, "1")
+    assert default_policy() == Policy()

@@ -55,7 +55,7 @@ def int8_matmul_pallas(
     interpret: bool = False,
     poison_output: bool = False,
     split_partials: bool = False,
-    partition: partitioned.Policy = partitioned.Policy(),
+    partition: Optional[partitioned.Policy] = None,
 ) -> tuple[jax.Array, reference.Int8MatmulStats]:
     """LLM.int8() matmul, x: [M, K] float ([M, 2K] with a gate), wq: [K, N] int8, col_scales:
     [N] f32 -> [M, N].
@@ -75,7 +75,8 @@ def int8_matmul_pallas(
     split_partials: return [S, M, N]: the fused kernel's float32 split-K partials where the plan
       says split_reduce "consumer" (the caller sums them), else the result as [1, M, N].
     partition: from partition.min_m rows on (two-kernel routes only), a batch with more than
-      partition.kernel_max_count outlier columns runs partitioned's cuBLAS GEMMs instead.
+      partition.kernel_max_count outlier columns runs partitioned's cuBLAS GEMMs instead;
+      default partitioned.default_policy() (off unless JINT8_OUTLIER_GEMMS=1).
     """
     m = x.shape[0]
     k, n = wq.shape if weight_layout == "kn" else wq.shape[::-1]
@@ -86,6 +87,8 @@ def int8_matmul_pallas(
         raise ValueError(
             f"plan reads weight_layout={plan.reads_layout()!r} != weight_layout={weight_layout!r}"
         )
+    if partition is None:
+        partition = partitioned.default_policy()
     return _int8_matmul_pallas(
         x, wq, col_scales, bias, norm, gate, output_gate, threshold=float(threshold),
         out_dtype=out_dtype, plan=plan,
@@ -102,7 +105,7 @@ def int8_matmul_pallas(
 def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, output_gate=None, *, threshold,
                         out_dtype, plan, interpret, poison_output=False,
                         accumulator_only=False, split_partials=False,
-                        partition=partitioned.Policy()):
+                        partition=None):
     unsummed = (split_partials and plan.gemm_path == "fused" and plan.gemm.split_k > 1
                 and plan.gemm.split_reduce == "consumer" and output_gate is None)
     y, stats = _routes(x, wq, col_scales, bias, norm, gate, output_gate, threshold=threshold,
@@ -149,7 +152,7 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_
     no_overflow = jnp.zeros((), bool)
     table = (partitioned.buckets(k, kernel_max_count=partition.kernel_max_count,
                                  base_width=partition.base_width)
-             if threshold > 0 and m >= partition.min_m else None)
+             if partition is not None and threshold > 0 and m >= partition.min_m else None)
 
     def kernels(x, xq, wq, row_scales, col_scales, bias_operand, col_flags):
         """The kernels' own route: outlier operands (pallas_triton_outliers), GEMM kernel."""
@@ -196,11 +199,13 @@ def _bias_operand(bias, col_scales):
 
 
 def int8_accumulator_pallas(x, wq, *, threshold: float, plan: KernelPlan, norm=None, gate=None, interpret: bool = False,
-                            poison_output=False, partition: partitioned.Policy = partitioned.Policy()):
+                            poison_output=False, partition: Optional[partitioned.Policy] = None):
     """[M, N] int32 accumulator of the plan's GEMM (checks): equals
     reference.int8_dot(*reference.quantize_rows(x, threshold)[:1], wq) exactly (with a norm or
     a gate: of reference.op_input(x, norm, gate), where the kernel forms the same bits)."""
     n = wq.shape[1] if plan.reads_layout() == "kn" else wq.shape[0]
+    if partition is None:
+        partition = partitioned.default_policy()
     acc, _ = _int8_matmul_pallas(
         x, wq, jnp.ones((n,), jnp.float32), None, norm, gate, threshold=float(threshold),
         out_dtype=jnp.dtype(jnp.int32), plan=plan,

@@ -26,7 +26,8 @@ dequantize()'s: acc * (s_x s_w) / 127^2, + bias, + stream.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+import os
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,17 @@ class Policy(NamedTuple):
     min_m: int = MIN_M
     kernel_max_count: int = KERNEL_MAX_COUNT
     base_width: int = BASE_WIDTH
+
+
+# Opt-in: JINT8_OUTLIER_GEMMS=1 turns these GEMMs on in the two-kernel routes. Off by default
+# until their GPU timings are in benchmarks/RESULTS.md: lax.switch on a device count may cost a
+# device-to-host sync per call on some XLA builds, which would slow every large-M matmul.
+ENV_VAR = "JINT8_OUTLIER_GEMMS"
+
+
+def default_policy() -> Optional[Policy]:
+    """Policy() when JINT8_OUTLIER_GEMMS is "1", else None (the kernels' route alone)."""
+    return Policy() if os.environ.get(ENV_VAR, "") == "1" else None
 
 
 class Bucket(NamedTuple):
