@@ -34,7 +34,7 @@ from jint8.loading import gguf_file, msgpack_file, safetensors_file
 from jint8.loading.bnb_int4 import QuantStateRecords, bnb_int4_settings, read_int4_kernel, split_bnb4_records
 from jint8.loading.bnb_int8 import bnb_int8_settings, read_int8_kernel, split_bnb_records
 from jint8.loading.config_check import check_config_against_arrays
-from jint8.loading.device_convert import plan_conversion, stage
+from jint8.loading.device_convert import plan_conversion, stage, stage_sharded
 from jint8.loading.names import (
     NameRules,
     TensorTarget,
@@ -49,7 +49,7 @@ from jint8.loading.streaming import TensorJob, delete_arrays, run_jobs
 from jint8.models import registered_specs, spec_for
 from jint8.models.spec import ShardingRules
 from jint8.progress import progress_bar
-from jint8.quant4 import Int4Config, Int4Weight, NESTED_BLOCKSIZE
+from jint8.quant4 import Int4Config, Int4Weight, NESTED_BLOCKSIZE, int4_weight_specs
 from jint8.quantize import (
     EMBEDDING_NAME,
     Int8Config,
@@ -195,21 +195,33 @@ def _planned_int4(shape: tuple[int, ...], config: Int4Config, dtype) -> Int4Weig
 
 
 def _float_spec(path, leaf, mesh, sharding: Optional[ShardingRules]) -> jax.sharding.PartitionSpec:
-    """The PartitionSpec of the float parameter a planned leaf stands for ([*in, *out] for a kernel);
-    replicated for a 4-bit kernel (its blocks run over the flattened weight; jint8 does not split them)."""
-    if mesh is None or isinstance(leaf, Int4Weight):
+    """The PartitionSpec of the float parameter a planned leaf stands for ([*in, *out] for a kernel)."""
+    if mesh is None:
         return jax.sharding.PartitionSpec()
+    if isinstance(leaf, Int4Weight):  # stored [out, in]: the float kernel is its transpose
+        return kernel_spec(path, tuple(leaf.shape[::-1]), mesh, sharding)
     if isinstance(leaf, Int8Weight):
         embedding = path[-1] == EMBEDDING_NAME  # the float table [V, H] is stored as it is
         return kernel_spec(path, leaf.qvalue.shape if embedding else leaf.shape, mesh, sharding)
     return kernel_spec(path, leaf.shape, mesh, sharding)
 
 
+def _int4_specs(path, leaf: Int4Weight, mesh, sharding: Optional[ShardingRules]) -> list:
+    """The PartitionSpec of each array of a planned Int4Weight (quant4.int4_weight_specs: column-
+    parallel kernels split along N in whole blocks, row-parallel ones and uneven splits replicated)."""
+    if mesh is None:
+        return [jax.sharding.PartitionSpec()] * len(jax.tree.leaves(leaf))
+    specs, reason = int4_weight_specs(_float_spec(path, leaf, mesh, sharding), leaf, mesh.shape)
+    if reason is not None:
+        _logger.debug("%s: 4-bit kernel replicated on the mesh: %s", "/".join(path), reason)
+    return jax.tree.leaves(specs)
+
+
 def _leaf_layout(path, leaf, mesh, sharding: Optional[ShardingRules]):
     """[(shape, dtype, spec)] of the arrays one parameter becomes (qvalue + scale for int8)."""
     spec = _float_spec(path, leaf, mesh, sharding)
-    if isinstance(leaf, Int4Weight):  # every array replicated: 4-bit bytes counted on each device
-        return [(a.shape, a.dtype, jax.sharding.PartitionSpec()) for a in jax.tree.leaves(leaf)]
+    if isinstance(leaf, Int4Weight):
+        return [(a.shape, a.dtype, s) for a, s in zip(jax.tree.leaves(leaf), _int4_specs(path, leaf, mesh, sharding))]
     if isinstance(leaf, Int8Weight):
         embedding = path[-1] == EMBEDDING_NAME
         q_spec, s_spec = int8_weight_specs(spec, leaf.qvalue.ndim, leaf.in_ndim, embedding=embedding)
@@ -229,9 +241,12 @@ class _LoadSettings:
 
 
 def _place(array, mesh, spec):
+    """A host array (a view of a memory-mapped file, say) on the default device, or on mesh with
+    spec: each device gets a copy of its own block, read from the array, and in a multi-process
+    run a process reads only its own devices' blocks."""
     if mesh is None:
-        return jax.device_put(array)
-    return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
+        return jax.device_put(np.array(array))  # a copy: a CPU device_put could keep the view
+    return stage_sharded(array, jax.sharding.NamedSharding(mesh, spec))
 
 
 def _bnb_weight(record: TensorRecord, scale: TensorRecord, target: TensorTarget, settings: _LoadSettings) -> Int8Weight:
@@ -255,10 +270,11 @@ def _bnb4_job(record: TensorRecord, state: QuantStateRecords, target: TensorTarg
         if weight.shape != target.shape[::-1]:
             raise WeightsMismatchError(f"{record.file}: 4-bit weight {record.stored_name!r} is {weight.shape} "
                                        f"([out, in]), model expects {target.shape[::-1]}")
-        replicated = jax.sharding.PartitionSpec()
-        # copies: the arrays view the memory-mapped file, and a CPU device_put would keep them
-        placed = jax.tree.map(lambda a: _place(np.array(a), settings.mesh, replicated), weight)
-        return placed, sum(int(np.asarray(a).nbytes) for a in jax.tree.leaves(weight)), None
+        specs = _int4_specs(target.path, weight, settings.mesh, settings.sharding)
+        leaves, structure = jax.tree.flatten(weight)
+        # each device's own range of the (memory-mapped) arrays, copied
+        placed = jax.tree.unflatten(structure, [_place(a, settings.mesh, s) for a, s in zip(leaves, specs)])
+        return placed, sum(int(np.asarray(a).nbytes) for a in leaves), None
 
     def release():
         if record.release is not None:
@@ -317,7 +333,7 @@ def _tensor_job(record: TensorRecord, target: TensorTarget, planned, decision: O
         def stage_bnb():
             weight = _bnb_weight(record, bnb_scale, target, settings)
             # copies: the arrays view the memory-mapped file, and a CPU device_put would keep them
-            qvalue, scale = np.array(weight.qvalue), np.array(weight.scale)
+            qvalue, scale = weight.qvalue, weight.scale
             placed = weight.replace(qvalue=_place(qvalue, settings.mesh, layout[0][2]),
                                     scale=_place(scale, settings.mesh, layout[1][2]))
             return placed, qvalue.nbytes + scale.nbytes, None
@@ -332,7 +348,9 @@ def _tensor_job(record: TensorRecord, target: TensorTarget, planned, decision: O
         plan_conversion, stored_shape(target, record.flax_layout, settings.rules),
         transpose=needs_transpose(target, record.flax_layout, settings.rules), quantization=decision,
         out_dtype=jnp.dtype(out_dtype), mesh=settings.mesh,
-        float_spec=_float_spec(target.path, planned, settings.mesh, settings.sharding))
+        float_spec=_float_spec(target.path, planned, settings.mesh, settings.sharding),
+        int4_specs=(tuple(_int4_specs(target.path, planned, settings.mesh, settings.sharding))
+                    if isinstance(planned, Int4Weight) else None))
     # formats whose headers give no dtype (msgpack, GGUF) plan their conversion once read
     expected = conversion_for(record.dtype) if record.dtype is not None else None
 
@@ -393,8 +411,10 @@ def from_pretrained(
     without double quantization) their packed codes and absmax (compute dtype from
     bnb_4bit_compute_dtype unless an Int4Config is given). quantization=Int4Config(...) of a
     float checkpoint quantizes each kernel to 4 bits while loading, from the weight cast to
-    `dtype` (as transformers casts to torch_dtype before bitsandbytes quantizes); 4-bit kernels
-    are replicated on a mesh.
+    `dtype` (as transformers casts to torch_dtype before bitsandbytes quantizes). On a mesh a
+    column-parallel 4-bit kernel is split along N where its shards are whole blocks (and whole
+    256-block groups with double quantization); row-parallel ones and uneven splits are
+    replicated (quant4.int4_weight_specs says why).
 
     Returns (model, params): model a jint8 Flax module (compute dtype `dtype`), params the
     {"params": ...}-less parameter tree, int8 where `quantization` says so, placed on `mesh`
