@@ -432,7 +432,7 @@ def from_pretrained(
 
     if Path(path).is_dir() and (checkpoint.is_jint8_checkpoint(path) or _looks_like_jint8_checkpoint(Path(path))):
         # a damaged jint8 checkpoint gets load_quantized's error, not "no model.safetensors"
-        return _from_jint8_checkpoint(Path(path), quantization, mesh, verify_checksums)
+        return _from_jint8_checkpoint(Path(path), quantization, mesh, verify_checksums, max_memory)
     kind, location = _find_format(Path(path))
     hf_config = _hf_config(kind, location)
     spec = spec_for(getattr(hf_config, "model_type", None))
@@ -489,6 +489,24 @@ def from_pretrained(
     return model, unflatten_dict(placed)
 
 
+def planned_bytes_per_device(path_or_config, *, quantization=None, dtype=jnp.bfloat16, mesh=None) -> int:
+    """Bytes of parameters each device of `mesh` holds after from_pretrained(path, quantization=,
+    dtype=, mesh=) of a float checkpoint, from the model's config alone: a directory holding only
+    config.json, or a transformers config object (no weights need exist). The number
+    from_pretrained's max_memory check uses; mesh may be a jax.sharding.AbstractMesh (no devices
+    needed), e.g. to plan a 70B model on 8 GPUs from a laptop."""
+    if isinstance(path_or_config, (str, os.PathLike)):
+        hf_config = _hf_config("safetensors", Path(path_or_config))
+    else:
+        hf_config = path_or_config
+    spec = spec_for(getattr(hf_config, "model_type", None))
+    model = spec.model_class(spec.config_from_hf(hf_config, dtype))
+    shapes = flatten_dict(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"])
+    planned, _ = _planned_leaves(shapes, quantization)
+    layout = [entry for p, leaf in planned.items() for entry in _leaf_layout(p, leaf, mesh, spec.sharding)]
+    return bytes_per_device(layout, mesh)
+
+
 def _check_bnb_quantization(location: Path, quantization, bnb: Optional[Int8Config], bnb4: Optional[Int4Config]):
     """A bitsandbytes checkpoint keeps its own bit width: its codes are taken as stored."""
     if bnb4 is not None and isinstance(quantization, Int8Config):
@@ -531,7 +549,8 @@ def _looks_like_jint8_checkpoint(path: Path) -> bool:
     return (path / _METADATA_ITEM).is_dir() and (path / _ARRAYS_ITEM).is_dir()
 
 
-def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], mesh, verify_checksums: bool = True):
+def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], mesh, verify_checksums: bool = True,
+                           max_memory: Optional[Mapping] = None):
     """A directory written by save_quantized: restore as saved (no re-quantization) onto mesh."""
     from jint8 import checkpoint
 
@@ -549,6 +568,7 @@ def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], m
     def place(path, kernel):
         return kernel_spec(tuple(str(p) for p in path), tuple(kernel.shape), mesh, spec.sharding)
 
-    params, _ = checkpoint.load_quantized(location, mesh=mesh, shardings=place if mesh is not None else None,
-                                          verify_checksums=verify_checksums)
+    shardings = place if mesh is not None else None
+    check_max_memory(max_memory, checkpoint.restore.bytes_per_device(location, mesh=mesh, shardings=shardings), mesh)
+    params, _ = checkpoint.load_quantized(location, mesh=mesh, shardings=shardings, verify_checksums=verify_checksums)
     return model, params

@@ -60,6 +60,29 @@ def test_4bit_load_is_column_parallel_in_whole_blocks_on_8_cpu_devices(tmp_path)
     _run_on_8_cpu_devices(Path(__file__).with_name("int4_mesh_script.py"), str(tmp_path))
 
 
+def test_max_memory_on_8_devices_names_the_short_device_and_refuses_70b_before_reading(tmp_path):
+    require_module("torch")
+    save_checkpoint("llama", tmp_path / "tiny")
+    stdout = _run_on_8_cpu_devices(Path(__file__).with_name("max_memory_script.py"), str(tmp_path / "tiny"),
+                                   str(tmp_path / "scratch"))
+    assert "device 5: " in stdout and "70B: the model needs 8.35 GiB" in stdout
+
+
+def test_planned_bytes_per_device_of_a_config(tmp_path):
+    """From config.json alone, on an AbstractMesh: no weights, no devices."""
+    require_module("transformers")
+    import transformers
+
+    transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=256).save_pretrained(tmp_path)
+    one, four = (jint8.loading.planned_bytes_per_device(tmp_path, dtype=jax.numpy.float32,
+                                                        mesh=jax.sharding.AbstractMesh((1, d), ("data", "model")))
+                 for d in (1, 4))
+    norms = 4 * 64 * 5  # 2 layers x 2 norms + the final norm, float32, on every device
+    assert one == 4 * (256 * 64 * 2 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3)) + norms
+    assert four == (one - norms) // 4 + norms
+
+
 def test_max_memory_counts_4bit_bytes(tmp_path):
     require_module("torch")
     save_checkpoint("llama", tmp_path)
