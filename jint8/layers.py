@@ -23,6 +23,7 @@ from jint8.ops.int4_matmul import int4_matmul
 from jint8.ops.int8_matmul import Int8MatmulStats, int8_matmul
 from jint8.ops.int8_matmul.configs import FUSED_GATE_MAX_M, FUSED_NORM_MAX_M
 from jint8.ops.int8_matmul.reference import INV_127, InputGate, InputNorm, OutputGate
+from jint8.ops.int8_matmul.sharded import MatmulLayout
 from jint8.quant4 import Int4Weight
 from jint8.quantize import Int8Weight
 
@@ -92,6 +93,7 @@ def int8_weight_apply(
     gate: Optional[InputGate] = None,
     output_gate: Optional[OutputGate] = None,
     split_partials: bool = False,
+    layout: Optional[MatmulLayout] = None,
 ) -> tuple[jax.Array, Int8MatmulStats]:
     """x [..., *in_shape] contracted with an Int8Weight -> [..., *out_shape] in dtype (default x's).
 
@@ -102,6 +104,7 @@ def int8_weight_apply(
       act(gate) * up [..., I], formed in the int8 op's epilogue.
     split_partials: return [S, ..., *out_shape] (int8_matmul(split_partials=True)): summed over
       S in float32 and cast to dtype it is the result.
+    layout: int8_matmul's (a split over a mesh, tensor_parallel_layout).
     """
     in_shape, out_shape = weight.in_shape, weight.out_shape
     if output_gate is not None:
@@ -134,6 +137,7 @@ def int8_weight_apply(
         gate=gate,
         output_gate=output_gate,
         split_partials=split_partials,
+        layout=layout,
     )
     return y.reshape(*y.shape[:y.ndim - len(batch_shape) - 1], *batch_shape, *out_shape), stats
 
@@ -173,6 +177,29 @@ def _folded_prologue(inputs, kernel: Int8Weight, dtype) -> dict:
     folds = (len(kernel.in_shape) == 1 and rows <= max_rows
              and inputs.x.dtype == inputs.dtype == (dtype or inputs.dtype))
     return prologue if folds else {}
+
+
+def tensor_parallel_layout(name: str, kernel: Int8Weight, rows: int) -> Optional[MatmulLayout]:
+    """The int8 op's layout for the layer `name` under jax.set_mesh(mesh) with Auto axes and a
+    "model" axis of more than one device: the split loading.kernel_spec gives its kernel by the
+    module's name (column-parallel q/k/v/gate/up/lm_head: N over "model"; row-parallel o/down: K
+    over "model"), the batch rows over "data" where they divide. With it each device runs the
+    int8 kernel on its own shard (ops/int8_matmul/sharded.py); XLA alone cannot split a kernel's
+    custom call. None without such a mesh, on Explicit axes (the op reads the operands' types),
+    or for kernels with several input or output axes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "model" not in mesh.axis_names or int(mesh.shape["model"]) == 1:
+        return None
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types) or len(kernel.shape) != 2:
+        return None
+    from jint8.loading.sharding import DATA_AXIS, kernel_spec  # the loader's rules (it imports the models)
+
+    k_axis, n_axis = kernel_spec(("", name, "kernel"), kernel.shape, mesh)
+    if k_axis is None and n_axis is None:
+        return None
+    data = int(mesh.shape.get(DATA_AXIS, 1))
+    m = (DATA_AXIS,) if data > 1 and rows % data == 0 else ()
+    return MatmulLayout(mesh, m, (k_axis,) if k_axis else (), (n_axis,) if n_axis else ())
 
 
 def _sow_stats(module: nn.Module, stats: Int8MatmulStats) -> None:
@@ -240,9 +267,10 @@ class Int8Dense(nn.Module):
             prologue = _folded_prologue(inputs, kernel, self.dtype)
             x = inputs.x if prologue else as_array(inputs)  # the op applies it (InputNorm, InputGate)
             output_gate = None if self.output_gate is None else OutputGate(self.output_gate)
+            layout = tensor_parallel_layout(self.name or "", kernel, math.prod(jnp.shape(x)[:-1]))
             y, stats = int8_weight_apply(x, kernel, bias, dtype=self.dtype, backend=self.backend,
                                          output_gate=output_gate, split_partials=split_partials,
-                                         **prologue)
+                                         layout=layout, **prologue)
             _sow_stats(self, stats)
             return y
         if isinstance(kernel, Int4Weight):
