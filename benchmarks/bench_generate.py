@@ -1,12 +1,16 @@
-"""End-to-end generation benchmark: a Llama-3-8B-shaped model with random weights, bf16 vs LLM.int8.
+"""End-to-end generation benchmark: a Llama-3-8B-shaped model with random weights, bf16 vs LLM.int8
+vs 4-bit NF4 / FP4.
 
     python3 benchmarks/bench_generate.py --layers 32                  # the real shape (one GPU)
+    python3 benchmarks/bench_generate.py --layers 32 --batch 1 --variants bf16 int8 nf4
     python3 benchmarks/bench_generate.py --layers 32 --variants bf16 int8 hf-bf16 hf-compile bnb-int8
     python3 benchmarks/bench_generate.py --layers 2 --hidden 256 --intermediate 512 --heads 4 \
         --kv-heads 2 --vocab 1024 --prompt 64 --new-tokens 16         # a smoke run on CPU
 
 Weights are drawn directly on the device, leaf by leaf; int8 kernels are drawn as int8 values and
-float32 scales, so the bf16 model is never materialised for the int8 run. Activations, by
+float32 scales, so the bf16 model is never materialised for the int8 run; 4-bit kernels (nf4 / fp4:
+Int4Config, double quantization, blocksize 64, lm_head 16-bit) as uniform random codes whose
+dequantized std is the float kernel's. Activations, by
 --activations:
 - "realistic" (default): what `jint8 inspect` measures on real checkpoints such as SmolLM2. A few
   hidden features get a large RMSNorm weight (--outlier-features, --outlier-gain): systematic
@@ -44,6 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 TORCH_VARIANTS = ("hf-bf16", "hf-compile", "bnb-int8")
+INT4_VARIANTS = ("nf4", "fp4")
 
 
 def add_shape_arguments(parser, layers: int = 32) -> None:
@@ -65,8 +70,10 @@ def parse_args(argv=None):
     work.add_argument("--prompt", type=int, default=512, help="prompt tokens per sequence")
     work.add_argument("--new-tokens", type=int, default=128)
     work.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (best of)")
-    work.add_argument("--variants", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8", *TORCH_VARIANTS],
-                      help="jint8 bf16 / int8, and the PyTorch baselines: hf-bf16 (transformers eager), "
+    work.add_argument("--variants", nargs="+", default=["bf16", "int8"],
+                      choices=["bf16", "int8", *INT4_VARIANTS, *TORCH_VARIANTS],
+                      help="jint8 bf16 / int8 / nf4 / fp4 (4-bit: Int4Config, double quantization), and the "
+                      "PyTorch baselines: hf-bf16 (transformers eager), "
                       "hf-compile (static cache + torch.compile), bnb-int8 (bitsandbytes LLM.int8, threshold)")
     quant = parser.add_argument_group("LLM.int8")
     quant.add_argument("--threshold", type=float, default=6.0)
@@ -112,6 +119,7 @@ def build_model(args, variant: str):
 
     import jint8
     from jint8.models import LlamaForCausalLM
+    from jint8.quant4 import Int4Weight
 
     model = LlamaForCausalLM(model_config(args))
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
@@ -120,8 +128,12 @@ def build_model(args, variant: str):
         quant = jint8.Int8Config(threshold=args.threshold, outlier_capacity=args.outlier_capacity, skip_modules=skip,
                                  quantize_embeddings=args.quantize_embeddings)
         abstract = jax.eval_shape(lambda p: jint8.quantize_params(p, quant), abstract)
+    elif variant in INT4_VARIANTS:
+        skip = () if args.quantize_lm_head else ("lm_head",)
+        quant = jint8.Int4Config(quant_type=variant, double_quant=True, skip_modules=skip)
+        abstract = jax.eval_shape(lambda p: jint8.quantize_params(p, quant), abstract)
 
-    is_weight = lambda x: isinstance(x, jint8.Int8Weight)  # noqa: E731
+    is_weight = lambda x: isinstance(x, (jint8.Int8Weight, Int4Weight))  # noqa: E731
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=is_weight)
     keys = jax.random.split(jax.random.key(0), len(leaves))
     filled = [_random_leaf(path, leaf, key, args) for (path, leaf), key in zip(leaves, keys)]
@@ -174,7 +186,11 @@ def _random_leaf(path, leaf, key, args):
 
     import jint8
 
+    from jint8.quant4 import Int4Weight
+
     name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if isinstance(leaf, Int4Weight):  # leaf.shape is the torch Linear's [out, in]
+        return _random_int4(leaf, key, _projection_std(name, leaf.shape[1], args))
     if isinstance(leaf, jint8.Int8Weight):
         # uniform int8 in [-127, 127] has std ~73.3: scale so the dequantized std is _weight_std
         # leaf.shape is the float kernel's [in, out]; an int8 embedding table gets the float one's std 1
@@ -207,6 +223,34 @@ def _int8_uniform(key, qshape, scale_shape, scale_value):
     qkey, skey = jax.random.split(key)
     qvalue = jax.random.randint(qkey, qshape, -127, 128, jnp.int32).astype(jnp.int8)
     return qvalue, scale_value * jax.random.uniform(skey, scale_shape, jnp.float32, 0.9, 1.1)
+
+
+def _random_int4(leaf, key, std):
+    """leaf (an abstract Int4Weight) with uniform random codes and every block's absmax equal to
+    std / std(code book): the dequantized kernel has the float kernel's std. With double
+    quantization every absmax code is the dynamic map's 0, so absmax = offset exactly."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jint8 import quant4
+
+    book = quant4.code_book(leaf.quant_type)
+    absmax = jnp.float32(std / float(np.sqrt(np.mean(book.astype(np.float64) ** 2))))
+    packed = _jit_by_shape(_uniform_bytes)(key, leaf.packed.shape, jnp.dtype(jnp.uint8))
+    if leaf.nested_absmax is None:
+        return dataclasses.replace(leaf, packed=packed, absmax=jnp.full(leaf.absmax.shape, absmax, jnp.float32))
+    zero = int(np.argmin(np.abs(quant4.DYNAMIC_MAP)))
+    return dataclasses.replace(
+        leaf, packed=packed, absmax=jnp.full(leaf.absmax.shape, zero, jnp.uint8),
+        nested_absmax=jnp.full(leaf.nested_absmax.shape, absmax, jnp.float32),
+        nested_code=jnp.asarray(quant4.DYNAMIC_MAP), offset=absmax)
+
+
+def _uniform_bytes(key, shape, dtype):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.random.randint(key, shape, 0, 256, jnp.int32).astype(dtype)
 
 
 def _normal(key, shape, dtype, std):

@@ -11,10 +11,40 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # bitsandbytes' literal constants, kept bit-for-bit: 1/127^2 and 1/127 as float32.
 INV_127_SQ = 6.200124e-05
 INV_127 = 7.874015718698502e-3
+
+# get_4bit_type("nf4"): quantiles of N(0, 1), create_normal_map(0.9677083), hardcoded there too.
+NF4_CODE = np.array(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    np.float32,
+)  # fmt: skip
+# get_4bit_type("fp4"): sign, 2 exponent bits (bias 2), 1 mantissa bit, in bit-pattern order,
+# divided by its absmax 12 in float32 as bitsandbytes does. Code 8 ("-0" there, an integer
+# literal) is +0.0, as in bitsandbytes' stored quant_map and its AVX512 table.
+FP4_CODE = np.array(
+    [0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2, -3], np.float32
+) / np.float32(12)
+CODE_BOOKS = {"nf4": NF4_CODE, "fp4": FP4_CODE}  # by bitsandbytes' quant_type
+
+
+def mul_then_add(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+    """a * b + c with the product rounded to float32 before the add (two roundings, no FMA).
+
+    XLA's CPU backend (and LLVM's, under a Triton kernel) contracts a * b + c into one FMA (one
+    rounding); bitsandbytes rounds the product in its kernel and adds in torch. The select keeps
+    the product its own instruction and changes no value (b NaN makes a * b NaN already).
+    """
+    product = jnp.where(jnp.isnan(b), b, a * b)
+    return product + c
 
 
 def quantization_multiplier(scales: jax.Array) -> jax.Array:
@@ -91,10 +121,14 @@ def gated_activation(gate: jax.Array, up: jax.Array, activation: str, dtype,
 
 
 __all__ = [
+    "CODE_BOOKS",
+    "FP4_CODE",
+    "NF4_CODE",
     "GATE_ACTIVATIONS",
     "INV_127",
     "INV_127_SQ",
     "gated_activation",
+    "mul_then_add",
     "quantization_multiplier",
     "rms_norm",
     "round_to",

@@ -29,28 +29,13 @@ import numpy as np
 from flax import struct
 
 from jint8.errors import InvalidConfigError, QuantizationError, ShapeError
+from jint8.numerics import FP4_CODE, NF4_CODE, mul_then_add as _mul_then_add
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit check
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax in blocks of 256 (compress_statistics)
 SOURCE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
-# get_4bit_type("nf4"): quantiles of N(0, 1), create_normal_map(0.9677083), hardcoded there too.
-NF4_CODE = np.array(
-    [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-    ],
-    np.float32,
-)  # fmt: skip
-# get_4bit_type("fp4"): sign, 2 exponent bits (bias 2), 1 mantissa bit, in bit-pattern order,
-# divided by its absmax 12 in float32 as bitsandbytes does. Code 8 ("-0" there, an integer
-# literal) is +0.0, as in bitsandbytes' stored quant_map and its AVX512 table.
-FP4_CODE = np.array(
-    [0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2, -3], np.float32
-) / np.float32(12)
 # torch.argsort(FP4_CODE) as bitsandbytes computes it: +0 (code 0) sorts before -0 (code 8).
 _FP4_SORTED_TO_CODE = np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3], np.uint8)
 
@@ -111,14 +96,6 @@ def _blocks(flat: jax.Array, blocksize: int) -> jax.Array:
     """[n] -> [ceil(n / blocksize), blocksize], the short last block padded with zeros."""
     pad = -flat.shape[0] % blocksize
     return jnp.pad(flat, (0, pad)).reshape(-1, blocksize)
-
-
-def _mul_then_add(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
-    # XLA's CPU backend contracts a * b + c into one FMA (one rounding); bitsandbytes rounds the
-    # product in its kernel and adds in torch. The select keeps the product its own instruction
-    # and changes no value (b NaN makes a * b NaN already).
-    product = jnp.where(jnp.isnan(b), b, a * b)
-    return product + c
 
 
 def _divide_exactly(x: jax.Array, divisor: jax.Array) -> jax.Array:

@@ -100,6 +100,9 @@ def test_int4_matmul_refuses_bad_input(monkeypatch):
         int4_matmul(jnp.ones((2, 64)), jnp.ones((8, 64)))
     with pytest.raises(BackendUnavailableError, match="backend='pallas_mosaic' is unknown"):
         int4_matmul(jnp.ones((2, 64)), w, backend="pallas_mosaic")
-    # JINT8_BACKEND naming a kernel only int8 has still runs: the variable is shared by every op
+    # JINT8_BACKEND is a preference shared by every op: a kernel that cannot run here (no GPU) or a
+    # name this op lacks still runs, on the first backend that fits
     monkeypatch.setenv("JINT8_BACKEND", "pallas_triton")
+    assert int4_matmul(jnp.ones((2, 64)), w).shape == (2, 8)
+    monkeypatch.setenv("JINT8_BACKEND", "pallas_mosaic")
     assert "xla" in available_backends() and int4_matmul(jnp.ones((2, 64)), w).shape == (2, 8)

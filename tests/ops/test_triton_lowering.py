@@ -88,3 +88,29 @@ def test_tuned_h100_decode_plans_lower():
                                weight_layout="nk", plan=plan, **gated)
         assert "triton" in _lower_for_cuda(lambda x, wq: op(x, wq, jnp.ones((n,), jnp.float32))[0],
                                            x, wq).lower()
+
+
+INT4_CONFIGS = {
+    "decode_fma_gather": (1, dict(block_m=1, block_n=32, block_k=128, dot="fma", split_k=2)),
+    "decode_fma_select": (1, dict(block_m=1, block_n=32, block_k=256, dot="fma", lookup="select")),
+    "decode_mma": (5, dict(block_m=16, block_n=32, block_k=128, dot="mma", split_k=2)),
+    "decode_mma_swapped": (16, dict(block_m=16, block_n=32, block_k=128, dot="mma_swapped")),
+    "prefill_mma": (40, dict(block_m=64, block_n=32, block_k=128, dot="mma")),
+    "xla_dot": (40, dict(block_m=64, block_n=32, block_k=128, route="xla_dot")),
+}
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("name", sorted(INT4_CONFIGS))
+def test_int4_matmul_kernels_lower(name, double_quant):
+    from jint8 import quant4
+    from jint8.ops.int4_matmul.configs import Config
+    from jint8.ops.int4_matmul.pallas_triton import int4_matmul_pallas
+
+    m, fields = INT4_CONFIGS[name]
+    n, k = 45, 256  # N not a tile multiple
+    w = quant4.quantize_4bit(jnp.ones((n, k), jnp.float32), blocksize=64, double_quant=double_quant)
+    op = functools.partial(int4_matmul_pallas, compute_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16,
+                           config=Config(**fields))
+    text = _lower_for_cuda(lambda x, w: op(x, w, jnp.zeros((n,), jnp.bfloat16)), jnp.zeros((m, k), jnp.bfloat16), w)
+    assert "jint8_int4" in text

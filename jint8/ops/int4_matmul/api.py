@@ -1,11 +1,12 @@
 """The public 4-bit (NF4 / FP4) matmul op and its backend dispatch.
 
-Backends are tried in order; the first that supports the call runs it. An explicit backend (the
-`backend=` argument, else JINT8_BACKEND, the switch every jint8 op shares) must be one this op
-has, or the op raises BackendUnavailableError; JINT8_BACKEND naming another op's kernel only
-(e.g. int8's "pallas_triton" before a 4-bit kernel exists) falls through to the first backend
-that fits, so one environment setting serves every op. Every backend computes reference.py's
-recipe (bitsandbytes' dequantize-then-matmul).
+Backends are tried in order ("pallas_triton", then "xla"); the first that supports the call runs
+it. The `backend=` argument must name one this op has that can run the call, or the op raises
+BackendUnavailableError saying why. JINT8_BACKEND, the switch every jint8 op shares, is a
+preference: its backend is tried first, and a name this op lacks or a kernel that cannot run the
+call (pallas_triton on a CPU, or on a weight it does not read in place) falls through to the
+first backend that fits, so one environment setting serves every op. Every backend computes
+reference.py's recipe (bitsandbytes' dequantize-then-matmul).
 
 The weight is an Int4Weight (jint8.quant4) used through its fields and dequantize() only, so
 this op imports no Flax: packed codes of the torch Linear weight [N, K] flattened row-major in

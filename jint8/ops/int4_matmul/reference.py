@@ -32,8 +32,14 @@ def dequantized_weight(w, dtype) -> jax.Array:
 
 def int4_matmul_reference(x: jax.Array, w, bias: Optional[jax.Array], *, compute_dtype, out_dtype) -> jax.Array:
     """x [M, K] @ dequantize(w [N, K]).T + bias [N] -> [M, N] in out_dtype (bitsandbytes' gemm_4bit)."""
+    return matmul_dequantized(x, dequantized_weight(w, compute_dtype), bias, compute_dtype=compute_dtype,
+                              out_dtype=out_dtype)
+
+
+def matmul_dequantized(x: jax.Array, weight: jax.Array, bias: Optional[jax.Array], *, compute_dtype,
+                       out_dtype) -> jax.Array:
+    """Step 3: x [M, K] @ weight [N, K] (already dequantized to compute_dtype).T + bias -> [M, N]."""
     x = x.astype(compute_dtype)
-    weight = dequantized_weight(w, compute_dtype)
     y = jax.lax.dot_general(x, weight, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     if bias is not None:
         # bitsandbytes casts the bias to the compute dtype first (Linear4bit.forward)

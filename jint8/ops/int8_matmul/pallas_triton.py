@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jint8.ops._platform import triton_gpu_unsupported_reason
-from jint8.ops.int8_matmul import reference
+from jint8.ops.int8_matmul import partitioned, reference
 from jint8.ops.int8_matmul.api import Backend
 from jint8.ops.int8_matmul.configs import KernelPlan, plan_for
 from jint8.ops.int8_matmul.pallas_triton_fused import fused_int8_matmul
@@ -55,6 +55,7 @@ def int8_matmul_pallas(
     interpret: bool = False,
     poison_output: bool = False,
     split_partials: bool = False,
+    partition: partitioned.Policy = partitioned.Policy(),
 ) -> tuple[jax.Array, reference.Int8MatmulStats]:
     """LLM.int8() matmul, x: [M, K] float ([M, 2K] with a gate), wq: [K, N] int8, col_scales:
     [N] f32 -> [M, N].
@@ -73,6 +74,8 @@ def int8_matmul_pallas(
     poison_output: the GEMM writes into a NaN-filled buffer (GPU check: unwritten tiles show).
     split_partials: return [S, M, N]: the fused kernel's float32 split-K partials where the plan
       says split_reduce "consumer" (the caller sums them), else the result as [1, M, N].
+    partition: from partition.min_m rows on (two-kernel routes only), a batch with more than
+      partition.kernel_max_count outlier columns runs partitioned's cuBLAS GEMMs instead.
     """
     m = x.shape[0]
     k, n = wq.shape if weight_layout == "kn" else wq.shape[::-1]
@@ -87,28 +90,31 @@ def int8_matmul_pallas(
         x, wq, col_scales, bias, norm, gate, output_gate, threshold=float(threshold),
         out_dtype=out_dtype, plan=plan,
         interpret=interpret, poison_output=poison_output, split_partials=split_partials,
+        partition=partition,
     )
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("threshold", "out_dtype", "plan", "interpret",
-                     "poison_output", "accumulator_only", "split_partials"),
+                     "poison_output", "accumulator_only", "split_partials", "partition"),
 )
 def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, output_gate=None, *, threshold,
                         out_dtype, plan, interpret, poison_output=False,
-                        accumulator_only=False, split_partials=False):
+                        accumulator_only=False, split_partials=False,
+                        partition=partitioned.Policy()):
     unsummed = (split_partials and plan.gemm_path == "fused" and plan.gemm.split_k > 1
                 and plan.gemm.split_reduce == "consumer" and output_gate is None)
     y, stats = _routes(x, wq, col_scales, bias, norm, gate, output_gate, threshold=threshold,
                        out_dtype=out_dtype, plan=plan,
                        interpret=interpret, poison_output=poison_output,
-                       accumulator_only=accumulator_only, sum_splits=not unsummed)
+                       accumulator_only=accumulator_only, sum_splits=not unsummed,
+                       partition=partition)
     return (y[None] if split_partials and not unsummed else y), stats
 
 
 def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_dtype, plan,
-            interpret, poison_output, accumulator_only, sum_splits):
+            interpret, poison_output, accumulator_only, sum_splits, partition):
     if plan.gemm_path == "fused":
         # Stats in plain jnp: XLA drops them when the caller does not use them. No capacity
         # on this route, so it never overflows.
@@ -135,28 +141,48 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_
     xq, row_scales, col_flags = quantize_rows_unmasked(
         x, threshold=threshold, config=plan.quantize, interpret=interpret
     )
+    m, k = x.shape
+    has_bias = bias is not None
+    bias_operand = _bias_operand(bias, col_scales)
     # These routes have no capacity (outlier_capacity sizes the XLA reference's gather only):
     # any number of outlier columns is computed exactly, at a cost that follows the count.
     no_overflow = jnp.zeros((), bool)
-    if threshold > 0:
-        # Every outlier column, its compacted operands, and xq with its columns zeroed: one
-        # small kernel (pallas_triton_outliers).
-        outliers = outlier_operands(x, xq, wq, col_flags, gather_slots=gather_slots(x.shape[1]),
-                                    weight_layout=layout, interpret=interpret)
-        xq = outliers.xq
-        stats = reference.Int8MatmulStats(outliers.count[0], no_overflow)
-        outlier_args = (outliers.x_o, outliers.w_o, col_flags, outliers.count, outliers.dense)
-    else:  # no outlier terms: the kernel reads none of these operands
-        stats = reference.Int8MatmulStats(jnp.zeros((), jnp.int32), no_overflow)
-        outlier_args = (x, wq, col_flags, col_flags, col_flags)
-    accumulator = reference.int8_dot(xq, wq, layout) if plan.gemm_path == "xla_gemm" else None
-    y = int8_gemm(
-        xq, wq, row_scales, col_scales,
-        _bias_operand(bias, col_scales), x, *outlier_args,
-        accumulator, config=plan.gemm, out_dtype=out_dtype, has_bias=bias is not None,
-        has_outliers=threshold > 0, dense_fallback=gather_slots(x.shape[1]) < x.shape[1],
-        accumulator_only=accumulator_only, poison_output=poison_output, interpret=interpret,
-    )
+    table = (partitioned.buckets(k, kernel_max_count=partition.kernel_max_count,
+                                 base_width=partition.base_width)
+             if threshold > 0 and m >= partition.min_m else None)
+
+    def kernels(x, xq, wq, row_scales, col_scales, bias_operand, col_flags):
+        """The kernels' own route: outlier operands (pallas_triton_outliers), GEMM kernel."""
+        # Inside the bucket switch this branch never sees more than its bucket's count, so the
+        # dense sweep past G columns is not compiled where G covers it.
+        dense_fallback = gather_slots(k) < (k if table is None else table[0].max_count)
+        if threshold > 0:
+            outliers = outlier_operands(x, xq, wq, col_flags, gather_slots=gather_slots(k),
+                                        weight_layout=layout, interpret=interpret)
+            xq = outliers.xq
+            outlier_args = (outliers.x_o, outliers.w_o, col_flags, outliers.count, outliers.dense)
+        else:  # no outlier terms: the kernel reads none of these operands
+            outlier_args = (x, wq, col_flags, col_flags, col_flags)
+        accumulator = reference.int8_dot(xq, wq, layout) if plan.gemm_path == "xla_gemm" else None
+        return int8_gemm(
+            xq, wq, row_scales, col_scales, bias_operand, x, *outlier_args,
+            accumulator, config=plan.gemm, out_dtype=out_dtype, has_bias=has_bias,
+            has_outliers=threshold > 0, dense_fallback=dense_fallback,
+            accumulator_only=accumulator_only, poison_output=poison_output, interpret=interpret,
+        )
+
+    count = jnp.sum(col_flags > 0, dtype=jnp.int32)
+    stats = reference.Int8MatmulStats(count, no_overflow)
+    operands = (x, xq, wq, row_scales, col_scales, bias_operand, col_flags)
+    if table is None:
+        y = kernels(*operands)
+    else:  # many outlier columns at large M: cuBLAS GEMMs on split operands (partitioned)
+        branches = [kernels] + [
+            partitioned.gemm_branch(b, weight_layout=layout, out_dtype=out_dtype,
+                                    has_bias=has_bias, accumulator_only=accumulator_only,
+                                    upcast=interpret)
+            for b in table[1:]]
+        y = jax.lax.switch(partitioned.bucket_index(count, table), branches, *operands)
     if output_gate is not None and not accumulator_only:
         y = output_gate(y)
     return y, stats
@@ -170,7 +196,7 @@ def _bias_operand(bias, col_scales):
 
 
 def int8_accumulator_pallas(x, wq, *, threshold: float, plan: KernelPlan, norm=None, gate=None, interpret: bool = False,
-                            poison_output=False):
+                            poison_output=False, partition: partitioned.Policy = partitioned.Policy()):
     """[M, N] int32 accumulator of the plan's GEMM (checks): equals
     reference.int8_dot(*reference.quantize_rows(x, threshold)[:1], wq) exactly (with a norm or
     a gate: of reference.op_input(x, norm, gate), where the kernel forms the same bits)."""
@@ -179,6 +205,7 @@ def int8_accumulator_pallas(x, wq, *, threshold: float, plan: KernelPlan, norm=N
         x, wq, jnp.ones((n,), jnp.float32), None, norm, gate, threshold=float(threshold),
         out_dtype=jnp.dtype(jnp.int32), plan=plan,
         interpret=interpret, poison_output=poison_output, accumulator_only=True,
+        partition=partition,
     )
     return acc
 
