@@ -143,9 +143,10 @@ def int8_weight_apply(
 
 
 def int4_weight_apply(x: jax.Array, weight: Int4Weight, bias: Optional[jax.Array] = None, *, dtype=None,
-                      backend: Optional[str] = None) -> jax.Array:
+                      backend: Optional[str] = None, layout: Optional[MatmulLayout] = None) -> jax.Array:
     """x [..., K] times an Int4Weight of a kernel [K, N] (stored as [N, K]) -> [..., N] in dtype
-    (default x's): bitsandbytes' Linear4bit, computed in weight.compute_dtype if set, else dtype."""
+    (default x's): bitsandbytes' Linear4bit, computed in weight.compute_dtype if set, else dtype.
+    layout: int4_matmul's (a split along N over a mesh, tensor_parallel_layout)."""
     n, k = weight.shape
     if x.shape[-1:] != (k,):
         raise ShapeError(f"input shape {x.shape} does not end with the kernel's input size {k} "
@@ -153,7 +154,7 @@ def int4_weight_apply(x: jax.Array, weight: Int4Weight, bias: Optional[jax.Array
     dtype = dtype or x.dtype
     flat_bias = None if bias is None else jnp.reshape(bias, (-1,))
     return int4_matmul(x.astype(dtype), weight, flat_bias, dtype=weight.compute_dtype or dtype, out_dtype=dtype,
-                       backend=backend)
+                       backend=backend, layout=layout)
 
 
 def _check_int4_kernel(name: str, kernel: Int4Weight, in_features: int, features: int) -> None:
@@ -179,14 +180,16 @@ def _folded_prologue(inputs, kernel: Int8Weight, dtype) -> dict:
     return prologue if folds else {}
 
 
-def tensor_parallel_layout(name: str, kernel: Int8Weight, rows: int) -> Optional[MatmulLayout]:
+def tensor_parallel_layout(name: str, kernel, rows: int) -> Optional[MatmulLayout]:
     """The int8 op's layout for the layer `name` under jax.set_mesh(mesh) with Auto axes and a
     "model" axis of more than one device: the split loading.kernel_spec gives its kernel by the
     module's name (column-parallel q/k/v/gate/up/lm_head: N over "model"; row-parallel o/down: K
     over "model"), the batch rows over "data" where they divide. With it each device runs the
     int8 kernel on its own shard (ops/int8_matmul/sharded.py); XLA alone cannot split a kernel's
-    custom call. None without such a mesh, on Explicit axes (the op reads the operands' types),
-    or for kernels with several input or output axes."""
+    custom call. kernel: an Int8Weight, or an Int4Weight (column-parallel only, where
+    quant4.int4_weight_specs splits it; else None: XLA runs the replicated weight). None without
+    such a mesh, on Explicit axes (the op reads the operands' types), or for kernels with several
+    input or output axes."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or "model" not in mesh.axis_names or int(mesh.shape["model"]) == 1:
         return None
@@ -194,9 +197,15 @@ def tensor_parallel_layout(name: str, kernel: Int8Weight, rows: int) -> Optional
         return None
     from jint8.loading.sharding import DATA_AXIS, kernel_spec  # the loader's rules (it imports the models)
 
-    k_axis, n_axis = kernel_spec(("", name, "kernel"), kernel.shape, mesh)
+    shape = tuple(kernel.shape[::-1]) if isinstance(kernel, Int4Weight) else kernel.shape  # the float [K, N]
+    k_axis, n_axis = kernel_spec(("", name, "kernel"), shape, mesh)
     if k_axis is None and n_axis is None:
         return None
+    if isinstance(kernel, Int4Weight):
+        from jint8.quant4 import int4_weight_specs
+
+        if k_axis is not None or int4_weight_specs((None, n_axis), kernel, mesh.shape)[1] is not None:
+            return None
     data = int(mesh.shape.get(DATA_AXIS, 1))
     m = (DATA_AXIS,) if data > 1 and rows % data == 0 else ()
     return MatmulLayout(mesh, m, (k_axis,) if k_axis else (), (n_axis,) if n_axis else ())
@@ -275,7 +284,9 @@ class Int8Dense(nn.Module):
             return y
         if isinstance(kernel, Int4Weight):
             # the 4-bit op has no folded norm, gate or split-K partials: apply them around it
-            y = int4_weight_apply(as_array(inputs), kernel, bias, dtype=self.dtype, backend=self.backend)
+            x = as_array(inputs)
+            layout = tensor_parallel_layout(self.name or "", kernel, math.prod(jnp.shape(x)[:-1]))
+            y = int4_weight_apply(x, kernel, bias, dtype=self.dtype, backend=self.backend, layout=layout)
             y = y if self.output_gate is None else OutputGate(self.output_gate)(y)
             return y[None] if split_partials else y
         inputs = as_array(inputs)

@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jint8  # noqa: E402
+from jint8.ops.int8_matmul import layout_for  # noqa: E402
 from jint8.quant4 import int4_weight_specs  # noqa: E402
 
 
@@ -51,6 +52,9 @@ def check_load(path, config, split: bool):
     logits = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x))(params, ids)[0])
     # the same 4-bit weights and float32 inputs; the sharded lm_head / embedding only reorder sums
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    with jax.set_mesh(mesh):  # each column-parallel 4-bit layer on its own shard (layers.tensor_parallel_layout)
+        on_mesh = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x))(params, ids)[0])
+    np.testing.assert_allclose(on_mesh, expected, rtol=1e-5, atol=1e-5)
     print(f"{config}: split={split} OK", flush=True)
 
 
@@ -80,6 +84,26 @@ def check_rules():
     got = jax.jit(lambda x, w: jint8.int4_matmul(x, w))(x, q)
     assert spec(got) == (None, "model"), got.sharding  # each device computes its own N columns
     np.testing.assert_allclose(np.asarray(got), np.asarray(jint8.int4_matmul(x, plain)), rtol=1e-6, atol=1e-5)
+    # the shard_map path: Explicit axes (the split read from the types) and Auto axes (a layout
+    # given): each device runs the backend on its own Int4Weight of [N / 8, K]. The same dequantized
+    # values; XLA:CPU may block the float32 dot's K sum differently for 256 columns than for 2048
+    expected = np.asarray(jint8.int4_matmul(x, plain))
+    explicit = jax.make_mesh((1, 8), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    specs, _ = int4_weight_specs(P(None, "model"), plain, explicit.shape)
+    placed_e = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(explicit, s)), plain, specs)
+    with jax.set_mesh(explicit):
+        got_e = jax.jit(lambda x, w: jint8.int4_matmul(x, w))(x, placed_e)
+    assert spec(got_e) == (None, "model"), got_e.sharding
+    np.testing.assert_allclose(np.asarray(got_e), expected, rtol=1e-6, atol=1e-5)
+    layout = layout_for(mesh, P(), P("model", None))
+    got_a = jax.jit(lambda x, w: jint8.int4_matmul(x, w, layout=layout))(x, q)
+    np.testing.assert_allclose(np.asarray(got_a), expected, rtol=1e-6, atol=1e-5)
+    try:
+        jint8.int4_matmul(x, q, layout=layout_for(mesh, P(None, "model"), P(None, "model")))
+    except jint8.errors.ShapeError as e:
+        assert "cannot be split along K" in str(e), e
+    else:
+        raise AssertionError("a K split of a 4-bit weight was not refused")
     print("rules OK", flush=True)
 
 

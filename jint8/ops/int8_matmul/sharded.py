@@ -37,97 +37,13 @@ call and would run it replicated).
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Any, Optional
-
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from jint8.errors import ShapeError
+from jint8.ops._sharding import Axes, MatmulLayout, spec_entry, local_slice, layout_for, typed_layout  # noqa: F401
 from jint8.ops.int8_matmul import reference
-
-Axes = tuple[str, ...]
-
-
-def _axes(entry) -> Axes:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _entry(axes: Axes):
-    """A PartitionSpec entry for a dimension split over `axes`."""
-    if not axes:
-        return None
-    return axes[0] if len(axes) == 1 else tuple(axes)
-
-
-def _dims(spec, ndim: int) -> list[Axes]:
-    entries = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
-    return [_axes(entry) for entry in entries[:ndim]]
-
-
-@dataclasses.dataclass(frozen=True)
-class MatmulLayout:
-    """How a 2-D call x [M, K] @ wq is split: the mesh axes of M (x's rows), K (contracted) and N
-    (the weight's output features). explicit: the mesh's axes are Explicit (operands are
-    resharded to these specs by jax.sharding.reshard first)."""
-
-    mesh: Any  # jax.sharding.Mesh or AbstractMesh
-    m: Axes = ()
-    k: Axes = ()
-    n: Axes = ()
-    explicit: bool = False
-
-    def size(self, axes: Axes) -> int:
-        return math.prod(int(self.mesh.shape[a]) for a in axes)
-
-    def specs(self, weight_layout: str) -> tuple[P, P, P]:
-        """(x's, wq's, col_scales' and bias') PartitionSpecs."""
-        m, k, n = _entry(self.m), _entry(self.k), _entry(self.n)
-        return P(m, k), (P(k, n) if weight_layout == "kn" else P(n, k)), P(n)
-
-
-def layout_for(mesh, x_spec, w_spec, weight_layout: str = "nk", *, explicit: Optional[bool] = None) -> MatmulLayout:
-    """The MatmulLayout of x [M, K] sharded by x_spec and wq sharded by w_spec (its own layout:
-    [N, K] for "nk", Int8Weight's). The weight decides K's and N's axes (x is resharded to
-    them); M keeps x's axes that the weight does not use."""
-    x_dims, w_dims = _dims(x_spec, 2), _dims(w_spec, 2)
-    k, n = (w_dims[0], w_dims[1]) if weight_layout == "kn" else (w_dims[1], w_dims[0])
-    if set(k) & set(n):
-        raise ShapeError(f"int8_matmul: the weight's spec {w_spec} splits K and N over the same mesh axis")
-    m = tuple(a for a in x_dims[0] if a not in set(k) | set(n))
-    if explicit is None:
-        explicit = any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
-    return MatmulLayout(mesh, m, k, n, explicit)
-
-
-def typed_layout(x: jax.Array, wq: jax.Array, weight_layout: str) -> Optional[MatmulLayout]:
-    """The layout of a call whose operands' types carry shardings over Explicit mesh axes; None
-    when they carry none (no mesh, Auto axes, replicated operands, or inside a shard_map)."""
-    shardings = []
-    for array in (x, wq):
-        sharding = getattr(jax.typeof(array), "sharding", None)
-        if not isinstance(sharding, NamedSharding):
-            return None
-        shardings.append(sharding)
-    mesh = shardings[0].mesh
-    explicit = {a for a, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ())) if t == AxisType.Explicit}
-    used = {a for s in shardings for dim in _dims(s.spec, 2) for a in dim}
-    if not used & explicit:
-        return None
-    if not isinstance(x, jax.core.Tracer) and isinstance(getattr(x, "sharding", None), NamedSharding):
-        mesh = x.sharding.mesh  # concrete arrays outside jit: the concrete mesh
-    return layout_for(mesh, shardings[0].spec, shardings[1].spec, weight_layout, explicit=True)
-
-
-def _local_slice(full: jax.Array, axes: Axes, parts: int) -> jax.Array:
-    """This device's block of the last axis of `full`, split `parts` ways over `axes`."""
-    width = full.shape[-1] // parts
-    return jax.lax.dynamic_slice_in_dim(full, jax.lax.axis_index(axes) * width, width, axis=full.ndim - 1)
-
 
 def _global_recipe(x, wq, col_scales, bias, *, m: Axes, k: Axes, threshold, capacity, out_dtype, weight_layout):
     """reference.int8_matmul_reference on one shard, with the row scales and outlier columns of
@@ -169,7 +85,7 @@ def int8_matmul_sharded(x, wq, col_scales, bias, *, layout: MatmulLayout, impl, 
     x_spec, w_spec, v_spec = layout.specs(weight_layout)
     gather_gate = output_gate is not None and bool(n)
     slice_gate = gather_gate and (n_total // 2) % layout.size(n) == 0
-    y_spec = P(_entry(m), _entry(n) if output_gate is None or slice_gate else None)
+    y_spec = P(spec_entry(m), spec_entry(n) if output_gate is None or slice_gate else None)
     args = [x, wq, col_scales] + ([bias] if bias is not None else []) + ([norm] if norm is not None else [])
     specs = [x_spec, w_spec, v_spec] + ([v_spec] if bias is not None else []) + ([P()] if norm is not None else [])
     if layout.explicit:
@@ -182,7 +98,7 @@ def int8_matmul_sharded(x, wq, col_scales, bias, *, layout: MatmulLayout, impl, 
         gate_l = gate
         if k and (norm_l is not None or gate_l is not None):  # the prologue needs the whole row
             x_full = reference.op_input(jax.lax.all_gather(x_l, k, axis=1, tiled=True), norm_l, gate_l)
-            x_l, norm_l, gate_l = _local_slice(x_full, k, layout.size(k)), None, None
+            x_l, norm_l, gate_l = local_slice(x_full, k, layout.size(k)), None, None
         k_local = k_total // layout.size(k)
         local_gate = None if gather_gate else output_gate
         if not k and (not m or threshold == 0):  # the shard decides as one device: the backend runs it
@@ -196,7 +112,7 @@ def int8_matmul_sharded(x, wq, col_scales, bias, *, layout: MatmulLayout, impl, 
             y = y if local_gate is None else local_gate(y)
         if gather_gate:  # gate | up lie on different devices: gate the whole row, keep this one's part
             y = output_gate(jax.lax.all_gather(y, n, axis=1, tiled=True))
-            y = _local_slice(y, n, layout.size(n)) if slice_gate else y
+            y = local_slice(y, n, layout.size(n)) if slice_gate else y
         every = m + k + n  # the same stats on every device
         count = jax.lax.pmax(count, every)
         overflow = jax.lax.pmax(overflow.astype(jnp.int32), every) > 0
