@@ -28,11 +28,12 @@ global row scales and column set, in XLA (on a GPU: XLA's int8 GEMM for xq @ wq)
 kernels compute their row scales and column flags themselves and take no given ones.
 
 int8_matmul routes a call here by itself when its operands' types carry shardings over
-Explicit mesh axes (jax.make_mesh's default). On Auto axes the types carry none: XLA partitions
-the XLA backend by itself (the reference is written over the whole arrays, so GSPMD keeps the
-rule above exactly), and int8_matmul(..., layout=layout_for(mesh, x_spec, w_spec)) runs this path
-with the layout given (needed for per-device Pallas kernels: XLA cannot split a kernel's custom
-call and would run it replicated).
+Explicit mesh axes (jax.make_mesh's default). On Auto axes the types carry none:
+int8_matmul(..., layout=layout_for(mesh, x_spec, w_spec)) runs this path with the layout given
+(Int8Dense gives its own under jax.set_mesh: layers.tensor_parallel_layout). Without one XLA
+partitions the XLA backend by itself (GSPMD: the reference is written over the whole arrays, so
+the same decisions, with float32 sums regrouped where XLA splits them) and runs a kernel
+backend's custom call replicated, which it cannot split.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jint8.errors import ShapeError
-from jint8.ops._sharding import Axes, MatmulLayout, spec_entry, local_slice, layout_for, typed_layout  # noqa: F401
+from jint8.ops._sharding import Axes, MatmulLayout, layout_for, local_slice, spec_entry, typed_layout  # noqa: F401
 from jint8.ops.int8_matmul import reference
+
 
 def _global_recipe(x, wq, col_scales, bias, *, m: Axes, k: Axes, threshold, capacity, out_dtype, weight_layout):
     """reference.int8_matmul_reference on one shard, with the row scales and outlier columns of
@@ -114,8 +116,9 @@ def int8_matmul_sharded(x, wq, col_scales, bias, *, layout: MatmulLayout, impl, 
             y = output_gate(jax.lax.all_gather(y, n, axis=1, tiled=True))
             y = local_slice(y, n, layout.size(n)) if slice_gate else y
         every = m + k + n  # the same stats on every device
-        count = jax.lax.pmax(count, every)
-        overflow = jax.lax.pmax(overflow.astype(jnp.int32), every) > 0
+        if every:
+            count = jax.lax.pmax(count, every)
+            overflow = jax.lax.pmax(overflow.astype(jnp.int32), every) > 0
         return y, reference.Int8MatmulStats(count, overflow)
 
     run = jax.shard_map(body, mesh=layout.mesh, in_specs=tuple(specs), out_specs=(y_spec, P()), check_vma=False)
