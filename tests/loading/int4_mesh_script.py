@@ -3,7 +3,7 @@ with the single-device 4-bit load: column-parallel kernels split along N in whol
 (quant4.int4_weight_specs), row-parallel ones replicated, float leaves sharded as usual, the same
 arrays and the same logits. Also quantize_params on sharded float kernels.
 
-usage: python int4_mesh_script.py CHECKPOINT_DIR (run in a subprocess: XLA_FLAGS must be
+usage: python int4_mesh_script.py CHECKPOINT_DIR [BNB_4BIT_DIR] (run in a subprocess: XLA_FLAGS must be
 set before jax starts)
 """
 
@@ -28,7 +28,8 @@ def spec(array):
 
 
 def check_load(path, config, split: bool):
-    """split: whether this config's blocks let the tiny model's column-parallel kernels split 8 ways."""
+    """split: whether this config's blocks let the tiny model's column-parallel kernels split 8 ways
+    (config None: a bitsandbytes 4-bit checkpoint, loaded as stored)."""
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 7)), jnp.int32)
     model, single = jint8.from_pretrained(path, quantization=config, dtype=jnp.float32, progress=False)
     expected = np.asarray(model.apply({"params": single}, ids)[0])
@@ -55,7 +56,7 @@ def check_load(path, config, split: bool):
     with jax.set_mesh(mesh):  # each column-parallel 4-bit layer on its own shard (layers.tensor_parallel_layout)
         on_mesh = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x))(params, ids)[0])
     np.testing.assert_allclose(on_mesh, expected, rtol=1e-5, atol=1e-5)
-    print(f"{config}: split={split} OK", flush=True)
+    print(f"{config or path}: split={split} OK", flush=True)
 
 
 def check_rules():
@@ -107,12 +108,14 @@ def check_rules():
     print("rules OK", flush=True)
 
 
-def main(path):
+def main(path, bnb4_path=None):
     check_rules()
     check_load(path, jint8.Int4Config(min_size=0, double_quant=False), split=True)  # 8 rows x 64 = 8 blocks a shard
     check_load(path, jint8.Int4Config(min_size=0), split=False)  # 8 blocks a shard: cuts the 256-block groups
+    if bnb4_path is not None:  # bitsandbytes' own 4-bit tensors (no double quantization), placed as stored
+        check_load(bnb4_path, None, split=True)
     print("OK")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -56,8 +56,15 @@ def test_fused_projections_are_column_parallel_on_8_cpu_devices():
 
 def test_4bit_load_is_column_parallel_in_whole_blocks_on_8_cpu_devices(tmp_path):
     require_module("torch")
-    save_checkpoint("llama", tmp_path)
-    _run_on_8_cpu_devices(Path(__file__).with_name("int4_mesh_script.py"), str(tmp_path))
+    require_module("bitsandbytes")
+    transformers = require_module("transformers")
+    save_checkpoint("llama", tmp_path / "float")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=False)
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config,
+                                                      device_map="cpu").save_pretrained(tmp_path / "bnb4")
+    _run_on_8_cpu_devices(Path(__file__).with_name("int4_mesh_script.py"), str(tmp_path / "float"),
+                          str(tmp_path / "bnb4"))
 
 
 def test_max_memory_on_8_devices_names_the_short_device_and_refuses_70b_before_reading(tmp_path):
