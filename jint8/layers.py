@@ -180,14 +180,15 @@ def _folded_prologue(inputs, kernel: Int8Weight, dtype) -> dict:
     return prologue if folds else {}
 
 
-def tensor_parallel_layout(name: str, kernel, rows: int) -> Optional[MatmulLayout]:
+def tensor_parallel_layout(name: str, kernel, rows: int, *, embedding: bool = False) -> Optional[MatmulLayout]:
     """The int8 op's layout for the layer `name` under jax.set_mesh(mesh) with Auto axes and a
     "model" axis of more than one device: the split loading.kernel_spec gives its kernel by the
     module's name (column-parallel q/k/v/gate/up/lm_head: N over "model"; row-parallel o/down: K
     over "model"), the batch rows over "data" where they divide. With it each device runs the
     int8 kernel on its own shard (ops/int8_matmul/sharded.py); XLA alone cannot split a kernel's
     custom call. kernel: an Int8Weight, or an Int4Weight (column-parallel only, where
-    quant4.int4_weight_specs splits it; else None: XLA runs the replicated weight). None without
+    quant4.int4_weight_specs splits it; else None: XLA runs the replicated weight). embedding: an
+    int8 table [V, H] in a tied head's attend() (vocab-parallel: V is its N). None without
     such a mesh, on Explicit axes (the op reads the operands' types), or for kernels with several
     input or output axes."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -197,8 +198,11 @@ def tensor_parallel_layout(name: str, kernel, rows: int) -> Optional[MatmulLayou
         return None
     from jint8.loading.sharding import DATA_AXIS, kernel_spec  # the loader's rules (it imports the models)
 
-    shape = tuple(kernel.shape[::-1]) if isinstance(kernel, Int4Weight) else kernel.shape  # the float [K, N]
-    k_axis, n_axis = kernel_spec(("", name, "kernel"), shape, mesh)
+    if embedding:  # the table [V, H] is the op's [N, K]
+        n_axis, k_axis = kernel_spec(("", name, "embedding"), kernel.qvalue.shape, mesh)
+    else:
+        shape = tuple(kernel.shape[::-1]) if isinstance(kernel, Int4Weight) else kernel.shape  # the float [K, N]
+        k_axis, n_axis = kernel_spec(("", name, "kernel"), shape, mesh)
     if k_axis is None and n_axis is None:
         return None
     if isinstance(kernel, Int4Weight):
@@ -363,7 +367,8 @@ class Int8Embed(nn.Module):
         """query [..., features] @ table.T -> [..., num_embeddings] (a tied output head)."""
         table = self.embedding
         if isinstance(table, Int8Weight):
-            y, stats = int8_weight_apply(query, table, dtype=self.dtype or query.dtype)
+            layout = tensor_parallel_layout(self.name or "", table, math.prod(query.shape[:-1]), embedding=True)
+            y, stats = int8_weight_apply(query, table, dtype=self.dtype or query.dtype, layout=layout)
             _sow_stats(self, stats)
             return y
         query, table = nn.dtypes.promote_dtype(query, table, dtype=self.dtype)
