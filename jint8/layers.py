@@ -23,6 +23,7 @@ from jint8.ops.int4_matmul import int4_matmul
 from jint8.ops.int8_matmul import Int8MatmulStats, int8_matmul
 from jint8.ops.int8_matmul.configs import FUSED_GATE_MAX_M, FUSED_NORM_MAX_M
 from jint8.ops.int8_matmul.reference import INV_127, InputGate, InputNorm, OutputGate
+from jint8.ops.int8_matmul.sharded import MatmulLayout
 from jint8.quant4 import Int4Weight
 from jint8.quantize import Int8Weight
 
@@ -92,6 +93,7 @@ def int8_weight_apply(
     gate: Optional[InputGate] = None,
     output_gate: Optional[OutputGate] = None,
     split_partials: bool = False,
+    layout: Optional[MatmulLayout] = None,
 ) -> tuple[jax.Array, Int8MatmulStats]:
     """x [..., *in_shape] contracted with an Int8Weight -> [..., *out_shape] in dtype (default x's).
 
@@ -102,6 +104,7 @@ def int8_weight_apply(
       act(gate) * up [..., I], formed in the int8 op's epilogue.
     split_partials: return [S, ..., *out_shape] (int8_matmul(split_partials=True)): summed over
       S in float32 and cast to dtype it is the result.
+    layout: int8_matmul's (a split over a mesh, tensor_parallel_layout).
     """
     in_shape, out_shape = weight.in_shape, weight.out_shape
     if output_gate is not None:
@@ -134,14 +137,16 @@ def int8_weight_apply(
         gate=gate,
         output_gate=output_gate,
         split_partials=split_partials,
+        layout=layout,
     )
     return y.reshape(*y.shape[:y.ndim - len(batch_shape) - 1], *batch_shape, *out_shape), stats
 
 
 def int4_weight_apply(x: jax.Array, weight: Int4Weight, bias: Optional[jax.Array] = None, *, dtype=None,
-                      backend: Optional[str] = None) -> jax.Array:
+                      backend: Optional[str] = None, layout: Optional[MatmulLayout] = None) -> jax.Array:
     """x [..., K] times an Int4Weight of a kernel [K, N] (stored as [N, K]) -> [..., N] in dtype
-    (default x's): bitsandbytes' Linear4bit, computed in weight.compute_dtype if set, else dtype."""
+    (default x's): bitsandbytes' Linear4bit, computed in weight.compute_dtype if set, else dtype.
+    layout: int4_matmul's (a split along N over a mesh, tensor_parallel_layout)."""
     n, k = weight.shape
     if x.shape[-1:] != (k,):
         raise ShapeError(f"input shape {x.shape} does not end with the kernel's input size {k} "
@@ -149,7 +154,7 @@ def int4_weight_apply(x: jax.Array, weight: Int4Weight, bias: Optional[jax.Array
     dtype = dtype or x.dtype
     flat_bias = None if bias is None else jnp.reshape(bias, (-1,))
     return int4_matmul(x.astype(dtype), weight, flat_bias, dtype=weight.compute_dtype or dtype, out_dtype=dtype,
-                       backend=backend)
+                       backend=backend, layout=layout)
 
 
 def _check_int4_kernel(name: str, kernel: Int4Weight, in_features: int, features: int) -> None:
@@ -173,6 +178,41 @@ def _folded_prologue(inputs, kernel: Int8Weight, dtype) -> dict:
     folds = (len(kernel.in_shape) == 1 and rows <= max_rows
              and inputs.x.dtype == inputs.dtype == (dtype or inputs.dtype))
     return prologue if folds else {}
+
+
+def tensor_parallel_layout(name: str, kernel, rows: int, *, embedding: bool = False) -> Optional[MatmulLayout]:
+    """The int8 op's layout for the layer `name` under jax.set_mesh(mesh) with Auto axes and a
+    "model" axis of more than one device: the split loading.kernel_spec gives its kernel by the
+    module's name (column-parallel q/k/v/gate/up/lm_head: N over "model"; row-parallel o/down: K
+    over "model"), the batch rows over "data" where they divide. With it each device runs the
+    int8 kernel on its own shard (ops/int8_matmul/sharded.py); XLA alone cannot split a kernel's
+    custom call. kernel: an Int8Weight, or an Int4Weight (column-parallel only, where
+    quant4.int4_weight_specs splits it; else None: XLA runs the replicated weight). embedding: an
+    int8 table [V, H] in a tied head's attend() (vocab-parallel: V is its N). None without
+    such a mesh, on Explicit axes (the op reads the operands' types), or for kernels with several
+    input or output axes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "model" not in mesh.axis_names or int(mesh.shape["model"]) == 1:
+        return None
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types) or len(kernel.shape) != 2:
+        return None
+    from jint8.loading.sharding import DATA_AXIS, kernel_spec  # the loader's rules (it imports the models)
+
+    if embedding:  # the table [V, H] is the op's [N, K]
+        n_axis, k_axis = kernel_spec(("", name, "embedding"), kernel.qvalue.shape, mesh)
+    else:
+        shape = tuple(kernel.shape[::-1]) if isinstance(kernel, Int4Weight) else kernel.shape  # the float [K, N]
+        k_axis, n_axis = kernel_spec(("", name, "kernel"), shape, mesh)
+    if k_axis is None and n_axis is None:
+        return None
+    if isinstance(kernel, Int4Weight):
+        from jint8.quant4 import int4_weight_specs
+
+        if k_axis is not None or int4_weight_specs((None, n_axis), kernel, mesh.shape)[1] is not None:
+            return None
+    data = int(mesh.shape.get(DATA_AXIS, 1))
+    m = (DATA_AXIS,) if data > 1 and rows % data == 0 else ()
+    return MatmulLayout(mesh, m, (k_axis,) if k_axis else (), (n_axis,) if n_axis else ())
 
 
 def _sow_stats(module: nn.Module, stats: Int8MatmulStats) -> None:
@@ -240,14 +280,17 @@ class Int8Dense(nn.Module):
             prologue = _folded_prologue(inputs, kernel, self.dtype)
             x = inputs.x if prologue else as_array(inputs)  # the op applies it (InputNorm, InputGate)
             output_gate = None if self.output_gate is None else OutputGate(self.output_gate)
+            layout = tensor_parallel_layout(self.name or "", kernel, math.prod(jnp.shape(x)[:-1]))
             y, stats = int8_weight_apply(x, kernel, bias, dtype=self.dtype, backend=self.backend,
                                          output_gate=output_gate, split_partials=split_partials,
-                                         **prologue)
+                                         layout=layout, **prologue)
             _sow_stats(self, stats)
             return y
         if isinstance(kernel, Int4Weight):
             # the 4-bit op has no folded norm, gate or split-K partials: apply them around it
-            y = int4_weight_apply(as_array(inputs), kernel, bias, dtype=self.dtype, backend=self.backend)
+            x = as_array(inputs)
+            layout = tensor_parallel_layout(self.name or "", kernel, math.prod(jnp.shape(x)[:-1]))
+            y = int4_weight_apply(x, kernel, bias, dtype=self.dtype, backend=self.backend, layout=layout)
             y = y if self.output_gate is None else OutputGate(self.output_gate)(y)
             return y[None] if split_partials else y
         inputs = as_array(inputs)
@@ -324,7 +367,8 @@ class Int8Embed(nn.Module):
         """query [..., features] @ table.T -> [..., num_embeddings] (a tied output head)."""
         table = self.embedding
         if isinstance(table, Int8Weight):
-            y, stats = int8_weight_apply(query, table, dtype=self.dtype or query.dtype)
+            layout = tensor_parallel_layout(self.name or "", table, math.prod(query.shape[:-1]), embedding=True)
+            y, stats = int8_weight_apply(query, table, dtype=self.dtype or query.dtype, layout=layout)
             _sow_stats(self, stats)
             return y
         query, table = nn.dtypes.promote_dtype(query, table, dtype=self.dtype)

@@ -285,6 +285,39 @@ def dequantize_4bit(w: Int4Weight, dtype=None) -> jax.Array:
     return scaled.reshape(-1)[:n].astype(dtype).reshape(w.shape)
 
 
+def int4_weight_specs(float_spec, w: Int4Weight, axis_sizes: Mapping[str, int]):
+    """How an Int4Weight of a kernel whose float form [K, N] (Flax's [in, out]) is sharded by
+    float_spec is split over a mesh (axis_sizes: the mesh's {axis: size}): (the Int4Weight with a
+    PartitionSpec in place of each array, None) where it can be, else (every array replicated,
+    why not).
+
+    The codes are the flattened [N, K] weight, two a byte, with one absmax per `blocksize` values
+    of the flat index (and one nested absmax per 256 blocks). Allowed: a split of N (a
+    column-parallel kernel) whose shards are whole blocks (and with double quantization whole
+    groups of 256 blocks): each device's rows are then one contiguous range of the bytes, of
+    absmax and of nested_absmax, a valid Int4Weight of [N / D, K] on its own (nested_code and
+    offset replicated). Refused, so replicated: a split of K (row-parallel: each row's slice is
+    its own range of the flat index, no array split gives it), and N splits that cut a block or
+    a 256-block group."""
+    spec = tuple(float_spec) + (None,) * (2 - len(tuple(float_spec)))
+    k_axes, n_axes = spec[0], spec[1]
+    replicated = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), w)
+    if k_axes is not None:
+        return replicated, (f"a split of K (the input features) over {k_axes!r} is no contiguous range of the "
+                            f"flattened [N, K] = {tuple(w.shape)} codes and blocks")
+    if n_axes is None:
+        return replicated, None
+    parts = math.prod(int(axis_sizes[a]) for a in ((n_axes,) if isinstance(n_axes, str) else n_axes))
+    (n, k), group = w.shape, w.blocksize * (NESTED_BLOCKSIZE if w.double_quant else 1)
+    if len(w.shape) != 2 or n % parts or (n // parts) * k % group:
+        return replicated, (f"[N, K] = {tuple(w.shape)} split {parts} ways along N cuts its "
+                            f"{'256-block groups of ' if w.double_quant else ''}{w.blocksize}-value blocks")
+    split, whole = jax.sharding.PartitionSpec(n_axes), jax.sharding.PartitionSpec()
+    return w.replace(packed=jax.sharding.PartitionSpec(n_axes, None), absmax=split,
+                     nested_absmax=split if w.double_quant else None, nested_code=whole if w.double_quant else None,
+                     offset=whole if w.double_quant else None), None
+
+
 @dataclasses.dataclass(frozen=True)
 class Int4Config:
     """How to quantize a parameter tree to 4 bits (bitsandbytes' load_in_4bit).

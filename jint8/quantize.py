@@ -21,7 +21,7 @@ from flax import struct
 
 from jint8.errors import InvalidConfigError, QuantizationError
 from jint8.numerics import INV_127, quantization_multiplier
-from jint8.quant4 import Int4Config, Int4Weight, quantize_4bit
+from jint8.quant4 import Int4Config, Int4Weight, int4_weight_specs, quantize_4bit
 
 _logger = logging.getLogger("jint8")
 
@@ -473,19 +473,19 @@ def _quantize_leaf(key_path, leaf, config):
     if not plan.quantized:
         return leaf
     if plan.int4 is not None:
-        return _replicate_like(leaf, quantize_leaf(leaf, plan))
+        return _shard_like(leaf, quantize_leaf(leaf, plan))
     return _keep_sharding(leaf, quantize_leaf(leaf, plan), embedding=plan.embedding)
 
 
-def _replicate_like(original, weight: Int4Weight) -> Int4Weight:
-    """An Int4Weight of a kernel with a NamedSharding, replicated over that mesh: its packed codes
-    run in blocks over the flattened [out, in] weight, so an input-feature split would cut blocks
-    (and the double-quantized absmax's 256-block groups); jint8 does not split them."""
+def _shard_like(original, weight: Int4Weight) -> Int4Weight:
+    """An Int4Weight of a kernel with a NamedSharding, on that mesh: split along N where the
+    kernel is column-parallel in whole blocks, else replicated (quant4.int4_weight_specs says
+    which splits its packed layout allows)."""
     sharding = getattr(original, "sharding", None)
     if _is_tracer(original) or not isinstance(sharding, jax.sharding.NamedSharding):
         return weight
-    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(lambda a: jax.device_put(a, replicated), weight)
+    specs, _ = int4_weight_specs(sharding.spec, weight, sharding.mesh.shape)
+    return jax.tree.map(lambda a, s: jax.device_put(a, jax.sharding.NamedSharding(sharding.mesh, s)), weight, specs)
 
 
 def dequantize_embedding(weight: Int8Weight, dtype=jnp.float32) -> jax.Array:

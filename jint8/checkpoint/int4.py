@@ -1,8 +1,9 @@
 """Int4Weight leaves in a jint8 checkpoint: their arrays (packed codes, absmax and, with double
 quantization, nested_absmax, nested_code, offset) stored as they are under <path>/<field>, their
 static fields (shape, quant_type, blocksize, dtype, compute_dtype) in the leaf's metadata record.
-They are restored replicated (on mesh, or on the default device): the codes run in blocks over
-the flattened [out, in] weight, which jint8 does not split."""
+They are restored replicated (on mesh, or on the default device). from_pretrained of a float or
+bitsandbytes checkpoint splits column-parallel 4-bit kernels along N in whole blocks
+(quant4.int4_weight_specs); restoring a saved jint8 checkpoint does not split them yet."""
 
 from __future__ import annotations
 

@@ -4,11 +4,13 @@ read straight into the target shardings."""
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 from collections.abc import Mapping
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jint8.checkpoint.integrity import verify_checksums
@@ -65,6 +67,17 @@ def stored_parameter_shapes(directory: PathLike) -> dict[tuple, tuple]:
     path = _check_directory(directory)
     _, leaves = _parse_metadata(_read_raw_metadata(path), str(path))
     return {leaf.path: tuple(leaf.kernel_shape) for leaf in leaves if leaf.kind != "empty"}
+
+
+def bytes_per_device(directory: PathLike, *, mesh: Optional[jax.sharding.Mesh] = None,
+                     shardings: ShardingsArg = None) -> int:
+    """Bytes of parameters each device holds once load_quantized(directory, mesh=, shardings=)
+    has placed them, from the metadata alone (from_pretrained's max_memory check)."""
+    path = _check_directory(directory)
+    _, leaves = _parse_metadata(_read_raw_metadata(path), str(path))
+    target = _abstract_arrays(leaves, _resolve_shardings(leaves, mesh, shardings, str(path)))
+    return int(sum(math.prod(a.sharding.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
+                   for a in jax.tree.leaves(target)))
 
 
 def is_jint8_checkpoint(directory: PathLike) -> bool:

@@ -3,6 +3,7 @@ the compiled program and trims its output into a GenerationResult."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import jax
@@ -85,6 +86,24 @@ def _plan_for(config: GenerationConfig, assistant_model, streaming: bool) -> _Pl
     )
 
 
+def _params_mesh(params) -> Optional[jax.sharding.Mesh]:
+    """The mesh of a parameter tree placed on more than one device (from_pretrained(mesh=)), else None."""
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+def _on_params_mesh(params, assistant_params=None):
+    """jax.set_mesh(the params' mesh) unless a mesh is set already: under it each int8 layer runs
+    its kernel on its own shard (layers.tensor_parallel_layout) rather than replicated."""
+    mesh = _params_mesh(params) or (_params_mesh(assistant_params) if assistant_params is not None else None)
+    if mesh is None or not jax.sharding.get_abstract_mesh().empty:
+        return contextlib.nullcontext()
+    return jax.set_mesh(mesh)
+
+
 def generate(
     model,
     params,
@@ -108,7 +127,16 @@ def generate(
       decoding (K = config.num_assistant_tokens drafts per step).
     An encoder-decoder model (T5) goes to generate_seq2seq: input_ids feed the encoder and the
     result's sequences are the decoder's (start token, then the new tokens).
+    params on a mesh (from_pretrained(mesh=)): the program runs SPMD on it, under jax.set_mesh
+    of that mesh unless one is set (each int8 projection runs on its own shard); in a
+    multi-process run (jax.distributed) every process calls generate with the same arguments.
     """
+    with _on_params_mesh(params, assistant_params):
+        return _generate(model, params, input_ids, attention_mask, config, stream=stream,
+                         assistant_model=assistant_model, assistant_params=assistant_params)
+
+
+def _generate(model, params, input_ids, attention_mask, config, *, stream, assistant_model, assistant_params):
     config = config or GenerationConfig()
     if not isinstance(config, GenerationConfig):
         raise InvalidConfigError(f"config must be a GenerationConfig, got {type(config).__name__}")

@@ -7,7 +7,7 @@ name maps, quantize-and-place, meshes, sharding rules and max_memory.
 """
 
 from jint8.loading.gguf_file import load_tokenizer
-from jint8.loading.pretrained import NAME_RULES, from_pretrained
+from jint8.loading.pretrained import NAME_RULES, from_pretrained, planned_bytes_per_device
 from jint8.loading.sharding import (
     cache_spec,
     check_max_memory,
@@ -27,6 +27,7 @@ __all__ = [
     "load_tokenizer",
     "make_mesh",
     "parse_bytes",
+    "planned_bytes_per_device",
     "scale_spec",
     "shard_cache",
 ]

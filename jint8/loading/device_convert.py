@@ -55,8 +55,10 @@ def default_device() -> jax.Device:
 
 
 def plan_conversion(shape, dtype, *, transpose: bool, quantization: Optional[LeafQuantization], out_dtype,
-                    float_spec: PartitionSpec, mesh: Optional[jax.sharding.Mesh]) -> Conversion:
-    """The Conversion of a stored tensor whose parameter (Flax layout, float) is sharded by float_spec."""
+                    float_spec: PartitionSpec, mesh: Optional[jax.sharding.Mesh],
+                    int4_specs: Optional[tuple[PartitionSpec, ...]] = None) -> Conversion:
+    """The Conversion of a stored tensor whose parameter (Flax layout, float) is sharded by float_spec
+    (a 4-bit one's arrays by int4_specs, quant4.int4_weight_specs' in leaf order; default replicated)."""
     shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
     if quantization is not None and not quantization.quantized:
         quantization = None
@@ -68,10 +70,12 @@ def plan_conversion(shape, dtype, *, transpose: bool, quantization: Optional[Lea
     spec = tuple(float_spec) + (None,) * (ndim - len(tuple(float_spec)))
     source_spec = spec[::-1] if transpose else spec
     if quantization is not None and quantization.int4 is not None:
-        # every array of an Int4Weight replicated (its blocks run over the flattened weight), and
-        # the source too: the quantization reads the whole weight
+        # the source replicated: the quantization reads the whole weight (double quantization's
+        # offset is the mean absmax of every block, summed in one order as on one device); the
+        # Int4Weight's arrays leave it split as int4_specs say (column-parallel: along N)
         source_spec = (None,) * ndim
-        out_specs = (PartitionSpec(),) * (5 if quantization.int4.double_quant else 2) + (PartitionSpec(),)
+        count = 5 if quantization.int4.double_quant else 2
+        out_specs = tuple(int4_specs or (PartitionSpec(),) * count) + (PartitionSpec(),)
     elif quantization is not None:
         out_specs = int8_weight_specs(PartitionSpec(*spec), ndim, quantization.in_ndim,
                                       embedding=quantization.embedding) + (PartitionSpec(),)
@@ -127,4 +131,16 @@ def stage(host_array: np.ndarray, conversion: Conversion) -> jax.Array:
     """The stored array on the device(s), each device holding only its shard of conversion.source."""
     if host_array.dtype != conversion.dtype:
         host_array = host_array.astype(conversion.dtype)  # float64 sources only (plan_conversion)
+    if isinstance(conversion.source, NamedSharding):
+        return stage_sharded(host_array, conversion.source)
     return jax.device_put(host_array, conversion.source)
+
+
+def stage_sharded(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """host_array on sharding's devices, each receiving a copy of its own block: only the blocks of
+    this process's devices are read (of a memory-mapped file: only their bytes), so in a
+    multi-process run (jax.distributed) each process reads its own shards and no other."""
+    def block(index):
+        return np.array(host_array[index])  # a copy: the source may be a view of the file
+
+    return jax.make_array_from_callback(tuple(host_array.shape), sharding, block, dtype=host_array.dtype)

@@ -35,7 +35,7 @@ from jint8.loading import gguf_file, msgpack_file, safetensors_file
 from jint8.loading.bnb_int4 import QuantStateRecords, bnb_int4_settings, read_int4_kernel, split_bnb4_records
 from jint8.loading.bnb_int8 import bnb_int8_settings, read_int8_kernel, split_bnb_records
 from jint8.loading.config_check import check_config_against_arrays
-from jint8.loading.device_convert import default_device, plan_conversion, stage
+from jint8.loading.device_convert import default_device, plan_conversion, stage, stage_sharded
 from jint8.loading.names import (
     NameRules,
     TensorTarget,
@@ -50,7 +50,7 @@ from jint8.loading.streaming import TensorJob, delete_arrays, run_jobs
 from jint8.models import registered_specs, spec_for
 from jint8.models.spec import ShardingRules
 from jint8.progress import progress_bar
-from jint8.quant4 import Int4Config, Int4Weight, NESTED_BLOCKSIZE
+from jint8.quant4 import Int4Config, Int4Weight, NESTED_BLOCKSIZE, int4_weight_specs
 from jint8.quantize import (
     EMBEDDING_NAME,
     Int8Config,
@@ -196,21 +196,33 @@ def _planned_int4(shape: tuple[int, ...], config: Int4Config, dtype) -> Int4Weig
 
 
 def _float_spec(path, leaf, mesh, sharding: Optional[ShardingRules]) -> jax.sharding.PartitionSpec:
-    """The PartitionSpec of the float parameter a planned leaf stands for ([*in, *out] for a kernel);
-    replicated for a 4-bit kernel (its blocks run over the flattened weight; jint8 does not split them)."""
-    if mesh is None or isinstance(leaf, Int4Weight):
+    """The PartitionSpec of the float parameter a planned leaf stands for ([*in, *out] for a kernel)."""
+    if mesh is None:
         return jax.sharding.PartitionSpec()
+    if isinstance(leaf, Int4Weight):  # stored [out, in]: the float kernel is its transpose
+        return kernel_spec(path, tuple(leaf.shape[::-1]), mesh, sharding)
     if isinstance(leaf, Int8Weight):
         embedding = path[-1] == EMBEDDING_NAME  # the float table [V, H] is stored as it is
         return kernel_spec(path, leaf.qvalue.shape if embedding else leaf.shape, mesh, sharding)
     return kernel_spec(path, leaf.shape, mesh, sharding)
 
 
+def _int4_specs(path, leaf: Int4Weight, mesh, sharding: Optional[ShardingRules]) -> list:
+    """The PartitionSpec of each array of a planned Int4Weight (quant4.int4_weight_specs: column-
+    parallel kernels split along N in whole blocks, row-parallel ones and uneven splits replicated)."""
+    if mesh is None:
+        return [jax.sharding.PartitionSpec()] * len(jax.tree.leaves(leaf))
+    specs, reason = int4_weight_specs(_float_spec(path, leaf, mesh, sharding), leaf, mesh.shape)
+    if reason is not None:
+        _logger.debug("%s: 4-bit kernel replicated on the mesh: %s", "/".join(path), reason)
+    return jax.tree.leaves(specs)
+
+
 def _leaf_layout(path, leaf, mesh, sharding: Optional[ShardingRules]):
     """[(shape, dtype, spec)] of the arrays one parameter becomes (qvalue + scale for int8)."""
     spec = _float_spec(path, leaf, mesh, sharding)
-    if isinstance(leaf, Int4Weight):  # every array replicated: 4-bit bytes counted on each device
-        return [(a.shape, a.dtype, jax.sharding.PartitionSpec()) for a in jax.tree.leaves(leaf)]
+    if isinstance(leaf, Int4Weight):
+        return [(a.shape, a.dtype, s) for a, s in zip(jax.tree.leaves(leaf), _int4_specs(path, leaf, mesh, sharding))]
     if isinstance(leaf, Int8Weight):
         embedding = path[-1] == EMBEDDING_NAME
         q_spec, s_spec = int8_weight_specs(spec, leaf.qvalue.ndim, leaf.in_ndim, embedding=embedding)
@@ -229,14 +241,18 @@ class _LoadSettings:
     bnb4: Optional[Int4Config] = None  # a bitsandbytes 4-bit checkpoint's own settings
 
 
-def _place_stored(array: np.ndarray, mesh, spec):
-    """An array read as stored (a view of the memory-mapped file), placed as it is: an accelerator's
-    device_put copies it to the device, each device only its shard; a CPU device_put may keep
-    viewing host memory (the file would stay mapped), so for CPU devices it is copied first."""
-    sharding = SingleDeviceSharding(default_device()) if mesh is None else NamedSharding(mesh, spec)
-    if all(device.platform == "cpu" for device in sharding.device_set):
-        array = np.array(array)
-    return jax.device_put(array, sharding)
+def _place(array, mesh, spec):
+    """A host array (a view of a memory-mapped file, say) on the default device, or on mesh with
+    spec: each device gets a copy of its own block, read from the array, and in a multi-process
+    run a process reads only its own devices' blocks. An accelerator's device_put copies the
+    array to the device; a CPU device_put may keep viewing host memory (the file would stay
+    mapped), so for a CPU device it is copied first."""
+    if mesh is None:
+        device = default_device()
+        if device.platform == "cpu":
+            array = np.array(array)
+        return jax.device_put(array, SingleDeviceSharding(device))
+    return stage_sharded(array, NamedSharding(mesh, spec))
 
 
 def _bnb_weight(record: TensorRecord, scale: TensorRecord, target: TensorTarget, settings: _LoadSettings) -> Int8Weight:
@@ -260,9 +276,11 @@ def _bnb4_job(record: TensorRecord, state: QuantStateRecords, target: TensorTarg
         if weight.shape != target.shape[::-1]:
             raise WeightsMismatchError(f"{record.file}: 4-bit weight {record.stored_name!r} is {weight.shape} "
                                        f"([out, in]), model expects {target.shape[::-1]}")
-        replicated = jax.sharding.PartitionSpec()
-        placed = jax.tree.map(lambda a: _place_stored(np.asarray(a), settings.mesh, replicated), weight)
-        return placed, sum(int(np.asarray(a).nbytes) for a in jax.tree.leaves(weight)), None
+        specs = _int4_specs(target.path, weight, settings.mesh, settings.sharding)
+        leaves, structure = jax.tree.flatten(weight)
+        # each device's own range of the (memory-mapped) arrays, copied
+        placed = jax.tree.unflatten(structure, [_place(a, settings.mesh, s) for a, s in zip(leaves, specs)])
+        return placed, sum(int(np.asarray(a).nbytes) for a in leaves), None
 
     def release():
         if record.release is not None:
@@ -320,9 +338,11 @@ def _tensor_job(record: TensorRecord, target: TensorTarget, planned, decision: O
 
         def stage_bnb():
             weight = _bnb_weight(record, bnb_scale, target, settings)
-            placed = weight.replace(qvalue=_place_stored(weight.qvalue, settings.mesh, layout[0][2]),
-                                    scale=_place_stored(weight.scale, settings.mesh, layout[1][2]))
-            return placed, weight.qvalue.nbytes + weight.scale.nbytes, None
+            # copies: the arrays view the memory-mapped file, and a CPU device_put would keep them
+            qvalue, scale = weight.qvalue, weight.scale
+            placed = weight.replace(qvalue=_place(qvalue, settings.mesh, layout[0][2]),
+                                    scale=_place(scale, settings.mesh, layout[1][2]))
+            return placed, qvalue.nbytes + scale.nbytes, None
 
         return TensorJob(target.path, stage_bnb, None, lambda outputs: outputs, record.release)
     if record.dtype is not None and not _is_float(record.dtype):
@@ -334,7 +354,9 @@ def _tensor_job(record: TensorRecord, target: TensorTarget, planned, decision: O
         plan_conversion, stored_shape(target, record.flax_layout, settings.rules),
         transpose=needs_transpose(target, record.flax_layout, settings.rules), quantization=decision,
         out_dtype=jnp.dtype(out_dtype), mesh=settings.mesh,
-        float_spec=_float_spec(target.path, planned, settings.mesh, settings.sharding))
+        float_spec=_float_spec(target.path, planned, settings.mesh, settings.sharding),
+        int4_specs=(tuple(_int4_specs(target.path, planned, settings.mesh, settings.sharding))
+                    if isinstance(planned, Int4Weight) else None))
     # formats whose headers give no dtype (msgpack, GGUF) plan their conversion once read
     expected = conversion_for(record.dtype) if record.dtype is not None else None
 
@@ -396,10 +418,13 @@ def from_pretrained(
     without double quantization) their packed codes and absmax (compute dtype from
     bnb_4bit_compute_dtype unless an Int4Config is given). quantization=Int4Config(...) of a
     float checkpoint quantizes each kernel to 4 bits while loading, from the weight cast to
-    `dtype` (as transformers casts to torch_dtype before bitsandbytes quantizes); 4-bit kernels
-    are replicated on a mesh. quantization=Int8Config(mode="auto") of a float checkpoint loads it
-    in float32, calibrates per-layer settings on jint8's built-in text and quantizes
-    (jint8.auto_int8.load_auto_int8); of a checkpoint that mode "auto" saved, restores it as saved.
+    `dtype` (as transformers casts to torch_dtype before bitsandbytes quantizes). On a mesh a
+    column-parallel 4-bit kernel is split along N where its shards are whole blocks (and whole
+    256-block groups with double quantization); row-parallel ones and uneven splits are
+    replicated (quant4.int4_weight_specs says why). quantization=Int8Config(mode="auto") of a
+    float checkpoint loads it in float32, calibrates per-layer settings on jint8's built-in text
+    and quantizes (jint8.auto_int8.load_auto_int8); of a checkpoint that mode "auto" saved,
+    restores it as saved.
 
     Returns (model, params): model a jint8 Flax module (compute dtype `dtype`), params the
     {"params": ...}-less parameter tree, int8 where `quantization` says so, placed on `mesh`
@@ -417,7 +442,7 @@ def from_pretrained(
 
     if Path(path).is_dir() and (checkpoint.is_jint8_checkpoint(path) or _looks_like_jint8_checkpoint(Path(path))):
         # a damaged jint8 checkpoint gets load_quantized's error, not "no model.safetensors"
-        return _from_jint8_checkpoint(Path(path), quantization, mesh, verify_checksums)
+        return _from_jint8_checkpoint(Path(path), quantization, mesh, verify_checksums, max_memory)
     if isinstance(quantization, Int8Config) and quantization.mode == "auto":
         from jint8.auto_int8 import load_auto_int8
 
@@ -480,6 +505,24 @@ def from_pretrained(
     return model, unflatten_dict(placed)
 
 
+def planned_bytes_per_device(path_or_config, *, quantization=None, dtype=jnp.bfloat16, mesh=None) -> int:
+    """Bytes of parameters each device of `mesh` holds after from_pretrained(path, quantization=,
+    dtype=, mesh=) of a float checkpoint, from the model's config alone: a directory holding only
+    config.json, or a transformers config object (no weights need exist). The number
+    from_pretrained's max_memory check uses; mesh may be a jax.sharding.AbstractMesh (no devices
+    needed), e.g. to plan a 70B model on 8 GPUs from a laptop."""
+    if isinstance(path_or_config, (str, os.PathLike)):
+        hf_config = _hf_config("safetensors", Path(path_or_config))
+    else:
+        hf_config = path_or_config
+    spec = spec_for(getattr(hf_config, "model_type", None))
+    model = spec.model_class(spec.config_from_hf(hf_config, dtype))
+    shapes = flatten_dict(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"])
+    planned, _ = _planned_leaves(shapes, quantization)
+    layout = [entry for p, leaf in planned.items() for entry in _leaf_layout(p, leaf, mesh, spec.sharding)]
+    return bytes_per_device(layout, mesh)
+
+
 def _check_bnb_quantization(location: Path, quantization, bnb: Optional[Int8Config], bnb4: Optional[Int4Config]):
     """A bitsandbytes checkpoint keeps its own bit width: its codes are taken as stored."""
     if bnb4 is not None and isinstance(quantization, Int8Config):
@@ -528,7 +571,8 @@ def _auto_checkpoint(requested, stored) -> bool:
             and stored.calibration.startswith("auto"))
 
 
-def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], mesh, verify_checksums: bool = True):
+def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], mesh, verify_checksums: bool = True,
+                           max_memory: Optional[Mapping] = None):
     """A directory written by save_quantized: restore as saved (no re-quantization) onto mesh."""
     from jint8 import checkpoint
 
@@ -548,6 +592,7 @@ def _from_jint8_checkpoint(location: Path, quantization: Optional[Int8Config], m
     def place(path, kernel):
         return kernel_spec(tuple(str(p) for p in path), tuple(kernel.shape), mesh, spec.sharding)
 
-    params, _ = checkpoint.load_quantized(location, mesh=mesh, shardings=place if mesh is not None else None,
-                                          verify_checksums=verify_checksums)
+    shardings = place if mesh is not None else None
+    check_max_memory(max_memory, checkpoint.restore.bytes_per_device(location, mesh=mesh, shardings=shardings), mesh)
+    params, _ = checkpoint.load_quantized(location, mesh=mesh, shardings=shardings, verify_checksums=verify_checksums)
     return model, params

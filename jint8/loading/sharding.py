@@ -133,23 +133,32 @@ def bytes_per_device(leaf_specs, mesh: Optional[Mesh]) -> int:
 
 
 def check_max_memory(max_memory: Optional[Mapping], needed_per_device: int, mesh: Optional[Mesh]) -> None:
-    """Raise InsufficientMemoryError if any used device has less than it needs.
+    """Raise InsufficientMemoryError if any device the parameters go to has less than it needs.
 
-    max_memory keys are device ids (ints) or "cpu"/jax.Device objects; missing devices are unbounded.
+    max_memory: {device: bytes or "20GiB"}, a device given by its id (jax.Device.id: an int, in a
+    multi-process run the global id) or as a jax.Device; devices it leaves out are unbounded, and
+    devices outside the mesh are ignored. Every device of a mesh holds the same bytes (each split
+    axis divides evenly, kernel_spec), so needed_per_device is each one's need. In a multi-process
+    run every process checks every device, so all fail alike before anything is read.
     """
     if not max_memory:
         return
     devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
     limits = {}
     for key, value in max_memory.items():
-        limits[key.id if hasattr(key, "id") else key] = parse_bytes(value)
+        if not isinstance(key, (int, np.integer)) and not hasattr(key, "id"):
+            raise InvalidConfigError(f"max_memory: key {key!r} is not a device id (int) or a jax.Device")
+        limits[int(key.id if hasattr(key, "id") else key)] = parse_bytes(value)
     short = [(d, limits[d.id]) for d in devices if d.id in limits and limits[d.id] < needed_per_device]
     if short:
-        listing = ", ".join(f"device {d.id}: {format_bytes(limit)}" for d, limit in short)
+        listing = ", ".join(f"device {d.id}: {format_bytes(limit)} ({limit} bytes, {d.device_kind} "
+                            f"{d.platform}:{d.id} of process {d.process_index})" for d, limit in short[:8])
+        more = f" and {len(short) - 8} more" if len(short) > 8 else ""
+        model = _model_axis_size(mesh) if mesh is not None else 1
         raise InsufficientMemoryError(
             f"the model needs {format_bytes(needed_per_device)} ({needed_per_device} bytes) of parameters per "
-            f"device on {len(devices)} device(s), more than max_memory allows ({listing}); use more devices "
-            "in the mesh's 'model' axis, int8 quantization, or a larger max_memory"
+            f"device on {len(devices)} device(s) (model axis {model}), more than max_memory gives {listing}{more}; "
+            "use more devices in the mesh's 'model' axis, int8 or 4-bit quantization, or a larger max_memory"
         )
 
 

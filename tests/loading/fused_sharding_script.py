@@ -17,6 +17,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 import jint8  # noqa: E402
 from jint8.loading import kernel_spec  # noqa: E402
 from jint8.models import LlamaConfig, LlamaForCausalLM, spec_for  # noqa: E402
+from jint8.ops.int8_matmul import sharded  # noqa: E402
 from jint8.quantize import Int8Weight, int8_weight_specs  # noqa: E402
 
 # q 64 + k 32 + v 32 = 128 and gate|up 2 x 64 = 128 output features: 8 divides both
@@ -56,8 +57,8 @@ def main():
         tree = jint8.quantize_params(params, jint8.Int8Config(min_size=0)) if quantized else params
         fused = jint8.fuse_projections(tree)
         expected = np.asarray(forward(fused, ids))
-        sharded = place(fused, mesh)
-        layer = sharded["model"]["layers_0"]
+        sharded_tree = place(fused, mesh)
+        layer = sharded_tree["model"]["layers_0"]
         qkv, gate_up = layer["self_attn"]["qkv_proj"], layer["mlp"]["gate_up_proj"]
         if quantized:  # qvalue is K-major [out, in]: column-parallel shards its first axis
             for kernel in (qkv["kernel"], gate_up["kernel"]):
@@ -69,12 +70,25 @@ def main():
                 assert spec(kernel) == (None, "model"), spec(kernel)
                 assert len(kernel.sharding.device_set) == 8
         assert spec(qkv["bias"]) == ("model",), spec(qkv["bias"])
-        got = np.asarray(forward(sharded, ids))
+        got = np.asarray(forward(sharded_tree, ids))
         # int32 accumulators are exact in any order; float sums may be reordered by the
         # collectives the split of q|k|v and gate|up needs: 1e-5 relative
         scale = np.max(np.abs(expected))
         assert np.max(np.abs(got - expected)) <= 1e-5 * scale, (quantized, np.max(np.abs(got - expected)))
         print(f"quantized={quantized} max|diff|={np.max(np.abs(got - expected)):.3g}")
+        if quantized:  # under jax.set_mesh each int8 layer runs its shard (layers.tensor_parallel_layout)
+            calls = []
+            run_sharded = sharded.int8_matmul_sharded
+            sharded.int8_matmul_sharded = lambda *a, **kw: calls.append(kw["layout"]) or run_sharded(*a, **kw)
+            try:
+                with jax.set_mesh(mesh):
+                    on_mesh = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x)[0])(sharded_tree, ids))
+            finally:
+                sharded.int8_matmul_sharded = run_sharded
+            splits = {(c.k, c.n) for c in calls}
+            assert splits == {((), ("model",)), (("model",), ())}, splits  # column- and row-parallel layers
+            assert np.max(np.abs(on_mesh - expected)) <= 1e-5 * scale, np.max(np.abs(on_mesh - expected))
+            print(f"on the mesh: {len(calls)} sharded int8 calls, max|diff|={np.max(np.abs(on_mesh - expected)):.3g}")
     print("OK")
 
 

@@ -59,10 +59,40 @@ def test_fused_projections_are_column_parallel_on_8_cpu_devices():
     _run_on_8_cpu_devices(FUSED_SCRIPT)
 
 
-def test_4bit_load_is_replicated_on_8_cpu_devices(tmp_path):
+def test_4bit_load_is_column_parallel_in_whole_blocks_on_8_cpu_devices(tmp_path):
     require_module("torch")
-    save_checkpoint("llama", tmp_path)
-    _run_on_8_cpu_devices(Path(__file__).with_name("int4_mesh_script.py"), str(tmp_path))
+    require_module("bitsandbytes")
+    transformers = require_module("transformers")
+    save_checkpoint("llama", tmp_path / "float")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=False)
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config,
+                                                      device_map="cpu").save_pretrained(tmp_path / "bnb4")
+    _run_on_8_cpu_devices(Path(__file__).with_name("int4_mesh_script.py"), str(tmp_path / "float"),
+                          str(tmp_path / "bnb4"))
+
+
+def test_max_memory_on_8_devices_names_the_short_device_and_refuses_70b_before_reading(tmp_path):
+    require_module("torch")
+    save_checkpoint("llama", tmp_path / "tiny")
+    stdout = _run_on_8_cpu_devices(Path(__file__).with_name("max_memory_script.py"), str(tmp_path / "tiny"),
+                                   str(tmp_path / "scratch"))
+    assert "device 5: " in stdout and "70B: the model needs 8.35 GiB" in stdout
+
+
+def test_planned_bytes_per_device_of_a_config(tmp_path):
+    """From config.json alone, on an AbstractMesh: no weights, no devices."""
+    require_module("transformers")
+    import transformers
+
+    transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=256).save_pretrained(tmp_path)
+    one, four = (jint8.loading.planned_bytes_per_device(tmp_path, dtype=jax.numpy.float32,
+                                                        mesh=jax.sharding.AbstractMesh((1, d), ("data", "model")))
+                 for d in (1, 4))
+    norms = 4 * 64 * 5  # 2 layers x 2 norms + the final norm, float32, on every device
+    assert one == 4 * (256 * 64 * 2 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3)) + norms
+    assert four == (one - norms) // 4 + norms
 
 
 def test_max_memory_counts_4bit_bytes(tmp_path):
@@ -76,7 +106,8 @@ def test_max_memory_counts_4bit_bytes(tmp_path):
     _, placed = jint8.from_pretrained(tmp_path, quantization=jint8.Int4Config(min_size=0), max_memory={0: needed},
                                       mesh=jint8.make_mesh(model=1), progress=False)
     q = placed["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    assert all(tuple(a.sharding.spec) == () for a in jax.tree.leaves(q))  # 4-bit arrays replicated on a mesh
+    # double quantization: 64 blocks of q_proj do not make whole 256-block groups: replicated
+    assert all(a.sharding.is_fully_replicated for a in jax.tree.leaves(q))
     np.testing.assert_array_equal(np.asarray(q.packed), np.asarray(params["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].packed))
 
 

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import jint8  # noqa: E402
 
 assert jax.device_count() == 8, jax.devices()
-# Auto axes: GSPMD propagates shardings through the op (explicit-axis meshes are not supported yet).
+# Auto axes: GSPMD propagates shardings through the op (Explicit axes: tests/scripts/sharded_int8_ops.py).
 mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 rng = np.random.default_rng(0)
 column = jnp.asarray(rng.standard_normal((128, 256)).astype(np.float32))

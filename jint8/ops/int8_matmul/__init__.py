@@ -8,6 +8,7 @@ from jint8.ops.int8_matmul.api import (
     register_backend,
     select_backend,
 )
+from jint8.ops.int8_matmul.sharded import MatmulLayout, layout_for
 from jint8.ops.int8_matmul.reference import (
     InputGate,
     InputNorm,
@@ -30,12 +31,14 @@ __all__ = [
     "InputGate",
     "InputNorm",
     "Int8MatmulStats",
+    "MatmulLayout",
     "OutputGate",
     "available_backends",
     "dequantize_accumulator",
     "int8_dot",
     "int8_matmul",
     "int8_matmul_reference",
+    "layout_for",
     "outlier_column_mask",
     "quantize_rows",
     "register_backend",

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jint8.errors import BackendUnavailableError, InvalidConfigError, ShapeError
 from jint8.ops._platform import BACKEND_ENV_VAR, requested_backend  # noqa: F401 (re-exported)
+from jint8.ops.int8_matmul import sharded
 from jint8.ops.int8_matmul.reference import (
     InputGate, InputNorm, Int8MatmulStats, OutputGate, int8_matmul_reference,
 )
@@ -110,6 +111,7 @@ def int8_matmul(
     gate: Optional[InputGate] = None,
     output_gate: Optional[OutputGate] = None,
     split_partials: bool = False,
+    layout: Optional[sharded.MatmulLayout] = None,
 ):
     """LLM.int8() matmul with outlier decomposition.
 
@@ -145,6 +147,12 @@ def int8_matmul(
         out_dtype, is the result: the decode kernel's split-K partials where its plan says
         split_reduce "consumer" (float32; for a consumer that adds them where it reads them,
         as the decode-attention kernel does with a q|k|v projection's), else S = 1.
+      layout: how x (as [M, K], its rows flattened) and wq are split over a mesh
+        (sharded.layout_for(mesh, x_spec, w_spec)): each device runs the op on its own shard
+        under sharded.py's rule (row scales and outlier columns of the whole call, exact int32
+        all-reduce over a split K). Operands whose types carry Explicit-axis shardings need
+        none: the op reads it from them. On Auto axes without one, XLA partitions the XLA
+        backend by itself (same rule) and runs a kernel backend replicated.
     Returns:
       [..., N] in out_dtype ([..., N / 2] with output_gate) (and the stats when asked).
     """
@@ -162,6 +170,14 @@ def int8_matmul(
     batch_shape = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     chosen = select_backend(x2d, wq, backend)
+    layout = layout or sharded.typed_layout(x2d, wq, weight_layout)
+    if layout is not None:  # each device runs its shard; split-K partials do not apply (S = 1)
+        y, stats = sharded.int8_matmul_sharded(
+            x2d, wq, col_scales, bias, layout=layout, impl=chosen.impl, threshold=float(threshold),
+            outlier_capacity=int(outlier_capacity), out_dtype=out_dtype or x.dtype, weight_layout=weight_layout,
+            norm=norm, gate=gate, output_gate=output_gate)
+        y = (y[None] if split_partials else y).reshape(*((1,) if split_partials else ()), *batch_shape, y.shape[-1])
+        return (y, stats) if return_stats else y
     impl = chosen.partials_impl if split_partials and chosen.partials_impl else chosen.impl
     y, stats = impl(
         x2d,

@@ -162,9 +162,14 @@ def quantize_rows(x: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array,
     xf = x.astype(jnp.float32)
     col_mask = outlier_column_mask(xf, threshold)
     row_scales = row_absmax(xf, threshold)
-    xq = jnp.round(xf * quantization_multiplier(row_scales)[:, None])
-    xq = jnp.where(col_mask[None, :], 0.0, xq).astype(jnp.int8)
-    return xq, row_scales, col_mask
+    return quantize_with(xf, row_scales, col_mask), row_scales, col_mask
+
+
+def quantize_with(x: jax.Array, row_scales: jax.Array, col_mask: jax.Array) -> jax.Array:
+    """quantize_rows' int8 values for given row scales [M] and outlier columns [K] (a sharded
+    call's, decided over the whole K and batch: jint8.ops.int8_matmul.sharded)."""
+    xq = jnp.round(x.astype(jnp.float32) * quantization_multiplier(row_scales)[:, None])
+    return jnp.where(col_mask[None, :], 0.0, xq).astype(jnp.int8)
 
 
 def _contracting_axis(weight_layout: str) -> int:
