@@ -19,6 +19,7 @@ from jint8.ops.int8_matmul.partitioned import ENV_VAR, Policy, bucket_index, buc
 from jint8.ops.int8_matmul.pallas_triton import int8_accumulator_pallas, int8_matmul_pallas
 from jint8.ops.int8_matmul.pallas_triton_outliers import SLOT_BLOCK
 from int8_plans import PLANS, THRESHOLD
+from test_int8_matmul_pallas import _inputs, _weight_for
 
 # K = 64: kernels up to 4 columns, gather 16 and 32, partition 48 and 64.
 SMALL = Policy(min_m=1, kernel_max_count=4, base_width=8)
@@ -39,21 +40,6 @@ def test_buckets_cover_every_count_with_wide_enough_operands(k):
     for c in sorted({0, 1, table[0].max_count, min(k, table[0].max_count + 1), k // 2, k}):
         want = next(i for i, b in enumerate(table) if c <= b.max_count)
         assert int(bucket_index(jnp.int32(c), table)) == want, c
-
-
-def _inputs(rng, m, k, n, dtype, outlier_cols, bias=False):
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    cols = rng.choice(k, size=outlier_cols, replace=False)
-    x[rng.integers(0, m, outlier_cols), cols] = rng.choice([-1, 1], outlier_cols) * rng.uniform(
-        6, 40, outlier_cols)
-    wq = rng.integers(-127, 128, (k, n), dtype=np.int8)
-    col_scales = rng.uniform(0.01, 2.0, n).astype(np.float32)
-    b = jnp.asarray(rng.standard_normal(n), jnp.float32) if bias else None
-    return jnp.asarray(x, dtype), jnp.asarray(wq), jnp.asarray(col_scales), b
-
-
-def _weight_for(plan, wq):
-    return wq.T if plan.reads_layout() == "nk" else wq
 
 
 # One count per bucket of buckets(64, SMALL): kernels, gather 16, gather 32, partition 48, 64.
