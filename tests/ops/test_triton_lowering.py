@@ -46,6 +46,22 @@ def test_decode_attention_step_lowers(rope, packed):
     assert "jint8_decode_attention" in text
 
 
+@pytest.mark.parametrize("window,softcap", [(None, None), (100, 50.0)])
+def test_paged_decode_attention_lowers(window, softcap):
+    from jint8.ops.attention.paged_pallas import paged_decode_attention_pallas
+
+    q = jnp.zeros((3, 8, 64), jnp.bfloat16)
+    pool = jnp.zeros((2, 20, 16, 2, 64), jnp.bfloat16)
+    tables = jnp.zeros((3, 6), jnp.int32)
+
+    def step(q, pool, tables):
+        return paged_decode_attention_pallas(q, pool, pool, tables, jnp.array([5, 90, -1], jnp.int32),
+                                             layer=1, scale=0.125, sliding_window=window,
+                                             logit_softcap=softcap)
+
+    assert "jint8_paged_decode_attention" in _lower_for_cuda(step, q, pool, tables)
+
+
 def _cases():
     """(plan name, plan, fold): every plan of the tests plain; the fused ones (the only route
     that applies a norm, gate or output gate in its kernel) also with each."""

@@ -17,7 +17,8 @@ from jint8.ops._platform import BACKEND_ENV_VAR, requested_backend, triton_gpu_u
 
 
 def unsupported_reason(q: jax.Array, k_cache: jax.Array) -> Optional[str]:
-    """None when decode_attention_step's kernel runs q [B, N, H] over k_cache [L, B, S, K, H]."""
+    """None when decode_attention_step's kernel runs q [B, N, H] over k_cache [L, B, S, K, H]
+    (or paged_attention's over a pool [L, P, Z, K, H]: the kv heads sit on the same axis)."""
     if requested_backend() == "xla":
         return f"{BACKEND_ENV_VAR}=xla"
     reason = triton_gpu_unsupported_reason()
@@ -25,7 +26,7 @@ def unsupported_reason(q: jax.Array, k_cache: jax.Array) -> Optional[str]:
         return reason
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"{q.dtype} attention keeps XLA's full-precision dots (the kernel is for 16-bit)"
-    h, groups = q.shape[-1], q.shape[1] // k_cache.shape[3]
+    h, groups = q.shape[-1], q.shape[-2] // k_cache.shape[3]
     if h < 16 or h & (h - 1):
         return f"head_dim {h} is not a power of two >= 16"
     if groups > 64:
@@ -72,9 +73,16 @@ def paged_attention(q, k_pool, v_pool, block_tables, positions, *, layer: int, s
                     sliding_window=None, logit_softcap=None):
     """Attention of q [B, T, N, H] over a paged cache (paged.py states the layout).
 
-    The one entry point the models call: the plain-jnp gather is the only implementation so far
-    and the truth; a paged decode kernel goes behind it the way decode_attention_step does, asked
-    with its own unsupported_reason and falling back here."""
+    The one entry point the models call. Decode (T = 1) runs the paged Pallas kernel where
+    unsupported_reason gives none; prefill chunks and everything else the plain-jnp gather, the
+    truth the kernel is held to."""
+    if q.shape[1] == 1 and unsupported_reason(q, k_pool) is None:
+        from jint8.ops.attention.paged_pallas import paged_decode_attention_pallas
+
+        out = paged_decode_attention_pallas(q[:, 0], k_pool, v_pool, block_tables, positions[:, 0],
+                                            layer=layer, scale=scale, sliding_window=sliding_window,
+                                            logit_softcap=logit_softcap)
+        return out[:, None]
     return paged_attention_reference(q, k_pool, v_pool, block_tables, positions, layer=layer, scale=scale,
                                      sliding_window=sliding_window, logit_softcap=logit_softcap)
 
