@@ -109,3 +109,59 @@ def test_paged_attention_runs_the_kernel_for_decode_and_the_reference_for_chunks
     chunk = jnp.concatenate([q[:, None], q[:, None]], axis=1)
     attention_ops.paged_attention(chunk, k, v, tables, chunk_pos, layer=0, scale=0.25)
     assert calls == [0], "a two-token chunk runs the reference"
+
+
+def test_a_model_decodes_through_the_paged_kernel_as_closely_as_through_the_reference(monkeypatch):
+    """A tiny bf16 Llama on a paged cache: a prefill of three prompts of different lengths (the
+    reference), then decode steps with the kernel forced on the CPU in interpret mode. Its logits
+    are as close to the float32 model's as the reference's are."""
+    import dataclasses
+
+    from jint8.models import LlamaConfig, LlamaForCausalLM
+    from jint8.models.common import PagedKVCache, init_paged_pool
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64,
+                         dtype=jnp.bfloat16)
+    params = LlamaForCausalLM(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
+    rng = np.random.default_rng(0)
+    lengths = np.array([11, 4, 7])
+    ids = jnp.asarray(rng.integers(1, 128, (3, 11)), jnp.int32)
+    steps = jnp.asarray(rng.integers(1, 128, (3, 3)), jnp.int32)
+    # blocks of 8 slots, each sequence's blocks shuffled over the pool (block 0 is scratch)
+    tables = jnp.asarray(rng.permutation(np.arange(1, 13)).reshape(3, 4), jnp.int32)
+    prompt_positions = np.where(np.arange(11)[None] < lengths[:, None], np.arange(11)[None], -1)
+
+    def decode_logits(dtype):
+        model = LlamaForCausalLM(dataclasses.replace(config, dtype=dtype))
+        p = jax.tree.map(lambda x: x.astype(dtype), params)
+        apply = jax.jit(lambda ids, positions, cache: model.apply({"params": p}, ids, jnp.maximum(positions, 0),
+                                                                  cache=cache.replace(positions=positions)))
+        k, v = init_paged_pool(model.config, 13, 8, dtype)
+        positions = jnp.asarray(prompt_positions, jnp.int32)
+        _, cache = apply(ids, positions, PagedKVCache(k, v, tables, positions))
+        out = []
+        for step in range(3):
+            positions = jnp.asarray(lengths + step, jnp.int32)[:, None]
+            logits, cache = apply(steps[:, step:step + 1], positions, cache)
+            out.append(np.asarray(logits[:, -1], np.float64))
+        return np.stack(out, 1)
+
+    exact, reference = decode_logits(jnp.float32), decode_logits(jnp.bfloat16)
+    calls = []
+    kernel = paged_decode_attention_pallas
+
+    def interpret_kernel(*args, **kwargs):
+        calls.append(kwargs["layer"])
+        return kernel(*args, **kwargs, interpret=True)
+
+    import jint8.ops.attention.paged_pallas as paged_pallas
+    monkeypatch.setattr(attention_ops, "unsupported_reason", lambda q, k: None)
+    monkeypatch.setattr(paged_pallas, "paged_decode_attention_pallas", interpret_kernel)
+    through_kernel = decode_logits(jnp.bfloat16)
+    assert set(calls) == {0, 1}, "every layer's decode attention"
+    scale = np.max(np.abs(exact))
+    err_reference = np.max(np.abs(reference - exact), axis=(1, 2)) / scale
+    err_kernel = np.max(np.abs(through_kernel - exact), axis=(1, 2)) / scale
+    assert np.all(err_kernel <= 1.5 * err_reference + 2e-3), (err_kernel, err_reference)
