@@ -304,6 +304,46 @@ def _best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
+def timing_config(new_tokens: int):
+    """The GenerationConfig every jint8 generate() timing here uses. One output bucket for the full
+    and the prefill-only call (max_new_tokens=1), so the prefill-only call runs the already
+    compiled program (a 64-token bucket made it compile a second one)."""
+    import jint8
+
+    return jint8.GenerationConfig(max_new_tokens=new_tokens, prompt_length_bucket=64, new_tokens_bucket=new_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateTimes:
+    """Seconds of one prompt batch's generate() calls (time_generate)."""
+
+    compile_s: float  # the first full call: compiles, then runs
+    prefill_s: float  # best prefill-only call: prefill + first token
+    full_s: float  # best full call
+    sequences: np.ndarray  # [batch, prompt + new_tokens] of the first call
+
+    def decode_tokens_per_s(self, batch: int, new_tokens: int) -> float:
+        """B * (new_tokens - 1) decoded tokens over the full call's time minus the prefill call's."""
+        return batch * (new_tokens - 1) / (self.full_s - self.prefill_s) if self.full_s > self.prefill_s else float("nan")
+
+
+def time_generate(model, params, prompt, new_tokens: int, repeats: int, on_compiled=None) -> GenerateTimes:
+    """jint8.generate of prompt [batch, length] under timing_config: one call that compiles
+    (on_compiled() runs after it), then the best of `repeats` prefill-only and full calls."""
+    import jint8
+
+    config = timing_config(new_tokens)
+    prefill_only = dataclasses.replace(config, max_new_tokens=1)
+    start = time.perf_counter()
+    sequences = jint8.generate(model, params, prompt, config=config).sequences
+    compile_s = time.perf_counter() - start
+    if on_compiled is not None:
+        on_compiled()
+    prefill = _best_seconds(lambda: jint8.generate(model, params, prompt, config=prefill_only), repeats)
+    full = _best_seconds(lambda: jint8.generate(model, params, prompt, config=config), repeats)
+    return GenerateTimes(compile_s=compile_s, prefill_s=prefill, full_s=full, sequences=sequences)
+
+
 class _OverflowCounter(logging.Filter):
     """Counts jint8's outlier-capacity warnings and lets only the first one through."""
 
@@ -358,27 +398,18 @@ def run_variant(args, variant: str) -> list[dict]:
     rows = []
     for batch in args.batch:
         prompt = np.random.default_rng(batch).integers(0, args.vocab, size=(batch, args.prompt), dtype=np.int32)
-        # One output bucket for both calls, so the prefill-only call (max_new_tokens=1) runs the
-        # already compiled program (a 64-token bucket made it compile a second one).
-        config = jint8.GenerationConfig(max_new_tokens=args.new_tokens, prompt_length_bucket=64,
-                                        new_tokens_bucket=args.new_tokens)
-        prefill_only = dataclasses.replace(config, max_new_tokens=1)
         start = time.perf_counter()
-        jint8.generate(model, params, prompt, config=config)  # compiles; the prefill-only call reuses it
-        compile_seconds = time.perf_counter() - start
-        _phase(variant, f"batch {batch}: compiled and ran once", start)
-        prefill = _best_seconds(lambda: jint8.generate(model, params, prompt, config=prefill_only), args.repeats)
-        full = _best_seconds(lambda: jint8.generate(model, params, prompt, config=config), args.repeats)
-        decode_tokens = batch * (args.new_tokens - 1)
+        times = time_generate(model, params, prompt, args.new_tokens, args.repeats,
+                              on_compiled=lambda: _phase(variant, f"batch {batch}: compiled and ran once", start))
         stats = device.memory_stats() or {}
         rows.append(dict(
             variant=variant, batch=batch, prompt=args.prompt, new_tokens=args.new_tokens, layers=args.layers,
             hidden=args.hidden, device=device.device_kind, platform=device.platform, jax=jax.__version__,
             date=datetime.date.today().isoformat(), weight_gib=weight_bytes / 2**30,
-            compile_s=compile_seconds, prefill_ms=prefill * 1e3,
-            prefill_tokens_per_s=batch * args.prompt / prefill,
-            decode_tokens_per_s=decode_tokens / (full - prefill) if full > prefill else float("nan"),
-            total_s=full,
+            compile_s=times.compile_s, prefill_ms=times.prefill_s * 1e3,
+            prefill_tokens_per_s=batch * args.prompt / times.prefill_s,
+            decode_tokens_per_s=times.decode_tokens_per_s(batch, args.new_tokens),
+            total_s=times.full_s,
             peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30 if stats else None,
             threshold=args.threshold if variant == "int8" else "per layer" if variant == "int8-auto" else None,
             capacity_overflow_warnings=overflows.count, fused=bool(args.fuse),
@@ -389,7 +420,7 @@ def run_variant(args, variant: str) -> list[dict]:
             trace_dir = os.path.join(args.profile, f"{variant}_b{batch}")
             os.makedirs(trace_dir, exist_ok=True)
             jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-            jint8.generate(model, params, prompt, config=config)  # returns host arrays: synchronous
+            jint8.generate(model, params, prompt, config=timing_config(args.new_tokens))  # host arrays: synchronous
             jax.profiler.stop_trace()
             print(f"profile of one call: {trace_dir} (summarise with tools/profile_summary.py)", flush=True)
     return rows

@@ -47,6 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bench_int8_matmul as int8_bench  # noqa: E402
+import op_table  # noqa: E402
 from jint8 import quant4  # noqa: E402
 from jint8.ops.int4_matmul import checks, configs, int4_matmul, reference, select_backend  # noqa: E402
 from jint8.ops.int4_matmul.configs import Config  # noqa: E402
@@ -136,9 +137,8 @@ def bench_table(shapes, ms, rng, in_jit: bool):
             seconds = t.get("nf4_in_jit") or t["nf4"]
             gbps = weight_bytes / seconds / 1e9 if m == 1 and seconds else None
             rows.append((k, n, m, t, gbps, backend, config))
-            print(f"K={k:5d} N={n:5d} M={m:4d} " + " ".join(
-                f"{name}={v * 1e3:.4f}ms" for name, v in t.items() if v is not None)
-                + (f" {gbps:.0f}GB/s" if gbps else "") + f" | {backend} {config}", flush=True)
+            print(op_table.progress_line(k, n, m, t) + (f" {gbps:.0f}GB/s" if gbps else "") + f" | {backend} {config}",
+                  flush=True)
         del w4, w16, wq_nk
     return rows
 
@@ -148,22 +148,17 @@ COLUMNS = [("nf4", "jint8 nf4"), ("nf4_xla", "nf4, xla backend"), ("bf16", "XLA 
 
 
 def print_markdown(rows):
-    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {datetime.date.today().isoformat()}; "
-          "median ms per call\n")
-    used = [(key, title) for key, title in COLUMNS if any(key in r[3] for r in rows)]
-    print("| K x N | M | " + " | ".join(title for _, title in used)
-          + " | nf4 / bf16 | int8 / nf4 | 4-bit weight GB/s (M=1, in one jit) | nf4 route |")
-    print("|---|---|" + "---|" * (len(used) + 4))
-    fmt = lambda v: "-" if v is None else f"{v * 1e3:.4f}"  # noqa: E731
-    ratio = lambda a, b: "-" if not (a and b) else f"{a / b:.2f}x"  # noqa: E731
-    for k, n, m, t, gbps, backend, config in rows:
+    def ratios(row):
+        _, _, _, t, gbps, backend, config = row
         # ratios of the in-one-jit times where there are some (decode), else of the per-call ones
         nf4, bf16, int8 = (t.get(f"{key}_in_jit") or t.get(key) for key in ("nf4", "bf16", "int8"))
+        ratio = lambda a, b: "-" if not (a and b) else f"{a / b:.2f}x"  # noqa: E731
         route = backend if config is None else f"{config.route} {config.dot} {config.lookup} bn{config.block_n} " \
                                                f"bk{config.block_k} s{config.split_k}"
-        print(f"| {k}x{n} | {m} | " + " | ".join(fmt(t.get(key)) for key, _ in used)
-              + f" | {ratio(nf4, bf16)} | {ratio(int8, nf4)} | "
-              + (f"{gbps:.0f}" if gbps else "-") + f" | {route} |")
+        return [ratio(nf4, bf16), ratio(int8, nf4), f"{gbps:.0f}" if gbps else "-", route]
+
+    op_table.print_markdown(rows, COLUMNS, ["nf4 / bf16", "int8 / nf4", "4-bit weight GB/s (M=1, in one jit)",
+                                            "nf4 route"], ratios, digits=4, timed_columns_only=True)
 
 
 def sweep_candidates(m: int, k: int, n: int) -> list[Config]:

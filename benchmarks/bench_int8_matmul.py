@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import math
 import pathlib
 import statistics
@@ -32,11 +31,13 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import op_table  # noqa: E402
 from jint8.ops.int8_matmul import configs, reference  # noqa: E402
 from jint8.ops.int8_matmul.api import int8_matmul  # noqa: E402
 from jint8.ops.int8_matmul.pallas_triton import int8_matmul_pallas  # noqa: E402
@@ -238,9 +239,7 @@ def bench_table(shapes, rng, *, full_columns, ms=MS):
                 times["null_op"] = time_op(lambda x, w: x[:1, :1] + 1, xs, wq)
             plan = configs.plan_for(jax.devices()[0].device_kind, m, k, n, "nk")
             rows.append((k, n, m, times, plan))
-            print(f"K={k:5d} N={n:5d} M={m:4d} " + " ".join(
-                f"{name}={t * 1e3:.4f}ms" for name, t in times.items())
-                + f" | {plan.gemm_path} {plan.gemm}", flush=True)
+            print(op_table.progress_line(k, n, m, times) + f" | {plan.gemm_path} {plan.gemm}", flush=True)
         del wq, wq_nk, w_bf16
     return rows
 
@@ -252,17 +251,12 @@ COLUMNS = [("jint8", "jint8 (public op, K-major wq)"), ("jint8_kn", "jint8, wq[K
 
 
 def print_markdown(rows):
-    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, "
-          f"{datetime.date.today().isoformat()}; median ms per call\n")
-    print("| K x N | M | " + " | ".join(title for _, title in COLUMNS)
-          + " | jint8 vs bf16 | in one jit: vs bf16 | jint8 route |")
-    print("|---|---|" + "---|" * (len(COLUMNS) + 3))
-    fmt = lambda t, key: f"{t[key] * 1e3:.3f}" if key in t else "-"
-    for k, n, m, t, plan in rows:
-        in_jit = (f"{t['bf16_in_jit'] / t['jint8_in_jit']:.2f}x" if "jint8_in_jit" in t
-                  else "-")
-        print(f"| {k}x{n} | {m} | " + " | ".join(fmt(t, key) for key, _ in COLUMNS)
-              + f" | {t['xla_bf16'] / t['jint8']:.2f}x | {in_jit} | {plan.gemm_path} |")
+    def ratios(row):
+        _, _, _, t, plan = row
+        in_jit = f"{t['bf16_in_jit'] / t['jint8_in_jit']:.2f}x" if "jint8_in_jit" in t else "-"
+        return [f"{t['xla_bf16'] / t['jint8']:.2f}x", in_jit, plan.gemm_path]
+
+    op_table.print_markdown(rows, COLUMNS, ["jint8 vs bf16", "in one jit: vs bf16", "jint8 route"], ratios, digits=3)
 
 
 def sweep_candidates(m, k=LAYER[0], n=LAYER[1]):

@@ -27,7 +27,6 @@ unless --keep (the 8B preset needs ~24 GiB of disk: 15 GiB bf16 + 8 GiB int8).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -35,6 +34,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from random_checkpoint import checkpoint_bytes, write_checkpoint  # noqa: E402
 
 PRESETS = {
     # Llama-3-8B: 8.03 B parameters, 14.96 GiB bf16
@@ -98,64 +101,6 @@ _SAVE_INT8 = f"""
 model, params = jint8.from_pretrained(DIR, dtype=jnp.bfloat16, quantization={INT8_CONFIG}, progress=False)
 jint8.save_quantized(CKPT, params, quant_config={INT8_CONFIG}, model_config=model.config)
 """
-
-
-def _llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """transformers' LlamaForCausalLM state dict: name -> shape, in its order."""
-    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    kv = config["num_key_value_heads"] * (d // config["num_attention_heads"])
-    shapes = {"model.embed_tokens.weight": (v, d)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv, d),
-                       p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, d),
-                       p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-                       p + "mlp.down_proj.weight": (d, f), p + "input_layernorm.weight": (d,),
-                       p + "post_attention_layernorm.weight": (d,)})
-    shapes.update({"model.norm.weight": (d,), "lm_head.weight": (v, d)})
-    return shapes
-
-
-def write_checkpoint(directory: Path, config: dict, shards: int) -> None:
-    """Random bf16 weights, N(0, 0.02) tiled from one 32 MiB block from a per-tensor offset (norms
-    ones), in `shards` files of about equal size with transformers' index and config.json."""
-    import ml_dtypes
-    import numpy as np
-    import transformers
-    from safetensors.numpy import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    shapes = _llama_shapes(config)
-    sizes = {name: 2 * int(np.prod(shape)) for name, shape in shapes.items()}
-    total = sum(sizes.values())
-    groups, current, filled = [], [], 0
-    for name in shapes:  # contiguous groups in model order, a new one past each 1/shards of the bytes
-        current.append(name)
-        filled += sizes[name]
-        if filled >= total * (len(groups) + 1) / shards and len(groups) < shards - 1:
-            groups.append(current)
-            current = []
-    groups.append(current)
-    block = (np.random.default_rng(0).standard_normal(1 << 24, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
-    twice = np.concatenate([block, block])  # a window of it at any offset is a view: no copy per tensor
-    weight_map = {}
-    for number, names in enumerate(groups):
-        file = f"model-{number + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
-        for name in names:
-            shape = shapes[name]
-            if len(shape) == 1:
-                tensors[name] = np.ones(shape, ml_dtypes.bfloat16)
-            else:
-                offset, count = (7919 * (len(weight_map) + len(tensors))) % block.size, int(np.prod(shape))
-                window = twice[offset:offset + min(count, block.size)]
-                tensors[name] = (window if count <= block.size else np.resize(window, count)).reshape(shape)
-        save_file(tensors, str(directory / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
-        del tensors
-    index = {"metadata": {"total_size": total, "total_parameters": total // 2}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    transformers.LlamaConfig(**config).save_pretrained(directory)
 
 
 def warm_page_cache(directory: Path) -> int:
@@ -229,7 +174,7 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         if not (directory / "config.json").exists():
-            write_checkpoint(directory, preset["config"], preset["shards"])
+            write_checkpoint(directory, preset["config"], checkpoint_bytes(preset["config"]) / preset["shards"])
             wrote.append(directory)
         written = time.perf_counter() - t0
         if any(_TIMED[s][0] == "int8" for s in systems) and not checkpoint.exists():

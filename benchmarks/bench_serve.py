@@ -125,19 +125,10 @@ def _run_streams(engine, args, streams: int) -> dict:
 def _generate_baseline(engine, args) -> dict:
     """jint8.generate on one request of the same shape: the batch-1 inter-token latency to hold the
     engine's to (decode time per token, prefill excluded, as bench_generate measures it)."""
-    import dataclasses
-
-    import jint8
-
     prompt = np.random.default_rng(0).integers(0, args.model.vocab, size=(1, args.prompt), dtype=np.int32)
-    config = jint8.GenerationConfig(max_new_tokens=args.new_tokens, prompt_length_bucket=64,
-                                    new_tokens_bucket=args.new_tokens)
-    prefill_only = dataclasses.replace(config, max_new_tokens=1)
-    run = lambda c: jint8.generate(engine.model, engine.params, prompt, config=c)  # noqa: E731
-    run(config)  # compiles
-    prefill = bench_generate._best_seconds(lambda: run(prefill_only), 3)
-    full = bench_generate._best_seconds(lambda: run(config), 3)
-    return dict(generate_prefill_ms=prefill * 1e3, generate_itl_ms=(full - prefill) / (args.new_tokens - 1) * 1e3)
+    times = bench_generate.time_generate(engine.model, engine.params, prompt, args.new_tokens, repeats=3)
+    return dict(generate_prefill_ms=times.prefill_s * 1e3,
+                generate_itl_ms=(times.full_s - times.prefill_s) / (args.new_tokens - 1) * 1e3)
 
 
 def run_variant(args, variant: str) -> list[dict]:

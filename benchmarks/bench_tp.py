@@ -19,7 +19,6 @@ jax.set_mesh of the mesh: each int8 projection runs the kernel on its own shard
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import gc
 import json
@@ -137,6 +136,7 @@ def run(args, devices: int) -> list[dict]:
     import jax
 
     import jint8
+    from bench_generate import time_generate
 
     mesh = jint8.make_mesh(model=devices, devices=jax.devices()[:devices])
     start = time.perf_counter()
@@ -146,31 +146,16 @@ def run(args, devices: int) -> list[dict]:
     out = []
     for batch in args.batch:
         prompt = np.random.default_rng(batch).integers(0, args.vocab, size=(batch, args.prompt), dtype=np.int32)
-        config = jint8.GenerationConfig(max_new_tokens=args.new_tokens, prompt_length_bucket=64,
-                                        new_tokens_bucket=args.new_tokens)
-        prefill_only = dataclasses.replace(config, max_new_tokens=1)
         with jax.set_mesh(mesh):
-            started = time.perf_counter()
-            tokens = jint8.generate(model, params, prompt, config=config).sequences
-            compile_s = time.perf_counter() - started
-
-            def best(cfg):
-                times = []
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    jint8.generate(model, params, prompt, config=cfg)
-                    times.append(time.perf_counter() - t0)
-                return min(times)
-
-            prefill, full = best(prefill_only), best(config)
+            times = time_generate(model, params, prompt, args.new_tokens, args.repeats)
         device = jax.devices()[0]
         row = dict(shape=args.shape, layers=args.layers, devices=devices, batch=batch, prompt=args.prompt,
                    new_tokens=args.new_tokens, device=device.device_kind, platform=device.platform,
                    jax=jax.__version__, date=datetime.date.today().isoformat(),
                    weight_gib_total=jint8.param_bytes(params) / 2**30, weight_gib_per_device_even=per_device / 2**30,
-                   compile_s=compile_s, prefill_ms=prefill * 1e3,
-                   decode_tokens_per_s=batch * (args.new_tokens - 1) / (full - prefill) if full > prefill else float("nan"),
-                   first_tokens=tokens[0, args.prompt:args.prompt + 4].tolist())
+                   compile_s=times.compile_s, prefill_ms=times.prefill_s * 1e3,
+                   decode_tokens_per_s=times.decode_tokens_per_s(batch, args.new_tokens),
+                   first_tokens=times.sequences[0, args.prompt:args.prompt + 4].tolist())
         # the collectives of one row-parallel layer at decode (rows = batch) and prefill (batch x prompt)
         row["collectives_decode"] = time_collectives(mesh, batch, args.hidden, args.collective_repeats)
         row["collectives_prefill"] = time_collectives(mesh, batch * args.prompt, args.hidden,

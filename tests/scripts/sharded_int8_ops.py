@@ -41,6 +41,28 @@ def activations(k, outlier_cols=(), outlier_rows=None, dtype=np.float32):
     return jnp.asarray(x.astype(dtype))
 
 
+_JITTED = {}
+
+
+def jitted(route, layout=None, **kwargs):
+    """The jitted int8_matmul of one route and these options, one per (route, options): jax.jit
+    caches its compilations on the function, and many cases repeat options under new shardings or
+    inputs, which compiled afresh with a new lambda per call. Options holding arrays (an
+    InputNorm's scale) are not hashable: those get a function per call."""
+    def call(x, w, s, b):
+        return jint8.int8_matmul(x, w, s, b, weight_layout="nk", return_stats=True,
+                                 **({} if layout is None else dict(layout=layout)), **kwargs)
+
+    try:
+        key = (route, layout, tuple(sorted(kwargs.items())))
+        hash(key)
+    except TypeError:
+        return jax.jit(call)
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(call)
+    return _JITTED[key]
+
+
 def put(mesh, a, *spec):
     return jax.device_put(a, NamedSharding(mesh, P(*spec)))
 
@@ -52,20 +74,13 @@ def run(mesh, explicit_types, x, w, s, bias, x_spec, w_spec, **kwargs):
             None if bias is None else put(mesh, bias, w_spec[0]))
     if explicit_types:
         with jax.set_mesh(mesh):
-            f = jax.jit(lambda x, w, s, b: jint8.int8_matmul(x, w, s, b, weight_layout="nk", return_stats=True,
-                                                            **kwargs))
-            return [("types", f(*args))]
+            return [("types", jitted("types", **kwargs)(*args))]
     layout = layout_for(mesh, P(*x_spec), P(*w_spec))
-    given = jax.jit(lambda x, w, s, b: jint8.int8_matmul(x, w, s, b, weight_layout="nk", return_stats=True,
-                                                         layout=layout, **kwargs))
-    gspmd = jax.jit(lambda x, w, s, b: jint8.int8_matmul(x, w, s, b, weight_layout="nk", return_stats=True,
-                                                         **kwargs))
-    return [("layout", given(*args)), ("gspmd", gspmd(*args))]
+    return [("layout", jitted("layout", layout, **kwargs)(*args)), ("gspmd", jitted("gspmd", **kwargs)(*args))]
 
 
 def check(name, mesh, explicit_types, x, w, s, bias, x_spec, w_spec, *, bitwise=True, **kwargs):
-    expected, stats = jax.jit(lambda x, w, s, b: jint8.int8_matmul(
-        x, w, s, b, weight_layout="nk", return_stats=True, **kwargs))(x, w, s, bias)
+    expected, stats = jitted("one device", **kwargs)(x, w, s, bias)
     expected = np.asarray(expected)
     for route, (got, got_stats) in run(mesh, explicit_types, x, w, s, bias, x_spec, w_spec, **kwargs):
         assert int(got_stats.num_outlier_columns) == int(stats.num_outlier_columns), (name, got_stats, stats)
