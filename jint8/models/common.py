@@ -325,7 +325,7 @@ def causal_lm_logits(backbone, lm_head, input_ids, positions, cache, cache_index
     return logits.astype(jnp.float32), cache
 
 
-class CausalLM(nn.Module):
+class CausalLM(explicit_axes.RunsOnAutoAxes, nn.Module):
     """The shared *ForCausalLM: input_ids [B, T] -> (logits [B, T, vocab] float32, cache).
 
     A subclass names its backbone (BACKBONE: the decoder stack's class, built from the config;
@@ -346,37 +346,11 @@ class CausalLM(nn.Module):
             self.lm_head = Int8Dense(self.config.vocab_size, use_bias=False, dtype=self.config.dtype,
                                      param_dtype=self.config.dtype)
 
-    @nn.nowrap
-    def apply(self, variables, *args, **kwargs):
-        """nn.Module.apply; under jax.set_mesh of a mesh with Explicit axes the model runs with
-        them made Auto (explicit_axes.on_auto_axes) and returns its caches with cache_spec's
-        sharding, everything else (logits, collections) replicated."""
-        if explicit_axes.explicit_mesh() is None:
-            return super().apply(variables, *args, **kwargs)
-        return explicit_axes.on_auto_axes(super().apply, (variables, *args), kwargs, output_specs)
-
     def __call__(self, input_ids, positions=None, cache: Optional[KVCache] = None, cache_index=None,
                  kv_mask=None, logits_to_keep: int = 0):
         lm_head = None if self.config.tie_word_embeddings else self.lm_head
         return causal_lm_logits(getattr(self, self.BACKBONE_NAME), lm_head, input_ids, positions, cache,
                                 cache_index, kv_mask, logits_to_keep)
-
-
-def output_specs(out):
-    """The Explicit-axis PartitionSpecs of a model's results on the ambient mesh: a KVCache's k/v
-    as loading.shard_cache places them (batch over "data", KV heads over "model"), every other
-    leaf replicated."""
-    from jint8.loading.sharding import cache_spec  # the loader's rules (it imports the models)
-
-    mesh = jax.sharding.get_abstract_mesh()
-
-    def spec(leaf):
-        if isinstance(leaf, KVCache):
-            kv = cache_spec(leaf.k.shape[3], leaf.k.shape[1], mesh)
-            return KVCache(kv, kv)
-        return jax.sharding.PartitionSpec()
-
-    return jax.tree.map(spec, out, is_leaf=lambda x: isinstance(x, KVCache))
 
 
 def default_positions(batch: int, num_tokens: int, cache_index=None) -> jax.Array:

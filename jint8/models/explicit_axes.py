@@ -61,3 +61,32 @@ def on_auto_axes(fn: Callable, args: tuple, kwargs: dict, out_specs: Callable[[o
         arrays = [jax.sharding.reshard(leaves[i], P()) for i in positions]
         out = body(*arrays)
     return jax.sharding.reshard(out, out_specs(out))
+
+
+def output_specs(out):
+    """The Explicit-axis PartitionSpecs of a model's results on the ambient mesh: a KVCache's k/v
+    as loading.shard_cache places them (batch over "data", KV heads over "model"), every other
+    leaf (logits, T5's cross-attention keys, collections) replicated."""
+    from jint8.loading.sharding import cache_spec  # the loader's rules (it imports the models)
+    from jint8.models.common import KVCache
+
+    mesh = jax.sharding.get_abstract_mesh()
+
+    def spec(leaf):
+        if isinstance(leaf, KVCache):
+            kv = cache_spec(leaf.k.shape[3], leaf.k.shape[1], mesh)
+            return KVCache(kv, kv)
+        return P()
+
+    return jax.tree.map(spec, out, is_leaf=lambda x: isinstance(x, KVCache))
+
+
+class RunsOnAutoAxes:
+    """A Linen model mixin: apply() under jax.set_mesh of a mesh with Explicit axes runs the
+    model with them made Auto (on_auto_axes) and returns output_specs' shardings; elsewhere
+    nn.Module.apply as it is."""
+
+    def apply(self, variables, *args, **kwargs):
+        if explicit_mesh() is None:
+            return super().apply(variables, *args, **kwargs)
+        return on_auto_axes(super().apply, (variables, *args), kwargs, output_specs)
