@@ -169,10 +169,15 @@ def stage(host_array: np.ndarray, conversion: Conversion) -> jax.Array:
 
 
 def stage_sharded(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """host_array on sharding's devices, each receiving a copy of its own block: only the blocks of
-    this process's devices are read (of a memory-mapped file: only their bytes), so in a
-    multi-process run (jax.distributed) each process reads its own shards and no other."""
+    """host_array on sharding's devices, each receiving its own block: only the blocks of this
+    process's devices are read (of a memory-mapped file: only their bytes), so in a
+    multi-process run (jax.distributed) each process reads its own shards and no other. A CPU
+    device gets a copy (its buffer may alias host memory: it would keep viewing the file); an
+    accelerator's transfer reads the view itself, a block of whole rows (staging_spec) being one
+    contiguous range."""
+    on_cpu = all(device.platform == "cpu" for device in sharding.device_set)
+
     def block(index):
-        return np.array(host_array[index])  # a copy: the source may be a view of the file
+        return np.array(host_array[index]) if on_cpu else host_array[index]
 
     return jax.make_array_from_callback(tuple(host_array.shape), sharding, block, dtype=host_array.dtype)
