@@ -337,6 +337,39 @@ class Int8Linear(nnx.Module):
         return y if bias is None else y + bias
 
 
+def _explicit_spec(array) -> Optional[tuple]:
+    """The PartitionSpec entries (one per axis) of an array whose type carries a sharding over
+    Explicit mesh axes, else None (no mesh, Auto axes, inside a shard_map)."""
+    sharding = getattr(jax.typeof(array), "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.empty:
+        return None
+    if not any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
+        return None
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (array.ndim - len(spec))
+
+
+def gather_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table [V, *rest] rows at ids [...] -> [..., *rest], as jnp.take(table, ids, axis=0).
+
+    On Explicit mesh axes with a vocab-parallel table (V over "model") jax cannot infer the
+    gather's output sharding and asks for one: the rows follow the ids' split (the batch over
+    "data") with the table's other axes kept, so XLA gathers each row from the shard that holds
+    it and all-reduces the masked partial lookups over "model"."""
+    table_spec = _explicit_spec(table)
+    if table_spec is None:
+        return jnp.take(table, ids, axis=0)
+    ids_spec = _explicit_spec(ids) or (None,) * ids.ndim
+
+    def axes(entry):
+        return set() if entry is None else {entry} if isinstance(entry, str) else set(entry)
+
+    used = set().union(*(axes(e) for e in ids_spec))
+    rest = tuple(e if not axes(e) & used else None for e in table_spec[1:])
+    out_spec = jax.sharding.PartitionSpec(*ids_spec, *rest)
+    return table.at[ids].get(mode="fill", out_sharding=out_spec)
+
+
 class Int8Embed(nn.Module):
     """nn.Embed with the same fields and param name; an Int8Weight table (Int8Config
     quantize_embeddings) is gathered in int8 and dequantized per row, and attend() runs LLM.int8()."""
@@ -357,11 +390,11 @@ class Int8Embed(nn.Module):
             raise ValueError(f"{self.name}: input type must be an integer, got {inputs.dtype}")
         table = self.embedding
         if isinstance(table, Int8Weight):
-            rows = jnp.take(table.qvalue, inputs, axis=0).astype(jnp.float32)
-            scale = jnp.take(table.scale, inputs, axis=0)[..., None]
+            rows = gather_rows(table.qvalue, inputs).astype(jnp.float32)
+            scale = gather_rows(table.scale, inputs)[..., None]
             return (rows * scale * INV_127).astype(self.dtype or self.param_dtype)  # = dequantize_embedding
         (table,) = nn.dtypes.promote_dtype(table, dtype=self.dtype, inexact=False)
-        return jnp.take(table, inputs, axis=0)
+        return gather_rows(table, inputs)
 
     def attend(self, query: jax.Array) -> jax.Array:
         """query [..., features] @ table.T -> [..., num_embeddings] (a tied output head)."""

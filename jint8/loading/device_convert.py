@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +33,12 @@ class Conversion:
     transpose: stored [out, in] -> Flax [in, out] (2-D only).
     quantization: the int8 settings of a quantized leaf (None: a float leaf).
     out_dtype: a float leaf's dtype (int8 when quantized to int8; a 4-bit leaf is quantized from it).
-    source: where the stored array is placed; outputs: the final sharding of each output array:
+    source: where the stored array is placed (staging_spec: on a mesh, blocks of whole leading-
+      axis rows where the format allows); outputs: the final sharding of each output array:
       the array of a float leaf, or qvalue and scale of a quantized one, then a scalar flag,
       true where the source holds a NaN or Inf (read once after the load).
+    row_order: a function of the stored array putting its rows in transformers' order (a GGUF
+      file's RowOrder), run first; None: the rows are in that order.
     """
 
     shape: tuple[int, ...]
@@ -44,6 +48,7 @@ class Conversion:
     out_dtype: np.dtype
     source: jax.sharding.Sharding
     outputs: tuple[jax.sharding.Sharding, ...]
+    row_order: Optional[Callable] = None
 
 
 def default_device() -> jax.Device:
@@ -54,11 +59,36 @@ def default_device() -> jax.Device:
     return device if device is not None else jax.devices()[0]
 
 
+def staging_spec(shape: tuple[int, ...], spec: tuple, mesh) -> tuple:
+    """How a stored array [d0, d1, ...] is sent to a mesh whose final layout of it is `spec`.
+
+    A C-order array split along a later axis only (a PyTorch [out, in] weight of a row-parallel
+    layer: o_proj, down_proj; K over "model") has strided blocks, which the host would have to
+    gather row by row into a copy for each device. Split along d0 over the same mesh axes
+    instead, each device's block is one contiguous range of the file, and the jitted conversion
+    moves the values to the final layout on the devices (an all-to-all over those axes, of the
+    int8 qvalue where it is quantized: the row-wise absmax needs nothing from other devices).
+    Each device still receives 1 / n of the tensor's bytes from the host, but not its own final
+    block: the cost is that device-to-device exchange and a second 1 / n buffer while it runs.
+    Where d0 does not divide evenly the split stays where the layout wants it.
+    """
+    split = [(axis, entry) for axis, entry in enumerate(spec) if entry is not None]
+    if len(shape) < 2 or len(split) != 1 or split[0][0] == 0:
+        return spec
+    entry = split[0][1]
+    size = math.prod(int(mesh.shape[a]) for a in ((entry,) if isinstance(entry, str) else entry))
+    if shape[0] % size:
+        return spec
+    return (entry,) + (None,) * (len(shape) - 1)
+
+
 def plan_conversion(shape, dtype, *, transpose: bool, quantization: Optional[LeafQuantization], out_dtype,
                     float_spec: PartitionSpec, mesh: Optional[jax.sharding.Mesh],
-                    int4_specs: Optional[tuple[PartitionSpec, ...]] = None) -> Conversion:
+                    int4_specs: Optional[tuple[PartitionSpec, ...]] = None,
+                    row_order: Optional[Callable] = None) -> Conversion:
     """The Conversion of a stored tensor whose parameter (Flax layout, float) is sharded by float_spec
-    (a 4-bit one's arrays by int4_specs, quant4.int4_weight_specs' in leaf order; default replicated)."""
+    (a 4-bit one's arrays by int4_specs, quant4.int4_weight_specs' in leaf order; default replicated).
+    row_order: Conversion's."""
     shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
     if quantization is not None and not quantization.quantized:
         quantization = None
@@ -85,15 +115,17 @@ def plan_conversion(shape, dtype, *, transpose: bool, quantization: Optional[Lea
         device = SingleDeviceSharding(default_device())
         source, outputs = device, (device,) * len(out_specs)
     else:
-        source = NamedSharding(mesh, PartitionSpec(*source_spec))
+        source = NamedSharding(mesh, PartitionSpec(*staging_spec(shape, source_spec, mesh)))
         outputs = tuple(NamedSharding(mesh, s) for s in out_specs)
     # a 4-bit kernel is quantized from the weight in out_dtype (transformers casts to torch_dtype
     # before bitsandbytes quantizes); an int8 one from the stored precision
     out_dtype = np.dtype(np.int8 if quantization is not None and quantization.int4 is None else out_dtype)
-    return Conversion(shape, dtype, bool(transpose), quantization, out_dtype, source, outputs)
+    return Conversion(shape, dtype, bool(transpose), quantization, out_dtype, source, outputs, row_order)
 
 
 def _convert(conversion: Conversion, stored: jax.Array) -> tuple[jax.Array, ...]:
+    if conversion.row_order is not None:  # a permutation: exact in any dtype
+        stored = conversion.row_order(stored)
     w = stored.T if conversion.transpose else stored  # Flax layout, the source dtype
     # quantize_params' NaN/Inf check, for float leaves too (a NaN norm weight or embedding row
     # would load silently), as one flag: w * 0 is 0, or NaN where w is NaN or +-Inf, and a sum
@@ -137,10 +169,15 @@ def stage(host_array: np.ndarray, conversion: Conversion) -> jax.Array:
 
 
 def stage_sharded(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """host_array on sharding's devices, each receiving a copy of its own block: only the blocks of
-    this process's devices are read (of a memory-mapped file: only their bytes), so in a
-    multi-process run (jax.distributed) each process reads its own shards and no other."""
+    """host_array on sharding's devices, each receiving its own block: only the blocks of this
+    process's devices are read (of a memory-mapped file: only their bytes), so in a
+    multi-process run (jax.distributed) each process reads its own shards and no other. A CPU
+    device gets a copy (its buffer may alias host memory: it would keep viewing the file); an
+    accelerator's transfer reads the view itself, a block of whole rows (staging_spec) being one
+    contiguous range."""
+    on_cpu = all(device.platform == "cpu" for device in sharding.device_set)
+
     def block(index):
-        return np.array(host_array[index])  # a copy: the source may be a view of the file
+        return np.array(host_array[index]) if on_cpu else host_array[index]
 
     return jax.make_array_from_callback(tuple(host_array.shape), sharding, block, dtype=host_array.dtype)

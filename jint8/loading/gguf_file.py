@@ -12,13 +12,14 @@ those files are refused. T5 GGUFs (llama.cpp's "t5": enc.blk.* / dec.blk.*, toke
 take the feed-forward kind and the head tying from their tensors (_t5_config_from_tensors).
 
 The gguf reader parses the header only. Tensors stored as F32 / F16 / BF16 are read as views of a
-memory map of the file and go to the device as stored (cast and quantized there, as safetensors
-tensors are); llama.cpp's block-quantized types are dequantized to float32 on the host one tensor
+memory map of the file and go to the device as stored (cast, reordered (RowOrder) and quantized
+there, as safetensors tensors are); llama.cpp's block-quantized types are dequantized to float32 on the host one tensor
 at a time, in the loader's reader thread. Each tensor's pages are released once it is converted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -67,19 +68,47 @@ def gguf_architecture(reader) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
-def reverse_rotary_permutation(weights: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's permute of attn_q / attn_k rows ([heads * H, in] PyTorch layout)."""
+def reverse_rotary_permutation(weights, num_heads: int):
+    """Undo llama.cpp's permute of attn_q / attn_k rows ([heads * H, in] PyTorch layout); a numpy
+    or a jax array (array methods only: RowOrder runs it in the jitted conversion)."""
     dim = weights.shape[0] // num_heads // 2
     w = weights.reshape(num_heads, dim, 2, *weights.shape[1:])
     return w.swapaxes(2, 1).reshape(weights.shape)
 
 
-def bloom_qkv_from_llama_cpp(weights: np.ndarray, num_heads: int) -> np.ndarray:
+def bloom_qkv_from_llama_cpp(weights, num_heads: int):
     """llama.cpp's q | k | v rows ([3 * D, ...] PyTorch layout, weight or bias) back to BLOOM's
-    per-head [head][q, k, v][head_dim] interleave."""
-    q, k, v = np.split(weights, 3, axis=0)
-    per_head = [x.reshape(num_heads, x.shape[0] // num_heads, *x.shape[1:]) for x in (q, k, v)]
-    return np.stack(per_head, axis=1).reshape(weights.shape)
+    per-head [head][q, k, v][head_dim] interleave; a numpy or a jax array."""
+    w = weights.reshape(3, num_heads, weights.shape[0] // 3 // num_heads, *weights.shape[1:])
+    return w.swapaxes(0, 1).reshape(weights.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowOrder:
+    """A llama.cpp row order of a stored tensor, undone on the device in its jitted conversion
+    (device_convert.Conversion.row_order): the read stays a view of the mapped file, and no
+    host copy is made to permute it. kind: "rotary" (attn_q / attn_k of "llama" files) or
+    "bloom_qkv" (BLOOM's attn_qkv weight and bias)."""
+
+    kind: str
+    num_heads: int
+
+    def __call__(self, weights):
+        if self.kind == "rotary":
+            return reverse_rotary_permutation(weights, self.num_heads)
+        return bloom_qkv_from_llama_cpp(weights, self.num_heads)
+
+
+def _row_order(name: str, architecture: str, hf_config):
+    """The RowOrder a tensor's rows are stored in, None where they are in transformers' order."""
+    if architecture == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        heads = hf_config.num_attention_heads
+        if "attn_k" in name:
+            heads = getattr(hf_config, "num_key_value_heads", None) or heads
+        return RowOrder("rotary", heads)
+    if architecture == "bloom" and ".attn_qkv." in name:
+        return RowOrder("bloom_qkv", hf_config.n_head)
+    return None
 
 
 def _gguf_to_hf_names(reader, architecture: str, hf_names: Iterable[str], num_layers: int) -> dict[str, str]:
@@ -127,7 +156,8 @@ def _read_dtype(tensor_type, hf_name: str, architecture: str) -> np.dtype:
 
 def _reader(mapped: MappedFile, tensor, hf_name: str, architecture: str, hf_config):
     """read() of one tensor: a view of the mapped file (float types) or its dequantized float32
-    values, in PyTorch layout, with the llama.cpp layout changes undone (copies of those tensors)."""
+    values, in PyTorch layout and llama.cpp's row order (the record's row_order undoes it on the
+    device); Gemma's norm weights shifted back by 1 on the host (a float32 copy)."""
     name, tensor_type, offset = tensor.name, tensor.tensor_type, int(tensor.data_offset)
     shape = tuple(reversed([int(d) for d in tensor.shape]))
     stored_shape, stored = tuple(int(d) for d in tensor.data.shape), _stored_float_dtype(tensor_type)
@@ -145,15 +175,8 @@ def _reader(mapped: MappedFile, tensor, hf_name: str, architecture: str, hf_conf
             raise UnsupportedQuantTypeError(
                 f"{mapped.file}: tensor {name!r} of type {tensor_type.name} cannot be dequantized: {e}"
             ) from None
-        if architecture == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = hf_config.num_attention_heads
-            if "attn_k" in name:
-                heads = getattr(hf_config, "num_key_value_heads", None) or heads
-            weights = reverse_rotary_permutation(weights, heads)
         if architecture.startswith("gemma") and hf_name.endswith("norm.weight"):
             weights = weights.astype(np.float32) - 1.0
-        if architecture == "bloom" and ".attn_qkv." in name:
-            weights = bloom_qkv_from_llama_cpp(weights, hf_config.n_head)
         return weights
 
     return read
@@ -190,7 +213,8 @@ def gguf_records(file: Path, hf_config, hf_names: Iterable[str]) -> list[TensorR
         records.append(TensorRecord(hf_name, os.fspath(file), tensor.name, shape, False,
                                     _reader(mapped, tensor, hf_name, architecture, hf_config),
                                     _read_dtype(tensor.tensor_type, hf_name, architecture), nbytes,
-                                    functools.partial(mapped.release, offset, nbytes)))
+                                    functools.partial(mapped.release, offset, nbytes),
+                                    _row_order(tensor.name, architecture, hf_config)))
     return records
 
 

@@ -356,7 +356,8 @@ def _tensor_job(record: TensorRecord, target: TensorTarget, planned, decision: O
         out_dtype=jnp.dtype(out_dtype), mesh=settings.mesh,
         float_spec=_float_spec(target.path, planned, settings.mesh, settings.sharding),
         int4_specs=(tuple(_int4_specs(target.path, planned, settings.mesh, settings.sharding))
-                    if isinstance(planned, Int4Weight) else None))
+                    if isinstance(planned, Int4Weight) else None),
+        row_order=record.row_order)
     # formats whose headers give no dtype (msgpack, GGUF) plan their conversion once read
     expected = conversion_for(record.dtype) if record.dtype is not None else None
 

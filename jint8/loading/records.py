@@ -31,6 +31,9 @@ class TensorRecord:
       so a wrong dtype is refused and progress is counted in bytes before anything is read.
     release: called once the tensor is converted and its read no longer needed (a memory-mapped
       reader drops the pages from the process); None where there is nothing to release.
+    row_order: a hashable function of the stored array (numpy or jax) giving its rows in
+      transformers' order (GGUF's gguf_file.RowOrder), applied on the device in the conversion;
+      None where read() returns them in that order.
     """
 
     name: str
@@ -42,6 +45,7 @@ class TensorRecord:
     dtype: Optional[np.dtype] = None
     nbytes: Optional[int] = None
     release: Optional[Callable[[], None]] = None
+    row_order: Optional[Callable] = None
 
 
 class MappedFile:

@@ -17,6 +17,7 @@ from flax import struct
 
 from jint8.errors import UnsupportedArchitectureError
 from jint8.layers import Int8Dense, NormedInput
+from jint8.models import explicit_axes
 from jint8.models.alibi import alibi_bias
 from jint8.numerics import rms_norm
 from jint8.ops import attention as attention_ops
@@ -324,7 +325,7 @@ def causal_lm_logits(backbone, lm_head, input_ids, positions, cache, cache_index
     return logits.astype(jnp.float32), cache
 
 
-class CausalLM(nn.Module):
+class CausalLM(explicit_axes.RunsOnAutoAxes, nn.Module):
     """The shared *ForCausalLM: input_ids [B, T] -> (logits [B, T, vocab] float32, cache).
 
     A subclass names its backbone (BACKBONE: the decoder stack's class, built from the config;

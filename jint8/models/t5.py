@@ -32,6 +32,7 @@ from flax import struct
 
 from jint8.errors import InvalidConfigError, UnsupportedArchitectureError
 from jint8.layers import Int8Dense, Int8Embed
+from jint8.models import explicit_axes
 from jint8.models.common import ACTIVATIONS, KVCache, RMSNorm, update_layer_cache
 from jint8.models.common import attention_mask as causal_slot_mask
 from jint8.models.spec import Fusion, ModelSpec, NameRules, ShardingRules
@@ -379,7 +380,7 @@ def _padding_mask(mask: jax.Array) -> jax.Array:
     return mask.astype(bool)[:, None, None, :]
 
 
-class T5ForConditionalGeneration(nn.Module):
+class T5ForConditionalGeneration(explicit_axes.RunsOnAutoAxes, nn.Module):
     """input_ids [B, E] (+ attention_mask) and decoder_input_ids [B, T] -> logits [B, T, vocab] float32.
 
     Methods for a request (model.apply(..., method=...)): encode(input_ids, attention_mask) ->

@@ -4,7 +4,8 @@ usage: python placement_script.py CHECKPOINT_DIR [GGUF_FILE]
 8 fake CPU devices (run in a subprocess: XLA_FLAGS must be set before jax starts). For meshes of
 4 and 8 devices and float and int8 loads: each leaf's sharding is the NamedSharding the sharding
 rules give it, each device holds only its shard, the values equal the unsharded load's, and each
-stored array went to the devices already split (no device received a whole sharded tensor).
+stored array went to the devices already split (no device received a whole sharded tensor), in
+blocks of whole rows of the stored array (device_convert.staging_spec: no strided host copies).
 """
 
 import os
@@ -67,15 +68,17 @@ def check_placement(params, reference, mesh) -> tuple[int, int]:
     return split, split_leaves
 
 
-def staged_split() -> int:
-    """How many stored arrays reached the devices split; each as its source sharding's shards."""
-    split = 0
+def staged_split() -> tuple[int, int]:
+    """How many stored arrays reached the devices split, each as its source sharding's shards,
+    and how many of them split along a later axis than the first (strided blocks of the file)."""
+    split, strided = 0, 0
     for host_shape, source, staged in STAGED:
         assert staged.sharding == source
         shard_shape = source.shard_shape(host_shape)
         assert {tuple(s.data.shape) for s in staged.addressable_shards} == {shard_shape}
         split += shard_shape != tuple(host_shape)
-    return split
+        strided += shard_shape[1:] != tuple(host_shape[1:])
+    return split, strided
 
 
 def main(directory, gguf=None):
@@ -93,11 +96,14 @@ def main(directory, gguf=None):
             _, params = jint8.from_pretrained(directory, dtype=jnp.bfloat16, quantization=quantization, mesh=mesh,
                                               progress=False)
             split, split_leaves = check_placement(params, reference, mesh)
-            # a tensor whose parameter is sharded went to the devices already split, never whole
-            assert staged_split() == split_leaves > 0, (staged_split(), split_leaves)
+            # a tensor whose parameter is sharded went to the devices already split, never whole,
+            # and in blocks of whole rows of the stored array (contiguous in the file): row-parallel
+            # o_proj / down_proj [out, in] too, moved to their K split on the devices
+            staged, strided = staged_split()
+            assert staged == split_leaves > 0 and strided == 0, (staged, strided, split_leaves)
             print(f"{os.path.basename(directory)} quantization={quantization is not None} mesh=({data},{model_axis}): "
                   f"{split} arrays split, "
-                  f"{split_leaves} of {len(STAGED)} tensors staged split")
+                  f"{split_leaves} of {len(STAGED)} tensors staged split in whole rows")
     print("OK")
 
 

@@ -123,6 +123,33 @@ def test_device_cast_and_transpose_equal_the_host_cast(dtype, out_dtype, transpo
     np.testing.assert_array_equal(_bits(placed), _bits(host))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("order, shape, quantized", [
+    (("rotary", 4), (64, 40), False), (("rotary", 4), (64, 40), True), (("rotary", 2), (32, 40), True),
+    (("bloom_qkv", 4), (96, 32), False), (("bloom_qkv", 4), (96, 32), True), (("bloom_qkv", 4), (96,), False)])
+def test_gguf_row_order_on_the_device_equals_the_host_permutation(dtype, order, shape, quantized):
+    """A GGUF attn_q / attn_k (rotary pairs) or BLOOM attn_qkv (q | k | v, weight and bias)
+    permuted in the jitted conversion gives the parameter the host copy permuted by
+    gguf_file's numpy functions gives (the previous path), bit for bit."""
+    from jint8.loading.gguf_file import RowOrder, bloom_qkv_from_llama_cpp, reverse_rotary_permutation
+
+    stored = _stored(np.random.default_rng(4), shape, DTYPES[dtype])
+    kind, heads = order
+    host_order = reverse_rotary_permutation if kind == "rotary" else bloom_qkv_from_llama_cpp
+    permuted = np.ascontiguousarray(host_order(stored, heads))
+    assert not np.array_equal(permuted, stored)  # the order matters for these shapes
+    path = ("model", "layers_0", "self_attn", "q_proj", "kernel" if len(shape) == 2 else "bias")
+    decision = leaf_quantization(path, shape[::-1], jint8.Int8Config()) if quantized else None
+    transpose = len(shape) == 2
+    expected = _convert(permuted, transpose, decision)[1]
+    conversion = plan_conversion(stored.shape, stored.dtype, transpose=transpose, quantization=decision,
+                                 out_dtype=jnp.bfloat16, float_spec=P(), mesh=None, row_order=RowOrder(kind, heads))
+    got = compiled_conversion(conversion)(stage(stored, conversion))
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
 def test_each_conversion_compiles_once(tmp_path):
     require_module("torch")
     torch_model("llama").save_pretrained(tmp_path, safe_serialization=True)

@@ -55,6 +55,15 @@ def test_load_places_every_tensor_with_its_final_sharding_on_4_and_8_cpu_devices
     assert stdout.count("arrays split") == 8 and stdout.count("tiny.gguf") == 2
 
 
+def test_whole_model_on_explicit_mesh_axes_gives_one_devices_logits_cache_and_tokens(tmp_path):
+    """jax.make_mesh's default AxisType.Explicit: int8 layers and int8 embeddings (the
+    vocab-parallel gather) on a (2, 4) mesh, forward, KV cache sharding and generate."""
+    require_module("torch")
+    save_checkpoint("llama", tmp_path)
+    stdout = _run_on_8_cpu_devices(Path(__file__).with_name("explicit_axes_script.py"), str(tmp_path))
+    assert "tokens equal" in stdout and "vocab-parallel gather OK" in stdout
+
+
 def test_fused_projections_are_column_parallel_on_8_cpu_devices():
     _run_on_8_cpu_devices(FUSED_SCRIPT)
 
