@@ -119,16 +119,22 @@ def _site_inputs(model: nn.Module, params, windows, sites: Sequence[MigrationSit
     return inputs
 
 
+def _vectorwise_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values as float32 [K, N], absmax per output column [N]) of a kernel, bitsandbytes' rounding."""
+    w_scale = np.abs(w).max(axis=0)
+    return np.rint(w * (127.0 / np.where(w_scale > 0, w_scale, np.inf))).astype(np.float32), w_scale
+
+
 def simulated_int8_output(x: np.ndarray, w: np.ndarray, threshold: float,
-                          outliers: Optional[np.ndarray] = None) -> np.ndarray:
+                          outliers: Optional[np.ndarray] = None, quantized_w=None) -> np.ndarray:
     """LLM.int8() of x [T, K] and w [K, N] as jint8.ops.int8_matmul computes it (float32, up to
     summation order): outlier columns ([K] bool; default: those with any |x| >= threshold, the
     rows of this call) in 16 bits against the dequantized int8 weight rows; the rest vector-wise
-    int8, each row's scale its max |x| over the elements below the threshold."""
+    int8, each row's scale its max |x| over the elements below the threshold. quantized_w:
+    _vectorwise_int8(w), when the caller has it already."""
     if outliers is None:
         outliers = (np.abs(x) >= threshold).any(axis=0) if threshold > 0 else np.zeros(x.shape[1], bool)
-    w_scale = np.abs(w).max(axis=0)
-    wq = np.rint(w * (127.0 / np.where(w_scale > 0, w_scale, np.inf))).astype(np.float32)
+    wq, w_scale = _vectorwise_int8(w) if quantized_w is None else quantized_w
     magnitude = np.abs(x)
     x_scale = np.where(magnitude >= threshold, 0, magnitude).max(axis=1, keepdims=True) if threshold > 0 \
         else magnitude.max(axis=1, keepdims=True)
@@ -144,7 +150,8 @@ def _site_error(windows_x, weights, references, threshold, outliers) -> float:
     """Sum over the site's projections of |y_int8 - y|^2 / |y|^2 on the scored tokens."""
     error = 0.0
     for w, refs in zip(weights, references):
-        num = sum(float(np.square(simulated_int8_output(x, w, threshold, o) - y).sum())
+        quantized_w = _vectorwise_int8(w)  # once per candidate, not once per window
+        num = sum(float(np.square(simulated_int8_output(x, w, threshold, o, quantized_w) - y).sum())
                   for x, y, o in zip(windows_x, refs, outliers))
         den = sum(float(np.square(y).sum()) for y in refs)
         error += num / max(den, float(np.finfo(np.float32).tiny))
