@@ -12,14 +12,15 @@ Steps (calibrate_auto), all on the float model in float32:
    choose each projection's threshold on the migrated activations (calibration.calibrate_layers:
    the lowest threshold that keeps at most `outlier_budget` of the input features per call in
    16 bits, at most 6.0);
-4. round each migration site's projections to int8 with GPTQ (jint8.gptq) against the Hessian of
-   their migrated calibration inputs, in bitsandbytes' format and scale: error-compensating
-   rounding instead of round-to-nearest, the same bytes;
-5. keep the down_proj whose simulated int8 output error (step 2's score at the chosen candidate)
-   is largest in 16 bits, while the extra bytes stay within SKIP_MEMORY_BUDGET of the int8 model.
+4. keep the down_proj whose simulated int8 output error (step 2's score at the chosen candidate)
+   is largest in 16 bits, while the extra bytes stay within SKIP_MEMORY_BUDGET of the int8 model;
+5. round every other migration-site projection to int8 with GPTQ (jint8.gptq) against the
+   Hessian of its migrated calibration inputs, in bitsandbytes' format and scale:
+   error-compensating rounding instead of round-to-nearest, the same bytes.
 
-The result is the migrated params (those kernels already Int8Weight) and a plain Int8Config (mode "fixed", thresholds and
-capacities per exact module path, `calibration` naming the method) that quantize_params and
+The result is the migrated params (those kernels already Int8Weight) and a plain Int8Config
+(mode "fixed", thresholds and capacities per exact module path, the skip list, `calibration`
+naming the method) that quantize_params and
 save_quantized use as any other: a saved checkpoint reloads as it is, without recalibrating.
 """
 
