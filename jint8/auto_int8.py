@@ -11,10 +11,16 @@ Steps (calibrate_auto), all on the float model in float32:
 3. fold the chosen scales into the float params (exact: the float model is unchanged), then
    choose each projection's threshold on the migrated activations (calibration.calibrate_layers:
    the lowest threshold that keeps at most `outlier_budget` of the input features per call in
-   16 bits, at most 6.0).
+   16 bits, at most 6.0);
+4. keep the down_proj whose simulated int8 output error (step 2's score at the chosen candidate)
+   is largest in 16 bits, while the extra bytes stay within SKIP_MEMORY_BUDGET of the int8 model;
+5. round every other migration-site projection to int8 with GPTQ (jint8.gptq) against the
+   Hessian of its migrated calibration inputs, in bitsandbytes' format and scale:
+   error-compensating rounding instead of round-to-nearest, the same bytes.
 
-The result is the migrated float params and a plain Int8Config (mode "fixed", thresholds and
-capacities per exact module path, `calibration` naming the method) that quantize_params and
+The result is the migrated params (those kernels already Int8Weight) and a plain Int8Config
+(mode "fixed", thresholds and capacities per exact module path, the skip list, `calibration`
+naming the method) that quantize_params and
 save_quantized use as any other: a saved checkpoint reloads as it is, without recalibrating.
 """
 
@@ -34,6 +40,7 @@ import numpy as np
 
 from jint8.calibration import budget_threshold, calibrate_layers, layers_to_config
 from jint8.errors import InvalidConfigError
+from jint8.gptq import gptq_int8, input_hessian
 from jint8.layers import Int8Dense, as_array
 from jint8.quantize import Int8Config
 from jint8.sensitivity import token_windows
@@ -41,11 +48,21 @@ from jint8.smoothing import MigrationSite, fold_scales, llama_sites, smoothing_e
 
 _logger = logging.getLogger("jint8")
 
-AUTO_METHOD = "auto-v1"  # Int8Config.calibration of a resolved auto config: this method, this text
+AUTO_METHOD = "auto-v2"  # Int8Config.calibration of a resolved auto config: this method, this text
 ALPHAS = (0.3, 0.5, 0.7)  # SmoothQuant migration strengths tried per site, besides no migration
 WINDOW = 512  # tokens per calibration call (the outlier columns of a call are its tokens' union)
 OUTLIER_BUDGET = 0.05  # fraction of a projection's input features allowed through 16 bits per call
 MAX_THRESHOLD = 6.0  # bitsandbytes' default: never a higher threshold than it
+# GPTQ's damping, as a fraction of the Hessian's mean diagonal: 0.01 (GPTQ's default) fitted the
+# 1580 calibration tokens too closely (held-out KL worse than round-to-nearest on the license
+# text); 0.1 was better than round-to-nearest on both texts it was tried on (docs/ACCURACY.md)
+GPTQ_DAMPING = 0.1
+# down_proj kept in 16 bits, worst first, while their extra bytes (2 per weight in bf16 against 1 in
+# int8) stay within this fraction of the int8 model's weight bytes: with every down_proj in float
+# the KL of SmolLM2 on the calibration text halved (0.0044 -> 0.0020), no other projection group
+# moved it by more than 8 %
+SKIP_MEMORY_BUDGET = 0.05
+SKIP_SITE = "mlp_out"
 SCORE_STRIDE = 8  # the search scores every 8th calibration token (its cost; thresholds see all)
 _CAPTURE = "auto_int8_inputs"
 
@@ -67,7 +84,8 @@ class SiteChoice:
 
 @dataclasses.dataclass(frozen=True)
 class AutoCalibration:
-    """calibrate_auto's result: params (float, migrated) with config quantize exactly as chosen."""
+    """calibrate_auto's result: params (migrated; the migration sites' kernels already GPTQ-rounded
+    Int8Weight leaves, the rest float) with config quantize exactly as chosen."""
 
     params: object
     config: Int8Config
@@ -102,16 +120,22 @@ def _site_inputs(model: nn.Module, params, windows, sites: Sequence[MigrationSit
     return inputs
 
 
+def _vectorwise_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values as float32 [K, N], absmax per output column [N]) of a kernel, bitsandbytes' rounding."""
+    w_scale = np.abs(w).max(axis=0)
+    return np.rint(w * (127.0 / np.where(w_scale > 0, w_scale, np.inf))).astype(np.float32), w_scale
+
+
 def simulated_int8_output(x: np.ndarray, w: np.ndarray, threshold: float,
-                          outliers: Optional[np.ndarray] = None) -> np.ndarray:
+                          outliers: Optional[np.ndarray] = None, quantized_w=None) -> np.ndarray:
     """LLM.int8() of x [T, K] and w [K, N] as jint8.ops.int8_matmul computes it (float32, up to
     summation order): outlier columns ([K] bool; default: those with any |x| >= threshold, the
     rows of this call) in 16 bits against the dequantized int8 weight rows; the rest vector-wise
-    int8, each row's scale its max |x| over the elements below the threshold."""
+    int8, each row's scale its max |x| over the elements below the threshold. quantized_w:
+    _vectorwise_int8(w), when the caller has it already."""
     if outliers is None:
         outliers = (np.abs(x) >= threshold).any(axis=0) if threshold > 0 else np.zeros(x.shape[1], bool)
-    w_scale = np.abs(w).max(axis=0)
-    wq = np.rint(w * (127.0 / np.where(w_scale > 0, w_scale, np.inf))).astype(np.float32)
+    wq, w_scale = _vectorwise_int8(w) if quantized_w is None else quantized_w
     magnitude = np.abs(x)
     x_scale = np.where(magnitude >= threshold, 0, magnitude).max(axis=1, keepdims=True) if threshold > 0 \
         else magnitude.max(axis=1, keepdims=True)
@@ -127,7 +151,8 @@ def _site_error(windows_x, weights, references, threshold, outliers) -> float:
     """Sum over the site's projections of |y_int8 - y|^2 / |y|^2 on the scored tokens."""
     error = 0.0
     for w, refs in zip(weights, references):
-        num = sum(float(np.square(simulated_int8_output(x, w, threshold, o) - y).sum())
+        quantized_w = _vectorwise_int8(w)  # once per candidate, not once per window
+        num = sum(float(np.square(simulated_int8_output(x, w, threshold, o, quantized_w) - y).sum())
                   for x, y, o in zip(windows_x, refs, outliers))
         den = sum(float(np.square(y).sum()) for y in refs)
         error += num / max(den, float(np.finfo(np.float32).tiny))
@@ -188,7 +213,7 @@ def calibrate_auto(model: nn.Module, params, base: Optional[Int8Config] = None,
     windows = token_windows(token_ids, window)
     f32_model, f32_params = _with_compute_dtype(model, params, jnp.float32)
     sites = llama_sites(f32_params, model.config) if _is_llama(model) else []
-    choices, exponents = [], {}
+    choices, exponents, hessians = [], {}, {}
     if sites:
         inputs = _site_inputs(f32_model, f32_params, windows, sites)
         for site in sites:
@@ -196,6 +221,9 @@ def calibrate_auto(model: nn.Module, params, base: Optional[Int8Config] = None,
             choices.append(choice)
             if choice.alpha is not None:
                 exponents[site.name] = e
+            # the consumers see x / s after the fold: their Hessian is of those inputs
+            s = np.ldexp(np.float32(1), e[site.expand].astype(np.int32))
+            hessians[site.name] = input_hessian([x / s for x in inputs[site.name]])
         del inputs
     else:
         _logger.info("int8-auto: %s has no scale-migration sites; per-layer thresholds only", type(model).__name__)
@@ -206,10 +234,80 @@ def calibrate_auto(model: nn.Module, params, base: Optional[Int8Config] = None,
     # capacity only sizes the XLA backend's gather (CPU); room for twice the calibration count
     # keeps unseen text off its dense fallback (same result, more work, a warning) in most calls
     layers = [dataclasses.replace(layer, capacity=min(layer.num_features, 2 * layer.capacity)) for layer in layers]
-    config = dataclasses.replace(layers_to_config(layers, base), calibration=AUTO_METHOD)
-    _logger.info("int8-auto: %d tokens, %d of %d sites migrated, thresholds %s", len(token_ids), len(exponents),
-                 len(sites), _threshold_summary(layers))
+    skip = _skip_list(params, sites, choices, base)
+    config = dataclasses.replace(layers_to_config(layers, base, skip), calibration=AUTO_METHOD)
+    migrated = _with_gptq_kernels(migrated, fold_scales(f32_params, sites, exponents), sites, hessians, config)
+    _logger.info("int8-auto: %d tokens, %d of %d sites migrated, thresholds %s, 16-bit %s", len(token_ids),
+                 len(exponents), len(sites), _threshold_summary(layers), list(skip))
     return AutoCalibration(migrated, config, tuple(choices), len(token_ids))
+
+
+def _skip_list(params, sites, choices, base: Int8Config) -> tuple[str, ...]:
+    """The SKIP_SITE consumers to keep in 16 bits: largest chosen simulated error first, while
+    their extra bf16 bytes fit in SKIP_MEMORY_BUDGET of the int8 tree's bytes (int8 kernels plus
+    every other parameter in bf16)."""
+    from jint8.quantize import leaf_quantization
+
+    elements = {"int8": 0, "float": 0}
+
+    def count(key_path, leaf):
+        names = tuple(str(getattr(k, "key", k)) for k in key_path)
+        plan = leaf_quantization(names, getattr(leaf, "shape", ()), base)
+        elements["int8" if plan is not None and plan.quantized else "float"] += int(np.size(leaf))
+
+    jax.tree_util.tree_map_with_path(count, params)
+    budget = SKIP_MEMORY_BUDGET * (elements["int8"] + 2 * elements["float"])
+    by_error = sorted(((c.errors[c.alpha], s) for c, s in zip(choices, sites) if s.name.endswith("/" + SKIP_SITE)),
+                      key=lambda pair: -pair[0])
+    skip = []
+    for _, site in by_error:
+        size = sum(int(np.prod(_module(params, path)["kernel"].shape)) for path in site.consumers)
+        if size > budget:
+            break
+        budget -= size  # one extra byte per weight: bf16's 2 against int8's 1
+        skip.extend(site.consumers)
+    return tuple(skip)
+
+
+def _with_gptq_kernels(params, f32_params, sites, hessians, config: Int8Config):
+    """params with each site consumer's kernel (that config quantizes as a 2-D int8 matrix) an
+    Int8Weight rounded by GPTQ from its float32 kernel; the consumers of one site share a
+    Hessian, so they are rounded as one [sum N, K] matrix."""
+    from flax.core import FrozenDict, freeze, unfreeze
+
+    from jint8.quantize import Int8Weight, _keep_sharding, leaf_quantization
+
+    if isinstance(params, FrozenDict):
+        return freeze(_with_gptq_kernels(unfreeze(params), f32_params, sites, hessians, config))
+    params = _copy_tree(params)
+    for site in sites:
+        kernels = {path: _kernel(f32_params, path) for path in site.consumers}
+        plans = {path: leaf_quantization((*path.split("/"), "kernel"), w.shape, config) for path, w in kernels.items()}
+        paths = [p for p in site.consumers if plans[p] is not None and plans[p].quantized and plans[p].int4 is None
+                 and not plans[p].embedding and kernels[p].ndim == 2]
+        if not paths:
+            continue
+        qvalue, scale = gptq_int8(np.concatenate([kernels[p].T for p in paths]), hessians[site.name],
+                                  damping=GPTQ_DAMPING)
+        start = 0
+        for path in paths:
+            n = kernels[path].shape[1]
+            node = _module(params, path)
+            weight = Int8Weight(qvalue[start:start + n], scale[start:start + n], 1, plans[path].threshold,
+                                plans[path].outlier_capacity)
+            node["kernel"] = _keep_sharding(node["kernel"], weight)
+            start += n
+    return params
+
+
+def _module(params, path: str):
+    for name in path.split("/"):
+        params = params[name]
+    return params
+
+
+def _copy_tree(tree):
+    return {k: _copy_tree(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
 def _is_llama(model) -> bool:

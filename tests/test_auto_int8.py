@@ -11,7 +11,7 @@ from test_cli import WORDS, tiny_checkpoint  # noqa: F401  (the fixture)
 
 import jint8
 from jint8 import cli
-from jint8.auto_int8 import builtin_calibration_text, calibrate_auto, choose_site, simulated_int8_output
+from jint8.auto_int8 import AUTO_METHOD, builtin_calibration_text, calibrate_auto, choose_site, simulated_int8_output
 from jint8.errors import InvalidConfigError
 from jint8.evaluation import amplify_outlier_features, kl_divergence
 from jint8.models import LlamaConfig, LlamaForCausalLM
@@ -138,7 +138,7 @@ def test_auto_calibration_is_deterministic_and_migrates_planted_outliers(planted
     model, params, tokens = planted_llama
     first = calibrate_auto(model, params, token_ids=tokens)
     second = calibrate_auto(model, params, token_ids=tokens)
-    assert first.config == second.config and first.config.mode == "fixed" and first.config.calibration == "auto-v1"
+    assert first.config == second.config and first.config.mode == "fixed" and first.config.calibration == AUTO_METHOD
     jax.tree.map(np.testing.assert_array_equal, first.params, second.params)
     by_site = {c.site: c for c in first.sites}
     # the planted features are 64x the others going into q/k/v and gate/up: a migration wins there
@@ -198,7 +198,7 @@ def test_cli_int8_auto_eval_quantize_and_reload_without_recalibrating(tiny_check
     out = tmp_path / "auto_ckpt"
     assert cli.main(["quantize", str(tiny_checkpoint), str(out), "--quantize", "int8-auto"]) == 0
     info = jint8.checkpoint.load_metadata(out)
-    assert info.quant_config.mode == "fixed" and info.quant_config.calibration == "auto-v1"
+    assert info.quant_config.mode == "fixed" and info.quant_config.calibration == AUTO_METHOD
     assert info.quant_config.threshold_overrides
 
     def no_calibration(*args, **kwargs):
@@ -227,3 +227,23 @@ def test_cli_int8_auto_rejects_conflicting_options(tiny_checkpoint, tmp_path, ca
         cli.main(["serve", "--quantize", "int8-smart"])
     with pytest.raises(InvalidConfigError, match="resolved"):
         jint8.checkpoint.save_quantized(tmp_path / "y", {}, quant_config=jint8.Int8Config(mode="auto"))
+
+
+def test_skip_list_keeps_the_worst_down_proj_in_16_bits_within_the_memory_budget(llama, monkeypatch):
+    import jint8.auto_int8 as auto
+    from jint8.auto_int8 import SiteChoice, _skip_list
+
+    _, params, _ = llama
+    sites = llama_sites(params, CONFIG)
+    errors = {"model/layers_0/mlp_out": 0.02, "model/layers_1/mlp_out": 0.05}  # layer 1's down_proj is worse
+    choices = [SiteChoice(s.name, None, {None: errors.get(s.name, 0.5)}) for s in sites]
+    down = 128 * 64  # one down_proj's weights: one extra byte each in bf16
+    # the int8 model's bytes: int8 kernels (and their scales), everything else in bf16
+    total = jint8.param_bytes(jint8.quantize_params(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)))
+    monkeypatch.setattr(auto, "SKIP_MEMORY_BUDGET", 1.5 * down / total)
+    assert _skip_list(params, sites, choices, jint8.Int8Config()) == ("model/layers_1/mlp/down_proj",)
+    monkeypatch.setattr(auto, "SKIP_MEMORY_BUDGET", 2.2 * down / total)
+    assert _skip_list(params, sites, choices, jint8.Int8Config()) == ("model/layers_1/mlp/down_proj",
+                                                                       "model/layers_0/mlp/down_proj")
+    monkeypatch.setattr(auto, "SKIP_MEMORY_BUDGET", 0.9 * down / total)
+    assert _skip_list(params, sites, choices, jint8.Int8Config()) == ()

@@ -139,7 +139,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="int8",
                         help="none: float; int8: LLM.int8() with outlier decomposition (bitsandbytes' numerics); "
                              "int8-auto: LLM.int8() with per-layer settings jint8 calibrates at load (scale "
-                             "migration, thresholds; docs/ACCURACY.md); int8-no-outliers: threshold 0; "
+                             "migration, thresholds, GPTQ rounding, a few 16-bit down_proj; docs/ACCURACY.md); int8-no-outliers: threshold 0; "
                              "nf4 / fp4: bitsandbytes 4-bit (default int8)")
     parser.add_argument("--threshold", type=float, default=6.0, help="outlier threshold for int8 (default 6.0)")
     parser.add_argument("--outlier-capacity", type=int, default=64, metavar="C",
