@@ -174,7 +174,7 @@ def test_demo_model_is_found_without_importing_its_package():
 def test_demo_runs_end_to_end(capsys):
     assert cli.main(["demo", "--max-new-tokens", "8", "--prompt", "What is 2 + 2?"]) == 0
     out = capsys.readouterr().out
-    assert "[bf16]" in out and "[int8]" in out and "tok/s" in out
+    assert "[bf16]" in out and "[int8-auto]" in out and "tok/s" in out  # the demo quantizes with int8-auto
 
 
 def test_eval_ppl_prints_the_perplexity_of_the_python_api(tiny_checkpoint, tmp_path, capsys):
