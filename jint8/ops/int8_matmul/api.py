@@ -144,8 +144,8 @@ def int8_matmul(
         caveat as gate's applies to its sigmoid on a GPU; every other route is bit-identical to
         output_gate(int8_matmul(x, ...)).
       split_partials: return [S, ..., N] instead, whose sum over S in float32, cast to
-        out_dtype, is the result: the decode kernel's split-K partials where its plan says
-        split_reduce "consumer" (float32; for a consumer that adds them where it reads them,
+        out_dtype, is the result: the decode kernel's float32 split-K partials where its plan
+        allows it (Config.split_partials; for a consumer that adds them where it reads them,
         as the decode-attention kernel does with a q|k|v projection's), else S = 1.
       layout: how x (as [M, K], its rows flattened) and wq are split over a mesh
         (sharded.layout_for(mesh, x_spec, w_spec)): each device runs the op on its own shard
