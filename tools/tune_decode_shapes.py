@@ -254,7 +254,10 @@ def entry_to_write(results, min_gain: float):
 
 
 def _measured_at(entry) -> Optional[int]:
-    """The M an entry was tuned at (its measured_us_m<M> key), None if it does not say."""
+    """The M an entry was tuned at (its "measured": {"m": M, "us": ...}, or an older table's
+    measured_us_m<M> key), None if it does not say."""
+    if isinstance(entry.get("measured"), dict) and "m" in entry["measured"]:
+        return entry["measured"]["m"]
     found = [int(key[len("measured_us_m"):]) for key in entry if key.startswith("measured_us_m")]
     return found[0] if found else None
 
@@ -298,7 +301,7 @@ def _write_entry(path, k, n, m, best):
     if not gemm.get("split_partials", True):
         del gemm["split_partials"]  # the default
     entries.append(dict(k=k, n=n, min_m=lo, max_m=hi, gemm_path=best["gemm_path"], gemm=gemm,
-                        **{f"measured_us_m{m}": round(best["ms"] * 1e3, 1)},
+                        measured={"m": m, "us": round(best["ms"] * 1e3, 1)},
                         note=f"tune_decode_shapes.py, M={m}, {best['device']}, {datetime.date.today().isoformat()}"))
     data["shapes_nk"] = sorted(entries, key=lambda e: (e["k"], e["n"], e["max_m"]))
     with open(path, "w") as f:

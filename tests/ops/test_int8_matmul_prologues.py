@@ -256,7 +256,7 @@ def test_llama_decode_folds_its_norms_and_gate_into_the_fused_kernel(monkeypatch
     the XLA backend's, which applies the norm first and gates the product."""
     config, model, params, ids = _tiny_int8_llama(jnp.float32)
 
-    def decode_logits():  # batch 1: Int8Dense folds norms only up to FUSED_NORM_MAX_M rows
+    def decode_logits():  # batch 1: the op folds norms only up to FUSED_NORM_MAX_M rows
         _, cache = model.apply({"params": params}, ids[:, :5],
                                cache=init_cache(config, 1, 16, jnp.float32), cache_index=0)
         logits, _ = model.apply({"params": params}, ids[:, 5:], cache=cache, cache_index=5)

@@ -1,4 +1,4 @@
-"""LLM.int8() matmul: public op (api.py), XLA reference (reference.py), GPU kernels (pallas_*)."""
+"""LLM.int8() matmul: public op (api.py), XLA reference (reference.py), GPU kernels (pallas_triton/)."""
 
 from jint8.ops._platform import make_callable
 from jint8.ops.int8_matmul.api import (

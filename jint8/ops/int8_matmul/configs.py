@@ -1,14 +1,14 @@
 """Tile configurations of the Pallas int8 matmul kernels, per shape bucket and GPU, as data.
 
 The tuned tables live in data/<device>.json (one file per GPU kind, written from measurements on
-that GPU; docs/decisions.md records why each entry is what it is), with one bucket list for the op's wq[K, N]
-("buckets") and one for K-major weights wq.T[N, K] ("buckets_nk"). Buckets are ordered by `max_m`;
-the first bucket whose `max_m` covers the call's M gives the GEMM tiles (split-K is added for
-shapes with too few output tiles unless the bucket says "auto_split_k": false), the
-activation-pass tiles (optional; by default they follow K), the `gemm_path`: "fused" (one
-kernel for skinny M) or "pallas" (activation-pass kernel + GEMM kernel), and for [K, N] weights
-whether to transpose them first (`transpose_weight`). GPUs without a table get `default_plan`, a
-heuristic that is safe (small tiles, modest shared memory) everywhere.
+that GPU; docs/decisions.md records why each entry is what it is): per-shape entries
+("shapes_nk", exact K x N) first, then M buckets for the op's wq[K, N] ("buckets") and for
+K-major weights wq.T[N, K] ("buckets_nk"). Each entry gives the GEMM tiles (Config), the route
+(`gemm_path`: "fused", "pallas" or "xla_gemm"), optionally the activation-pass tiles, and for
+[K, N] weights whether to transpose them first (`transpose_weight`). One schema serves every
+section; it is written out, with its defaults, above `_Entry` below, and `_parse_entry` checks
+it. GPUs without a table get `default_plan`, a heuristic that is safe (small tiles, modest
+shared memory) everywhere.
 
 Tables of your own: a directory named by the JINT8_KERNEL_TABLES environment variable is
 searched first, for <name>.json where name is device_table_name(device kind) ("nvidia_h100",
@@ -40,17 +40,15 @@ _MIN_PROGRAMS = 66
 # M = 1 / 8 / 16 against 0.113 / 0.115 / 0.116 for the two-kernel route, 0.26-0.29 against
 # 0.12 at M = 32 / 64 (each program re-reads all M rows of x from L2).
 FUSED_MAX_M = 16
-# Largest M (rows) for which Int8Dense folds a deferred RMSNorm into int8_matmul (norm=); larger
-# M normalise first. The fused kernel itself takes a norm at any M.
-# Measured end to end on the H100 (Llama-3-8B shape, int8 fused): batch 1 272.3
-# tok/s folded vs 266.9 not; batch 8 1640 folded vs 1723 not (every program sweeps 8 rows twice).
+# Largest M (rows) for which int8_matmul hands an InputNorm (norm=) to its backend, whose decode
+# kernel folds it into its prologue; above it the op applies the norm first (api._routed_prologue).
+# The fused kernel itself takes a norm at any M. Folding speeds up batch-1 decode and slows batch 8,
+# where every program sweeps 8 rows twice before its first weight load (docs/decisions.md D12).
 FUSED_NORM_MAX_M = 1
-# Largest M for which Int8Dense folds a deferred gated activation (GatedInput: silu(gate) * up
-# of a fused gate_up output) into down_proj's int8_matmul (gate=); larger M apply it first.
-# 0: measured slower on the H100 (Llama-3-8B shape, int8 fused, batch 1, one run,
-# best of 3 each): 272.9 tok/s folded at M = 1 against 275.8 not. The profile agrees: the
-# multiply kernel it removes took 1.5 us per layer, and down_proj's kernel grew by ~2.8 us (its
-# absmax sweep, which runs before the first weight load, reads gate and up and computes silu).
+# Largest M for which int8_matmul hands an InputGate (gate=: silu(gate) * up of a fused gate_up
+# output, down_proj's input) to its backend; above it the op applies the gate first. 0: folding
+# is slower at M = 1 too, since the absmax sweep before the first weight load then reads gate and
+# up and computes silu, which costs more than the multiply kernel it removes (D13).
 FUSED_GATE_MAX_M = 0
 
 
@@ -265,9 +263,12 @@ def table_path(name: str) -> Optional[pathlib.Path]:
 #     fitted to the call's shape ("fused": block_n narrowed and K split for small N; "pallas":
 #     K split while too few programs run, unless auto_split_k is false); a shape's entry gives
 #     its tiles exactly (tuned on that shape).
-#   anything else ("note", timings) is for the reader; the plan never reads it.
+#   "measured" (optional, one spelling for every section): {"m": M, "us": microseconds} of the
+#     whole op at M rows on the entry's K x N (a bucket's, measured on one layer: "k", "n" too);
+#     "note": why the entry is what it is. The plan reads neither.
 # Older tables' spellings are still read: gemm "split_reduce" "xla" (= split_partials false)
-# or "consumer" (= split_partials true), and "swap_ab": false.
+# or "consumer" (= split_partials true), "swap_ab": false; their timings (measured_ms,
+# measured_us_m<M>) are left alone like any other field the plan does not read.
 _SECTIONS = {"buckets": "kn", "buckets_nk": "nk", "shapes_nk": "nk"}
 _REQUIRED = {"buckets": ("max_m", "gemm"), "buckets_nk": ("max_m", "gemm"),
              "shapes_nk": ("k", "n", "max_m", "gemm")}

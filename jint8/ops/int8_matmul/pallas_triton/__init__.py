@@ -1,12 +1,12 @@
 """The "pallas_triton" backend of int8_matmul: Pallas (Triton lowering) kernels, no host syncs.
 
 Computes reference.int8_matmul_reference's function. Per shape bucket the plan
-(configs.plan_for, tuned per GPU in data/*.json) picks one of two routes:
-- "fused" (M <= configs.FUSED_MAX_M, decode): one kernel does everything
-  (pallas_triton.fused): no capacity, no index list, one launch per call;
+(configs.plan_for, tuned per GPU in data/*.json) picks one of three routes:
+- "fused" (M <= configs.FUSED_MAX_M, decode): one kernel does everything (fused.py): no
+  capacity, no index list, one launch per call;
 - "pallas": the activation-pass kernel, the outlier-operands kernel (the list of every outlier
   column, its count, x and the weight compacted on it, xq's columns on it zeroed:
-  pallas_triton.outliers) and the GEMM kernel with the whole epilogue fused. No capacity: the
+  outliers.py) and the GEMM kernel (gemm.py) with the whole epilogue fused. No capacity: the
   outlier stream's length is the batch's count, read on the device, and past a quarter of K
   the stream sweeps the weight in place (a flag the GEMM reads), never a lax.cond;
 - "xla_gemm" (large M): the same activation pass, XLA's own int8 GEMM (cuBLAS, int32 out) for
@@ -16,6 +16,9 @@ Computes reference.int8_matmul_reference's function. Per shape bucket the plan
   loop.
 [K, N] weights at M > 64 are transposed by XLA first where the plan says so (Triton's int8 MMA
 wants K-major operands). docs/decisions.md records which bucket uses what and why.
+
+The kernels share common.py (loads, dots, tiles, the epilogue, launch); quantize.py is the
+activation pass. The correctness checks reach these routes through ../testing.py.
 """
 
 from __future__ import annotations
@@ -122,12 +125,12 @@ def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, output_ga
                         probe=NO_PROBE):
     # Unsummed partials only where the plan allows them and the fused kernel makes them (S > 1;
     # an output gate needs whole sums); every other call returns its result as [1, M, N].
-    unsummed = (split_partials and plan.gemm_path == "fused" and plan.gemm.split_k > 1
+    partials = (split_partials and plan.gemm_path == "fused" and plan.gemm.split_k > 1
                 and plan.gemm.split_partials and output_gate is None)
     y, stats = _routes(x, wq, col_scales, bias, norm, gate, output_gate, threshold=threshold,
                        out_dtype=out_dtype, plan=plan, interpret=interpret,
-                       split_partials=unsummed, partition=partition, probe=probe)
-    return (y[None] if split_partials and not unsummed else y), stats
+                       split_partials=partials, partition=partition, probe=probe)
+    return (y[None] if split_partials and not partials else y), stats
 
 
 def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_dtype, plan,
