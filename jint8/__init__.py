@@ -14,7 +14,8 @@ from jint8.generation import GenerationConfig, generate
 from jint8.layers import GatedInput, Int8Dense, Int8Embed, Int8Linear, NormedInput, intercept
 from jint8.loading import from_pretrained, make_mesh
 from jint8.models.fusion import fuse_projections
-from jint8.ops import int4_matmul, int8_matmul
+from jint8.ops.int4_matmul import int4_matmul
+from jint8.ops.int8_matmul import int8_matmul
 from jint8.quant4 import Int4Config, Int4Weight
 from jint8.quantize import (
     Int8Config,

@@ -21,7 +21,6 @@ from flax import nnx
 from jint8.errors import ShapeError
 from jint8.ops.int4_matmul import int4_matmul
 from jint8.ops.int8_matmul import Int8MatmulStats, int8_matmul
-from jint8.ops.int8_matmul.configs import FUSED_GATE_MAX_M, FUSED_NORM_MAX_M
 from jint8.ops.int8_matmul.reference import INV_127, InputGate, InputNorm, OutputGate
 from jint8.ops.int8_matmul.sharded import MatmulLayout
 from jint8.quant4 import Int4Weight
@@ -164,19 +163,17 @@ def _check_int4_kernel(name: str, kernel: Int4Weight, in_features: int, features
 
 
 def _folded_prologue(inputs, kernel: Int8Weight, dtype) -> dict:
-    """int8_matmul's norm= or gate= for a deferred input Int8Dense folds into the op, else {}:
-    same dtype in and out of the norm or gate, a 1-D input feature axis, and at most
-    FUSED_NORM_MAX_M / FUSED_GATE_MAX_M rows (measured on the H100: the norm's fold speeds up
-    batch-1 decode and slows batch 8; the gate's slows batch 1, so its default folds nothing)."""
+    """int8_matmul's norm= or gate= for a deferred input the op can take, else {}: same dtype in
+    and out of the norm or gate (the op's prologue computes in x.dtype) and a 1-D input feature
+    axis. Whether the kernel folds it or the op applies it first is the op's choice (by rows:
+    configs.FUSED_NORM_MAX_M, FUSED_GATE_MAX_M)."""
     if isinstance(inputs, NormedInput):
-        prologue, max_rows = {"norm": inputs.norm}, FUSED_NORM_MAX_M
+        prologue = {"norm": inputs.norm}
     elif isinstance(inputs, GatedInput):
-        prologue, max_rows = {"gate": inputs.gate}, FUSED_GATE_MAX_M
+        prologue = {"gate": inputs.gate}
     else:
         return {}
-    rows = math.prod(inputs.x.shape[:-1])
-    folds = (len(kernel.in_shape) == 1 and rows <= max_rows
-             and inputs.x.dtype == inputs.dtype == (dtype or inputs.dtype))
+    folds = len(kernel.in_shape) == 1 and inputs.x.dtype == inputs.dtype == (dtype or inputs.dtype)
     return prologue if folds else {}
 
 

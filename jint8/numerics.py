@@ -101,7 +101,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float, unit_offset: bool, d
 GATE_ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu}
 
 # XLA:GPU's jitted act(gate) * up dropped the float32 -> dtype -> float32 round trip of act in
-# about a quarter of the elements (benchmarks/gpu_check.py --gate) under its excess-precision
+# about a quarter of the elements (tools/gpu_check.py --gate) under its excess-precision
 # rule; reduce_precision is a rounding it keeps.
 _explicit_round = functools.partial(round_to, explicit=True)
 

@@ -148,23 +148,25 @@ def test_int8_embedding_lookup_and_tied_head():
 
 
 def test_gated_input_folds_into_int8_dense_at_decode_rows_and_gives_the_same_bits(rng, monkeypatch):
-    """Int8Dense hands a GatedInput's gate to int8_matmul (gate=) at <= FUSED_GATE_MAX_M rows and
-    applies it first above; either way the result has the bits of the layer on gate(gate_up)."""
-    from jint8 import layers
+    """Int8Dense hands a GatedInput's gate to int8_matmul (gate=), whose backend gets it at <=
+    FUSED_GATE_MAX_M rows and the op applies it first above; either way the result has the
+    bits of the layer on gate(gate_up)."""
+    from jint8.ops.int8_matmul import api, configs
 
     FUSED_GATE_MAX_M = 1  # the default, 0, never folds (measured slower on the H100)
-    monkeypatch.setattr(layers, "FUSED_GATE_MAX_M", FUSED_GATE_MAX_M)
+    monkeypatch.setattr(configs, "FUSED_GATE_MAX_M", FUSED_GATE_MAX_M)
     k = 48
     qparams = quantize_params(nn.Dense(32).init(jax.random.key(0), jnp.ones((1, k)))["params"],
                               Int8Config(min_size=0))
     gates = []
-    real = layers.int8_matmul
+    real = next(b for b in api._BACKENDS if b.name == "xla")
 
     def spy(*args, gate=None, **kwargs):
         gates.append(gate)
-        return real(*args, gate=gate, **kwargs)
+        return real.impl(*args, gate=gate, **kwargs)
 
-    monkeypatch.setattr(layers, "int8_matmul", spy)
+    monkeypatch.setattr(api, "_BACKENDS", [api.Backend("spy", spy, lambda x, w: None)])
+    monkeypatch.delenv("JINT8_BACKEND", raising=False)
     gate = InputGate("silu")
     dense = Int8Dense(32, dtype=jnp.bfloat16)
     for rows in (FUSED_GATE_MAX_M, FUSED_GATE_MAX_M + 2):

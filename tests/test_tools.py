@@ -90,8 +90,8 @@ def test_tuned_two_kernel_entry_is_what_dispatch_then_runs(tmp_path, monkeypatch
     entries = [e for e in json.loads(table.read_text())["shapes_nk"] if (e["k"], e["n"]) == (14336, 4096)]
     assert [(e.get("min_m", 1), e["max_m"], e["gemm_path"]) for e in entries] == [
         (1, 1, "fused"), (2, 16, "pallas"), (65, 256, "pallas")]
-    assert entries[1]["measured_us_m8"] == 40.1
-    assert entries[2]["gemm"]["split_k"] == 2 and "measured_us_m8" not in entries[2]
+    assert entries[1]["measured"] == {"m": 8, "us": 40.1}
+    assert entries[2]["gemm"]["split_k"] == 2 and entries[2].get("measured", {}).get("m") != 8
 
     monkeypatch.setattr(configs, "_DATA_DIR", tmp_path)
     configs.clear_cache()
@@ -103,7 +103,8 @@ def test_tuned_two_kernel_entry_is_what_dispatch_then_runs(tmp_path, monkeypatch
         # tuned at M = 8 again: that entry is replaced whole, range kept
         tune_decode_shapes._write_entry(str(table), 14336, 4096, 8, dict(best, ms=0.0388))
         entries = [e for e in json.loads(table.read_text())["shapes_nk"] if (e["k"], e["n"]) == (14336, 4096)]
-        assert [(e.get("min_m", 1), e["max_m"], e.get("measured_us_m8")) for e in entries] == [
+        at_m8 = lambda e: e["measured"]["us"] if e.get("measured", {}).get("m") == 8 else None  # noqa: E731
+        assert [(e.get("min_m", 1), e["max_m"], at_m8(e)) for e in entries] == [
             (1, 1, None), (2, 16, 38.8), (65, 256, None)]
         # a shape whose only entry starts above the tuned M: the new one fills the gap below it
         data = json.loads(table.read_text())
@@ -133,7 +134,7 @@ def test_tuned_entry_below_a_large_m_entry_covers_decode_rows_only(tmp_path):
     entries = json.loads(table.read_text())["shapes_nk"]
     assert [(e.get("min_m", 1), e["max_m"], e["gemm_path"]) for e in entries] == [
         (1, 16, "fused"), (65, 256, "xla_gemm")]
-    assert entries[0]["measured_us_m1"] == 96.5
+    assert entries[0]["measured"] == {"m": 1, "us": 96.5}
 
 
 def test_write_table_takes_a_correct_candidate_by_the_margin_or_any_with_negative_margin():

@@ -65,7 +65,7 @@ def main():
         failures += not ok
         print(f"B={b} N={n} K={kv} H={h} S={s} slot={used - 1}: err {err:.2e}, cache key err "
               f"{cache_err:.2e} {'ok' if ok else 'FAIL'} (dispatch: {reason or 'kernel'})", flush=True)
-        # A q|k|v projection's float32 split-K partials (split_reduce "consumer"): the kernel
+        # A q|k|v projection's float32 split-K partials (Config.split_partials): the kernel
         # adds them in order where it loads q, k, v; bit-equal to reading their rounded sum.
         partials = jnp.asarray(rng.standard_normal((8, *packed.shape)), jnp.float32)
         summed = partials[0]

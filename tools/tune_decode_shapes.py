@@ -40,16 +40,15 @@ MAX_REL_ERROR = 5e-2
 
 def candidates(k, n, stages=(4,), splits=(1, 2, 4, 8), max_tile_kib=40):
     """Tiles worth timing for K x N at M = 1: 96-1100 programs, >= 4 K steps per program,
-    weight tiles of 4-160 KiB over the pipeline stages; split-K partials summed by XLA or by
-    the tile's last program (Config.split_reduce)."""
-    for block_n, block_k, split_k, reduce, num_stages in itertools.product(
-            (16, 32, 64, 128, 256), (128, 256, 512, 1024), splits, ("xla", "kernel"), stages):
+    weight tiles of 4-160 KiB over the pipeline stages; split-K partials summed by XLA."""
+    for block_n, block_k, split_k, num_stages in itertools.product(
+            (16, 32, 64, 128, 256), (128, 256, 512, 1024), splits, stages):
         programs = -(-n // block_n) * split_k
         tile_bytes = block_n * block_k
-        if ((split_k == 1 and reduce == "kernel") or not 96 <= programs <= 1100
+        if (not 96 <= programs <= 1100
                 or -(-k // block_k) < 4 * split_k or not 4096 <= tile_bytes <= max_tile_kib * 1024):
             continue
-        yield dict(block_n=block_n, block_k=block_k, split_k=split_k, split_reduce=reduce,
+        yield dict(block_n=block_n, block_k=block_k, split_k=split_k,
                    num_warps=8 if tile_bytes >= 32 * 1024 else 4, num_stages=num_stages)
 
 
@@ -67,8 +66,8 @@ def _shape(name: str) -> tuple[int, int]:
 def _tiles(gemm) -> dict:
     """A plan's tile fields, as candidates() names them."""
     return dict(block_n=gemm.block_n, block_k=gemm.block_k, split_k=gemm.split_k,
-                split_reduce=gemm.split_reduce, num_warps=gemm.num_warps, num_stages=gemm.num_stages,
-                row_scales=gemm.row_scales)
+                split_partials=gemm.split_partials, num_warps=gemm.num_warps,
+                num_stages=gemm.num_stages, row_scales=gemm.row_scales)
 
 
 def route_plans(route, candidate, m, quantize):
@@ -80,8 +79,8 @@ def route_plans(route, candidate, m, quantize):
 
     if route == "xla_gemm" and (candidate["split_k"] != 1 or candidate["block_k"] != 128):
         return None
-    gemm = configs.Config(block_m=configs.fused_block_m(m), weight_layout="nk", outlier_mode="branch",
-                          **candidate)
+    gemm = configs.gemm_config(dict(block_m=configs.fused_block_m(m), weight_layout="nk",
+                                    outlier_mode="branch", **candidate))
     return configs.KernelPlan(quantize=quantize, gemm=gemm, gemm_path=route)
 
 
@@ -93,8 +92,6 @@ def main(argv=None):
     parser.add_argument("--json")
     parser.add_argument("--shapes", nargs="+", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
                         help=f"projections ({', '.join(SHAPES)}) or KxN of any layer")
-    parser.add_argument("--reduce", nargs="+", default=["xla", "kernel"], choices=["xla", "kernel"],
-                        help="split-K reductions to try (Config.split_reduce)")
     parser.add_argument("--stages", nargs="+", type=int, default=[4],
                         help="pipeline depths (num_stages) to try with each tile; with --table-only "
                         "the table's plan is also timed with each")
@@ -164,9 +161,8 @@ def main(argv=None):
                     table_plan.gemm.row_scales, table_plan.gemm.num_stages):
                 gemm = dataclasses.replace(table_plan.gemm, row_scales=row_scales, num_stages=stages)
                 plans.append((_tiles(gemm), dataclasses.replace(table_plan, gemm=gemm)))
-        chosen = [c for c in candidates(*_shape(name), stages=args.stages, splits=args.splits,
-                                    max_tile_kib=args.max_tile_kib)
-                  if c["split_reduce"] in args.reduce]
+        chosen = list(candidates(*_shape(name), stages=args.stages, splits=args.splits,
+                                 max_tile_kib=args.max_tile_kib))
         if args.table_only:
             chosen = []
         for route, c, row_scales in itertools.product(args.routes, chosen[: 2 if args.smoke else None],
@@ -258,7 +254,10 @@ def entry_to_write(results, min_gain: float):
 
 
 def _measured_at(entry) -> Optional[int]:
-    """The M an entry was tuned at (its measured_us_m<M> key), None if it does not say."""
+    """The M an entry was tuned at (its "measured": {"m": M, "us": ...}, or an older table's
+    measured_us_m<M> key), None if it does not say."""
+    if isinstance(entry.get("measured"), dict) and "m" in entry["measured"]:
+        return entry["measured"]["m"]
     found = [int(key[len("measured_us_m"):]) for key in entry if key.startswith("measured_us_m")]
     return found[0] if found else None
 
@@ -270,6 +269,8 @@ def _write_entry(path, k, n, m, best):
     M = 1, then at M = 8, keeps its M = 1 plan for M = 1). Without one, the new entry covers
     M = 1-16 less the shape's other entries' ranges."""
     import datetime
+
+    from jint8.ops.int8_matmul import configs
 
     data = json.loads(open(path).read()) if os.path.exists(path) else {}  # a new table: its shapes
     covers = lambda e: (e["k"], e["n"]) == (k, n) and e.get("min_m", 1) <= m <= e["max_m"]  # noqa: E731
@@ -292,10 +293,15 @@ def _write_entry(path, k, n, m, best):
             hi = m
         entries.append(kept)
     # The fused route's block_m is set per call (configs.fused_block_m); the others keep this one.
-    gemm = dict(block_m=max(16, 1 << (m - 1).bit_length()), weight_layout="nk", swap_ab=False,
+    gemm = dict(block_m=max(16, 1 << (m - 1).bit_length()), weight_layout="nk",
                 outlier_mode="branch", **best["gemm"])
+    if "split_reduce" in gemm:  # an older spelling: the table schema's split_partials
+        gemm["split_partials"] = configs.gemm_config(gemm).split_partials
+        del gemm["split_reduce"]
+    if not gemm.get("split_partials", True):
+        del gemm["split_partials"]  # the default
     entries.append(dict(k=k, n=n, min_m=lo, max_m=hi, gemm_path=best["gemm_path"], gemm=gemm,
-                        **{f"measured_us_m{m}": round(best["ms"] * 1e3, 1)},
+                        measured={"m": m, "us": round(best["ms"] * 1e3, 1)},
                         note=f"tune_decode_shapes.py, M={m}, {best['device']}, {datetime.date.today().isoformat()}"))
     data["shapes_nk"] = sorted(entries, key=lambda e: (e["k"], e["n"], e["max_m"]))
     with open(path, "w") as f:

@@ -4,7 +4,10 @@ module rather than on another op."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import sys
+import types
 from typing import Optional
 
 import jax
@@ -37,3 +40,21 @@ def triton_gpu_unsupported_reason() -> Optional[str]:
 
 def _is_cuda(device) -> bool:
     return device.client.platform_version.lower().startswith("cuda")
+
+
+class _CallablePackage(types.ModuleType):
+    """An op package that is also its op: `jint8.ops.int8_matmul(x, ...)` calls the op, while
+    `jint8.ops.int8_matmul.pallas_triton` (and `import jint8.ops.int8_matmul.pallas_triton as
+    p`) still reach the package's modules, which a function bound to the package's name in
+    jint8.ops would hide."""
+
+    def __call__(self, *args, **kwargs):
+        return self.__op__(*args, **kwargs)
+
+
+def make_callable(package_name: str, op) -> None:
+    """Make the package sys.modules[package_name] callable as op (its __init__ calls this)."""
+    package = sys.modules[package_name]
+    package.__op__ = op
+    package.__signature__ = inspect.signature(op)
+    package.__class__ = _CallablePackage

@@ -14,9 +14,7 @@ def gemm_config(**overrides) -> configs.Config:
 PLANS = {
     "kn": configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm_config()),
     "kn_split3": configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm_config(split_k=3)),
-    "nk_split3_in_kernel": configs.KernelPlan(
-        quantize=SMALL_QUANT, gemm=gemm_config(weight_layout="nk", split_k=3, split_reduce="kernel")),
-    "kn_swap_ab": configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm_config(swap_ab=True)),
+    "nk_split3": configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm_config(weight_layout="nk", split_k=3)),
     "nk": configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm_config(weight_layout="nk", block_m=32)),
     "kn_transposed": configs.KernelPlan(quantize=SMALL_QUANT, transpose_weight=True,
                                         gemm=gemm_config(weight_layout="nk", block_m=32)),
@@ -27,9 +25,11 @@ PLANS = {
 }
 
 
-def fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, reduce="xla", row_scales="kernel"):
+def fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, split_partials=False,
+               row_scales="kernel"):
     gemm = gemm_config(block_m=configs.fused_block_m(m), block_k=block_k, weight_layout=layout,
-                       outlier_mode=mode, split_k=split_k, split_reduce=reduce, row_scales=row_scales)
+                       outlier_mode=mode, split_k=split_k, split_partials=split_partials,
+                       row_scales=row_scales)
     return configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm, gemm_path="fused")
 
 
@@ -38,6 +38,5 @@ FUSED_VARIANTS = {  # name: fused_plan's keyword arguments
     "nk_dense": dict(layout="nk", mode="dense"),
     "kn_branch": dict(layout="kn", mode="branch"),
     "nk_split3": dict(layout="nk", split_k=3),
-    "nk_split3_in_kernel": dict(layout="nk", split_k=3, reduce="kernel"),  # the tile's last program sums
     "nk_split3_row_scales_input": dict(layout="nk", split_k=3, row_scales="input"),  # absmax by XLA
 }

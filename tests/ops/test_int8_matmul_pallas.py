@@ -3,7 +3,7 @@
 CI has no GPU: these tests exercise the kernels' logic (tiling, masking of odd shapes, split-K,
 the outlier stream over any number of outlier columns, gathered or swept in place, both weight
 layouts) through
-`interpret=True`; benchmarks/gpu_check.py runs the same checks compiled on a GPU.
+`interpret=True`; tools/gpu_check.py runs the same checks compiled on a GPU.
 Fresh random inputs per run; the seed is in every failure message.
 
 Held to (see jint8/ops/int8_matmul/checks.py for the derivation of the float bound):
@@ -23,19 +23,16 @@ import pytest
 
 from jint8.errors import BackendUnavailableError, InvalidConfigError
 from jint8.ops.int8_matmul import api, checks, configs, reference
-from jint8.ops.int8_matmul.pallas_triton import (
-    int8_accumulator_pallas,
-    int8_matmul_pallas,
-    unsupported_reason,
-)
-from jint8.ops.int8_matmul.pallas_triton_fused import fused_int8_matmul_reference
-from jint8.ops.int8_matmul.pallas_triton_outliers import (
+from jint8.ops.int8_matmul.pallas_triton import int8_matmul_pallas, unsupported_reason
+from jint8.ops.int8_matmul.pallas_triton.fused import fused_int8_matmul_reference
+from jint8.ops.int8_matmul.pallas_triton.outliers import (
     SLOT_BLOCK,
     gather_slots,
     outlier_operands,
     outlier_operands_reference,
 )
-from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows
+from jint8.ops.int8_matmul.pallas_triton.quantize import quantize_rows
+from jint8.ops.int8_matmul.testing import int8_accumulator_pallas
 from int8_plans import FUSED_VARIANTS, PLANS, SMALL_QUANT, THRESHOLD, fused_plan, gemm_config
 
 
@@ -113,7 +110,7 @@ def test_int32_accumulator_equals_reference_int8_dot(rng, plan_name, m, k, n, ou
     (3, 200, 129, jnp.bfloat16, 120, False, "kn_split3"),  # swept, with split-K
     (33, 100, 70, jnp.bfloat16, 5, True, "nk"),
     (20, 600, 40, jnp.bfloat16, 150, False, "nk"),       # gathered in 3 slot chunks (G = 192)
-    (5, 64, 40, jnp.float32, 5, False, "kn_swap_ab"),
+    (5, 64, 40, jnp.float32, 5, False, "nk_split3"),
     (9, 100, 50, jnp.bfloat16, 70, True, "kn_transposed"),  # swept, [K, N] transposed
     (70, 129, 33, jnp.bfloat16, 5, True, "nk_xla_gemm"),
     (33, 100, 70, jnp.float32, 4, False, "kn_xla_gemm"),
@@ -219,7 +216,7 @@ def test_cpu_dispatch_falls_through_to_xla_and_refuses_forced_pallas():
 @pytest.mark.parametrize("field,value", [("block_m", 8), ("block_n", 48), ("block_k", 16),
                                          ("num_warps", 3), ("num_stages", 0), ("split_k", 0),
                                          ("weight_layout", "kk"), ("outlier_mode", "sparse"),
-                                         ("split_reduce", "atomic"), ("row_scales", "xla")])
+                                         ("split_partials", "consumer"), ("row_scales", "xla")])
 def test_config_rejects_bad_field_naming_it(field, value):
     with pytest.raises(InvalidConfigError, match=field):
         gemm_config(**{field: value})
@@ -284,12 +281,12 @@ def test_outlier_count_compares_the_threshold_in_float32(route):
     (5, 128, 33, 2, False),
 ])
 def test_consumer_split_partials_sum_to_the_op_result(rng, m, k, n, split_k, norm):
-    """split_reduce "consumer": with split_partials=True the fused kernel's float32 partials come
+    """A plan with split_partials: asked for them, the fused kernel's float32 partials come
     back unsummed, and their sum cast to the output dtype is the op's result bit for bit; without
     it (or on a plan that sums itself) the op returns its result ([1, M, N] when asked)."""
     x, wq, col_scales, b = _inputs(rng, m, k, n, jnp.bfloat16, 2, True)
     rms = reference.InputNorm(jnp.asarray(rng.uniform(0.5, 2, k), jnp.bfloat16), 1e-6) if norm else None
-    consumer, summing = (fused_plan(m, split_k=split_k, reduce=reduce) for reduce in ("consumer", "xla"))
+    consumer, summing = (fused_plan(m, split_k=split_k, split_partials=p) for p in (True, False))
     run = lambda plan, **kw: int8_matmul_pallas(  # noqa: E731
         x, _weight_for(plan, wq), col_scales, b, threshold=THRESHOLD, outlier_capacity=4,
         weight_layout="nk", norm=rms, plan=plan, interpret=True, **kw)[0]

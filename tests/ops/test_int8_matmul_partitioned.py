@@ -16,8 +16,9 @@ import pytest
 
 from jint8.ops.int8_matmul import checks, reference
 from jint8.ops.int8_matmul.partitioned import ENV_VAR, Policy, bucket_index, buckets, default_policy
-from jint8.ops.int8_matmul.pallas_triton import int8_accumulator_pallas, int8_matmul_pallas
-from jint8.ops.int8_matmul.pallas_triton_outliers import SLOT_BLOCK
+from jint8.ops.int8_matmul.pallas_triton import int8_matmul_pallas
+from jint8.ops.int8_matmul.testing import int8_accumulator_pallas
+from jint8.ops.int8_matmul.pallas_triton.outliers import SLOT_BLOCK
 from int8_plans import PLANS, THRESHOLD
 from test_int8_matmul_pallas import _inputs, _weight_for
 

@@ -24,7 +24,8 @@ from jint8.errors import InvalidConfigError, ShapeError
 from jint8.models import LlamaConfig, LlamaForCausalLM
 from jint8.models.common import init_cache
 from jint8.ops.int8_matmul import api, checks, int8_matmul, pallas_triton, reference
-from jint8.ops.int8_matmul.pallas_triton import int8_accumulator_pallas, int8_matmul_pallas
+from jint8.ops.int8_matmul.pallas_triton import int8_matmul_pallas
+from jint8.ops.int8_matmul.testing import int8_accumulator_pallas
 from int8_plans import FUSED_VARIANTS, PLANS, THRESHOLD, fused_plan
 
 @pytest.mark.parametrize("m,k,n,split_k,row_scales", [
@@ -255,7 +256,7 @@ def test_llama_decode_folds_its_norms_and_gate_into_the_fused_kernel(monkeypatch
     the XLA backend's, which applies the norm first and gates the product."""
     config, model, params, ids = _tiny_int8_llama(jnp.float32)
 
-    def decode_logits():  # batch 1: Int8Dense folds norms only up to FUSED_NORM_MAX_M rows
+    def decode_logits():  # batch 1: the op folds norms only up to FUSED_NORM_MAX_M rows
         _, cache = model.apply({"params": params}, ids[:, :5],
                                cache=init_cache(config, 1, 16, jnp.float32), cache_index=0)
         logits, _ = model.apply({"params": params}, ids[:, 5:], cache=cache, cache_index=5)
@@ -288,7 +289,7 @@ def test_llama_decode_folds_its_norms_and_gate_into_the_fused_kernel(monkeypatch
 
 
 def test_llama_decode_hands_qkv_split_partials_to_the_attention_kernel(monkeypatch):
-    """A qkv decode plan with split_reduce "consumer": the fused q|k|v projection's split-K
+    """A qkv decode plan with split_partials: the fused q|k|v projection's split-K
     partials go to the decode-attention kernel unsummed ([S, B, W]), which adds them where it
     loads q, k, v; the decode logits are those of the same plan summed by XLA first."""
     from jint8.ops import attention as attention_ops
@@ -311,8 +312,8 @@ def test_llama_decode_hands_qkv_split_partials_to_the_attention_kernel(monkeypat
     monkeypatch.setenv("JINT8_BACKEND", "interpret")
     plan_for = pallas_triton.plan_for
 
-    def decode_logits(reduce):
-        qkv_plan = fused_plan(1, split_k=2, reduce=reduce)
+    def decode_logits(split_partials):
+        qkv_plan = fused_plan(1, split_k=2, split_partials=split_partials)
         monkeypatch.setattr(pallas_triton, "plan_for", lambda kind, m, k, n, layout: (
             qkv_plan if (m, k, n) == (1, 64, qkv_width) else plan_for(kind, m, k, n, layout)))
         _, cache = model.apply({"params": params}, ids[:, :5],
@@ -320,9 +321,9 @@ def test_llama_decode_hands_qkv_split_partials_to_the_attention_kernel(monkeypat
         logits, _ = model.apply({"params": params}, ids[:, 5:], cache=cache, cache_index=5)
         return np.asarray(logits[:, -1], np.float64)
 
-    summed = decode_logits("xla")
+    summed = decode_logits(False)
     assert packed_shapes == [(1, 1, qkv_width)] * 2  # one per layer: the summed array
     packed_shapes.clear()
-    got = decode_logits("consumer")
+    got = decode_logits(True)
     assert packed_shapes == [(2, 1, qkv_width)] * 2  # the two partials
     np.testing.assert_array_equal(got, summed)

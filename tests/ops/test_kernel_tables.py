@@ -88,4 +88,4 @@ def test_tuner_writes_a_new_table_for_a_gpu_jint8_has_none_for(tables):
     configs.clear_cache()
     plan = configs.plan_for(A100, 8, 4096, 28672, "nk")
     assert (plan.gemm.block_n, plan.gemm.row_scales, plan.gemm.block_m) == (128, "input", 16)
-    assert json.loads(path.read_text())["shapes_nk"][0]["measured_us_m8"] == 51.2
+    assert json.loads(path.read_text())["shapes_nk"][0]["measured"] == {"m": 8, "us": 51.2}

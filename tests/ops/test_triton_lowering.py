@@ -3,7 +3,7 @@
 Interpret mode runs a kernel's logic through XLA:CPU and misses what only the Triton lowering
 rejects (a load's `other` without a mask went to the GPU twice that way). Lowering with
 lowering_platforms=("cuda",) runs jax's Pallas-to-Triton lowering without a GPU, so those
-errors fail here, in CI. (PTX compilation and numerics still need the GPU: benchmarks/gpu_check.py
+errors fail here, in CI. (PTX compilation and numerics still need the GPU: tools/gpu_check.py
 and tools/gpu_check_attention.py.)
 """
 

@@ -5,6 +5,7 @@ place. They are not the GPU default until benchmarks/bench_int4_matmul.py --chec
 a GPU and their timings are in benchmarks/RESULTS.md (so far they have run in interpret mode
 and been lowered to Triton IR, never compiled for a GPU)."""
 
+from jint8.ops._platform import make_callable
 from jint8.ops.int4_matmul.api import (
     Backend,
     available_backends,
@@ -16,6 +17,8 @@ from jint8.ops.int4_matmul.reference import dequantized_weight, int4_matmul_refe
 from jint8.ops.int4_matmul import pallas_triton as _pallas_triton
 
 register_backend(_pallas_triton.BACKEND, first=False)
+# jint8.ops.int4_matmul(x, ...) runs the op; jint8.ops.int4_matmul.<module> stays reachable.
+make_callable(__name__, int4_matmul)
 
 __all__ = [
     "Backend",

@@ -1,5 +1,6 @@
-"""LLM.int8() matmul: public op (api.py), XLA reference (reference.py), GPU kernels (pallas_*)."""
+"""LLM.int8() matmul: public op (api.py), XLA reference (reference.py), GPU kernels (pallas_triton/)."""
 
+from jint8.ops._platform import make_callable
 from jint8.ops.int8_matmul.api import (
     BACKEND_ENV_VAR,
     Backend,
@@ -24,6 +25,8 @@ from jint8.ops.int8_matmul import pallas_triton as _pallas_triton
 
 # GPU kernels ahead of the XLA reference; their unsupported_reason sends CPU calls on to "xla".
 register_backend(_pallas_triton.BACKEND, first=True)
+# jint8.ops.int8_matmul(x, ...) runs the op; jint8.ops.int8_matmul.<module> stays reachable.
+make_callable(__name__, int8_matmul)
 
 __all__ = [
     "BACKEND_ENV_VAR",

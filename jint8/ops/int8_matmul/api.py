@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jint8.errors import BackendUnavailableError, InvalidConfigError, ShapeError
 from jint8.ops._platform import BACKEND_ENV_VAR, requested_backend  # noqa: F401 (re-exported)
-from jint8.ops.int8_matmul import sharded
+from jint8.ops.int8_matmul import configs, sharded
 from jint8.ops.int8_matmul.reference import (
     InputGate, InputNorm, Int8MatmulStats, OutputGate, int8_matmul_reference,
 )
@@ -129,12 +129,15 @@ def int8_matmul(
       backend: "xla", a registered kernel name, or None (env JINT8_BACKEND, else first that fits).
       return_stats: also return Int8MatmulStats (outlier column count, overflow flag).
       norm: an InputNorm (RMSNorm over K, output in x.dtype) applied to x first; the decode
-        kernel does it in its prologue, so a model's norm costs no kernel of its own. Its
+        kernel does it in its prologue, so a model's norm costs no kernel of its own, for calls
+        of at most configs.FUSED_NORM_MAX_M rows (more rows: the op applies it first, see
+        _routed_prologue). Its
         float32 sum of squares may be summed in another order than XLA's (last-bit differences
         in 1/rms); every other route is bit-identical to int8_matmul(norm(x), ...).
       gate: an InputGate: x is [..., 2K] = gate | up (a fused gate_up projection's output) and
         the op's input is act(gate) * up in x.dtype (reference.gated_activation's roundings);
-        the decode kernel forms it in its prologue, so no multiply kernel runs. Its float32
+        the decode kernel forms it in its prologue, so no multiply kernel runs, for calls of at
+        most configs.FUSED_GATE_MAX_M rows (more rows: the op applies it first). Its float32
         sigmoid (exp, division) may differ from XLA's in the last bit on a GPU; every other
         route is bit-identical to int8_matmul(gate(x), ...). Not together with norm.
       output_gate: an OutputGate: wq is a fused gate|up projection (N = 2I, gate's features
@@ -144,8 +147,8 @@ def int8_matmul(
         caveat as gate's applies to its sigmoid on a GPU; every other route is bit-identical to
         output_gate(int8_matmul(x, ...)).
       split_partials: return [S, ..., N] instead, whose sum over S in float32, cast to
-        out_dtype, is the result: the decode kernel's split-K partials where its plan says
-        split_reduce "consumer" (float32; for a consumer that adds them where it reads them,
+        out_dtype, is the result: the decode kernel's float32 split-K partials where its plan
+        allows it (Config.split_partials; for a consumer that adds them where it reads them,
         as the decode-attention kernel does with a q|k|v projection's), else S = 1.
       layout: how x (as [M, K], its rows flattened) and wq are split over a mesh
         (sharded.layout_for(mesh, x_spec, w_spec)): each device runs the op on its own shard
@@ -169,8 +172,11 @@ def int8_matmul(
     k = wq.shape[0] if weight_layout == "kn" else wq.shape[1]
     batch_shape = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    chosen = select_backend(x2d, wq, backend)
+    x2d, gate = _routed_prologue(x2d, gate, configs.FUSED_GATE_MAX_M)
     layout = layout or sharded.typed_layout(x2d, wq, weight_layout)
+    if layout is None or not layout.k:  # a norm over a split K stays with sharded.py (below)
+        x2d, norm = _routed_prologue(x2d, norm, configs.FUSED_NORM_MAX_M)
+    chosen = select_backend(x2d, wq, backend)
     if layout is not None:  # each device runs its shard; split-K partials do not apply (S = 1)
         y, stats = sharded.int8_matmul_sharded(
             x2d, wq, col_scales, bias, layout=layout, impl=chosen.impl, threshold=float(threshold),
@@ -196,6 +202,18 @@ def int8_matmul(
         y = y[None]
     y = y.reshape(*y.shape[:-2], *batch_shape, y.shape[-1])
     return (y, stats) if return_stats else y
+
+
+def _routed_prologue(x2d, prologue, max_rows: int):
+    """(x2d, prologue) as the backends get them: an InputNorm or InputGate folded into the call
+    (kept) for at most max_rows rows, else applied to x2d first (x2d through it, None): the
+    decode kernel's prologue pays at those rows only (docs/decisions.md D12, D13). Either way
+    the recipe quantizes the same prologue(x), so only the fused kernel's own last-bit
+    differences (int8_matmul's norm= and gate=) depend on it. A norm whose K is split over a
+    mesh is left to sharded.py, which gathers each row for it (the unsharded op's bits)."""
+    if prologue is None or x2d.shape[0] <= max_rows:
+        return x2d, prologue
+    return prologue(x2d), None
 
 
 def _validate(x, wq, col_scales, bias, threshold, outlier_capacity, weight_layout, gate):

@@ -1,6 +1,6 @@
 """Float64 evaluation of the LLM.int8() recipe and the error bound kernels are held to.
 
-Shared by tests/ops/ (interpret mode, CPU) and benchmarks/gpu_check.py.
+Shared by tests/ops/ (interpret mode, CPU) and tools/gpu_check.py.
 
 The bound, per output element, against the recipe evaluated in float64 on the same quantized
 inputs (xq, s_x are exact: the tests check them bit for bit):
@@ -19,7 +19,7 @@ is the sum of the magnitudes of every term, and
   larger than their sum (seen: partials of 10.4, -11.8 and 1.3 for a total of 0.023).
 w_deq (the dequantized outlier weight rows in x.dtype) is formed identically by the reference
 and the GEMM kernel (float32 products, one cast), so for them it carries no error term. The fused
-skinny kernel (pallas_triton_fused) never rounds the weight to x.dtype: it sums x * wq exactly
+skinny kernel (pallas_triton.fused) never rounds the weight to x.dtype: it sums x * wq exactly
 formed in float32 and scales by s_w / 127 at the end. Against y64 (built on the rounded w_deq) it
 differs by at most half an ulp of x.dtype per weight, relative: `weight_rounding` =
 u_x * sum_c |x[:, c] * w_deq[c, :]| (u_x: half an ulp of x.dtype, see stream_magnitude), added

@@ -1,14 +1,14 @@
 """Tile configurations of the Pallas int8 matmul kernels, per shape bucket and GPU, as data.
 
 The tuned tables live in data/<device>.json (one file per GPU kind, written from measurements on
-that GPU; docs/decisions.md records why each entry is what it is), with one bucket list for the op's wq[K, N]
-("buckets") and one for K-major weights wq.T[N, K] ("buckets_nk"). Buckets are ordered by `max_m`;
-the first bucket whose `max_m` covers the call's M gives the GEMM tiles (split-K is added for
-shapes with too few output tiles unless the bucket says "auto_split_k": false), the
-activation-pass tiles (optional; by default they follow K), the `gemm_path`: "fused" (one
-kernel for skinny M) or "pallas" (activation-pass kernel + GEMM kernel), and for [K, N] weights
-whether to transpose them first (`transpose_weight`). GPUs without a table get `default_plan`, a
-heuristic that is safe (small tiles, modest shared memory) everywhere.
+that GPU; docs/decisions.md records why each entry is what it is): per-shape entries
+("shapes_nk", exact K x N) first, then M buckets for the op's wq[K, N] ("buckets") and for
+K-major weights wq.T[N, K] ("buckets_nk"). Each entry gives the GEMM tiles (Config), the route
+(`gemm_path`: "fused", "pallas" or "xla_gemm"), optionally the activation-pass tiles, and for
+[K, N] weights whether to transpose them first (`transpose_weight`). One schema serves every
+section; it is written out, with its defaults, above `_Entry` below, and `_parse_entry` checks
+it. GPUs without a table get `default_plan`, a heuristic that is safe (small tiles, modest
+shared memory) everywhere.
 
 Tables of your own: a directory named by the JINT8_KERNEL_TABLES environment variable is
 searched first, for <name>.json where name is device_table_name(device kind) ("nvidia_h100",
@@ -40,17 +40,15 @@ _MIN_PROGRAMS = 66
 # M = 1 / 8 / 16 against 0.113 / 0.115 / 0.116 for the two-kernel route, 0.26-0.29 against
 # 0.12 at M = 32 / 64 (each program re-reads all M rows of x from L2).
 FUSED_MAX_M = 16
-# Largest M (rows) for which Int8Dense folds a deferred RMSNorm into int8_matmul (norm=); larger
-# M normalise first. The fused kernel itself takes a norm at any M.
-# Measured end to end on the H100 (Llama-3-8B shape, int8 fused): batch 1 272.3
-# tok/s folded vs 266.9 not; batch 8 1640 folded vs 1723 not (every program sweeps 8 rows twice).
+# Largest M (rows) for which int8_matmul hands an InputNorm (norm=) to its backend, whose decode
+# kernel folds it into its prologue; above it the op applies the norm first (api._routed_prologue).
+# The fused kernel itself takes a norm at any M. Folding speeds up batch-1 decode and slows batch 8,
+# where every program sweeps 8 rows twice before its first weight load (docs/decisions.md D12).
 FUSED_NORM_MAX_M = 1
-# Largest M for which Int8Dense folds a deferred gated activation (GatedInput: silu(gate) * up
-# of a fused gate_up output) into down_proj's int8_matmul (gate=); larger M apply it first.
-# 0: measured slower on the H100 (Llama-3-8B shape, int8 fused, batch 1, one run,
-# best of 3 each): 272.9 tok/s folded at M = 1 against 275.8 not. The profile agrees: the
-# multiply kernel it removes took 1.5 us per layer, and down_proj's kernel grew by ~2.8 us (its
-# absmax sweep, which runs before the first weight load, reads gate and up and computes silu).
+# Largest M for which int8_matmul hands an InputGate (gate=: silu(gate) * up of a fused gate_up
+# output, down_proj's input) to its backend; above it the op applies the gate first. 0: folding
+# is slower at M = 1 too, since the absmax sweep before the first weight load then reads gate and
+# up and computes silu, which costs more than the multiply kernel it removes (D13).
 FUSED_GATE_MAX_M = 0
 
 
@@ -66,16 +64,12 @@ class Config:
     split_k > 1 splits the K loop over programs (skinny M, too few output tiles to fill the GPU);
     their float32 partials are summed outside the kernel.
     weight_layout: "kn" for wq[K, N], "nk" for K-major wq[N, K] (what Int8Weight stores).
-    swap_ab: compute each tile transposed (weight as the MMA's A operand); GEMM kernel only.
-    split_reduce: where split_k > 1 partials are summed: "xla" (the kernel writes float32
-      partials [S, M, N], an XLA reduction after it sums them) or "kernel" (each program writes
-      its partial and takes a ticket on its output tile; the last of the tile's S programs sums
-      the S partials in split order, so the result is deterministic, and writes the output: one
-      launch, no reduction kernel) or "consumer" (as "xla", except that a caller that asks for
-      the partials (int8_matmul(split_partials=True)) gets them unsummed and sums them where it
-      reads them: Llama's q|k|v projection at decode, whose partials the decode-attention
-      kernel adds where it loads q, k and v, so no reduction kernel runs between the two).
-    outlier_mode: how the fused skinny kernel (pallas_triton_fused) adds the outlier stream in
+    split_partials: whether a caller may take the split_k > 1 float32 partials [S, M, N]
+      unsummed (int8_matmul(split_partials=True)) and sum them where it reads them: Llama's
+      q|k|v projection at decode, whose partials the decode-attention kernel adds where it
+      loads q, k and v, so no reduction kernel runs between the two (docs/decisions.md). False:
+      an XLA reduction after the kernel sums them, for every caller. The fused kernel only.
+    outlier_mode: how the fused skinny kernel (pallas_triton.fused) adds the outlier stream in
       its K loop: "branch" (a lax.cond per K step, taken only in steps holding an outlier
       column) or "dense" (branch-free: every step runs the 16-bit dot on the masked x tile).
     row_scales: where the fused kernel gets each row's absmax: "kernel" (every program sweeps
@@ -96,9 +90,8 @@ class Config:
     num_stages: int
     split_k: int = 1
     weight_layout: str = "kn"
-    swap_ab: bool = False
+    split_partials: bool = False
     outlier_mode: str = "branch"
-    split_reduce: str = "xla"
     row_scales: str = "kernel"
 
     def __post_init__(self):
@@ -113,14 +106,11 @@ class Config:
             raise InvalidConfigError(f"split_k={self.split_k!r} must be in [1, 64]")
         if self.weight_layout not in ("kn", "nk"):
             raise InvalidConfigError(f"weight_layout={self.weight_layout!r} must be 'kn' or 'nk'")
-        if not isinstance(self.swap_ab, bool):
-            raise InvalidConfigError(f"swap_ab={self.swap_ab!r} must be a bool")
+        if not isinstance(self.split_partials, bool):
+            raise InvalidConfigError(f"split_partials={self.split_partials!r} must be a bool")
         if self.outlier_mode not in ("branch", "dense"):
             raise InvalidConfigError(
                 f"outlier_mode={self.outlier_mode!r} must be 'branch' or 'dense'")
-        if self.split_reduce not in ("xla", "kernel", "consumer"):
-            raise InvalidConfigError(
-                f"split_reduce={self.split_reduce!r} must be 'xla', 'kernel' or 'consumer'")
         if self.row_scales not in ("kernel", "input"):
             raise InvalidConfigError(
                 f"row_scales={self.row_scales!r} must be 'kernel' or 'input'")
@@ -261,10 +251,92 @@ def table_path(name: str) -> Optional[pathlib.Path]:
     return None
 
 
+# The table schema, one for every section of data/<device>.json (and tables of your own):
+#   top level: "buckets" (entries for wq [K, N]) and "buckets_nk" (for K-major wq [N, K]), each
+#     matched by M (the first entry, by max_m, whose max_m >= M); "shapes_nk" (K-major, one
+#     K x N each: "k", "n", and M from "min_m" to "max_m"), matched first. Other top-level keys
+#     (device_kind, jax, date, source) describe the table.
+#   an entry: "max_m" (required); "gemm" (required: Config's fields, Config's defaults);
+#     "min_m" (default 1); "gemm_path" (default "fused" where max_m <= FUSED_MAX_M, else
+#     "pallas"); "quantize" (QuantizeConfig's fields; default: tiles that follow K);
+#     "transpose_weight" (default false); "auto_split_k" (default true). Bucket entries are
+#     fitted to the call's shape ("fused": block_n narrowed and K split for small N; "pallas":
+#     K split while too few programs run, unless auto_split_k is false); a shape's entry gives
+#     its tiles exactly (tuned on that shape).
+#   "measured" (optional, one spelling for every section): {"m": M, "us": microseconds} of the
+#     whole op at M rows on the entry's K x N (a bucket's, measured on one layer: "k", "n" too);
+#     "note": why the entry is what it is. The plan reads neither.
+# Older tables' spellings are still read: gemm "split_reduce" "xla" (= split_partials false)
+# or "consumer" (= split_partials true), "swap_ab": false; their timings (measured_ms,
+# measured_us_m<M>) are left alone like any other field the plan does not read.
+_SECTIONS = {"buckets": "kn", "buckets_nk": "nk", "shapes_nk": "nk"}
+_REQUIRED = {"buckets": ("max_m", "gemm"), "buckets_nk": ("max_m", "gemm"),
+             "shapes_nk": ("k", "n", "max_m", "gemm")}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One checked table entry (the schema above), its defaults filled in."""
+
+    min_m: int
+    max_m: int
+    shape: Optional[tuple[int, int]]  # (K, N) of a "shapes_nk" entry, None for a bucket
+    gemm: Config
+    gemm_path: str
+    quantize: Optional[QuantizeConfig]
+    transpose_weight: bool
+    auto_split_k: bool
+
+    def plan(self, m: int, k: int, n: int) -> KernelPlan:
+        gemm, quantize = self.gemm, self.quantize or _default_quantize(m, k)
+        if self.gemm_path == "fused":
+            gemm = dataclasses.replace(gemm, block_m=fused_block_m(m))
+            if self.shape is None:
+                gemm = _fit_fused(gemm, k, n)
+        elif self.gemm_path == "pallas" and self.shape is None and self.auto_split_k:
+            gemm = _fit_split_k(gemm, m, k, n)
+        return KernelPlan(quantize=quantize, gemm=gemm, gemm_path=self.gemm_path,
+                          transpose_weight=self.transpose_weight)
+
+
+def gemm_config(fields: dict) -> Config:
+    """A table entry's "gemm" as a Config, reading the older spellings too (schema above)."""
+    fields = dict(fields)
+    if "split_reduce" in fields:
+        reduce = fields.pop("split_reduce")
+        if reduce not in ("xla", "consumer"):
+            raise InvalidConfigError(f"split_reduce={reduce!r} is no longer supported: use "
+                                     f"split_partials (false: summed by XLA; true: by the caller)")
+        fields.setdefault("split_partials", reduce == "consumer")
+    if "swap_ab" in fields:
+        if fields.pop("swap_ab") is not False:
+            raise InvalidConfigError("swap_ab is no longer supported (no table used it)")
+    return Config(**fields)
+
+
+def _parse_entry(entry, section: str) -> _Entry:
+    missing = [f for f in _REQUIRED[section] if not isinstance(entry, dict) or f not in entry]
+    if missing:
+        raise InvalidConfigError(f"lacks {missing}")
+    gemm = gemm_config(entry["gemm"])
+    quantize = entry.get("quantize")
+    parsed = _Entry(
+        min_m=entry.get("min_m", 1), max_m=entry["max_m"],
+        shape=(entry["k"], entry["n"]) if section == "shapes_nk" else None, gemm=gemm,
+        gemm_path=entry.get("gemm_path", "fused" if entry["max_m"] <= FUSED_MAX_M else "pallas"),
+        quantize=QuantizeConfig(**quantize) if quantize else None,
+        transpose_weight=entry.get("transpose_weight", False),
+        auto_split_k=entry.get("auto_split_k", True))
+    KernelPlan(quantize=_default_quantize(1, 64), gemm=gemm, gemm_path=parsed.gemm_path,
+               transpose_weight=parsed.transpose_weight)  # checks the route against the tiles
+    return parsed
+
+
 @functools.cache
-def _read_table(name: str) -> dict:
-    """The parsed, checked table ({} without one). Every entry must build its Config and name
-    its shape bucket; a bad one raises InvalidConfigError naming the file and the entry."""
+def _read_table(name: str) -> dict[str, tuple[_Entry, ...]]:
+    """The parsed, checked table by section ({} without one), each section sorted by max_m.
+    Every entry must follow the schema above; a bad one raises InvalidConfigError naming the
+    file and the entry."""
     path = table_path(name)
     if path is None:
         return {}
@@ -274,69 +346,36 @@ def _read_table(name: str) -> dict:
         raise InvalidConfigError(f"int8 kernel table {path}: not readable JSON: {error}") from None
     if not isinstance(data, dict):
         raise InvalidConfigError(f"int8 kernel table {path}: must be a JSON object")
-    for key, fields in (("buckets", ("max_m", "gemm")), ("buckets_nk", ("max_m", "gemm")),
-                        ("shapes_nk", ("k", "n", "max_m", "gemm"))):
-        for i, entry in enumerate(data.get(key, ())):
-            where = f"int8 kernel table {path}: {key}[{i}]"
-            missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
-            if missing:
-                raise InvalidConfigError(f"{where} lacks {missing}")
+    sections = {}
+    for section in _SECTIONS:
+        entries = []
+        for i, entry in enumerate(data.get(section, ())):
             try:
-                gemm = Config(**entry["gemm"])
-                if entry.get("quantize"):
-                    QuantizeConfig(**entry["quantize"])
-                KernelPlan(quantize=_default_quantize(1, 64), gemm=gemm,
-                           gemm_path=entry.get("gemm_path", "fused" if key == "shapes_nk" else "pallas"),
-                           transpose_weight=entry.get("transpose_weight", False))
+                entries.append(_parse_entry(entry, section))
             except (InvalidConfigError, TypeError) as error:
-                raise InvalidConfigError(f"{where}: {error}") from None
-    return data
-
-
-def _load_table(name: str, weight_layout: str) -> tuple[dict, ...]:
-    buckets = _read_table(name).get("buckets" if weight_layout == "kn" else "buckets_nk", ())
-    return tuple(sorted(buckets, key=lambda b: b["max_m"]))
-
-
-def _load_shapes(name: str, weight_layout: str) -> tuple[dict, ...]:
-    """Per-shape entries ("shapes_nk": exact K x N, up to max_m) tuned on the decode shapes of
-    real models (tools/tune_decode_shapes.py, benchmarks/bench_int8_matmul.py --sweep), for
-    min_m (default 1) <= M <= max_m; they win over the M buckets."""
-    if weight_layout != "nk":
-        return ()
-    return tuple(sorted(_read_table(name).get("shapes_nk", ()), key=lambda e: e["max_m"]))
+                raise InvalidConfigError(
+                    f"int8 kernel table {path}: {section}[{i}]: {error}".replace(": lacks", " lacks")
+                ) from None
+        sections[section] = tuple(sorted(entries, key=lambda e: e.max_m))
+    return sections
 
 
 def plan_for(device_kind: str, m: int, k: int, n: int, weight_layout: str = "kn") -> KernelPlan:
-    """The tuned plan for this GPU, shape bucket and weight layout, else default_plan.
+    """The tuned plan for this GPU, shape and weight layout, else default_plan.
 
-    A "fused" bucket's block_m is set to cover all M rows (fused_block_m; its table entry's
-    block_m is ignored) and its block_n narrowed for small N (_fit_fused).
+    A shape's entry ("shapes_nk": exact K x N, tuned on the decode shapes of real models by
+    tools/tune_decode_shapes.py) wins over the M buckets. A "fused" entry's block_m is set to
+    cover all M rows (fused_block_m; its table block_m is ignored); a bucket's tiles are fitted
+    to the shape (_Entry.plan).
     """
-    name = device_table_name(device_kind)
-    for entry in _load_shapes(name, weight_layout):
-        if entry.get("min_m", 1) <= m <= entry["max_m"] and (k, n) == (entry["k"], entry["n"]):
-            gemm = Config(**entry["gemm"])
-            if entry.get("gemm_path", "fused") == "fused":
-                gemm = dataclasses.replace(gemm, block_m=fused_block_m(m))
-            return KernelPlan(quantize=_default_quantize(m, k), gemm=gemm,
-                              gemm_path=entry.get("gemm_path", "fused"))
-    for bucket in _load_table(name, weight_layout):
-        if m <= bucket["max_m"]:
-            gemm = Config(**bucket["gemm"])
-            gemm_path = bucket.get("gemm_path", "pallas")
-            if gemm_path == "fused":
-                gemm = _fit_fused(dataclasses.replace(gemm, block_m=fused_block_m(m)), k, n)
-            elif gemm_path == "pallas" and bucket.get("auto_split_k", True):
-                gemm = _fit_split_k(gemm, m, k, n)
-            quantize = bucket.get("quantize")
-            return KernelPlan(
-                # The activation pass's tiles follow K (whole rows when they fit), not a table.
-                quantize=QuantizeConfig(**quantize) if quantize else _default_quantize(m, k),
-                gemm=gemm,
-                gemm_path=gemm_path,
-                transpose_weight=bucket.get("transpose_weight", False),
-            )
+    table = _read_table(device_table_name(device_kind))
+    if weight_layout == "nk":
+        for entry in table.get("shapes_nk", ()):
+            if entry.min_m <= m <= entry.max_m and (k, n) == entry.shape:
+                return entry.plan(m, k, n)
+    for entry in table.get("buckets" if weight_layout == "kn" else "buckets_nk", ()):
+        if m <= entry.max_m:
+            return entry.plan(m, k, n)
     return default_plan(m, k, n, weight_layout)
 
 

@@ -24,7 +24,7 @@ Deliberate differences from bitsandbytes, all towards accuracy:
   `outlier_capacity` columns. When a batch has more, a lax.cond switches to an exact dense path
   (x masked to the outlier columns @ dequantized w), reported in the returned stats and logged:
   the same result, never silent truncation. The GPU kernels have no capacity at all
-  (pallas_triton_outliers): any count from 0 to K, read on the device per call.
+  (pallas_triton.outliers): any count from 0 to K, read on the device per call.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """The "pallas_triton" backend of int8_matmul: Pallas (Triton lowering) kernels, no host syncs.
 
 Computes reference.int8_matmul_reference's function. Per shape bucket the plan
-(configs.plan_for, tuned per GPU in data/*.json) picks one of two routes:
-- "fused" (M <= configs.FUSED_MAX_M, decode): one kernel does everything
-  (pallas_triton_fused): no capacity, no index list, one launch per call;
+(configs.plan_for, tuned per GPU in data/*.json) picks one of three routes:
+- "fused" (M <= configs.FUSED_MAX_M, decode): one kernel does everything (fused.py): no
+  capacity, no index list, one launch per call;
 - "pallas": the activation-pass kernel, the outlier-operands kernel (the list of every outlier
   column, its count, x and the weight compacted on it, xq's columns on it zeroed:
-  pallas_triton_outliers) and the GEMM kernel with the whole epilogue fused. No capacity: the
+  outliers.py) and the GEMM kernel (gemm.py) with the whole epilogue fused. No capacity: the
   outlier stream's length is the batch's count, read on the device, and past a quarter of K
   the stream sweeps the weight in place (a flag the GEMM reads), never a lax.cond;
 - "xla_gemm" (large M): the same activation pass, XLA's own int8 GEMM (cuBLAS, int32 out) for
@@ -16,6 +16,9 @@ Computes reference.int8_matmul_reference's function. Per shape bucket the plan
   loop.
 [K, N] weights at M > 64 are transposed by XLA first where the plan says so (Triton's int8 MMA
 wants K-major operands). docs/decisions.md records which bucket uses what and why.
+
+The kernels share common.py (loads, dots, tiles, the epilogue, launch); quantize.py is the
+activation pass. The correctness checks reach these routes through ../testing.py.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from jint8.ops._platform import triton_gpu_unsupported_reason
 from jint8.ops.int8_matmul import partitioned, reference
 from jint8.ops.int8_matmul.api import Backend
 from jint8.ops.int8_matmul.configs import KernelPlan, plan_for
-from jint8.ops.int8_matmul.pallas_triton_fused import fused_int8_matmul
-from jint8.ops.int8_matmul.pallas_triton_gemm import int8_gemm
-from jint8.ops.int8_matmul.pallas_triton_outliers import gather_slots, outlier_operands
-from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows_unmasked
+from jint8.ops.int8_matmul.pallas_triton.common import NO_PROBE, Probe
+from jint8.ops.int8_matmul.pallas_triton.fused import fused_int8_matmul
+from jint8.ops.int8_matmul.pallas_triton.gemm import int8_gemm
+from jint8.ops.int8_matmul.pallas_triton.outliers import gather_slots, outlier_operands
+from jint8.ops.int8_matmul.pallas_triton.quantize import quantize_rows_unmasked
 
 BACKEND_NAME = "pallas_triton"
 
@@ -53,7 +57,6 @@ def int8_matmul_pallas(
     output_gate: Optional[reference.OutputGate] = None,
     plan: Optional[KernelPlan] = None,
     interpret: bool = False,
-    poison_output: bool = False,
     split_partials: bool = False,
     partition: Optional[partitioned.Policy] = None,
 ) -> tuple[jax.Array, reference.Int8MatmulStats]:
@@ -71,13 +74,29 @@ def int8_matmul_pallas(
     plan: kernels and tiles; default: the tuned plan of the current GPU, this shape and this
       weight layout. An explicit plan must take this layout (plan.reads_layout()).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
-    poison_output: the GEMM writes into a NaN-filled buffer (GPU check: unwritten tiles show).
     split_partials: return [S, M, N]: the fused kernel's float32 split-K partials where the plan
-      says split_reduce "consumer" (the caller sums them), else the result as [1, M, N].
+      allows it (Config.split_partials; the caller sums them), else the result as [1, M, N].
     partition: from partition.min_m rows on (two-kernel routes only), a batch with more than
       partition.kernel_max_count outlier columns runs partitioned's cuBLAS GEMMs instead;
       default partitioned.default_policy() (off unless JINT8_OUTLIER_GEMMS=1).
+
+    The correctness checks' instruments (an int32 accumulator, a poisoned output buffer) are
+    testing.py's entry points, not arguments here.
     """
+    del outlier_capacity
+    return run(x, wq, col_scales, bias, threshold=threshold, out_dtype=out_dtype,
+               weight_layout=weight_layout, norm=norm, gate=gate, output_gate=output_gate,
+               plan=plan, interpret=interpret, split_partials=split_partials,
+               partition=partition)
+
+
+def run(x, wq, col_scales, bias=None, *, threshold: float, out_dtype=None, weight_layout: str,
+        norm=None, gate=None, output_gate=None, plan: Optional[KernelPlan] = None,
+        interpret: bool = False, split_partials: bool = False,
+        partition: Optional[partitioned.Policy] = None, probe: Probe = NO_PROBE):
+    """int8_matmul_pallas with a probe (common.Probe): the one entry of the routes, for the op
+    (probe=NO_PROBE) and for testing.py. Resolves the defaults (plan, partition), then runs the
+    jitted routes."""
     m = x.shape[0]
     k, n = wq.shape if weight_layout == "kn" else wq.shape[::-1]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -91,33 +110,32 @@ def int8_matmul_pallas(
         partition = partitioned.default_policy()
     return _int8_matmul_pallas(
         x, wq, col_scales, bias, norm, gate, output_gate, threshold=float(threshold),
-        out_dtype=out_dtype, plan=plan,
-        interpret=interpret, poison_output=poison_output, split_partials=split_partials,
-        partition=partition,
+        out_dtype=out_dtype, plan=plan, interpret=interpret, split_partials=split_partials,
+        partition=partition, probe=probe,
     )
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("threshold", "out_dtype", "plan", "interpret",
-                     "poison_output", "accumulator_only", "split_partials", "partition"),
+    static_argnames=("threshold", "out_dtype", "plan", "interpret", "split_partials", "partition",
+                     "probe"),
 )
 def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, output_gate=None, *, threshold,
-                        out_dtype, plan, interpret, poison_output=False,
-                        accumulator_only=False, split_partials=False,
-                        partition=None):
-    unsummed = (split_partials and plan.gemm_path == "fused" and plan.gemm.split_k > 1
-                and plan.gemm.split_reduce == "consumer" and output_gate is None)
+                        out_dtype, plan, interpret, split_partials=False, partition=None,
+                        probe=NO_PROBE):
+    # Unsummed partials only where the plan allows them and the fused kernel makes them (S > 1;
+    # an output gate needs whole sums); every other call returns its result as [1, M, N].
+    partials = (split_partials and plan.gemm_path == "fused" and plan.gemm.split_k > 1
+                and plan.gemm.split_partials and output_gate is None)
     y, stats = _routes(x, wq, col_scales, bias, norm, gate, output_gate, threshold=threshold,
-                       out_dtype=out_dtype, plan=plan,
-                       interpret=interpret, poison_output=poison_output,
-                       accumulator_only=accumulator_only, sum_splits=not unsummed,
-                       partition=partition)
-    return (y[None] if split_partials and not unsummed else y), stats
+                       out_dtype=out_dtype, plan=plan, interpret=interpret,
+                       split_partials=partials, partition=partition, probe=probe)
+    return (y[None] if split_partials and not partials else y), stats
 
 
 def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_dtype, plan,
-            interpret, poison_output, accumulator_only, sum_splits, partition):
+            interpret, split_partials, partition, probe):
+    accumulator_only = probe.accumulator_only
     if plan.gemm_path == "fused":
         # Stats in plain jnp: XLA drops them when the caller does not use them. No capacity
         # on this route, so it never overflows.
@@ -130,8 +148,8 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_
             x, wq, col_scales,
             _bias_operand(bias, col_scales),
             norm, gate=gate, output_gate=in_epilogue, config=plan.gemm, threshold=threshold,
-            out_dtype=out_dtype, has_bias=bias is not None, accumulator_only=accumulator_only,
-            poison_output=poison_output, interpret=interpret, sum_splits=sum_splits,
+            out_dtype=out_dtype, has_bias=bias is not None, probe=probe, interpret=interpret,
+            split_partials=split_partials,
         )
         if output_gate is not None and in_epilogue is None and not accumulator_only:
             y = output_gate(y)  # XLA fuses it into the split-K sum
@@ -155,7 +173,7 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_
              if partition is not None and threshold > 0 and m >= partition.min_m else None)
 
     def kernels(x, xq, wq, row_scales, col_scales, bias_operand, col_flags):
-        """The kernels' own route: outlier operands (pallas_triton_outliers), GEMM kernel."""
+        """The kernels' own route: outlier operands (pallas_triton.outliers), GEMM kernel."""
         # Inside the bucket switch this branch never sees more than its bucket's count, so the
         # dense sweep past G columns is not compiled where G covers it.
         dense_fallback = gather_slots(k) < (k if table is None else table[0].max_count)
@@ -170,8 +188,8 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_
         return int8_gemm(
             xq, wq, row_scales, col_scales, bias_operand, x, *outlier_args,
             accumulator, config=plan.gemm, out_dtype=out_dtype, has_bias=has_bias,
-            has_outliers=threshold > 0, dense_fallback=dense_fallback,
-            accumulator_only=accumulator_only, poison_output=poison_output, interpret=interpret,
+            has_outliers=threshold > 0, dense_fallback=dense_fallback, probe=probe,
+            interpret=interpret,
         )
 
     count = jnp.sum(col_flags > 0, dtype=jnp.int32)
@@ -198,23 +216,6 @@ def _bias_operand(bias, col_scales):
     return col_scales if bias is None else bias
 
 
-def int8_accumulator_pallas(x, wq, *, threshold: float, plan: KernelPlan, norm=None, gate=None, interpret: bool = False,
-                            poison_output=False, partition: Optional[partitioned.Policy] = None):
-    """[M, N] int32 accumulator of the plan's GEMM (checks): equals
-    reference.int8_dot(*reference.quantize_rows(x, threshold)[:1], wq) exactly (with a norm or
-    a gate: of reference.op_input(x, norm, gate), where the kernel forms the same bits)."""
-    n = wq.shape[1] if plan.reads_layout() == "kn" else wq.shape[0]
-    if partition is None:
-        partition = partitioned.default_policy()
-    acc, _ = _int8_matmul_pallas(
-        x, wq, jnp.ones((n,), jnp.float32), None, norm, gate, threshold=float(threshold),
-        out_dtype=jnp.dtype(jnp.int32), plan=plan,
-        interpret=interpret, poison_output=poison_output, accumulator_only=True,
-        partition=partition,
-    )
-    return acc
-
-
 def unsupported_reason(x: jax.Array, wq: jax.Array) -> Optional[str]:
     """None when the Triton kernels can run this call, else why not."""
     del x, wq  # every shape and dtype the op validates runs
@@ -223,3 +224,13 @@ def unsupported_reason(x: jax.Array, wq: jax.Array) -> Optional[str]:
 
 BACKEND = Backend(BACKEND_NAME, int8_matmul_pallas, unsupported_reason,
                   partials_impl=functools.partial(int8_matmul_pallas, split_partials=True))
+
+
+def __getattr__(name):
+    # The checks' entry point, at its old address (testing.py imports this package, so it is
+    # looked up on first use rather than imported here).
+    if name == "int8_accumulator_pallas":
+        from jint8.ops.int8_matmul.testing import int8_accumulator_pallas
+
+        return int8_accumulator_pallas
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,9 @@
-"""Correctness of the Pallas int8 matmul kernels on a GPU: `python3 benchmarks/gpu_check.py`.
+"""Correctness of the Pallas int8 matmul kernels on a GPU: `python3 tools/gpu_check.py`.
 
 Fresh random inputs every run (seed printed). For every shape (odd ones included):
 - the activation pass equals reference.quantize_rows (run by XLA on the same GPU) bit for bit;
 - the int32 accumulator of each plan's GEMM (the one-launch fused kernel for M <= 64, the GEMM
-  kernel otherwise, both outlier modes, split-K (both reductions), both weight layouts, [K, N] transposed), written
+  kernel otherwise, both outlier modes, split-K, both weight layouts, [K, N] transposed), written
   into an INT32_MIN-poisoned buffer, equals XLA's int8 dot of the reference-quantized inputs bit
   for bit;
 - the whole op, its kernel writing into a NaN-poisoned buffer, is finite everywhere and within
@@ -31,18 +31,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jint8.ops.int8_matmul import checks, configs, reference  # noqa: E402
-from jint8.ops.int8_matmul.pallas_triton import (  # noqa: E402
-    _int8_matmul_pallas,
-    int8_matmul_pallas,
-    int8_accumulator_pallas,
-)
-from jint8.ops.int8_matmul.pallas_triton_outliers import (  # noqa: E402
+from jint8.ops.int8_matmul.pallas_triton import int8_matmul_pallas  # noqa: E402
+from jint8.ops.int8_matmul.pallas_triton.outliers import (  # noqa: E402
     SLOT_BLOCK,
     gather_slots,
     outlier_operands,
     outlier_operands_reference,
 )
-from jint8.ops.int8_matmul.pallas_triton_quantize import quantize_rows  # noqa: E402
+from jint8.ops.int8_matmul.pallas_triton.quantize import quantize_rows  # noqa: E402
+from jint8.ops.int8_matmul.testing import int8_accumulator_pallas, int8_matmul_poisoned  # noqa: E402
 
 THRESHOLD = 6.0
 
@@ -89,19 +86,13 @@ def plans_to_check(m, k, n, table_only=False):
         plans.append(replace(plan, gemm=replace(plan.gemm, outlier_mode=other_mode)))
         other_scales = "input" if plan.gemm.row_scales == "kernel" else "kernel"  # XLA's absmax / the sweep
         plans.append(replace(plan, gemm=replace(plan.gemm, row_scales=other_scales)))
-        for reduce in ("xla", "kernel"):  # split-K partials summed by XLA / the last program
-            plans.append(replace(plan, gemm=replace(plan.gemm, split_k=plan.gemm.split_k % 3 + 2,
-                                                    split_reduce=reduce)))
+        plans.append(replace(plan, gemm=replace(plan.gemm, split_k=plan.gemm.split_k % 3 + 2)))
         pallas = configs.plan_for("no table", 65, k, n, weight_layout="nk")
         plans.append(replace(pallas, gemm=replace(pallas.gemm, block_m=16 if m <= 16 else 64)))
     else:
         plans.append(replace(plan, gemm=replace(plan.gemm, weight_layout="kn")))
-        plans.append(replace(plan, gemm=replace(plan.gemm, swap_ab=True, weight_layout="kn")))
         other_path = "pallas" if plan.gemm_path == "xla_gemm" else "xla_gemm"
         plans.append(replace(plan, gemm_path=other_path, gemm=replace(plan.gemm, split_k=1)))
-        if plan.gemm.split_k > 1:
-            other = "kernel" if plan.gemm.split_reduce == "xla" else "xla"
-            plans.append(replace(plan, gemm=replace(plan.gemm, split_reduce=other)))
     return plans
 
 
@@ -133,9 +124,9 @@ def check_case(rng, m, k, n, dtype, num_outlier_cols, with_bias, failures,
         if not np.array_equal(np.asarray(acc), ref_acc):
             bad = int(np.sum(np.asarray(acc) != ref_acc))
             failures.append(f"{tag}: int32 accumulator differs from XLA in {bad} elements")
-        y, stats = _int8_matmul_pallas(
+        y, stats = int8_matmul_poisoned(
             x, w, col_scales, bias, threshold=THRESHOLD, out_dtype=jnp.dtype(dtype), plan=plan,
-            interpret=interpret, poison_output=True)
+            interpret=interpret)
         # One term per outlier column, one partial per K step of the fused kernel or slot step.
         stream_terms = num_outliers + -(-k // min(plan.gemm.block_k, SLOT_BLOCK)) + 2
         ratio = checks.max_bound_violation(y, y64, magnitude, dtype, stream_terms=stream_terms,
@@ -184,8 +175,8 @@ def check_folded_case(rng, label, x, wq, folded, failures, interpret=False):
         print(f"  skipped {label}: not the fused route", flush=True)
         return
     col_scales = jnp.asarray(rng.uniform(0.01, 2.0, n).astype(np.float32))
-    acc = np.asarray(int8_accumulator_pallas(x, wq, threshold=THRESHOLD, outlier_capacity=64,
-                                             plan=plan, interpret=interpret, **folded))
+    acc = np.asarray(int8_accumulator_pallas(x, wq, threshold=THRESHOLD, plan=plan,
+                                             interpret=interpret, **folded))
     op_input = reference.op_input(x, **folded)
     want = np.asarray(reference.int8_dot(reference.quantize_rows(op_input, THRESHOLD)[0], wq, "nk"))
     mismatched = int(np.sum(acc != want))
@@ -217,11 +208,9 @@ def check_output_gate_case(rng, m, k, n, dtype, failures, interpret=False):
     x, wq, col_scales, bias = make_inputs(rng, m, k, n, dtype, 8, True)
     wq = wq.T  # [2I, K]
     output_gate = reference.OutputGate("silu")
-    kwargs = dict(threshold=THRESHOLD, outlier_capacity=64, out_dtype=jnp.dtype(dtype), plan=plan,
-                  interpret=interpret)
-    y, _ = _int8_matmul_pallas(x, wq, col_scales, bias, None, None, output_gate, poison_output=True,
-                               **kwargs)
-    product, _ = _int8_matmul_pallas(x, wq, col_scales, bias, **kwargs)
+    kwargs = dict(threshold=THRESHOLD, out_dtype=jnp.dtype(dtype), plan=plan, interpret=interpret)
+    y, _ = int8_matmul_poisoned(x, wq, col_scales, bias, output_gate=output_gate, **kwargs)
+    product, _ = int8_matmul_poisoned(x, wq, col_scales, bias, **kwargs)
     y, gated = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (y, output_gate(product)))
     y_ref = np.asarray(jnp.asarray(reference.int8_matmul_reference(
         x, wq, col_scales, bias, threshold=THRESHOLD, outlier_capacity=64, weight_layout="nk",

@@ -41,7 +41,7 @@ holding a flagged column); the loads stay outside it so Triton can still pipelin
 
 split_k > 1 (too few output tiles): program (tile, s) sums its K slice; every program computes
 the full-K row scales (step 1) itself. The float32 partials [S, M, N] are summed by XLA after
-the kernel or, with split_reduce="kernel", by the last of the tile's programs (launch/Output).
+the kernel, or handed to a caller that sums them where it reads them (split_partials).
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jint8.ops.int8_matmul.configs import Config
-from jint8.ops.int8_matmul.pallas_triton_gemm import (
-    _dot, _load, _load_vector, _load_weight, _stream_dot, _Tile, dequantize, launch,
+from jint8.ops.int8_matmul.pallas_triton.common import (
+    NO_PROBE, Probe, Tile, dequantize, dot, inverse_scale, launch, load_tile, load_vector, load_weight,
+    round_half_even, stream_dot,
 )
-from jint8.ops.int8_matmul.pallas_triton_quantize import _inverse_scale, round_half_even
 from jint8.ops.int8_matmul import reference
 from jint8.ops.int8_matmul.reference import INV_127
 from jint8.ops.rounding import round_to
@@ -117,7 +117,7 @@ class _Prologue:
         self.k = width // 2 if gate is not None else width
         self.inverse_rms = None  # [rows_p], the rows of _sweep_rows
         if norm is not None:  # one sweep for the sum of squares, as jnp.mean: sum / K
-            squares = _sweep_rows(functools.partial(_load, x_ref), self.m, self.k,
+            squares = _sweep_rows(functools.partial(load_tile, x_ref), self.m, self.k,
                                   lambda x: jnp.square(x.astype(jnp.float32)), "sum")
             self.inverse_rms = jax.lax.rsqrt(squares / self.k + norm.eps)
 
@@ -126,11 +126,11 @@ class _Prologue:
         rows (norm)."""
         if self.gate is not None:
             return self._gated(rows, cols, row_ok, col_ok)
-        x = _load(self.x_ref, rows, cols, row_ok, col_ok)
+        x = load_tile(self.x_ref, rows, cols, row_ok, col_ok)
         if self.norm is None:
             return x
         xf = x.astype(jnp.float32) * inverse_rms[:, None]
-        scale = _load_vector(self.scale_ref, cols, cols < self.k if self.k % cols.shape[0] else None)
+        scale = load_vector(self.scale_ref, cols, cols < self.k if self.k % cols.shape[0] else None)
         scale = scale.astype(jnp.float32)[None, :]
         if self.norm.unit_offset:
             return self.round(xf * (1.0 + scale), x.dtype)
@@ -139,8 +139,8 @@ class _Prologue:
         return self.round(scale * self.round(xf, x.dtype).astype(jnp.float32), x.dtype)
 
     def _gated(self, rows, cols, row_ok, col_ok):
-        gate = _load(self.x_ref, rows, cols, row_ok, col_ok)
-        up = _load(self.x_ref, rows, cols + self.k, row_ok, col_ok)
+        gate = load_tile(self.x_ref, rows, cols, row_ok, col_ok)
+        up = load_tile(self.x_ref, rows, cols + self.k, row_ok, col_ok)
         return reference.gated_activation(gate, up, self.gate.activation, gate.dtype, self.round)
 
 
@@ -183,10 +183,10 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
     bm, bn, bk = config.block_m, _tile_columns(config, output_gate), config.block_k
     split = pl.program_id(1)
     if output_gate is None:
-        tile = _Tile(rows=jnp.arange(bm), cols=pl.program_id(0) * bn + jnp.arange(bn), m=m, n=n)
+        tile = Tile(rows=jnp.arange(bm), cols=pl.program_id(0) * bn + jnp.arange(bn), m=m, n=n)
         weight_tiles = (tile,)
     else:  # the program's output columns of act(gate) * up, from those of gate and of up
-        tile = _Tile(rows=jnp.arange(bm), cols=pl.program_id(0) * bn + jnp.arange(bn), m=m,
+        tile = Tile(rows=jnp.arange(bm), cols=pl.program_id(0) * bn + jnp.arange(bn), m=m,
                      n=n // 2)
         weight_tiles = (tile, tile.shifted(n // 2))
     has_outliers = threshold > 0
@@ -202,13 +202,13 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
 
     if row_max_ref is not None:  # Config.row_scales == "input": reduced before the kernel
         rows = jnp.arange(1 << (m - 1).bit_length())  # _sweep_rows' rows_p, 0 past row M
-        row_max = _load_vector(row_max_ref, rows, rows < m if m != rows.shape[0] else None)
+        row_max = load_vector(row_max_ref, rows, rows < m if m != rows.shape[0] else None)
     else:
         row_max = _row_absmax(prologue, threshold=threshold)  # per x row
     inverse_rms = None if norm is None else spread(prologue.inverse_rms)
     # reference.quantize_rows: 127 / s rounded as XLA rounds it, 0 for an all-zero row.
     safe = jnp.where(row_max > 0, row_max, 1.0)
-    inverse = spread(jnp.where(row_max > 0, _inverse_scale(safe, interpret=interpret), 0.0))
+    inverse = spread(jnp.where(row_max > 0, inverse_scale(safe, interpret=interpret), 0.0))
 
     k_steps = pl.cdiv(k, bk)
     steps_per_split = pl.cdiv(k_steps, config.split_k)
@@ -220,7 +220,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
         ks = i * bk + jnp.arange(bk)
         k_ok = ks < k if k % bk else None
         x = prologue.load(x_rows, ks, x_rows_ok, k_ok, inverse_rms)
-        ws = [_load_weight(w_ref, ks, t, k_ok, nk_layout) for t in weight_tiles]
+        ws = [load_weight(w_ref, ks, t, k_ok, nk_layout) for t in weight_tiles]
         xf = x.astype(jnp.float32)
         q = round_half_even(xf * inverse[:, None], interpret=interpret)
         if has_outliers:
@@ -229,14 +229,14 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
             flagged = jnp.max(hit, axis=0) > 0
             q = jnp.where(flagged[None, :], 0.0, q)
         xq = widen(q.astype(jnp.int8))
-        accs = tuple(acc + _dot(xq, w, b_transposed=nk_layout, out_dtype=jnp.int32)
+        accs = tuple(acc + dot(xq, w, b_transposed=nk_layout, out_dtype=jnp.int32)
                      for acc, w in zip(accs, ws))
         if not has_outliers or accumulator_only:
             return accs, streams
 
         def add_stream():
             x_outlier = widen(jnp.where(flagged[None, :], x, jnp.zeros_like(x)))
-            return tuple(stream + _stream_dot(x_outlier, w.astype(x.dtype), nk_layout)
+            return tuple(stream + stream_dot(x_outlier, w.astype(x.dtype), nk_layout)
                          for stream, w in zip(streams, ws))
 
         if config.outlier_mode == "dense":
@@ -253,7 +253,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
         return
     ys = []
     for weight_tile, acc, stream in zip(weight_tiles, accs, streams):
-        col_scales = _load_vector(col_scales_ref, weight_tile.cols, weight_tile.col_ok)
+        col_scales = load_vector(col_scales_ref, weight_tile.cols, weight_tile.col_ok)
         stream = stream * (col_scales * INV_127)[None, :] if has_outliers else None
         ys.append(dequantize(acc, _spread(row_max, bm), col_scales,
                              bias_ref if has_bias else None, stream, weight_tile, split,
@@ -271,14 +271,14 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "threshold", "out_dtype", "has_bias", "accumulator_only",
-                     "poison_output", "interpret", "sum_splits"),
+    static_argnames=("config", "threshold", "out_dtype", "has_bias", "probe", "interpret",
+                     "split_partials"),
 )
 def fused_int8_matmul(
     x, w, col_scales, bias, norm=None, gate=None, output_gate=None, *, config: Config,
     threshold: float, out_dtype,
-    has_bias: bool, accumulator_only: bool = False, poison_output: bool = False,
-    interpret: bool = False, sum_splits: bool = True,
+    has_bias: bool, probe: Probe = NO_PROBE, interpret: bool = False,
+    split_partials: bool = False,
 ):
     """The one-launch LLM.int8() matmul (module docstring).
 
@@ -296,20 +296,19 @@ def fused_int8_matmul(
         gate's columns j and up's columns j, block_n / 2 each (two MMAs per K step on the one
         quantized x tile), and gates its two float32 results, each rounded to out_dtype first
         (reference.int8_matmul_reference's roundings). Needs split_k == 1.
-      accumulator_only: return the int32 [M, N] accumulator xq[:, not O] @ wq instead (checks).
-      poison_output: start from a NaN-filled (int32: INT32_MIN) output buffer, aliased into the
-        kernel's output, so the GPU check sees any element the kernel did not write.
-      sum_splits: False: return the float32 split-K partials unsummed (the caller decides, from
-        split_reduce "consumer").
+      probe: the checks' instruments (common.Probe; testing.py): the int32 accumulator
+        xq[:, not O] @ wq instead of the output, a poisoned output buffer.
+      split_partials: return the float32 split-K partials unsummed (the caller sums them where
+        it reads them; the plan's Config.split_partials says whether a caller may ask).
     Returns:
-      [M, N] out_dtype ([M, N / 2] with output_gate; int32 with accumulator_only; [S, M, N]
-      float32 partials with sum_splits=False and split_k > 1).
+      [M, N] out_dtype ([M, N / 2] with output_gate; int32 with probe.accumulator_only;
+      [S, M, N] float32 partials with split_partials and split_k > 1).
     """
     m = x.shape[0]
     n = w.shape[0] if config.weight_layout == "nk" else w.shape[1]
     if norm is not None and gate is not None:
         raise ValueError("fused kernel: norm and gate cannot both be given")
-    if output_gate is not None and (config.split_k != 1 or accumulator_only or n % 2):
+    if output_gate is not None and (config.split_k != 1 or probe.accumulator_only or n % 2):
         raise ValueError(f"fused kernel: output_gate needs split_k == 1 (got {config.split_k}), "
                          f"an even N (got {n}) and no accumulator_only")
     if m > config.block_m:
@@ -320,7 +319,7 @@ def fused_int8_matmul(
     kernel = functools.partial(
         _fused_kernel, norm=None if norm is None else dataclasses.replace(norm, scale=None),
         gate=gate, output_gate=output_gate, config=config, threshold=threshold, has_bias=has_bias,
-        row_max_input=row_max_input, accumulator_only=accumulator_only, interpret=interpret,
+        row_max_input=row_max_input, accumulator_only=probe.accumulator_only, interpret=interpret,
     )
     operands = [x, w, col_scales, bias] + ([] if norm is None else [norm.scale])
     if row_max_input:
@@ -328,8 +327,8 @@ def fused_int8_matmul(
     n_out = n if output_gate is None else n // 2
     return launch(kernel, operands, grid=(pl.cdiv(n_out, _tile_columns(config, output_gate)),
                                           config.split_k),
-                  m=m, n=n_out, config=config, out_dtype=out_dtype, accumulator_only=accumulator_only,
-                  poison_output=poison_output, interpret=interpret, sum_splits=sum_splits,
+                  m=m, n=n_out, config=config, out_dtype=out_dtype, probe=probe,
+                  interpret=interpret, split_partials=split_partials,
                   # K x N in the name: a profile times each projection of a model apart
                   name=f"jint8_fused_int8_matmul_{w.size // n}x{n}")
 

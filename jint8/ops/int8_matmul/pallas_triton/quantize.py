@@ -11,13 +11,13 @@ The column mask is a reduction over *all* rows, so no row block can know it whil
 Instead of a second pass that zeroes xq[:, O] (or a grid-wide barrier), each program ORs its
 flags into a [K] int32 vector with atomics masked to the flagged lanes (real activations have a
 handful of outlier columns, so a handful of atomics per program). xq keeps the *non-outlier*
-elements of outlier columns: the routes' next kernel (pallas_triton_outliers) zeroes the
+elements of outlier columns: the routes' next kernel (pallas_triton.outliers) zeroes the
 columns of the outlier slot list in place, and on a capacity overflow the GEMM subtracts the
 rest exactly in int32, which keeps the GEMM's inner loop a pure int8 dot. `quantize_rows` below
 applies the mask for callers that want reference.quantize_rows' exact outputs.
 
 Bit-equal to reference.quantize_rows on the same device: 127 / s is rounded as XLA rounds it
-there (_inverse_scale; neither XLA:GPU nor XLA:CPU gives the IEEE quotient, and bf16 inputs hit
+there (inverse_scale; neither XLA:GPU nor XLA:CPU gives the IEEE quotient, and bf16 inputs hit
 the exact ties x = s/2 where one ulp of 127/s flips the rounded value). Triton has
 no lowering for round-half-even, so the kernel uses PTX cvt.rni.f32.f32 (what XLA:GPU emits for
 jnp.round) through inline asm; under interpret=True, jnp.round.
@@ -34,32 +34,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jint8.ops.int8_matmul.configs import QuantizeConfig
-
-
-def _inverse_scale(row_scale, *, interpret: bool):
-    """127 / s rounded exactly as XLA rounds reference.quantize_rows' `127.0 / s` there.
-
-    XLA:CPU's simplifier rewrites it as 127 * (1 / s) (two roundings), so interpret mode does
-    the same; on the GPU, Triton's f32 division (div.full.f32) gave XLA:GPU's values bit for bit
-    in every gpu_check case, while an IEEE div.rn.f32 did not.
-    """
-    if interpret:
-        return 127.0 * (1.0 / row_scale)
-    return 127.0 / row_scale
-
-
-def round_half_even(a: jax.Array, *, interpret: bool) -> jax.Array:
-    """f32 -> f32 rounded to the nearest integer, ties to even (jnp.round)."""
-    if interpret:
-        return jnp.round(a)
-    (out,) = plgpu.elementwise_inline_asm(
-        "cvt.rni.f32.f32 $0, $1;",
-        args=[a.astype(jnp.float32)],
-        constraints="=f,f",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-    )
-    return out
+from jint8.ops.int8_matmul.pallas_triton.common import (  # noqa: F401 (round_half_even re-exported)
+    inverse_scale, round_half_even,
+)
 
 
 def _flag_columns(flags_ref, start, column_hit, *, block_cols, interpret):
@@ -115,7 +92,7 @@ def _quantize_kernel(
     def quantize(x, cols, mask, row_max):
         # reference.quantize_rows: inv = 127 / s, 0 for an all-zero (or all-outlier) row.
         safe = jnp.where(row_max > 0, row_max, 1.0)
-        inv = jnp.where(row_max > 0, _inverse_scale(safe, interpret=interpret), 0.0)
+        inv = jnp.where(row_max > 0, inverse_scale(safe, interpret=interpret), 0.0)
         q = round_half_even(x * inv[:, None], interpret=interpret)
         if threshold > 0:
             q = jnp.where(jnp.abs(x) >= threshold, 0.0, q)
