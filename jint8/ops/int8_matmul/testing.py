@@ -11,15 +11,14 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from jint8.ops.int8_matmul import partitioned, reference
+from jint8.ops.int8_matmul import reference
 from jint8.ops.int8_matmul import pallas_triton
 from jint8.ops.int8_matmul.configs import KernelPlan
 from jint8.ops.int8_matmul.pallas_triton.common import Probe
 
 
 def int8_accumulator_pallas(x, wq, *, threshold: float, plan: KernelPlan, norm=None, gate=None,
-                            interpret: bool = False, poison_output: bool = False,
-                            partition: Optional[partitioned.Policy] = None):
+                            interpret: bool = False, poison_output: bool = False):
     """[M, N] int32 accumulator of the plan's GEMM: equals
     reference.int8_dot(*reference.quantize_rows(x, threshold)[:1], wq) exactly (with a norm or
     a gate: of reference.op_input(x, norm, gate), where the kernel forms the same bits)."""
@@ -27,7 +26,7 @@ def int8_accumulator_pallas(x, wq, *, threshold: float, plan: KernelPlan, norm=N
     acc, _ = pallas_triton.run(
         x, wq, jnp.ones((n,), jnp.float32), None, threshold=threshold, out_dtype=jnp.int32,
         weight_layout=plan.reads_layout(), norm=norm, gate=gate, plan=plan, interpret=interpret,
-        partition=partition, probe=Probe(accumulator_only=True, poison_output=poison_output))
+        probe=Probe(accumulator_only=True, poison_output=poison_output))
     return acc
 
 
@@ -35,11 +34,10 @@ def int8_matmul_poisoned(x, wq, col_scales, bias=None, *, threshold: float, plan
                          out_dtype=None, norm: Optional[reference.InputNorm] = None,
                          gate: Optional[reference.InputGate] = None,
                          output_gate: Optional[reference.OutputGate] = None,
-                         interpret: bool = False,
-                         partition: Optional[partitioned.Policy] = None):
+                         interpret: bool = False):
     """pallas_triton.int8_matmul_pallas(x, ...) on the plan, each kernel writing into a
     NaN-filled output buffer: (y, stats), y finite only where every element was written."""
     return pallas_triton.run(
         x, wq, col_scales, bias, threshold=threshold, out_dtype=out_dtype,
         weight_layout=plan.reads_layout(), norm=norm, gate=gate, output_gate=output_gate,
-        plan=plan, interpret=interpret, partition=partition, probe=Probe(poison_output=True))
+        plan=plan, interpret=interpret, probe=Probe(poison_output=True))

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jint8.ops._platform import triton_gpu_unsupported_reason
-from jint8.ops.int8_matmul import partitioned, reference
+from jint8.ops.int8_matmul import reference
 from jint8.ops.int8_matmul.api import Backend
 from jint8.ops.int8_matmul.configs import KernelPlan, plan_for
 from jint8.ops.int8_matmul.pallas_triton.common import NO_PROBE, Probe
@@ -58,7 +58,6 @@ def int8_matmul_pallas(
     plan: Optional[KernelPlan] = None,
     interpret: bool = False,
     split_partials: bool = False,
-    partition: Optional[partitioned.Policy] = None,
 ) -> tuple[jax.Array, reference.Int8MatmulStats]:
     """LLM.int8() matmul, x: [M, K] float ([M, 2K] with a gate), wq: [K, N] int8, col_scales:
     [N] f32 -> [M, N].
@@ -76,9 +75,6 @@ def int8_matmul_pallas(
     interpret: run the Pallas kernels in interpret mode (CPU tests).
     split_partials: return [S, M, N]: the fused kernel's float32 split-K partials where the plan
       allows it (Config.split_partials; the caller sums them), else the result as [1, M, N].
-    partition: from partition.min_m rows on (two-kernel routes only), a batch with more than
-      partition.kernel_max_count outlier columns runs partitioned's cuBLAS GEMMs instead;
-      default partitioned.default_policy() (off unless JINT8_OUTLIER_GEMMS=1).
 
     The correctness checks' instruments (an int32 accumulator, a poisoned output buffer) are
     testing.py's entry points, not arguments here.
@@ -86,16 +82,14 @@ def int8_matmul_pallas(
     del outlier_capacity
     return run(x, wq, col_scales, bias, threshold=threshold, out_dtype=out_dtype,
                weight_layout=weight_layout, norm=norm, gate=gate, output_gate=output_gate,
-               plan=plan, interpret=interpret, split_partials=split_partials,
-               partition=partition)
+               plan=plan, interpret=interpret, split_partials=split_partials)
 
 
 def run(x, wq, col_scales, bias=None, *, threshold: float, out_dtype=None, weight_layout: str,
         norm=None, gate=None, output_gate=None, plan: Optional[KernelPlan] = None,
-        interpret: bool = False, split_partials: bool = False,
-        partition: Optional[partitioned.Policy] = None, probe: Probe = NO_PROBE):
+        interpret: bool = False, split_partials: bool = False, probe: Probe = NO_PROBE):
     """int8_matmul_pallas with a probe (common.Probe): the one entry of the routes, for the op
-    (probe=NO_PROBE) and for testing.py. Resolves the defaults (plan, partition), then runs the
+    (probe=NO_PROBE) and for testing.py. Resolves the default plan, then runs the
     jitted routes."""
     m = x.shape[0]
     k, n = wq.shape if weight_layout == "kn" else wq.shape[::-1]
@@ -106,35 +100,31 @@ def run(x, wq, col_scales, bias=None, *, threshold: float, out_dtype=None, weigh
         raise ValueError(
             f"plan reads weight_layout={plan.reads_layout()!r} != weight_layout={weight_layout!r}"
         )
-    if partition is None:
-        partition = partitioned.default_policy()
     return _int8_matmul_pallas(
         x, wq, col_scales, bias, norm, gate, output_gate, threshold=float(threshold),
         out_dtype=out_dtype, plan=plan, interpret=interpret, split_partials=split_partials,
-        partition=partition, probe=probe,
+        probe=probe,
     )
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("threshold", "out_dtype", "plan", "interpret", "split_partials", "partition",
-                     "probe"),
+    static_argnames=("threshold", "out_dtype", "plan", "interpret", "split_partials", "probe"),
 )
 def _int8_matmul_pallas(x, wq, col_scales, bias, norm=None, gate=None, output_gate=None, *, threshold,
-                        out_dtype, plan, interpret, split_partials=False, partition=None,
-                        probe=NO_PROBE):
+                        out_dtype, plan, interpret, split_partials=False, probe=NO_PROBE):
     # Unsummed partials only where the plan allows them and the fused kernel makes them (S > 1;
     # an output gate needs whole sums); every other call returns its result as [1, M, N].
     partials = (split_partials and plan.gemm_path == "fused" and plan.gemm.split_k > 1
                 and plan.gemm.split_partials and output_gate is None)
     y, stats = _routes(x, wq, col_scales, bias, norm, gate, output_gate, threshold=threshold,
                        out_dtype=out_dtype, plan=plan, interpret=interpret,
-                       split_partials=partials, partition=partition, probe=probe)
+                       split_partials=partials, probe=probe)
     return (y[None] if split_partials and not partials else y), stats
 
 
 def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_dtype, plan,
-            interpret, split_partials, partition, probe):
+            interpret, split_partials, probe):
     accumulator_only = probe.accumulator_only
     if plan.gemm_path == "fused":
         # Stats in plain jnp: XLA drops them when the caller does not use them. No capacity
@@ -162,48 +152,28 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_
     xq, row_scales, col_flags = quantize_rows_unmasked(
         x, threshold=threshold, config=plan.quantize, interpret=interpret
     )
-    m, k = x.shape
+    k = x.shape[1]
     has_bias = bias is not None
     bias_operand = _bias_operand(bias, col_scales)
     # These routes have no capacity (outlier_capacity sizes the XLA reference's gather only):
     # any number of outlier columns is computed exactly, at a cost that follows the count.
     no_overflow = jnp.zeros((), bool)
-    table = (partitioned.buckets(k, kernel_max_count=partition.kernel_max_count,
-                                 base_width=partition.base_width)
-             if partition is not None and threshold > 0 and m >= partition.min_m else None)
-
-    def kernels(x, xq, wq, row_scales, col_scales, bias_operand, col_flags):
-        """The kernels' own route: outlier operands (pallas_triton.outliers), GEMM kernel."""
-        # Inside the bucket switch this branch never sees more than its bucket's count, so the
-        # dense sweep past G columns is not compiled where G covers it.
-        dense_fallback = gather_slots(k) < (k if table is None else table[0].max_count)
-        if threshold > 0:
-            outliers = outlier_operands(x, xq, wq, col_flags, gather_slots=gather_slots(k),
-                                        weight_layout=layout, interpret=interpret)
-            xq = outliers.xq
-            outlier_args = (outliers.x_o, outliers.w_o, col_flags, outliers.count, outliers.dense)
-        else:  # no outlier terms: the kernel reads none of these operands
-            outlier_args = (x, wq, col_flags, col_flags, col_flags)
-        accumulator = reference.int8_dot(xq, wq, layout) if plan.gemm_path == "xla_gemm" else None
-        return int8_gemm(
-            xq, wq, row_scales, col_scales, bias_operand, x, *outlier_args,
-            accumulator, config=plan.gemm, out_dtype=out_dtype, has_bias=has_bias,
-            has_outliers=threshold > 0, dense_fallback=dense_fallback, probe=probe,
-            interpret=interpret,
-        )
-
-    count = jnp.sum(col_flags > 0, dtype=jnp.int32)
-    stats = reference.Int8MatmulStats(count, no_overflow)
-    operands = (x, xq, wq, row_scales, col_scales, bias_operand, col_flags)
-    if table is None:
-        y = kernels(*operands)
-    else:  # many outlier columns at large M: cuBLAS GEMMs on split operands (partitioned)
-        branches = [kernels] + [
-            partitioned.gemm_branch(b, weight_layout=layout, out_dtype=out_dtype,
-                                    has_bias=has_bias, accumulator_only=accumulator_only,
-                                    upcast=interpret)
-            for b in table[1:]]
-        y = jax.lax.switch(partitioned.bucket_index(count, table), branches, *operands)
+    # The outlier operands (pallas_triton.outliers), then the GEMM kernel with the stream.
+    if threshold > 0:
+        outliers = outlier_operands(x, xq, wq, col_flags, gather_slots=gather_slots(k),
+                                    weight_layout=layout, interpret=interpret)
+        xq = outliers.xq
+        outlier_args = (outliers.x_o, outliers.w_o, col_flags, outliers.count, outliers.dense)
+    else:  # no outlier terms: the kernel reads none of these operands
+        outlier_args = (x, wq, col_flags, col_flags, col_flags)
+    accumulator = reference.int8_dot(xq, wq, layout) if plan.gemm_path == "xla_gemm" else None
+    y = int8_gemm(
+        xq, wq, row_scales, col_scales, bias_operand, x, *outlier_args,
+        accumulator, config=plan.gemm, out_dtype=out_dtype, has_bias=has_bias,
+        has_outliers=threshold > 0, dense_fallback=gather_slots(k) < k, probe=probe,
+        interpret=interpret,
+    )
+    stats = reference.Int8MatmulStats(jnp.sum(col_flags > 0, dtype=jnp.int32), no_overflow)
     if output_gate is not None and not accumulator_only:
         y = output_gate(y)
     return y, stats
