@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jint8.ops.attention.pallas_triton import BLOCK_S, combine, num_splits, query_rows
+from jint8.ops.attention.pallas_triton import (BLOCK_S, combine, num_splits, online_softmax_step, query_rows,
+                                              walk_and_store)
 from jint8.ops.attention.reference import MASKED_LOGIT
 
 
@@ -46,7 +47,6 @@ def _kernel(q_ref, k_ref, v_ref, tables_ref, positions_ref, acc_ref, m_ref, l_re
     last = jnp.minimum(jnp.minimum(first + positions_per_split, max_positions), position + 1)
 
     def step(i, carry):
-        m, l, acc = carry
         ss = start + i * block_s + jnp.arange(block_s)
         ok = ss < last
         blocks = plgpu.load(tables_ref.at[b, ss // block_size], mask=ok, other=0)
@@ -57,22 +57,11 @@ def _kernel(q_ref, k_ref, v_ref, tables_ref, positions_ref, acc_ref, m_ref, l_re
         if logit_softcap is not None:
             logits = jnp.tanh(logits / logit_softcap) * logit_softcap
         logits = jnp.where(ok[None, :], logits, MASKED_LOGIT)
-        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-        alpha = jnp.exp(m - m_new)
-        probs = jnp.exp(logits - m_new[:, None])
-        l = l * alpha + jnp.sum(probs, axis=1)
-        v = plgpu.load(v_ref.at[layer, slots[:, None], j, hs[None, :]], mask=ok[:, None], other=0)
-        pv = jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-        return m_new, l, acc * alpha[:, None] + pv
+        return online_softmax_step(carry, logits, lambda: plgpu.load(
+            v_ref.at[layer, slots[:, None], j, hs[None, :]], mask=ok[:, None], other=0))
 
-    init = (jnp.full((rows_p,), MASKED_LOGIT, jnp.float32), jnp.zeros((rows_p,), jnp.float32),
-            jnp.zeros((rows_p, h), jnp.float32))
     steps = jnp.maximum(pl.cdiv(last - start, block_s), 0)
-    m, l, acc = jax.lax.fori_loop(0, steps, step, init)
-    plgpu.store(acc_ref.at[b, j, p, rows[:, None], hs[None, :]], acc)
-    plgpu.store(m_ref.at[b, j, p, rows], m)
-    plgpu.store(l_ref.at[b, j, p, rows], l)
+    walk_and_store(steps, step, (acc_ref, m_ref, l_ref), b, j, p)
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "scale", "sliding_window", "logit_softcap",

@@ -108,6 +108,35 @@ class _Rope:
         return rounded(straight + turned.astype(jnp.float32))
 
 
+def online_softmax_step(carry, logits, load_v):
+    """One step of the online softmax over a tile of slots: carry (m, l, acc) [R], [R], [R, H]
+    float32, logits [R, S] float32 (masked slots at MASKED_LOGIT); load_v() -> v [S, H] is read
+    after the logits' max and sum, as the kernels' loops order their loads."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+    alpha = jnp.exp(m - m_new)
+    probs = jnp.exp(logits - m_new[:, None])
+    l = l * alpha + jnp.sum(probs, axis=1)
+    v = load_v()
+    pv = jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    return m_new, l, acc * alpha[:, None] + pv
+
+
+def walk_and_store(steps, step, partial_refs, b, j, p):
+    """Runs step(i, (m, l, acc)) for i < steps from the empty softmax state and stores the
+    program's partials at [b, j, p] of partial_refs = (acc [B, K, P, R, H], m, l [B, K, P, R])."""
+    acc_ref, m_ref, l_ref = partial_refs
+    rows_p, h = acc_ref.shape[3], acc_ref.shape[4]
+    rows, hs = jnp.arange(rows_p), jnp.arange(h)
+    init = (jnp.full((rows_p,), MASKED_LOGIT, jnp.float32), jnp.zeros((rows_p,), jnp.float32),
+            jnp.zeros((rows_p, h), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, steps, step, init)
+    plgpu.store(acc_ref.at[b, j, p, rows[:, None], hs[None, :]], acc)
+    plgpu.store(m_ref.at[b, j, p, rows], m)
+    plgpu.store(l_ref.at[b, j, p, rows], l)
+
+
 def _kernel(q_ref, k_ref, v_ref, *refs, columns: Columns, has_rope: bool, layer: int,
             scale: float, groups: int, block_s: int, slots_per_split: int, dtype, interpret: bool):
     cos_ref, sin_ref = refs[:2] if has_rope else (None, None)
@@ -140,7 +169,6 @@ def _kernel(q_ref, k_ref, v_ref, *refs, columns: Columns, has_rope: bool, layer:
     v_fill = jnp.broadcast_to(v_new.astype(v_cache_ref.dtype), (block_s, h))
 
     def step(i, carry):
-        m, l, acc = carry
         ss = first + i * block_s + jnp.arange(block_s)
         ok = ss < last
         mine = (ss == slot)[:, None]  # the step's own slot: not read back from memory
@@ -150,23 +178,15 @@ def _kernel(q_ref, k_ref, v_ref, *refs, columns: Columns, has_rope: bool, layer:
                                      preferred_element_type=jnp.float32) * scale
         valid = plgpu.load(valid_ref.at[b, ss], mask=ok, other=0) > 0
         logits = jnp.where(valid[None, :], logits, MASKED_LOGIT)
-        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-        alpha = jnp.exp(m - m_new)
-        probs = jnp.exp(logits - m_new[:, None])
-        l = l * alpha + jnp.sum(probs, axis=1)
-        v = plgpu.load(v_cache_ref.at[layer, b, ss[:, None], j, hs[None, :]], mask=ok[:, None], other=0)
-        v = jnp.where(mine, v_fill, v)
-        pv = jax.lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-        return m_new, l, acc * alpha[:, None] + pv
 
-    init = (jnp.full((rows_p,), MASKED_LOGIT, jnp.float32), jnp.zeros((rows_p,), jnp.float32),
-            jnp.zeros((rows_p, h), jnp.float32))
+        def load_v():
+            v = plgpu.load(v_cache_ref.at[layer, b, ss[:, None], j, hs[None, :]], mask=ok[:, None], other=0)
+            return jnp.where(mine, v_fill, v)
+
+        return online_softmax_step(carry, logits, load_v)
+
     steps = jnp.maximum(pl.cdiv(last - first, block_s), 0)
-    m, l, acc = jax.lax.fori_loop(0, steps, step, init)
-    plgpu.store(acc_ref.at[b, j, p, rows[:, None], hs[None, :]], acc)
-    plgpu.store(m_ref.at[b, j, p, rows], m)
-    plgpu.store(l_ref.at[b, j, p, rows], l)
+    walk_and_store(steps, step, (acc_ref, m_ref, l_ref), b, j, p)
 
 
 def combine(acc, m, l, groups: int):
