@@ -89,3 +89,22 @@ def test_tuner_writes_a_new_table_for_a_gpu_jint8_has_none_for(tables):
     plan = configs.plan_for(A100, 8, 4096, 28672, "nk")
     assert (plan.gemm.block_n, plan.gemm.row_scales, plan.gemm.block_m) == (128, "input", 16)
     assert json.loads(path.read_text())["shapes_nk"][0]["measured"] == {"m": 8, "us": 51.2}
+
+
+def test_float32_activations_get_tiles_that_fit_shared_memory():
+    """The H100 table's large-M plan (128 x 128 output tiles, tuned on 16-bit activations) asked
+    for 289 KiB of shared memory with float32 x, over the H100's 227 KiB: for activations wider
+    than 16 bits the two-kernel routes' tiles are cut to 64 x 64; 16-bit activations and the
+    fused decode kernel keep the table's plan."""
+    import jax.numpy as jnp
+
+    configs.clear_cache()
+    plan = configs.plan_for("NVIDIA H100 80GB HBM3", 1024, 1024, 777)
+    assert plan.gemm_path != "fused" and plan.gemm.block_m * plan.gemm.block_n > 64 * 64
+    wide = configs.fit_to_activations(plan, jnp.float32)
+    assert (wide.gemm.block_m, wide.gemm.block_n) == (64, 64)
+    assert wide.gemm.block_k == plan.gemm.block_k and wide.gemm_path == plan.gemm_path
+    assert configs.fit_to_activations(plan, jnp.bfloat16) == plan
+    assert configs.fit_to_activations(plan, jnp.float16) == plan
+    decode = configs.plan_for("NVIDIA H100 80GB HBM3", 1, 4096, 4096)
+    assert decode.gemm_path == "fused" and configs.fit_to_activations(decode, jnp.float32) == decode

@@ -29,6 +29,8 @@ import pathlib
 import re
 from typing import Optional
 
+import jax.numpy as jnp
+
 from jint8.errors import InvalidConfigError
 
 _DATA_DIR = pathlib.Path(__file__).parent / "data"
@@ -230,6 +232,24 @@ def _fit_split_k(config: Config, m: int, k: int, n: int) -> Config:
 
 
 TABLES_ENV_VAR = "JINT8_KERNEL_TABLES"
+
+
+# Output tiles of the two-kernel routes with 32-bit activations: the outlier stream's x and
+# weight tiles are then twice a 16-bit table plan's shared memory. The H100 table's 128 x 128 /
+# 3-stage plan at M > 256 (D18) asked for 289 KiB with float32 x (the H100 has 227 KiB); 64 x 64
+# is the tile those routes ran before D18 with every dtype.
+WIDE_ACTIVATION_MAX_TILE = 64 * 64
+
+
+def fit_to_activations(plan: "KernelPlan", dtype) -> "KernelPlan":
+    """The plan, its GEMM tiles cut to 64 x 64 for activations wider than 16 bits on the
+    two-kernel routes (the tables are tuned for 16-bit activations)."""
+    gemm = plan.gemm
+    if (plan.gemm_path == "fused" or jnp.dtype(dtype).itemsize <= 2
+            or gemm.block_m * gemm.block_n <= WIDE_ACTIVATION_MAX_TILE):
+        return plan
+    return dataclasses.replace(plan, gemm=dataclasses.replace(
+        gemm, block_m=min(gemm.block_m, 64), block_n=min(gemm.block_n, 64)))
 
 
 def device_table_name(device_kind: str) -> str:

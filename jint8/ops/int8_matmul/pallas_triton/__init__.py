@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jint8.ops._platform import triton_gpu_unsupported_reason
 from jint8.ops.int8_matmul import reference
 from jint8.ops.int8_matmul.api import Backend
-from jint8.ops.int8_matmul.configs import KernelPlan, plan_for
+from jint8.ops.int8_matmul.configs import KernelPlan, fit_to_activations, plan_for
 from jint8.ops.int8_matmul.pallas_triton.common import NO_PROBE, Probe
 from jint8.ops.int8_matmul.pallas_triton.fused import fused_int8_matmul
 from jint8.ops.int8_matmul.pallas_triton.gemm import int8_gemm
@@ -100,6 +100,7 @@ def run(x, wq, col_scales, bias=None, *, threshold: float, out_dtype=None, weigh
         raise ValueError(
             f"plan reads weight_layout={plan.reads_layout()!r} != weight_layout={weight_layout!r}"
         )
+    plan = fit_to_activations(plan, x.dtype)
     return _int8_matmul_pallas(
         x, wq, col_scales, bias, norm, gate, output_gate, threshold=float(threshold),
         out_dtype=out_dtype, plan=plan, interpret=interpret, split_partials=split_partials,
