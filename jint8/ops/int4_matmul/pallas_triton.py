@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jint8.numerics import CODE_BOOKS, mul_then_add, round_to
+from jint8.ops._pallas_grid import grouped_tile
 from jint8.ops._platform import triton_gpu_unsupported_reason
 from jint8.ops.int4_matmul import reference
 from jint8.ops.int4_matmul.api import Backend
@@ -49,7 +50,6 @@ from jint8.ops.int4_matmul.configs import Config, config_for, fit_to_shape, sub_
 
 BACKEND_NAME = "pallas_triton"
 NESTED_BLOCKSIZE = 256  # bitsandbytes' double quantization: one nested absmax per 256 blocks
-_GROUP_M = 8  # M tiles walked together so their weight tiles stay in L2 (prefill)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,17 +165,6 @@ class _Dequantizer:
                      for codes in (packed >> 4, packed & 0xF))
 
 
-def _tile_coordinates(m: int, n: int, config: Config):
-    num_pid_m, num_pid_n = pl.cdiv(m, config.block_m), pl.cdiv(n, config.block_n)
-    pid = pl.program_id(0)
-    if num_pid_m == 1:
-        return 0, pid
-    group_size = _GROUP_M * num_pid_n
-    first_m = (pid // group_size) * _GROUP_M
-    rows_in_group = jnp.minimum(num_pid_m - first_m, _GROUP_M)
-    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
-
-
 def _dot(a, b_t, dtype):
     """a [p, c] @ b_t.T ([q, c] given) in float32; float32 operands at full precision (Triton
     would use TF32). b_t is transposed explicitly: XLA:CPU (interpret mode) was seen rounding a
@@ -191,7 +180,7 @@ def _kernel(x_ref, packed_ref, absmax_ref, nested_absmax_ref, nested_code_ref, o
     m, k, n = layout.m, layout.k, layout.n
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     sub = sub_block(config, layout.blocksize)
-    pid_m, pid_n = _tile_coordinates(m, n, config)
+    pid_m, pid_n = grouped_tile(m, n, config.block_m, config.block_n)
     split = pl.program_id(1)
     rows, cols = pid_m * bm + jnp.arange(bm), pid_n * bn + jnp.arange(bn)
     row_ok = rows < m if m % bm else None

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jint8.ops._pallas_grid import grouped_tile
 from jint8.ops.int8_matmul.configs import Config
 from jint8.ops.int8_matmul.pallas_triton.common import (
     NO_PROBE, Probe, Tile, dequantize, dot, launch, load_tile, load_vector, load_weight, stream_dot,
@@ -45,22 +46,8 @@ from jint8.ops.int8_matmul.pallas_triton.common import (
 from jint8.ops.int8_matmul.pallas_triton.outliers import SLOT_BLOCK
 from jint8.ops.int8_matmul.reference import INV_127
 
-# Rows of output tiles walked together so their weight columns stay in L2 (large M only).
-_GROUP_M = 8
 # Columns per step of the dense outlier sweep in the epilogue-only kernel (_outlier_terms).
 EPILOGUE_SWEEP_STEP = 128
-
-
-def _tile_coordinates(m: int, n: int, config: Config):
-    num_pid_m = pl.cdiv(m, config.block_m)
-    num_pid_n = pl.cdiv(n, config.block_n)
-    pid = pl.program_id(0)
-    if num_pid_m == 1:
-        return 0, pid
-    group_size = _GROUP_M * num_pid_n
-    first_m = (pid // group_size) * _GROUP_M
-    rows_in_group = jnp.minimum(num_pid_m - first_m, _GROUP_M)
-    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
 
 
 def _gemm_kernel(
@@ -73,7 +60,7 @@ def _gemm_kernel(
     nk_layout = config.weight_layout == "nk"
     n = w_ref.shape[0] if nk_layout else w_ref.shape[1]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
-    pid_m, pid_n = _tile_coordinates(m, n, config)
+    pid_m, pid_n = grouped_tile(m, n, config.block_m, config.block_n)
     split = pl.program_id(1)
     tile = Tile(rows=pid_m * bm + jnp.arange(bm), cols=pid_n * bn + jnp.arange(bn), m=m, n=n)
 
