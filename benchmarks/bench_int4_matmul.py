@@ -161,22 +161,40 @@ def print_markdown(rows):
                                             "nf4 route"], ratios, digits=4, timed_columns_only=True)
 
 
+def _split_for_programs(config: Config, k: int, n: int, programs: int) -> Config:
+    """The config with K split (a power of two, at least one K step per program) until about
+    `programs` programs run: decode streams the weight, and more programs keep more bytes in flight."""
+    tiles, steps, split_k = -(-n // config.block_n), k // config.block_k, 1
+    while tiles * split_k * 2 <= programs and split_k * 2 <= steps:
+        split_k *= 2
+    return dataclasses.replace(config, split_k=split_k)
+
+
 def sweep_candidates(m: int, k: int, n: int) -> list[Config]:
-    """A few Configs per M: block_n / block_k / warps / split-K / dot / lookup around the default."""
+    """Configs per M around the default: block_n / block_k / warps / dot / lookup, and at decode
+    the number of programs the K split makes (256 to 2048 on an H100's 132 SMs)."""
     base = configs.default_config(m, k, n, 64)
     if m == 1:
-        raw = [dict(block_m=1, block_n=bn, block_k=bk, num_warps=w, num_stages=4, dot="fma", lookup=lk, split_k=s)
-               for bn, bk, w, lk, s in ((32, 256, 4, "gather", 0), (64, 512, 4, "gather", 0),
-                                        (128, 256, 8, "gather", 0), (64, 256, 4, "select", 0),
-                                        (64, 256, 4, "gather", 1))]
-        raw += [dict(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4, dot=dot, lookup="gather",
-                     split_k=0)
-                for dot in ("mma", "mma_swapped")]
+        raw = [dict(block_m=1, block_n=bn, block_k=bk, num_warps=w, num_stages=4, dot="fma", lookup="gather",
+                    programs=p)
+               for bn, bk, w, p in ((32, 256, 8, 256), (32, 256, 8, 512), (32, 256, 8, 1024), (32, 512, 8, 512),
+                                    (32, 512, 8, 1024), (32, 1024, 8, 1024), (64, 512, 8, 512), (64, 512, 16, 1024),
+                                    (64, 1024, 16, 512), (16, 512, 4, 1024), (16, 1024, 4, 2048), (32, 256, 4, 2048))]
+        raw += [dict(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=4, dot="mma", lookup="gather",
+                     programs=p)
+                for bn, bk, w, p in ((32, 256, 4, 512), (32, 512, 8, 1024))]
     elif m <= 16:
-        raw = [dict(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=st, dot=dot, lookup=lk, split_k=0)
-               for bn, bk, w, st, dot, lk in ((64, 256, 4, 4, "mma", "gather"), (128, 128, 4, 4, "mma", "gather"),
-                                              (64, 256, 4, 4, "mma_swapped", "gather"),
-                                              (64, 256, 4, 4, "mma", "select"))]
+        raw = [dict(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=st, dot=dot, lookup=lk, programs=p)
+               for bn, bk, w, st, dot, lk, p in ((32, 128, 4, 4, "mma", "gather", 256),
+                                                 (32, 128, 4, 4, "mma", "gather", 1024),
+                                                 (32, 256, 4, 4, "mma", "gather", 512),
+                                                 (32, 256, 8, 4, "mma", "gather", 1024),
+                                                 (32, 512, 8, 4, "mma", "gather", 1024),
+                                                 (64, 256, 8, 4, "mma", "gather", 512),
+                                                 (64, 512, 8, 4, "mma", "gather", 1024),
+                                                 (16, 256, 4, 4, "mma", "gather", 1024),
+                                                 (32, 256, 4, 4, "mma_swapped", "gather", 512),
+                                                 (32, 256, 4, 4, "mma", "select", 512))]
     else:
         raw = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, dot="mma", lookup=lk, split_k=1)
                for bm, bn, bk, w, st, lk in ((128, 128, 128, 8, 3, "gather"), (128, 256, 64, 8, 3, "gather"),
@@ -188,10 +206,11 @@ def sweep_candidates(m: int, k: int, n: int) -> list[Config]:
         raw += [dict(block_m=128, block_n=64, block_k=256, num_warps=4, num_stages=2, route="xla_dot", lookup="gather")]
     out = [base]
     for fields in raw:
+        programs = fields.pop("programs", None)
         split = fields.pop("split_k", 1)
-        config = Config(**fields, split_k=1)
-        if split == 0 and config.route == "fused":  # 0: split K as the default heuristic would
-            config = configs.spread_programs(configs.fit_to_shape(config, m, k, n, 64), k, n)
+        config = configs.fit_to_shape(Config(**fields, split_k=1), m, k, n, 64)
+        if programs is not None:
+            config = _split_for_programs(config, k, n, programs)
         elif split > 1:
             config = dataclasses.replace(config, split_k=split)
         config = configs.fit_to_shape(config, m, k, n, 64)

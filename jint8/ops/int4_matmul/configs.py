@@ -14,8 +14,9 @@ int4_<device>.json in the directory JINT8_KERNEL_TABLES names (searched first), 
 left out (any shape), "min_m" (default 1) too. The first entry (sorted by max_m, exact shapes
 before shape-less ones) whose [min_m, max_m] holds the call's M, whose k/n match and whose config
 can run M rows gives the Config; benchmarks/bench_int4_matmul.py --sweep
-prints such entries (--write-table writes a whole table). Without a table (none ships yet: they
-come from that sweep on each GPU): default_config, a heuristic.
+prints such entries (--write-table writes a whole table; data/nvidia_h100.json came from it, at
+M = 1 and 16 on the Llama-3-8B shapes). Shapes and GPUs without an entry get default_config, a
+heuristic.
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ DOTS = ("mma", "mma_swapped", "fma")
 # loads, so the pipeline alone does not hide them): about two per SM. Output tiles are narrowed,
 # then K is split, until about this many programs run. An estimate until a table says.
 _TARGET_PROGRAMS = 256
-# Prefill splits K only while fewer than ~half the SMs would get an output tile (int8's rule).
-_PREFILL_MIN_PROGRAMS = 66
 # Largest M run with decode tiles (one block_m of all rows); the prefill tiles take larger M.
 DECODE_MAX_M = 16
 # Largest M whose default tiles are spread like decode ones (one M tile of all rows, block_n
@@ -130,26 +129,18 @@ def default_config(m: int, k: int, n: int, blocksize: int) -> Config:
 
     Decode (M <= 64): the one-row FMA path at M = 1, MMA tiles of all rows above; block_n
     narrowed and K split until ~_TARGET_PROGRAMS programs stream the weight (N = 4096 at M = 1:
-    128 tiles of 32 rows, split 2). Prefill: 128 x 128 MMA tiles (64 rows up to M = 128); the
-    xla_dot route from M = 2048, where the fused kernel's re-dequantization (once per M tile)
-    costs more than one dequantization pass plus XLA's GEMM (an estimate until a table says).
+    128 tiles of 32 rows, split 2). Prefill (M > 64): the xla_dot route, one dequantization pass
+    and XLA's GEMM. The fused kernel's MMA tiles dequantize every weight tile once per M tile,
+    and with 128 x 128 tiles they were far slower: a Llama-3-8B-shaped NF4 model's prefill(512)
+    took 312 ms through them on an H100, against 24 ms for bf16 (benchmarks/RESULTS.md).
     """
     if m <= SKINNY_MAX_M:  # streaming the weight dominates: spread it over the SMs
         base = Config(block_m=1, block_n=128, block_k=256, num_warps=4, num_stages=4, dot="fma") if m == 1 else \
             Config(block_m=max(16, 1 << (m - 1).bit_length()), block_n=128, block_k=256, num_warps=4, num_stages=4,
                    dot="mma")
         return spread_programs(fit_to_shape(base, m, k, n, blocksize), k, n)
-    if m >= 2048:
-        return fit_to_shape(Config(block_m=128, block_n=128, block_k=256, num_warps=4, num_stages=2,
-                                   route="xla_dot"), m, k, n, blocksize)
-    block_m = 64 if m <= 128 else 128
-    base = Config(block_m=block_m, block_n=128, block_k=128, num_warps=4 if block_m == 64 else 8, num_stages=3)
-    config = fit_to_shape(base, m, k, n, blocksize)
-    tiles = -(-m // block_m) * -(-n // config.block_n)
-    split_k, steps = 1, k // config.block_k
-    while tiles * split_k < _PREFILL_MIN_PROGRAMS and steps // (2 * split_k) >= 4:
-        split_k *= 2
-    return dataclasses.replace(config, split_k=split_k)
+    return fit_to_shape(Config(block_m=128, block_n=128, block_k=256, num_warps=4, num_stages=2, route="xla_dot"),
+                        m, k, n, blocksize)
 
 
 def spread_programs(config: Config, k: int, n: int) -> Config:
