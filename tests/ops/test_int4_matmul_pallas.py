@@ -107,8 +107,8 @@ def test_int4_matmul_kernel_compute_dtypes(rng, compute_dtype, out_dtype):
 def test_cpu_calls_run_the_xla_reference_and_a_forced_kernel_says_why(rng):
     w = _weight(rng, "nf4", True, 64)
     x = jnp.ones((2, K), jnp.bfloat16)
-    # The kernels are opt-in until their GPU check has run (jint8/ops/int4_matmul/__init__.py).
-    assert available_backends().index("xla") < available_backends().index("pallas_triton")
+    # The kernels come first (the GPU default); on a CPU they say why not and XLA runs.
+    assert available_backends().index("pallas_triton") < available_backends().index("xla")
     assert select_backend(x, w).name == "xla"
     with pytest.raises(BackendUnavailableError, match="backend='pallas_triton' cannot run this call: not a GPU"):
         int4_matmul(x, w, backend="pallas_triton")
