@@ -4,6 +4,7 @@ and the restore of a saved jint8 int8 checkpoint.
     python benchmarks/bench_load.py --preset llama3-8b --device cuda   # one GPU, ~15 GiB, ~4 min
     python benchmarks/bench_load.py                                    # CPU, 0.39 B (RESULTS.md)
     python benchmarks/bench_load.py --preset tiny --repeats 1          # a quick check of the script
+    python benchmarks/bench_load.py --preset llama3-8b --device cuda --systems 'jint8 int8' --profile
 
 Writes a random bf16 Llama checkpoint (safetensors shards + index; numpy random values tiled from
 one block, written by safetensors: seconds, where transformers' init takes minutes for 8B), saves
@@ -119,12 +120,17 @@ def _environment(device: str) -> dict:
     return env
 
 
-def _run(code: str, device: str, what: str) -> tuple[str, float]:
+def _run(code: str, device: str, what: str, env: dict | None = None) -> tuple[str, float]:
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_environment(device))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**_environment(device), **(env or {})})
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"{what} failed:\n{result.stderr[-3000:]}")
+    if env:  # profiled: jax's compile log is on stderr
+        compiles = [line for line in result.stderr.splitlines() if "Finished XLA compilation" in line]
+        print(f"{what}: {len(compiles)} XLA compilations:\n  " + "\n  ".join(c[-160:] for c in compiles),
+              file=sys.stderr, flush=True)
     return result.stdout, seconds
 
 
@@ -137,10 +143,28 @@ def _prelude(system: str, directory: Path, checkpoint: Path, device: str) -> str
             f"DEVICE_MAP = {device_map}\n")
 
 
-def time_once(directory: Path, checkpoint: Path, system: str, device: str) -> tuple[float, float, int | None]:
-    """(call seconds, process seconds, peak device bytes or None) of one run in a fresh interpreter."""
-    code = _prelude(system, directory, checkpoint, device) + _TIMED[system][1] + "print('RESULT', seconds, peak)\n"
-    stdout, process = _run(code, device, system)
+_PROFILED = """
+import cProfile, io, pstats
+_profile = cProfile.Profile()
+_profile.enable()
+{timed}
+_profile.disable()
+_text = io.StringIO()
+pstats.Stats(_profile, stream=_text).sort_stats("cumulative").print_stats(40)
+print(_text.getvalue())
+"""
+
+
+def time_once(directory: Path, checkpoint: Path, system: str, device: str,
+              profile: bool = False) -> tuple[float, float, int | None]:
+    """(call seconds, process seconds, peak device bytes or None) of one run in a fresh interpreter;
+    profile: the call under cProfile (its 40 largest cumulative entries and jax's compile log are
+    printed; the times then include the profiler's overhead)."""
+    timed = _PROFILED.format(timed=_TIMED[system][1]) if profile else _TIMED[system][1]
+    code = _prelude(system, directory, checkpoint, device) + timed + "print('RESULT', seconds, peak)\n"
+    stdout, process = _run(code, device, system, env={"JAX_LOG_COMPILES": "1"} if profile else None)
+    if profile:
+        print(stdout.split("RESULT")[0], file=sys.stderr, flush=True)
     line = next(line for line in stdout.splitlines() if line.startswith("RESULT"))
     _, seconds, peak = line.split()
     return float(seconds), process, None if peak == "None" else int(peak)
@@ -160,6 +184,9 @@ def main() -> None:
     parser.add_argument("--bnb", action="store_true", help="also time transformers + bitsandbytes 8-bit")
     parser.add_argument("--systems", nargs="*", default=None, help=f"a subset of {list(_TIMED)}")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints (reused by a later run with --dir)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run each system under cProfile and print where its call spends its time (and "
+                             "jax's compilations); the times then include the profiler's overhead")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     repeats = args.repeats or (1 if args.preset == "llama3-8b" else 3)
@@ -187,7 +214,7 @@ def main() -> None:
               f"device {args.device}", flush=True)
         best = {}
         for system in systems:
-            runs = [time_once(directory, checkpoint, system, args.device) for _ in range(repeats)]
+            runs = [time_once(directory, checkpoint, system, args.device, args.profile) for _ in range(repeats)]
             best[system] = min(runs)
             print(f"{system}: call " + ", ".join(f"{c:.2f}" for c, _, _ in runs) + " s; process "
                   + ", ".join(f"{p:.2f}" for _, p, _ in runs) + " s", file=sys.stderr, flush=True)
