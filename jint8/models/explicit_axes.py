@@ -65,20 +65,29 @@ def on_auto_axes(fn: Callable, args: tuple, kwargs: dict, out_specs: Callable[[o
 
 def output_specs(out):
     """The Explicit-axis PartitionSpecs of a model's results on the ambient mesh: a KVCache's k/v
-    as loading.shard_cache places them (batch over "data", KV heads over "model"), every other
-    leaf (logits, T5's cross-attention keys, collections) replicated."""
+    as loading.shard_cache places them (batch over "data", KV heads over "model"), T5's
+    cross-attention keys and values [L, B, E, N, H] the same way (heads over "model", as the
+    column-parallel k/v projections make them) with its encoder mask [B, E] over "data"; every
+    other leaf (logits, collections) replicated."""
     from jint8.loading.sharding import cache_spec  # the loader's rules (it imports the models)
     from jint8.models.common import KVCache
+    from jint8.models.t5 import T5Cache
 
     mesh = jax.sharding.get_abstract_mesh()
 
+    def kv_spec(k):
+        return cache_spec(k.shape[3], k.shape[1], mesh)
+
     def spec(leaf):
         if isinstance(leaf, KVCache):
-            kv = cache_spec(leaf.k.shape[3], leaf.k.shape[1], mesh)
-            return KVCache(kv, kv)
+            return KVCache(kv_spec(leaf.k), kv_spec(leaf.k))
+        if isinstance(leaf, T5Cache):
+            cross = kv_spec(leaf.cross_k)
+            return T5Cache(KVCache(kv_spec(leaf.self_attention.k), kv_spec(leaf.self_attention.k)), cross, cross,
+                           P(cross[1], None))
         return P()
 
-    return jax.tree.map(spec, out, is_leaf=lambda x: isinstance(x, KVCache))
+    return jax.tree.map(spec, out, is_leaf=lambda x: isinstance(x, (KVCache, T5Cache)))
 
 
 class RunsOnAutoAxes:

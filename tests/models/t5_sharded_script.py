@@ -45,6 +45,18 @@ def main(directory):
     # after the all-reduce: 1e-5 relative
     assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
 
+    # Explicit axes (jax.make_mesh's default): the encoder's cross-attention keys/values stay
+    # sharded like the self-attention cache, and generate gives one device's tokens
+    explicit = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    explicit_model, placed = jint8.from_pretrained(directory, dtype=jnp.float32, quantization=quantization,
+                                                   mesh=explicit, progress=False)
+    with jax.set_mesh(explicit):
+        encoded = explicit_model.apply({"params": placed}, ids, method=explicit_model.encode)
+        cache = explicit_model.apply({"params": placed}, encoded, None, 8, method=explicit_model.init_cache)
+    assert spec(cache.cross_k) == (None, "data", None, "model", None), cache.cross_k.sharding
+    config = jint8.GenerationConfig(max_new_tokens=5, do_sample=False)
+    want = jint8.generate(model, params, ids, config=config).sequences
+    np.testing.assert_array_equal(jint8.generate(explicit_model, placed, ids, config=config).sequences, want)
     print("OK")
 
 

@@ -273,3 +273,24 @@ def test_t5_runs_4bit_trees_as_their_dequantized_float_model(tmp_path):
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
     result = generate(model, params, ids, mask, GenerationConfig(max_new_tokens=3))
     assert result.sequences.shape == (2, 4)
+
+
+def test_t5_cache_on_explicit_axes_keeps_its_heads_and_batch_sharded():
+    """The cross-attention keys/values leave an Explicit-axis apply sharded like the self-attention
+    cache (batch over "data", heads over "model"), not replicated on every device."""
+    from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+
+    from jint8.models import explicit_axes
+    from jint8.models.common import KVCache
+    from jint8.models.t5 import T5Cache
+
+    kv = jax.ShapeDtypeStruct((2, 4, 16, 8, 4), jnp.float32)  # [L, B, S or E, N, H]
+    cache = T5Cache(KVCache(kv, kv), kv, kv, jax.ShapeDtypeStruct((4, 16), jnp.bool_))
+    logits = jax.ShapeDtypeStruct((4, 1, 32), jnp.float32)
+    mesh = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    with jax.sharding.use_abstract_mesh(mesh):
+        got_logits, got = explicit_axes.output_specs((logits, cache))
+    heads = P(None, "data", None, "model", None)
+    assert got_logits == P()
+    assert (got.self_attention.k, got.self_attention.v, got.cross_k, got.cross_v) == (heads,) * 4
+    assert got.encoder_mask == P("data", None)
