@@ -17,9 +17,8 @@ import jax.numpy as jnp
 from jint8.errors import BackendUnavailableError, InvalidConfigError, ShapeError
 from jint8.ops._platform import BACKEND_ENV_VAR, requested_backend  # noqa: F401 (re-exported)
 from jint8.ops.int8_matmul import configs, sharded
-from jint8.ops.int8_matmul.reference import (
-    InputGate, InputNorm, Int8MatmulStats, OutputGate, int8_matmul_reference,
-)
+from jint8.ops.int8_matmul.prologue import InputGate, InputNorm, OutputGate
+from jint8.ops.int8_matmul.reference import Int8MatmulStats, int8_matmul_reference
 
 _logger = logging.getLogger("jint8")
 

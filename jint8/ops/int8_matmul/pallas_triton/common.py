@@ -17,7 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jint8.ops.int8_matmul.configs import Config
-from jint8.ops.int8_matmul.reference import INV_127_SQ
+from jint8.numerics import INV_127_SQ
 
 
 def inverse_scale(row_scale, *, interpret: bool):

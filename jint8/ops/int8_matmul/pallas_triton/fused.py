@@ -59,7 +59,7 @@ from jint8.ops.int8_matmul.pallas_triton.common import (
     round_half_even, stream_dot,
 )
 from jint8.ops.int8_matmul import reference
-from jint8.ops.int8_matmul.reference import INV_127
+from jint8.numerics import INV_127
 from jint8.ops.rounding import round_to
 
 # The row-absmax sweep loads [rows, 8192 / rows] chunks (16 KiB of bf16), _ABSMAX_UNROLL of them

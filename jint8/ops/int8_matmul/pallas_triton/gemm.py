@@ -44,7 +44,7 @@ from jint8.ops.int8_matmul.pallas_triton.common import (
     NO_PROBE, Probe, Tile, dequantize, dot, launch, load_tile, load_vector, load_weight, stream_dot,
 )
 from jint8.ops.int8_matmul.pallas_triton.outliers import SLOT_BLOCK
-from jint8.ops.int8_matmul.reference import INV_127
+from jint8.numerics import INV_127
 
 # Columns per step of the dense outlier sweep in the epilogue-only kernel (_outlier_terms).
 EPILOGUE_SWEEP_STEP = 128
