@@ -147,7 +147,7 @@ def int8_matmul(
         output_gate(int8_matmul(x, ...)).
       split_partials: return [S, ..., N] instead, whose sum over S in float32, cast to
         out_dtype, is the result: the decode kernel's float32 split-K partials where its plan
-        allows it (Config.split_partials; for a consumer that adds them where it reads them,
+        allows it (FusedConfig.split_partials; for a consumer that adds them where it reads them,
         as the decode-attention kernel does with a q|k|v projection's), else S = 1.
       layout: how x (as [M, K], its rows flattened) and wq are split over a mesh
         (sharded.layout_for(mesh, x_spec, w_spec)): each device runs the op on its own shard

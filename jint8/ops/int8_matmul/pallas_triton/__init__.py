@@ -74,7 +74,7 @@ def int8_matmul_pallas(
       weight layout. An explicit plan must take this layout (plan.reads_layout()).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
     split_partials: return [S, M, N]: the fused kernel's float32 split-K partials where the plan
-      allows it (Config.split_partials; the caller sums them), else the result as [1, M, N].
+      allows it (FusedConfig.split_partials; the caller sums them), else the result as [1, M, N].
 
     The correctness checks' instruments (an int32 accumulator, a poisoned output buffer) are
     testing.py's entry points, not arguments here.
