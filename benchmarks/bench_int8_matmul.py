@@ -290,8 +290,9 @@ def sweep_candidates(m, k=LAYER[0], n=LAYER[1]):
         block_m = configs.fused_block_m(m) if path == "fused" else bm[0]
         plans.append(configs.KernelPlan(
             quantize=configs.default_plan(m, k, n).quantize, gemm_path=path,
-            gemm=configs.Config(block_m=block_m, block_n=bn, block_k=bk, num_warps=warps,
-                                num_stages=stages, weight_layout="nk", outlier_mode=mode)))
+            gemm=configs.route_config(path, dict(
+                block_m=block_m, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                weight_layout="nk", outlier_mode=mode))))
     return plans
 
 

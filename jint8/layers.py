@@ -20,8 +20,8 @@ from flax import nnx
 
 from jint8.errors import ShapeError
 from jint8.ops.int4_matmul import int4_matmul
-from jint8.ops.int8_matmul import Int8MatmulStats, int8_matmul
-from jint8.ops.int8_matmul.reference import INV_127, InputGate, InputNorm, OutputGate
+from jint8.numerics import INV_127
+from jint8.ops.int8_matmul import InputGate, InputNorm, Int8MatmulStats, OutputGate, int8_matmul
 from jint8.ops.int8_matmul.sharded import MatmulLayout
 from jint8.quant4 import Int4Weight
 from jint8.quantize import Int8Weight

@@ -195,3 +195,16 @@ def test_input_gate_rounds_like_transformers_silu_times_up(rng, dtype_name):
     same_silu = np.asarray(jnp.asarray(torch_silu).astype(dtype) == jnp.asarray(jax_silu).astype(dtype))
     assert same_silu.mean() > 0.99
     np.testing.assert_array_equal(got[same_silu], want[same_silu])
+
+
+def test_prologue_concepts_keep_their_older_addresses():
+    """InputNorm, InputGate, OutputGate and op_input live in ops.int8_matmul.prologue; the op's
+    package and reference.py still hand out the same objects (callers import them from both)."""
+    from jint8.ops.int8_matmul import prologue, reference
+
+    for name in ("InputNorm", "InputGate", "OutputGate"):
+        assert getattr(int8_matmul, name) is getattr(prologue, name) is getattr(reference, name)
+    assert reference.op_input is prologue.op_input
+    x = jnp.arange(8.0).reshape(2, 4)
+    np.testing.assert_array_equal(prologue.op_input(x, gate=InputGate("silu")),
+                                  jax.nn.silu(x[:, :2]) * x[:, 2:], strict=True)

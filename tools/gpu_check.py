@@ -92,7 +92,8 @@ def plans_to_check(m, k, n, table_only=False):
     else:
         plans.append(replace(plan, gemm=replace(plan.gemm, weight_layout="kn")))
         other_path = "pallas" if plan.gemm_path == "xla_gemm" else "xla_gemm"
-        plans.append(replace(plan, gemm_path=other_path, gemm=replace(plan.gemm, split_k=1)))
+        plans.append(replace(plan, gemm_path=other_path,
+                             gemm=configs.route_config(other_path, replace(plan.gemm, split_k=1))))
     return plans
 
 

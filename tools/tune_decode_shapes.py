@@ -79,8 +79,8 @@ def route_plans(route, candidate, m, quantize):
 
     if route == "xla_gemm" and (candidate["split_k"] != 1 or candidate["block_k"] != 128):
         return None
-    gemm = configs.gemm_config(dict(block_m=configs.fused_block_m(m), weight_layout="nk",
-                                    outlier_mode="branch", **candidate))
+    gemm = configs.route_config(route, dict(block_m=configs.fused_block_m(m), weight_layout="nk",
+                                            outlier_mode="branch", **candidate))
     return configs.KernelPlan(quantize=quantize, gemm=gemm, gemm_path=route)
 
 
@@ -296,7 +296,7 @@ def _write_entry(path, k, n, m, best):
     gemm = dict(block_m=max(16, 1 << (m - 1).bit_length()), weight_layout="nk",
                 outlier_mode="branch", **best["gemm"])
     if "split_reduce" in gemm:  # an older spelling: the table schema's split_partials
-        gemm["split_partials"] = configs.gemm_config(gemm).split_partials
+        gemm["split_partials"] = configs.route_config("fused", gemm).split_partials
         del gemm["split_reduce"]
     if not gemm.get("split_partials", True):
         del gemm["split_partials"]  # the default

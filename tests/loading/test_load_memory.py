@@ -15,7 +15,7 @@ SCRIPT = Path(__file__).with_name("rss_script.py")
 # the loader's own memory beyond the placed parameters may be the largest shard (the issue's
 # bound) plus this: the tensors staged or converting at once (the pipeline holds at most
 # prefetch + in_flight = 6; an int8 conversion of an 8 MiB bf16 kernel uses float32 temporaries
-# of 16-32 MiB) and XLA's compiled conversions. Measured here (2026-12-07, jax 0.10.2 CPU): bf16
+# of 16-32 MiB) and XLA's compiled conversions. Measured on the CI CPU (jax 0.10.2): bf16
 # 75-90 MiB, int8 130-140 MiB in all, so the whole bound (96 + 128 MiB) has ~85 MiB of margin;
 # holding the checkpoint (224 MiB) on the host as well would exceed it
 CONSTANT = 128 * 2**20

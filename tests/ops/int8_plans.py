@@ -6,9 +6,9 @@ THRESHOLD = 6.0
 SMALL_QUANT = configs.QuantizeConfig(block_rows=4, block_cols=64, num_warps=4)
 
 
-def gemm_config(**overrides) -> configs.Config:
+def gemm_config(**overrides) -> configs.GemmConfig:
     fields = dict(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
-    return configs.Config(**{**fields, **overrides})
+    return configs.GemmConfig(**{**fields, **overrides})
 
 
 PLANS = {
@@ -27,9 +27,10 @@ PLANS = {
 
 def fused_plan(m, *, layout="nk", mode="branch", split_k=1, block_k=32, split_partials=False,
                row_scales="kernel"):
-    gemm = gemm_config(block_m=configs.fused_block_m(m), block_k=block_k, weight_layout=layout,
-                       outlier_mode=mode, split_k=split_k, split_partials=split_partials,
-                       row_scales=row_scales)
+    gemm = configs.FusedConfig(block_m=configs.fused_block_m(m), block_n=32, block_k=block_k,
+                               num_warps=4, num_stages=2, weight_layout=layout, outlier_mode=mode,
+                               split_k=split_k, split_partials=split_partials,
+                               row_scales=row_scales)
     return configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm, gemm_path="fused")
 
 

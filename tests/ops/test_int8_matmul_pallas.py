@@ -16,6 +16,8 @@ Held to (see jint8/ops/int8_matmul/checks.py for the derivation of the float bou
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,8 +220,35 @@ def test_cpu_dispatch_falls_through_to_xla_and_refuses_forced_pallas():
                                          ("weight_layout", "kk"), ("outlier_mode", "sparse"),
                                          ("split_partials", "consumer"), ("row_scales", "xla")])
 def test_config_rejects_bad_field_naming_it(field, value):
+    tiles = dict(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
+    fused_only = field in ("outlier_mode", "split_partials", "row_scales")
     with pytest.raises(InvalidConfigError, match=field):
-        gemm_config(**{field: value})
+        configs.FusedConfig(**{**tiles, field: value})
+    with pytest.raises(TypeError if fused_only else InvalidConfigError, match=field):
+        gemm_config(**{field: value})  # the GEMM kernel's config has no fused-only fields
+    with pytest.raises(InvalidConfigError, match=field):  # a table entry's fields, on any route
+        configs.route_config("pallas", {**tiles, field: value})
+
+
+def test_each_route_takes_its_own_kernel_config():
+    """A plan's gemm is the config of the kernel its route runs; route_config maps a table entry's
+    fields (or another route's config) onto it, dropping what that kernel does not read."""
+    fields = dict(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2, weight_layout="nk",
+                  outlier_mode="dense", row_scales="input", split_reduce="consumer")
+    fused = configs.route_config("fused", fields)
+    assert type(fused) is configs.FusedConfig
+    assert (fused.outlier_mode, fused.row_scales, fused.split_partials) == ("dense", "input", True)
+    gemm = configs.route_config("xla_gemm", fused)
+    assert gemm == configs.GemmConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2,
+                                      weight_layout="nk")
+    assert configs.route_config("fused", gemm) == dataclasses.replace(
+        fused, outlier_mode="branch", row_scales="kernel", split_partials=False)
+    with pytest.raises(InvalidConfigError, match="FusedConfig"):
+        configs.KernelPlan(quantize=SMALL_QUANT, gemm=gemm, gemm_path="fused")
+    with pytest.raises(InvalidConfigError, match="GemmConfig"):
+        configs.KernelPlan(quantize=SMALL_QUANT, gemm=fused, gemm_path="pallas")
+    with pytest.raises(InvalidConfigError, match="gemm_path"):
+        configs.route_config("xla", fields)
 
 
 def test_plan_rejects_unknown_path_and_transposing_into_kn():

@@ -1,4 +1,5 @@
-"""LLM.int8() matmul: public op (api.py), XLA reference (reference.py), GPU kernels (pallas_triton/)."""
+"""LLM.int8() matmul: public op (api.py), its prologues and output gate (prologue.py), XLA reference
+(reference.py), GPU kernels (pallas_triton/)."""
 
 from jint8.ops._platform import make_callable
 from jint8.ops.int8_matmul.api import (
@@ -10,11 +11,9 @@ from jint8.ops.int8_matmul.api import (
     select_backend,
 )
 from jint8.ops.int8_matmul.sharded import MatmulLayout, layout_for
+from jint8.ops.int8_matmul.prologue import InputGate, InputNorm, OutputGate
 from jint8.ops.int8_matmul.reference import (
-    InputGate,
-    InputNorm,
     Int8MatmulStats,
-    OutputGate,
     dequantize_accumulator,
     int8_dot,
     int8_matmul_reference,

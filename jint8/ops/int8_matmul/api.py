@@ -17,9 +17,8 @@ import jax.numpy as jnp
 from jint8.errors import BackendUnavailableError, InvalidConfigError, ShapeError
 from jint8.ops._platform import BACKEND_ENV_VAR, requested_backend  # noqa: F401 (re-exported)
 from jint8.ops.int8_matmul import configs, sharded
-from jint8.ops.int8_matmul.reference import (
-    InputGate, InputNorm, Int8MatmulStats, OutputGate, int8_matmul_reference,
-)
+from jint8.ops.int8_matmul.prologue import InputGate, InputNorm, OutputGate
+from jint8.ops.int8_matmul.reference import Int8MatmulStats, int8_matmul_reference
 
 _logger = logging.getLogger("jint8")
 
@@ -148,7 +147,7 @@ def int8_matmul(
         output_gate(int8_matmul(x, ...)).
       split_partials: return [S, ..., N] instead, whose sum over S in float32, cast to
         out_dtype, is the result: the decode kernel's float32 split-K partials where its plan
-        allows it (Config.split_partials; for a consumer that adds them where it reads them,
+        allows it (FusedConfig.split_partials; for a consumer that adds them where it reads them,
         as the decode-attention kernel does with a q|k|v projection's), else S = 1.
       layout: how x (as [M, K], its rows flattened) and wq are split over a mesh
         (sharded.layout_for(mesh, x_spec, w_spec)): each device runs the op on its own shard

@@ -3,8 +3,9 @@
 The tuned tables live in data/<device>.json (one file per GPU kind, written from measurements on
 that GPU; docs/decisions.md records why each entry is what it is): per-shape entries
 ("shapes_nk", exact K x N) first, then M buckets for the op's wq[K, N] ("buckets") and for
-K-major weights wq.T[N, K] ("buckets_nk"). Each entry gives the GEMM tiles (Config), the route
-(`gemm_path`: "fused", "pallas" or "xla_gemm"), optionally the activation-pass tiles, and for
+K-major weights wq.T[N, K] ("buckets_nk"). Each entry gives the route
+(`gemm_path`: "fused", "pallas" or "xla_gemm"), the tiles of the kernel that runs it ("gemm",
+read into that kernel's config: FusedConfig or GemmConfig, route_config), optionally the activation-pass tiles, and for
 [K, N] weights whether to transpose them first (`transpose_weight`). One schema serves every
 section; it is written out, with its defaults, above `_Entry` below, and `_parse_entry` checks
 it. GPUs without a table get `default_plan`, a heuristic that is safe (small tiles, modest
@@ -60,29 +61,12 @@ def _check_pow2(name: str, value: int, lo: int, hi: int) -> None:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config:
-    """Tiles of the int8 GEMM kernel: out[block_m, block_n] per program, K in block_k steps.
+class KernelTiles:
+    """The tiles both matmul kernels take: out[block_m, block_n] per program, K in block_k steps.
 
     split_k > 1 splits the K loop over programs (skinny M, too few output tiles to fill the GPU);
     their float32 partials are summed outside the kernel.
     weight_layout: "kn" for wq[K, N], "nk" for K-major wq[N, K] (what Int8Weight stores).
-    split_partials: whether a caller may take the split_k > 1 float32 partials [S, M, N]
-      unsummed (int8_matmul(split_partials=True)) and sum them where it reads them: Llama's
-      q|k|v projection at decode, whose partials the decode-attention kernel adds where it
-      loads q, k and v, so no reduction kernel runs between the two (docs/decisions.md). False:
-      an XLA reduction after the kernel sums them, for every caller. The fused kernel only.
-    outlier_mode: how the fused skinny kernel (pallas_triton.fused) adds the outlier stream in
-      its K loop: "branch" (a lax.cond per K step, taken only in steps holding an outlier
-      column) or "dense" (branch-free: every step runs the 16-bit dot on the masked x tile).
-    row_scales: where the fused kernel gets each row's absmax: "kernel" (every program sweeps
-      all of x first: M x K elements read from L2 per program, before its first weight load)
-      or "input" (one XLA reduction before the kernel, read once; the same bits, a max is exact
-      in any order). Calls with an InputNorm or InputGate sweep in the kernel either way.
-      Measured at M = 1 (docs/decisions.md D6): "input" 1.2-1.5 us slower per call (one more launch). At
-      M = 8 the sweep reads 8 rows per program (down_proj: 229 KB x 256 programs of L2
-      traffic, as much as its weights), which "input" avoids: faster on every Llama-3-8B decode
-      shape at M = 8 on the H100 and the H200, so the tables take it
-      for M = 2-16.
     """
 
     block_m: int
@@ -92,9 +76,6 @@ class Config:
     num_stages: int
     split_k: int = 1
     weight_layout: str = "kn"
-    split_partials: bool = False
-    outlier_mode: str = "branch"
-    row_scales: str = "kernel"
 
     def __post_init__(self):
         # tl.dot on int8 needs M >= 16, N >= 16 and K >= 32 (mma.m16n8k32).
@@ -108,6 +89,43 @@ class Config:
             raise InvalidConfigError(f"split_k={self.split_k!r} must be in [1, 64]")
         if self.weight_layout not in ("kn", "nk"):
             raise InvalidConfigError(f"weight_layout={self.weight_layout!r} must be 'kn' or 'nk'")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GemmConfig(KernelTiles):
+    """The GEMM kernel's config (pallas_triton.gemm, the "pallas" and "xla_gemm" routes): its
+    tiles and nothing else (KernelTiles)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FusedConfig(KernelTiles):
+    """The one-launch decode kernel's config (pallas_triton.fused, the "fused" route): its tiles
+    (KernelTiles; block_m covers all M rows) and how it computes three of the recipe's steps.
+
+    split_partials: whether a caller may take the split_k > 1 float32 partials [S, M, N]
+      unsummed (int8_matmul(split_partials=True)) and sum them where it reads them: Llama's
+      q|k|v projection at decode, whose partials the decode-attention kernel adds where it
+      loads q, k and v, so no reduction kernel runs between the two (docs/decisions.md). False:
+      an XLA reduction after the kernel sums them, for every caller.
+    outlier_mode: how the kernel adds the outlier stream in its K loop: "branch" (a lax.cond per
+      K step, taken only in steps holding an outlier column) or "dense" (branch-free: every step
+      runs the 16-bit dot on the masked x tile).
+    row_scales: where the kernel gets each row's absmax: "kernel" (every program sweeps all of x
+      first: M x K elements read from L2 per program, before its first weight load) or "input"
+      (one XLA reduction before the kernel, read once; the same bits, a max is exact in any
+      order). Calls with an InputNorm or InputGate sweep in the kernel either way. At M = 1
+      "input" costs one more launch, slower by more than the sweep it saves (docs/decisions.md
+      D6); at M = 8 the sweep reads 8 rows per program (down_proj: 229 KB x 256 programs of L2
+      traffic, as much as its weights), which "input" avoids: faster on every Llama-3-8B decode
+      shape at M = 8 on the H100 and the H200, so the tables take it for M = 2-16.
+    """
+
+    split_partials: bool = False
+    outlier_mode: str = "branch"
+    row_scales: str = "kernel"
+
+    def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.split_partials, bool):
             raise InvalidConfigError(f"split_partials={self.split_partials!r} must be a bool")
         if self.outlier_mode not in ("branch", "dense"):
@@ -135,9 +153,28 @@ class QuantizeConfig:
 GEMM_PATHS = ("fused", "pallas", "xla_gemm")
 
 
+def route_config(gemm_path: str, fields) -> "FusedConfig | GemmConfig":
+    """The config of the kernel that runs gemm_path ("fused": FusedConfig, else GemmConfig) from
+    a table entry's "gemm" fields (a dict, older spellings read too: schema below) or from another
+    route's config. Every field is checked as a table entry's is; fields the route's kernel does
+    not read (a "pallas" entry's outlier_mode, say) are dropped, as the kernels always ignored them."""
+    if gemm_path not in GEMM_PATHS:
+        raise InvalidConfigError(f"gemm_path={gemm_path!r} must be one of {GEMM_PATHS}")
+    if isinstance(fields, KernelTiles):
+        fields = dataclasses.asdict(fields)
+    every_field = FusedConfig(**_current_spelling(fields))
+    if gemm_path == "fused":
+        return every_field
+    return GemmConfig(**{f.name: getattr(every_field, f.name) for f in dataclasses.fields(GemmConfig)})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KernelPlan:
-    """Everything one call needs: which kernels run, and their tiles.
+    """Everything one call needs: which kernels run, and their configs.
+
+    gemm: the matmul kernel's config: FusedConfig on the "fused" route, GemmConfig on the others.
+    quantize: the activation pass's tiles (the two-kernel routes; kept on a "fused" plan too, for
+      tools that time its shape on those routes).
 
     gemm_path: "fused" (one kernel: activation pass, int8 GEMM, outlier stream and epilogue,
       for M <= FUSED_MAX_M; `quantize` is unused), "pallas" (activation-pass kernel, then the
@@ -149,13 +186,18 @@ class KernelPlan:
     """
 
     quantize: QuantizeConfig
-    gemm: Config
+    gemm: "FusedConfig | GemmConfig"
     gemm_path: str = "pallas"
     transpose_weight: bool = False
 
     def __post_init__(self):
         if self.gemm_path not in GEMM_PATHS:
             raise InvalidConfigError(f"gemm_path={self.gemm_path!r} must be one of {GEMM_PATHS}")
+        wanted = FusedConfig if self.gemm_path == "fused" else GemmConfig
+        if type(self.gemm) is not wanted:
+            raise InvalidConfigError(
+                f"gemm_path={self.gemm_path!r} runs a kernel configured by {wanted.__name__}, got "
+                f"gemm={type(self.gemm).__name__} (route_config converts one route's config)")
         if self.gemm_path == "xla_gemm" and self.gemm.split_k != 1:
             raise InvalidConfigError(
                 f"gemm_path='xla_gemm' runs no K loop: split_k={self.gemm.split_k} must be 1")
@@ -172,12 +214,12 @@ class KernelPlan:
 def default_plan(m: int, k: int, n: int, weight_layout: str = "kn") -> KernelPlan:
     """Heuristic plan for GPUs without a tuned table: small, always-compilable tiles."""
     if m <= FUSED_MAX_M:
-        gemm = Config(block_m=fused_block_m(m), block_n=128, block_k=128, num_warps=4,
-                      num_stages=4, weight_layout=weight_layout)
+        gemm = FusedConfig(block_m=fused_block_m(m), block_n=128, block_k=128, num_warps=4,
+                           num_stages=4, weight_layout=weight_layout)
         return KernelPlan(quantize=_default_quantize(m, k), gemm=_fit_fused(gemm, k, n),
                           gemm_path="fused")
-    gemm = Config(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3,
-                  weight_layout="nk")
+    gemm = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3,
+                      weight_layout="nk")
     return KernelPlan(quantize=_default_quantize(m, k), gemm=_fit_split_k(gemm, m, k, n),
                       transpose_weight=weight_layout == "kn")
 
@@ -199,7 +241,7 @@ def _default_quantize(m: int, k: int) -> QuantizeConfig:
     return QuantizeConfig(block_rows=4, block_cols=min(2048, whole_row), num_warps=4)
 
 
-def _fit_fused(config: Config, k: int, n: int) -> Config:
+def _fit_fused(config: FusedConfig, k: int, n: int) -> FusedConfig:
     """The fused kernel's tiles for this shape: block_n narrowed (to 64 at least) until about
     _MIN_PROGRAMS programs run, then K split while still too few (keeping >= 8 K steps each).
 
@@ -219,7 +261,7 @@ def _fit_fused(config: Config, k: int, n: int) -> Config:
     return dataclasses.replace(config, block_n=block_n, num_warps=warps, split_k=split_k)
 
 
-def _fit_split_k(config: Config, m: int, k: int, n: int) -> Config:
+def _fit_split_k(config: GemmConfig, m: int, k: int, n: int) -> GemmConfig:
     """Split K while fewer than _MIN_PROGRAMS programs run, keeping >= 4 K steps per program."""
     if config.split_k != 1:
         return config
@@ -276,7 +318,9 @@ def table_path(name: str) -> Optional[pathlib.Path]:
 #     matched by M (the first entry, by max_m, whose max_m >= M); "shapes_nk" (K-major, one
 #     K x N each: "k", "n", and M from "min_m" to "max_m"), matched first. Other top-level keys
 #     (device_kind, jax, date, source) describe the table.
-#   an entry: "max_m" (required); "gemm" (required: Config's fields, Config's defaults);
+#   an entry: "max_m" (required); "gemm" (required: FusedConfig's fields and defaults; an entry
+#     whose route is "pallas" or "xla_gemm" gets a GemmConfig, its fused-only fields checked and
+#     dropped: route_config);
 #     "min_m" (default 1); "gemm_path" (default "fused" where max_m <= FUSED_MAX_M, else
 #     "pallas"); "quantize" (QuantizeConfig's fields; default: tiles that follow K);
 #     "transpose_weight" (default false); "auto_split_k" (default true). Bucket entries are
@@ -301,7 +345,7 @@ class _Entry:
     min_m: int
     max_m: int
     shape: Optional[tuple[int, int]]  # (K, N) of a "shapes_nk" entry, None for a bucket
-    gemm: Config
+    gemm: "FusedConfig | GemmConfig"  # route_config(gemm_path, the entry's "gemm")
     gemm_path: str
     quantize: Optional[QuantizeConfig]
     transpose_weight: bool
@@ -319,8 +363,8 @@ class _Entry:
                           transpose_weight=self.transpose_weight)
 
 
-def gemm_config(fields: dict) -> Config:
-    """A table entry's "gemm" as a Config, reading the older spellings too (schema above)."""
+def _current_spelling(fields: dict) -> dict:
+    """A table entry's "gemm" fields with the older spellings (schema above) read as today's."""
     fields = dict(fields)
     if "split_reduce" in fields:
         reduce = fields.pop("split_reduce")
@@ -331,19 +375,20 @@ def gemm_config(fields: dict) -> Config:
     if "swap_ab" in fields:
         if fields.pop("swap_ab") is not False:
             raise InvalidConfigError("swap_ab is no longer supported (no table used it)")
-    return Config(**fields)
+    return fields
 
 
 def _parse_entry(entry, section: str) -> _Entry:
     missing = [f for f in _REQUIRED[section] if not isinstance(entry, dict) or f not in entry]
     if missing:
         raise InvalidConfigError(f"lacks {missing}")
-    gemm = gemm_config(entry["gemm"])
+    gemm_path = entry.get("gemm_path", "fused" if entry["max_m"] <= FUSED_MAX_M else "pallas")
+    gemm = route_config(gemm_path, entry["gemm"])
     quantize = entry.get("quantize")
     parsed = _Entry(
         min_m=entry.get("min_m", 1), max_m=entry["max_m"],
         shape=(entry["k"], entry["n"]) if section == "shapes_nk" else None, gemm=gemm,
-        gemm_path=entry.get("gemm_path", "fused" if entry["max_m"] <= FUSED_MAX_M else "pallas"),
+        gemm_path=gemm_path,
         quantize=QuantizeConfig(**quantize) if quantize else None,
         transpose_weight=entry.get("transpose_weight", False),
         auto_split_k=entry.get("auto_split_k", True))

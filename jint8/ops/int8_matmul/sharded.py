@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from jint8.errors import ShapeError
 from jint8.ops._sharding import Axes, MatmulLayout, layout_for, local_slice, spec_entry, typed_layout  # noqa: F401
-from jint8.ops.int8_matmul import reference
+from jint8.ops.int8_matmul import prologue, reference
 
 
 def _global_recipe(x, wq, col_scales, bias, *, m: Axes, k: Axes, threshold, capacity, out_dtype, weight_layout):
@@ -99,7 +99,7 @@ def int8_matmul_sharded(x, wq, col_scales, bias, *, layout: MatmulLayout, impl, 
         norm_l = rest.pop(0) if norm is not None else None
         gate_l = gate
         if k and (norm_l is not None or gate_l is not None):  # the prologue needs the whole row
-            x_full = reference.op_input(jax.lax.all_gather(x_l, k, axis=1, tiled=True), norm_l, gate_l)
+            x_full = prologue.op_input(jax.lax.all_gather(x_l, k, axis=1, tiled=True), norm_l, gate_l)
             x_l, norm_l, gate_l = local_slice(x_full, k, layout.size(k)), None, None
         k_local = k_total // layout.size(k)
         local_gate = None if gather_gate else output_gate
@@ -109,7 +109,7 @@ def int8_matmul_sharded(x, wq, col_scales, bias, *, layout: MatmulLayout, impl, 
                 out_dtype=out_dtype, weight_layout=weight_layout, norm=norm_l, gate=gate_l, output_gate=local_gate)
         else:
             y, count, overflow = _global_recipe(
-                reference.op_input(x_l, norm_l, gate_l), wq_l, scales_l, bias_l, m=m, k=k, threshold=threshold,
+                prologue.op_input(x_l, norm_l, gate_l), wq_l, scales_l, bias_l, m=m, k=k, threshold=threshold,
                 capacity=min(outlier_capacity, k_local), out_dtype=out_dtype, weight_layout=weight_layout)
             y = y if local_gate is None else local_gate(y)
         if gather_gate:  # gate | up lie on different devices: gate the whole row, keep this one's part

@@ -11,7 +11,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from jint8.ops.int8_matmul import reference
+from jint8.ops.int8_matmul import prologue, reference
 from jint8.ops.int8_matmul import pallas_triton
 from jint8.ops.int8_matmul.configs import KernelPlan
 from jint8.ops.int8_matmul.pallas_triton.common import Probe
@@ -21,7 +21,7 @@ def int8_accumulator_pallas(x, wq, *, threshold: float, plan: KernelPlan, norm=N
                             interpret: bool = False, poison_output: bool = False):
     """[M, N] int32 accumulator of the plan's GEMM: equals
     reference.int8_dot(*reference.quantize_rows(x, threshold)[:1], wq) exactly (with a norm or
-    a gate: of reference.op_input(x, norm, gate), where the kernel forms the same bits)."""
+    a gate: of prologue.op_input(x, norm, gate), where the kernel forms the same bits)."""
     n = wq.shape[1] if plan.reads_layout() == "kn" else wq.shape[0]
     acc, _ = pallas_triton.run(
         x, wq, jnp.ones((n,), jnp.float32), None, threshold=threshold, out_dtype=jnp.int32,
@@ -31,9 +31,9 @@ def int8_accumulator_pallas(x, wq, *, threshold: float, plan: KernelPlan, norm=N
 
 
 def int8_matmul_poisoned(x, wq, col_scales, bias=None, *, threshold: float, plan: KernelPlan,
-                         out_dtype=None, norm: Optional[reference.InputNorm] = None,
-                         gate: Optional[reference.InputGate] = None,
-                         output_gate: Optional[reference.OutputGate] = None,
+                         out_dtype=None, norm: Optional[prologue.InputNorm] = None,
+                         gate: Optional[prologue.InputGate] = None,
+                         output_gate: Optional[prologue.OutputGate] = None,
                          interpret: bool = False):
     """pallas_triton.int8_matmul_pallas(x, ...) on the plan, each kernel writing into a
     NaN-filled output buffer: (y, stats), y finite only where every element was written."""

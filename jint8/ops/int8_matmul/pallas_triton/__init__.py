@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jint8.ops._platform import triton_gpu_unsupported_reason
-from jint8.ops.int8_matmul import reference
+from jint8.ops.int8_matmul import prologue, reference
 from jint8.ops.int8_matmul.api import Backend
 from jint8.ops.int8_matmul.configs import KernelPlan, fit_to_activations, plan_for
 from jint8.ops.int8_matmul.pallas_triton.common import NO_PROBE, Probe
@@ -52,9 +52,9 @@ def int8_matmul_pallas(
     outlier_capacity: int,
     out_dtype=None,
     weight_layout: str = "kn",
-    norm: Optional[reference.InputNorm] = None,
-    gate: Optional[reference.InputGate] = None,
-    output_gate: Optional[reference.OutputGate] = None,
+    norm: Optional[prologue.InputNorm] = None,
+    gate: Optional[prologue.InputGate] = None,
+    output_gate: Optional[prologue.OutputGate] = None,
     plan: Optional[KernelPlan] = None,
     interpret: bool = False,
     split_partials: bool = False,
@@ -74,7 +74,7 @@ def int8_matmul_pallas(
       weight layout. An explicit plan must take this layout (plan.reads_layout()).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
     split_partials: return [S, M, N]: the fused kernel's float32 split-K partials where the plan
-      allows it (Config.split_partials; the caller sums them), else the result as [1, M, N].
+      allows it (FusedConfig.split_partials; the caller sums them), else the result as [1, M, N].
 
     The correctness checks' instruments (an int32 accumulator, a poisoned output buffer) are
     testing.py's entry points, not arguments here.
@@ -130,7 +130,7 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_
     if plan.gemm_path == "fused":
         # Stats in plain jnp: XLA drops them when the caller does not use them. No capacity
         # on this route, so it never overflows.
-        op_input = reference.op_input(x, norm, gate)
+        op_input = prologue.op_input(x, norm, gate)
         num_outliers = jnp.sum(reference.outlier_column_mask(op_input, threshold), dtype=jnp.int32)
         stats = reference.Int8MatmulStats(num_outliers, jnp.zeros((), bool))
         # The kernel's epilogue gates when it holds whole sums (no split-K partials).
@@ -145,7 +145,7 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_
         if output_gate is not None and in_epilogue is None and not accumulator_only:
             y = output_gate(y)  # XLA fuses it into the split-K sum
         return y, stats
-    x = reference.op_input(x, norm, gate)
+    x = prologue.op_input(x, norm, gate)
     if plan.transpose_weight:
         wq = wq.T  # [K, N] -> K-major [N, K] for the GEMM (KernelPlan.transpose_weight)
     layout = plan.gemm.weight_layout

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jint8.ops.int8_matmul.configs import Config
-from jint8.ops.int8_matmul.reference import INV_127_SQ
+from jint8.ops.int8_matmul.configs import KernelTiles
+from jint8.numerics import INV_127_SQ
 
 
 def inverse_scale(row_scale, *, interpret: bool):
@@ -138,7 +138,7 @@ class Probe(NamedTuple):
 NO_PROBE = Probe()
 
 
-def launch(kernel, operands, *, grid, m, n, config: Config, out_dtype, interpret: bool, name: str,
+def launch(kernel, operands, *, grid, m, n, config: KernelTiles, out_dtype, interpret: bool, name: str,
            probe: Probe = NO_PROBE, split_partials: bool = False):
     """pallas_call of an int8 GEMM kernel whose last argument is an Output; returns [M, N].
 
@@ -187,7 +187,7 @@ def launch(kernel, operands, *, grid, m, n, config: Config, out_dtype, interpret
 class Output:
     """Where a program's [block_m, block_n] result goes (see launch)."""
 
-    def __init__(self, refs, *, config: Config, accumulator_only: bool):
+    def __init__(self, refs, *, config: KernelTiles, accumulator_only: bool):
         self.refs, self.config, self.accumulator_only = refs, config, accumulator_only
 
     def store(self, y, tile: Tile, split):

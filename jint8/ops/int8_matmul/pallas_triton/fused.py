@@ -53,13 +53,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jint8.ops.int8_matmul.configs import Config
+from jint8.ops.int8_matmul.configs import FusedConfig
 from jint8.ops.int8_matmul.pallas_triton.common import (
     NO_PROBE, Probe, Tile, dequantize, dot, inverse_scale, launch, load_tile, load_vector, load_weight,
     round_half_even, stream_dot,
 )
 from jint8.ops.int8_matmul import reference
-from jint8.ops.int8_matmul.reference import INV_127
+from jint8.numerics import INV_127
 from jint8.ops.rounding import round_to
 
 # The row-absmax sweep loads [rows, 8192 / rows] chunks (16 KiB of bf16), _ABSMAX_UNROLL of them
@@ -158,7 +158,7 @@ def _row_absmax(prologue: _Prologue, *, threshold: float):
     return _sweep_rows(load, prologue.m, prologue.k, magnitude, "max")
 
 
-def _tile_columns(config: Config, output_gate) -> int:
+def _tile_columns(config: FusedConfig, output_gate) -> int:
     """Output columns per program: block_n, or with an OutputGate block_n / 2 of act(gate) * up
     from block_n / 2 of gate's and of up's weight columns, so a program streams the plan's
     block_n weight columns per K step (the same shared-memory pipeline as the plain product)."""
@@ -171,7 +171,7 @@ def _zero_rows_below(row, block_m: int):
 
 
 def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, norm, gate,
-                  output_gate, config: Config, threshold: float, has_bias: bool, row_max_input: bool,
+                  output_gate, config: FusedConfig, threshold: float, has_bias: bool, row_max_input: bool,
                   accumulator_only: bool, interpret: bool):
     *optional, out = optional_and_out  # [norm scale], [row absmax (row_max_input)]
     row_max_ref = optional.pop() if row_max_input else None
@@ -200,7 +200,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
     widen = functools.partial(_zero_rows_below, block_m=bm) if one_row else (lambda v: v)
     spread = (lambda v: v) if one_row else functools.partial(_spread, block_m=bm)
 
-    if row_max_ref is not None:  # Config.row_scales == "input": reduced before the kernel
+    if row_max_ref is not None:  # FusedConfig.row_scales == "input": reduced before the kernel
         rows = jnp.arange(1 << (m - 1).bit_length())  # _sweep_rows' rows_p, 0 past row M
         row_max = load_vector(row_max_ref, rows, rows < m if m != rows.shape[0] else None)
     else:
@@ -275,7 +275,7 @@ def _fused_kernel(x_ref, w_ref, col_scales_ref, bias_ref, *optional_and_out, nor
                      "split_partials"),
 )
 def fused_int8_matmul(
-    x, w, col_scales, bias, norm=None, gate=None, output_gate=None, *, config: Config,
+    x, w, col_scales, bias, norm=None, gate=None, output_gate=None, *, config: FusedConfig,
     threshold: float, out_dtype,
     has_bias: bool, probe: Probe = NO_PROBE, interpret: bool = False,
     split_partials: bool = False,
@@ -299,7 +299,7 @@ def fused_int8_matmul(
       probe: the checks' instruments (common.Probe; testing.py): the int32 accumulator
         xq[:, not O] @ wq instead of the output, a poisoned output buffer.
       split_partials: return the float32 split-K partials unsummed (the caller sums them where
-        it reads them; the plan's Config.split_partials says whether a caller may ask).
+        it reads them; the plan's FusedConfig.split_partials says whether a caller may ask).
     Returns:
       [M, N] out_dtype ([M, N / 2] with output_gate; int32 with probe.accumulator_only;
       [S, M, N] float32 partials with split_partials and split_k > 1).
@@ -313,7 +313,7 @@ def fused_int8_matmul(
                          f"an even N (got {n}) and no accumulator_only")
     if m > config.block_m:
         raise ValueError(f"fused kernel: M={m} must be <= block_m={config.block_m}")
-    # Config.row_scales "input": the row absmax from one XLA reduction (the same bits: a max is
+    # FusedConfig.row_scales "input": the row absmax from one XLA reduction (the same bits: a max is
     # exact in any order); with a norm or gate the kernel sweeps (it forms that input itself).
     row_max_input = config.row_scales == "input" and norm is None and gate is None
     kernel = functools.partial(

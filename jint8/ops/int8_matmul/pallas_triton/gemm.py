@@ -39,12 +39,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jint8.ops._pallas_grid import grouped_tile
-from jint8.ops.int8_matmul.configs import Config
+from jint8.ops.int8_matmul.configs import GemmConfig
 from jint8.ops.int8_matmul.pallas_triton.common import (
     NO_PROBE, Probe, Tile, dequantize, dot, launch, load_tile, load_vector, load_weight, stream_dot,
 )
 from jint8.ops.int8_matmul.pallas_triton.outliers import SLOT_BLOCK
-from jint8.ops.int8_matmul.reference import INV_127
+from jint8.numerics import INV_127
 
 # Columns per step of the dense outlier sweep in the epilogue-only kernel (_outlier_terms).
 EPILOGUE_SWEEP_STEP = 128
@@ -53,7 +53,7 @@ EPILOGUE_SWEEP_STEP = 128
 def _gemm_kernel(
     xq_ref, w_ref, row_scales_ref, col_scales_ref, bias_ref, x_ref,
     x_o_ref, w_o_ref, col_flags_ref, count_ref, dense_ref, *accumulator_and_out,
-    config: Config, has_bias: bool, has_outliers: bool, dense_fallback: bool,
+    config: GemmConfig, has_bias: bool, has_outliers: bool, dense_fallback: bool,
     accumulator_only: bool,
 ):
     m, k = xq_ref.shape
@@ -177,7 +177,7 @@ def _outlier_terms(x_ref, w_ref, x_o_ref, w_o_ref, col_flags_ref, count_ref, den
 )
 def int8_gemm(
     xq, w, row_scales, col_scales, bias, x, x_o, w_o, col_flags, count, dense,
-    accumulator=None, *, config: Config, out_dtype, has_bias: bool, has_outliers: bool,
+    accumulator=None, *, config: GemmConfig, out_dtype, has_bias: bool, has_outliers: bool,
     dense_fallback: bool, probe: Probe = NO_PROBE, interpret: bool = False,
 ):
     """The fused GEMM.
