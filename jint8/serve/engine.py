@@ -45,7 +45,7 @@ from jint8.models.common import init_paged_pool
 from jint8.serve.config import EngineConfig, SamplingOptions
 from jint8.serve.metrics import ServeMetrics
 from jint8.serve.paged_cache import BlockAllocator
-from jint8.serve.step import RowSampling, TokenSlots, bucket_for, build_step, default_buckets
+from jint8.serve.step import RowSampling, TokenSlots, bucket_for, build_sampler, build_step, default_buckets
 
 logger = logging.getLogger("jint8.serve")
 
@@ -102,8 +102,10 @@ class Engine:
                     config.block_size, 2 * self.k_pool.nbytes / 2**30)
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.metrics = ServeMetrics(config.max_batch)
-        self.compiled_shapes: list[tuple] = []
+        self.compiled_shapes: list[tuple] = []  # the step's [B, T] shapes
+        self.compiled_sampler_rows: list[int] = []  # the sampler's row counts
         self._step = build_step(model, self.compiled_shapes.append)
+        self._sample = build_sampler(self.compiled_sampler_rows.append)
         # The chosen tokens stay on the device for the next decode step; the host reads them a
         # call later, while the device runs the next one (_InFlight), to deliver them.
         self._token_buffer = jnp.zeros((config.max_batch,), jnp.int32)
@@ -126,7 +128,7 @@ class Engine:
     # ------------------------------------------------------------------ public API (any thread)
     @property
     def compile_count(self) -> int:
-        return len(self.compiled_shapes)
+        return len(self.compiled_shapes) + len(self.compiled_sampler_rows)
 
     @property
     def max_request_tokens(self) -> int:
@@ -222,14 +224,20 @@ class Engine:
         return [(b, 1) for b in self.batch_buckets] + self.prefill_shapes
 
     def warmup(self, threads: Optional[int] = None) -> None:
-        """Compile every shape now, so no request waits for a compilation: each is traced on
-        this thread and compiled on one of `threads` (default: one per shape, at most the CPU
-        count), as XLA compiles in parallel; the step's calls then find them compiled."""
+        """Compile every shape of the step and the sampler now, so no request waits for a
+        compilation: each is traced on this thread and compiled on one of `threads` (default:
+        one per shape, at most the CPU count), as XLA compiles in parallel; the calls then find
+        them compiled."""
         lowered = []
         for rows, width in self.step_shapes:
             arguments = self._step_arguments(np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32),
                                              np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32), [])
             lowered.append(self._step.lower(*arguments))
+        logits = lowered[0].out_info[1]  # [B, V] in the dtype the step returns
+        for rows in sorted({rows for rows, _ in self.step_shapes}):
+            lowered.append(self._sample.lower(jax.ShapeDtypeStruct((rows, logits.shape[1]), logits.dtype),
+                                              self._sampling_arguments([], rows), self._token_buffer,
+                                              np.zeros((rows,), np.int32)))
         workers = threads or max(1, min(len(lowered), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jint8-compile") as pool:
             list(pool.map(lambda computation: computation.compile(), lowered))
@@ -396,29 +404,39 @@ class Engine:
 
     def _step_arguments(self, ids, positions, tables, rows: list) -> tuple:
         """The step's arguments; rows: (sequence, read slot, receiver or None) per real row, the
-        rest of the call padding (greedy, filters off, its token dropped)."""
+        rest of the call padding (its token dropped)."""
         pad = ids.shape[0] - len(rows)
-        sequences = [sequence for sequence, _, _ in rows]
+        dropped = self.config.max_batch  # out of the buffer's range
+        slots = TokenSlots(read=np.asarray([read for _, read, _ in rows] + [-1] * pad, np.int32),
+                           write=np.asarray([dropped if r is None else r.slot for _, _, r in rows] + [dropped] * pad,
+                                            np.int32))
+        return (self.params, self.k_pool, self.v_pool, self._token_buffer, ids, positions, tables, slots)
+
+    @staticmethod
+    def _sampling_arguments(sequences: list, size: int) -> RowSampling:
+        """The sampler's per-row controls for these sequences, padded to size rows (greedy, filters off)."""
+        pad = size - len(sequences)
 
         def column(values, dtype, fill=0):
             return np.asarray(list(values) + [fill] * pad, dtype)
 
-        dropped = self.config.max_batch  # out of the buffer's range
-        slots = TokenSlots(read=column((read for _, read, _ in rows), np.int32, -1),
-                           write=column((dropped if r is None else r.slot for _, _, r in rows), np.int32, dropped))
-        sampling = RowSampling(
+        return RowSampling(
             temperature=column((s.options.temperature for s in sequences), np.float32),
             top_k=column((s.options.top_k for s in sequences), np.int32),
             top_p=column((s.options.top_p for s in sequences), np.float32, 1.0),
             seed=column((s.seed for s in sequences), np.uint32),
             counter=column((s.sampled for s in sequences), np.int32))
-        return (self.params, self.k_pool, self.v_pool, self._token_buffer, ids, positions, tables, slots, sampling)
 
     def _dispatch(self, ids, positions, tables, rows: list) -> None:
-        """Queue one call on the device (it runs while this thread goes on) and its tokens'
-        delivery; the device-to-host copy of its tokens starts at once."""
-        tokens, self.k_pool, self.v_pool, self._token_buffer = self._step(
-            *self._step_arguments(ids, positions, tables, rows))
+        """Queue one call on the device (it runs while this thread goes on), and the sampler
+        after it when a row samples, and its tokens' delivery; the device-to-host copy of its
+        tokens starts at once."""
+        arguments = self._step_arguments(ids, positions, tables, rows)
+        tokens, logits, self.k_pool, self.v_pool, self._token_buffer = self._step(*arguments)
+        sequences = [sequence for sequence, _, _ in rows]
+        if any(sequence.options.temperature > 0 for sequence in sequences):
+            tokens, self._token_buffer = self._sample(logits, self._sampling_arguments(sequences, ids.shape[0]),
+                                                      self._token_buffer, arguments[-1].write)
         tokens.copy_to_host_async()
         self._in_flight.append(_InFlight(tokens, [receiver for _, _, receiver in rows]))
 
