@@ -124,6 +124,7 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._cancel_on_stop = False
+        self._waited = 0.0  # seconds this iteration spent waiting for tokens (host_seconds excludes them)
 
     # ------------------------------------------------------------------ public API (any thread)
     @property
@@ -266,6 +267,7 @@ class Engine:
                 self._wake.wait()
                 self._wake.clear()
                 continue
+            started, self._waited = time.perf_counter(), 0.0
             try:
                 self._iteration()
             except Exception:  # a failed step poisons the donated pools: end every request, start clean
@@ -276,6 +278,8 @@ class Engine:
                 self.k_pool, self.v_pool = init_paged_pool(self.model.config, self.allocator.num_blocks,
                                                            self.allocator.block_size, self._pool_dtype)
                 self._token_buffer = jnp.zeros((self.config.max_batch,), jnp.int32)
+            self.metrics.iterations.inc()
+            self.metrics.host_seconds.inc(time.perf_counter() - started - self._waited)
             self.metrics.set_load(self._queued, len(self._prefilling) + len(self._decoding),
                                   self.allocator.used_blocks)
 
@@ -307,7 +311,9 @@ class Engine:
     def _deliver_in_flight(self, keep: int) -> None:
         while len(self._in_flight) > keep:
             call = self._in_flight.popleft()
-            tokens = np.asarray(call.tokens)
+            waiting = time.perf_counter()
+            tokens = np.asarray(call.tokens)  # the iteration's one wait for the device
+            self._waited += time.perf_counter() - waiting
             for row, sequence in enumerate(call.receivers):
                 # a sequence that ended meanwhile (a stop token, cancel) drops what it was dispatched
                 if sequence is not None and sequence.id in self._by_id:
