@@ -125,6 +125,8 @@ class Engine:
         self._stopping = False
         self._cancel_on_stop = False
         self._waited = 0.0  # seconds this iteration spent waiting for tokens (host_seconds excludes them)
+        # (decoding sequence ids + rows bucket, their ids, tables, slots on the device) of the last decode step
+        self._decode_inputs: Optional[tuple] = None
 
     # ------------------------------------------------------------------ public API (any thread)
     @property
@@ -278,6 +280,7 @@ class Engine:
                 self.k_pool, self.v_pool = init_paged_pool(self.model.config, self.allocator.num_blocks,
                                                            self.allocator.block_size, self._pool_dtype)
                 self._token_buffer = jnp.zeros((self.config.max_batch,), jnp.int32)
+                self._decode_inputs = None
             self.metrics.iterations.inc()
             self.metrics.host_seconds.inc(time.perf_counter() - started - self._waited)
             self.metrics.set_load(self._queued, len(self._prefilling) + len(self._decoding),
@@ -312,12 +315,12 @@ class Engine:
         while len(self._in_flight) > keep:
             call = self._in_flight.popleft()
             waiting = time.perf_counter()
-            tokens = np.asarray(call.tokens)  # the iteration's one wait for the device
+            tokens = np.asarray(call.tokens).tolist()  # the iteration's one wait for the device
             self._waited += time.perf_counter() - waiting
-            for row, sequence in enumerate(call.receivers):
+            for sequence, token in zip(call.receivers, tokens):
                 # a sequence that ended meanwhile (a stop token, cancel) drops what it was dispatched
                 if sequence is not None and sequence.id in self._by_id:
-                    self._emit(sequence, int(tokens[row]))
+                    self._emit(sequence, token)
 
     def _admit(self) -> None:
         while self._waiting and len(self._prefilling) + len(self._decoding) < self.config.max_batch:
@@ -384,38 +387,51 @@ class Engine:
             self.metrics.prompt_tokens.inc(count)
             if sequence.computed == len(sequence.prompt):
                 sequence.sampled = 1
+                # the rest of its reservation now: its block table stays fixed while it decodes,
+                # so the decode inputs can stay on the device from step to step (_decode_step)
+                self.allocator.ensure(sequence.id, len(sequence.prompt) + sequence.options.max_tokens)
                 self._prefilling.remove(sequence)
                 self._decoding.append(sequence)
         return True
 
     def _decode_step(self) -> bool:
         """Dispatch one [B, 1] step of every decoding sequence that has tokens to go, its input
-        the token its last call left in its slot (on the device: none of it crosses the host)."""
+        the token its last call left in its slot (on the device: none of it crosses the host).
+        A decoding sequence's block table and slot do not change, so while the same sequences
+        decode the step's ids, tables and slots stay on the device and only the positions go
+        over."""
         running = [s for s in self._decoding if s.sampled < s.options.max_tokens]
         if not running:
             return False
         rows = bucket_for(len(running), self.batch_buckets)
-        ids = np.zeros((rows, 1), np.int32)
         positions = np.full((rows, 1), -1, np.int32)
-        tables = np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32)
-        for row, sequence in enumerate(running):
-            positions[row, 0] = sequence.computed
-            self.allocator.ensure(sequence.id, sequence.computed + 1)
-            tables[row] = self.allocator.table(sequence.id)
-        self._dispatch(ids, positions, tables, [(s, s.slot, s) for s in running])
+        positions[: len(running), 0] = [sequence.computed for sequence in running]
+        members = tuple(sequence.id for sequence in running) + (rows,)
+        if self._decode_inputs is None or self._decode_inputs[0] != members:
+            tables = np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32)
+            for row, sequence in enumerate(running):
+                tables[row] = self.allocator.table(sequence.id)
+            ids, slots = np.zeros((rows, 1), np.int32), self._slots([(s, s.slot, s) for s in running], rows)
+            self._decode_inputs = (members, *jax.device_put((ids, tables, slots)))
+        _, ids, tables, slots = self._decode_inputs
+        self._dispatch(ids, positions, tables, [(s, s.slot, s) for s in running], slots)
         for sequence in running:
             sequence.computed += 1
             sequence.sampled += 1
         return True
 
-    def _step_arguments(self, ids, positions, tables, rows: list) -> tuple:
-        """The step's arguments; rows: (sequence, read slot, receiver or None) per real row, the
-        rest of the call padding (its token dropped)."""
-        pad = ids.shape[0] - len(rows)
+    def _slots(self, rows: list, size: int) -> TokenSlots:
+        """rows: (sequence, read slot, receiver or None) per real row, padded to size rows (their
+        tokens dropped)."""
+        pad = size - len(rows)
         dropped = self.config.max_batch  # out of the buffer's range
-        slots = TokenSlots(read=np.asarray([read for _, read, _ in rows] + [-1] * pad, np.int32),
-                           write=np.asarray([dropped if r is None else r.slot for _, _, r in rows] + [dropped] * pad,
-                                            np.int32))
+        return TokenSlots(read=np.asarray([read for _, read, _ in rows] + [-1] * pad, np.int32),
+                          write=np.asarray([dropped if r is None else r.slot for _, _, r in rows] + [dropped] * pad,
+                                           np.int32))
+
+    def _step_arguments(self, ids, positions, tables, rows: list, slots: Optional[TokenSlots] = None) -> tuple:
+        """The step's arguments; rows as _slots takes them (slots: already built for them)."""
+        slots = self._slots(rows, ids.shape[0]) if slots is None else slots
         return (self.params, self.k_pool, self.v_pool, self._token_buffer, ids, positions, tables, slots)
 
     @staticmethod
@@ -433,11 +449,11 @@ class Engine:
             seed=column((s.seed for s in sequences), np.uint32),
             counter=column((s.sampled for s in sequences), np.int32))
 
-    def _dispatch(self, ids, positions, tables, rows: list) -> None:
+    def _dispatch(self, ids, positions, tables, rows: list, slots: Optional[TokenSlots] = None) -> None:
         """Queue one call on the device (it runs while this thread goes on), and the sampler
         after it when a row samples, and its tokens' delivery; the device-to-host copy of its
         tokens starts at once."""
-        arguments = self._step_arguments(ids, positions, tables, rows)
+        arguments = self._step_arguments(ids, positions, tables, rows, slots)
         tokens, logits, self.k_pool, self.v_pool, self._token_buffer = self._step(*arguments)
         sequences = [sequence for sequence, _, _ in rows]
         if any(sequence.options.temperature > 0 for sequence in sequences):
