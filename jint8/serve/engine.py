@@ -45,7 +45,7 @@ from jint8.models.common import init_paged_pool
 from jint8.serve.config import EngineConfig, SamplingOptions
 from jint8.serve.metrics import ServeMetrics
 from jint8.serve.paged_cache import BlockAllocator
-from jint8.serve.step import RowSampling, TokenSlots, bucket_for, build_step, default_buckets
+from jint8.serve.step import RowSampling, TokenSlots, bucket_for, build_sampler, build_step, default_buckets
 
 logger = logging.getLogger("jint8.serve")
 
@@ -102,8 +102,10 @@ class Engine:
                     config.block_size, 2 * self.k_pool.nbytes / 2**30)
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.metrics = ServeMetrics(config.max_batch)
-        self.compiled_shapes: list[tuple] = []
+        self.compiled_shapes: list[tuple] = []  # the step's [B, T] shapes
+        self.compiled_sampler_rows: list[int] = []  # the sampler's row counts
         self._step = build_step(model, self.compiled_shapes.append)
+        self._sample = build_sampler(self.compiled_sampler_rows.append)
         # The chosen tokens stay on the device for the next decode step; the host reads them a
         # call later, while the device runs the next one (_InFlight), to deliver them.
         self._token_buffer = jnp.zeros((config.max_batch,), jnp.int32)
@@ -122,11 +124,14 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._cancel_on_stop = False
+        self._waited = 0.0  # seconds this iteration spent waiting for tokens (host_seconds excludes them)
+        # (decoding sequence ids + rows bucket, their ids, tables, slots on the device) of the last decode step
+        self._decode_inputs: Optional[tuple] = None
 
     # ------------------------------------------------------------------ public API (any thread)
     @property
     def compile_count(self) -> int:
-        return len(self.compiled_shapes)
+        return len(self.compiled_shapes) + len(self.compiled_sampler_rows)
 
     @property
     def max_request_tokens(self) -> int:
@@ -222,14 +227,20 @@ class Engine:
         return [(b, 1) for b in self.batch_buckets] + self.prefill_shapes
 
     def warmup(self, threads: Optional[int] = None) -> None:
-        """Compile every shape now, so no request waits for a compilation: each is traced on
-        this thread and compiled on one of `threads` (default: one per shape, at most the CPU
-        count), as XLA compiles in parallel; the step's calls then find them compiled."""
+        """Compile every shape of the step and the sampler now, so no request waits for a
+        compilation: each is traced on this thread and compiled on one of `threads` (default:
+        one per shape, at most the CPU count), as XLA compiles in parallel; the calls then find
+        them compiled."""
         lowered = []
         for rows, width in self.step_shapes:
             arguments = self._step_arguments(np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32),
                                              np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32), [])
             lowered.append(self._step.lower(*arguments))
+        logits = lowered[0].out_info[1]  # [B, V] in the dtype the step returns
+        for rows in sorted({rows for rows, _ in self.step_shapes}):
+            lowered.append(self._sample.lower(jax.ShapeDtypeStruct((rows, logits.shape[1]), logits.dtype),
+                                              self._sampling_arguments([], rows), self._token_buffer,
+                                              np.zeros((rows,), np.int32)))
         workers = threads or max(1, min(len(lowered), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jint8-compile") as pool:
             list(pool.map(lambda computation: computation.compile(), lowered))
@@ -258,6 +269,7 @@ class Engine:
                 self._wake.wait()
                 self._wake.clear()
                 continue
+            started, self._waited = time.perf_counter(), 0.0
             try:
                 self._iteration()
             except Exception:  # a failed step poisons the donated pools: end every request, start clean
@@ -268,6 +280,9 @@ class Engine:
                 self.k_pool, self.v_pool = init_paged_pool(self.model.config, self.allocator.num_blocks,
                                                            self.allocator.block_size, self._pool_dtype)
                 self._token_buffer = jnp.zeros((self.config.max_batch,), jnp.int32)
+                self._decode_inputs = None
+            self.metrics.iterations.inc()
+            self.metrics.host_seconds.inc(time.perf_counter() - started - self._waited)
             self.metrics.set_load(self._queued, len(self._prefilling) + len(self._decoding),
                                   self.allocator.used_blocks)
 
@@ -299,11 +314,13 @@ class Engine:
     def _deliver_in_flight(self, keep: int) -> None:
         while len(self._in_flight) > keep:
             call = self._in_flight.popleft()
-            tokens = np.asarray(call.tokens)
-            for row, sequence in enumerate(call.receivers):
+            waiting = time.perf_counter()
+            tokens = np.asarray(call.tokens).tolist()  # the iteration's one wait for the device
+            self._waited += time.perf_counter() - waiting
+            for sequence, token in zip(call.receivers, tokens):
                 # a sequence that ended meanwhile (a stop token, cancel) drops what it was dispatched
                 if sequence is not None and sequence.id in self._by_id:
-                    self._emit(sequence, int(tokens[row]))
+                    self._emit(sequence, token)
 
     def _admit(self) -> None:
         while self._waiting and len(self._prefilling) + len(self._decoding) < self.config.max_batch:
@@ -370,55 +387,78 @@ class Engine:
             self.metrics.prompt_tokens.inc(count)
             if sequence.computed == len(sequence.prompt):
                 sequence.sampled = 1
+                # the rest of its reservation now: its block table stays fixed while it decodes,
+                # so the decode inputs can stay on the device from step to step (_decode_step)
+                self.allocator.ensure(sequence.id, len(sequence.prompt) + sequence.options.max_tokens)
                 self._prefilling.remove(sequence)
                 self._decoding.append(sequence)
         return True
 
     def _decode_step(self) -> bool:
         """Dispatch one [B, 1] step of every decoding sequence that has tokens to go, its input
-        the token its last call left in its slot (on the device: none of it crosses the host)."""
+        the token its last call left in its slot (on the device: none of it crosses the host).
+        A decoding sequence's block table and slot do not change, so while the same sequences
+        decode the step's ids, tables and slots stay on the device and only the positions go
+        over."""
         running = [s for s in self._decoding if s.sampled < s.options.max_tokens]
         if not running:
             return False
         rows = bucket_for(len(running), self.batch_buckets)
-        ids = np.zeros((rows, 1), np.int32)
         positions = np.full((rows, 1), -1, np.int32)
-        tables = np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32)
-        for row, sequence in enumerate(running):
-            positions[row, 0] = sequence.computed
-            self.allocator.ensure(sequence.id, sequence.computed + 1)
-            tables[row] = self.allocator.table(sequence.id)
-        self._dispatch(ids, positions, tables, [(s, s.slot, s) for s in running])
+        positions[: len(running), 0] = [sequence.computed for sequence in running]
+        members = tuple(sequence.id for sequence in running) + (rows,)
+        if self._decode_inputs is None or self._decode_inputs[0] != members:
+            tables = np.zeros((rows, self.allocator.max_blocks_per_sequence), np.int32)
+            for row, sequence in enumerate(running):
+                tables[row] = self.allocator.table(sequence.id)
+            ids, slots = np.zeros((rows, 1), np.int32), self._slots([(s, s.slot, s) for s in running], rows)
+            self._decode_inputs = (members, *jax.device_put((ids, tables, slots)))
+        _, ids, tables, slots = self._decode_inputs
+        self._dispatch(ids, positions, tables, [(s, s.slot, s) for s in running], slots)
         for sequence in running:
             sequence.computed += 1
             sequence.sampled += 1
         return True
 
-    def _step_arguments(self, ids, positions, tables, rows: list) -> tuple:
-        """The step's arguments; rows: (sequence, read slot, receiver or None) per real row, the
-        rest of the call padding (greedy, filters off, its token dropped)."""
-        pad = ids.shape[0] - len(rows)
-        sequences = [sequence for sequence, _, _ in rows]
+    def _slots(self, rows: list, size: int) -> TokenSlots:
+        """rows: (sequence, read slot, receiver or None) per real row, padded to size rows (their
+        tokens dropped)."""
+        pad = size - len(rows)
+        dropped = self.config.max_batch  # out of the buffer's range
+        return TokenSlots(read=np.asarray([read for _, read, _ in rows] + [-1] * pad, np.int32),
+                          write=np.asarray([dropped if r is None else r.slot for _, _, r in rows] + [dropped] * pad,
+                                           np.int32))
+
+    def _step_arguments(self, ids, positions, tables, rows: list, slots: Optional[TokenSlots] = None) -> tuple:
+        """The step's arguments; rows as _slots takes them (slots: already built for them)."""
+        slots = self._slots(rows, ids.shape[0]) if slots is None else slots
+        return (self.params, self.k_pool, self.v_pool, self._token_buffer, ids, positions, tables, slots)
+
+    @staticmethod
+    def _sampling_arguments(sequences: list, size: int) -> RowSampling:
+        """The sampler's per-row controls for these sequences, padded to size rows (greedy, filters off)."""
+        pad = size - len(sequences)
 
         def column(values, dtype, fill=0):
             return np.asarray(list(values) + [fill] * pad, dtype)
 
-        dropped = self.config.max_batch  # out of the buffer's range
-        slots = TokenSlots(read=column((read for _, read, _ in rows), np.int32, -1),
-                           write=column((dropped if r is None else r.slot for _, _, r in rows), np.int32, dropped))
-        sampling = RowSampling(
+        return RowSampling(
             temperature=column((s.options.temperature for s in sequences), np.float32),
             top_k=column((s.options.top_k for s in sequences), np.int32),
             top_p=column((s.options.top_p for s in sequences), np.float32, 1.0),
             seed=column((s.seed for s in sequences), np.uint32),
             counter=column((s.sampled for s in sequences), np.int32))
-        return (self.params, self.k_pool, self.v_pool, self._token_buffer, ids, positions, tables, slots, sampling)
 
-    def _dispatch(self, ids, positions, tables, rows: list) -> None:
-        """Queue one call on the device (it runs while this thread goes on) and its tokens'
-        delivery; the device-to-host copy of its tokens starts at once."""
-        tokens, self.k_pool, self.v_pool, self._token_buffer = self._step(
-            *self._step_arguments(ids, positions, tables, rows))
+    def _dispatch(self, ids, positions, tables, rows: list, slots: Optional[TokenSlots] = None) -> None:
+        """Queue one call on the device (it runs while this thread goes on), and the sampler
+        after it when a row samples, and its tokens' delivery; the device-to-host copy of its
+        tokens starts at once."""
+        arguments = self._step_arguments(ids, positions, tables, rows, slots)
+        tokens, logits, self.k_pool, self.v_pool, self._token_buffer = self._step(*arguments)
+        sequences = [sequence for sequence, _, _ in rows]
+        if any(sequence.options.temperature > 0 for sequence in sequences):
+            tokens, self._token_buffer = self._sample(logits, self._sampling_arguments(sequences, ids.shape[0]),
+                                                      self._token_buffer, arguments[-1].write)
         tokens.copy_to_host_async()
         self._in_flight.append(_InFlight(tokens, [receiver for _, _, receiver in rows]))
 

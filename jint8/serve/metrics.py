@@ -36,6 +36,12 @@ class ServeMetrics:
                                            buckets=_powers_of_two(max_batch), registry=r)
         self.e2e = Histogram("jint8_request_latency_seconds", "Arrival to finish", buckets=_LATENCY_BUCKETS,
                              registry=r)
+        self.iterations = Counter("jint8_engine_iterations", "Engine iterations that dispatched or delivered a call",
+                                  registry=r)
+        # against iterations: whether the host keeps up with the device (host work per step)
+        self.host_seconds = Counter("jint8_engine_host_seconds",
+                                    "Engine thread time in its iterations outside its waits for the device's "
+                                    "tokens (scheduling, arguments, dispatch, delivery)", registry=r)
         self._max_batch = max_batch
 
     def set_load(self, waiting: int, running: int, blocks_used: int) -> None:

@@ -4,8 +4,9 @@ The device side is two pools k, v [L, P, Z, K, H] (jint8.models.init_paged_pool)
 step reads and writes through the block tables (jint8/ops/attention/paged.py). Block 0 is scratch
 (padding writes land there) and is never handed out. Admission reserves a sequence's worst case
 (prompt + max_tokens) up front, so a running sequence never waits for a block and nothing needs
-preempting; the blocks themselves are taken only as its positions are written and all go back to
-the free list when it ends.
+preempting; the blocks themselves are taken as its prompt's chunks are written, the rest of the
+reservation when it starts decoding (so its block table stays fixed while it decodes), and all go
+back to the free list when it ends.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ PROMPTS = [[5, 9, 13], list(range(1, 17)), [(7 * i) % VOCAB for i in range(40)],
 CONFIG = EngineConfig(max_batch=4, block_size=8, prefill_chunk=16, prefill_tokens_per_step=64, batch_buckets=(2, 4),
                       chunk_buckets=(8, 16))
 SHAPES = {(2, 1), (4, 1), (1, 8), (1, 16), (2, 8), (2, 16), (4, 8), (4, 16)}
+SAMPLER_ROWS = {1, 2, 4}  # the row counts of SHAPES
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,8 @@ def test_greedy_equals_generate_alone_and_in_a_batch_without_recompiling(tiny, e
     options = SamplingOptions(max_tokens=12)
     engine.warmup()
     compiled = engine.compile_count
-    assert set(engine.compiled_shapes) == SHAPES and compiled == len(SHAPES)
+    assert set(engine.compiled_shapes) == SHAPES and set(engine.compiled_sampler_rows) == SAMPLER_ROWS
+    assert compiled == len(SHAPES) + len(SAMPLER_ROWS)
     together = engine.generate(PROMPTS, options, timeout=120)
     assert together == expected
     compiled = engine.compile_count
@@ -122,6 +124,25 @@ def test_greedy_equals_generate_alone_and_in_a_batch_without_recompiling(tiny, e
     assert churn == [e[:7] for e in expected] * 3
     assert engine.compile_count == compiled
     assert engine.load == dict(waiting=0, running=0, blocks_used=0, free_blocks=engine.allocator.usable_blocks)
+
+
+def test_the_step_has_no_conditional_and_greedy_calls_skip_the_sampler(tiny):
+    """XLA's GPU conditional reads its predicate on the host (a device sync inside the call), so
+    the step must not hold one: sampling is a program of its own, dispatched only for calls with
+    a sampled row."""
+    engine = Engine(*tiny, CONFIG)
+    arguments = engine._step_arguments(np.zeros((2, 1), np.int32), np.full((2, 1), -1, np.int32),
+                                       np.zeros((2, engine.allocator.max_blocks_per_sequence), np.int32), [])
+    program = engine._step.lower(*arguments).as_text()
+    assert "stablehlo.case" not in program and "stablehlo.if" not in program
+    engine.start()
+    try:
+        engine.generate(PROMPTS[:2], SamplingOptions(max_tokens=3), timeout=60)
+        assert engine.compiled_sampler_rows == []
+        engine.generate(PROMPTS[:2], SamplingOptions(max_tokens=3, temperature=0.5, seed=3), timeout=60)
+        assert set(engine.compiled_sampler_rows) == {2}  # the prefill call's 2 rows and the decode batch of 2
+    finally:
+        engine.shutdown(cancel=True, timeout=10)
 
 
 def test_seeded_sampling_does_not_depend_on_batch_mates(engine):
