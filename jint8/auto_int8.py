@@ -213,7 +213,7 @@ def calibrate_auto(model: nn.Module, params, base: Optional[Int8Config] = None,
     windows = token_windows(token_ids, window)
     f32_model, f32_params = _with_compute_dtype(model, params, jnp.float32)
     sites = llama_sites(f32_params, model.config) if _is_llama(model) else []
-    choices, exponents, hessians = [], {}, {}
+    choices, exponents, inputs = [], {}, {}
     if sites:
         inputs = _site_inputs(f32_model, f32_params, windows, sites)
         for site in sites:
@@ -221,14 +221,14 @@ def calibrate_auto(model: nn.Module, params, base: Optional[Int8Config] = None,
             choices.append(choice)
             if choice.alpha is not None:
                 exponents[site.name] = e
-            # the consumers see x / s after the fold: their Hessian is of those inputs
-            s = np.ldexp(np.float32(1), e[site.expand].astype(np.int32))
-            hessians[site.name] = input_hessian([x / s for x in inputs[site.name]])
-        del inputs
     else:
         _logger.info("int8-auto: %s has no scale-migration sites; per-layer thresholds only", type(model).__name__)
-    migrated = fold_scales(params, sites, exponents)
-    layers = calibrate_layers(f32_model, fold_scales(f32_params, sites, exponents), token_ids,
+    # folded once, in float32 (thresholds and GPTQ read it); the params' own dtype is a cast of it:
+    # a power-of-two scale commutes with rounding, so the cast equals folding in that dtype
+    f32_migrated = fold_scales(f32_params, sites, exponents)
+    migrated = jax.tree.map(lambda folded, p: folded.astype(p.dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                            f32_migrated, params)
+    layers = calibrate_layers(f32_model, f32_migrated, token_ids,
                               window=window, outlier_budget=OUTLIER_BUDGET,
                               max_threshold=MAX_THRESHOLD, base=base)
     # capacity only sizes the XLA backend's gather (CPU); room for twice the calibration count
@@ -236,7 +236,7 @@ def calibrate_auto(model: nn.Module, params, base: Optional[Int8Config] = None,
     layers = [dataclasses.replace(layer, capacity=min(layer.num_features, 2 * layer.capacity)) for layer in layers]
     skip = _skip_list(params, sites, choices, base)
     config = dataclasses.replace(layers_to_config(layers, base, skip), calibration=AUTO_METHOD)
-    migrated = _with_gptq_kernels(migrated, fold_scales(f32_params, sites, exponents), sites, hessians, config)
+    migrated = _with_gptq_kernels(migrated, f32_migrated, sites, inputs, exponents, config)
     _logger.info("int8-auto: %d tokens, %d of %d sites migrated, thresholds %s, 16-bit %s", len(token_ids),
                  len(exponents), len(sites), _threshold_summary(layers), list(skip))
     return AutoCalibration(migrated, config, tuple(choices), len(token_ids))
@@ -269,16 +269,18 @@ def _skip_list(params, sites, choices, base: Int8Config) -> tuple[str, ...]:
     return tuple(skip)
 
 
-def _with_gptq_kernels(params, f32_params, sites, hessians, config: Int8Config):
+def _with_gptq_kernels(params, f32_params, sites, inputs, exponents, config: Int8Config):
     """params with each site consumer's kernel (that config quantizes as a 2-D int8 matrix) an
-    Int8Weight rounded by GPTQ from its float32 kernel; the consumers of one site share a
-    Hessian, so they are rounded as one [sum N, K] matrix."""
+    Int8Weight rounded by GPTQ from its float32 kernel (f32_params: migrated); the consumers of
+    one site share the Hessian of their migrated inputs (inputs: the site's unmigrated captures,
+    exponents: the folded scales), so they are rounded as one [sum N, K] matrix. A site whose
+    consumers all stay in 16 bits builds no Hessian."""
     from flax.core import FrozenDict, freeze, unfreeze
 
     from jint8.quantize import Int8Weight, _keep_sharding, leaf_quantization
 
     if isinstance(params, FrozenDict):
-        return freeze(_with_gptq_kernels(unfreeze(params), f32_params, sites, hessians, config))
+        return freeze(_with_gptq_kernels(unfreeze(params), f32_params, sites, inputs, exponents, config))
     params = _copy_tree(params)
     for site in sites:
         kernels = {path: _kernel(f32_params, path) for path in site.consumers}
@@ -287,8 +289,11 @@ def _with_gptq_kernels(params, f32_params, sites, hessians, config: Int8Config):
                  and not plans[p].embedding and kernels[p].ndim == 2]
         if not paths:
             continue
-        qvalue, scale = gptq_int8(np.concatenate([kernels[p].T for p in paths]), hessians[site.name],
-                                  damping=GPTQ_DAMPING)
+        # the consumers see x / s after the fold: their Hessian is of those inputs
+        e = exponents.get(site.name, np.zeros(site.num_scales, np.int8))
+        s = np.ldexp(np.float32(1), e[site.expand].astype(np.int32))
+        hessian = input_hessian([x / s for x in inputs[site.name]])
+        qvalue, scale = gptq_int8(np.concatenate([kernels[p].T for p in paths]), hessian, damping=GPTQ_DAMPING)
         start = 0
         for path in paths:
             n = kernels[path].shape[1]
