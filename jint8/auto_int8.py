@@ -9,9 +9,10 @@ Steps (calibrate_auto), all on the float model in float32:
    budget threshold, vector-wise int8, 16-bit outlier columns) is closest to the float output:
    the sum over the site's projections of |y_int8 - y|^2 / |y|^2 on the calibration tokens;
 3. fold the chosen scales into the float params (exact: the float model is unchanged), then
-   choose each projection's threshold on the migrated activations (calibration.calibrate_layers:
-   the lowest threshold that keeps at most `outlier_budget` of the input features per call in
-   16 bits, at most 6.0);
+   choose each projection's threshold on the migrated activations (calibration.calibrate_layers'
+   rule: the lowest threshold that keeps at most `outlier_budget` of the input features per call
+   in 16 bits, at most 6.0), from step 1's per-feature maxima divided by s (exact for powers of
+   two, so no second forward);
 4. keep the down_proj whose simulated int8 output error (step 2's score at the chosen candidate)
    is largest in 16 bits, while the extra bytes stay within SKIP_MEMORY_BUDGET of the int8 model;
 5. round every other migration-site projection to int8 with GPTQ (jint8.gptq) against the
@@ -38,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jint8.calibration import budget_threshold, calibrate_layers, layers_to_config
+from jint8.calibration import budget_threshold, layers_from_column_absmax, layers_to_config
 from jint8.errors import InvalidConfigError
 from jint8.gptq import gptq_int8, input_hessian
 from jint8.layers import Int8Dense, as_array
@@ -62,6 +63,7 @@ GPTQ_DAMPING = 0.1
 # the KL of SmolLM2 on the calibration text halved (0.0044 -> 0.0020), no other projection group
 # moved it by more than 8 %
 SKIP_MEMORY_BUDGET = 0.05
+GPTQ_ACT_ORDER = False  # act-order (gptq_int8) not measured on held-out text yet: off
 SKIP_SITE = "mlp_out"
 SCORE_STRIDE = 8  # the search scores every 8th calibration token (its cost; thresholds see all)
 _CAPTURE = "auto_int8_inputs"
@@ -91,6 +93,7 @@ class AutoCalibration:
     config: Int8Config
     sites: tuple[SiteChoice, ...]
     num_tokens: int
+    exponents: dict = dataclasses.field(default_factory=dict)  # {site name: [scales] int8}: s = 2**e folded
 
 
 def _capture_inputs(next_fun, args, kwargs, context):
@@ -99,25 +102,36 @@ def _capture_inputs(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
-def _site_inputs(model: nn.Module, params, windows, sites: Sequence[MigrationSite]) -> dict[str, list[np.ndarray]]:
-    """{site name: [window's consumer input [T, K] float32]}: one float forward per window."""
+def _module_key(key_path) -> str:
+    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path]
+    return "/".join(names[: names.index("x")])
+
+
+def _capture(model: nn.Module, params, windows, sites: Sequence[MigrationSite]):
+    """One float forward per window: ({site name: [window's consumer input [T, K] float32]},
+    {projection path: [windows, K] max |x| per input feature}, every projection in param-tree
+    order, as jint8.evaluation.inspect_outliers lists them)."""
     wanted = {site.consumers[0]: site.name for site in sites}
 
     @jax.jit
     def forward(params, ids):
         with nn.intercept_methods(_capture_inputs):
             _, state = model.apply({"params": params}, ids, mutable=[_CAPTURE])
-        return state[_CAPTURE]
+        captured = jax.tree_util.tree_flatten_with_path(state[_CAPTURE])[0]
+        # only the site inputs leave the program; every projection's column maxima do
+        inputs = {_module_key(k): x.reshape(-1, x.shape[-1]) for k, x in captured if _module_key(k) in wanted}
+        maxima = {_module_key(k): jnp.max(jnp.abs(x).reshape(-1, x.shape[-1]), axis=0) for k, x in captured}
+        return inputs, maxima
 
-    inputs = {site.name: [] for site in sites}
+    inputs, maxima = {site.name: [] for site in sites}, {}
     for window in windows:
-        captured = forward(params, jnp.asarray(window))
-        for key_path, x in jax.tree_util.tree_flatten_with_path(captured)[0]:
-            names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path]
-            module = "/".join(names[: names.index("x")])
-            if module in wanted:
-                inputs[wanted[module]].append(np.asarray(x, np.float32).reshape(-1, x.shape[-1]))
-    return inputs
+        window_inputs, window_maxima = jax.device_get(forward(params, jnp.asarray(window)))
+        for module, x in window_inputs.items():
+            inputs[wanted[module]].append(np.asarray(x, np.float32))
+        for module, m in window_maxima.items():
+            maxima.setdefault(module, []).append(np.asarray(m, np.float32))
+    order = sorted(maxima, key=lambda path: path.split("/"))  # a nested dict's flattening order
+    return inputs, {module: np.stack(maxima[module]) for module in order}
 
 
 def _vectorwise_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,33 +227,63 @@ def calibrate_auto(model: nn.Module, params, base: Optional[Int8Config] = None,
     windows = token_windows(token_ids, window)
     f32_model, f32_params = _with_compute_dtype(model, params, jnp.float32)
     sites = llama_sites(f32_params, model.config) if _is_llama(model) else []
-    choices, exponents, hessians = [], {}, {}
-    if sites:
-        inputs = _site_inputs(f32_model, f32_params, windows, sites)
-        for site in sites:
-            e, choice = choose_site(site, inputs[site.name], [_kernel(f32_params, p) for p in site.consumers], alphas)
-            choices.append(choice)
-            if choice.alpha is not None:
-                exponents[site.name] = e
-            # the consumers see x / s after the fold: their Hessian is of those inputs
-            s = np.ldexp(np.float32(1), e[site.expand].astype(np.int32))
-            hessians[site.name] = input_hessian([x / s for x in inputs[site.name]])
-        del inputs
-    else:
+    if not sites:
         _logger.info("int8-auto: %s has no scale-migration sites; per-layer thresholds only", type(model).__name__)
-    migrated = fold_scales(params, sites, exponents)
-    layers = calibrate_layers(f32_model, fold_scales(f32_params, sites, exponents), token_ids,
-                              window=window, outlier_budget=OUTLIER_BUDGET,
-                              max_threshold=MAX_THRESHOLD, base=base)
+    clock = _PhaseClock()
+    inputs, column_absmax = _capture(f32_model, f32_params, windows, sites)
+    clock.lap("capture")
+    choices, exponents = [], {}
+    for site in sites:
+        e, choice = choose_site(site, inputs[site.name], [_kernel(f32_params, p) for p in site.consumers], alphas)
+        choices.append(choice)
+        if choice.alpha is not None:
+            exponents[site.name] = e
+    clock.lap("migration search")
+    # folded once, in float32 (thresholds and GPTQ read it); the params' own dtype is a cast of it:
+    # a power-of-two scale commutes with rounding, so the cast equals folding in that dtype
+    f32_migrated = fold_scales(f32_params, sites, exponents)
+    migrated = jax.tree.map(lambda folded, p: folded.astype(p.dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                            f32_migrated, params)
+    clock.lap("fold")
+    # the migrated model's inputs are the captured ones divided by s, exactly (powers of two):
+    # the thresholds follow from the captured maxima without another forward
+    layers = layers_from_column_absmax(_migrated_maxima(column_absmax, sites, exponents), f32_migrated,
+                                       outlier_budget=OUTLIER_BUDGET, max_threshold=MAX_THRESHOLD, base=base)
     # capacity only sizes the XLA backend's gather (CPU); room for twice the calibration count
     # keeps unseen text off its dense fallback (same result, more work, a warning) in most calls
     layers = [dataclasses.replace(layer, capacity=min(layer.num_features, 2 * layer.capacity)) for layer in layers]
     skip = _skip_list(params, sites, choices, base)
     config = dataclasses.replace(layers_to_config(layers, base, skip), calibration=AUTO_METHOD)
-    migrated = _with_gptq_kernels(migrated, fold_scales(f32_params, sites, exponents), sites, hessians, config)
-    _logger.info("int8-auto: %d tokens, %d of %d sites migrated, thresholds %s, 16-bit %s", len(token_ids),
-                 len(exponents), len(sites), _threshold_summary(layers), list(skip))
-    return AutoCalibration(migrated, config, tuple(choices), len(token_ids))
+    clock.lap("thresholds")
+    migrated = _with_gptq_kernels(migrated, f32_migrated, sites, inputs, exponents, config)
+    clock.lap("Hessians and GPTQ")
+    _logger.info("int8-auto: %d tokens, %d of %d sites migrated, thresholds %s, 16-bit %s; %s", len(token_ids),
+                 len(exponents), len(sites), _threshold_summary(layers), list(skip), clock)
+    return AutoCalibration(migrated, config, tuple(choices), len(token_ids), exponents)
+
+
+class _PhaseClock:
+    """Wall seconds per calibration phase, for the log line."""
+
+    def __init__(self):
+        self._last, self.phases = time.perf_counter(), {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase], self._last = now - self._last, now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.phases.items())
+
+
+def _migrated_maxima(column_absmax: dict, sites, exponents) -> dict:
+    """column_absmax of the migrated model: each site consumer's maxima divided by its site's s."""
+    scales = {}
+    for site in sites:
+        if site.name in exponents:
+            s = np.ldexp(np.float32(1), exponents[site.name][site.expand].astype(np.int32))
+            scales.update((path, s) for path in site.consumers)
+    return {path: maxima / scales[path] if path in scales else maxima for path, maxima in column_absmax.items()}
 
 
 def _skip_list(params, sites, choices, base: Int8Config) -> tuple[str, ...]:
@@ -269,16 +313,18 @@ def _skip_list(params, sites, choices, base: Int8Config) -> tuple[str, ...]:
     return tuple(skip)
 
 
-def _with_gptq_kernels(params, f32_params, sites, hessians, config: Int8Config):
+def _with_gptq_kernels(params, f32_params, sites, inputs, exponents, config: Int8Config):
     """params with each site consumer's kernel (that config quantizes as a 2-D int8 matrix) an
-    Int8Weight rounded by GPTQ from its float32 kernel; the consumers of one site share a
-    Hessian, so they are rounded as one [sum N, K] matrix."""
+    Int8Weight rounded by GPTQ from its float32 kernel (f32_params: migrated); the consumers of
+    one site share the Hessian of their migrated inputs (inputs: the site's unmigrated captures,
+    exponents: the folded scales), so they are rounded as one [sum N, K] matrix. A site whose
+    consumers all stay in 16 bits builds no Hessian."""
     from flax.core import FrozenDict, freeze, unfreeze
 
     from jint8.quantize import Int8Weight, _keep_sharding, leaf_quantization
 
     if isinstance(params, FrozenDict):
-        return freeze(_with_gptq_kernels(unfreeze(params), f32_params, sites, hessians, config))
+        return freeze(_with_gptq_kernels(unfreeze(params), f32_params, sites, inputs, exponents, config))
     params = _copy_tree(params)
     for site in sites:
         kernels = {path: _kernel(f32_params, path) for path in site.consumers}
@@ -287,8 +333,12 @@ def _with_gptq_kernels(params, f32_params, sites, hessians, config: Int8Config):
                  and not plans[p].embedding and kernels[p].ndim == 2]
         if not paths:
             continue
-        qvalue, scale = gptq_int8(np.concatenate([kernels[p].T for p in paths]), hessians[site.name],
-                                  damping=GPTQ_DAMPING)
+        # the consumers see x / s after the fold: their Hessian is of those inputs
+        e = exponents.get(site.name, np.zeros(site.num_scales, np.int8))
+        s = np.ldexp(np.float32(1), e[site.expand].astype(np.int32))
+        hessian = input_hessian([x / s for x in inputs[site.name]])
+        qvalue, scale = gptq_int8(np.concatenate([kernels[p].T for p in paths]), hessian, damping=GPTQ_DAMPING,
+                                  act_order=GPTQ_ACT_ORDER)
         start = 0
         for path in paths:
             n = kernels[path].shape[1]

@@ -102,26 +102,40 @@ def calibrate_layers(
     layer's input features allowed through the 16-bit stream per call (capacity = ceil(budget x K)).
     Projections that `base` skips or leaves in float (min_size) are not listed.
     """
+    _check_budget(outlier_budget, max_threshold)
+    windows = token_windows(token_ids, window)
+    column_absmax = {stats.path: stats.column_absmax
+                     for stats in inspect_outliers(model, params, windows, threshold=max_threshold)}
+    return layers_from_column_absmax(column_absmax, params, outlier_budget=outlier_budget,
+                                     max_threshold=max_threshold, base=base)
+
+
+def layers_from_column_absmax(column_absmax: dict[str, np.ndarray], params, *, outlier_budget: float = 0.05,
+                              max_threshold: float = 6.0, base: Optional[Int8Config] = None) -> list[LayerCalibration]:
+    """calibrate_layers' choice from measured statistics: column_absmax {module path: [windows, K]
+    max |x| per input feature and calibration call}, in the order the layers are listed."""
+    _check_budget(outlier_budget, max_threshold)
     base = base or Int8Config()
+    layers = []
+    for path, maxima in column_absmax.items():
+        names = tuple(path.split("/"))
+        if base.is_skipped(names) or not _is_quantized(params, names, base):
+            continue
+        k = maxima.shape[-1]
+        capacity = min(k, max(1, math.ceil(outlier_budget * k)))
+        threshold = min(budget_threshold(maxima, capacity), float(max_threshold))
+        count = _outlier_count(maxima, threshold)
+        layers.append(LayerCalibration(path, k, threshold, max(capacity, count), count, float(maxima.max())))
+    if not layers:
+        raise InvalidConfigError("calibrate: found no projection that the base Int8Config quantizes")
+    return layers
+
+
+def _check_budget(outlier_budget: float, max_threshold: float) -> None:
     if not 0 < outlier_budget <= 1:
         raise InvalidConfigError(f"outlier_budget={outlier_budget} must be in (0, 1]")
     if not max_threshold > 0:
         raise InvalidConfigError(f"max_threshold={max_threshold} must be > 0")
-    windows = token_windows(token_ids, window)
-    layers = []
-    for stats in inspect_outliers(model, params, windows, threshold=max_threshold):
-        names = tuple(stats.path.split("/"))
-        if base.is_skipped(names) or not _is_quantized(params, names, base):
-            continue
-        k = stats.num_features
-        capacity = min(k, max(1, math.ceil(outlier_budget * k)))
-        threshold = min(budget_threshold(stats.column_absmax, capacity), float(max_threshold))
-        count = _outlier_count(stats.column_absmax, threshold)
-        layers.append(LayerCalibration(stats.path, k, threshold, max(capacity, count), count,
-                                       float(stats.column_absmax.max())))
-    if not layers:
-        raise InvalidConfigError("calibrate: found no projection that the base Int8Config quantizes")
-    return layers
 
 
 def _is_quantized(params, names: tuple[str, ...], base: Int8Config) -> bool:

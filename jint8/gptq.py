@@ -76,10 +76,15 @@ def _gptq(w_t: jax.Array, hessian: jax.Array, block: int, damping: float):
     return q[:k].T.astype(jnp.int8), scale
 
 
-def gptq_int8(w_t, hessian, *, block: int = BLOCK, damping: float = DAMPING) -> tuple[jax.Array, jax.Array]:
+def gptq_int8(w_t, hessian, *, block: int = BLOCK, damping: float = DAMPING,
+              act_order: bool = False) -> tuple[jax.Array, jax.Array]:
     """(qvalue [N, K] int8, scale [N] float32) of a kernel given K-major, w_t [N, K], rounded with the
     Hessian [K, K] = Σ x xᵀ of its calibration inputs. scale is bitsandbytes' row absmax, so
-    qvalue * scale / 127 dequantizes exactly as `quantize_kmajor`'s result does."""
+    qvalue * scale / 127 dequantizes exactly as `quantize_kmajor`'s result does.
+
+    act_order: round the input features in order of decreasing H[k, k] (GPTQ's "act-order"), so
+    the features with the largest inputs are rounded first, while the most features are left to
+    take up their error; the values come back in the kernel's own feature order."""
     w_t = jnp.asarray(w_t, jnp.float32)
     hessian = jnp.asarray(hessian, jnp.float32)
     if w_t.ndim != 2:
@@ -91,7 +96,11 @@ def gptq_int8(w_t, hessian, *, block: int = BLOCK, damping: float = DAMPING) -> 
         raise InvalidConfigError(f"gptq_int8: block={block} must be >= 1")
     if not damping > 0:
         raise InvalidConfigError(f"gptq_int8: damping={damping} must be > 0")
-    return _gptq(w_t, hessian, block, float(damping))
+    if not act_order:
+        return _gptq(w_t, hessian, block, float(damping))
+    order = jnp.argsort(-jnp.diagonal(hessian), stable=True)
+    qvalue, scale = _gptq(w_t[:, order], hessian[order][:, order], block, float(damping))
+    return qvalue[:, jnp.argsort(order)], scale
 
 
 def input_hessian(inputs) -> np.ndarray:

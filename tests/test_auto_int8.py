@@ -157,6 +157,23 @@ def test_auto_calibration_is_deterministic_and_migrates_planted_outliers(planted
     assert auto_kl < 0.5 * default_kl
 
 
+def test_auto_thresholds_equal_calibrate_layers_on_the_migrated_model(planted_llama):
+    # calibrate_auto takes the thresholds from its capture pass's maxima divided by s instead of
+    # a second forward through the migrated model: exact for powers of two, so equal, not close
+    from jint8.auto_int8 import MAX_THRESHOLD, OUTLIER_BUDGET
+    from jint8.calibration import calibrate_layers
+
+    model, params, tokens = planted_llama
+    auto = calibrate_auto(model, params, token_ids=tokens)
+    assert auto.exponents and all(np.abs(e).max() > 0 for e in auto.exponents.values())
+    migrated = fold_scales(params, llama_sites(params, CONFIG), auto.exponents)
+    layers = calibrate_layers(model, migrated, tokens, window=len(tokens), outlier_budget=OUTLIER_BUDGET,
+                              max_threshold=MAX_THRESHOLD)
+    assert [(f"re:^{layer.path}$", layer.threshold) for layer in layers] == list(auto.config.threshold_overrides)
+    assert [min(layer.num_features, 2 * layer.capacity) for layer in layers] == \
+        [capacity for _, capacity in auto.config.capacity_overrides]
+
+
 def test_auto_config_cannot_be_applied_without_the_model(planted_llama):
     _, params, _ = planted_llama
     with pytest.raises(InvalidConfigError, match="mode='auto'"):

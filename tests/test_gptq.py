@@ -40,6 +40,20 @@ def test_gptq_is_round_to_nearest_when_the_inputs_are_uncorrelated(rng):
     np.testing.assert_array_equal(qvalue, quantize_kmajor(jnp.asarray(w)).qvalue)
 
 
+def test_act_order_rounds_the_largest_features_first_in_the_kernels_own_order(rng):
+    # act-order is GPTQ of the kernel with its features sorted by decreasing H[k, k], mapped back
+    n, k = 16, 40
+    w = rng.normal(size=(n, k)).astype(np.float32)
+    x = _correlated_inputs(rng, rng.normal(size=(6, k)) * np.exp(rng.normal(size=k)), 3 * k)
+    hessian = input_hessian([x])
+    order = np.argsort(-np.diagonal(hessian), kind="stable")
+    want, _ = gptq_int8(w[:, order], hessian[order][:, order])
+    got, scale = gptq_int8(w, hessian, act_order=True)
+    np.testing.assert_array_equal(np.asarray(got)[:, order], want)
+    np.testing.assert_array_equal(scale, quantize_kmajor(jnp.asarray(w)).scale)
+    assert not np.array_equal(got, gptq_int8(w, hessian)[0])  # the order matters on correlated inputs
+
+
 def test_gptq_names_the_bad_parameter(rng):
     w = rng.normal(size=(8, 16)).astype(np.float32)
     with pytest.raises(InvalidConfigError, match="hessian.shape"):
