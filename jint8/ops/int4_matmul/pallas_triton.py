@@ -275,12 +275,13 @@ def _dequantize_kernel(packed_ref, absmax_ref, nested_absmax_ref, nested_code_re
     col_ok = cols < layout.n if layout.n % bn else None
     dequantize = _Dequantizer(packed_ref, absmax_ref, nested_absmax_ref, nested_code_ref, offset_ref, book_ref,
                               layout=layout, lookup=config.lookup, interpret=interpret)
-    code0 = pl.program_id(1) * bk
-    w_hi, w_lo = dequantize.step(cols, col_ok, code0, bk, sub)  # [block_n, blocks, sub / 2] each
-    # interleave the nibbles back into K order (Triton's join + reshape)
-    w = jnp.stack([w_hi, w_lo], axis=-1).reshape(bn, bk)
-    at = out_ref.at[cols[:, None], (code0 + jnp.arange(bk))[None, :]]
-    plgpu.store(at, w, mask=None if col_ok is None else jnp.broadcast_to(col_ok[:, None], (bn, bk)))
+    for part in range(bk // sub):
+        code0 = pl.program_id(1) * bk + part * sub
+        w_hi, w_lo = dequantize(cols, col_ok, code0, sub)
+        # interleave the nibbles back into K order (Triton's join + reshape)
+        w = jnp.stack([w_hi, w_lo], axis=-1).reshape(bn, sub)
+        at = out_ref.at[cols[:, None], (code0 + jnp.arange(sub))[None, :]]
+        plgpu.store(at, w, mask=None if col_ok is None else jnp.broadcast_to(col_ok[:, None], (bn, sub)))
 
 
 def _poisoned(shape, dtype):
