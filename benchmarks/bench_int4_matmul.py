@@ -175,14 +175,16 @@ def sweep_candidates(m: int, k: int, n: int) -> list[Config]:
     the number of programs the K split makes (256 to 2048 on an H100's 132 SMs)."""
     base = configs.default_config(m, k, n, 64)
     if m == 1:
+        # the FMA path holds a [block_n, block_k / 2] float32 accumulator: these keep it at ~32
+        # registers a thread (block_n * block_k / 2 / (32 * warps))
         raw = [dict(block_m=1, block_n=bn, block_k=bk, num_warps=w, num_stages=4, dot="fma", lookup="gather",
                     programs=p)
-               for bn, bk, w, p in ((32, 256, 8, 256), (32, 256, 8, 512), (32, 256, 8, 1024), (32, 512, 8, 512),
-                                    (32, 512, 8, 1024), (32, 1024, 8, 1024), (64, 512, 8, 512), (64, 512, 16, 1024),
-                                    (64, 1024, 16, 512), (16, 512, 4, 1024), (16, 1024, 4, 2048), (32, 256, 4, 2048))]
-        raw += [dict(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=4, dot="mma", lookup="gather",
-                     programs=p)
-                for bn, bk, w, p in ((32, 256, 4, 512), (32, 512, 8, 1024))]
+               for bn, bk, w, p in ((16, 512, 4, 1024), (16, 512, 4, 2048), (32, 512, 8, 512), (32, 512, 8, 1024),
+                                    (64, 512, 16, 512), (16, 1024, 8, 1024), (32, 1024, 16, 512),
+                                    (32, 1024, 16, 1024), (32, 256, 4, 1024), (32, 256, 4, 2048),
+                                    (64, 256, 8, 1024), (16, 256, 2, 2048))]
+        raw += [dict(block_m=1, block_n=32, block_k=512, num_warps=8, num_stages=4, dot="fma", lookup="select",
+                     programs=1024)]
     elif m <= 16:
         raw = [dict(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=st, dot=dot, lookup=lk, programs=p)
                for bn, bk, w, st, dot, lk, p in ((32, 128, 4, 4, "mma", "gather", 256),

@@ -18,8 +18,10 @@ sub-blocks of s = min(block_k, blocksize) codes sharing one absmax per weight ro
   w_hi   = round(book[bytes >> 4] * absmax), w_lo = round(book[bytes & 15] * absmax)
   acc   += x[:, even codes] @ w_hi.T + x[:, odd codes] @ w_lo.T  (float32)
 The nibbles are never interleaved: the high nibbles are the even K positions, so x is read split
-the same way (strided loads at decode; for larger M the wrapper de-interleaves x once, in XLA, so
-the kernel's x loads are contiguous) and the two halves are two dots over K / 2.
+the same way (the wrapper de-interleaves x once, in XLA, so the kernel's x loads are contiguous,
+except for the MMA path at 1 < M <= 16, which reads x strided) and the two halves are two dots
+over K / 2. The one-row FMA path (M = 1) dequantizes a whole K step at once as [block_n,
+block_k / sub, sub / 2] tiles: one wide load of the step's codes and one of its absmax.
 
 Decode (M <= 16) grids (N / block_n, split_k) so that ~128 programs stream the weight on the
 132 SMs of an H100 / H200; the float32 split-K partials are summed, with the bias and the casts,
@@ -146,12 +148,32 @@ class _Dequantizer:
         """[block_n] float32 absmax of column block `block` of these weight rows (quant4's
         block_absmax: nested_code[q] * nested_absmax + offset, the product rounded first)."""
         flat = cols * self.layout.blocks_per_row + block
+        if col_ok is not None:
+            col_ok = jnp.broadcast_to(col_ok, flat.shape)
         stored = _load_vector(self.absmax_ref, flat, col_ok)
         if not self.layout.double_quant:
             return stored.astype(jnp.float32)
         code = plgpu.load(self.nested_code_ref.at[stored.astype(jnp.int32)])
         nested = _load_vector(self.nested_absmax_ref, flat // NESTED_BLOCKSIZE, col_ok)
         return mul_then_add(code, nested, self.offset)
+
+    def step(self, cols, col_ok, code0, size: int, sub: int):
+        """(w_hi, w_lo): [block_n, size / sub, sub / 2] in the compute dtype, a whole K step of
+        size codes in sub-blocks of sub codes (one absmax each), as one load of the step's packed
+        bytes and one of its absmax (the one-row FMA path: wide loads, few dependent ones)."""
+        blocks = size // sub
+        within = jnp.arange(blocks)[:, None] * (sub // 2) + jnp.arange(sub // 2)[None, :]  # [blocks, sub/2]
+        at = self.packed_ref.at[cols[:, None, None], (code0 // 2 + within)[None, :, :]]
+        shape = (cols.shape[0], blocks, sub // 2)
+        packed = plgpu.load(at) if col_ok is None else plgpu.load(
+            at, mask=jnp.broadcast_to(col_ok[:, None, None], shape), other=0)
+        packed = packed.astype(jnp.int32)
+        block = code0 // self.layout.blocksize + jnp.arange(blocks)[None, :]  # [1, blocks]
+        absmax = self.block_absmax(cols[:, None], None if col_ok is None else col_ok[:, None], block)[:, :, None]
+        dtype = self.layout.compute_dtype
+        return tuple(round_to(_lookup(codes, self.book_ref, self.book, self.lookup) * absmax, dtype,
+                              explicit=self.interpret)
+                     for codes in (packed >> 4, packed & 0xF))
 
     def __call__(self, cols, col_ok, code0, size: int):
         """(w_hi, w_lo): [block_n, size / 2] in the compute dtype, the weights at K positions
@@ -199,28 +221,35 @@ def _kernel(x_ref, packed_ref, absmax_ref, nested_absmax_ref, nested_code_ref, o
             odd = even + 1
         return _load(x_ref, rows, even, row_ok, None), _load(x_ref, rows, odd, row_ok, None)
 
+    def fma_step(i, acc):  # one row: float32 multiply-adds over [block_n, blocks, sub / 2]
+        code0 = i * bk
+        w_hi, w_lo = dequantize.step(cols, col_ok, code0, bk, sub)
+        # x de-interleaved by the wrapper: the step's even K positions are contiguous, as are its odd
+        even = code0 // 2 + jnp.arange(bk // sub)[:, None] * (sub // 2) + jnp.arange(sub // 2)[None, :]
+        x_even = plgpu.load(x_ref.at[rows[:, None, None], even[None, :, :]]).astype(jnp.float32)
+        x_odd = plgpu.load(x_ref.at[rows[:, None, None], (even + k // 2)[None, :, :]]).astype(jnp.float32)
+        return acc + w_hi.astype(jnp.float32) * x_even + w_lo.astype(jnp.float32) * x_odd
+
     def k_step(i, acc):
         for part in range(bk // sub):
             code0 = i * bk + part * sub
             w_hi, w_lo = dequantize(cols, col_ok, code0, sub)
             x_even, x_odd = load_x(code0)
-            if config.dot == "fma":  # one row: float32 multiply-adds, summed over K at the end
-                acc = (acc + w_hi.astype(jnp.float32) * x_even.astype(jnp.float32)
-                       + w_lo.astype(jnp.float32) * x_odd.astype(jnp.float32))
-            elif config.dot == "mma_swapped":  # acc.T += w @ x.T: the weight tile is the A operand
+            if config.dot == "mma_swapped":  # acc.T += w @ x.T: the weight tile is the A operand
                 acc = acc + _dot(w_hi, x_even, dtype) + _dot(w_lo, x_odd, dtype)
             else:
                 acc = acc + _dot(x_even, w_hi, dtype) + _dot(x_odd, w_lo, dtype)
         return acc
 
-    acc_shape = {"fma": (bn, sub // 2), "mma_swapped": (bn, bm)}.get(config.dot, (bm, bn))
+    acc_shape = {"fma": (bn, bk // sub, sub // 2), "mma_swapped": (bn, bm)}.get(config.dot, (bm, bn))
     steps = k // bk
     per_split = pl.cdiv(steps, config.split_k)
     first = split * per_split
     last = jnp.minimum(first + per_split, steps)
-    acc = jax.lax.fori_loop(first, last, k_step, jnp.zeros(acc_shape, jnp.float32))
+    acc = jax.lax.fori_loop(first, last, fma_step if config.dot == "fma" else k_step,
+                            jnp.zeros(acc_shape, jnp.float32))
     if config.dot == "fma":
-        y = jnp.sum(acc, axis=1)[None, :]
+        y = jnp.sum(jnp.sum(acc, axis=2), axis=1)[None, :]
     elif config.dot == "mma_swapped":
         y = acc.T
     else:
@@ -246,13 +275,12 @@ def _dequantize_kernel(packed_ref, absmax_ref, nested_absmax_ref, nested_code_re
     col_ok = cols < layout.n if layout.n % bn else None
     dequantize = _Dequantizer(packed_ref, absmax_ref, nested_absmax_ref, nested_code_ref, offset_ref, book_ref,
                               layout=layout, lookup=config.lookup, interpret=interpret)
-    for part in range(bk // sub):
-        code0 = pl.program_id(1) * bk + part * sub
-        w_hi, w_lo = dequantize(cols, col_ok, code0, sub)
-        # interleave the nibbles back into K order (Triton's join + reshape)
-        w = jnp.stack([w_hi, w_lo], axis=-1).reshape(bn, sub)
-        at = out_ref.at[cols[:, None], (code0 + jnp.arange(sub))[None, :]]
-        plgpu.store(at, w, mask=None if col_ok is None else jnp.broadcast_to(col_ok[:, None], (bn, sub)))
+    code0 = pl.program_id(1) * bk
+    w_hi, w_lo = dequantize.step(cols, col_ok, code0, bk, sub)  # [block_n, blocks, sub / 2] each
+    # interleave the nibbles back into K order (Triton's join + reshape)
+    w = jnp.stack([w_hi, w_lo], axis=-1).reshape(bn, bk)
+    at = out_ref.at[cols[:, None], (code0 + jnp.arange(bk))[None, :]]
+    plgpu.store(at, w, mask=None if col_ok is None else jnp.broadcast_to(col_ok[:, None], (bn, bk)))
 
 
 def _poisoned(shape, dtype):
@@ -286,8 +314,10 @@ def _int4_matmul(x, bias, operands, *, layout: _Layout, config: Config, out_dtyp
         return reference.matmul_dequantized(x, weight, bias, compute_dtype=dtype, out_dtype=out_dtype)
     m, k, n = layout.m, layout.k, layout.n
     x = x.astype(dtype)
-    deinterleaved = m > 16
-    if deinterleaved:  # even K positions, then odd: the kernel's x loads are contiguous
+    # even K positions, then odd: the kernel's x loads are contiguous (wide loads); at 1 < M <= 16
+    # the MMA path reads x strided instead of paying this extra XLA op
+    deinterleaved = m > 16 or config.dot == "fma"
+    if deinterleaved:
         x = jnp.concatenate([x[:, 0::2], x[:, 1::2]], axis=1)
     bias_c = operands[1] if bias is None else bias.astype(dtype)  # any array when unread
     if config.split_k > 1:
