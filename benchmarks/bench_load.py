@@ -151,6 +151,7 @@ _profile.enable()
 _profile.disable()
 _text = io.StringIO()
 pstats.Stats(_profile, stream=_text).sort_stats("cumulative").print_stats(40)
+pstats.Stats(_profile, stream=_text).sort_stats("tottime").print_stats(25)
 print(_text.getvalue())
 """
 
@@ -158,7 +159,8 @@ print(_text.getvalue())
 def time_once(directory: Path, checkpoint: Path, system: str, device: str,
               profile: bool = False) -> tuple[float, float, int | None]:
     """(call seconds, process seconds, peak device bytes or None) of one run in a fresh interpreter;
-    profile: the call under cProfile (its 40 largest cumulative entries and jax's compile log are
+    profile: the call under cProfile (its 40 largest cumulative and 25 largest own-time entries and
+    jax's compile log are
     printed; the times then include the profiler's overhead)."""
     timed = _PROFILED.format(timed=_TIMED[system][1]) if profile else _TIMED[system][1]
     code = _prelude(system, directory, checkpoint, device) + timed + "print('RESULT', seconds, peak)\n"
