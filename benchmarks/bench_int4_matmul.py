@@ -177,9 +177,8 @@ def sweep_candidates(m: int, k: int, n: int) -> list[Config]:
     if m == 1:
         # the FMA path holds a [block_n, block_k / 2] float32 accumulator: these keep it at ~32
         # registers a thread (block_n * block_k / 2 / (32 * warps))
-        raw = [dict(block_m=1, block_n=bn, block_k=bk, num_warps=w, num_stages=4, dot="fma", lookup=lookup,
+        raw = [dict(block_m=1, block_n=bn, block_k=bk, num_warps=w, num_stages=4, dot="fma", lookup="gather",
                     programs=p)
-               for lookup in ("gather", "pairs")
                for bn, bk, w, p in ((16, 512, 4, 1024), (16, 512, 4, 2048), (32, 512, 8, 512), (32, 512, 8, 1024),
                                     (64, 512, 16, 512), (16, 1024, 8, 1024), (32, 1024, 16, 512),
                                     (32, 1024, 16, 1024), (32, 256, 4, 1024), (32, 256, 4, 2048),
@@ -206,8 +205,7 @@ def sweep_candidates(m: int, k: int, n: int) -> list[Config]:
         # memory); 256-row tiles dequantize each weight tile half as often
         raw += [dict(block_m=bm, block_n=128, block_k=bk, num_warps=8, num_stages=3, dot=dot, split_k=1)
                 for bm, bk, dot in ((128, 128, "mma_swapped"), (256, 64, "mma"), (256, 64, "mma_swapped"))]
-        raw += [dict(block_m=128, block_n=64, block_k=256, num_warps=4, num_stages=2, route="xla_dot", lookup=lk)
-                for lk in ("gather", "pairs")]
+        raw += [dict(block_m=128, block_n=64, block_k=256, num_warps=4, num_stages=2, route="xla_dot", lookup="gather")]
     out = [base]
     for fields in raw:
         programs = fields.pop("programs", None)
@@ -291,7 +289,6 @@ def _check_configs(m, k, n, blocksize):
     variants = [chosen]
     if m == 1:
         variants.append(Config(block_m=1, block_n=32, block_k=256, dot="fma", lookup="select", split_k=3))
-        variants.append(Config(block_m=1, block_n=16, block_k=512, dot="fma", lookup="pairs", split_k=2))
     variants += [Config(block_m=16, block_n=32, block_k=128, dot="mma_swapped", lookup="select", split_k=2)
                  if m <= 16 else Config(block_m=64, block_n=64, block_k=128, dot="mma", lookup="select"),
                  Config(block_m=16 if m <= 16 else 128, block_n=64, block_k=256, dot="mma"),
@@ -323,7 +320,7 @@ def check(rng, cases) -> int:
         label = f"M={m} K={k} N={n} {quant_type} dq={double_quant} bs={blocksize}"
         want = np.asarray(jax.jit(reference.dequantized_weight, static_argnums=1)(w, jnp.bfloat16)).view(np.uint16)
         y64, magnitude = checks.float64_recipe(x, want.view(jnp.bfloat16), bias, jnp.bfloat16)
-        for lookup in ("gather", "select", "pairs"):
+        for lookup in ("gather", "select"):
             got = _safe(f"{label} dequantize {lookup}", lambda: np.asarray(dequantize_pallas(
                 w, jnp.bfloat16, config=Config(block_m=128, block_n=64, block_k=256, route="xla_dot", lookup=lookup),
                 poison_output=True)).view(np.uint16))

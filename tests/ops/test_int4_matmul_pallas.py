@@ -50,7 +50,6 @@ def _bits(a):
 @pytest.mark.parametrize("quant_type,double_quant,blocksize,dtype,lookup", [
     ("nf4", True, 64, jnp.bfloat16, "gather"), ("fp4", False, 128, jnp.float16, "select"),
     ("fp4", True, 64, jnp.float32, "select"), ("nf4", False, 128, jnp.bfloat16, "gather"),
-    ("nf4", True, 64, jnp.float16, "pairs"),
 ])
 def test_dequantized_weight_is_bit_identical_to_reference(rng, quant_type, double_quant, blocksize, dtype, lookup):
     w = _weight(rng, quant_type, double_quant, blocksize)  # blocksize 64: two nested absmax blocks
@@ -62,13 +61,12 @@ def test_dequantized_weight_is_bit_identical_to_reference(rng, quant_type, doubl
     np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=f"seed {rng.seed_value}")
 
 
-# (M, format, config): the decode paths at M = 1 (CUDA-core FMA, the three lookups, a K step shorter
+# (M, format, config): the decode paths at M = 1 (CUDA-core FMA, both lookups, a K step shorter
 # than the absmax block; MMA), small-M MMA tiles with split-K and the swapped MMA, prefill tiles
 # (de-interleaved x) and the xla_dot route.
 CASES = [
     (1, "nf4", True, 64, Config(block_m=1, block_n=16, block_k=128, dot="fma")),
     (1, "fp4", False, 128, Config(block_m=1, block_n=32, block_k=64, dot="fma", lookup="select", split_k=2)),
-    (1, "nf4", True, 64, Config(block_m=1, block_n=16, block_k=256, dot="fma", lookup="pairs", split_k=2)),
     (1, "fp4", True, 64, Config(block_m=16, block_n=16, block_k=64, dot="mma", split_k=3)),
     (5, "nf4", False, 128, Config(block_m=16, block_n=32, block_k=128, dot="mma_swapped", lookup="select")),
     (16, "nf4", True, 64, Config(block_m=16, block_n=16, block_k=128, dot="mma", split_k=2)),

@@ -109,8 +109,6 @@ def test_tuned_h100_decode_plans_lower():
 INT4_CONFIGS = {
     "decode_fma_gather": (1, dict(block_m=1, block_n=32, block_k=128, dot="fma", split_k=2)),
     "decode_fma_select": (1, dict(block_m=1, block_n=32, block_k=256, dot="fma", lookup="select")),
-    "decode_fma_pairs": (1, dict(block_m=1, block_n=16, block_k=256, dot="fma", lookup="pairs", split_k=2)),
-    "xla_dot_pairs": (40, dict(block_m=64, block_n=32, block_k=128, route="xla_dot", lookup="pairs")),
     "decode_mma": (5, dict(block_m=16, block_n=32, block_k=128, dot="mma", split_k=2)),
     "decode_mma_swapped": (16, dict(block_m=16, block_n=32, block_k=128, dot="mma_swapped")),
     "prefill_mma": (40, dict(block_m=64, block_n=32, block_k=128, dot="mma")),

@@ -33,7 +33,7 @@ from jint8.errors import InvalidConfigError
 _DATA_DIR = pathlib.Path(__file__).parent / "data"
 TABLES_ENV_VAR = "JINT8_KERNEL_TABLES"  # shared with int8_matmul: one directory for every op
 ROUTES = ("fused", "xla_dot")
-LOOKUPS = ("gather", "select", "pairs")
+LOOKUPS = ("gather", "select")
 DOTS = ("mma", "mma_swapped", "fma")
 # Programs wanted at decode: an H100 / H200 has 132 SMs, and one 4-warp program per SM keeps too
 # few loads in flight to stream the weight (the dequantization's table loads depend on the code
@@ -62,8 +62,7 @@ class Config:
       dequantized weight tile as the A operand, out.T = w @ x.T), "fma" (M = 1 only: float32
       multiply-adds on the CUDA cores, block_m = 1, no tensor cores).
     lookup: how a 4-bit code becomes its code book value: "gather" (a load from the 16-entry
-      table, which stays in L1), "select" (a tree of 15 selects between constants) or "pairs"
-      (both codes of a byte with one 8-byte load from a 256-entry table of value pairs).
+      table, which stays in L1) or "select" (a tree of 15 selects between constants).
     split_k: programs per output tile, each summing a K slice; their float32 partials
       [split_k, M, N] are summed by XLA after the kernel (with the bias and the casts).
     route: "fused" or "xla_dot" (module docstring); xla_dot uses block_n / block_k / warps for

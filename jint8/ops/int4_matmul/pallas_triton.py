@@ -93,8 +93,7 @@ def unsupported_reason(x: jax.Array, w) -> Optional[str]:
 def _weight_operands(w):
     """The Int4Weight's arrays as the kernels read them: packed [N, K/2] uint8, absmax [N*K/bs]
     (uint8 with double quantization), nested_absmax, nested_code, offset [1] (any array where
-    unused: the kernels never read it) and the code book: [16] float32, then the [256, 2] table of
-    both nibbles' values per byte, flattened (the "pairs" lookup: one 8-byte load per byte)."""
+    unused: the kernels never read it) and the code book [16] float32."""
     n, k = w.shape
     packed = w.packed.reshape(n, k // 2)
     absmax = w.absmax.reshape(-1)
@@ -103,17 +102,7 @@ def _weight_operands(w):
                   w.offset.astype(jnp.float32).reshape(1))
     else:
         nested = (absmax, absmax, absmax)
-    return packed, absmax, *nested, jnp.asarray(_book_with_pairs(w.quant_type))
-
-
-@functools.cache
-def _book_with_pairs(quant_type: str):
-    import numpy as np
-
-    book = np.asarray(CODE_BOOKS[quant_type], np.float32)
-    byte = np.arange(256)
-    pairs = np.stack([book[byte >> 4], book[byte & 0xF]], axis=-1)  # [256, 2]: (high, low) nibble
-    return np.concatenate([book, pairs.reshape(-1)])
+    return packed, absmax, *nested, jnp.asarray(CODE_BOOKS[w.quant_type])
 
 
 def _load(ref, rows, cols, row_ok, col_ok):
@@ -129,19 +118,6 @@ def _load(ref, rows, cols, row_ok, col_ok):
 
 def _load_vector(ref, index, ok):
     return plgpu.load(ref.at[index]) if ok is None else plgpu.load(ref.at[index], mask=ok, other=0)
-
-
-def _lookup_bytes(packed, book_ref, book, mode: str):
-    """(book[packed >> 4], book[packed & 15]) for int32 bytes in [0, 256): "pairs" loads both
-    values with one 8-byte load from the 256-entry pair table (half the load instructions of two
-    16-entry lookups, the decode kernel's busiest unit), then splits the pair (Triton's split)."""
-    if mode == "pairs":
-        index = _PAIRS_AT + 2 * packed[..., None] + jnp.arange(2)
-        return jnp.unstack(plgpu.load(book_ref.at[index]), axis=-1)
-    return tuple(_lookup(codes, book_ref, book, mode) for codes in (packed >> 4, packed & 0xF))
-
-
-_PAIRS_AT = 16  # where the pair table starts in the book operand
 
 
 def _lookup(codes, book_ref, book, mode: str):
@@ -195,8 +171,9 @@ class _Dequantizer:
         block = code0 // self.layout.blocksize + jnp.arange(blocks)[None, :]  # [1, blocks]
         absmax = self.block_absmax(cols[:, None], None if col_ok is None else col_ok[:, None], block)[:, :, None]
         dtype = self.layout.compute_dtype
-        return tuple(round_to(value * absmax, dtype, explicit=self.interpret)
-                     for value in _lookup_bytes(packed, self.book_ref, self.book, self.lookup))
+        return tuple(round_to(_lookup(codes, self.book_ref, self.book, self.lookup) * absmax, dtype,
+                              explicit=self.interpret)
+                     for codes in (packed >> 4, packed & 0xF))
 
     def __call__(self, cols, col_ok, code0, size: int):
         """(w_hi, w_lo): [block_n, size / 2] in the compute dtype, the weights at K positions
@@ -205,8 +182,9 @@ class _Dequantizer:
         packed = packed.astype(jnp.int32)
         absmax = self.block_absmax(cols, col_ok, code0 // self.layout.blocksize)[:, None]
         dtype = self.layout.compute_dtype
-        return tuple(round_to(value * absmax, dtype, explicit=self.interpret)
-                     for value in _lookup_bytes(packed, self.book_ref, self.book, self.lookup))
+        return tuple(round_to(_lookup(codes, self.book_ref, self.book, self.lookup) * absmax, dtype,
+                              explicit=self.interpret)
+                     for codes in (packed >> 4, packed & 0xF))
 
 
 def _dot(a, b_t, dtype):
