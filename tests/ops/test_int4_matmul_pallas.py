@@ -71,7 +71,6 @@ CASES = [
     (5, "nf4", False, 128, Config(block_m=16, block_n=32, block_k=128, dot="mma_swapped", lookup="select")),
     (16, "nf4", True, 64, Config(block_m=16, block_n=16, block_k=128, dot="mma", split_k=2)),
     (64, "fp4", True, 64, Config(block_m=32, block_n=16, block_k=128, dot="mma")),
-    (40, "nf4", True, 64, Config(block_m=32, block_n=32, block_k=256, dot="mma_swapped", split_k=2)),
     (64, "nf4", True, 64, Config(block_m=32, block_n=32, block_k=64, route="xla_dot")),
 ]
 

@@ -20,9 +20,8 @@ sub-blocks of s = min(block_k, blocksize) codes sharing one absmax per weight ro
 The nibbles are never interleaved: the high nibbles are the even K positions, so x is read split
 the same way (the wrapper de-interleaves x once, in XLA, so the kernel's x loads are contiguous,
 except for the MMA path at 1 < M <= 16, which reads x strided) and the two halves are two dots
-over K / 2. The one-row FMA path (M = 1) and the MMA path on de-interleaved x (M > 16)
-dequantize a whole K step at once as [block_n, block_k / sub, sub / 2] tiles: one wide load of
-the step's codes and one of its absmax (the MMA path then takes two dots over block_k / 2).
+over K / 2. The one-row FMA path (M = 1) dequantizes a whole K step at once as [block_n,
+block_k / sub, sub / 2] tiles: one wide load of the step's codes and one of its absmax.
 
 Decode (M <= 16) grids (N / block_n, split_k) so that ~128 programs stream the weight on the
 132 SMs of an H100 / H200; the float32 split-K partials are summed, with the bias and the casts,
@@ -231,16 +230,6 @@ def _kernel(x_ref, packed_ref, absmax_ref, nested_absmax_ref, nested_code_ref, o
         x_odd = plgpu.load(x_ref.at[rows[:, None, None], (even + k // 2)[None, :, :]]).astype(jnp.float32)
         return acc + w_hi.astype(jnp.float32) * x_even + w_lo.astype(jnp.float32) * x_odd
 
-    def mma_step(i, acc):  # x de-interleaved (M > 16): the whole K step as two dots over bk / 2
-        code0 = i * bk
-        w_hi, w_lo = (w.reshape(bn, bk // 2) for w in dequantize.step(cols, col_ok, code0, bk, sub))
-        even = code0 // 2 + jnp.arange(bk // 2)
-        x_even = _load(x_ref, rows, even, row_ok, None)
-        x_odd = _load(x_ref, rows, even + k // 2, row_ok, None)
-        if config.dot == "mma_swapped":
-            return acc + _dot(w_hi, x_even, dtype) + _dot(w_lo, x_odd, dtype)
-        return acc + _dot(x_even, w_hi, dtype) + _dot(x_odd, w_lo, dtype)
-
     def k_step(i, acc):
         for part in range(bk // sub):
             code0 = i * bk + part * sub
@@ -257,8 +246,8 @@ def _kernel(x_ref, packed_ref, absmax_ref, nested_absmax_ref, nested_code_ref, o
     per_split = pl.cdiv(steps, config.split_k)
     first = split * per_split
     last = jnp.minimum(first + per_split, steps)
-    body = fma_step if config.dot == "fma" else mma_step if deinterleaved else k_step
-    acc = jax.lax.fori_loop(first, last, body, jnp.zeros(acc_shape, jnp.float32))
+    acc = jax.lax.fori_loop(first, last, fma_step if config.dot == "fma" else k_step,
+                            jnp.zeros(acc_shape, jnp.float32))
     if config.dot == "fma":
         y = jnp.sum(jnp.sum(acc, axis=2), axis=1)[None, :]
     elif config.dot == "mma_swapped":
