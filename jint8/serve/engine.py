@@ -42,6 +42,7 @@ import numpy as np
 
 from jint8.errors import EngineStoppedError, InvalidRequestError, QueueFullError
 from jint8.models.common import init_paged_pool
+from jint8.ops.attention.paged import pool_storage_dtype
 from jint8.serve.config import EngineConfig, SamplingOptions
 from jint8.serve.metrics import ServeMetrics
 from jint8.serve.paged_cache import BlockAllocator
@@ -96,7 +97,9 @@ class Engine:
         max_blocks = math.ceil(self.max_context / config.block_size)
         num_blocks = config.num_blocks or config.max_batch * max_blocks + 1
         self.allocator = BlockAllocator(num_blocks, config.block_size, max_blocks)
-        self._pool_dtype = cache_dtype or model.config.dtype
+        self.cache_dtype = jnp.dtype(cache_dtype or model.config.dtype)
+        # on the CPU 16-bit values are kept as their bits: a scatter that writes only the new slots
+        self._pool_dtype = pool_storage_dtype(self.cache_dtype, jax.default_backend())
         self.k_pool, self.v_pool = init_paged_pool(model.config, num_blocks, config.block_size, self._pool_dtype)
         logger.info("KV cache: %d blocks of %d positions (%.2f GiB for keys and values)", num_blocks,
                     config.block_size, 2 * self.k_pool.nbytes / 2**30)
@@ -104,7 +107,7 @@ class Engine:
         self.metrics = ServeMetrics(config.max_batch)
         self.compiled_shapes: list[tuple] = []  # the step's [B, T] shapes
         self.compiled_sampler_rows: list[int] = []  # the sampler's row counts
-        self._step = build_step(model, self.compiled_shapes.append)
+        self._step = build_step(model, self.compiled_shapes.append, self.cache_dtype)
         self._sample = build_sampler(self.compiled_sampler_rows.append)
         # The chosen tokens stay on the device for the next decode step; the host reads them a
         # call later, while the device runs the next one (_InFlight), to deliver them.
