@@ -274,6 +274,7 @@ class Engine:
                 self._wake.clear()
                 continue
             started, self._waited, self._dispatching = time.perf_counter(), 0.0, 0.0
+            kind = "prefill" if self._waiting or self._prefilling else "decode"
             try:
                 self._iteration()
             except Exception:  # a failed step poisons the donated pools: end every request, start clean
@@ -285,9 +286,9 @@ class Engine:
                                                            self.allocator.block_size, self._pool_dtype)
                 self._token_buffer = jnp.zeros((self.config.max_batch,), jnp.int32)
                 self._decode_inputs = None
-            self.metrics.iterations.inc()
-            self.metrics.host_seconds.inc(time.perf_counter() - started - self._waited)
-            self.metrics.dispatch_seconds.inc(self._dispatching)
+            self.metrics.iterations.labels(kind=kind).inc()
+            self.metrics.host_seconds.labels(kind=kind).inc(time.perf_counter() - started - self._waited)
+            self.metrics.dispatch_seconds.labels(kind=kind).inc(self._dispatching)
             self.metrics.set_load(self._queued, len(self._prefilling) + len(self._decoding),
                                   self.allocator.used_blocks)
 

@@ -81,17 +81,19 @@ class ServeMetrics:
                                            buckets=_powers_of_two(max_batch), registry=r)
         self.e2e = Histogram("jint8_request_latency_seconds", "Arrival to finish", buckets=_LATENCY_BUCKETS,
                              registry=r)
+        # kind "prefill": an iteration that began with prompts waiting or prefilling (it may
+        # dispatch a prefill call beside the decode step), "decode": decode steps only
         self.iterations = Counter("jint8_engine_iterations", "Engine iterations that dispatched or delivered a call",
-                                  registry=r)
+                                  ["kind"], registry=r)
         # against iterations: whether the host keeps up with the device (host work per step)
         self.host_seconds = Counter("jint8_engine_host_seconds",
                                     "Engine thread time in its iterations outside its waits for the device's "
-                                    "tokens (scheduling, arguments, dispatch, delivery)", registry=r)
+                                    "tokens (scheduling, arguments, dispatch, delivery)", ["kind"], registry=r)
         # the part of host_seconds inside JAX's calls: argument transfer and the runtime's launch of
         # the compiled programs (on a GPU, its kernel launches), as against the engine's own Python
         self.dispatch_seconds = Counter("jint8_engine_dispatch_seconds",
                                         "Engine thread time inside the calls that dispatch the compiled step and "
-                                        "sampler and put their inputs on the device", registry=r)
+                                        "sampler and put their inputs on the device", ["kind"], registry=r)
         self._max_batch = max_batch
 
     def set_load(self, waiting: int, running: int, blocks_used: int) -> None:
