@@ -18,8 +18,12 @@ Output tokens/s = all generated tokens / (last token - submission); TTFT = first
 submission; ITL = gaps between a request's consecutive tokens; p50/p99 over requests (TTFT) or
 over all gaps (ITL). host_ms_per_iteration: the engine thread's time per iteration outside its
 waits for the device's tokens (scheduling, arguments, dispatch, delivery; on the CPU backend a
-dispatch may run part of the computation inline): near the ITL, the host is what limits it. One JSON row per (variant, streams); the 1-stream row also has
-jint8.generate's decode time per token on the same model (generate_itl_ms) and the ratio.
+dispatch may run part of the computation inline): near the ITL, the host is what limits it;
+dispatch_ms_per_iteration: the part of it inside JAX's calls (the compiled step's and sampler's
+dispatch, which on a GPU launches their kernels, and input transfers), the rest is the engine's
+Python; *_prefill_iteration / *_decode_iteration: the same over the iterations begun with prompts
+waiting or prefilling (which dispatch a prefill call) and over the rest (decode steps only). One JSON row per (variant, streams); the 1-stream row also has jint8.generate's decode
+time per token on the same model (generate_itl_ms) and the ratio.
 """
 
 from __future__ import annotations
@@ -116,7 +120,14 @@ def _run_streams(engine, args, streams: int) -> dict:
     for _ in range(streams):
         done.acquire()
     end = max(t[-1] for t in times)
-    iterations, host_s = (after - before for after, before in zip(_host_counters(engine), host_before))
+    host = {key: after - host_before[key] for key, after in _host_counters(engine).items()}
+    iterations = host["iterations", "prefill"] + host["iterations", "decode"]
+
+    def per_iteration_ms(what: str, kind=None) -> float:
+        kinds = ("prefill", "decode") if kind is None else (kind,)
+        count = sum(host["iterations", k] for k in kinds)
+        return sum(host[what, k] for k in kinds) / max(count, 1) * 1e3
+
     ttft = np.array([t[0] - start for t in times]) * 1e3
     itl = np.concatenate([np.diff(t) for t in times]) * 1e3
     generated = sum(len(t) for t in times)
@@ -124,14 +135,25 @@ def _run_streams(engine, args, streams: int) -> dict:
                 output_tokens_per_s=generated / (end - start),
                 ttft_p50_ms=float(np.percentile(ttft, 50)), ttft_p99_ms=float(np.percentile(ttft, 99)),
                 itl_p50_ms=float(np.percentile(itl, 50)), itl_p99_ms=float(np.percentile(itl, 99)),
-                engine_iterations=int(iterations), host_ms_per_iteration=host_s / iterations * 1e3)
+                engine_iterations=int(iterations), host_ms_per_iteration=per_iteration_ms("host"),
+                dispatch_ms_per_iteration=per_iteration_ms("dispatch"),
+                prefill_iterations=int(host["iterations", "prefill"]),
+                host_ms_per_prefill_iteration=per_iteration_ms("host", "prefill"),
+                dispatch_ms_per_prefill_iteration=per_iteration_ms("dispatch", "prefill"),
+                host_ms_per_decode_iteration=per_iteration_ms("host", "decode"),
+                dispatch_ms_per_decode_iteration=per_iteration_ms("dispatch", "decode"))
 
 
-def _host_counters(engine) -> tuple[float, float]:
-    """(iterations, engine-thread seconds outside its waits for the device) so far: the host work
-    per step, which the device time of a step must cover for the one-call lookahead to hide it."""
+def _host_counters(engine) -> dict:
+    """{(what, kind): value} so far: iterations, engine-thread seconds outside its waits for the
+    device ("host") and the part of those in JAX's dispatch calls ("dispatch"), for iterations
+    begun with prompts to prefill ("prefill") and the others ("decode"): the host work per step,
+    which the device time of a step must cover for the one-call lookahead to hide it."""
     value = engine.metrics.registry.get_sample_value
-    return value("jint8_engine_iterations_total"), value("jint8_engine_host_seconds_total")
+    names = dict(iterations="jint8_engine_iterations_total", host="jint8_engine_host_seconds_total",
+                 dispatch="jint8_engine_dispatch_seconds_total")
+    return {(what, kind): value(name, {"kind": kind}) or 0.0 for what, name in names.items()
+            for kind in ("prefill", "decode")}
 
 
 def _generate_baseline(engine, args) -> dict:
@@ -177,14 +199,18 @@ def run_variant(args, variant: str) -> list[dict]:
 
 def _markdown(rows: list[dict]) -> str:
     lines = ["| variant | streams | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
-             "host ms / iteration | generate ms/token | ITL p50 / generate |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "host ms / iteration | of it dispatch | prefill / decode iterations: host ms (dispatch) | "
+             "generate ms/token | ITL p50 / generate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         baseline = (f"{r['generate_itl_ms']:.2f} | {r['itl_p50_over_generate']:.2f}x" if "generate_itl_ms" in r
                     else " | ")
         lines.append(f"| {r['variant']} | {r['streams']} | {r['output_tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | "
                      f"{r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} | "
-                     f"{r['host_ms_per_iteration']:.2f} | {baseline} |")
+                     f"{r['host_ms_per_iteration']:.2f} | {r['dispatch_ms_per_iteration']:.2f} | "
+                     f"{r['host_ms_per_prefill_iteration']:.2f} ({r['dispatch_ms_per_prefill_iteration']:.2f}) / "
+                     f"{r['host_ms_per_decode_iteration']:.2f} ({r['dispatch_ms_per_decode_iteration']:.2f}) | "
+                     f"{baseline} |")
     by_variant = {r["variant"]: r for r in rows if r["streams"] == 64}
     if {"int8", "bf16"} <= set(by_variant):
         int8, bf16 = by_variant["int8"]["output_tokens_per_s"], by_variant["bf16"]["output_tokens_per_s"]

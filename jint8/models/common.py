@@ -164,12 +164,15 @@ class PagedKVCache:
     """Keys and values of many sequences in fixed-size blocks (jint8/ops/attention/paged.py):
     k, v [L, P, Z, K, H]; block_tables [B, M] (sequence b's blocks in order); positions [B, T] of
     this call's tokens (-1: padding). A model called with one writes each token at its position
-    and attends over its own sequence's positions up to it; cache_index and kv_mask are unused."""
+    and attends over its own sequence's positions up to it; cache_index and kv_mask are unused.
+    dtype: the cached values' dtype when k, v hold their bits (jint8.ops.attention.paged's
+    pool_storage_dtype); None: the pools' own."""
 
     k: jax.Array
     v: jax.Array
     block_tables: jax.Array
     positions: jax.Array
+    dtype: Any = struct.field(pytree_node=False, default=None)
 
     @property
     def block_size(self) -> int:
@@ -186,10 +189,12 @@ def init_paged_pool(config, num_blocks: int, block_size: int, dtype=None) -> tup
 def _paged_attention(q, k, v, *, layer, cache: PagedKVCache, scale, sliding_window, logit_softcap, rope):
     if rope is not None:
         q, k = attention_ops.rotate(q, *rope), attention_ops.rotate(k, *rope)
-    new_k = attention_ops.paged_write(cache.k, k, cache.block_tables, cache.positions, layer=layer)
-    new_v = attention_ops.paged_write(cache.v, v, cache.block_tables, cache.positions, layer=layer)
+    write = dict(block_tables=cache.block_tables, positions=cache.positions, layer=layer, dtype=cache.dtype)
+    new_k = attention_ops.paged_write(cache.k, k, **write)
+    new_v = attention_ops.paged_write(cache.v, v, **write)
     out = attention_ops.paged_attention(q, new_k, new_v, cache.block_tables, cache.positions, layer=layer,
-                                        scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap)
+                                        scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap,
+                                        dtype=cache.dtype)
     return out, cache.replace(k=new_k, v=new_v)
 
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from jint8.errors import EngineStoppedError, InvalidRequestError, QueueFullError
 from jint8.models.common import init_paged_pool
+from jint8.ops.attention.paged import pool_storage_dtype
 from jint8.serve.config import EngineConfig, SamplingOptions
 from jint8.serve.metrics import ServeMetrics
 from jint8.serve.paged_cache import BlockAllocator
@@ -96,7 +97,9 @@ class Engine:
         max_blocks = math.ceil(self.max_context / config.block_size)
         num_blocks = config.num_blocks or config.max_batch * max_blocks + 1
         self.allocator = BlockAllocator(num_blocks, config.block_size, max_blocks)
-        self._pool_dtype = cache_dtype or model.config.dtype
+        self.cache_dtype = jnp.dtype(cache_dtype or model.config.dtype)
+        # on the CPU 16-bit values are kept as their bits: a scatter that writes only the new slots
+        self._pool_dtype = pool_storage_dtype(self.cache_dtype, jax.default_backend())
         self.k_pool, self.v_pool = init_paged_pool(model.config, num_blocks, config.block_size, self._pool_dtype)
         logger.info("KV cache: %d blocks of %d positions (%.2f GiB for keys and values)", num_blocks,
                     config.block_size, 2 * self.k_pool.nbytes / 2**30)
@@ -104,7 +107,7 @@ class Engine:
         self.metrics = ServeMetrics(config.max_batch)
         self.compiled_shapes: list[tuple] = []  # the step's [B, T] shapes
         self.compiled_sampler_rows: list[int] = []  # the sampler's row counts
-        self._step = build_step(model, self.compiled_shapes.append)
+        self._step = build_step(model, self.compiled_shapes.append, self.cache_dtype)
         self._sample = build_sampler(self.compiled_sampler_rows.append)
         # The chosen tokens stay on the device for the next decode step; the host reads them a
         # call later, while the device runs the next one (_InFlight), to deliver them.
@@ -125,6 +128,7 @@ class Engine:
         self._stopping = False
         self._cancel_on_stop = False
         self._waited = 0.0  # seconds this iteration spent waiting for tokens (host_seconds excludes them)
+        self._dispatching = 0.0  # seconds this iteration spent in JAX's dispatch calls (dispatch_seconds)
         # (decoding sequence ids + rows bucket, their ids, tables, slots on the device) of the last decode step
         self._decode_inputs: Optional[tuple] = None
 
@@ -269,7 +273,8 @@ class Engine:
                 self._wake.wait()
                 self._wake.clear()
                 continue
-            started, self._waited = time.perf_counter(), 0.0
+            started, self._waited, self._dispatching = time.perf_counter(), 0.0, 0.0
+            kind = "prefill" if self._waiting or self._prefilling else "decode"
             try:
                 self._iteration()
             except Exception:  # a failed step poisons the donated pools: end every request, start clean
@@ -281,8 +286,9 @@ class Engine:
                                                            self.allocator.block_size, self._pool_dtype)
                 self._token_buffer = jnp.zeros((self.config.max_batch,), jnp.int32)
                 self._decode_inputs = None
-            self.metrics.iterations.inc()
-            self.metrics.host_seconds.inc(time.perf_counter() - started - self._waited)
+            self.metrics.iterations.labels(kind=kind).inc()
+            self.metrics.host_seconds.labels(kind=kind).inc(time.perf_counter() - started - self._waited)
+            self.metrics.dispatch_seconds.labels(kind=kind).inc(self._dispatching)
             self.metrics.set_load(self._queued, len(self._prefilling) + len(self._decoding),
                                   self.allocator.used_blocks)
 
@@ -312,15 +318,26 @@ class Engine:
         self._deliver_in_flight(keep=1 if dispatched else 0)
 
     def _deliver_in_flight(self, keep: int) -> None:
+        """Deliver the calls in flight but the last `keep`. A call's tokens all arrive at once, so
+        they share one arrival time, and its metrics are updated once per call, not per token."""
         while len(self._in_flight) > keep:
             call = self._in_flight.popleft()
             waiting = time.perf_counter()
             tokens = np.asarray(call.tokens).tolist()  # the iteration's one wait for the device
-            self._waited += time.perf_counter() - waiting
+            now = time.perf_counter()
+            self._waited += now - waiting
+            first_token_s, inter_token_s = [], []
             for sequence, token in zip(call.receivers, tokens):
                 # a sequence that ended meanwhile (a stop token, cancel) drops what it was dispatched
                 if sequence is not None and sequence.id in self._by_id:
-                    self._emit(sequence, token)
+                    if sequence.generated:
+                        inter_token_s.append(now - sequence.last_token_time)
+                    else:
+                        first_token_s.append(now - sequence.arrival)
+                    self._emit(sequence, token, now)
+            self.metrics.ttft.observe_many(first_token_s)
+            self.metrics.itl.observe_many(inter_token_s)
+            self.metrics.generation_tokens.inc(len(first_token_s) + len(inter_token_s))
 
     def _admit(self) -> None:
         while self._waiting and len(self._prefilling) + len(self._decoding) < self.config.max_batch:
@@ -382,9 +399,9 @@ class Engine:
             call_rows.append((sequence, -1, sequence if start + count == len(sequence.prompt) else None))
         self._dispatch(ids, positions, tables, call_rows)
         self.metrics.prefill_sequences.observe(len(plan))
+        self.metrics.prompt_tokens.inc(sum(count for _, count in plan))
         for sequence, count in plan:
             sequence.computed += count
-            self.metrics.prompt_tokens.inc(count)
             if sequence.computed == len(sequence.prompt):
                 sequence.sampled = 1
                 # the rest of its reservation now: its block table stays fixed while it decodes,
@@ -412,7 +429,9 @@ class Engine:
             for row, sequence in enumerate(running):
                 tables[row] = self.allocator.table(sequence.id)
             ids, slots = np.zeros((rows, 1), np.int32), self._slots([(s, s.slot, s) for s in running], rows)
+            started = time.perf_counter()
             self._decode_inputs = (members, *jax.device_put((ids, tables, slots)))
+            self._dispatching += time.perf_counter() - started
         _, ids, tables, slots = self._decode_inputs
         self._dispatch(ids, positions, tables, [(s, s.slot, s) for s in running], slots)
         for sequence in running:
@@ -454,23 +473,22 @@ class Engine:
         after it when a row samples, and its tokens' delivery; the device-to-host copy of its
         tokens starts at once."""
         arguments = self._step_arguments(ids, positions, tables, rows, slots)
+        started = time.perf_counter()
         tokens, logits, self.k_pool, self.v_pool, self._token_buffer = self._step(*arguments)
+        self._dispatching += time.perf_counter() - started
         sequences = [sequence for sequence, _, _ in rows]
         if any(sequence.options.temperature > 0 for sequence in sequences):
-            tokens, self._token_buffer = self._sample(logits, self._sampling_arguments(sequences, ids.shape[0]),
-                                                      self._token_buffer, arguments[-1].write)
+            sampling = self._sampling_arguments(sequences, ids.shape[0])
+            started = time.perf_counter()
+            tokens, self._token_buffer = self._sample(logits, sampling, self._token_buffer, arguments[-1].write)
+            self._dispatching += time.perf_counter() - started
         tokens.copy_to_host_async()
         self._in_flight.append(_InFlight(tokens, [receiver for _, _, receiver in rows]))
 
-    def _emit(self, sequence: _Sequence, token: int) -> None:
-        now = time.perf_counter()
-        if not sequence.generated:
-            self.metrics.ttft.observe(now - sequence.arrival)
-        else:
-            self.metrics.itl.observe(now - sequence.last_token_time)
+    def _emit(self, sequence: _Sequence, token: int, now: float) -> None:
+        """Hand one token to its request (its metrics are the caller's: _deliver_in_flight)."""
         sequence.last_token_time = now
         sequence.generated.append(token)
-        self.metrics.generation_tokens.inc()
         if token in self.eos_token_ids or token in sequence.options.stop_token_ids:
             reason = "stop"
         elif len(sequence.generated) >= sequence.options.max_tokens:

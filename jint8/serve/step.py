@@ -62,12 +62,13 @@ class TokenSlots:
     write: jax.Array
 
 
-def build_step(model, on_trace: Callable[[tuple], None]):
+def build_step(model, on_trace: Callable[[tuple], None], cache_dtype=None):
     """The jitted step(params, k_pool, v_pool, token_buffer [S], input_ids [B, T], positions [B, T],
     block_tables [B, M], slots: TokenSlots) -> (greedy tokens [B], logits [B, V], k_pool, v_pool,
     token_buffer), the pools and the buffer donated (updated in place); the greedy tokens go to
     the buffer. A call with sampled rows then runs build_sampler's program on the logits.
-    on_trace(shape) runs once per compilation, which is how the engine counts them.
+    on_trace(shape) runs once per compilation, which is how the engine counts them. cache_dtype:
+    the cached values' dtype when the pools hold their bits (pool_storage_dtype).
 
     The step has no conditional: XLA's GPU conditional reads its predicate on the host, a device
     sync inside the call (docs/decisions.md D20), which would make the engine's dispatch wait for
@@ -78,7 +79,7 @@ def build_step(model, on_trace: Callable[[tuple], None]):
         from_buffer = token_buffer[jnp.maximum(slots.read, 0)]
         last = jnp.where(slots.read >= 0, from_buffer, input_ids[:, -1])
         input_ids = input_ids.at[:, -1].set(last)
-        cache = PagedKVCache(k_pool, v_pool, block_tables, positions)
+        cache = PagedKVCache(k_pool, v_pool, block_tables, positions, dtype=cache_dtype)
         logits, cache = _apply(model, params, input_ids, jnp.maximum(positions, 0), cache, None, None,
                                last_logits_only=True)
         logits = logits[:, -1]

@@ -8,16 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jint8.errors import InvalidConfigError
+from jint8.errors import InvalidConfigError, ShapeError
 from jint8.models.common import attention_mask, dot_product_attention
 from jint8.ops.attention import paged_attention as _paged_attention
 from jint8.ops.attention import paged_write as _paged_write
-from jint8.ops.attention.paged import SCRATCH_BLOCK
+from jint8.ops.attention.paged import SCRATCH_BLOCK, gather_sequences, pool_storage_dtype
 from jint8.serve.paged_cache import BlockAllocator
 
 # jitted: one compilation each instead of one per eager op
-paged_attention = jax.jit(_paged_attention, static_argnames=("layer", "scale", "sliding_window"))
-paged_write = jax.jit(_paged_write, static_argnames=("layer",))
+paged_attention = jax.jit(_paged_attention, static_argnames=("layer", "scale", "sliding_window", "dtype"))
+paged_write = jax.jit(_paged_write, static_argnames=("layer", "dtype"))
 
 # one event: (join, tokens reserved) | (grow, which, tokens) | (finish, which)
 _EVENTS = st.lists(st.one_of(
@@ -97,3 +97,30 @@ def test_paged_attention_over_scattered_blocks_equals_dense_attention(rng, windo
     # a padding query (position -1) gives zeros, whatever the blocks hold
     padding_out = paged_attention(q[:, :1], k_pool, v_pool, blocks, padded, layer=0, scale=0.3)
     assert not np.any(np.asarray(padding_out))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_a_pool_of_16_bit_values_kept_as_bits_reads_and_attends_the_same_values(rng, dtype):
+    """The CPU keeps 16-bit pools as uint16 bits (pool_storage_dtype): what is written and read
+    back, and attention over it, are bit for bit what a pool of the values themselves gives."""
+    assert pool_storage_dtype(dtype, "cpu") == jnp.uint16 and pool_storage_dtype(dtype, "gpu") == dtype
+    assert pool_storage_dtype(jnp.float32, "cpu") == jnp.float32
+    b, length, n, kv, h, z = 2, 7, 4, 2, 8, 4
+    blocks = rng.permutation(np.arange(1, 9))[: b * 2].reshape(b, 2).astype(np.int32)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    keys, values = (jnp.asarray(rng.standard_normal((b, length, kv, h)), jnp.float32) for _ in range(2))
+    pools = {}
+    for storage in (dtype, jnp.uint16):
+        k_pool, v_pool = (paged_write(jnp.zeros((2, 9, z, kv, h), storage), x, blocks, positions, layer=1,
+                                      dtype=dtype) for x in (keys, values))
+        read = gather_sequences(k_pool, blocks, layer=1, dtype=dtype)[:, :length]
+        q = jnp.asarray(rng.standard_normal((b, 1, n, h)), dtype) if storage == dtype else q
+        out = paged_attention(q, k_pool, v_pool, blocks, positions[:, -1:], layer=1, scale=0.3, dtype=dtype)
+        pools[storage] = (read, out)
+    (read, out), (read_bits, out_bits) = pools[dtype], pools[jnp.uint16]
+    assert read_bits.dtype == dtype and out_bits.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(read_bits), np.asarray(keys.astype(dtype)))
+    np.testing.assert_array_equal(np.asarray(read_bits), np.asarray(read))
+    np.testing.assert_array_equal(np.asarray(out_bits, np.float32), np.asarray(out, np.float32))
+    with pytest.raises(ShapeError, match="widths differ"):
+        _paged_write(jnp.zeros((1, 2, z, kv, h), jnp.uint16), keys, blocks, positions, layer=0, dtype=jnp.float32)

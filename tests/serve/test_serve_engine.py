@@ -3,8 +3,10 @@ alone and beside others (chunked prefill and prompts of different lengths prefil
 one call included), a bounded set of compiled shapes, seeded sampling independent of
 batch-mates, blocks freed, cancellation, a full queue, shutdown."""
 
+import re
 import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -143,6 +145,25 @@ def test_the_step_has_no_conditional_and_greedy_calls_skip_the_sampler(tiny):
         assert set(engine.compiled_sampler_rows) == {2}  # the prefill call's 2 rows and the decode batch of 2
     finally:
         engine.shutdown(cancel=True, timeout=10)
+
+
+def test_a_bf16_step_on_the_cpu_writes_only_the_new_slots_of_the_pools_in_place():
+    """XLA's CPU backend has no bf16 scatter and upcasts it: a whole pool converted to float32 and
+    back around every layer's write, every step. The engine keeps 16-bit pools as their bits, so
+    no array the pools' size but of another type appears in the compiled step, and the donated
+    pools are updated in place."""
+    engine = Engine(*tiny_model(VOCAB, jnp.bfloat16), CONFIG)
+    assert engine.k_pool.dtype == jnp.uint16 and engine.cache_dtype == jnp.bfloat16
+    arguments = engine._step_arguments(np.zeros((2, 1), np.int32), np.full((2, 1), -1, np.int32),
+                                       np.zeros((2, engine.allocator.max_blocks_per_sequence), np.int32), [])
+    program = engine._step.lower(*arguments).compile().as_text()
+    pool_shape = "[" + ",".join(map(str, engine.k_pool.shape)) + "]"
+    pool_sized = set(re.findall(r"\b(\w+)" + re.escape(pool_shape), program))
+    assert pool_sized == {"u16"}, f"pool-sized arrays of types {sorted(pool_sized)} in the step"
+    params = len(jax.tree.leaves(engine.params))
+    aliases = re.search(r"input_output_alias=\{(.*?)\}, entry_computation_layout", program).group(1)
+    # outputs 2 and 3 (the pools) are parameters `params` and `params` + 1 (the donated pools)
+    assert f"{{2}}: ({params}, {{}}" in aliases and f"{{3}}: ({params + 1}, {{}}" in aliases
 
 
 def test_seeded_sampling_does_not_depend_on_batch_mates(engine):

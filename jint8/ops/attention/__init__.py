@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jint8.errors import ShapeError
-from jint8.ops.attention.paged import paged_attention_reference, paged_write
+from jint8.ops.attention.paged import paged_attention_reference, paged_write, pool_storage_dtype
 from jint8.ops.attention.reference import decode_attention_reference, decode_step_reference, rotate
 from jint8.ops._platform import BACKEND_ENV_VAR, requested_backend, triton_gpu_unsupported_reason
 
@@ -70,13 +70,15 @@ def decode_attention_step(q, k, v, k_cache, v_cache, valid, cache_index, *, laye
 
 
 def paged_attention(q, k_pool, v_pool, block_tables, positions, *, layer: int, scale: float,
-                    sliding_window=None, logit_softcap=None):
+                    sliding_window=None, logit_softcap=None, dtype=None):
     """Attention of q [B, T, N, H] over a paged cache (paged.py states the layout).
 
     The one entry point the models call. Decode (T = 1) runs the paged Pallas kernel where
     unsupported_reason gives none; prefill chunks and everything else the plain-jnp gather, the
-    truth the kernel is held to."""
-    if q.shape[1] == 1 and unsupported_reason(q, k_pool) is None:
+    truth the kernel is held to. dtype: the cached values' dtype when the pools hold their bits
+    (pool_storage_dtype; the CPU's way, so the kernel never sees such pools)."""
+    holds_bits = dtype is not None and jnp.dtype(dtype) != k_pool.dtype
+    if q.shape[1] == 1 and not holds_bits and unsupported_reason(q, k_pool) is None:
         from jint8.ops.attention.paged_pallas import paged_decode_attention_pallas
 
         out = paged_decode_attention_pallas(q[:, 0], k_pool, v_pool, block_tables, positions[:, 0],
@@ -84,8 +86,8 @@ def paged_attention(q, k_pool, v_pool, block_tables, positions, *, layer: int, s
                                             logit_softcap=logit_softcap)
         return out[:, None]
     return paged_attention_reference(q, k_pool, v_pool, block_tables, positions, layer=layer, scale=scale,
-                                     sliding_window=sliding_window, logit_softcap=logit_softcap)
+                                     sliding_window=sliding_window, logit_softcap=logit_softcap, dtype=dtype)
 
 
 __all__ = ["decode_attention_reference", "decode_attention_step", "decode_step_reference", "paged_attention",
-           "paged_attention_reference", "paged_write", "rotate", "unsupported_reason"]
+           "paged_attention_reference", "paged_write", "pool_storage_dtype", "rotate", "unsupported_reason"]
