@@ -1,17 +1,22 @@
 """The loading pipeline: host reads, compiles and device work overlapped, memory bounded.
 
-Three things run at once: a reader thread maps the next tensors and puts them on the device(s)
-as stored (device_convert.stage), a compiler thread compiles each distinct Conversion ahead of
-its first use, and the calling thread dispatches the conversions (asynchronous: jax returns
-before the device is done). At most `prefetch` staged tensors wait and at most `in_flight`
-conversions run unfinished, so host and device memory hold a few tensors beyond the placed
-parameters. If anything fails, every array made so far is deleted before the error propagates.
+Three things run at once: reader threads map the next tensors and put them on the device(s) as
+stored (device_convert.stage), compiler threads compile each distinct Conversion ahead of its
+first use, and the calling thread dispatches the conversions in checkpoint order (asynchronous:
+jax returns before the device is done). Several readers, because one thread's page faults and
+host-to-device copy of a memory-mapped tensor run well below what the disk, the page cache and
+the link can each do; several compilers, because XLA compiles outside the GIL and a model's
+handful of distinct shapes would otherwise wait for each other before the first conversions.
+At most `prefetch` staged tensors wait and at most `in_flight` conversions run unfinished, so
+host and device memory hold a few tensors beyond the placed parameters. If anything fails, every
+array made so far is deleted before the error propagates.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence
 
@@ -60,15 +65,29 @@ def _finish(outputs, release) -> None:
         release()
 
 
-def run_jobs(jobs: Sequence[TensorJob], *, on_bytes: Callable[[int], None], prefetch: int = 2,
-             in_flight: int = 4) -> tuple[dict, list[tuple[tuple[str, ...], Conversion, jax.Array]]]:
-    """({path: placed leaf}, [(path, conversion, its NaN/Inf flag on the device)] of every converted leaf)."""
+def _threads() -> int:
+    # a few: the work of each is a copy or a compile, and every reader's staged tensor is held
+    # on the device (and mapped on the host) until its turn
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def run_jobs(jobs: Sequence[TensorJob], *, on_bytes: Callable[[int], None], prefetch: Optional[int] = None,
+             in_flight: int = 4, readers: Optional[int] = None,
+             compilers: Optional[int] = None) -> tuple[dict, list[tuple[tuple[str, ...], Conversion, jax.Array]]]:
+    """({path: placed leaf}, [(path, conversion, its NaN/Inf flag on the device)] of every converted leaf).
+
+    readers / compilers: threads reading and compiling (default: min(4, CPU count)); prefetch:
+    staged tensors waiting for their conversion (default: max(2, readers)).
+    """
+    readers = readers or _threads()
+    compilers = compilers or _threads()
+    prefetch = prefetch or max(2, readers)
     placed: dict = {}
     flags: list[tuple[tuple[str, ...], Conversion, jax.Array]] = []
     staged: collections.deque[Future] = collections.deque()
     running: collections.deque = collections.deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="jint8-compile") as compiler, \
-            ThreadPoolExecutor(1, thread_name_prefix="jint8-read") as reader:
+    with ThreadPoolExecutor(compilers, thread_name_prefix="jint8-compile") as compiler, \
+            ThreadPoolExecutor(readers, thread_name_prefix="jint8-read") as reader:
         # in the order of first use, so the first tensor waits for one compile only
         compiled = {c: compiler.submit(compiled_conversion, c)
                     for c in dict.fromkeys(job.conversion for job in jobs if job.conversion is not None)}
