@@ -34,7 +34,7 @@ from jint8.errors import (
 from jint8.loading import gguf_file, msgpack_file, safetensors_file
 from jint8.loading.bnb_int4 import QuantStateRecords, bnb_int4_settings, read_int4_kernel, split_bnb4_records
 from jint8.loading.bnb_int8 import bnb_int8_settings, read_int8_kernel, split_bnb_records
-from jint8.loading.config_check import check_config_against_arrays
+from jint8.loading.config_check import abstract_params, check_config_against_arrays
 from jint8.loading.device_convert import default_device, plan_conversion, stage, stage_sharded
 from jint8.loading.names import (
     NameRules,
@@ -389,9 +389,9 @@ def _plan_bnb_kernels(planned: dict, bnb_scales: dict, table) -> None:
 
 
 def _parameter_shapes(model) -> dict:
-    """{path: ShapeDtypeStruct} of the model's parameters. The key and the dummy input are made
-    inside eval_shape: made outside, each would be an eager op compiled (and run) on the device."""
-    return flatten_dict(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"])
+    """{path: ShapeDtypeStruct} of the model's parameters (config_check.abstract_params: traced
+    for a few layers and extended; tracing every layer of a 32-layer model takes most of a second)."""
+    return abstract_params(model)
 
 
 def _raise_on_nonfinite(flags, records: Mapping[tuple, TensorRecord]) -> None:
