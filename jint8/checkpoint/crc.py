@@ -134,18 +134,15 @@ def _raw(array: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled(shape: tuple[int, ...], dtype: np.dtype, device: jax.Device):
+def compiled_raw(shape: tuple[int, ...], dtype: np.dtype, device: jax.Device):
+    """raw, compiled for a single-device array of this shape and dtype on device (cached: a model's
+    many layers share a few shapes; compiled_raw.cache_clear() empties it)."""
     sharding = SingleDeviceSharding(device)
     return jax.jit(_raw).lower(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)).compile()
 
 
-def compiled_raw(array: jax.Array):
-    """The compiled raw of a single-device array's shape, dtype and device (cached: a model's many
-    layers share a few shapes; compiled_raw.cache_clear() empties it)."""
-    return _compiled(tuple(array.shape), np.dtype(array.dtype), next(iter(array.sharding.device_set)))
-
-
-compiled_raw.cache_clear = _compiled.cache_clear
+def _compiled_for(array: jax.Array):
+    return compiled_raw(tuple(array.shape), np.dtype(array.dtype), next(iter(array.sharding.device_set)))
 
 
 def device_raw(array: jax.Array) -> jax.Array:
@@ -153,7 +150,7 @@ def device_raw(array: jax.Array) -> jax.Array:
     scalar there)."""
     if array.size == 0:
         return np.zeros((), np.uint32)
-    return compiled_raw(array)(array)
+    return _compiled_for(array)(array)
 
 
 def device_crc32c(array: jax.Array, previous: int = 0) -> int:

@@ -12,6 +12,7 @@ at once (a small thread pool: crc32c releases the GIL)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pathlib
 from collections.abc import Mapping
@@ -30,8 +31,12 @@ logger = logging.getLogger(__name__)
 ALGORITHM = "crc32c"
 
 
+def _on_cpu_devices(devices) -> bool:
+    return all(device.platform == "cpu" for device in devices)
+
+
 def _on_cpu(array: jax.Array) -> bool:
-    return all(device.platform == "cpu" for device in array.sharding.device_set)
+    return _on_cpu_devices(array.sharding.device_set)
 
 
 def _host_copy(array) -> np.ndarray:
@@ -118,11 +123,29 @@ def _device_checksums(arrays: list) -> list[int]:
     compiles at once (XLA compiles outside the GIL), then every sum dispatched before any is
     fetched, so the device works through them back to back and one transfer brings them all."""
     blocks = [_on_device_blocks(array) for array in arrays]
-    distinct = {(b.shape, b.dtype, next(iter(b.sharding.device_set))): b for bs in blocks for b in bs}
+    distinct = {(tuple(b.shape), np.dtype(b.dtype), next(iter(b.sharding.device_set)))
+                for bs in blocks for b in bs if b.size}
     with ThreadPoolExecutor(_checksum_workers(), thread_name_prefix="jint8-crc-compile") as pool:
-        list(pool.map(lambda block: crc.compiled_raw(block), distinct.values()))
+        list(pool.map(lambda key: crc.compiled_raw(*key), distinct))
     raws = jax.device_get([[crc.device_raw(block) for block in bs] for bs in blocks])
     return [_combined(bs, rs) for bs, rs in zip(blocks, raws)]
+
+
+def compile_ahead(target) -> ThreadPoolExecutor:
+    """Start compiling the checksums of a restore target's single-device accelerator arrays (a tree
+    of ShapeDtypeStructs with shardings) on a few threads, so the compiles run while the arrays are
+    read; the caller shuts the pool down (waiting) before verify_checksums. Other arrays compile
+    when they are checked."""
+    distinct = set()
+    for leaf in jax.tree.leaves(target):
+        sharding = getattr(leaf, "sharding", None)
+        if (isinstance(sharding, jax.sharding.SingleDeviceSharding) and math.prod(leaf.shape) > 0
+                and not _on_cpu_devices(sharding.device_set)):
+            distinct.add((tuple(leaf.shape), np.dtype(leaf.dtype), next(iter(sharding.device_set))))
+    pool = ThreadPoolExecutor(_checksum_workers(), thread_name_prefix="jint8-crc-compile")
+    for key in distinct:
+        pool.submit(crc.compiled_raw, *key)
+    return pool
 
 
 def _checksum_workers() -> int:

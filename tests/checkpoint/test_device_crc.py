@@ -38,7 +38,7 @@ def test_blocks_summed_apart_combine_to_the_whole_arrays_crc(rng):
 
 def test_verification_on_the_device_names_exactly_the_damaged_arrays(tmp_path, monkeypatch):
     """CPU arrays are summed on the host; with that switched off, the device path gives the same verdict."""
-    monkeypatch.setattr(integrity, "_on_cpu", lambda array: False)
+    monkeypatch.setattr(integrity, "_on_cpu_devices", lambda devices: False)
     rng = np.random.default_rng(3)
     restored = {f"layer_{i}": {"kernel": jnp.asarray(rng.standard_normal((16, 12)).astype(np.float32)),
                                "scale": jnp.asarray(rng.standard_normal((12,)), jnp.bfloat16)} for i in range(4)}
@@ -51,3 +51,22 @@ def test_verification_on_the_device_names_exactly_the_damaged_arrays(tmp_path, m
         integrity.verify_checksums(tmp_path, leaves, restored)
     assert "['layer_1/scale', 'layer_2/kernel']" in str(info.value)
     integrity.verify_checksums(tmp_path, [leaf for leaf in leaves if leaf.storage_path not in damaged], restored)
+
+
+def test_restore_compiles_the_checksums_of_its_target_ahead_once_per_shape(monkeypatch):
+    """compile_ahead: one program per distinct shape and dtype (empty arrays need none); the
+    verification afterwards compiles nothing more."""
+    import jax
+
+    monkeypatch.setattr(integrity, "_on_cpu_devices", lambda devices: False)
+    crc.compiled_raw.cache_clear()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = [((6, 8), jnp.int8), ((6, 8), jnp.int8), ((8,), jnp.float32), ((0, 3), jnp.float32)]
+    target = {f"a{i}": jax.ShapeDtypeStruct(shape, dtype, sharding=device) for i, (shape, dtype) in enumerate(shapes)}
+    integrity.compile_ahead(target).shutdown(wait=True)
+    assert crc.compiled_raw.cache_info().currsize == 2
+    arrays = {name: jnp.ones(leaf.shape, leaf.dtype) for name, leaf in target.items()}
+    leaves = [types.SimpleNamespace(storage_path=(name,), checksums=(
+        ("", crc32c.crc32c(np.asarray(array).tobytes())),)) for name, array in arrays.items()]
+    integrity.verify_checksums(None, leaves, arrays)
+    assert crc.compiled_raw.cache_info().currsize == 2
