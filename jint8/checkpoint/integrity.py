@@ -131,6 +131,20 @@ def _device_checksums(arrays: list) -> list[int]:
     return [_combined(bs, rs) for bs, rs in zip(blocks, raws)]
 
 
+def array_checksums(arrays: list) -> list[int]:
+    """array_checksum of each array: the accelerator arrays' all dispatched at once (_device_checksums),
+    the others on a few host threads."""
+    on_device = [i for i, array in enumerate(arrays) if _on_device_blocks(array) is not None]
+    sums: list = [None] * len(arrays)
+    for i, value in zip(on_device, _device_checksums([arrays[i] for i in on_device])):
+        sums[i] = value
+    on_host = [i for i in range(len(arrays)) if sums[i] is None]
+    with ThreadPoolExecutor(_checksum_workers(), thread_name_prefix="jint8-crc") as pool:
+        for i, value in zip(on_host, pool.map(lambda i: _host_checksum(arrays[i]), on_host)):
+            sums[i] = value
+    return sums
+
+
 def compile_ahead(target) -> ThreadPoolExecutor:
     """Start compiling the checksums of a restore target's single-device accelerator arrays (a tree
     of ShapeDtypeStructs with shardings) on a few threads, so the compiles run while the arrays are
@@ -175,14 +189,7 @@ def verify_checksums(path: pathlib.Path, leaves, restored: Mapping) -> None:
                 unchecked += 1
                 continue
             checks.append((storage_path, array, expected))
-    on_device = [i for i, (_, array, _) in enumerate(checks) if _on_device_blocks(array) is not None]
-    sums: list = [None] * len(checks)
-    for i, value in zip(on_device, _device_checksums([checks[i][1] for i in on_device])):
-        sums[i] = value
-    on_host = [i for i in range(len(checks)) if sums[i] is None]
-    with ThreadPoolExecutor(_checksum_workers(), thread_name_prefix="jint8-crc") as pool:
-        for i, value in zip(on_host, pool.map(lambda i: _host_checksum(checks[i][1]), on_host)):
-            sums[i] = value
+    sums = array_checksums([array for _, array, _ in checks])
     bad = ["/".join(path) for (path, _, expected), got in zip(checks, sums) if got != expected]
     if unchecked:
         logger.info("%s: %d arrays span other processes and were not checksummed", path, unchecked)
