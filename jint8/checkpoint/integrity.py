@@ -95,10 +95,10 @@ def _on_device_blocks(array):
 
 
 def _host_checksum(array) -> int:
-    crc = 0
+    value = 0
     for block in _c_order_blocks(array):
-        crc = crc32c.crc32c(block.reshape(-1).view(np.uint8), crc)
-    return int(crc)
+        value = crc32c.crc32c(block.reshape(-1).view(np.uint8), value)
+    return int(value)
 
 
 def _combined(blocks, raws) -> int:
