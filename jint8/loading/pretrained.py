@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import unflatten_dict
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from jint8.errors import (
