@@ -131,6 +131,9 @@ def _run(code: str, device: str, what: str, env: dict | None = None) -> tuple[st
         compiles = [line for line in result.stderr.splitlines() if "Finished XLA compilation" in line]
         print(f"{what}: {len(compiles)} XLA compilations:\n  " + "\n  ".join(c[-160:] for c in compiles),
               file=sys.stderr, flush=True)
+        for line in result.stderr.splitlines():
+            if "loading pipeline" in line:
+                print(f"{what}: {line}", file=sys.stderr, flush=True)
     return result.stdout, seconds
 
 
@@ -144,7 +147,9 @@ def _prelude(system: str, directory: Path, checkpoint: Path, device: str) -> str
 
 
 _PROFILED = """
-import cProfile, io, pstats
+import cProfile, io, logging, pstats
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("jint8").setLevel(logging.DEBUG)  # the loading pipeline's waits and busy times
 _profile = cProfile.Profile()
 _profile.enable()
 {timed}
@@ -159,9 +164,10 @@ print(_text.getvalue())
 def time_once(directory: Path, checkpoint: Path, system: str, device: str,
               profile: bool = False) -> tuple[float, float, int | None]:
     """(call seconds, process seconds, peak device bytes or None) of one run in a fresh interpreter;
-    profile: the call under cProfile (its 40 largest cumulative and 25 largest own-time entries and
-    jax's compile log are
-    printed; the times then include the profiler's overhead)."""
+    profile: the call under cProfile (its 40 largest cumulative and 25 largest own-time entries, jax's
+    compile log and the loading pipeline's waits and busy times are printed; the times then include
+    the profiler's overhead). On Python 3.12+ cProfile records every thread (sys.monitoring), so
+    the reader and compiler threads' time is added into the totals: read the pipeline line instead."""
     timed = _PROFILED.format(timed=_TIMED[system][1]) if profile else _TIMED[system][1]
     code = _prelude(system, directory, checkpoint, device) + timed + "print('RESULT', seconds, peak)\n"
     stdout, process = _run(code, device, system, env={"JAX_LOG_COMPILES": "1"} if profile else None)

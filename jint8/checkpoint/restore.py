@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from jint8.checkpoint.integrity import verify_checksums
+from jint8.checkpoint.integrity import compile_ahead, verify_checksums
 from jint8.checkpoint.metadata import (
     _ARRAYS_ITEM,
     _METADATA_ITEM,
@@ -158,8 +158,9 @@ def load_quantized(directory: PathLike, *, mesh: Optional[jax.sharding.Mesh] = N
         leaf, kernel has the float parameter's shape: [*in, *out], or [V, H] for an embedding).
     mesh alone replicates everything on mesh; neither puts everything on jax.devices()[0].
     verify_checksums: compare every array with the CRC-32C recorded at save (CheckpointIntegrityError
-      names the arrays that differ); False skips it for trusted storage (it costs one read of the
-      arrays on the host).
+      names the arrays that differ); False skips it for trusted storage (it costs one pass over the
+      arrays where they are: on accelerators, with one uint32 per shard coming back; for CPU
+      devices, on the host buffers).
     Arrays are read straight into their shards: no float weights, no re-quantization. A load that
     races with an overwrite of the same path (which swaps directories) is retried once.
     """
@@ -185,16 +186,24 @@ def _load(path: pathlib.Path, mesh, shardings, verify: bool):
     path = _check_directory(path)
     info, leaves = _parse_metadata(_read_raw_metadata(path), str(path))
     target = _abstract_arrays(leaves, _resolve_shardings(leaves, mesh, shardings, str(path)))
-    with _checkpointer() as checkpointer:
-        _check_stored_arrays(path, checkpointer, leaves)
-        try:
-            restored = checkpointer.restore(
-                path, args=ocp.args.Composite(**{_ARRAYS_ITEM: ocp.args.StandardRestore(target)})
-            )[_ARRAYS_ITEM]
-        except CheckpointError:
-            raise
-        except Exception as e:  # a missing or truncated array file surfaces as a TensorStore error
-            raise _damaged(path, e) from None
+    compiles = compile_ahead(target) if verify else None  # the checksums' programs, while the arrays are read
+    try:
+        with _checkpointer() as checkpointer:
+            _check_stored_arrays(path, checkpointer, leaves)
+            try:
+                restored = checkpointer.restore(
+                    path, args=ocp.args.Composite(**{_ARRAYS_ITEM: ocp.args.StandardRestore(target)})
+                )[_ARRAYS_ITEM]
+            except CheckpointError:
+                raise
+            except Exception as e:  # a missing or truncated array file surfaces as a TensorStore error
+                raise _damaged(path, e) from None
+    except BaseException:
+        if compiles is not None:
+            compiles.shutdown(wait=True, cancel_futures=True)
+        raise
+    if compiles is not None:
+        compiles.shutdown(wait=True)
     if verify:
         try:
             verify_checksums(path, leaves, restored)

@@ -3,6 +3,7 @@ arrays for Orbax, and back."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Optional
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jint8.checkpoint.integrity import array_checksum
+from jint8.checkpoint.integrity import array_checksums
 from jint8.checkpoint.metadata import _Leaf
 from jint8.errors import CheckpointError
 from jint8.checkpoint import int4
@@ -74,6 +75,7 @@ def _to_storage(params) -> tuple[str, list[_Leaf], dict]:
     if not walked:
         raise CheckpointError("params is empty: there is nothing to save")
     leaves, arrays = [], {}
+    summed: list = []  # (leaf index, stored part, array): checksummed together below
     for path, value, variable in walked:
         name = "/".join(map(str, path))
         if value is _EMPTY:
@@ -87,18 +89,23 @@ def _to_storage(params) -> tuple[str, list[_Leaf], dict]:
             validate_int8_weight(value, name)
             stored = {"qvalue": value.qvalue, "scale": value.scale}
             leaf = _Leaf(path, "int8_weight", tuple(value.qvalue.shape), "int8", variable, int(value.in_ndim),
-                         float(value.threshold), int(value.outlier_capacity),
-                         tuple((part, array_checksum(stored[part])) for part in ("qvalue", "scale")))  # fmt: skip
+                         float(value.threshold), int(value.outlier_capacity))
+            summed.extend((len(leaves), part, stored[part]) for part in ("qvalue", "scale"))
         elif isinstance(value, (jax.Array, np.ndarray, np.generic, int, float, bool)):
             stored = value if isinstance(value, (jax.Array, np.ndarray)) else jnp.asarray(value)
             if jnp.issubdtype(stored.dtype, jax.dtypes.extended):
                 raise CheckpointError(f"{name}: arrays of dtype {stored.dtype} (e.g. PRNG keys) cannot be saved")
-            leaf = _Leaf(path, "array", tuple(stored.shape), str(jnp.dtype(stored.dtype)), variable,
-                         checksums=(("", array_checksum(stored)),))
+            leaf = _Leaf(path, "array", tuple(stored.shape), str(jnp.dtype(stored.dtype)), variable)
+            summed.append((len(leaves), "", stored))
         else:
             raise CheckpointError(f"{name}: leaf of type {type(value).__name__} is not an array or Int8Weight")
         leaves.append(leaf)
         _insert(arrays, leaf.storage_path, stored, name)
+    checksums: dict = {}
+    for (index, part, _), value in zip(summed, array_checksums([array for _, _, array in summed])):
+        checksums.setdefault(index, []).append((part, value))
+    leaves = [dataclasses.replace(leaf, checksums=tuple(checksums[i])) if i in checksums else leaf
+              for i, leaf in enumerate(leaves)]
     return kind, leaves, arrays
 
 
