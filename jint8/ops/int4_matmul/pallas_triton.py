@@ -170,9 +170,12 @@ class _Dequantizer:
         packed = packed.astype(jnp.int32)
         block = code0 // self.layout.blocksize + jnp.arange(blocks)[None, :]  # [1, blocks]
         absmax = self.block_absmax(cols[:, None], None if col_ok is None else col_ok[:, None], block)[:, :, None]
-        dtype = self.layout.compute_dtype
-        return tuple(round_to(_lookup(codes, self.book_ref, self.book, self.lookup) * absmax, dtype,
-                              explicit=self.interpret)
+        return self._values(packed, absmax)
+
+    def _values(self, packed, absmax):
+        """(w_hi, w_lo) in the compute dtype of int32 bytes and their broadcast absmax."""
+        return tuple(round_to(_lookup(codes, self.book_ref, self.book, self.lookup) * absmax,
+                              self.layout.compute_dtype, explicit=self.interpret)
                      for codes in (packed >> 4, packed & 0xF))
 
     def __call__(self, cols, col_ok, code0, size: int):
@@ -181,10 +184,7 @@ class _Dequantizer:
         packed = _load(self.packed_ref, cols, code0 // 2 + jnp.arange(size // 2), col_ok, None)
         packed = packed.astype(jnp.int32)
         absmax = self.block_absmax(cols, col_ok, code0 // self.layout.blocksize)[:, None]
-        dtype = self.layout.compute_dtype
-        return tuple(round_to(_lookup(codes, self.book_ref, self.book, self.lookup) * absmax, dtype,
-                              explicit=self.interpret)
-                     for codes in (packed >> 4, packed & 0xF))
+        return self._values(packed, absmax)
 
 
 def _dot(a, b_t, dtype):
