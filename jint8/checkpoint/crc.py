@@ -144,9 +144,7 @@ def _bytes_of(array: jax.Array) -> jax.Array:
     """The array's C-order bytes as a flat uint8 array (bool as its 0/1 bytes)."""
     if array.dtype == jnp.bool_:
         array = array.astype(jnp.uint8)
-    if jnp.dtype(array.dtype).itemsize > 1:
-        array = jax.lax.bitcast_convert_type(array, jnp.uint8)  # a trailing axis of the item's bytes
-    elif array.dtype != jnp.uint8:
+    if array.dtype != jnp.uint8:  # wider items: a trailing axis of the item's bytes
         array = jax.lax.bitcast_convert_type(array, jnp.uint8)
     return array.reshape(-1)
 
@@ -174,8 +172,9 @@ def compiled_raw(shape: tuple[int, ...], dtype: np.dtype, device: jax.Device):
     return jax.jit(_raw).lower(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)).compile()
 
 
-def _compiled_for(array: jax.Array):
-    return compiled_raw(tuple(array.shape), np.dtype(array.dtype), next(iter(array.sharding.device_set)))
+def compile_key(array) -> tuple:
+    """compiled_raw's arguments for a single-device array (or a ShapeDtypeStruct with its sharding)."""
+    return tuple(array.shape), np.dtype(array.dtype), next(iter(array.sharding.device_set))
 
 
 def device_raw(array: jax.Array) -> jax.Array:
@@ -183,7 +182,7 @@ def device_raw(array: jax.Array) -> jax.Array:
     scalar there)."""
     if array.size == 0:
         return np.zeros((), np.uint32)
-    return _compiled_for(array)(array)
+    return compiled_raw(*compile_key(array))(array)
 
 
 def device_crc32c(array: jax.Array, previous: int = 0) -> int:

@@ -123,8 +123,7 @@ def _device_checksums(arrays: list) -> list[int]:
     compiles at once (XLA compiles outside the GIL), then every sum dispatched before any is
     fetched, so the device works through them back to back and one transfer brings them all."""
     blocks = [_on_device_blocks(array) for array in arrays]
-    distinct = {(tuple(b.shape), np.dtype(b.dtype), next(iter(b.sharding.device_set)))
-                for bs in blocks for b in bs if b.size}
+    distinct = {crc.compile_key(b) for bs in blocks for b in bs if b.size}
     with ThreadPoolExecutor(_checksum_workers(), thread_name_prefix="jint8-crc-compile") as pool:
         list(pool.map(lambda key: crc.compiled_raw(*key), distinct))
     raws = jax.device_get([[crc.device_raw(block) for block in bs] for bs in blocks])
@@ -155,7 +154,7 @@ def compile_ahead(target) -> ThreadPoolExecutor:
         sharding = getattr(leaf, "sharding", None)
         if (isinstance(sharding, jax.sharding.SingleDeviceSharding) and math.prod(leaf.shape) > 0
                 and not _on_cpu_devices(sharding.device_set)):
-            distinct.add((tuple(leaf.shape), np.dtype(leaf.dtype), next(iter(sharding.device_set))))
+            distinct.add(crc.compile_key(leaf))
     pool = ThreadPoolExecutor(_checksum_workers(), thread_name_prefix="jint8-crc-compile")
     for key in distinct:
         pool.submit(crc.compiled_raw, *key)
