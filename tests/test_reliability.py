@@ -298,5 +298,5 @@ def test_config_check_shapes_extended_from_few_traced_layers_equal_the_whole_ini
     spec = spec_for(hf.model_type)
     model = spec.model_class(spec.config_from_hf(hf, jnp.float32))
     assert model.config.num_layers == 4
-    whole, fast = config_check._init_shapes(model), config_check._abstract_params(model)
+    whole, fast = config_check._init_shapes(model), config_check.abstract_params(model)
     assert {p: (s.shape, s.dtype) for p, s in fast.items()} == {p: (s.shape, s.dtype) for p, s in whole.items()}

@@ -99,6 +99,3 @@ def check_config_against_arrays(location: Path, model, stored_shapes: dict) -> N
     if problems:
         raise WeightsMismatchError(f"{location}: the stored model_config does not match the stored arrays: "
                                    f"{'; '.join(problems)}")
-
-
-_abstract_params = abstract_params  # the name tests and older callers use

@@ -388,12 +388,6 @@ def _plan_bnb_kernels(planned: dict, bnb_scales: dict, table) -> None:
                                           jax.ShapeDtypeStruct(target.shape[1:], jnp.float32))
 
 
-def _parameter_shapes(model) -> dict:
-    """{path: ShapeDtypeStruct} of the model's parameters (config_check.abstract_params: traced
-    for a few layers and extended; tracing every layer of a 32-layer model takes most of a second)."""
-    return abstract_params(model)
-
-
 def _raise_on_nonfinite(flags, records: Mapping[tuple, TensorRecord]) -> None:
     """quantize_params' NaN/Inf check, on the flags the conversions left on the device (one transfer
     of a few scalars); a tensor found bad is read again on the host to count its bad values."""
@@ -461,7 +455,7 @@ def from_pretrained(
     spec = spec_for(getattr(hf_config, "model_type", None))
     config = spec.config_from_hf(hf_config, dtype)
     model = spec.model_class(config)
-    shapes = _parameter_shapes(model)
+    shapes = abstract_params(model)
     rules = spec.name_rules
     table = expected_tensors({p: tuple(s.shape) for p, s in shapes.items()}, rules)
     records = _records(kind, location, hf_config, table)
@@ -470,7 +464,7 @@ def from_pretrained(
         # head is its own matrix (T5 v1.1, FLAN-T5, mT5), and a stored lm_head.weight is that head
         config = dataclasses.replace(config, tie_word_embeddings=False)
         model = spec.model_class(config)
-        shapes = _parameter_shapes(model)
+        shapes = abstract_params(model)
         table = expected_tensors({p: tuple(s.shape) for p, s in shapes.items()}, rules)
     bnb4 = bnb_int4_settings(hf_config) if kind == "safetensors" else None
     bnb = bnb_int8_settings(hf_config) if kind == "safetensors" and bnb4 is None else None
@@ -523,7 +517,7 @@ def planned_bytes_per_device(path_or_config, *, quantization=None, dtype=jnp.bfl
         hf_config = path_or_config
     spec = spec_for(getattr(hf_config, "model_type", None))
     model = spec.model_class(spec.config_from_hf(hf_config, dtype))
-    shapes = _parameter_shapes(model)
+    shapes = abstract_params(model)
     planned, _ = _planned_leaves(shapes, quantization)
     layout = [entry for p, leaf in planned.items() for entry in _leaf_layout(p, leaf, mesh, spec.sharding)]
     return bytes_per_device(layout, mesh)

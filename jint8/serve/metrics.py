@@ -42,9 +42,6 @@ class BatchHistogram:
             self._counts += counts
             self._sum += float(values.sum())
 
-    def observe(self, value: float) -> None:
-        self.observe_many([value])
-
     def collect(self):
         with self._lock:
             cumulative, total = np.cumsum(self._counts).tolist(), self._sum
