@@ -364,7 +364,7 @@ class _Entry:
 
 
 def _current_spelling(fields: dict) -> dict:
-    """A table entry's "gemm" fields with the older spellings (schema above) read as today's."""
+    """A table entry's "gemm" fields with the older spellings (schema above) read as the current ones."""
     fields = dict(fields)
     if "split_reduce" in fields:
         reduce = fields.pop("split_reduce")
