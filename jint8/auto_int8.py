@@ -43,6 +43,7 @@ from jint8.calibration import budget_threshold, layers_from_column_absmax, layer
 from jint8.errors import InvalidConfigError
 from jint8.gptq import gptq_int8, input_hessian
 from jint8.layers import Int8Dense, as_array
+from jint8.numerics import INV_127, INV_127_SQ
 from jint8.quantize import Int8Config
 from jint8.sensitivity import token_windows
 from jint8.smoothing import MigrationSite, fold_scales, llama_sites, smoothing_exponents
@@ -139,7 +140,16 @@ def _capture(model: nn.Module, params, windows, sites: Sequence[MigrationSite]):
 def _vectorwise_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(int8 values as float32 [K, N], absmax per output column [N]) of a kernel, bitsandbytes' rounding."""
     w_scale = np.abs(w).max(axis=0)
-    return np.rint(w * (127.0 / np.where(w_scale > 0, w_scale, np.inf))).astype(np.float32), w_scale
+    return np.rint(w * _multiplier(w_scale)).astype(np.float32), w_scale
+
+
+def _multiplier(scales: np.ndarray) -> np.ndarray:
+    """numerics.quantization_multiplier in numpy: (1 / s) * 127 in two float32 roundings (torch's
+    127 / s), 0 where s == 0. 127 / s in one rounding differs in the last bit, which flips an
+    int8 code at an exact tie."""
+    scales = np.asarray(scales, np.float32)
+    safe = np.where(scales > 0, scales, np.float32(1))
+    return np.where(scales > 0, (np.float32(1) / safe) * np.float32(127), np.float32(0))
 
 
 def simulated_int8_output(x: np.ndarray, w: np.ndarray, threshold: float,
@@ -155,11 +165,12 @@ def simulated_int8_output(x: np.ndarray, w: np.ndarray, threshold: float,
     magnitude = np.abs(x)
     x_scale = np.where(magnitude >= threshold, 0, magnitude).max(axis=1, keepdims=True) if threshold > 0 \
         else magnitude.max(axis=1, keepdims=True)
-    xq = np.rint(x * (127.0 / np.where(x_scale > 0, x_scale, np.inf))).astype(np.float32)
+    xq = np.rint(x * _multiplier(x_scale)).astype(np.float32)
     xq[:, outliers] = 0
-    y = (xq @ wq) * (x_scale * (w_scale / np.float32(127.0 * 127.0)))
+    # the op's float32 order: acc * (s_x * s_w) * (1 / 127^2), then + x_O @ (wq_O * s_w * (1 / 127))
+    y = (xq @ wq) * (x_scale * w_scale) * np.float32(INV_127_SQ)
     if outliers.any():
-        y += x[:, outliers] @ (wq[outliers] * (w_scale / np.float32(127.0)))
+        y += x[:, outliers] @ (wq[outliers] * w_scale * np.float32(INV_127))
     return y
 
 
