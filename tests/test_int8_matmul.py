@@ -1,7 +1,6 @@
 """The XLA reference int8_matmul against independent numpy statements of the recipe."""
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -78,18 +77,19 @@ def test_outlier_decomposition_cuts_error_at_least_5x(rng):
     assert with_decomposition < 0.02
 
 
-def test_capacity_overflow_is_exact_and_reported(rng, caplog):
+def test_capacity_overflow_is_exact_and_reported(rng):
     x, w = _inputs(rng, 8, 64, 32, "float32", (1, 9, 17, 33, 60))
     q = quantize_vectorwise(w)
     roomy, roomy_stats = int8_matmul(x, q.qvalue, q.scale, outlier_capacity=8, weight_layout="nk", return_stats=True)
     step = jax.jit(lambda x: int8_matmul(x, q.qvalue.T, q.scale, outlier_capacity=2, return_stats=True))
-    with caplog.at_level(logging.WARNING, logger="jint8"):
-        tight, tight_stats = step(x)
-        jax.block_until_ready(tight)
+    tight, tight_stats = step(x)
     np.testing.assert_allclose(np.asarray(tight), np.asarray(roomy), rtol=1e-5, atol=1e-5)
     assert int(roomy_stats.num_outlier_columns) == int(tight_stats.num_outlier_columns) == 5
     assert not bool(roomy_stats.capacity_overflow) and bool(tight_stats.capacity_overflow)
-    assert any("outlier_capacity=2" in r.getMessage() for r in caplog.records)
+    # reported through the stats only: a host callback in the program (a log call from inside
+    # it) would make every XLA:CPU dispatch of a program holding the op wait for its whole run
+    lowered = step.lower(x).as_text()
+    assert "callback" not in lowered.lower()
 
 
 def test_threshold_zero_matches_plain_int8_path(rng):
