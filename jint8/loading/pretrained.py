@@ -11,6 +11,7 @@ if a later step fails, what was placed is deleted before the error propagates.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -119,6 +120,13 @@ def _records(kind: str, location: Path, hf_config, table) -> list[TensorRecord]:
     if kind == "msgpack":
         return msgpack_file.msgpack_records(location)
     return safetensors_file.safetensors_records(location)
+
+
+def _backend_and_records(kind: str, location: Path) -> Optional[list[TensorRecord]]:
+    """The default backend started and, but for GGUF (whose records need the config), the
+    checkpoint's tensor records."""
+    jax.devices()
+    return None if kind == "gguf" else _records(kind, location, None, None)
 
 
 def _stores_lm_head(records) -> bool:
@@ -451,14 +459,20 @@ def from_pretrained(
                                           progress=progress)
         return model, params
     kind, location = _find_format(Path(path))
-    hf_config = _hf_config(kind, location)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jint8-load-early") as early:
+        # transformers' config classes import torch and parts of its modeling code (seconds on
+        # a GPU machine); the device backend's start-up and the tensor headers do not depend on
+        # the config, so they run meanwhile
+        early_records = early.submit(_backend_and_records, kind, location)
+        hf_config = _hf_config(kind, location)
+        early_records = early_records.result()
     spec = spec_for(getattr(hf_config, "model_type", None))
     config = spec.config_from_hf(hf_config, dtype)
     model = spec.model_class(config)
     shapes = abstract_params(model)
     rules = spec.name_rules
     table = expected_tensors({p: tuple(s.shape) for p, s in shapes.items()}, rules)
-    records = _records(kind, location, hf_config, table)
+    records = early_records if early_records is not None else _records(kind, location, hf_config, table)
     if kind != "gguf" and getattr(config, "tie_word_embeddings", False) and _stores_lm_head(records):
         # the file decides: transformers 5 writes tie_word_embeddings=True for checkpoints whose
         # head is its own matrix (T5 v1.1, FLAN-T5, mT5), and a stored lm_head.weight is that head
