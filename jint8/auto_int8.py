@@ -54,6 +54,8 @@ AUTO_METHOD = "auto-v2"  # Int8Config.calibration of a resolved auto config: thi
 ALPHAS = (0.3, 0.5, 0.7)  # SmoothQuant migration strengths tried per site, besides no migration
 WINDOW = 512  # tokens per calibration call (the outlier columns of a call are its tokens' union)
 OUTLIER_BUDGET = 0.05  # fraction of a projection's input features allowed through 16 bits per call
+# per-site exceptions to OUTLIER_BUDGET: {site kind: fraction}
+SITE_OUTLIER_BUDGETS = {}
 MAX_THRESHOLD = 6.0  # bitsandbytes' default: never a higher threshold than it
 # GPTQ's damping, as a fraction of the Hessian's mean diagonal: 0.01 (GPTQ's default) fitted the
 # 1580 calibration tokens too closely (held-out KL worse than round-to-nearest on the license
@@ -193,7 +195,7 @@ def choose_site(site: MigrationSite, windows_x: Sequence[np.ndarray], kernels: S
     windows_x: per calibration window the consumers' input [T, K]; kernels: the consumers'
     float kernels [K, N_j]. Ties keep the earlier candidate, no migration first."""
     k = windows_x[0].shape[1]
-    capacity = min(k, max(1, math.ceil(OUTLIER_BUDGET * k)))
+    capacity = min(k, max(1, math.ceil(site_outlier_budget(site.name) * k)))
     # the error is scored on every SCORE_STRIDE-th token (the cost of the search), while each
     # window's threshold and outlier columns come from all its tokens, as in the real call
     scored = [x[::SCORE_STRIDE] for x in windows_x]
@@ -260,8 +262,7 @@ def calibrate_auto(model: nn.Module, params, base: Optional[Int8Config] = None,
     clock.lap("fold")
     # the migrated model's inputs are the captured ones divided by s, exactly (powers of two):
     # the thresholds follow from the captured maxima without another forward
-    layers = layers_from_column_absmax(_migrated_maxima(column_absmax, sites, exponents), f32_migrated,
-                                       outlier_budget=OUTLIER_BUDGET, max_threshold=MAX_THRESHOLD, base=base)
+    layers = _thresholds(_migrated_maxima(column_absmax, sites, exponents), f32_migrated, sites, base)
     # capacity only sizes the XLA backend's gather (CPU); room for twice the calibration count
     # keeps unseen text off its dense fallback (same result, more work, a warning) in most calls
     layers = [dataclasses.replace(layer, capacity=min(layer.num_features, 2 * layer.capacity)) for layer in layers]
@@ -287,6 +288,24 @@ class _PhaseClock:
 
     def __str__(self) -> str:
         return ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.phases.items())
+
+
+def site_outlier_budget(site_name: str) -> float:
+    """The outlier budget of a migration site's consumers (SITE_OUTLIER_BUDGETS, else OUTLIER_BUDGET)."""
+    return SITE_OUTLIER_BUDGETS.get(site_name.rsplit("/", 1)[-1], OUTLIER_BUDGET)
+
+
+def _thresholds(column_absmax: dict, params, sites, base: Int8Config) -> list:
+    """calibration.layers_from_column_absmax with each projection's site budget (OUTLIER_BUDGET for
+    projections of no site), in column_absmax's order."""
+    budget_of = {path: site_outlier_budget(site.name) for site in sites for path in site.consumers}
+    chosen = {}
+    for budget in sorted(set(budget_of.values()) | {OUTLIER_BUDGET}):
+        group = {path: m for path, m in column_absmax.items() if budget_of.get(path, OUTLIER_BUDGET) == budget}
+        if group:
+            chosen.update((layer.path, layer) for layer in layers_from_column_absmax(
+                group, params, outlier_budget=budget, max_threshold=MAX_THRESHOLD, base=base))
+    return [chosen[path] for path in column_absmax if path in chosen]
 
 
 def _migrated_maxima(column_absmax: dict, sites, exponents) -> dict:

