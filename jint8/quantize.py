@@ -225,7 +225,7 @@ class Int8Config:
       (jint8.auto_int8: scale migration folded into the float model and per-layer thresholds,
       calibrated on built-in text); the other fields are kept as the base. quantize_params cannot
       calibrate (it has no model): use jint8.auto_int8.calibrate_auto there.
-    calibration: how a "fixed" config was chosen, "" when by hand ("auto-v2": by mode="auto";
+    calibration: how a "fixed" config was chosen, "" when by hand ("auto-v3": by mode="auto";
       its params then hold migrated scales, so it belongs with the checkpoint it was saved with).
     """
 
