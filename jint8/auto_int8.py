@@ -10,8 +10,8 @@ Steps (calibrate_auto), all on the float model in float32:
    the sum over the site's projections of |y_int8 - y|^2 / |y|^2 on the calibration tokens;
 3. fold the chosen scales into the float params (exact: the float model is unchanged), then
    choose each projection's threshold on the migrated activations (calibration.calibrate_layers'
-   rule: the lowest threshold that keeps at most `outlier_budget` of the input features per call
-   in 16 bits, at most 6.0), from step 1's per-feature maxima divided by s (exact for powers of
+   rule: the lowest threshold that keeps at most the site's outlier budget of the input features
+   per call in 16 bits, at most 6.0; SITE_OUTLIER_BUDGETS, else OUTLIER_BUDGET), from step 1's per-feature maxima divided by s (exact for powers of
    two, so no second forward);
 4. keep the down_proj whose simulated int8 output error (step 2's score at the chosen candidate)
    is largest in 16 bits, while the extra bytes stay within SKIP_MEMORY_BUDGET of the int8 model;
