@@ -157,7 +157,7 @@ def auto_thresholds(model, params, args):
     from flax import traverse_util
 
     import jint8
-    from jint8.auto_int8 import MAX_THRESHOLD, OUTLIER_BUDGET
+    from jint8.auto_int8 import MAX_THRESHOLD, OUTLIER_BUDGET, site_outlier_budget
     from jint8.calibration import budget_threshold
     from jint8.evaluation import inspect_outliers
 
@@ -168,7 +168,9 @@ def auto_thresholds(model, params, args):
         weight = flat.get(key)
         if not isinstance(weight, jint8.Int8Weight):
             continue
-        capacity = min(layer.num_features, max(1, math.ceil(OUTLIER_BUDGET * layer.num_features)))
+        # down_proj is the consumer of the mlp_out site (act(gate) * up), whose budget auto raises
+        budget = site_outlier_budget("mlp_out") if layer.path.endswith("/down_proj") else OUTLIER_BUDGET
+        capacity = min(layer.num_features, max(1, math.ceil(budget * layer.num_features)))
         threshold = min(budget_threshold(layer.column_absmax, capacity), MAX_THRESHOLD)
         flat[key] = weight.replace(threshold=threshold, outlier_capacity=min(layer.num_features, 2 * capacity))
     return traverse_util.unflatten_dict(flat)
