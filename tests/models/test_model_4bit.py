@@ -10,6 +10,7 @@ from tiny_checkpoints import random_ids, save_checkpoint
 
 import jint8
 from jint8 import Int4Config, Int4Weight, dequantize_params, quantize_params
+from jint8.loading.pretrained import planned_bytes_per_device
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "gpt2", "opt", "bloom", "falcon_7b", "falcon_new"])
@@ -32,3 +33,17 @@ def test_model_families_run_4bit_trees(tmp_path, family):
         out = np.asarray(jint8.generate(model, fused, np.asarray(ids), config=config).sequences)
         assert out.shape == (2, 7 + 4)
         np.testing.assert_array_equal(out[:, 7], np.argmax(logits[:, -1], axis=-1))  # greedy's first token
+
+
+def test_from_pretrained_plans_and_loads_4bit_tables(tmp_path):
+    require_module("transformers")
+    save_checkpoint("llama", tmp_path)
+    config = Int4Config(min_size=0, quantize_embeddings=True)
+    model, params = jint8.from_pretrained(tmp_path, quantization=config, dtype=jnp.float32, progress=False)
+    table = params["model"]["embed_tokens"]["embedding"]
+    _, floats = jint8.from_pretrained(tmp_path, dtype=jnp.float32, progress=False)
+    expected = quantize_params(floats, config)["model"]["embed_tokens"]["embedding"]
+    assert isinstance(table, Int4Weight) and table.shape == (256, 64)
+    for a, b in zip(jax.tree.leaves(table), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a).reshape(-1).view(np.uint8), np.asarray(b).reshape(-1).view(np.uint8))
+    assert jint8.param_bytes(params) == planned_bytes_per_device(tmp_path, quantization=config, dtype=jnp.float32)
