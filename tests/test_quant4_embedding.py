@@ -20,9 +20,9 @@ torch = require_module("torch")
 bnb = require_module("bitsandbytes")
 
 # [V, H]: odd vocab sizes; H a multiple of the blocksize (Embedding4bit's row-gather path), H not
-# a multiple (its whole-table path: blocks span rows), H odd (rows start mid-byte), V * H below
-# one 256-block group and above it (double quantization's nested absmax).
-TABLES = [(37, 128), (29, 33), (17, 70), (300, 64), (41, 96)]
+# a multiple (its whole-table path: blocks span rows), H odd (rows start mid-byte), and H = 96
+# (bitsandbytes' AVX512 kernel indexes absmax per row there: its module's rows are wrong).
+TABLES = [(37, 128), (29, 33), (17, 70), (41, 96)]
 
 
 def _table(shape, dtype, seed):
@@ -67,7 +67,7 @@ def test_4bit_table_and_lookups_equal_bitsandbytes_embedding4bit(shape, quant_ty
         np.testing.assert_array_equal(np.asarray(got, np.float32), looked_up.float().numpy())
 
 
-@pytest.mark.parametrize("shape", [(300, 64), (29, 33)])
+@pytest.mark.parametrize("shape", [(300, 64), (29, 33)])  # above one 256-block group, and below
 @pytest.mark.parametrize("quant_type", quant4.QUANT_TYPES)
 def test_double_quantized_table_lookups_equal_bitsandbytes_dequantize(shape, quant_type):
     # Embedding4bit never double-quantizes; its partial path would gather absmax codes out of
@@ -127,39 +127,29 @@ def test_quantize_params_makes_4bit_tables_only_when_asked(rng, caplog):
     assert isinstance(unskipped["embed"]["embedding"], Int4Weight)
 
 
-def _llama(tied):
+def _tied_llama():
     from jint8.models import LlamaConfig, LlamaForCausalLM
 
     # H = 72: rows are not whole 64-value blocks, so blocks span two token rows
     config = LlamaConfig(vocab_size=250, hidden_size=72, intermediate_size=96, num_layers=1, num_heads=4,
-                         num_kv_heads=2, head_dim=18, tie_word_embeddings=tied, dtype=jnp.float32)
+                         num_kv_heads=2, head_dim=18, tie_word_embeddings=True, dtype=jnp.float32)
     model = LlamaForCausalLM(config)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 250, (2, 6)), jnp.int32)
-    return model, model.init(jax.random.key(0), ids)["params"], ids
+    return model, jax.jit(model.init)(jax.random.key(0), ids)["params"], ids
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_llama_with_a_4bit_table_matches_its_dequantized_float_model(tied, tmp_path):
-    model, params, ids = _llama(tied)
-    config = Int4Config(min_size=0, quantize_embeddings=True, skip_modules=() if tied else ("lm_head",))
-    q = quantize_params(params, config)
+def test_tied_head_runs_int4_matmul_on_the_4bit_table_and_round_trips(tmp_path):
+    model, params, ids = _tied_llama()
+    config = Int4Config(min_size=0, quantize_embeddings=True, skip_modules=())  # the head 4-bit too
+    q = jax.jit(lambda p: quantize_params(p, config))(params)  # one program: eager runs ~6x longer
     table = q["model"]["embed_tokens"]["embedding"]
-    assert isinstance(table, Int4Weight)
+    assert isinstance(table, Int4Weight) and table.shape == (250, 72)
     back = dequantize_params(q)
     # the lookup is exact (dequantize_4bit_rows = dequantize_4bit's rows); every other difference
-    # is a float32 dot's summation order (a tied head: the 4-bit matmul against the float one)
+    # is a float32 dot's summation order, the tied head's 4-bit matmul against the float one among them
     got, _ = model.apply({"params": q}, ids)
     want, _ = model.apply({"params": back}, ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    out = jint8.generate(model, q, np.asarray(ids), config=jint8.GenerationConfig(max_new_tokens=3)).sequences
-    out = np.asarray(out)
-    assert out.shape == (2, 9)
-    # greedy on the 4-bit tree picks, at each step, a token whose float-model logit is the
-    # maximum within the same summation-order bound
-    logits, _ = model.apply({"params": back}, jnp.asarray(out[:, :-1]))
-    logits = np.asarray(logits)[:, 5:]
-    chosen = np.take_along_axis(logits, out[:, 6:, None], axis=-1)[..., 0]
-    assert np.all(chosen >= logits.max(axis=-1) - 2e-5 * (1 + np.abs(logits).max()))
     saved = jint8.save_quantized(tmp_path / "ckpt", q, quant_config=config)
     restored, info = jint8.load_quantized(saved)
     assert info.quant_config == config and info.quant_config.quantize_embeddings
@@ -170,4 +160,3 @@ def test_llama_with_a_4bit_table_matches_its_dequantized_float_model(tied, tmp_p
     # Embedding4bit has no checkpoint format (transformers keeps embeddings 16-bit): export refuses
     with pytest.raises(InvalidConfigError, match="embed_tokens/embedding is a 4-bit embedding"):
         jint8.export_bitsandbytes(model, q, tmp_path / "bnb")
-

@@ -194,6 +194,15 @@ def _planned_leaves(shapes: dict, quantization: Optional[Int8Config]) -> tuple[d
     return planned, decisions
 
 
+def _plan_4bit_tables(planned: dict, decisions: dict, shapes: dict, quantization: Int4Config) -> None:
+    """A bitsandbytes 4-bit checkpoint stores its embeddings 16-bit (its kernels keep their own
+    codes): Int4Config(quantize_embeddings=True) quantizes those tables while loading."""
+    tables, table_decisions = _planned_leaves(shapes, quantization)
+    for path, decision in table_decisions.items():
+        if decision.embedding:
+            planned[path], decisions[path] = tables[path], decision
+
+
 def _planned_int4(shape: tuple[int, ...], config: Int4Config, dtype) -> Int4Weight:
     """The Int4Weight of ShapeDtypeStructs that quantize_4bit makes of a weight [out, in]."""
     n = shape[0] * shape[1]
@@ -499,6 +508,8 @@ def from_pretrained(
                   table, rules, config.tie_word_embeddings)
 
     planned, decisions = _planned_leaves(shapes, quantization if bnb4 is None else None)
+    if bnb4 is not None and isinstance(quantization, Int4Config) and quantization.quantize_embeddings:
+        _plan_4bit_tables(planned, decisions, shapes, quantization)
     _plan_bnb_kernels(planned, bnb_scales, table)
     _plan_bnb4_kernels(planned, bnb4_states, table)
     layout = [entry for p, leaf in planned.items() for entry in _leaf_layout(p, leaf, mesh, spec.sharding)]

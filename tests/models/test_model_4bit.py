@@ -18,7 +18,11 @@ def test_model_families_run_4bit_trees(tmp_path, family):
     require_module("torch")
     save_checkpoint(family, tmp_path)
     model, params = jint8.from_pretrained(tmp_path, dtype=jnp.float32, progress=False)
-    q = quantize_params(params, Int4Config(min_size=0))
+    # 4-bit tables where the head is lm_head (llama, falcon_new); tied tables stay float (lm_head skipped)
+    q = quantize_params(params, Int4Config(min_size=0, quantize_embeddings=True))
+    tables = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
+        q, is_leaf=lambda x: isinstance(x, Int4Weight))[0] if getattr(path[-1], "key", None) == "embedding"]
+    assert all(isinstance(t, Int4Weight) == ("lm_head" in q) for t in tables) and tables
     assert any(isinstance(leaf, Int4Weight) for leaf in jax.tree.leaves(q, is_leaf=lambda x: isinstance(x, Int4Weight)))
     ids = jnp.asarray(random_ids(2, 7))
     logits = np.asarray(model.apply({"params": q}, ids)[0])
@@ -33,6 +37,11 @@ def test_model_families_run_4bit_trees(tmp_path, family):
         out = np.asarray(jint8.generate(model, fused, np.asarray(ids), config=config).sequences)
         assert out.shape == (2, 7 + 4)
         np.testing.assert_array_equal(out[:, 7], np.argmax(logits[:, -1], axis=-1))  # greedy's first token
+        # each greedy token of the 4-bit tree (its table looked up row by row) is, in the
+        # dequantized float model, a maximum within the same summation-order bound
+        float_logits = np.asarray(model.apply({"params": back}, jnp.asarray(out[:, :-1]))[0])[:, 6:]
+        chosen = np.take_along_axis(float_logits, out[:, 7:, None], axis=-1)[..., 0]
+        assert np.all(chosen >= float_logits.max(axis=-1) - 2e-5 * (1 + np.abs(float_logits).max()))
 
 
 def test_from_pretrained_plans_and_loads_4bit_tables(tmp_path):
