@@ -416,6 +416,7 @@ def run_variant(args, variant: str) -> list[dict]:
             peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30 if stats else None,
             threshold=args.threshold if variant == "int8" else "per layer" if variant == "int8-auto" else None,
             capacity_overflow_warnings=overflows.count, fused=bool(args.fuse),
+            quantized_embeddings=bool(args.quantize_embeddings) and variant not in ("bf16", *TORCH_VARIANTS),
             activations=args.activations,
         ))
         print(json.dumps(rows[-1]), flush=True)

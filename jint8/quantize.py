@@ -509,19 +509,22 @@ def _quantize_leaf(key_path, leaf, config, output_head: bool = True):
     if not plan.quantized:
         return leaf
     if plan.int4 is not None:
-        weight = quantize_leaf(leaf, plan)
-        return weight if plan.embedding else _shard_like(leaf, weight)  # 4-bit tables: replicated
+        return _shard_like(leaf, quantize_leaf(leaf, plan), replicated=plan.embedding)
     return _keep_sharding(leaf, quantize_leaf(leaf, plan), embedding=plan.embedding)
 
 
-def _shard_like(original, weight: Int4Weight) -> Int4Weight:
+def _shard_like(original, weight: Int4Weight, *, replicated: bool = False) -> Int4Weight:
     """An Int4Weight of a kernel with a NamedSharding, on that mesh: split along N where the
     kernel is column-parallel in whole blocks, else replicated (quant4.int4_weight_specs says
-    which splits its packed layout allows)."""
+    which splits its packed layout allows); replicated: every array whole on each device (a
+    4-bit embedding table, which Int8Embed gathers from one array)."""
     sharding = getattr(original, "sharding", None)
     if _is_tracer(original) or not isinstance(sharding, jax.sharding.NamedSharding):
         return weight
-    specs, _ = int4_weight_specs(sharding.spec, weight, sharding.mesh.shape)
+    if replicated:
+        specs = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), weight)
+    else:
+        specs, _ = int4_weight_specs(sharding.spec, weight, sharding.mesh.shape)
     return jax.tree.map(lambda a, s: jax.device_put(a, jax.sharding.NamedSharding(sharding.mesh, s)), weight, specs)
 
 
