@@ -91,7 +91,8 @@ def parse_args(argv=None):
     parser.add_argument("--fuse", action="store_true",
                         help="jint8 variants: fuse_projections (one q|k|v and one gate|up matmul per layer)")
     quant.add_argument("--quantize-embeddings", action="store_true",
-                       help="int8 embedding table too (Int8Config.quantize_embeddings)")
+                       help="the embedding table too: int8 (Int8Config.quantize_embeddings) or, for nf4 / fp4, "
+                            "4-bit as bitsandbytes' Embedding4bit (Int4Config.quantize_embeddings)")
     parser.add_argument("--json", help="append one JSON line per measurement to this file")
     parser.add_argument("--profile", metavar="DIR", help="also trace one full call per batch with jax.profiler")
     parser.add_argument("--in-process", action="store_true", help="run all variants in this process")
@@ -132,7 +133,8 @@ def build_model(args, variant: str):
         abstract = jax.eval_shape(lambda p: jint8.quantize_params(p, quant), abstract)
     elif variant in INT4_VARIANTS:
         skip = () if args.quantize_lm_head else ("lm_head",)
-        quant = jint8.Int4Config(quant_type=variant, double_quant=True, skip_modules=skip)
+        quant = jint8.Int4Config(quant_type=variant, double_quant=True, skip_modules=skip,
+                                 quantize_embeddings=args.quantize_embeddings)
         abstract = jax.eval_shape(lambda p: jint8.quantize_params(p, quant), abstract)
 
     is_weight = lambda x: isinstance(x, (jint8.Int8Weight, Int4Weight))  # noqa: E731
@@ -225,8 +227,9 @@ def _random_leaf(path, leaf, key, args):
     from jint8.quant4 import Int4Weight
 
     name = "/".join(str(getattr(k, "key", k)) for k in path)
-    if isinstance(leaf, Int4Weight):  # leaf.shape is the torch Linear's [out, in]
-        return _random_int4(leaf, key, _projection_std(name, leaf.shape[1], args))
+    if isinstance(leaf, Int4Weight):  # leaf.shape is the torch Linear's [out, in]; a table keeps std 1
+        std = 1.0 if name.endswith("embedding") else _projection_std(name, leaf.shape[1], args)
+        return _random_int4(leaf, key, std)
     if isinstance(leaf, jint8.Int8Weight):
         # uniform int8 in [-127, 127] has std ~73.3: scale so the dequantized std is _weight_std
         # leaf.shape is the float kernel's [in, out]; an int8 embedding table gets the float one's std 1
@@ -415,6 +418,7 @@ def run_variant(args, variant: str) -> list[dict]:
             peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30 if stats else None,
             threshold=args.threshold if variant == "int8" else "per layer" if variant == "int8-auto" else None,
             capacity_overflow_warnings=overflows.count, fused=bool(args.fuse),
+            quantized_embeddings=bool(args.quantize_embeddings) and variant not in ("bf16", *TORCH_VARIANTS),
             activations=args.activations,
         ))
         print(json.dumps(rows[-1]), flush=True)

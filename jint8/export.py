@@ -138,6 +138,13 @@ def _tensors(params, rules: NameRules, float_dtype) -> dict[str, np.ndarray]:
         raise InvalidConfigError(
             f"export_bitsandbytes: {fused[0]} (and {len(fused) - 1} more) were fused by fuse_projections; "
             "transformers has no such modules: export the params as loaded, before fusing")
+    for path, leaf in flat.items():
+        if isinstance(leaf, Int4Weight) and path[-1] == "embedding":
+            # Embedding4bit has no state dict (its _save_to_state_dict raises) and transformers'
+            # load_in_4bit keeps embeddings 16-bit: no checkpoint of it would load
+            raise InvalidConfigError(
+                f"export_bitsandbytes: {'/'.join(path)} is a 4-bit embedding; bitsandbytes checkpoints keep "
+                "embeddings in 16-bit: quantize with Int4Config(quantize_embeddings=False) to export")
     table = expected_tensors({p: tuple(x.shape[::-1]) if isinstance(x, Int4Weight) else tuple(x.shape)
                               if isinstance(x, Int8Weight) else np.shape(x) for p, x in flat.items()}, rules)
     transpose = {target.path: target.transpose for target in table.values()}

@@ -23,7 +23,7 @@ from jint8.ops.int4_matmul import int4_matmul
 from jint8.numerics import INV_127
 from jint8.ops.int8_matmul import InputGate, InputNorm, Int8MatmulStats, OutputGate, int8_matmul
 from jint8.ops.int8_matmul.sharded import MatmulLayout
-from jint8.quant4 import Int4Weight
+from jint8.quant4 import Int4Weight, dequantize_4bit_rows
 from jint8.quantize import Int8Weight
 
 STATS_COLLECTION = "int8_stats"
@@ -369,7 +369,10 @@ def gather_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
 
 class Int8Embed(nn.Module):
     """nn.Embed with the same fields and param name; an Int8Weight table (Int8Config
-    quantize_embeddings) is gathered in int8 and dequantized per row, and attend() runs LLM.int8()."""
+    quantize_embeddings) is gathered in int8 and dequantized per row, and attend() runs LLM.int8();
+    an Int4Weight table (Int4Config quantize_embeddings) dequantizes only the looked-up rows
+    (bitsandbytes' Embedding4bit values), and attend() runs int4_matmul on it as a Linear4bit
+    weight [V, H] = [out, in]."""
 
     num_embeddings: int
     features: int
@@ -378,9 +381,15 @@ class Int8Embed(nn.Module):
     embedding_init: Any = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 
     def setup(self):
-        self.embedding = self.param(
-            "embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype
-        )
+        shape = (self.num_embeddings, self.features)
+        if self.has_variable("params", "embedding") and isinstance(self.get_variable("params", "embedding"), Int4Weight):
+            table = self.get_variable("params", "embedding")  # packed codes: Flax's param() would refuse the shape
+            if table.shape != shape:
+                raise ShapeError(f"{self.name}: Int4Weight stands for a table of shape {table.shape}, this "
+                                 f"embedding needs {shape}")
+            self.embedding = table
+            return
+        self.embedding = self.param("embedding", self.embedding_init, shape, self.param_dtype)
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         if not jnp.issubdtype(inputs.dtype, jnp.integer):
@@ -390,6 +399,8 @@ class Int8Embed(nn.Module):
             rows = gather_rows(table.qvalue, inputs).astype(jnp.float32)
             scale = gather_rows(table.scale, inputs)[..., None]
             return (rows * scale * INV_127).astype(self.dtype or self.param_dtype)  # = dequantize_embedding
+        if isinstance(table, Int4Weight):
+            return dequantize_4bit_rows(table, inputs, self.dtype or self.param_dtype)
         (table,) = nn.dtypes.promote_dtype(table, dtype=self.dtype, inexact=False)
         return gather_rows(table, inputs)
 
@@ -401,6 +412,8 @@ class Int8Embed(nn.Module):
             y, stats = int8_weight_apply(query, table, dtype=self.dtype or query.dtype, layout=layout)
             _sow_stats(self, stats)
             return y
+        if isinstance(table, Int4Weight):  # replicated on a mesh (quantize_params keeps 4-bit tables whole)
+            return int4_weight_apply(query, table, dtype=self.dtype or query.dtype)
         query, table = nn.dtypes.promote_dtype(query, table, dtype=self.dtype)
         return jnp.dot(query, table.T)
 

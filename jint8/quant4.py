@@ -285,6 +285,48 @@ def dequantize_4bit(w: Int4Weight, dtype=None) -> jax.Array:
     return scaled.reshape(-1)[:n].astype(dtype).reshape(w.shape)
 
 
+def dequantize_4bit_rows(w: Int4Weight, ids: jax.Array, dtype=None) -> jax.Array:
+    """Rows ids [...] of a 4-bit table w of shape [V, H] -> [..., H] in dtype (default w.dtype):
+    dequantize_4bit(w)[ids] bit for bit, reading only those rows' codes and absmax.
+
+    bitsandbytes' Embedding4bit: the table is quantized as one tensor, flattened row-major in
+    blocks of `blocksize`, so H need not be a multiple of the blocksize (a block then spans two
+    rows, and an odd H starts every other row mid-byte). Embedding4bit gathers whole rows of
+    bytes and absmax when H is a multiple, else dequantizes the whole table and gathers; either
+    way a row's values are book[code] * absmax[block] in float32, one rounding to dtype. Here
+    each looked-up value finds its byte, nibble and block from its flat index, which serves
+    every H; with double quantization its block's absmax is undone from the table's nested
+    absmax at the block's own index (a gathered run of absmax codes would no longer line up
+    with the 256-block groups).
+    """
+    if len(w.shape) != 2:
+        raise ShapeError(f"dequantize_4bit_rows: the Int4Weight must be a 2-D table [V, H], got shape {w.shape}")
+    vocab, hidden = w.shape
+    if vocab * hidden >= 2**31:  # flat indices are int32 (jax without x64)
+        raise ShapeError(f"dequantize_4bit_rows: table [V, H] = {w.shape} has {vocab * hidden} values; "
+                         "flat indices are int32 (at most 2**31 - 1)")
+    ids = jnp.asarray(ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ShapeError(f"dequantize_4bit_rows: ids must be integers, got {ids.dtype}")
+    dtype = jnp.dtype(w.dtype if dtype is None else dtype)
+    ids = ids.astype(jnp.int32)
+    ids = jnp.where(ids < 0, ids + vocab, ids)  # jnp.take's rule: negative ids count from the end
+    valid = (ids >= 0) & (ids < vocab)
+    flat = jnp.where(valid, ids, 0)[..., None] * hidden + jnp.arange(hidden, dtype=jnp.int32)
+    byte = jnp.take(w.packed.reshape(-1), flat >> 1, mode="clip")
+    codes = jnp.where(flat & 1 == 0, byte >> 4, byte & 0xF)  # value 2i: high nibble of byte i
+    values = jnp.asarray(code_book(w.quant_type))[codes.astype(jnp.int32)]
+    block = flat // w.blocksize
+    if w.double_quant:
+        nested = jnp.asarray(w.nested_code, jnp.float32)[jnp.take(w.absmax, block, mode="clip").astype(jnp.int32)]
+        absmax = _mul_then_add(nested, jnp.take(w.nested_absmax, block // NESTED_BLOCKSIZE, mode="clip"),
+                               w.offset.astype(jnp.float32))  # _nested_absmax's roundings
+    else:
+        absmax = jnp.take(w.absmax.astype(jnp.float32), block, mode="clip")
+    rows = (values * absmax).astype(dtype)
+    return jnp.where(valid[..., None], rows, jnp.asarray(jnp.nan, dtype))  # out of range: NaN, as jnp.take
+
+
 def int4_weight_specs(float_spec, w: Int4Weight, axis_sizes: Mapping[str, int]):
     """How an Int4Weight of a kernel whose float form [K, N] (Flax's [in, out]) is sharded by
     float_spec is split over a mesh (axis_sizes: the mesh's {axis: size}): (the Int4Weight with a
@@ -332,7 +374,16 @@ class Int4Config:
       bitsandbytes quantizes every Linear).
     kernel_names: parameter names treated as Dense-like kernels. Only 2-D kernels are quantized:
       bitsandbytes' format is a torch Linear's [out, in] weight; 3-D DenseGeneral kernels stay float.
-    Embeddings stay in floating point, as in bitsandbytes.
+    quantize_embeddings: also quantize embedding tables (parameters named "embedding", [V, H], of
+      at least min_size values, not skipped) as bitsandbytes' nn.Embedding4bit does: the table
+      as one tensor, flattened row-major in blocks of `blocksize` (H need not be a multiple);
+      lookups dequantize only the gathered rows (quant4.dequantize_4bit_rows). double_quant
+      applies to them too (Embedding4bit itself never double-quantizes). Off by default: like
+      bitsandbytes' load_in_4bit, which keeps embeddings 16-bit. A tied table (the tree has no
+      lm_head module, so its output head is embedding.attend) is also the head: it stays 16-bit
+      while skip_modules skips "lm_head" (the default), and a warning says so; without that skip
+      it is quantized and the head runs int4_matmul on it (the table [V, H] is a Linear4bit
+      weight [out, in] as it is).
     """
 
     quant_type: str = "nf4"
@@ -342,6 +393,7 @@ class Int4Config:
     skip_modules: tuple[str, ...] = ("lm_head",)
     min_size: int = 1024
     kernel_names: tuple[str, ...] = ("kernel",)
+    quantize_embeddings: bool = False
 
     def __post_init__(self):
         try:
@@ -375,6 +427,9 @@ class Int4Config:
         if not names or not all(isinstance(name, str) and name for name in names):
             raise InvalidConfigError(f"Int4Config.kernel_names={self.kernel_names!r} must be non-empty strings")
         object.__setattr__(self, "kernel_names", names)
+        if not isinstance(self.quantize_embeddings, (bool, np.bool_)):
+            raise InvalidConfigError(f"Int4Config.quantize_embeddings={self.quantize_embeddings!r} must be a bool")
+        object.__setattr__(self, "quantize_embeddings", bool(self.quantize_embeddings))
 
     def is_skipped(self, path) -> bool:
         from jint8.quantize import _compile_pattern

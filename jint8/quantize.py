@@ -413,7 +413,7 @@ class LeafQuantization:
     Every such leaf is checked (floating dtype, no NaN/Inf); a quantized one becomes an
     Int8Weight with these settings, or with int4 set an Int4Weight of the kernel transposed to
     a torch Linear's [out, in] (bitsandbytes' layout). embedding: an [V, H] table, already
-    K-major (no transpose).
+    K-major (no transpose; a 4-bit one is the table as bitsandbytes' Embedding4bit stores it).
     """
 
     quantized: bool
@@ -424,9 +424,40 @@ class LeafQuantization:
     int4: Optional[Int4Config] = None
 
 
-def leaf_quantization(names: Sequence[str], shape: Sequence[int], config) -> Optional[LeafQuantization]:
+OUTPUT_HEAD_NAME = "lm_head"  # every jint8 model's untied output head; tied ones call embedding.attend
+
+
+def has_output_head(module_paths) -> bool:
+    """Whether a tree with these module (or leaf) paths has an untied output head: without one,
+    a jint8 model's head is its embedding table (tie_word_embeddings)."""
+    return any(OUTPUT_HEAD_NAME in tuple(path) for path in module_paths)
+
+
+def tied_table_stays_float(config, output_head: bool) -> bool:
+    """Whether Int4Config(quantize_embeddings=True) keeps embedding tables 16-bit because the
+    model's head is the tied table (no lm_head module) and config skips lm_head: the head is
+    what bitsandbytes' load_in_4bit keeps 16-bit, and a tied table cannot be both."""
+    return (isinstance(config, Int4Config) and config.quantize_embeddings and not output_head
+            and config.is_skipped((OUTPUT_HEAD_NAME,)))
+
+
+def warn_tied_table(config, leaf_paths) -> None:
+    """Log a warning where tied_table_stays_float keeps a tree's embedding tables 16-bit."""
+    leaf_paths = [tuple(path) for path in leaf_paths]
+    tables = any(path and path[-1] == EMBEDDING_NAME for path in leaf_paths)
+    if tables and tied_table_stays_float(config, has_output_head(leaf_paths)):
+        _logger.warning("Int4Config(quantize_embeddings=True): the tree has no %s module, so its output head is the "
+                        "tied embedding table; it stays 16-bit because skip_modules=%r skips %s (drop that skip to "
+                        "quantize the table, head included, to 4 bits)", OUTPUT_HEAD_NAME, config.skip_modules,
+                        OUTPUT_HEAD_NAME)
+
+
+def leaf_quantization(names: Sequence[str], shape: Sequence[int], config, *,
+                      output_head: bool = True) -> Optional[LeafQuantization]:
     """How quantize_params treats the leaf at `names` of `shape` (None: left as it is, unchecked);
-    config an Int8Config or Int4Config, whose kernel_names / min_size / skip_modules rules agree."""
+    config an Int8Config or Int4Config, whose kernel_names / min_size / skip_modules rules agree.
+    output_head: whether the tree has an lm_head module (has_output_head); without one a 4-bit
+    config that skips lm_head keeps the tied embedding tables float (tied_table_stays_float)."""
     names, shape = tuple(names), tuple(shape)
     if not names:
         return None
@@ -439,6 +470,10 @@ def leaf_quantization(names: Sequence[str], shape: Sequence[int], config) -> Opt
     module = names[:-1]
     if math.prod(shape) < config.min_size or config.is_skipped(module):
         return LeafQuantization(quantized=False, embedding=embedding)
+    if embedding and isinstance(config, Int4Config):
+        if tied_table_stays_float(config, output_head):
+            return LeafQuantization(quantized=False, embedding=True)
+        return LeafQuantization(quantized=True, embedding=True, int4=config)
     if isinstance(config, Int4Config):
         # bitsandbytes' 4-bit format is a torch Linear's [out, in] weight: 3-D kernels stay float
         return LeafQuantization(quantized=len(shape) == 2, int4=config)
@@ -451,8 +486,9 @@ def quantize_leaf(w: jax.Array, plan: LeafQuantization):
     or an embedding [V, H])."""
     if plan.int4 is not None:
         cfg = plan.int4
-        weight = quantize_4bit(jnp.transpose(w), quant_type=cfg.quant_type, blocksize=cfg.blocksize,
-                               double_quant=cfg.double_quant)
+        # a kernel [in, out] becomes a torch Linear's [out, in]; a table [V, H] is stored as it is
+        weight = quantize_4bit(w if plan.embedding else jnp.transpose(w), quant_type=cfg.quant_type,
+                               blocksize=cfg.blocksize, double_quant=cfg.double_quant)
         return weight.replace(compute_dtype=cfg.compute_dtype)
     if plan.embedding:
         # an embedding table [V, H] is already K-major for its attend() matmul (logits = x @ E.T):
@@ -462,29 +498,33 @@ def quantize_leaf(w: jax.Array, plan: LeafQuantization):
                                outlier_capacity=plan.outlier_capacity)
 
 
-def _quantize_leaf(key_path, leaf, config):
+def _quantize_leaf(key_path, leaf, config, output_head: bool = True):
     if isinstance(leaf, (Int8Weight, Int4Weight)):
         return leaf  # idempotent: an already quantized kernel is kept as it is
     names = _path_names(key_path)
-    plan = leaf_quantization(names, getattr(leaf, "shape", ()), config)
+    plan = leaf_quantization(names, getattr(leaf, "shape", ()), config, output_head=output_head)
     if plan is None:
         return leaf
     _check_kernel("/".join(names), leaf)
     if not plan.quantized:
         return leaf
     if plan.int4 is not None:
-        return _shard_like(leaf, quantize_leaf(leaf, plan))
+        return _shard_like(leaf, quantize_leaf(leaf, plan), replicated=plan.embedding)
     return _keep_sharding(leaf, quantize_leaf(leaf, plan), embedding=plan.embedding)
 
 
-def _shard_like(original, weight: Int4Weight) -> Int4Weight:
+def _shard_like(original, weight: Int4Weight, *, replicated: bool = False) -> Int4Weight:
     """An Int4Weight of a kernel with a NamedSharding, on that mesh: split along N where the
     kernel is column-parallel in whole blocks, else replicated (quant4.int4_weight_specs says
-    which splits its packed layout allows)."""
+    which splits its packed layout allows); replicated: every array whole on each device (a
+    4-bit embedding table, which Int8Embed gathers from one array)."""
     sharding = getattr(original, "sharding", None)
     if _is_tracer(original) or not isinstance(sharding, jax.sharding.NamedSharding):
         return weight
-    specs, _ = int4_weight_specs(sharding.spec, weight, sharding.mesh.shape)
+    if replicated:
+        specs = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), weight)
+    else:
+        specs, _ = int4_weight_specs(sharding.spec, weight, sharding.mesh.shape)
     return jax.tree.map(lambda a, s: jax.device_put(a, jax.sharding.NamedSharding(sharding.mesh, s)), weight, specs)
 
 
@@ -494,11 +534,13 @@ def dequantize_embedding(weight: Int8Weight, dtype=jnp.float32) -> jax.Array:
 
 
 def _dequantize_leaf(key_path, leaf, dtype):
-    if isinstance(leaf, Int4Weight):
-        return jnp.transpose(leaf.dequantize(dtype))  # stored [out, in]: the kernel is [in, out]
-    if not isinstance(leaf, Int8Weight):
+    if not isinstance(leaf, (Int8Weight, Int4Weight)):
         return leaf
     names = _path_names(key_path)
+    if isinstance(leaf, Int4Weight):
+        if names and names[-1] == EMBEDDING_NAME:
+            return leaf.dequantize(dtype)  # a table [V, H], stored as it is
+        return jnp.transpose(leaf.dequantize(dtype))  # stored [out, in]: the kernel is [in, out]
     if names and names[-1] == EMBEDDING_NAME:
         return dequantize_embedding(leaf, dtype)
     return leaf.dequantize(dtype)
@@ -525,8 +567,10 @@ def quantize_params(params, config=None):
     (config an Int8Config, the default) or an Int4Weight (an Int4Config: NF4/FP4 of the kernel
     as a torch Linear's [out, in] weight, exactly what bitsandbytes' load_in_4bit stores).
 
-    Pure: returns a new tree; the input is unchanged. Embeddings, norms, biases, skipped modules
-    and kernels smaller than config.min_size stay as they are. Idempotent: Int8Weight leaves of
+    Pure: returns a new tree; the input is unchanged. Norms, biases, skipped modules, kernels
+    smaller than config.min_size and (unless config.quantize_embeddings) embeddings stay as they
+    are; a 4-bit embedding table is an Int4Weight of [V, H] as bitsandbytes' Embedding4bit
+    stores it (replicated on a mesh). Idempotent: Int8Weight leaves of
     an already quantized tree are kept unchanged. Works under jax.jit (the NaN/Inf check then
     cannot run) and keeps a NamedSharding of the input kernels.
     """
@@ -537,14 +581,18 @@ def quantize_params(params, config=None):
         raise InvalidConfigError("quantize_params cannot calibrate Int8Config(mode='auto') without the model: "
                                  "use jint8.from_pretrained(..., quantization=Int8Config(mode='auto')) or "
                                  "jint8.auto_int8.calibrate_auto(model, params, tokenizer=...)")
+    is_weight = lambda x: isinstance(x, (Int8Weight, Int4Weight))  # noqa: E731
+    leaf_paths = [_path_names(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight)[0]]
+    output_head = has_output_head(leaf_paths)
     modules = []
 
     def quantize(key_path, leaf):
         modules.append(_path_names(key_path)[:-1])
-        return _quantize_leaf(key_path, leaf, config)
+        return _quantize_leaf(key_path, leaf, config, output_head)
 
     quantized = _map_tree(params, quantize)
     warn_unmatched_patterns(config, modules)
+    warn_tied_table(config, leaf_paths)
     return quantized
 
 

@@ -14,14 +14,17 @@ from jint8 import cli
 
 def test_quantize_bits_4_writes_a_4bit_checkpoint(tiny_checkpoint, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "fp4"
-    assert cli.main(["quantize", str(tiny_checkpoint), str(out), "--bits", "4", "--quant-type", "fp4"]) == 0
+    assert cli.main(["quantize", str(tiny_checkpoint), str(out), "--bits", "4", "--quant-type", "fp4",
+                     "--quantize-embeddings"]) == 0
     assert str(out) in capsys.readouterr().out
     params, info = jint8.load_quantized(out)
-    assert info.quant_config == jint8.Int4Config(quant_type="fp4")
+    assert info.quant_config == jint8.Int4Config(quant_type="fp4", quantize_embeddings=True)
     weights = [w for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, jint8.Int4Weight))
                if isinstance(w, jint8.Int4Weight)]
     assert weights and {w.quant_type for w in weights} == {"fp4"} and not isinstance(params["lm_head"]["kernel"], jint8.Int4Weight)
-    assert cli.main(["quantize", str(tiny_checkpoint), str(tmp_path / "x"), "--bits", "4", "--quantize-embeddings"]) == 2
+    table = params["model"]["embed_tokens"]["embedding"]  # the table [V, H] as bitsandbytes' Embedding4bit stores it
+    assert isinstance(table, jint8.Int4Weight) and table.shape == (params["lm_head"]["kernel"].shape[1], table.shape[1])
+    assert cli.main(["quantize", str(tiny_checkpoint), str(tmp_path / "x"), "--bits", "4", "--int8-config", "c.json"]) == 2
     assert "not with --bits 4" in capsys.readouterr().err
 
 

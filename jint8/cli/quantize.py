@@ -24,7 +24,9 @@ def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-modules", nargs="*", default=(), metavar="PATTERN",
                         help="module paths kept in floating point (e.g. lm_head)")
     parser.add_argument("--quantize-embeddings", action="store_true",
-                        help="int8 embedding tables too (one scale per token row; bitsandbytes keeps them 16-bit)")
+                        help="embedding tables too (bitsandbytes keeps them 16-bit): int8 with one scale per token "
+                             "row, or with --bits 4 as bitsandbytes' Embedding4bit stores them (a table tied to the "
+                             "output head stays 16-bit while lm_head is skipped)")
     parser.add_argument("--int8-config", metavar="FILE",
                         help="Int8Config JSON (from `jint8 calibrate`); replaces --threshold and --skip-modules")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -55,10 +57,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
                            "(jint8.checkpoint.quantize_checkpoint is missing)") from None
     _resolve_quantize(args)
     if args.bits == 4:
-        if args.int8_config or args.quantize_embeddings:
-            raise CommandError("--int8-config and --quantize-embeddings are int8 options; not with --bits 4")
+        if args.int8_config:
+            raise CommandError("--int8-config is an int8 option; not with --bits 4")
         skip = {"skip_modules": tuple(args.skip_modules)} if args.skip_modules else {}  # default: lm_head
-        config = jint8.Int4Config(quant_type=args.quant_type, **skip)
+        config = jint8.Int4Config(quant_type=args.quant_type, quantize_embeddings=args.quantize_embeddings, **skip)
         out = quantize_checkpoint(args.src, args.out, quant_config=config, progress=True, overwrite=args.overwrite)
         print(f"wrote {out}")
         return 0

@@ -57,9 +57,11 @@ from jint8.quantize import (
     Int8Config,
     Int8Weight,
     LeafQuantization,
+    has_output_head,
     int8_weight_specs,
     leaf_quantization,
     storage_permutation,
+    warn_tied_table,
     warn_unmatched_patterns,
 )
 
@@ -171,12 +173,15 @@ def _planned_leaves(shapes: dict, quantization: Optional[Int8Config]) -> tuple[d
     if quantization is None:
         return planned, decisions
     warn_unmatched_patterns(quantization, [path[:-1] for path in shapes])
+    warn_tied_table(quantization, shapes)
+    output_head = has_output_head(shapes)
     for path, leaf in shapes.items():
-        decision = leaf_quantization(path, leaf.shape, quantization)
+        decision = leaf_quantization(path, leaf.shape, quantization, output_head=output_head)
         if decision is None or not decision.quantized:
             continue
-        if decision.int4 is not None:
-            planned[path] = _planned_int4(tuple(leaf.shape[::-1]), decision.int4, leaf.dtype)
+        if decision.int4 is not None:  # a kernel as a torch Linear's [out, in]; a table [V, H] as it is
+            stored = tuple(leaf.shape) if decision.embedding else tuple(leaf.shape[::-1])
+            planned[path] = _planned_int4(stored, decision.int4, leaf.dtype)
             decisions[path] = decision
             continue
         ndim = len(leaf.shape)
@@ -187,6 +192,15 @@ def _planned_leaves(shapes: dict, quantization: Optional[Int8Config]) -> tuple[d
                                    decision.in_ndim, decision.threshold, decision.outlier_capacity)
         decisions[path] = decision
     return planned, decisions
+
+
+def _plan_4bit_tables(planned: dict, decisions: dict, shapes: dict, quantization: Int4Config) -> None:
+    """A bitsandbytes 4-bit checkpoint stores its embeddings 16-bit (its kernels keep their own
+    codes): Int4Config(quantize_embeddings=True) quantizes those tables while loading."""
+    tables, table_decisions = _planned_leaves(shapes, quantization)
+    for path, decision in table_decisions.items():
+        if decision.embedding:
+            planned[path], decisions[path] = tables[path], decision
 
 
 def _planned_int4(shape: tuple[int, ...], config: Int4Config, dtype) -> Int4Weight:
@@ -208,7 +222,8 @@ def _float_spec(path, leaf, mesh, sharding: Optional[ShardingRules]) -> jax.shar
     if mesh is None:
         return jax.sharding.PartitionSpec()
     if isinstance(leaf, Int4Weight):  # stored [out, in]: the float kernel is its transpose
-        return kernel_spec(path, tuple(leaf.shape[::-1]), mesh, sharding)
+        float_shape = tuple(leaf.shape) if path[-1] == EMBEDDING_NAME else tuple(leaf.shape[::-1])
+        return kernel_spec(path, float_shape, mesh, sharding)
     if isinstance(leaf, Int8Weight):
         embedding = path[-1] == EMBEDDING_NAME  # the float table [V, H] is stored as it is
         return kernel_spec(path, leaf.qvalue.shape if embedding else leaf.shape, mesh, sharding)
@@ -218,7 +233,7 @@ def _float_spec(path, leaf, mesh, sharding: Optional[ShardingRules]) -> jax.shar
 def _int4_specs(path, leaf: Int4Weight, mesh, sharding: Optional[ShardingRules]) -> list:
     """The PartitionSpec of each array of a planned Int4Weight (quant4.int4_weight_specs: column-
     parallel kernels split along N in whole blocks, row-parallel ones and uneven splits replicated)."""
-    if mesh is None:
+    if mesh is None or path[-1] == EMBEDDING_NAME:  # 4-bit tables stay whole (Int8Embed gathers from one)
         return [jax.sharding.PartitionSpec()] * len(jax.tree.leaves(leaf))
     specs, reason = int4_weight_specs(_float_spec(path, leaf, mesh, sharding), leaf, mesh.shape)
     if reason is not None:
@@ -493,6 +508,8 @@ def from_pretrained(
                   table, rules, config.tie_word_embeddings)
 
     planned, decisions = _planned_leaves(shapes, quantization if bnb4 is None else None)
+    if bnb4 is not None and isinstance(quantization, Int4Config) and quantization.quantize_embeddings:
+        _plan_4bit_tables(planned, decisions, shapes, quantization)
     _plan_bnb_kernels(planned, bnb_scales, table)
     _plan_bnb4_kernels(planned, bnb4_states, table)
     layout = [entry for p, leaf in planned.items() for entry in _leaf_layout(p, leaf, mesh, spec.sharding)]

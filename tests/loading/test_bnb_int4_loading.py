@@ -82,6 +82,17 @@ def test_bnb_4bit_checkpoint_loads_as_stored_and_matches_bitsandbytes_forward(fl
     np.testing.assert_allclose(np.asarray(ours.block_absmax()), np.asarray(down.block_absmax()), rtol=1e-5)
     is_weight = lambda x: isinstance(x, jint8.Int4Weight)  # noqa: E731
     assert jax.tree.structure(quantized, is_leaf=is_weight) == jax.tree.structure(params, is_leaf=is_weight)
+    if (family, double_quant) == ("llama", True):
+        # its 16-bit table quantized while loading, the kernels still as stored
+        config = jint8.Int4Config(quant_type=quant_type, quantize_embeddings=True)
+        _, with_table = jint8.from_pretrained(bnb_dir, dtype=jnp.float32, quantization=config, progress=False)
+        table = with_table["model"]["embed_tokens"]["embedding"]
+        expected = jint8.quantize_params(params, config)["model"]["embed_tokens"]["embedding"]
+        assert isinstance(table, jint8.Int4Weight) and table.quant_type == quant_type
+        np.testing.assert_array_equal(np.asarray(table.packed), np.asarray(expected.packed))
+        np.testing.assert_array_equal(np.asarray(table.dequantize()), np.asarray(expected.dequantize()))
+        np.testing.assert_array_equal(np.asarray(with_table["model"]["layers_1"]["mlp"]["down_proj"]["kernel"].packed),
+                                      np.asarray(down.packed))
 
 
 def _rewrite(bnb_dir, tmp_path, edit):
