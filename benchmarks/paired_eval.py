@@ -1,7 +1,7 @@
 """Paired perplexity difference and KL against float32, with the float32 reference cached on disk.
 
 The same windows and statistics as `jint8 eval-ppl --reference f32` (jint8.evaluation's
-_window_batches, _token_nll, _position_kl, _block_stderr), but the float32 model's logits of each
+_window_batches and paired_statistics, which compare_to_reference runs), but the float32 model's logits of each
 text are computed once and stored under --cache, so comparing several quantized variants costs one
 forward per window each:
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jint8.evaluation import _block_stderr, _perplexity_result, _position_kl, _token_nll, _window_batches
+from jint8.evaluation import PairedComparison, _window_batches, paired_statistics
 
 
 def reference_logits(model, params, ids, cache: Path, name: str, max_length: int, stride: int):
@@ -44,42 +43,17 @@ def reference_logits(model, params, ids, cache: Path, name: str, max_length: int
     return [(i, m, logits[w]) for w, (i, m) in enumerate(batches)]
 
 
-def paired(model, params, windows) -> dict:
+def paired(model, params, windows) -> PairedComparison:
     """compare_to_reference's statistics of params against the cached reference windows."""
     logits_of = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
-
-    @jax.jit
-    def token_stats(ref_logits, logits, ids, mask):
-        kl = jnp.where(mask[:, 1:], _position_kl(ref_logits[:, :-1], logits[:, :-1]), 0.0)
-        return _token_nll(ref_logits, ids, mask), _token_nll(logits, ids, mask), jnp.pad(kl, ((0, 0), (1, 0)))
-
-    sums = {"ref": [], "nll": [], "diff": [], "kl": []}
-    counts = []
-    for ids, mask, ref in windows:
-        ref_nll, nll, kl = (np.asarray(a, np.float64) for a in
-                            token_stats(jnp.asarray(ref), logits_of(params, jnp.asarray(ids)), ids, mask))
-        for key, value in (("ref", ref_nll), ("nll", nll), ("diff", nll - ref_nll), ("kl", kl)):
-            sums[key].append(value.sum())
-        counts.append(int(mask.sum()))
-    sums = {key: np.asarray(value) for key, value in sums.items()}
-    counts = np.asarray(counts)
-    mean_diff = float(sums["diff"].sum() / counts.sum())
-    return {
-        "perplexity": _perplexity_result(sums["nll"], counts),
-        "reference": _perplexity_result(sums["ref"], counts),
-        "diff_percent": 100 * (math.exp(mean_diff) - 1),
-        "diff_percent_se": 100 * math.exp(mean_diff) * _block_stderr(sums["diff"], counts),
-        "kl": float(sums["kl"].sum() / counts.sum()),
-        "kl_se": _block_stderr(sums["kl"], counts),
-        "tokens": int(counts.sum()),
-        "windows": len(counts),
-    }
+    return paired_statistics((jnp.asarray(ref), logits_of(params, jnp.asarray(ids)), ids, mask)
+                             for ids, mask, ref in windows)
 
 
-def format_row(text: str, variant: str, r: dict) -> str:
-    return (f"{text} | {variant} | {r['tokens']} tokens, {r['windows']} windows | perplexity "
-            f"{r['perplexity'].perplexity:.4f} (f32 {r['reference'].perplexity:.4f}) | "
-            f"{r['diff_percent']:+.3f} % ± {r['diff_percent_se']:.3f} % | KL {r['kl']:.5f} ± {r['kl_se']:.5f}")
+def format_row(text: str, variant: str, r: PairedComparison) -> str:
+    return (f"{text} | {variant} | {r.num_tokens} tokens, {r.num_windows} windows | perplexity "
+            f"{r.perplexity.perplexity:.4f} (f32 {r.reference.perplexity:.4f}) | "
+            f"{r.percent_diff:+.3f} % ± {r.percent_diff_stderr:.3f} % | KL {r.mean_kl:.5f} ± {r.kl_stderr:.5f}")
 
 
 def quantized_variant(model, params, tokenizer, variant: str):

@@ -206,16 +206,25 @@ def compare_to_reference(
     logits_of = jax.jit(lambda params, ids: model.apply({"params": params}, ids)[0])
     ref_logits_of = logits_of if ref_model is model else jax.jit(lambda p, ids: ref_model.apply({"params": p}, ids)[0])
 
-    @jax.jit
-    def token_stats(ref_logits, logits, ids, mask):
-        kl = jnp.where(mask[:, 1:], _position_kl(ref_logits[:, :-1], logits[:, :-1]), 0.0)
-        return _token_nll(ref_logits, ids, mask), _token_nll(logits, ids, mask), jnp.pad(kl, ((0, 0), (1, 0)))
+    windows = ((ref_logits_of(ref_params, ids), logits_of(params, ids), ids, mask)
+               for ids, mask in progress_bar(batches, progress=progress, desc="paired perplexity", unit="window"))
+    return paired_statistics(windows)
 
+
+@jax.jit
+def _token_stats(ref_logits, logits, ids, mask):
+    kl = jnp.where(mask[:, 1:], _position_kl(ref_logits[:, :-1], logits[:, :-1]), 0.0)
+    return _token_nll(ref_logits, ids, mask), _token_nll(logits, ids, mask), jnp.pad(kl, ((0, 0), (1, 0)))
+
+
+def paired_statistics(windows) -> PairedComparison:
+    """compare_to_reference's statistics of (reference logits, logits, ids, mask) per window
+    ([1, L, V] float logits, [1, L] ids and scored-token mask), for callers that hold the
+    reference logits already (e.g. cached across runs)."""
     sums = {"ref": [], "nll": [], "diff": [], "kl": []}
     counts = []
-    for ids, mask in progress_bar(batches, progress=progress, desc="paired perplexity", unit="window"):
-        ref_nll, nll, kl = (np.asarray(a, np.float64) for a in
-                            token_stats(ref_logits_of(ref_params, ids), logits_of(params, ids), ids, mask))
+    for ref_logits, logits, ids, mask in windows:
+        ref_nll, nll, kl = (np.asarray(a, np.float64) for a in _token_stats(ref_logits, logits, ids, mask))
         for key, value in (("ref", ref_nll), ("nll", nll), ("diff", nll - ref_nll), ("kl", kl)):
             sums[key].append(value.sum())
         counts.append(int(mask.sum()))
