@@ -156,7 +156,7 @@ def test_write_table_takes_a_correct_candidate_by_the_margin_or_any_with_negativ
     assert tune_decode_shapes.entry_to_write([nan, table], -1) is None
 
 
-def test_gpu_kernel_times_sums_stream_events_by_kernel_name(tmp_path):
+def test_gpu_kernel_times_sums_stream_events_by_kernel_name(tmp_path, capsys):
     """profile_summary.gpu_kernel_times (behind profile_op.py and the summary of bench_generate.py
     --profile traces): complete events on the GPU's stream threads, summed by name with the
     numeric suffix dropped; host events and the GPU's derived "XLA Ops" lines are not counted."""
@@ -183,3 +183,16 @@ def test_gpu_kernel_times_sums_stream_events_by_kernel_name(tmp_path):
     assert dict(total) == {"jint8_int8_gemm": 53.0, "loop_convert_fusion": 3.0}
     assert dict(count) == {"jint8_int8_gemm": 2, "loop_convert_fusion": 2}
     assert span == 227.0  # first start 100, last end 327
+
+    from profile_summary import gpu_kernel_events, main
+
+    # --sequence's input: the same kernels in start order, names without their suffix.
+    assert gpu_kernel_events(path) == [(100.0, 26.0, "jint8_int8_gemm"),
+                                       (130.0, 1.0, "loop_convert_fusion"),
+                                       (140.0, 2.0, "loop_convert_fusion"),
+                                       (300.0, 27.0, "jint8_int8_gemm")]
+    main([str(tmp_path), "--sequence", "2", "--skip", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")
+            or line.startswith("| 3 |")]
+    # the gap before a kernel: its start less the previous kernel's end (131 -> 140, 142 -> 300)
+    assert rows == ["| 2 | 9.0 | 2.0 | loop_convert_fusion |", "| 3 | 158.0 | 27.0 | jint8_int8_gemm |"]
