@@ -178,7 +178,11 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_
         has_outliers=threshold > 0, dense_fallback=gather_slots(k) < k, probe=probe,
         interpret=interpret,
     )
-    stats = reference.Int8MatmulStats(jnp.sum(col_flags > 0, dtype=jnp.int32), no_overflow)
+    # With outliers the count is the slot list's (a reshape, no kernel); col_flags is then the
+    # activation pass's padded buffer, whose entries past K are not flags.
+    num_outliers = (quantized[3][1].reshape(()) if threshold > 0
+                    else jnp.sum(col_flags > 0, dtype=jnp.int32))
+    stats = reference.Int8MatmulStats(num_outliers, no_overflow)
     if output_gate is not None and not accumulator_only:
         y = output_gate(y)
     return y, stats

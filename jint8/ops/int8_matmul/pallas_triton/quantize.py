@@ -182,7 +182,9 @@ def quantize_rows_unmasked(
     Returns:
       xq: [M, K] int8, outlier elements 0 but outlier columns not yet zeroed;
       row_scales: [M] float32; column_flags: [K] int32, nonzero where a column holds an outlier;
-      with slots_for: also (slots [K + 1], count [1], dense [1]) int32 as
+      with slots_for: column_flags is the kernel's whole buffer, [padded K + 1] with the K flags
+      first (no slice: XLA would copy it with a kernel of its own, and the GEMM reads the
+      first K only), and also (slots [K + 1], count [1], dense [1]) int32 as
       outliers.outlier_operands forms them (dense: count > G).
     """
     m, k = x.shape
@@ -211,7 +213,7 @@ def quantize_rows_unmasked(
     )(x, jnp.zeros((padded_k + 1,), jnp.int32))
     xq, row_scales, flags = outs[:3]
     if with_slots:
-        return xq, row_scales, flags[:k], tuple(outs[3:])
+        return xq, row_scales, flags, tuple(outs[3:])
     return xq, row_scales, flags[:k]
 
 
