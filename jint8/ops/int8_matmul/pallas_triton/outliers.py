@@ -94,38 +94,21 @@ def _load(ref, index, mask):
     return plgpu.load(ref.at[index], mask=mask, other=0)
 
 
-def form_slots(flags_ref, slots_ref, count_ref, dense_ref, *, k: int, gathered_max: int,
-               step=None, volatile=False):
-    """O from the [K] flags by a running prefix sum in `step`-flag steps (default: all K at
-    once; the j-th flagged column goes to slot j, in ascending column order as jnp.nonzero gives
-    it), the count and the dense flag, written by the one program that calls this. Entry K of
-    slots takes the writes of unflagged lanes, so the masked scatter has no colliding live lanes
-    (interpret mode writes masked-off lanes back with the value they read). volatile: load the
-    flags as ld.volatile (coherent, past the SM's L1), where other programs of the same kernel
-    set them with atomics. (The lowering's cache_modifier=".cg" fails its own table lookup in
-    jax 0.10.)"""
-    whole = 1 << (k - 1).bit_length()
-    step = whole if step is None else min(step, whole)
-
-    def chunk(i, base):
-        ks = i * step + jnp.arange(step)
-        flags = plgpu.load(flags_ref.at[ks], mask=ks < k, other=0, volatile=volatile)
-        flags = (flags > 0).astype(jnp.int32)
-        slot = base + jnp.cumsum(flags) - 1
-        live = flags > 0
-        plgpu.store(slots_ref.at[jnp.where(live, slot, k)], ks, mask=live)
-        return base + jnp.sum(flags)
-
-    count = jax.lax.fori_loop(0, pl.cdiv(k, step), chunk, jnp.int32(0))
+def _slots_kernel(flags_ref, slots_ref, count_ref, dense_ref, *, gathered_max: int):
+    """One program: O from the [K] flags by a prefix sum (the k-th flagged column goes to slot
+    cumsum - 1), the count and the dense flag. Entry K of slots takes the writes of unflagged
+    lanes, so the masked scatter has no colliding live lanes (interpret mode writes masked-off
+    lanes back with the value they read)."""
+    k = flags_ref.shape[0]
+    ks = jnp.arange(1 << (k - 1).bit_length())
+    flags = (_load(flags_ref, ks, ks < k) > 0).astype(jnp.int32)
+    prefix = jnp.cumsum(flags)
+    count = jnp.sum(flags)
+    live = flags > 0
+    plgpu.store(slots_ref.at[jnp.where(live, prefix - 1, k)], ks, mask=live)
     first = jnp.arange(1)
     plgpu.store(count_ref.at[first], jnp.full((1,), count, jnp.int32))
     plgpu.store(dense_ref.at[first], jnp.full((1,), count > gathered_max, jnp.int32))
-
-
-def _slots_kernel(flags_ref, slots_ref, count_ref, dense_ref, *, gathered_max: int):
-    """One program: form_slots over the [K] flags."""
-    form_slots(flags_ref, slots_ref, count_ref, dense_ref, k=flags_ref.shape[0],
-               gathered_max=gathered_max)
 
 
 def _operands_kernel(slots_ref, count_ref, x_ref, xq_in_ref, w_ref, x_o_ref, xq_ref, w_o_ref, *,
@@ -199,56 +182,31 @@ def outlier_operands(x, xq, wq, col_flags, *, gather_slots: int, weight_layout: 
     (nonzero on outlier columns) -> OutlierOperands with G = gather_slots compacted slots (a
     multiple of SLOT_BLOCK): equal to outlier_operands_reference where the kernel writes.
     xq's buffer is reused for the returned xq (XLA copies it first if the caller still uses
-    it). The slot list comes from a one-program kernel here; the routes have the activation
-    pass form it (pallas_triton.quantize, with_slots) and call gather_operands."""
-    k = x.shape[1]
-    _check_operands(x, xq, wq, weight_layout, gather_slots)
-    if col_flags.shape != (k,):
-        raise ValueError(f"outlier_operands: col_flags {col_flags.shape} does not match K={k}")
+    it)."""
+    m, k = x.shape
+    nk_layout = weight_layout == "nk"
+    n = wq.shape[0] if nk_layout else wq.shape[1]
+    wq_k = wq.shape[1] if nk_layout else wq.shape[0]
+    if xq.shape != (m, k) or col_flags.shape != (k,) or wq_k != k:
+        raise ValueError(f"outlier_operands: x {x.shape}, xq {xq.shape}, wq {wq.shape} "
+                         f"({weight_layout}) and col_flags {col_flags.shape} do not agree on K={k}")
+    if gather_slots < SLOT_BLOCK or gather_slots % SLOT_BLOCK:
+        raise ValueError(f"outlier_operands: gather_slots={gather_slots} must be a positive "
+                         f"multiple of SLOT_BLOCK={SLOT_BLOCK}")
     # The prefix sum holds all K flags in one program: more warps for longer K.
     warps = max(4, min(16, (1 << (k - 1).bit_length()) // 1024))
     slots, count, dense = pl.pallas_call(
         functools.partial(_slots_kernel, gathered_max=gather_slots),
         grid=(1,),
-        out_shape=slots_shapes(k),
+        out_shape=(
+            jax.ShapeDtypeStruct((k + 1,), jnp.int32),
+            jax.ShapeDtypeStruct((1,), jnp.int32),
+            jax.ShapeDtypeStruct((1,), jnp.int32),
+        ),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="jint8_outlier_slots",
     )(col_flags)
-    return gather_operands(x, xq, wq, slots, count, dense, gather_slots=gather_slots,
-                           weight_layout=weight_layout, interpret=interpret,
-                           block_rows=block_rows, block_cols=block_cols)
-
-
-def slots_shapes(k: int):
-    """The slot list's buffers: slots [K + 1] (entry K takes the unflagged lanes' writes),
-    count [1], dense [1], all int32."""
-    return (jax.ShapeDtypeStruct((k + 1,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32),
-            jax.ShapeDtypeStruct((1,), jnp.int32))
-
-
-def _check_operands(x, xq, wq, weight_layout, gather_slots):
-    m, k = x.shape
-    wq_k = wq.shape[1] if weight_layout == "nk" else wq.shape[0]
-    if xq.shape != (m, k) or wq_k != k:
-        raise ValueError(f"outlier_operands: x {x.shape}, xq {xq.shape} and wq {wq.shape} "
-                         f"({weight_layout}) do not agree on K={k}")
-    if gather_slots < SLOT_BLOCK or gather_slots % SLOT_BLOCK:
-        raise ValueError(f"outlier_operands: gather_slots={gather_slots} must be a positive "
-                         f"multiple of SLOT_BLOCK={SLOT_BLOCK}")
-
-
-@functools.partial(jax.jit, static_argnames=("gather_slots", "weight_layout", "interpret",
-                                             "block_rows", "block_cols"))
-def gather_operands(x, xq, wq, slots, count, dense, *, gather_slots: int, weight_layout: str,
-                    interpret: bool = False, block_rows: int = BLOCK_ROWS,
-                    block_cols: int = BLOCK_COLS) -> OutlierOperands:
-    """outlier_operands' gathers from a slot list formed elsewhere (slots [K + 1], count [1],
-    dense [1], as form_slots writes them); the returned slots are the first K entries."""
-    m, k = x.shape
-    _check_operands(x, xq, wq, weight_layout, gather_slots)
-    nk_layout = weight_layout == "nk"
-    n = wq.shape[0] if nk_layout else wq.shape[1]
     row_programs = pl.cdiv(m, block_rows)
     kernel = functools.partial(_operands_kernel, nk_layout=nk_layout, row_programs=row_programs,
                                block_rows=block_rows, block_cols=block_cols)
