@@ -43,9 +43,14 @@ def gpu_kernel_events(path: pathlib.Path) -> list[tuple[float, float, str]]:
 
 
 def gpu_kernel_times(path: pathlib.Path) -> tuple[collections.Counter, collections.Counter, float]:
+    return kernel_times(gpu_kernel_events(path))
+
+
+def kernel_times(kernels) -> tuple[collections.Counter, collections.Counter, float]:
+    """Total duration and count per kernel name, and the span from first start to last end."""
     total, count = collections.Counter(), collections.Counter()
     first, last = float("inf"), 0.0
-    for start, duration, name in gpu_kernel_events(path):
+    for start, duration, name in kernels:
         total[name] += duration
         count[name] += 1
         first, last = min(first, start), max(last, start + duration)
@@ -62,7 +67,8 @@ def main(argv=None):
     parser.add_argument("--skip", type=int, default=0, help="--sequence: start at this kernel")
     args = parser.parse_args(argv)
     for path in sorted(pathlib.Path(args.directory).rglob("*perfetto_trace.json.gz")):
-        total, count, span = gpu_kernel_times(path)
+        kernels = gpu_kernel_events(path)  # the trace is parsed once for both tables
+        total, count, span = kernel_times(kernels)
         busy = sum(total.values())
         print(f"\n{path}: GPU busy {busy / 1e3:.2f} ms over a {span / 1e3:.2f} ms span, {sum(count.values())} kernels, "
               f"{busy / 1e3 / args.tokens:.3f} ms busy per token")
@@ -72,7 +78,6 @@ def main(argv=None):
             print(f"| {name[:70]} | {micros / 1e3:.2f} | {micros / busy:.1%} | {count[name]} | "
                   f"{micros / count[name]:.1f} | {micros / 1e3 / args.tokens:.3f} |")
         if args.sequence:
-            kernels = gpu_kernel_events(path)
             print(f"\nkernels {args.skip}..{args.skip + args.sequence} in launch order:")
             print("| # | gap before us | us | kernel |")
             print("|---|---|---|---|")
