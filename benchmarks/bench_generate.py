@@ -73,7 +73,8 @@ def parse_args(argv=None):
     work.add_argument("--variants", nargs="+", default=["bf16", "int8"],
                       choices=["bf16", "int8", "int8-auto", *INT4_VARIANTS, *TORCH_VARIANTS],
                       help="jint8 bf16 / int8 / int8-auto (int8 with each projection's threshold chosen as "
-                      "Int8Config(mode='auto') chooses it, on this model's activations) / nf4 / fp4 "
+                      "Int8Config(mode='auto') chooses it, on this model's activations, and as many down_proj "
+                      "in bf16 as its memory budget buys) / nf4 / fp4 "
                       "(4-bit: Int4Config, double quantization), and the PyTorch baselines: hf-bf16 "
                       "(transformers eager), "
                       "hf-compile (static cache + torch.compile), bnb-int8 (bitsandbytes LLM.int8, threshold)")
@@ -130,6 +131,8 @@ def build_model(args, variant: str):
         skip = () if args.quantize_lm_head else ("lm_head",)
         quant = jint8.Int8Config(threshold=args.threshold, outlier_capacity=args.outlier_capacity, skip_modules=skip,
                                  quantize_embeddings=args.quantize_embeddings)
+        if variant == "int8-auto":
+            quant = dataclasses.replace(quant, skip_modules=skip + auto_float_down_proj(abstract, quant))
         abstract = jax.eval_shape(lambda p: jint8.quantize_params(p, quant), abstract)
     elif variant in INT4_VARIANTS:
         skip = () if args.quantize_lm_head else ("lm_head",)
@@ -143,6 +146,32 @@ def build_model(args, variant: str):
     filled = [_random_leaf(path, leaf, key, args) for (path, leaf), key in zip(leaves, keys)]
     params = jax.tree_util.tree_unflatten(treedef, filled)
     return model, auto_thresholds(model, params, args) if variant == "int8-auto" else params
+
+
+def auto_float_down_proj(abstract, quant) -> tuple[str, ...]:
+    """The down_proj modules int8-auto would keep in 16 bits on this shape: as many as its memory
+    budget buys (jint8.auto_int8._skip_list: one extra byte per weight within SKIP_MEMORY_BUDGET
+    of the int8 tree's bytes), spread evenly over the layers. Auto picks them by simulated error,
+    which random weights do not have; for timing only their number matters."""
+    import numpy as np
+    from flax import traverse_util
+
+    from jint8.auto_int8 import SKIP_MEMORY_BUDGET
+    from jint8.quantize import leaf_quantization
+
+    flat = traverse_util.flatten_dict(abstract)
+    elements = {"int8": 0, "float": 0}
+    for path, leaf in flat.items():
+        plan = leaf_quantization(path, leaf.shape, quant)
+        elements["int8" if plan is not None and plan.quantized else "float"] += int(np.prod(leaf.shape))
+    budget = SKIP_MEMORY_BUDGET * (elements["int8"] + 2 * elements["float"])
+    down = sorted((path[:-1] for path in flat if path[-2:] == ("down_proj", "kernel")),
+                  key=lambda path: [int(c.rpartition("_")[2]) if c.startswith("layers_") else 0 for c in path])
+    if not down:
+        return ()
+    count = min(len(down), int(budget // int(np.prod(flat[down[0] + ("kernel",)].shape))))
+    chosen = [down[round(i * len(down) / count)] for i in range(count)] if count else []
+    return tuple("/".join(path) for path in chosen)
 
 
 def auto_thresholds(model, params, args):

