@@ -150,28 +150,20 @@ def build_model(args, variant: str):
 
 def auto_float_down_proj(abstract, quant) -> tuple[str, ...]:
     """The down_proj modules int8-auto would keep in 16 bits on this shape: as many as its memory
-    budget buys (jint8.auto_int8._skip_list: one extra byte per weight within SKIP_MEMORY_BUDGET
-    of the int8 tree's bytes), spread evenly over the layers. Auto picks them by simulated error,
-    which random weights do not have; for timing only their number matters."""
-    import numpy as np
+    budget buys (jint8.auto_int8.skip_memory_budget, one extra byte per weight), spread evenly
+    over the layers. Auto picks them by simulated error, which random weights do not have; for
+    timing only their number matters."""
     from flax import traverse_util
 
-    from jint8.auto_int8 import SKIP_MEMORY_BUDGET
-    from jint8.quantize import leaf_quantization
+    from jint8.auto_int8 import skip_memory_budget
 
     flat = traverse_util.flatten_dict(abstract)
-    elements = {"int8": 0, "float": 0}
-    for path, leaf in flat.items():
-        plan = leaf_quantization(path, leaf.shape, quant)
-        elements["int8" if plan is not None and plan.quantized else "float"] += int(np.prod(leaf.shape))
-    budget = SKIP_MEMORY_BUDGET * (elements["int8"] + 2 * elements["float"])
     down = sorted((path[:-1] for path in flat if path[-2:] == ("down_proj", "kernel")),
                   key=lambda path: [int(c.rpartition("_")[2]) if c.startswith("layers_") else 0 for c in path])
     if not down:
         return ()
-    count = min(len(down), int(budget // int(np.prod(flat[down[0] + ("kernel",)].shape))))
-    chosen = [down[round(i * len(down) / count)] for i in range(count)] if count else []
-    return tuple("/".join(path) for path in chosen)
+    count = min(len(down), int(skip_memory_budget(abstract, quant) // np.prod(flat[down[0] + ("kernel",)].shape)))
+    return tuple("/".join(down[round(i * len(down) / count)]) for i in range(count))
 
 
 def auto_thresholds(model, params, args):

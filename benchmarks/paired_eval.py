@@ -59,6 +59,9 @@ def format_row(text: str, variant: str, r: PairedComparison) -> str:
             f"{r.percent_diff:+.3f} % ± {r.percent_diff_stderr:.3f} % | KL {r.mean_kl:.5f} ± {r.kl_stderr:.5f}")
 
 
+VARIANTS = ("int8", "int8-auto", "none")
+
+
 def quantized_variant(model, params, tokenizer, variant: str):
     """params of one variant in float32 compute (model and params: the float32 load)."""
     from jint8.auto_int8 import calibrate_auto
@@ -74,9 +77,6 @@ def quantized_variant(model, params, tokenizer, variant: str):
     raise SystemExit(f"--variant {variant}: unknown ({', '.join(VARIANTS)})")
 
 
-VARIANTS = ("int8", "int8-auto", "none")
-
-
 def main(argv=None):
     import jint8
     from jint8.assets import smollm2_gguf_path
@@ -85,16 +85,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, required=True, help="directory of the float32 reference logits")
     parser.add_argument("--text", action="append", required=True)
-    parser.add_argument("--variant", action="append", default=[])
+    parser.add_argument("--variant", action="append", default=[], choices=VARIANTS)
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--stride", type=int, default=256)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of the variants (the reference is float32)")
     args = parser.parse_args(argv)
-    unknown = [v for v in args.variant if v not in VARIANTS]
-    if unknown:
-        parser.error(f"--variant {unknown[0]}: unknown (choose from {', '.join(VARIANTS)})")
     path = smollm2_gguf_path()
     model, params = jint8.from_pretrained(path, quantization=None, dtype=jnp.float32)
     tokenizer = load_tokenizer(path)

@@ -322,21 +322,28 @@ def _migrated_maxima(column_absmax: dict, sites, exponents) -> dict:
     return {path: maxima / scales[path] if path in scales else maxima for path, maxima in column_absmax.items()}
 
 
-def _skip_list(params, sites, choices, base: Int8Config) -> tuple[str, ...]:
-    """The SKIP_SITE consumers to keep in 16 bits: largest chosen simulated error first, while
-    their extra bf16 bytes fit in SKIP_MEMORY_BUDGET of the int8 tree's bytes (int8 kernels plus
-    every other parameter in bf16)."""
+def skip_memory_budget(params, base: Int8Config) -> float:
+    """The extra bytes the 16-bit kernels may take: SKIP_MEMORY_BUDGET of the int8 tree's bytes
+    (the kernels base quantizes at one byte a weight, every other parameter in bf16). params:
+    the float tree, of arrays or jax.ShapeDtypeStructs."""
     from jint8.quantize import leaf_quantization
 
     elements = {"int8": 0, "float": 0}
 
     def count(key_path, leaf):
         names = tuple(str(getattr(k, "key", k)) for k in key_path)
-        plan = leaf_quantization(names, getattr(leaf, "shape", ()), base)
-        elements["int8" if plan is not None and plan.quantized else "float"] += int(np.size(leaf))
+        shape = getattr(leaf, "shape", ())
+        plan = leaf_quantization(names, shape, base)
+        elements["int8" if plan is not None and plan.quantized else "float"] += int(np.prod(shape))
 
     jax.tree_util.tree_map_with_path(count, params)
-    budget = SKIP_MEMORY_BUDGET * (elements["int8"] + 2 * elements["float"])
+    return SKIP_MEMORY_BUDGET * (elements["int8"] + 2 * elements["float"])
+
+
+def _skip_list(params, sites, choices, base: Int8Config) -> tuple[str, ...]:
+    """The SKIP_SITE consumers to keep in 16 bits: largest chosen simulated error first, while
+    their extra bf16 bytes (one more per weight than int8's) fit in skip_memory_budget."""
+    budget = skip_memory_budget(params, base)
     by_error = sorted(((c.errors[c.alpha], s) for c, s in zip(choices, sites) if s.name.endswith("/" + SKIP_SITE)),
                       key=lambda pair: -pair[0])
     skip = []
